@@ -1,0 +1,64 @@
+"""The few array operations the estimators need, for NumPy arrays and torch tensors alike.
+
+The estimators in :mod:`bnstats.stats` are written with plain arithmetic so that one class
+serves both worlds. What plain arithmetic cannot do (widen the dtype, test finiteness,
+copy) lives here, and torch is never imported: a tensor is recognised by its type's module,
+as einops does with its lazy backends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+Array = Any
+"""A NumPy array or a torch tensor (torch stays an optional dependency)."""
+
+_NARROW_TORCH_DTYPES = ("torch.float16", "torch.bfloat16")
+
+
+def is_torch(x: Array) -> bool:
+    """True when ``x`` is a torch tensor, without importing torch."""
+    return type(x).__module__.startswith("torch")
+
+
+def widen(x: Array) -> Array:
+    """Return ``x`` in the precision the statistics accumulate in.
+
+    NumPy values become float64 arrays. Torch tensors become float64, except on devices
+    without float64 (Apple's MPS), where float32 is used; float16/bfloat16 never survive.
+    """
+    if is_torch(x):
+        if x.device.type == "mps":
+            return x.float()
+        return x.double()
+    return np.asarray(x, dtype=np.float64)
+
+
+def copy(x: Array) -> Array:
+    """An independent copy of ``x`` (``clone`` for tensors)."""
+    return x.clone() if is_torch(x) else np.array(x, copy=True)
+
+
+def all_finite(x: Array) -> bool:
+    """True when every element of ``x`` is finite."""
+    if is_torch(x):
+        return bool(x.isfinite().all())
+    return bool(np.isfinite(x).all())
+
+
+def to_numpy(x: Array) -> np.ndarray:
+    """A float64 NumPy copy of ``x``, for state dicts and reports."""
+    if is_torch(x):
+        return x.detach().cpu().double().numpy().copy()
+    return np.array(x, dtype=np.float64, copy=True)
+
+
+def like(value: Any, reference: Array | None) -> Array:
+    """``value`` as the same kind of array as ``reference`` (a tensor if it is a tensor)."""
+    if reference is not None and is_torch(reference):
+        import torch
+
+        return torch.as_tensor(np.asarray(value), dtype=reference.dtype, device=reference.device)
+    return np.array(value, dtype=np.float64, copy=True)

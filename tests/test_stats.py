@@ -1,0 +1,248 @@
+"""The estimators, checked against PyTorch's BatchNorm buffers and exact NumPy statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnstats import functional as F
+from bnstats.stats import (
+    EMA,
+    CumulativeAverage,
+    NonFiniteStatisticsError,
+    Population,
+    chan_merge,
+    decay_from_momentum,
+    estimator_from_state,
+    momentum_from_decay,
+)
+
+torch = pytest.importorskip("torch")
+
+
+def _batches(rng, sizes, features=5, loc=3.0, scale=2.0):
+    return [rng.normal(loc, scale, size=(n, features)) for n in sizes]
+
+
+def _feed(estimator, batches):
+    for batch in batches:
+        mean, var = F.moments(batch)
+        estimator.update(mean, var, batch.shape[0])
+    return estimator
+
+
+def _torch_buffers(batches, momentum):
+    bn = torch.nn.BatchNorm1d(batches[0].shape[1], momentum=momentum, dtype=torch.float64)
+    bn.train()
+    with torch.no_grad():
+        for batch in batches:
+            bn(torch.from_numpy(batch))
+    return bn.running_mean.numpy(), bn.running_var.numpy(), int(bn.num_batches_tracked)
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.01, 0.5, 1.0])
+def test_ema_equals_torch_batchnorm_buffers(rng, momentum):
+    batches = _batches(rng, [16, 7, 32, 3, 16, 9])
+    ema = _feed(EMA(momentum), batches)
+    running_mean, running_var, tracked = _torch_buffers(batches, momentum)
+    np.testing.assert_allclose(ema.mean, running_mean, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(ema.var, running_var, rtol=1e-12)
+    assert ema.num_batches_tracked == tracked
+
+
+def test_cumulative_average_equals_torch_with_momentum_none(rng):
+    batches = _batches(rng, [16, 7, 32, 3, 16, 9])
+    cumulative = _feed(CumulativeAverage(), batches)
+    running_mean, running_var, _ = _torch_buffers(batches, None)
+    np.testing.assert_allclose(cumulative.mean, running_mean, rtol=1e-12)
+    np.testing.assert_allclose(cumulative.var, running_var, rtol=1e-12)
+
+
+def test_cumulative_average_is_mean_of_batch_statistics(rng):
+    """Ioffe & Szegedy: E[x] = mean of batch means, Var = m/(m-1) * mean of batch variances."""
+    batches = _batches(rng, [10] * 8)
+    cumulative = _feed(CumulativeAverage(), batches)
+    np.testing.assert_allclose(cumulative.mean, np.mean([b.mean(0) for b in batches], 0))
+    expected_var = 10 / 9 * np.mean([b.var(0) for b in batches], 0)
+    np.testing.assert_allclose(cumulative.var, expected_var)
+
+
+def test_debiased_ema_after_one_update_is_that_batch(rng):
+    batch = rng.normal(5.0, 3.0, size=(20, 4))
+    ema = _feed(EMA(0.1, debias=True), [batch])
+    np.testing.assert_array_equal(ema.mean, batch.mean(0))
+    np.testing.assert_allclose(ema.var, batch.var(0, ddof=1), rtol=1e-15)
+
+
+def test_debiased_ema_weights_sum_to_one(rng):
+    """Constant batches: the debiased estimate is that constant at every step, the plain EMA is
+    still pulled toward its start 0 / 1 by (1 - momentum)**t."""
+    batch = rng.normal(4.0, 1.0, size=(8, 3))
+    debiased, plain = EMA(0.1, debias=True), EMA(0.1)
+    for t in range(1, 11):
+        _feed(debiased, [batch])
+        _feed(plain, [batch])
+        np.testing.assert_allclose(debiased.mean, batch.mean(0), rtol=1e-13)
+        leftover = 0.9**t
+        np.testing.assert_allclose(plain.mean, (1 - leftover) * batch.mean(0), rtol=1e-13)
+    assert abs(0.9**10 - 0.3487) < 1e-4  # the 35 % of references.md
+
+
+def test_estimators_are_none_before_any_batch():
+    for estimator in (EMA(), EMA(debias=True), CumulativeAverage(), Population()):
+        assert estimator.mean is None and estimator.var is None and estimator.count == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=12),
+    seed=st.integers(0, 2**31 - 1),
+    offset=st.floats(-100, 100),
+    scale=st.floats(1e-3, 1e3),
+)
+def test_population_equals_numpy_for_any_split(sizes, seed, offset, scale):
+    """Exact to 1e-12 while the mean is within 100 standard deviations of zero; beyond that
+    float64 rounding of the batch means alone costs ~eps * |mean| / std (see the float32 test
+    below for a mean 1e8 times the spread)."""
+    loc = offset * scale
+    if sum(sizes) < 2:
+        sizes = sizes + [2]
+    rng = np.random.default_rng(seed)
+    batches = _batches(rng, sizes, features=3, loc=loc, scale=scale)
+    population = _feed(Population(), batches)
+    data = np.concatenate(batches)
+    np.testing.assert_allclose(population.mean, data.mean(0), rtol=1e-12, atol=1e-12 * scale)
+    np.testing.assert_allclose(population.var, data.var(0, ddof=1), rtol=1e-12)
+    assert population.count == len(data)
+
+
+def test_population_float32_data_with_large_mean_small_spread(rng):
+    data = rng.normal(1e6, 1e-2, size=(20000, 3)).astype(np.float32)
+    truth = data.astype(np.float64)
+    assert np.all(truth.var(0) > 0), "the float32 data must keep some spread"
+    population = Population()
+    for batch in np.array_split(data, 37):
+        mean, var = F.moments(batch)
+        population.update(mean, var, len(batch))
+    np.testing.assert_allclose(population.mean, truth.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(population.var, truth.var(0, ddof=1), rtol=1e-6)
+    naive = (truth**2).mean(0) - truth.mean(0) ** 2  # what E[z^2] - E[z]^2 gives
+    assert not np.allclose(naive, truth.var(0), rtol=1e-2)
+
+
+def test_population_merge_equals_one_population(rng):
+    batches = _batches(rng, [5, 17, 2, 30])
+    left, right = _feed(Population(), batches[:2]), _feed(Population(), batches[2:])
+    merged = left.merge(right)
+    whole = np.concatenate(batches)
+    np.testing.assert_allclose(merged.mean, whole.mean(0), rtol=1e-13)
+    np.testing.assert_allclose(merged.var, whole.var(0, ddof=1), rtol=1e-13)
+    assert merged.count == len(whole) and merged.num_batches_tracked == 4
+    assert left.count == 22, "merge must not change its operands"
+    assert Population().merge(left).count == left.count
+
+
+def test_population_merge_rejects_other_shapes(rng):
+    a = _feed(Population(), _batches(rng, [4], features=3))
+    b = _feed(Population(), _batches(rng, [4], features=2))
+    with pytest.raises(ValueError, match="shapes"):
+        a.merge(b)
+    with pytest.raises(TypeError):
+        a.merge(EMA())
+
+
+def test_chan_merge_with_empty_side():
+    mean, m2 = chan_merge(0, np.zeros(2), np.zeros(2), 4, np.array([1.0, 2.0]), np.ones(2))
+    np.testing.assert_array_equal(mean, [1.0, 2.0])
+    np.testing.assert_array_equal(m2, [1.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: EMA(0.1), lambda: EMA(0.2, debias=True), CumulativeAverage, Population]
+)
+def test_state_dict_round_trip(rng, make):
+    batches = _batches(rng, [8, 9, 10])
+    original = _feed(make(), batches)
+    restored = estimator_from_state(original.state_dict())
+    np.testing.assert_array_equal(restored.mean, original.mean)
+    np.testing.assert_array_equal(restored.var, original.var)
+    assert restored.count == original.count == 27
+    _feed(original, batches[:1])
+    _feed(restored, batches[:1])
+    np.testing.assert_array_equal(restored.var, original.var)
+
+
+def test_load_state_dict_rejects_another_kind(rng):
+    state = _feed(EMA(), _batches(rng, [4])).state_dict()
+    with pytest.raises(ValueError, match="EMA"):
+        Population().load_state_dict(state)
+
+
+def test_nonfinite_batch_raises_and_leaves_estimate(rng):
+    ema = _feed(EMA(), _batches(rng, [8]))
+    before = ema.mean.copy()
+    with pytest.raises(NonFiniteStatisticsError):
+        ema.update(np.array([np.nan, 0, 0, 0, 0]), np.ones(5), 8)
+    np.testing.assert_array_equal(ema.mean, before)
+    assert ema.num_batches_tracked == 1
+
+
+def test_nonfinite_skip_counts_skipped_batches(rng):
+    population = _feed(Population(nonfinite="skip"), _batches(rng, [8]))
+    population.update(np.ones(5), np.array([np.inf, 1, 1, 1, 1]), 8)
+    assert population.num_batches_skipped == 1 and population.count == 8
+    assert np.all(np.isfinite(population.var))
+
+
+@pytest.mark.parametrize(
+    ("mean", "var", "count", "message"),
+    [
+        (np.zeros(3), np.ones(4), 5, "shape"),
+        (np.zeros(3), -np.ones(3), 5, "negative"),
+        (np.zeros(3), np.ones(3), 0, "positive"),
+    ],
+)
+def test_bad_updates_are_rejected(mean, var, count, message):
+    with pytest.raises(ValueError, match=message):
+        EMA().update(mean, var, count)
+
+
+def test_shape_must_stay_the_same(rng):
+    ema = _feed(EMA(), _batches(rng, [4], features=3))
+    with pytest.raises(ValueError, match=r"\(3,\)"):
+        ema.update(np.zeros(2), np.ones(2), 4)
+
+
+def test_unbiased_variance_needs_two_values():
+    with pytest.raises(ValueError, match="at least 2"):
+        EMA().update(np.zeros(2), np.zeros(2), 1)
+
+
+def test_momentum_conventions():
+    assert momentum_from_decay(0.99) == pytest.approx(0.01)
+    assert decay_from_momentum(0.1) == pytest.approx(0.9)
+    assert EMA.from_decay(0.9).momentum == pytest.approx(0.1)
+    for bad in (0.0, -0.1, 1.5, None):
+        with pytest.raises(ValueError):
+            EMA(bad)
+
+
+def test_estimators_work_on_torch_tensors():
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(12, 4, generator=gen, dtype=torch.float32) * 2 + 1 for _ in range(5)]
+    population, ema = Population(), EMA(0.1)
+    for batch in batches:
+        var, mean = torch.var_mean(batch, dim=0, unbiased=False)
+        population.update(mean, var, batch.shape[0])
+        ema.update(mean, var, batch.shape[0])
+    whole = torch.cat(batches).double()
+    assert population.mean.dtype == torch.float64
+    torch.testing.assert_close(population.mean, whole.mean(0))
+    torch.testing.assert_close(population.var, whole.var(0, unbiased=True))
+    bn = torch.nn.BatchNorm1d(4)
+    with torch.no_grad():
+        for batch in batches:
+            bn(batch)
+    torch.testing.assert_close(ema.var.float(), bn.running_var)
