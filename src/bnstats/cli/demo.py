@@ -1,0 +1,181 @@
+"""``bnstats demo``: train the NumPy engine and compare every way of getting test-time
+statistics (see :mod:`bnstats.demo`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+
+from bnstats.cli.textplot import line_plot
+from bnstats.demo import (
+    DESCRIPTIONS,
+    METHODS,
+    DemoConfig,
+    DemoResult,
+    chance_level,
+    load_demo_data,
+    run_demo,
+)
+
+HELP = "train a batch-normalized MLP in NumPy and compare test-time statistics"
+
+
+def add_parser(subparsers: Any) -> None:
+    defaults = DemoConfig()
+    p = subparsers.add_parser("demo", help=HELP, description=HELP)
+    p.add_argument("--data", default=defaults.data, help="digits (default), FILE.npz or FILE.csv")
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument(
+        "--momentum",
+        type=float,
+        default=defaults.momentum,
+        help="weight of the newest batch in the running average (PyTorch's convention)",
+    )
+    p.add_argument("--lr", type=float, default=defaults.lr, help="Adam's learning rate")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="split, weights, shuffling")
+    p.add_argument("--hidden", type=hidden_sizes, default=defaults.hidden, help="e.g. 128,64")
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=defaults.test_fraction,
+        help="share of a CSV file held out for testing",
+    )
+    p.add_argument("--out", metavar="DIR", help="save history.npz, summary.json, network.npz")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    p.set_defaults(run=run)
+
+
+def hidden_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected widths like 128,64, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive widths like 128,64, got {text!r}")
+    return sizes
+
+
+def config_from(args: argparse.Namespace) -> DemoConfig:
+    return DemoConfig(
+        data=args.data,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        momentum=args.momentum,
+        lr=args.lr,
+        seed=args.seed,
+        hidden=tuple(args.hidden),
+        test_fraction=args.test_fraction,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from(args)
+    dataset = load_demo_data(config)
+    with progress_bar(enabled=not args.json) as advance:
+        result = run_demo(config, progress=advance, dataset=dataset)
+    if args.out:
+        result.save(args.out)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print_report(result, saved_to=args.out)
+    return 0
+
+
+def progress_bar(enabled: bool):
+    """A context giving a ``(step, total, loss)`` callback that drives a rich progress bar on
+    stderr (nothing when disabled, when stderr is not a terminal or rich is not installed)."""
+    if not enabled:
+        return nullcontext(None)
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    except ImportError:
+        return nullcontext(None)
+    if not Console(stderr=True).is_terminal:
+        return nullcontext(None)
+
+    return _RichProgress(
+        Progress(
+            TextColumn("training"),
+            BarColumn(),
+            TextColumn("step {task.completed}/{task.total}  loss {task.fields[loss]:.3f}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+    )
+
+
+class _RichProgress:
+    def __init__(self, progress: Any) -> None:
+        self.progress = progress
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+
+        def advance(step: int, total: int, loss: float) -> None:
+            if self.task is None:
+                self.task = self.progress.add_task("train", total=total, loss=loss)
+            self.progress.update(self.task, completed=step, loss=loss)
+
+        return advance
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+
+def print_report(result: DemoResult, saved_to: str | None = None) -> None:
+    """The accuracy table and the lecture's picture, on stdout."""
+    config, data = result.config, result.dataset
+    print(
+        f"{data.name}: {len(data.X_train)} training rows, {len(data.X_test)} test rows, "
+        f"{data.classes} classes; MLP {data.features}-{'-'.join(map(str, config.hidden))}-"
+        f"{data.classes} with batch norm; {config.epochs} epochs of batch {config.batch_size} "
+        f"({result.history.steps} steps), momentum {config.momentum}"
+    )
+    print_table(result)
+    print(f"\nchance level (most common class): {chance_level(data):.3f}")
+    print()
+    print(lecture_picture(result))
+    if saved_to:
+        print(f"\nsaved history.npz, summary.json and network.npz in {saved_to}")
+
+
+def print_table(result: DemoResult) -> None:
+    rows = [(m, f"{result.test_accuracy[m]:.4f}", DESCRIPTIONS[m]) for m in METHODS]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print()
+        for method, acc, what in rows:
+            print(f"  {method:<14} {acc:>8}   {what}")
+        return
+    table = Table(title="test accuracy by test-time statistics")
+    table.add_column("statistics")
+    table.add_column("accuracy", justify="right")
+    table.add_column("what it is")
+    for row in rows:
+        table.add_row(*row)
+    Console(file=sys.stdout, soft_wrap=True).print(table)
+
+
+def lecture_picture(result: DemoResult, layer: str | None = None, unit: int = 0) -> str:
+    """Per-batch mu of one unit, the running average through it, and the population value."""
+    name = layer or result.net.batchnorm_layers[0].name
+    trace = result.history.layers[name]
+    batch = np.stack(trace["batch_mean"])[:, unit]
+    ema = np.stack(trace["ema_mean"])[:, unit]
+    bn = next(b for b in result.net.batchnorm_layers if b.name == name)
+    population = np.full_like(batch, bn.estimators["population"].mean[unit])
+    title = f"layer {name}, unit {unit}: mu of each mini-batch and its running average"
+    plot = line_plot([("population", "-", population), ("batch mu", ".", batch), ("EMA", "*", ema)])
+    return f"{title}\n{plot}"

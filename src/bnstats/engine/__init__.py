@@ -1,0 +1,25 @@
+"""The from-scratch NumPy network of the lecture: Linear, BatchNorm, ReLU, optimizers,
+a mini-batch training loop that records every batch's statistics, and checkpoints."""
+
+from bnstats.engine.checkpoint import CheckpointError
+from bnstats.engine.layers import BATCH, BatchNorm, Layer, Linear, ReLU
+from bnstats.engine.network import Network, softmax_cross_entropy
+from bnstats.engine.optim import SGD, Adam, Momentum, Optimizer
+from bnstats.engine.training import History, fit
+
+__all__ = [
+    "BATCH",
+    "SGD",
+    "Adam",
+    "BatchNorm",
+    "CheckpointError",
+    "History",
+    "Layer",
+    "Linear",
+    "Momentum",
+    "Network",
+    "Optimizer",
+    "ReLU",
+    "fit",
+    "softmax_cross_entropy",
+]

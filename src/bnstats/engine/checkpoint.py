@@ -1,0 +1,116 @@
+"""Saving and loading engine networks: one ``.npz`` file, versioned, written atomically.
+
+The archive holds every array (parameters and estimator states) under ``<layer>/<key>``
+and a JSON description under ``__meta__``: the format name and version, each layer's kind,
+name and constructor arguments, and each estimator's settings. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bnstats._files import atomic_write_bytes, npz_bytes
+from bnstats.engine.layers import LAYER_KINDS, BatchNorm, Layer
+from bnstats.engine.network import Network
+from bnstats.stats import estimator_from_state
+
+FORMAT = "bnstats.engine.Network"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable bnstats network checkpoint."""
+
+
+def save(net: Network, path: str | Path) -> Path:
+    """Write ``net`` to ``path`` (``.npz``), atomically."""
+    arrays: dict[str, np.ndarray] = {}
+    layers_meta = []
+    for layer in net.layers:
+        for key, value in layer.params.items():
+            arrays[f"{layer.name}/{key}"] = value
+        meta: dict[str, Any] = {"kind": layer.kind, "name": layer.name, "config": layer.config()}
+        if isinstance(layer, BatchNorm):
+            meta["estimators"] = {
+                key: _split_state(est.state_dict(), f"{layer.name}/estimators/{key}", arrays)
+                for key, est in layer.estimators.items()
+            }
+        layers_meta.append(meta)
+    header = {"format": FORMAT, "version": VERSION, "layers": layers_meta}
+    arrays["__meta__"] = np.array(json.dumps(header))
+    return atomic_write_bytes(Path(path), npz_bytes(arrays))
+
+
+def _split_state(state: dict[str, Any], prefix: str, arrays: dict[str, np.ndarray]) -> dict:
+    """Move the arrays of an estimator state into ``arrays``; keep the rest as JSON."""
+    plain = {}
+    for key, value in state.items():
+        if isinstance(value, np.ndarray):
+            arrays[f"{prefix}/{key}"] = value
+            plain[key] = {"array": f"{prefix}/{key}"}
+        else:
+            plain[key] = value
+    return plain
+
+
+def load(path: str | Path) -> Network:
+    """Read a network written by :func:`save`; a foreign or damaged file raises
+    :class:`CheckpointError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise CheckpointError(f"{path} is not a readable .npz checkpoint ({err})") from None
+    header = _read_header(arrays, path)
+    try:
+        return Network([_build_layer(meta, arrays) for meta in header["layers"]])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: damaged checkpoint ({err})") from None
+
+
+def _read_header(arrays: dict[str, np.ndarray], path: Path) -> dict[str, Any]:
+    if "__meta__" not in arrays:
+        raise CheckpointError(f"{path} is not a bnstats network checkpoint (no __meta__)")
+    try:
+        header = json.loads(str(arrays["__meta__"]))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint header ({err})") from None
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path} holds {header.get('format')!r}, not a {FORMAT}")
+    if header.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path} is checkpoint format version {header.get('version')}; "
+            f"this bnstats reads version {VERSION}"
+        )
+    return header
+
+
+def _build_layer(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Layer:
+    cls = LAYER_KINDS[meta["kind"]]
+    layer = cls(**meta["config"], name=meta["name"])
+    for key in list(layer.params):
+        stored = arrays[f"{layer.name}/{key}"]
+        if stored.shape != layer.params[key].shape:
+            raise ValueError(f"{layer.name}/{key} has shape {stored.shape}")
+        layer.params[key] = stored.astype(np.float64)
+    if isinstance(layer, BatchNorm):
+        layer.estimators = {
+            key: estimator_from_state(_join_state(state, arrays))
+            for key, state in meta["estimators"].items()
+        }
+    return layer
+
+
+def _join_state(plain: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    return {
+        key: arrays[value["array"]] if isinstance(value, dict) and "array" in value else value
+        for key, value in plain.items()
+    }

@@ -1,0 +1,170 @@
+"""The mini-batch training loop, and the history of per-batch statistics it records.
+
+For every BatchNorm layer and every step the history keeps the batch's own ``mu`` and
+``var`` (biased, what the batch was normalized with) and each estimator's ``mean``/``var``
+after the update: the lecture's picture of the running average tracing the batch values.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bnstats._files import atomic_write_bytes, npz_bytes
+from bnstats.engine.optim import Adam, Optimizer
+
+if TYPE_CHECKING:
+    from bnstats.engine.network import Network
+
+ProgressCallback = Callable[[int, int, float], None]
+"""Called after each step with ``(step, total_steps, loss)``."""
+
+
+@dataclass
+class History:
+    """What training did, step by step.
+
+    ``loss[k]`` and ``batch_size[k]`` are step k's; ``epoch_loss[e]`` the mean over epoch e;
+    ``layers[name][key]`` is a list with one vector per step, for keys ``batch_mean``,
+    ``batch_var`` and ``<estimator>_mean`` / ``<estimator>_var``.
+    """
+
+    loss: list[float] = field(default_factory=list)
+    batch_size: list[int] = field(default_factory=list)
+    epoch_loss: list[float] = field(default_factory=list)
+    layers: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return len(self.loss)
+
+    def record(self, net: Network, loss: float, batch_size: int) -> None:
+        self.loss.append(loss)
+        self.batch_size.append(batch_size)
+        for layer in net.batchnorm_layers:
+            trace = self.layers.setdefault(layer.name, {})
+            trace.setdefault("batch_mean", []).append(layer.last_batch_mean.copy())
+            trace.setdefault("batch_var", []).append(layer.last_batch_var.copy())
+            for key, est in layer.estimators.items():
+                trace.setdefault(f"{key}_mean", []).append(np.array(est.mean, copy=True))
+                trace.setdefault(f"{key}_var", []).append(np.array(est.var, copy=True))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Flat arrays: ``loss``, ``batch_size``, ``epoch_loss`` and ``<layer>/<key>`` of shape
+        (steps, features)."""
+        out = {
+            "loss": np.asarray(self.loss),
+            "batch_size": np.asarray(self.batch_size),
+            "epoch_loss": np.asarray(self.epoch_loss),
+        }
+        for name, trace in self.layers.items():
+            for key, values in trace.items():
+                out[f"{name}/{key}"] = np.stack(values)
+        return out
+
+    def save(self, directory: str | Path, summary: dict[str, Any] | None = None) -> Path:
+        """Write ``history.npz`` (the arrays) and ``summary.json`` into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(directory / "history.npz", npz_bytes(self.arrays()))
+        info = {
+            "steps": self.steps,
+            "epochs": len(self.epoch_loss),
+            "layers": {name: sorted(trace) for name, trace in self.layers.items()},
+            **(summary or {}),
+        }
+        text = json.dumps(info, indent=2)
+        atomic_write_bytes(directory / "summary.json", text.encode())
+        return directory
+
+    @classmethod
+    def load(cls, path: str | Path) -> History:
+        """Read the ``history.npz`` written by :meth:`save`."""
+        with np.load(Path(path), allow_pickle=False) as data:
+            history = cls(
+                loss=data["loss"].tolist(),
+                batch_size=data["batch_size"].tolist(),
+                epoch_loss=data["epoch_loss"].tolist(),
+            )
+            for key in data.files:
+                if "/" in key:
+                    name, stat = key.split("/", 1)
+                    history.layers.setdefault(name, {})[stat] = list(data[key])
+        return history
+
+
+def batch_slices(n: int, batch_size: int, drop_last: bool) -> list[slice]:
+    """Consecutive slices of ``batch_size`` rows; the last one shorter unless dropped."""
+    stops = range(batch_size, n + batch_size, batch_size)
+    slices = [slice(stop - batch_size, min(stop, n)) for stop in stops]
+    if drop_last and slices and slices[-1].stop - slices[-1].start < batch_size:
+        slices.pop()
+    return slices
+
+
+def fit(
+    net: Network,
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int = 20,
+    batch_size: int = 64,
+    optimizer: Optimizer | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = False,
+    record: bool = True,
+    progress: ProgressCallback | None = None,
+) -> History:
+    """Train ``net`` on ``(X, y)`` in shuffled mini-batches for ``epochs`` passes.
+
+    Each step: forward with batch statistics (every BatchNorm feeds its estimators), softmax
+    cross-entropy, backward, ``optimizer.step`` (default ``Adam(1e-3)``). Refuses up front,
+    before any weight moves, a split whose last batch would hold a single row (its batch
+    variance is 0): pass ``drop_last=True`` or another ``batch_size``.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    _check_fit_arguments(net, X, y, epochs, batch_size, drop_last)
+    optimizer = optimizer if optimizer is not None else Adam(1e-3)
+    rng = np.random.default_rng(seed)
+    slices = batch_slices(len(X), batch_size, drop_last)
+    history = History()
+    total = epochs * len(slices)
+    for _ in range(epochs):
+        order = rng.permutation(len(X)) if shuffle else np.arange(len(X))
+        losses = []
+        for part in slices:
+            rows = order[part]
+            loss = net.train_step(X[rows], np.asarray(y)[rows], optimizer)
+            losses.append(loss)
+            if record:
+                history.record(net, loss, len(rows))
+            else:
+                history.loss.append(loss)
+            if progress is not None:
+                progress(len(history.loss), total, loss)
+        history.epoch_loss.append(float(np.mean(losses)))
+    return history
+
+
+def _check_fit_arguments(
+    net: Network, X: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, drop_last: bool
+) -> None:
+    if int(epochs) < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if int(batch_size) < 2 and net.batchnorm_layers:
+        raise ValueError(f"batch_size must be at least 2 with batch norm, got {batch_size}")
+    if len(X) < 2:
+        raise ValueError(f"need at least 2 training rows, got {len(X)}")
+    if len(y) != len(X):
+        raise ValueError(f"X has {len(X)} rows but y has {len(y)} labels")
+    if not drop_last and net.batchnorm_layers and len(X) % batch_size == 1:
+        raise ValueError(
+            f"{len(X)} rows in batches of {batch_size} leave a last batch of 1 row, which batch "
+            "norm cannot normalize; use drop_last=True or another batch size"
+        )

@@ -1,0 +1,85 @@
+"""``bnstats demo`` from the outside: its table, its JSON, its files, its errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bnstats.demo import METHODS
+
+QUICK = ["--epochs", "3", "--hidden", "32"]
+
+
+def test_json_output_is_one_object(cli):
+    result = cli("demo", "--json", *QUICK)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["dataset"] == "digits" and summary["epochs"] == 3
+    assert set(summary["test_accuracy"]) == set(METHODS)
+    assert summary["layers"][0]["features"] == 32
+
+
+def test_table_and_picture(cli, tmp_path):
+    result = cli("demo", *QUICK, "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    for method in METHODS:
+        assert method in result.stdout
+    assert "running average" in result.stdout and "EMA" in result.stdout
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {
+        "history.npz",
+        "summary.json",
+        "network.npz",
+    }
+
+
+def test_user_npz_and_csv(cli, tmp_path, rng):
+    X = rng.normal(size=(120, 4))
+    y = (X[:, 0] + X[:, 1] > 0).astype(int)
+    np.savez(tmp_path / "d.npz", X_train=X[:90], y_train=y[:90], X_test=X[90:], y_test=y[90:])
+    result = cli("demo", "--json", "--data", str(tmp_path / "d.npz"), "--batch-size", "16", *QUICK)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["dataset"] == "d.npz"
+    lines = ["x0,x1,x2,x3,label"] + [
+        ",".join(map(str, [*row, t])) for row, t in zip(X, y, strict=True)
+    ]
+    (tmp_path / "d.csv").write_text("\n".join(lines))
+    result = cli(
+        "demo",
+        "--json",
+        "--data",
+        str(tmp_path / "d.csv"),
+        "--test-fraction",
+        "0.5",
+        "--batch-size",
+        "16",
+        *QUICK,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["test_rows"] == 60
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "missing.npz"], "missing.npz: no such file"),
+        (["--data", "mnist"], "unknown dataset 'mnist'"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--batch-size", "1"], "--batch-size must be at least 2"),
+        (["--batch-size", "5000"], "too few for --batch-size 5000"),
+        (["--momentum", "1.5"], "--momentum must lie in"),
+        (["--hidden", "12,x"], "expected widths"),
+        (["--nonsense"], "unrecognized arguments"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(cli, args, message):
+    result = cli("demo", *args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_no_command_prints_help(cli):
+    result = cli()
+    assert result.returncode == 2 and "demo" in result.stderr

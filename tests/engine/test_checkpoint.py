@@ -1,0 +1,70 @@
+"""Checkpoints: a round trip keeps every number; a bad file gets an error naming it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import bnstats
+from bnstats.engine import CheckpointError, Network
+
+
+def _trained(rng):
+    net = Network.mlp(
+        [5, 7, 3],
+        seed=0,
+        estimators={"ema": bnstats.EMA(0.2, debias=True), "cum": bnstats.CumulativeAverage()},
+    )
+    X, y = rng.normal(size=(40, 5)), rng.integers(0, 3, size=40)
+    net.fit(X, y, epochs=2, batch_size=10)
+    return net.recalibrate(X), X
+
+
+def test_round_trip_keeps_every_number(rng, tmp_path):
+    net, X = _trained(rng)
+    path = net.save(tmp_path / "net.npz")
+    loaded = Network.load(path)
+    for stats in ("ema", "cum", "population", "batch"):
+        np.testing.assert_array_equal(loaded.logits(X, stats=stats), net.logits(X, stats=stats))
+    ema = loaded.batchnorm_layers[0].estimators["ema"]
+    assert ema.debias and ema.momentum == 0.2 and ema.num_batches_tracked == 8
+    assert [p[0] for p in loaded.parameters()] == [p[0] for p in net.parameters()]
+
+
+def test_save_is_atomic_and_leaves_no_temporary_file(rng, tmp_path):
+    net, _ = _trained(rng)
+    target = tmp_path / "net.npz"
+    target.write_bytes(b"old")
+    net.save(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["net.npz"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        net.save(tmp_path / "missing-dir" / "net.npz")
+
+
+def test_truncated_file_names_the_file(rng, tmp_path):
+    net, _ = _trained(rng)
+    path = net.save(tmp_path / "net.npz")
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(CheckpointError, match="net.npz"):
+        Network.load(path)
+
+
+def test_foreign_and_future_files(tmp_path):
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, a=np.zeros(3))
+    with pytest.raises(CheckpointError, match="foreign.npz.*not a bnstats"):
+        Network.load(foreign)
+    future = tmp_path / "future.npz"
+    np.savez(
+        future, __meta__=np.array(json.dumps({"format": "bnstats.engine.Network", "version": 99}))
+    )
+    with pytest.raises(CheckpointError, match="version 99"):
+        Network.load(future)
+    text = tmp_path / "text.npz"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match="text.npz"):
+        Network.load(text)
+    with pytest.raises(FileNotFoundError):
+        Network.load(tmp_path / "nothing.npz")
