@@ -39,6 +39,7 @@ def test_every_estimator_sees_the_same_batches(rng):
     assert {e.num_batches_tracked for e in bn.estimators.values()} == {5}
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 def test_nonfinite_batch_raises_with_layer_name_and_moves_nothing(rng):
     bn = BatchNorm(2, estimators={"a": bnstats.EMA(), "b": bnstats.Population()}, name="bn7")
     bn.forward(rng.normal(size=(4, 2)), training=True)
@@ -51,6 +52,7 @@ def test_nonfinite_batch_raises_with_layer_name_and_moves_nothing(rng):
     )
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 def test_nonfinite_batch_can_be_skipped(rng):
     bn = BatchNorm(2, estimators={"ema": bnstats.EMA(nonfinite="skip")}, name="bn")
     bn.forward(rng.normal(size=(4, 2)), training=True)
