@@ -83,3 +83,47 @@ def test_bad_arguments_exit_2_with_one_line(cli, args, message):
 def test_no_command_prints_help(cli):
     result = cli()
     assert result.returncode == 2 and "demo" in result.stderr
+
+
+def _npz(path, rng, **changes):
+    arrays = {
+        "X_train": rng.normal(size=(40, 3)),
+        "y_train": np.arange(40) % 2,
+        "X_test": rng.normal(size=(10, 3)),
+        "y_test": np.arange(10) % 2,
+    }
+    arrays.update(changes)
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"X_train": np.full((40, 3), np.nan)}, "X_train holds 120 NaN/Inf values"),
+        ({"y_test": np.arange(10) % 3}, "labels [2] that never occur in y_train"),
+        ({"y_train": -(np.arange(40) % 2)}, "labels must be 0, 1, 2"),
+        ({"X_test": np.zeros((10, 4))}, "X_train has 3 columns but X_test has 4"),
+    ],
+)
+def test_bad_data_files_exit_2_with_one_line(cli, tmp_path, rng, change, message):
+    path = _npz(tmp_path / "bad.npz", rng, **change)
+    result = cli("demo", "--data", path, "--batch-size", "8", "--epochs", "1")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert "bad.npz" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_wrong_columns_in_csv_exit_2(cli, tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("a,b,target\n1,2,0\n3,4,1\n")
+    result = cli("demo", "--data", str(path))
+    assert result.returncode == 2 and "no 'label' column" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_unwritable_out_directory_exit_2(cli, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = cli("demo", *QUICK, "--out", str(blocker / "run"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr

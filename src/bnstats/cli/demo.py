@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,8 @@ def config_from(args: argparse.Namespace) -> DemoConfig:
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)
     dataset = load_demo_data(config)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)  # fail before training, not after
     with progress_bar(enabled=not args.json) as advance:
         result = run_demo(config, progress=advance, dataset=dataset)
     if args.out:
