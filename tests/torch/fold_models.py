@@ -111,7 +111,8 @@ def bn_before(conv: nn.Module, channels: int) -> Chain:
 
 
 def linear_over_length() -> Chain:
-    """Linear on the LAST dim of (N, 6, 10) -> BatchNorm1d(6) on dim 1: shapes fit, fold does not."""
+    """Linear on the LAST dim of (N, 6, 10) -> BatchNorm1d(6) on dim 1: the shapes fit, the
+    channels do not."""
     return Chain(nn.Linear(10, 6), nn.BatchNorm1d(6))
 
 

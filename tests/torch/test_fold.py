@@ -3,11 +3,14 @@ every model of the zoo, the cases that must not fold, and float16 overflow."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.fx.experimental.optimization import fuse as fx_fuse
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 import torch
 from bnstats.torch.fold import (
@@ -28,8 +31,6 @@ from tests.torch.models import (
     scramble_batchnorm,
 )
 from torch import nn
-from torch.fx.experimental.optimization import fuse as fx_fuse
-from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 BN = nn.modules.batchnorm._BatchNorm
 
@@ -200,9 +201,7 @@ def test_fold_weights_equals_layer_then_bn(
     bn = random_bn(c_out, affine, gen)
     x = torch.randn(2, c_in, *([5] * dims), generator=gen, dtype=torch.float64)
     expected = outputs(bn, outputs(conv, x).flatten(2)).view_as(outputs(conv, x))
-    w, b = fold_weights(
-        conv.weight, conv.bias, *bn_args(bn), transposed=transposed, groups=groups
-    )
+    w, b = fold_weights(conv.weight, conv.bias, *bn_args(bn), transposed=transposed, groups=groups)
     conv.weight.data, conv.bias = w, nn.Parameter(b)
     torch.testing.assert_close(outputs(conv, x), expected, rtol=1e-12, atol=1e-12)
 
@@ -595,7 +594,8 @@ def test_fold_weights_overflow_raises():
 
 def test_report_is_readable_and_plain_data():
     model = prepared(PreActNet)
-    report = fold(model, example_inputs=example(ZOO["PreActNet"][1])).fold_report
+    fused = fold(model, example_inputs=example(ZOO["PreActNet"][1]))
+    report = fused.fold_report
     text = str(report)
     lines = text.splitlines()
     assert lines[0] == "fold(PreActNet): 4 of 6 BatchNorm layers folded, 2 kept"
@@ -607,5 +607,6 @@ def test_report_is_readable_and_plain_data():
     assert data["model"] == "PreActNet"
     assert [e["name"] for e in data["entries"]] == [e.name for e in report.entries]
     assert report["bn_final"].position == "before"
+    assert copy.deepcopy(fused).meta["fold_report"].to_dict() == data
     with pytest.raises(KeyError, match="nonexistent"):
         report["nonexistent"]

@@ -78,7 +78,8 @@ def fold(
     depends on the input's rank. Pass inputs of the rank the model will see.
 
     Returns an ``fx.GraphModule`` with the original's qualified names and training flags and
-    the attribute ``fold_report`` (:class:`FoldReport`: per BN, where it went or why it stayed).
+    the attribute ``fold_report`` (:class:`FoldReport`: per BN, where it went or why it stayed;
+    also in ``meta["fold_report"]``, which survives ``copy.deepcopy``).
     Warns when BN layers stayed only because they were in training mode or because
     ``example_inputs`` were missing. Raises :class:`FoldTraceError` if the model cannot be
     traced, ``TypeError``/``ValueError`` for a non-module or failing ``example_inputs``.
@@ -93,6 +94,7 @@ def fold(
     entries = _Folder(gm, has_shapes=example_inputs is not None).run(work)
     report = FoldReport(name, entries)
     gm.fold_report = report
+    gm.meta["fold_report"] = report  # GraphModule.meta survives copy.deepcopy
     _warn_if_avoidable(report)
     return gm
 
