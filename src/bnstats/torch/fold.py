@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from bnstats.torch.fold_report import FoldEntry, FoldReport, Position
+from bnstats.torch.fold_trace import FoldTraceError, record_shapes, trace
 from bnstats.torch.fold_weights import (
     FoldOverflowError,
     bn_scale_shift,
@@ -55,10 +56,6 @@ _LAYERS: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose3d,
 )
 _BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
-
-
-class FoldTraceError(TypeError):
-    """The model could not be traced with torch.fx, so its BN layers cannot be located."""
 
 
 def fold(
@@ -88,72 +85,15 @@ def fold(
         raise TypeError(f"fold expects a torch.nn.Module, got {type(model).__name__}")
     name = type(model).__name__
     work = copy.deepcopy(model)
-    gm = _trace(work, name)
+    gm = trace(work, name, leaves=(_BatchNorm, *_LAYERS))
     if example_inputs is not None:
-        _record_shapes(gm, example_inputs, name)
+        record_shapes(gm, example_inputs, name)
     entries = _Folder(gm, has_shapes=example_inputs is not None).run(work)
     report = FoldReport(name, entries)
     gm.fold_report = report
     gm.meta["fold_report"] = report  # GraphModule.meta survives copy.deepcopy
     _warn_if_avoidable(report)
     return gm
-
-
-class _FoldTracer(fx.Tracer):
-    """torch.fx's tracer, also keeping subclasses of BN/conv/linear as single calls."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (_BatchNorm, *_LAYERS)):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-
-def _trace(work: nn.Module, name: str) -> fx.GraphModule:
-    tracer = _FoldTracer()
-    try:
-        graph = tracer.trace(work)
-    except Exception as exc:  # any failure of symbolic tracing means: cannot locate the BNs
-        raise FoldTraceError(
-            f"fold: cannot trace {name} with torch.fx symbolic tracing "
-            f"({type(exc).__name__}: {exc}). fold needs the graph to know which layer feeds "
-            f"which BN. Remove data-dependent control flow from {name}.forward (or mark such "
-            "code with torch.fx.wrap), or fold its traceable submodules one by one."
-        ) from exc
-    gm = fx.GraphModule(tracer.root, graph, name)
-    originals = dict(work.named_modules())
-    for qualified, module in gm.named_modules():
-        if qualified in originals:  # containers rebuilt by GraphModule default to training
-            module.training = originals[qualified].training
-    return gm
-
-
-def _record_shapes(gm: fx.GraphModule, example_inputs: object, name: str) -> None:
-    """Run ``example_inputs`` through ``gm`` in eval mode, storing each node's tensor shape."""
-    if isinstance(example_inputs, Tensor):
-        inputs: tuple[object, ...] = (example_inputs,)
-    elif isinstance(example_inputs, (tuple, list)):
-        inputs = tuple(example_inputs)
-    else:
-        raise TypeError(
-            f"fold({name}): example_inputs must be a tensor or a tuple of positional "
-            f"arguments, got {type(example_inputs).__name__}"
-        )
-    from torch.fx.passes.shape_prop import ShapeProp  # only needed with example_inputs
-
-    modes = {module: module.training for module in gm.modules()}
-    gm.eval()  # no running statistics of the copy change
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
-    except Exception as exc:
-        shapes = [tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__ for x in inputs]
-        raise ValueError(
-            f"fold({name}): running the model on example_inputs {shapes} failed "
-            f"({type(exc).__name__}: {exc})"
-        ) from exc
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 @dataclass
