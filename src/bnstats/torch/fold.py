@@ -161,7 +161,9 @@ class _Folder:
         reason = f"input {after.text}; output {before.text}"
         return FoldEntry(name, kind, code=main.code, reason=reason)
 
-    def _try_after(self, node: fx.Node, bn: nn.Module, scale: Tensor, shift: Tensor):
+    def _try_after(
+        self, node: fx.Node, bn: nn.Module, scale: Tensor, shift: Tensor
+    ) -> str | _Blocked:
         """``layer -> BN``: fold into the layer whose output is the BN's only input."""
         src = _only_input(node)
         where = f"comes from {self._describe(src)}"
@@ -179,7 +181,9 @@ class _Folder:
             return _Blocked(problem[0], f"{where}, {problem[1]}", True)
         return self._apply(node, layer_name, layer, scale, shift, "after")
 
-    def _try_before(self, node: fx.Node, bn: nn.Module, scale: Tensor, shift: Tensor):
+    def _try_before(
+        self, node: fx.Node, bn: nn.Module, scale: Tensor, shift: Tensor
+    ) -> str | _Blocked:
         """``BN -> layer``: fold into the layer that is the BN output's only user."""
         users = list(node.users)
         if len(users) != 1:
@@ -212,13 +216,12 @@ class _Folder:
         current = self.pending.get(layer_name) or _Weights(
             _as64(layer.weight), None if layer.bias is None else _as64(layer.bias)
         )
+        groups = layer_groups(layer)
         try:
             if position == "after":
                 transposed = isinstance(layer, _ConvTransposeNd)
-                groups = getattr(layer, "groups", 1)
                 w, b = fold_after64(current.weight, current.bias, scale, shift, transposed, groups)
             else:
-                groups = layer_groups(layer)
                 w, b = fold_before64(current.weight, current.bias, scale, shift, groups)
         except ValueError as exc:
             raise ValueError(f"fold: cannot fold {node.target} into {layer_name}: {exc}") from exc
