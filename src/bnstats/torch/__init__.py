@@ -1,0 +1,1 @@
+"""PyTorch tools (optional extra)."""

@@ -1,0 +1,87 @@
+"""Tracing a model for :func:`bnstats.torch.fold.fold`: which layer feeds which BN.
+
+torch.fx symbolic tracing is used because it needs no inputs, keeps every BN, conv and linear
+as one ``call_module`` node under its qualified name (what the report names) and returns an
+ordinary ``nn.Module`` with the original's parameter names. ``torch.export`` would need
+example inputs, lower BN to ATen ops with lifted parameters and return an ExportedProgram,
+losing the module structure that the folded model and the report are expressed in.
+Shapes, when wanted, come from torch.fx's ShapeProp on caller-given example inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+Tensor = torch.Tensor
+
+
+class FoldTraceError(TypeError):
+    """The model could not be traced with torch.fx, so its BN layers cannot be located."""
+
+
+class _LeafTracer(fx.Tracer):
+    """torch.fx's tracer, also keeping instances of ``leaves`` (and their subclasses) as
+    single ``call_module`` nodes."""
+
+    def __init__(self, leaves: tuple[type[nn.Module], ...]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self.leaves):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(work: nn.Module, name: str, leaves: tuple[type[nn.Module], ...]) -> fx.GraphModule:
+    """``work`` as an ``fx.GraphModule`` (sharing its submodules) with the same qualified names
+    and training flags; :class:`FoldTraceError` naming ``name`` if it cannot be traced."""
+    tracer = _LeafTracer(leaves)
+    try:
+        graph = tracer.trace(work)
+    except Exception as exc:  # any failure of symbolic tracing means: cannot locate the BNs
+        raise FoldTraceError(
+            f"fold: cannot trace {name} with torch.fx symbolic tracing "
+            f"({type(exc).__name__}: {exc}). fold needs the graph to know which layer feeds "
+            f"which BN. Remove data-dependent control flow from {name}.forward (or mark such "
+            "code with torch.fx.wrap), or fold its traceable submodules one by one."
+        ) from exc
+    gm = fx.GraphModule(tracer.root, graph, name)
+    originals = dict(work.named_modules())
+    for qualified, module in gm.named_modules():
+        if qualified in originals:  # containers rebuilt by GraphModule default to training
+            module.training = originals[qualified].training
+    return gm
+
+
+def record_shapes(gm: fx.GraphModule, example_inputs: object, name: str) -> None:
+    """Run ``example_inputs`` through ``gm`` in eval mode, storing each node's tensor shape."""
+    if isinstance(example_inputs, Tensor):
+        inputs: tuple[object, ...] = (example_inputs,)
+    elif isinstance(example_inputs, (tuple, list)):
+        inputs = tuple(example_inputs)
+    else:
+        raise TypeError(
+            f"fold({name}): example_inputs must be a tensor or a tuple of positional "
+            f"arguments, got {type(example_inputs).__name__}"
+        )
+    from torch.fx.passes.shape_prop import ShapeProp  # only needed with example_inputs
+
+    modes = {module: module.training for module in gm.modules()}
+    gm.eval()  # no running statistics of the copy change
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as exc:
+        shapes = [tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__ for x in inputs]
+        raise ValueError(
+            f"fold({name}): running the model on example_inputs {shapes} failed "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+__all__ = ["FoldTraceError", "record_shapes", "trace"]

@@ -1,0 +1,267 @@
+"""The arithmetic of folding batch norm into a neighbouring convolution or linear layer.
+
+In eval mode a BN layer normalizes with fixed statistics, so it is a per-channel affine map
+(the lecture's notation, PyTorch's names in brackets)::
+
+    z_tilde = gamma * (z - mu) / sqrt(var + eps) + beta
+            = scale * z + shift
+    scale   = gamma / sqrt(var + eps)         gamma = weight, mu = running_mean,
+    shift   = beta - mu * scale               var = running_var, beta = bias
+
+A convolution or linear layer ``y = W * x + b`` next to it absorbs that map (Ioffe & Szegedy
+2015, section 3.2; Jacob et al. 2018, section 3.2):
+
+- BN AFTER the layer (:func:`fold_weights`), per OUTPUT channel ``o``::
+
+      W'[o] = W[o] * scale[o]
+      b'[o] = (b[o] - mu[o]) * scale[o] + beta[o]  =  b[o] * scale[o] + shift[o]
+
+- BN BEFORE the layer (:func:`fold_weights_before`), per INPUT channel ``c``::
+
+      W'[:, c] = W[:, c] * scale[c]
+      b'[o]    = b[o] + sum over c and the kernel of W[o, c, ...] * shift[c]
+
+  exact only if every output position sums the same, unpadded, inputs (see ``fold.py``).
+
+Everything is computed in float64 (on the CPU, which every backend can reach) and cast back
+to the layer's dtype; a result that would not be finite in that dtype raises
+:class:`FoldOverflowError` instead of silently becoming ``inf``. ``bias=None`` means a layer
+without bias (``b = 0``), ``gamma=None`` / ``beta=None`` a BN with ``affine=False``
+(``gamma = 1``, ``beta = 0``).
+
+Weight layouts (``groups`` as in ``nn.Conv*d``):
+
+- Linear ``(out, in)``; Conv ``(out, in / groups, *kernel)``;
+- ConvTranspose ``(in, out / groups, *kernel)``: input channel ``i`` belongs to group
+  ``g = i // (in / groups)`` and ``weight[i, j]`` feeds output channel ``g * out / groups + j``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class FoldOverflowError(ValueError):
+    """A folded weight or bias is not finite in the layer's dtype (e.g. above 65504 in
+    float16); the layer and the BN were left as they were."""
+
+
+def bn_scale_shift(
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    gamma: Tensor | None = None,
+    beta: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The BN layer as ``z_tilde = scale * z + shift``, in float64 on the CPU::
+
+        scale = gamma / sqrt(running_var + eps)
+        shift = beta - running_mean * scale
+
+    ``gamma=None`` means 1 and ``beta=None`` means 0 (``affine=False``).
+    """
+    mu = _as64(running_mean)
+    var = _as64(running_var)
+    if mu.dim() != 1 or var.shape != mu.shape:
+        raise ValueError(
+            f"running_mean and running_var must be vectors of one length, got shapes "
+            f"{tuple(running_mean.shape)} and {tuple(running_var.shape)}"
+        )
+    gamma64 = torch.ones_like(mu) if gamma is None else _as64(gamma)
+    beta64 = torch.zeros_like(mu) if beta is None else _as64(beta)
+    for name, value in (("gamma", gamma64), ("beta", beta64)):
+        if value.shape != mu.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(value.shape)} but running_mean has {tuple(mu.shape)}"
+            )
+    scale = gamma64 / torch.sqrt(var + float(eps))
+    return scale, beta64 - mu * scale
+
+
+def fold_weights(
+    weight: Tensor,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    gamma: Tensor | None = None,
+    beta: Tensor | None = None,
+    *,
+    transposed: bool = False,
+    groups: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Weights of the layer that computes ``BN(layer(x))`` alone: the BN comes AFTER it.
+
+    ``W' = W * gamma / sqrt(running_var + eps)`` per output channel and
+    ``b' = (b - running_mean) * gamma / sqrt(running_var + eps) + beta``, computed in float64
+    and returned in the dtypes of ``weight`` and ``bias`` (``weight``'s if ``bias`` is None)
+    on ``weight``'s device. ``transposed=True`` for ConvTranspose weights
+    ``(in, out / groups, *kernel)``. Raises ``ValueError`` naming the shapes if the BN's
+    channels are not the layer's output channels, :class:`FoldOverflowError` if a result is
+    not finite in its dtype.
+    """
+    scale, shift = bn_scale_shift(running_mean, running_var, eps, gamma, beta)
+    w64, b64 = fold_after64(_as64(weight), _as64_or_none(bias), scale, shift, transposed, groups)
+    return _cast_back(w64, weight), _cast_back(b64, weight if bias is None else bias)
+
+
+def fold_weights_before(
+    weight: Tensor,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    gamma: Tensor | None = None,
+    beta: Tensor | None = None,
+    *,
+    groups: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Weights of the layer that computes ``layer(BN(x))`` alone: the BN comes BEFORE it.
+
+    With ``scale = gamma / sqrt(running_var + eps)`` and
+    ``shift = beta - running_mean * scale`` per input channel ``c``::
+
+        W'[:, c] = W[:, c] * scale[c]
+        b'[o]    = b[o] + sum over c, kernel of W[o, c, ...] * shift[c]
+
+    For Linear ``(out, in)`` and Conv ``(out, in / groups, *kernel)`` weights. The result equals
+    ``layer(BN(x))`` only where the layer adds no zero padding (the caller's responsibility;
+    ``fold`` checks it). Same dtype, device and error rules as :func:`fold_weights`.
+    """
+    scale, shift = bn_scale_shift(running_mean, running_var, eps, gamma, beta)
+    w64, b64 = fold_before64(_as64(weight), _as64_or_none(bias), scale, shift, groups)
+    return _cast_back(w64, weight), _cast_back(b64, weight if bias is None else bias)
+
+
+def fold_after64(
+    weight: Tensor,
+    bias: Tensor | None,
+    scale: Tensor,
+    shift: Tensor,
+    transposed: bool = False,
+    groups: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """:func:`fold_weights` on float64 tensors, from ``scale`` and ``shift``:
+    ``W' = W * scale`` per output channel, ``b' = b * scale + shift``."""
+    out_channels = _out_channels(weight, transposed, groups)
+    _check_channels(scale, out_channels, "output", weight, transposed, groups)
+    if bias is not None and tuple(bias.shape) != (out_channels,):
+        raise ValueError(
+            f"bias has shape {tuple(bias.shape)} but the layer has {out_channels} output "
+            f"channels (weight shape {tuple(weight.shape)})"
+        )
+    if transposed:
+        # weight[i, j] feeds output channel (i // in_per_group) * out_per_group + j
+        in_per_group = weight.shape[0] // groups
+        per_weight = scale.view(groups, -1).repeat_interleave(in_per_group, dim=0)
+    else:
+        per_weight = scale.view(-1, 1)
+    w_new = weight * per_weight.reshape(*per_weight.shape, *([1] * (weight.dim() - 2)))
+    b_old = torch.zeros_like(scale) if bias is None else bias
+    return w_new, b_old * scale + shift
+
+
+def fold_before64(
+    weight: Tensor,
+    bias: Tensor | None,
+    scale: Tensor,
+    shift: Tensor,
+    groups: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """:func:`fold_weights_before` on float64 tensors, from ``scale`` and ``shift``:
+    ``W'[:, c] = W[:, c] * scale[c]``, ``b' = b + sum W[:, c, ...] * shift[c]``."""
+    if weight.dim() < 2 or weight.shape[0] % groups:
+        raise ValueError(
+            f"weight of shape {tuple(weight.shape)} cannot be a layer with groups={groups}"
+        )
+    in_channels = weight.shape[1] * groups
+    _check_channels(scale, in_channels, "input", weight, False, groups)
+    out_channels = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (out_channels,):
+        raise ValueError(
+            f"bias has shape {tuple(bias.shape)} but the layer has {out_channels} output "
+            f"channels (weight shape {tuple(weight.shape)})"
+        )
+    # output channel o reads the input channels of its group o // out_per_group
+    out_per_group = out_channels // groups
+    spatial = [1] * (weight.dim() - 2)
+
+    def per_weight(v: Tensor) -> Tensor:
+        rows = v.view(groups, -1).repeat_interleave(out_per_group, dim=0)
+        return rows.reshape(*rows.shape, *spatial)
+
+    w_new = weight * per_weight(scale)
+    from_shift = (weight * per_weight(shift)).flatten(1).sum(dim=1)
+    b_old = torch.zeros(out_channels, dtype=torch.float64) if bias is None else bias
+    return w_new, b_old + from_shift
+
+
+def overflow_problem(value: Tensor, dtype: torch.dtype) -> str | None:
+    """Why the float64 ``value`` cannot be stored in ``dtype`` (None if it can).
+
+    Checks the cast itself, so rounding up past the largest finite number (65504 in float16)
+    counts as an overflow.
+    """
+    if not bool(torch.isfinite(value).all()):
+        return "is not finite even in float64"
+    if bool(torch.isfinite(value.to(dtype)).all()):
+        return None
+    largest = float(value.abs().max())
+    return (
+        f"would overflow {_dtype_name(dtype)} (largest |value| {largest:.4g} > "
+        f"{torch.finfo(dtype).max:.6g})"
+    )
+
+
+def _cast_back(value: Tensor, like: Tensor) -> Tensor:
+    problem = overflow_problem(value, like.dtype)
+    if problem is not None:
+        raise FoldOverflowError(
+            f"the folded tensor of shape {tuple(value.shape)} {problem}; keep the BN layer "
+            "or store the layer in a wider dtype"
+        )
+    return value.to(device=like.device, dtype=like.dtype)
+
+
+def _out_channels(weight: Tensor, transposed: bool, groups: int) -> int:
+    if weight.dim() < 2 or groups < 1 or weight.shape[0] % groups:
+        raise ValueError(
+            f"weight of shape {tuple(weight.shape)} cannot be a layer with groups={groups}"
+        )
+    return weight.shape[1] * groups if transposed else weight.shape[0]
+
+
+def _check_channels(
+    scale: Tensor, expected: int, side: str, weight: Tensor, transposed: bool, groups: int
+) -> None:
+    if scale.shape[0] != expected:
+        layout = "ConvTranspose (in, out/groups, ...)" if transposed else "(out, in/groups, ...)"
+        raise ValueError(
+            f"the BN has {scale.shape[0]} channels but the layer has {expected} {side} channels "
+            f"(weight shape {tuple(weight.shape)}, layout {layout}, groups={groups})"
+        )
+
+
+def _as64(t: Tensor) -> Tensor:
+    return t.detach().to(device="cpu", dtype=torch.float64)
+
+
+def _as64_or_none(t: Tensor | None) -> Tensor | None:
+    return None if t is None else _as64(t)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+__all__ = [
+    "FoldOverflowError",
+    "bn_scale_shift",
+    "fold_after64",
+    "fold_before64",
+    "fold_weights",
+    "fold_weights_before",
+    "overflow_problem",
+]
