@@ -8,12 +8,13 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 from torch.fx.experimental.optimization import fuse as fx_fuse
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-import torch
 from bnstats.torch.fold import (
     FoldOverflowError,
     FoldTraceError,
@@ -31,7 +32,6 @@ from tests.torch.models import (
     mlp,
     scramble_batchnorm,
 )
-from torch import nn
 
 BN = nn.modules.batchnorm._BatchNorm
 

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import fx, nn
+
 from bnstats.torch.fold_report import FoldEntry, FoldReport, Position
 from bnstats.torch.fold_trace import FoldTraceError, record_shapes, trace
 from bnstats.torch.fold_weights import (
@@ -39,7 +41,6 @@ from bnstats.torch.fold_weights import (
     fold_weights_before,
     overflow_problem,
 )
-from torch import fx, nn
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 _ConvTransposeNd = nn.modules.conv._ConvTransposeNd
