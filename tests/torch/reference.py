@@ -77,10 +77,19 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor (NaN equals NaN, -0.0 differs from 0.0)."""
+    return x.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
 def same_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> bool:
+    """True when the model's state dict is bit-identical to ``saved``."""
     state = model.state_dict()
     return state.keys() == saved.keys() and all(
-        state[k].dtype == saved[k].dtype and torch.equal(state[k], saved[k]) for k in saved
+        state[k].dtype == saved[k].dtype
+        and state[k].shape == saved[k].shape
+        and torch.equal(bits(state[k]), bits(saved[k]))
+        for k in saved
     )
 
 
