@@ -14,7 +14,13 @@ import bnstats.torch as bt
 import torch
 from tests.torch import reference as ref
 from tests.torch import zoo
-from tests.torch.extra_models import AuxiliaryHead, KeywordNet, first_layer_bn, lazy_net
+from tests.torch.extra_models import (
+    AuxiliaryHead,
+    KeywordNet,
+    SharedBatchNorm,
+    first_layer_bn,
+    lazy_net,
+)
 from tests.torch.models import TinyResNet, image_batches, mlp, scramble_batchnorm
 from torch import nn
 
@@ -306,3 +312,15 @@ def test_a_variance_overflowing_a_float16_buffer_writes_nothing():
     with pytest.raises(ValueError, match="'0': running_var overflows"):
         bt.recalibrate(model, data)
     assert ref.same_state(model, saved)
+
+
+def test_a_module_called_twice_per_forward_pools_both_inputs():
+    torch.manual_seed(0)
+    model = SharedBatchNorm()
+    data = image_batches(sizes=[5, 8, 6], shape=(6,))
+    seen = ref.bn_inputs(model, data)
+    assert len(seen["bn"]) == 2 * len(data)
+    bt.recalibrate(model, data)
+    ((mean_error, var_error),) = relative_errors(model, seen).values()
+    assert mean_error < RTOL and var_error < RTOL
+    assert int(model.bn.num_batches_tracked) == 2 * len(data)
