@@ -87,7 +87,7 @@ class _EstimatorBatchNorm:
         estimator: RunningAverage | None = None,
     ) -> None:
         chosen = _estimator_from(momentum, estimator)
-        extra = {} if bias else {"bias": False}  # torch < 2.13 has no bias argument
+        extra = {} if bias else {"bias": False}  # older torch has no bias argument
         super().__init__(  # type: ignore[call-arg]
             num_features, eps, 0.1, affine, track_running_stats, device, dtype, **extra
         )
