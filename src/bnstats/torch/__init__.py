@@ -1,1 +1,43 @@
-"""PyTorch tools (optional extra)."""
+"""PyTorch tools for batch norm's test-time statistics (the optional ``torch`` extra).
+
+- :func:`recalibrate`: exact population statistics for every BN layer, in one pass;
+- :func:`audit`: how far each layer's running statistics are from the truth on some data;
+- :func:`adapt`: test-time adaptation of the statistics to shifted data;
+- :func:`fold`: a copy of the model with BN folded into neighbouring conv/linear layers;
+- :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d` and :func:`convert`:
+  BN layers whose running statistics follow a bnstats estimator.
+
+Every tool leaves the model's modes, momenta and hooks as it found them, and writes its
+buffers all at once or not at all.
+"""
+
+from bnstats.torch.adapt import adapt
+from bnstats.torch.audit import AuditReport, LayerAudit, audit
+from bnstats.torch.fold import (
+    FoldOverflowError,
+    FoldReport,
+    FoldTraceError,
+    fold,
+    fold_weights,
+    fold_weights_before,
+)
+from bnstats.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert
+from bnstats.torch.recalibrate import recalibrate
+
+__all__ = [
+    "AuditReport",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "FoldOverflowError",
+    "FoldReport",
+    "FoldTraceError",
+    "LayerAudit",
+    "adapt",
+    "audit",
+    "convert",
+    "fold",
+    "fold_weights",
+    "fold_weights_before",
+    "recalibrate",
+]

@@ -1,0 +1,264 @@
+"""What every bnstats.torch tool needs: find the BN layers, feed the model, leave it as found.
+
+- :func:`find_batchnorm_layers`: every batch-norm layer that keeps running statistics, by
+  qualified name (``"stages.0.0.bn1"``), in the order ``model.named_modules()`` lists them.
+- :class:`PreservedState`: a context manager that puts back, whatever happens, the training
+  flag of every module, the ``momentum`` of every BN layer, the BN layers' running buffers
+  (``running_mean``, ``running_var``, ``num_batches_tracked``) and removes the hooks it was
+  given.
+- :func:`iterate_batches`, :func:`default_forward`, :func:`move_to_device`: how a batch
+  reaches the model (tensors, ``(input, target)`` tuples or lists, dicts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.hooks import RemovableHandle
+
+Forward = Callable[[nn.Module, Any], Any]
+"""``forward(model, batch)``: how to call the model on one batch (its output is ignored)."""
+
+_BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_lazy_uninitialized(module: nn.Module) -> bool:
+    """True for a ``LazyBatchNorm*`` whose shapes no forward has fixed yet."""
+    return isinstance(module, nn.modules.lazy.LazyModuleMixin) and bool(
+        module.has_uninitialized_params()
+    )
+
+
+def find_batchnorm_layers(model: nn.Module) -> dict[str, _BatchNorm]:
+    """Every BN layer with running statistics, by qualified name.
+
+    Counts ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, ``nn.LazyBatchNorm*`` and bnstats'
+    own modules (all subclasses of torch's ``_BatchNorm``); layers built with
+    ``track_running_stats=False`` keep no statistics and are left out. A module registered
+    under two names appears once, under the first. The model itself is named ``""``.
+
+    Raises ``TypeError`` if ``model`` is not an ``nn.Module`` and ``ValueError`` if it holds no
+    such layer.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    layers = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, _BatchNorm) and module.track_running_stats
+    }
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no batch-norm layer with running statistics "
+            "(nn.BatchNorm1d/2d/3d, nn.SyncBatchNorm, nn.LazyBatchNorm* or bnstats.torch's "
+            "BatchNorm1d/2d/3d with track_running_stats=True)"
+        )
+    return layers
+
+
+def display_name(name: str) -> str:
+    """A qualified module name as error messages show it (the model itself is ``<model>``)."""
+    return repr(name) if name else "<model>"
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of the model's first parameter or buffer (None for a model without any)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if not isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+            return tensor.device
+    return None
+
+
+def move_to_device(batch: Any, device: torch.device | None) -> Any:
+    """``batch`` with every tensor in it (nested tuples, lists, dicts) on ``device``."""
+    if device is None:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch if batch.device == device else batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {key: move_to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(move_to_device(value, device) for value in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to_device(value, device) for value in batch)
+    return batch
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """Call ``model`` the usual way for this kind of batch.
+
+    - a tensor ``x``: ``model(x)``;
+    - a tuple or list (``(input, target)``, as a ``DataLoader`` of a labelled dataset yields):
+      ``model(batch[0])``, as ``torch.optim.swa_utils.update_bn`` does;
+    - a dict: ``model(**batch)``, its keys being the model's keyword arguments (the Hugging
+      Face convention).
+
+    Anything else needs an explicit ``forward(model, batch)``.
+    """
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError(
+                "a batch is an empty tuple/list; there is no input to call the model on"
+            )
+        return model(batch[0])
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    raise TypeError(
+        f"do not know how to call the model on a batch of type {type(batch).__name__}; "
+        "pass forward=lambda model, batch: model(...) to say how"
+    )
+
+
+def first_tensor(batch: Any) -> torch.Tensor | None:
+    """The first tensor in ``batch`` (depth first, dicts in insertion order), or None."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        values: Iterable[Any] = batch.values()
+    elif isinstance(batch, (tuple, list)):
+        values = batch
+    else:
+        return None
+    for value in values:
+        found = first_tensor(value)
+        if found is not None:
+            return found
+    return None
+
+
+def batch_size(batch: Any) -> int | None:
+    """Samples in ``batch``: the first dimension of its first tensor (None without a tensor)."""
+    tensor = first_tensor(batch)
+    if tensor is None or tensor.dim() == 0:
+        return None
+    return int(tensor.shape[0])
+
+
+def trim_batch(batch: Any, keep: int, size: int) -> Any:
+    """The first ``keep`` samples of ``batch``: every tensor whose first dimension is ``size``
+    is cut to ``keep`` rows; everything else passes unchanged."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:keep] if batch.dim() > 0 and batch.shape[0] == size else batch
+    if isinstance(batch, Mapping):
+        return {key: trim_batch(value, keep, size) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(trim_batch(value, keep, size) for value in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(trim_batch(value, keep, size) for value in batch)
+    return batch
+
+
+def iterate_batches(
+    batches: Iterable[Any], max_samples: int | None = None
+) -> Iterator[tuple[Any, int | None]]:
+    """Yield ``(batch, samples)`` from ``batches``, stopping once ``max_samples`` are taken.
+
+    The batch that crosses ``max_samples`` is cut (see :func:`trim_batch`) so that exactly
+    ``max_samples`` samples are used, and no further batch is drawn (an endless loader is
+    fine). ``samples`` is the batch's first dimension (None if it holds no tensor).
+    """
+    if isinstance(batches, torch.Tensor):
+        raise TypeError(
+            "batches is a single tensor; pass an iterable of batches, "
+            "e.g. [x] or x.split(64) (iterating a tensor would yield its rows)"
+        )
+    if not isinstance(batches, Iterable):
+        raise TypeError(
+            "batches must be an iterable of batches (a DataLoader, a list of tensors, ...), "
+            f"got {type(batches).__name__}"
+        )
+    if max_samples is not None and (isinstance(max_samples, bool) or int(max_samples) < 1):
+        raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
+    taken = 0
+    for batch in batches:
+        size = batch_size(batch)
+        if max_samples is not None:
+            if size is None:
+                raise TypeError(
+                    "max_samples needs batches holding tensors (samples along the first "
+                    f"dimension); got a {type(batch).__name__} without any"
+                )
+            if taken + size > max_samples:
+                keep = int(max_samples) - taken
+                batch, size = trim_batch(batch, keep, size), keep
+        yield batch, size
+        taken += size or 0
+        if max_samples is not None and taken >= max_samples:
+            return
+
+
+def batchnorm_train_mode(model: nn.Module, layers: Mapping[str, _BatchNorm]) -> None:
+    """Every module in eval mode except the BN ``layers``, which go to training mode.
+
+    The BN layers then normalize with each batch's own statistics (as in training, as
+    ``update_bn`` and fvcore's precise BN do); dropout and every other module behave as at
+    test time, so the statistics describe the activations the model will see at test time.
+    """
+    model.eval()
+    for module in layers.values():
+        module.train()
+
+
+class PreservedState:
+    """Put back what a pass over the model changes, on success and on error alike.
+
+    On entry it records the training flag of every module, the ``momentum`` of every BN
+    layer and the running buffers of the initialized BN layers; on exit it removes the hooks
+    handed to :meth:`add_hook`, restores the flags and momenta, and copies the recorded
+    buffer values back in place (BN layers in training mode update their buffers at every
+    forward). A ``LazyBatchNorm*`` that the pass initialized is recorded by
+    :meth:`record_buffers` just before its first forward and restored to those fresh values
+    (zeros, ones, 0): its shapes stay inferred, as after any forward.
+    """
+
+    def __init__(self, model: nn.Module, layers: Mapping[str, _BatchNorm]) -> None:
+        self.model = model
+        self.layers = dict(layers)
+        self._modes: list[tuple[nn.Module, bool]] = []
+        self._momenta: dict[str, Any] = {}
+        self._buffers: dict[str, dict[str, torch.Tensor]] = {}
+        self._handles: list[RemovableHandle] = []
+
+    def __enter__(self) -> PreservedState:
+        self._modes = [(module, module.training) for module in self.model.modules()]
+        self._momenta = {name: layer.momentum for name, layer in self.layers.items()}
+        for name, layer in self.layers.items():
+            if not is_lazy_uninitialized(layer):
+                self.record_buffers(name)
+        return self
+
+    def record_buffers(self, name: str) -> None:
+        """Record layer ``name``'s running buffers, unless already recorded."""
+        if name in self._buffers:
+            return
+        layer = self.layers[name]
+        self._buffers[name] = {
+            key: getattr(layer, key).detach().clone()
+            for key in _BUFFER_NAMES
+            if getattr(layer, key, None) is not None
+        }
+
+    def add_hook(self, handle: RemovableHandle) -> None:
+        """A hook to remove on exit."""
+        self._handles.append(handle)
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module, training in self._modes:
+            module.training = training
+        with torch.no_grad():
+            for name, saved in self._buffers.items():
+                layer = self.layers[name]
+                for key, value in saved.items():
+                    getattr(layer, key).copy_(value)
+        for name, momentum in self._momenta.items():
+            if self.layers[name].momentum != momentum:
+                self.layers[name].momentum = momentum
