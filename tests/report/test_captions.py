@@ -57,14 +57,14 @@ def test_lecture_sentences_state_the_traces_numbers(rng):
     assert f"that batch's μ was {trace.batch[0, 2]:.3g}" in text
     assert "momentum 0.25" in text and "all 330 training rows" in text
     assert f"below 1.01 from step {steps_until_debiased(0.25)} on" in text
-    assert f"the debiased EMA {0.001:.3g}" in text
+    assert f"(the debiased EMA by {0.001:.3g})" in text
     assert "removes most of that scatter" in text
 
 
 def test_the_verdict_follows_the_numbers(rng):
     far = " ".join(lecture_sentences(synthetic_trace("mean", 1.0, rng), 2, 330))
     assert "no closer to it than a typical single batch" in far
-    assert "final EMA is 1 from it" in far
+    assert "final EMA differs from it by 1 on average" in far
 
 
 def test_var_sentences_explain_the_conversion_and_use_relative_gaps(rng):
@@ -73,7 +73,7 @@ def test_var_sentences_explain_the_conversion_and_use_relative_gaps(rng):
     text = " ".join(sentences)
     assert "biased variance" in text and "n/(n − 1)" in text
     gap = np.mean(0.05 / trace.population) * 100
-    assert f"final EMA is {gap:.3g} % of the population value" in text
+    assert f"final EMA differs from it by {gap:.3g} % of the population value" in text
     assert "starts at 1" in text and "σ²" in text
 
 

@@ -111,9 +111,9 @@ def _end_sentence(trace: LectureTrace, epochs: int, train_rows: int) -> str:
     return (
         f"The dashed line is the population {sym}: the exact value over all {train_rows} "
         f"training rows, recomputed after training with the final weights. Over all "
-        f"{trace.features} units the final EMA is {numbers[0]}{unit_text} from it on average "
-        f"and the debiased EMA {numbers[1]}, while the batches of the last epoch scatter "
-        f"{numbers[2]} around their own average (standard deviation): {verdict}."
+        f"{trace.features} units the final EMA differs from it by {numbers[0]}{unit_text} on "
+        f"average (the debiased EMA by {numbers[1]}), while the batches of the last epoch "
+        f"scatter by {numbers[2]} around their own average (standard deviation): {verdict}."
     )
 
 
