@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,16 @@ from bnstats.demo import (
     METHODS,
     DemoConfig,
     DemoResult,
+    build_network,
     chance_level,
     load_demo_data,
     run_demo,
 )
+from bnstats.report import ReportDependencyError, write_demo_report
+from bnstats.report.lecture import check_layer_name
 
 HELP = "train a batch-normalized MLP in NumPy and compare test-time statistics"
+SAVED_FILES = ("history.npz", "summary.json", "network.npz")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -47,7 +52,14 @@ def add_parser(subparsers: Any) -> None:
         default=defaults.test_fraction,
         help="share of a CSV file held out for testing",
     )
-    p.add_argument("--out", metavar="DIR", help="save history.npz, summary.json, network.npz")
+    p.add_argument(
+        "--out", metavar="DIR", help="save history.npz, summary.json, network.npz, report.html"
+    )
+    p.add_argument(
+        "--report-layer",
+        metavar="NAME",
+        help="BatchNorm layer drawn in report.html (default: the first, bn1)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
     p.set_defaults(run=run)
 
@@ -77,18 +89,43 @@ def config_from(args: argparse.Namespace) -> DemoConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)
+    check_report_layer(args.report_layer, args.out, config)
     dataset = load_demo_data(config)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)  # fail before training, not after
     with progress_bar(enabled=not args.json) as advance:
         result = run_demo(config, progress=advance, dataset=dataset)
+    saved: list[str] = []
     if args.out:
         result.save(args.out)
+        saved = [*SAVED_FILES, *save_report(result, args.out, args.report_layer)]
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
-        print_report(result, saved_to=args.out)
+        print_report(result, saved_to=args.out, saved=saved)
     return 0
+
+
+def check_report_layer(layer: str | None, out: str | None, config: DemoConfig) -> None:
+    """Refuse ``--report-layer`` without ``--out`` or naming no BatchNorm layer, before any
+    data is loaded (layer names depend on the hidden layers only, not on the data's width)."""
+    if layer is None:
+        return
+    if not out:
+        raise ValueError("--report-layer needs --out DIR, where report.html is written")
+    net = build_network(config, features=1, classes=2)
+    check_layer_name(layer, [bn.name for bn in net.batchnorm_layers])
+
+
+def save_report(result: DemoResult, out: str, layer: str | None) -> list[str]:
+    """Write report.html into ``out``; without matplotlib say so in one line on stderr and
+    write nothing (the other files are already saved). Returns the names written."""
+    try:
+        path = write_demo_report(result, out, layer=layer)
+    except ReportDependencyError as err:
+        print(f"bnstats: {err} (the other files were saved)", file=sys.stderr)
+        return []
+    return [path.name]
 
 
 def progress_bar(enabled: bool):
@@ -135,7 +172,9 @@ class _RichProgress:
         self.progress.__exit__(*exc)
 
 
-def print_report(result: DemoResult, saved_to: str | None = None) -> None:
+def print_report(
+    result: DemoResult, saved_to: str | None = None, saved: Sequence[str] = SAVED_FILES
+) -> None:
     """The accuracy table and the lecture's picture, on stdout."""
     config, data = result.config, result.dataset
     print(
@@ -149,7 +188,7 @@ def print_report(result: DemoResult, saved_to: str | None = None) -> None:
     print()
     print(lecture_picture(result))
     if saved_to:
-        print(f"\nsaved history.npz, summary.json and network.npz in {saved_to}")
+        print(f"\nsaved {', '.join(saved[:-1])} and {saved[-1]} in {saved_to}")
 
 
 def print_table(result: DemoResult) -> None:

@@ -1,0 +1,224 @@
+"""The demo's report: one self-contained HTML page about one run of ``bnstats demo``.
+
+The page holds the lecture's picture for one BatchNorm layer (each mini-batch's ``mu`` of a
+few units with the EMA running through them, the debiased EMA and the population value),
+the same for ``var``, test accuracy per test-time method, and test accuracy against test
+batch size (batch statistics vs running estimates). Beside each figure a few sentences say
+what it shows, with numbers computed from the run; tables repeat the numbers, so the page
+reads without its figures. Figures need matplotlib (the ``report`` extra).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from bnstats import __version__
+from bnstats._files import atomic_write_text
+from bnstats.demo import DESCRIPTIONS, METHODS, DemoResult, accuracy_by_batch_size, chance_level
+from bnstats.engine.layers import BATCH
+from bnstats.report.captions import (
+    ESTIMATE_NAMES,
+    SYMBOL,
+    accuracy_sentences,
+    batch_size_sentences,
+    lecture_sentences,
+)
+from bnstats.report.html import Image, Section, Table, render_page
+from bnstats.report.lecture import LectureTrace, lecture_traces
+
+REPORT_NAME = "report.html"
+INSTALL_HINT = "pip install 'bnstats[report]'"
+TEST_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+"""Test batch sizes tried with the batch's own statistics (those up to the test set's size,
+and the whole test set)."""
+FLAT_LINES = ("ema", "population")
+"""Running estimates drawn as flat lines against test batch size."""
+
+
+class ReportDependencyError(ImportError):
+    """matplotlib, which the report's figures need, is not installed."""
+
+
+def write_demo_report(
+    result: DemoResult,
+    directory: str | Path,
+    layer: str | None = None,
+    units: Sequence[int] | None = None,
+) -> Path:
+    """Write ``report.html`` for ``result`` into ``directory`` (created if missing),
+    atomically; returns its path. See :func:`demo_report_html` for ``layer`` and ``units``."""
+    page = demo_report_html(result, layer=layer, units=units)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(directory / REPORT_NAME, page)
+
+
+def demo_report_html(
+    result: DemoResult, layer: str | None = None, units: Sequence[int] | None = None
+) -> str:
+    """The report page for ``result``. ``layer`` names the BatchNorm layer of the lecture's
+    picture (default: the first, ``bn1``); ``units`` its units to draw (default: the first
+    three). A bad name or unit raises ``ValueError`` naming what is available; missing
+    matplotlib raises :class:`ReportDependencyError`."""
+    traces = lecture_traces(result.history, result.net, layer=layer, units=units)
+    figures = load_figures()
+    sections = [
+        settings_section(result, traces["mean"]),
+        *(lecture_section(result, trace, figures) for trace in traces.values()),
+        accuracy_section(result, figures),
+        batch_size_section(result, figures),
+    ]
+    return render_page(
+        "bnstats demo: batch norm's test-time statistics",
+        intro_sentences(result),
+        sections,
+        footer=f"Written by bnstats {__version__}. The page is self-contained: it loads nothing.",
+    )
+
+
+def load_figures() -> ModuleType:
+    """:mod:`bnstats.report.figures`, or :class:`ReportDependencyError` without matplotlib."""
+    try:
+        return importlib.import_module("bnstats.report.figures")
+    except ImportError as err:
+        if (err.name or "").split(".")[0] != "matplotlib":
+            raise
+        raise ReportDependencyError(f"{REPORT_NAME} needs matplotlib: {INSTALL_HINT}") from err
+
+
+def intro_sentences(result: DemoResult) -> list[str]:
+    """What was run, in two sentences."""
+    config, data = result.config, result.dataset
+    return [
+        f"bnstats trained a batch-normalized MLP ({architecture(result)}) from scratch in NumPy "
+        f"on {data.name} for {config.epochs} epochs ({result.history.steps} steps), then "
+        "recomputed each BatchNorm layer's exact population statistics with the weights frozen.",
+        "In training each mini-batch is normalized with its own μ and σ²; at test time the "
+        "network needs one fixed estimate per layer, because a test batch may hold a single "
+        "row. This page shows where the estimates come from and what each one gives.",
+    ]
+
+
+def architecture(result: DemoResult) -> str:
+    """``64-128-64-10``: inputs, hidden widths, classes."""
+    data = result.dataset
+    return "-".join(str(n) for n in (data.features, *result.config.hidden, data.classes))
+
+
+def settings_section(result: DemoResult, trace: LectureTrace) -> Section:
+    """The run's settings as a table."""
+    config, data = result.config, result.dataset
+    rows = [
+        ("dataset", data.name),
+        ("training rows", str(len(data.X_train))),
+        ("test rows", str(len(data.X_test))),
+        ("classes", str(data.classes)),
+        ("network", f"MLP {architecture(result)}, Linear → BatchNorm → ReLU per hidden layer"),
+        ("epochs", str(config.epochs)),
+        ("training batch size", str(config.batch_size)),
+        ("training steps", str(result.history.steps)),
+        ("optimizer", f"Adam, learning rate {config.lr:g}"),
+        ("momentum", f"{config.momentum:g} (weight of the newest batch, PyTorch's convention)"),
+        ("seed", str(config.seed)),
+        ("layer shown", f"{trace.layer}, units {', '.join(map(str, trace.units))}"),
+    ]
+    table = Table(("setting", "value"), rows, caption="The run's settings")
+    return Section("settings", "The run", sentences=(), tables=(table,))
+
+
+def lecture_section(result: DemoResult, trace: LectureTrace, figures: ModuleType) -> Section:
+    """The lecture's picture for one statistic, its sentences and the final numbers."""
+    sym = SYMBOL[trace.stat]
+    name = "μ (mean)" if trace.stat == "mean" else "σ² (variance)"
+    image = Image(
+        figures.png_data_uri(figures.lecture_figure(trace)),
+        alt=f"Per-mini-batch {sym} of layer {trace.layer} over training, with the EMA, the "
+        "debiased EMA and the population value",
+    )
+    rows = [
+        (
+            str(unit),
+            f"{trace.batch[-1, unit]:.4g}",
+            f"{trace.ema[-1, unit]:.4g}",
+            f"{trace.ema_debiased[-1, unit]:.4g}",
+            f"{trace.population[unit]:.4g}",
+        )
+        for unit in trace.units
+    ]
+    table = Table(
+        ("unit", f"last batch {sym}", "EMA", "debiased EMA", "population"),
+        rows,
+        caption=f"Layer {trace.layer}, {sym} at the end of training"
+        + (" (all unbiased)" if trace.stat == "var" else ""),
+        numeric=(1, 2, 3, 4),
+    )
+    return Section(
+        f"lecture-{trace.stat}",
+        f"The lecture's picture: {name} of layer {trace.layer}",
+        sentences=lecture_sentences(trace, result.config.epochs, len(result.dataset.X_train)),
+        image=image,
+        tables=(table,),
+    )
+
+
+def accuracy_section(result: DemoResult, figures: ModuleType) -> Section:
+    """Bars of test accuracy per method, their sentences and the accuracy table."""
+    data, accuracy = result.dataset, {m: result.test_accuracy[m] for m in METHODS}
+    chance = chance_level(data)
+    single = result.net.predict(data.X_test, stats=BATCH, batch_size=1)
+    image = Image(
+        figures.png_data_uri(figures.accuracy_figure(accuracy, chance)),
+        alt="Test accuracy for each way of getting the test-time statistics",
+    )
+    rows = [(m, f"{accuracy[m]:.4f}", DESCRIPTIONS[m]) for m in METHODS]
+    rows.append(("chance level", f"{chance:.4f}", "always answering the most common class"))
+    table = Table(
+        ("statistics", "test accuracy", "what it is"),
+        rows,
+        caption="Test accuracy by test-time statistics",
+        numeric=(1,),
+    )
+    return Section(
+        "accuracy",
+        "Test accuracy per test-time method",
+        sentences=accuracy_sentences(accuracy, chance, len(data.X_test), len(np.unique(single))),
+        image=image,
+        tables=(table,),
+    )
+
+
+def batch_size_section(result: DemoResult, figures: ModuleType) -> Section:
+    """Accuracy against test batch size: batch statistics vs fixed running estimates."""
+    data = result.dataset
+    by_size = accuracy_by_batch_size(result.net, data, batch_sizes_to_try(len(data.X_test)))
+    fixed = {k: result.test_accuracy[k] for k in FLAT_LINES}
+    image = Image(
+        figures.png_data_uri(figures.batch_size_figure(by_size, fixed, chance_level(data))),
+        alt="Test accuracy against test batch size, batch statistics and running estimates",
+    )
+    rows = [(str(s), f"{a:.4f}") for s, a in by_size.items()]
+    table = Table(
+        ("test batch size", "accuracy with batch statistics"),
+        rows,
+        caption="Test accuracy with the test batch's own statistics; "
+        + ", ".join(f"{ESTIMATE_NAMES[k]} {v:.4f} at every size" for k, v in fixed.items()),
+        numeric=(0, 1),
+    )
+    return Section(
+        "batch-size",
+        "Test accuracy against test batch size",
+        sentences=batch_size_sentences(by_size, fixed),
+        image=image,
+        tables=(table,),
+    )
+
+
+def batch_sizes_to_try(test_rows: int) -> tuple[int, ...]:
+    """:data:`TEST_BATCH_SIZES` up to ``test_rows``, then ``test_rows`` itself."""
+    sizes = [s for s in TEST_BATCH_SIZES if s < test_rows]
+    return (*sizes, test_rows)

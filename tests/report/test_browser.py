@@ -1,0 +1,128 @@
+"""report.html in a real browser: headless Chromium shows every image and logs no error.
+
+Drives Debian's ``chromium`` with its ``chromedriver`` (packages ``chromium`` and
+``chromium-driver``) through Selenium. The driver's path is given to Selenium, so Selenium
+Manager never runs and nothing is downloaded. Without a browser the tests are skipped,
+unless ``BNSTATS_REQUIRE_BROWSER=1`` (set by ``.ci/run``) turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bnstats.report import write_demo_report
+
+REQUIRE_BROWSER = os.environ.get("BNSTATS_REQUIRE_BROWSER") == "1"
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+PIXEL = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
+    "+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+
+
+def unavailable(reason: str) -> None:
+    """Skip, or fail when the browser is required."""
+    if REQUIRE_BROWSER:
+        pytest.fail(f"{reason}, and BNSTATS_REQUIRE_BROWSER=1 requires the browser test")
+    pytest.skip(reason)
+
+
+def find_executable(*names: str) -> str | None:
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """A headless Chromium with a fresh empty profile, its console log recorded."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        unavailable("selenium is not installed (pip install selenium)")
+    chromium = find_executable("chromium", "chromium-browser")
+    driver_path = find_executable("chromedriver")
+    if chromium is None or driver_path is None:
+        unavailable("no chromium and chromedriver (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def load_problems(driver, page: Path) -> tuple[int, list[str]]:
+    """Open ``page``; return its number of images and everything wrong: an image not loaded
+    (incomplete or of width 0), a console error, a resource fetched from outside the page."""
+    driver.get(page.as_uri())
+    images = driver.execute_script(
+        "return Array.from(document.images, i => [i.complete, i.naturalWidth, i.alt]);"
+    )
+    problems = [
+        f"image {n} ({alt!r}) did not load: complete={complete}, naturalWidth={width}"
+        for n, (complete, width, alt) in enumerate(images)
+        if not (complete and width > 0)
+    ]
+    problems += [
+        f"console {entry['level']}: {entry['message']}"
+        for entry in driver.get_log("browser")
+        if entry["level"] == "SEVERE"
+    ]
+    fetched = driver.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name);"
+    )
+    problems += [f"fetched {url}" for url in fetched if not url.startswith("data:")]
+    return len(images), problems
+
+
+def test_report_loads_every_image_without_console_errors(browser, quick_run, tmp_path):
+    page = write_demo_report(quick_run, tmp_path)
+    count, problems = load_problems(browser, page)
+    assert count == 4
+    assert problems == []
+    title = browser.title
+    assert title.startswith("bnstats demo")
+
+
+def test_the_check_catches_a_broken_page(browser, tmp_path):
+    """The same check on a page with a corrupt image and a link outside reports both."""
+    page = tmp_path / "broken.html"
+    page.write_text(
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:\">"
+        f"<title>broken</title></head><body><img src='{PIXEL}' alt='fine'>"
+        "<img src='data:image/png;base64,AAAA' alt='corrupt'>"
+        "<img src='http://example.invalid/figure.png' alt='outside'></body></html>"
+    )
+    count, problems = load_problems(browser, page)
+    assert count == 3
+    assert any(p.startswith("image 1 ('corrupt') did not load") for p in problems), problems
+    assert any(p.startswith("image 2 ('outside') did not load") for p in problems), problems
+    assert any(p.startswith("console SEVERE") and "example.invalid" in p for p in problems)
+    assert "fetched http://example.invalid/figure.png" in problems
+    assert not any("image 0" in p for p in problems)
+
+
+@pytest.mark.parametrize(("required", "outcome"), [(False, "skip"), (True, "fail")])
+def test_a_missing_browser_skips_unless_required(monkeypatch, required, outcome):
+    monkeypatch.setattr(f"{__name__}.REQUIRE_BROWSER", required)
+    expected = pytest.skip.Exception if outcome == "skip" else pytest.fail.Exception
+    with pytest.raises(expected, match="no chromium"):
+        unavailable("no chromium")
