@@ -622,3 +622,18 @@ def test_docs_example_runs_and_prints_what_the_docs_show(capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[:-1] == shown[:-1]  # the report; the last line is a float
     assert float(printed[-1]) <= 1e-5
+
+
+def test_a_folded_model_survives_torch_save_and_load(tmp_path):
+    import io
+
+    from tests.torch.models import TinyResNet, scramble_batchnorm
+
+    model = scramble_batchnorm(TinyResNet()).eval()
+    fused = fold(model)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-6)

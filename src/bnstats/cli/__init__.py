@@ -13,10 +13,10 @@ import sys
 from collections.abc import Sequence
 
 from bnstats import __version__
-from bnstats.cli import demo
+from bnstats.cli import demo, torch_commands
 
 EXIT_USAGE = 2
-COMMANDS = [demo]
+COMMANDS = [demo, torch_commands]
 
 
 class OneLineParser(argparse.ArgumentParser):

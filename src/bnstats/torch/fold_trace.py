@@ -22,9 +22,12 @@ class FoldTraceError(TypeError):
 
 class _LeafTracer(fx.Tracer):
     """torch.fx's tracer, also keeping instances of ``leaves`` (and their subclasses) as
-    single ``call_module`` nodes."""
+    single ``call_module`` nodes.
 
-    def __init__(self, leaves: tuple[type[nn.Module], ...]) -> None:
+    ``leaves`` has a default because a saved GraphModule re-creates its tracer class without
+    arguments when ``torch.load`` rebuilds it."""
+
+    def __init__(self, leaves: tuple[type[nn.Module], ...] = ()) -> None:
         super().__init__()
         self.leaves = leaves
 
@@ -47,12 +50,22 @@ def trace(work: nn.Module, name: str, leaves: tuple[type[nn.Module], ...]) -> fx
             f"which BN. Remove data-dependent control flow from {name}.forward (or mark such "
             "code with torch.fx.wrap), or fold its traceable submodules one by one."
         ) from exc
+    _drop_string_annotations(graph)
     gm = fx.GraphModule(tracer.root, graph, name)
     originals = dict(work.named_modules())
     for qualified, module in gm.named_modules():
         if qualified in originals:  # containers rebuilt by GraphModule default to training
             module.training = originals[qualified].training
     return gm
+
+
+def _drop_string_annotations(graph: fx.Graph) -> None:
+    """Forget type annotations that are strings (a model module with
+    ``from __future__ import annotations``): torch.fx would keep them as string globals of
+    the generated code, and ``torch.save`` of the folded module would then fail."""
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
 
 
 def record_shapes(gm: fx.GraphModule, example_inputs: object, name: str) -> None:

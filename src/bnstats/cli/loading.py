@@ -1,0 +1,165 @@
+"""Loading a user's model, weights and data for the PyTorch commands.
+
+``--model pkg.module:factory`` (or ``path/to/file.py:factory``) names a callable returning an
+``nn.Module``, or a module instance; ``--weights`` a ``torch.save``-d state dict;
+``--data FILE.npz`` an array of inputs cut into batches, or ``pkg.module:batches`` a callable
+(or iterable) giving the batches. Every failure is a ``ValueError`` naming what failed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+NPZ_INPUT_KEYS = ("X", "inputs", "X_train", "x")
+
+
+def require_torch() -> Any:
+    """Import torch, or explain in one line how to get it."""
+    try:
+        import torch
+    except ImportError:
+        raise ImportError("this command needs PyTorch: pip install 'bnstats[torch]'") from None
+    return torch
+
+
+def resolve(reference: str, what: str) -> Any:
+    """The object ``module.path:attribute`` or ``file.py:attribute`` refers to."""
+    module_name, sep, attribute = reference.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(
+            f"{what} must look like 'package.module:name' or 'file.py:name', got {reference!r}"
+        )
+    module = _import(module_name, what)
+    target: Any = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"{what} {reference!r}: {module_name} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    return target
+
+
+def _import(module_name: str, what: str) -> Any:
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise ValueError(f"{what}: no such file {path}")
+        spec = importlib.util.spec_from_file_location(f"bnstats_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(path.parent.resolve()))
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:
+            raise ValueError(
+                f"{what}: importing {path} failed: {type(err).__name__}: {err}"
+            ) from None
+        finally:
+            sys.path.remove(str(path.parent.resolve()))
+        return module
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # like `python -m`: modules in the working directory
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"{what}: cannot import {module_name!r} ({err})") from None
+
+
+def load_model(reference: str, weights: str | None = None) -> Any:
+    """Build the model ``reference`` names and load ``weights`` into it (strictly)."""
+    torch = require_torch()
+    target = resolve(reference, "--model")
+    model = target if isinstance(target, torch.nn.Module) else _call(target, reference)
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(
+            f"--model {reference!r} gave a {type(model).__name__}, not a torch.nn.Module"
+        )
+    if weights:
+        load_weights(model, weights)
+    return model
+
+
+def _call(factory: Any, reference: str) -> Any:
+    if not callable(factory):
+        raise ValueError(f"--model {reference!r} is neither a module nor callable")
+    try:
+        return factory()
+    except Exception as err:
+        raise ValueError(f"--model {reference!r} raised {type(err).__name__}: {err}") from None
+
+
+def load_weights(model: Any, path: str) -> None:
+    """Load a state dict saved with ``torch.save`` (bare, or under 'state_dict'/'model')."""
+    torch = require_torch()
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--weights: no such file {file}")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise ValueError(
+            f"{file}: not a readable PyTorch checkpoint ({_first_line(err)})"
+        ) from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: expected a state dict, found a {type(state).__name__}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{file} does not fit the model: {_first_line(err)}") from None
+
+
+def load_batches(reference: str, batch_size: int, key: str | None = None) -> list[Any]:
+    """The batches for a command: from an ``.npz`` file cut into ``batch_size`` rows, or from
+    ``module:batches`` (a callable returning an iterable, or an iterable)."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    if reference.lower().endswith(".npz"):
+        return _npz_batches(Path(reference), batch_size, key)
+    source = resolve(reference, "--data")
+    batches = source() if callable(source) else source
+    if not isinstance(batches, Iterable):
+        raise ValueError(f"--data {reference!r} gave a {type(batches).__name__}, not batches")
+    batches = list(batches)
+    if not batches:
+        raise ValueError(f"--data {reference!r} gave no batches")
+    return batches
+
+
+def _npz_batches(path: Path, batch_size: int, key: str | None) -> list[Any]:
+    torch = require_torch()
+    if not path.is_file():
+        raise ValueError(f"--data: no such file {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            names = [key] if key else [k for k in NPZ_INPUT_KEYS if k in archive.files]
+            if not names or names[0] not in archive.files:
+                wanted = key or " or ".join(NPZ_INPUT_KEYS)
+                raise ValueError(f"{path}: no array {wanted}; it holds {archive.files}")
+            inputs = archive[names[0]]
+    except ValueError:
+        raise
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise ValueError(f"{path}: not a readable .npz file ({err})") from None
+    if inputs.ndim < 2 or len(inputs) == 0:
+        raise ValueError(f"{path}: inputs must be (N, ...) with N > 0, got shape {inputs.shape}")
+    if not np.issubdtype(inputs.dtype, np.number):
+        raise ValueError(f"{path}: inputs must be numbers, got dtype {inputs.dtype}")
+    if not np.isfinite(inputs).all():
+        raise ValueError(f"{path}: inputs hold NaN or Inf")
+    tensor = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
+    return list(torch.split(tensor, batch_size))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -1,0 +1,48 @@
+"""The audit page: flagged layers first, the audit's own numbers in the sentences."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bnstats.report.audit_page import (  # noqa: E402
+    AUDIT_PAGE,
+    audit_report_html,
+    ordered_layers,
+    write_audit_report,
+)
+from bnstats.torch import audit  # noqa: E402
+from tests.torch.models import TinyResNet, image_batches, scramble_batchnorm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def report():
+    model = scramble_batchnorm(TinyResNet(), seed=3).eval()
+    model.stem[1].reset_running_stats()  # never updated: flagged
+    return audit(model, image_batches(n_batches=2))
+
+
+def test_flagged_layers_come_first(report):
+    layers = ordered_layers(report.to_dict()["layers"])
+    assert layers[0]["name"] == "stem.1" and "never_updated" in layers[0]["flags"]
+    unflagged = [layer for layer in layers if not layer["flags"]]
+    kls = [layer["kl"]["mean"] for layer in unflagged]
+    assert kls == sorted(kls, reverse=True)
+
+
+def test_page_holds_the_figure_table_and_numbers(report):
+    page = audit_report_html(report)
+    assert page.count("data:image/png;base64,") == 1
+    assert "1 of 6 layers are flagged: stem.1 (never_updated)" in page
+    worst = ordered_layers(report.to_dict()["layers"])[0]
+    assert f"{worst['mean_shift']['worst']:.3g} standard deviations" in page
+    rows = re.findall(r"<tr><td>([^<]+)</td>", page)
+    assert rows[0] == "stem.1" and len(rows) == 6
+
+
+def test_written_atomically(report, tmp_path):
+    path = write_audit_report(report, tmp_path / "out")
+    assert path.name == AUDIT_PAGE and [p.name for p in path.parent.iterdir()] == [AUDIT_PAGE]
