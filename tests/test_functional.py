@@ -6,26 +6,13 @@ import numpy as np
 import pytest
 
 from bnstats import functional as F
+from tests.gradcheck import numeric_gradient
 
 SHAPES = [(7, 4), (5, 3, 4, 2), (4, 2, 3)]
 
 
 def _params(rng, channels):
     return rng.normal(1.0, 0.5, channels), rng.normal(0.0, 0.5, channels)
-
-
-def _numeric_grad(f, x, h=1e-6):
-    """Central differences of the scalar f at x (x changed in place, then restored)."""
-    grad = np.zeros_like(x)
-    for index in np.ndindex(x.shape):
-        saved = x[index]
-        x[index] = saved + h
-        plus = f()
-        x[index] = saved - h
-        minus = f()
-        x[index] = saved
-        grad[index] = (plus - minus) / (2 * h)
-    return grad
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -44,9 +31,9 @@ def test_backward_matches_finite_differences(rng, shape, batch_stats):
 
     _, cache = F.batch_norm_forward(z, gamma, beta, **fixed)
     dz, dgamma, dbeta = F.batch_norm_backward(upstream, cache)
-    np.testing.assert_allclose(dz, _numeric_grad(loss, z), rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(dgamma, _numeric_grad(loss, gamma), rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(dbeta, _numeric_grad(loss, beta), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dz, numeric_gradient(loss, z), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dgamma, numeric_gradient(loss, gamma), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dbeta, numeric_gradient(loss, beta), rtol=1e-6, atol=1e-8)
 
 
 def test_sum_of_outputs_has_zero_input_gradient(rng):

@@ -202,3 +202,13 @@ def test_wrong_weights_file_names_the_file_and_writes_nothing(cli, project):
     )
     assert result.returncode == 2 and "other.pt does not fit the model" in result.stderr
     assert not (project / "new.pt").exists()
+
+
+def test_max_samples_cuts_tensor_batches():
+    from bnstats.cli.torch_commands import _limited
+
+    batches = [torch.zeros(4, 2), torch.zeros(4, 2), torch.zeros(4, 2)]
+    assert [len(b) for b in _limited(batches, 6)] == [4, 2]
+    assert _limited(batches, None) is batches
+    with pytest.raises(ValueError, match="at least 1"):
+        _limited(batches, 0)

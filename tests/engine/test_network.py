@@ -7,6 +7,7 @@ import pytest
 
 import bnstats
 from bnstats.engine import SGD, Adam, BatchNorm, Momentum, Network, softmax_cross_entropy
+from tests.gradcheck import numeric_gradient
 
 torch = pytest.importorskip("torch")
 
@@ -112,17 +113,8 @@ def test_network_gradient_matches_finite_differences(rng):
 
     net.forward(x, training=True)
     net.backward(upstream)
-    h = 1e-6
     for name, param, grad in net.parameters():
-        numeric = np.zeros_like(param)
-        for index in np.ndindex(param.shape):
-            saved = param[index]
-            param[index] = saved + h
-            plus = objective()
-            param[index] = saved - h
-            minus = objective()
-            param[index] = saved
-            numeric[index] = (plus - minus) / (2 * h)
+        numeric = numeric_gradient(objective, param)
         np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7, err_msg=name)
 
 

@@ -46,3 +46,15 @@ def test_page_holds_the_figure_table_and_numbers(report):
 def test_written_atomically(report, tmp_path):
     path = write_audit_report(report, tmp_path / "out")
     assert path.name == AUDIT_PAGE and [p.name for p in path.parent.iterdir()] == [AUDIT_PAGE]
+
+
+def test_figure_has_a_bar_per_layer_and_panel(report):
+    from bnstats.report.audit_figure import audit_figure
+
+    layers = ordered_layers(report.to_dict()["layers"])
+    fig = audit_figure(layers)
+    shift_ax, ratio_ax = fig.axes
+    assert len(shift_ax.patches) == len(layers) == len(ratio_ax.patches)
+    assert ratio_ax.get_xscale() == "log"
+    top = max(shift_ax.get_yticklabels(), key=lambda label: label.get_position()[1])
+    assert top.get_text() == layers[0]["name"], "the first (flagged) layer is drawn on top"

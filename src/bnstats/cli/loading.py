@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import pickle
 import sys
 import zipfile
 from collections.abc import Iterable
@@ -102,7 +103,14 @@ def load_weights(model: Any, path: str) -> None:
         raise ValueError(f"--weights: no such file {file}")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        zipfile.BadZipFile,
+        ValueError,
+        pickle.UnpicklingError,
+    ) as err:
         raise ValueError(
             f"{file}: not a readable PyTorch checkpoint ({_first_line(err)})"
         ) from None

@@ -1,0 +1,74 @@
+"""Resolving a user's model, weights and batches (bnstats.cli.loading), in process."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bnstats.cli.loading import load_batches, load_model, resolve
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture
+def user_file(tmp_path, monkeypatch):
+    (tmp_path / "things.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "def make():\n    return nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))\n"
+        "def batches():\n    return [torch.ones(4, 3), torch.zeros(2, 3)]\n"
+        "def empty():\n    return []\n"
+        "def fails():\n    raise RuntimeError('boom')\n"
+        "number = 3\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_module_and_file_references(user_file):
+    assert callable(resolve("things:make", "--model"))
+    assert resolve(f"{user_file / 'things.py'}:number", "--data") == 3
+    model = load_model("things.py:make")
+    assert isinstance(model, torch.nn.Module)
+
+
+def test_weights_load_strictly(user_file):
+    model = load_model("things:make")
+    torch.save({"state_dict": model.state_dict()}, user_file / "w.pt")
+    load_model("things:make", "w.pt")
+    torch.save({"0.weight": torch.zeros(2, 3)}, user_file / "partial.pt")
+    with pytest.raises(ValueError, match="partial.pt does not fit the model"):
+        load_model("things:make", "partial.pt")
+    (user_file / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt: not a readable PyTorch checkpoint"):
+        load_model("things:make", "junk.pt")
+
+
+def test_batches_from_npz_and_from_a_callable(user_file):
+    np.savez(user_file / "d.npz", inputs=np.arange(30, dtype=np.float64).reshape(10, 3))
+    batches = load_batches("d.npz", 4)
+    assert [len(b) for b in batches] == [4, 4, 2] and batches[0].dtype == torch.float32
+    assert [len(b) for b in load_batches("things:batches", 99)] == [4, 2]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: load_model("things:number"), "neither a module nor callable"),
+        (lambda: load_model("things:batches"), "gave a list, not a torch.nn.Module"),
+        (lambda: load_model("things:fails"), "raised RuntimeError: boom"),
+        (lambda: load_model("missing.py:make"), "no such file"),
+        (lambda: load_batches("things:empty", 4), "gave no batches"),
+        (lambda: load_batches("things:number", 4), "gave a int, not batches"),
+        (lambda: load_batches("d.npz", 0), "--batch-size must be at least 1"),
+    ],
+)
+def test_errors_are_one_clear_value_error(user_file, call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_npz_with_nan_is_refused(user_file):
+    np.savez(user_file / "nan.npz", X=np.array([[1.0, np.nan]]))
+    with pytest.raises(ValueError, match="nan.npz: inputs hold NaN"):
+        load_batches("nan.npz", 2)
