@@ -105,7 +105,8 @@ class RenormSchedule:
         """This schedule's proportions fitted into a run of ``total_steps``: the later of the two
         ramps ends at ``ramp_end * total_steps`` (by default half-way, so the second half of the
         run trains with the full correction). The paper's 5k : 25k : 40k becomes, for 400 steps,
-        25 : 125 : 200."""
+        25 : 125 : 200. The warm-up shrinks too: keep it at a few times ``1 / momentum`` steps,
+        so that the running statistics ``r, d`` correct toward have converged."""
         if int(total_steps) < 1:
             raise ValueError(f"RenormSchedule: total_steps must be >= 1, got {total_steps}")
         if not 0.0 < ramp_end <= 1.0:
@@ -191,7 +192,7 @@ def batch_renorm_forward(
 def batch_renorm_backward(
     dz_tilde: np.ndarray, cache: RenormCache
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gradients ``(dz, dgamma, dbeta)`` with ``r`` and ``d`` held constant (Ioffe 2017, sec. 3).
+    """Gradients ``(dz, dgamma, dbeta)`` with ``r`` and ``d`` held constant (Ioffe 2017).
 
     ``z_tilde = gamma * (r * z_norm + d) + beta``, so with ``g = gamma * dz_tilde``::
 
