@@ -5,6 +5,10 @@ bias-corrected EMA and a cumulative average side by side, all fed by the same ba
 After training the exact population statistics are recomputed with the weights frozen.
 Then the test set is classified with each estimate, and with the test batch's own
 statistics at batch sizes 1, 8 and the whole set, for contrast.
+
+``norm`` swaps the batch-norm layers for Batch Renormalization (its schedule fitted to the
+run, :meth:`~bnstats.renorm.RenormSchedule.scaled_to`) or Ghost Batch Norm (virtual batches of
+``ghost_size`` rows).
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import numpy as np
 
 from bnstats.data import Dataset, load_dataset
 from bnstats.engine import BATCH, Adam, History, Network
-from bnstats.engine.training import ProgressCallback
+from bnstats.engine.network import NORMS
+from bnstats.engine.training import ProgressCallback, batch_slices
+from bnstats.renorm import RenormSchedule
 from bnstats.stats import EMA, CumulativeAverage
 
 ESTIMATE_METHODS = ("ema", "ema_debiased", "cumulative", "population")
@@ -34,6 +40,8 @@ DESCRIPTIONS = {
     "population": "exact statistics of the training set, weights frozen",
 }
 
+NORM_LABELS = {"bn": "batch norm", "renorm": "Batch Renorm", "ghost": "Ghost Batch Norm"}
+
 
 @dataclass
 class DemoConfig:
@@ -47,6 +55,20 @@ class DemoConfig:
     seed: int = 0
     hidden: tuple[int, ...] = (128, 64)
     test_fraction: float = 0.25
+    norm: str = "bn"
+    ghost_size: int = 16
+
+    def drop_last(self, rows: int) -> bool:
+        """Drop a last batch of one row (batch norm cannot train on it)."""
+        return rows % self.batch_size == 1
+
+    def steps(self, rows: int) -> int:
+        """Training steps over ``rows`` rows: epochs times batches per epoch."""
+        return self.epochs * len(batch_slices(rows, self.batch_size, self.drop_last(rows)))
+
+    def renorm_schedule(self, rows: int) -> RenormSchedule:
+        """The paper's schedule fitted to this run: its ramps end half-way through training."""
+        return RenormSchedule().scaled_to(self.steps(rows))
 
 
 @dataclass
@@ -73,6 +95,11 @@ class DemoResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object ``bnstats demo --json`` prints."""
+        norm: dict[str, Any] = {"norm": self.config.norm}
+        if self.config.norm == "ghost":
+            norm["ghost_size"] = self.config.ghost_size
+        if self.config.norm == "renorm":
+            norm["renorm_schedule"] = self.net.batchnorm_layers[0].schedule.to_dict()
         return {
             "dataset": self.dataset.name,
             "train_rows": len(self.dataset.X_train),
@@ -83,6 +110,7 @@ class DemoResult:
             "lr": self.config.lr,
             "seed": self.config.seed,
             "hidden": list(self.config.hidden),
+            **norm,
             "steps": self.history.steps,
             "test_accuracy": dict(self.test_accuracy),
             "layers": self.layers(),
@@ -110,6 +138,13 @@ def check_config(config: DemoConfig, dataset: Dataset) -> None:
         raise ValueError(f"--lr must be positive, got {config.lr}")
     if not config.hidden or any(h < 1 for h in config.hidden):
         raise ValueError(f"--hidden needs positive layer widths, got {config.hidden}")
+    if config.norm not in NORMS:
+        raise ValueError(f"--norm must be one of {', '.join(NORMS)}, got {config.norm!r}")
+    if config.norm == "ghost" and not 2 <= config.ghost_size <= config.batch_size:
+        raise ValueError(
+            f"--ghost-size must lie between 2 and --batch-size {config.batch_size}, "
+            f"got {config.ghost_size}"
+        )
     rows = len(dataset.X_train)
     if rows < config.batch_size:
         raise ValueError(
@@ -117,14 +152,21 @@ def check_config(config: DemoConfig, dataset: Dataset) -> None:
         )
 
 
-def build_network(config: DemoConfig, features: int, classes: int) -> Network:
+def build_network(config: DemoConfig, features: int, classes: int, rows: int) -> Network:
+    """The demo's MLP for ``features`` inputs and ``classes`` outputs, trained on ``rows`` rows
+    (which fixes the step count Batch Renorm's schedule is fitted to)."""
     estimators = {
         "ema": EMA(config.momentum),
         "ema_debiased": EMA(config.momentum, debias=True),
         "cumulative": CumulativeAverage(),
     }
     sizes = [features, *config.hidden, classes]
-    return Network.mlp(sizes, batchnorm=True, seed=config.seed, estimators=estimators)
+    options: dict[str, Any] = {}
+    if config.norm == "ghost":
+        options["ghost_size"] = config.ghost_size
+    if config.norm == "renorm":
+        options["schedule"] = config.renorm_schedule(rows)
+    return Network.mlp(sizes, seed=config.seed, estimators=estimators, norm=config.norm, **options)
 
 
 def load_demo_data(config: DemoConfig) -> Dataset:
@@ -145,8 +187,9 @@ def run_demo(
         dataset = load_demo_data(config)
     else:
         check_config(config, dataset)
-    net = build_network(config, dataset.features, dataset.classes)
-    drop_last = len(dataset.X_train) % config.batch_size == 1
+    rows = len(dataset.X_train)
+    net = build_network(config, dataset.features, dataset.classes, rows)
+    drop_last = config.drop_last(rows)
     history = net.fit(
         dataset.X_train,
         dataset.y_train,

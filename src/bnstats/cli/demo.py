@@ -17,6 +17,7 @@ from bnstats.cli.textplot import line_plot
 from bnstats.demo import (
     DESCRIPTIONS,
     METHODS,
+    NORM_LABELS,
     DemoConfig,
     DemoResult,
     build_network,
@@ -53,6 +54,19 @@ def add_parser(subparsers: Any) -> None:
         help="share of a CSV file held out for testing",
     )
     p.add_argument(
+        "--norm",
+        choices=list(NORM_LABELS),
+        default=defaults.norm,
+        help="bn: batch norm (default); renorm: Batch Renormalization, its schedule fitted to "
+        "the run; ghost: Ghost Batch Norm",
+    )
+    p.add_argument(
+        "--ghost-size",
+        type=int,
+        default=None,
+        help=f"rows per virtual batch with --norm ghost (default {defaults.ghost_size})",
+    )
+    p.add_argument(
         "--out", metavar="DIR", help="save history.npz, summary.json, network.npz, report.html"
     )
     p.add_argument(
@@ -75,6 +89,9 @@ def hidden_sizes(text: str) -> tuple[int, ...]:
 
 
 def config_from(args: argparse.Namespace) -> DemoConfig:
+    if args.ghost_size is not None and args.norm != "ghost":
+        raise ValueError(f"--ghost-size applies to --norm ghost only, not --norm {args.norm}")
+    ghost_size = DemoConfig.ghost_size if args.ghost_size is None else args.ghost_size
     return DemoConfig(
         data=args.data,
         epochs=args.epochs,
@@ -84,6 +101,8 @@ def config_from(args: argparse.Namespace) -> DemoConfig:
         seed=args.seed,
         hidden=tuple(args.hidden),
         test_fraction=args.test_fraction,
+        norm=args.norm,
+        ghost_size=ghost_size,
     )
 
 
@@ -113,7 +132,7 @@ def check_report_layer(layer: str | None, out: str | None, config: DemoConfig) -
         return
     if not out:
         raise ValueError("--report-layer needs --out DIR, where report.html is written")
-    net = build_network(config, features=1, classes=2)
+    net = build_network(config, features=1, classes=2, rows=config.batch_size)
     check_layer_name(layer, [bn.name for bn in net.batchnorm_layers])
 
 
@@ -180,7 +199,8 @@ def print_report(
     print(
         f"{data.name}: {len(data.X_train)} training rows, {len(data.X_test)} test rows, "
         f"{data.classes} classes; MLP {data.features}-{'-'.join(map(str, config.hidden))}-"
-        f"{data.classes} with batch norm; {config.epochs} epochs of batch {config.batch_size} "
+        f"{data.classes} with {norm_label(result)}; {config.epochs} epochs of batch "
+        f"{config.batch_size} "
         f"({result.history.steps} steps), momentum {config.momentum}"
     )
     print_table(result)
@@ -189,6 +209,21 @@ def print_report(
     print(lecture_picture(result))
     if saved_to:
         print(f"\nsaved {', '.join(saved[:-1])} and {saved[-1]} in {saved_to}")
+
+
+def norm_label(result: DemoResult) -> str:
+    """The normalization layers in words, e.g. ``Ghost Batch Norm (virtual batches of 16)``."""
+    config = result.config
+    label = NORM_LABELS[config.norm]
+    if config.norm == "ghost":
+        return f"{label} (virtual batches of {config.ghost_size})"
+    if config.norm == "renorm":
+        s = result.net.batchnorm_layers[0].schedule
+        return (
+            f"{label} (plain for {s.warmup_steps} steps, rmax {s.rmax:g} by step "
+            f"{s.rmax_full_at}, dmax {s.dmax:g} by step {s.dmax_full_at})"
+        )
+    return label
 
 
 def print_table(result: DemoResult) -> None:

@@ -1,10 +1,13 @@
 """The from-scratch NumPy network of the lecture: Linear, BatchNorm, ReLU, optimizers,
-a mini-batch training loop that records every batch's statistics, and checkpoints."""
+a mini-batch training loop that records every batch's statistics, and checkpoints; for small
+or correlated batches, BatchRenorm and GhostBatchNorm."""
 
 from bnstats.engine.checkpoint import CheckpointError
+from bnstats.engine.ghost import GhostBatchNorm
 from bnstats.engine.layers import BATCH, BatchNorm, Layer, Linear, ReLU
 from bnstats.engine.network import Network, softmax_cross_entropy
 from bnstats.engine.optim import SGD, Adam, Momentum, Optimizer
+from bnstats.engine.renorm import BatchRenorm
 from bnstats.engine.training import History, fit
 
 __all__ = [
@@ -12,7 +15,9 @@ __all__ = [
     "SGD",
     "Adam",
     "BatchNorm",
+    "BatchRenorm",
     "CheckpointError",
+    "GhostBatchNorm",
     "History",
     "Layer",
     "Linear",

@@ -238,3 +238,10 @@ class BatchNorm(Layer):
 
 
 LAYER_KINDS: dict[str, type[Layer]] = {cls.kind: cls for cls in (Linear, ReLU, BatchNorm)}
+"""Layer classes by ``kind``, for checkpoints; more join through :func:`register_layer`."""
+
+
+def register_layer(cls: type[Layer]) -> type[Layer]:
+    """Class decorator: make a layer kind loadable from checkpoints."""
+    LAYER_KINDS[cls.kind] = cls
+    return cls

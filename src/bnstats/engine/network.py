@@ -13,8 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bnstats.engine.ghost import GhostBatchNorm
 from bnstats.engine.layers import BATCH, BatchNorm, Layer, Linear, ReLU
+from bnstats.engine.renorm import BatchRenorm
+from bnstats.renorm import RenormSchedule
 from bnstats.stats import Estimator, Population
+
+NORMS = ("bn", "renorm", "ghost")
+"""``Network.mlp(norm=...)``: batch norm, Batch Renormalization, Ghost Batch Norm."""
 
 if TYPE_CHECKING:
     from bnstats.engine.optim import Optimizer
@@ -50,18 +56,26 @@ class Network:
         seed: int = 0,
         estimators: Mapping[str, Estimator] | None = None,
         eps: float = 1e-5,
+        norm: str = "bn",
+        ghost_size: int | None = None,
+        schedule: RenormSchedule | None = None,
     ) -> Network:
         """``sizes = [inputs, hidden..., classes]``: Linear -> BatchNorm -> ReLU per hidden layer
         (Linear -> ReLU without batch norm), then a Linear output. Each BatchNorm gets its own
-        copy of ``estimators`` (default ``{"ema": EMA(0.1)}``)."""
+        copy of ``estimators`` (default ``{"ema": EMA(0.1)}``).
+
+        ``norm`` picks the normalization layer: ``"bn"`` (:class:`BatchNorm`), ``"renorm"``
+        (:class:`BatchRenorm` with ``schedule``, default the paper's) or ``"ghost"``
+        (:class:`GhostBatchNorm`, ``ghost_size`` required)."""
         if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
             raise ValueError(f"mlp needs at least [inputs, outputs], all positive; got {sizes}")
+        _check_norm(norm, batchnorm, ghost_size, schedule)
         rng = np.random.default_rng(seed)
         layers: list[Layer] = []
         for d_in, d_out in zip(sizes[:-2], sizes[1:-1], strict=True):
             layers.append(Linear(d_in, d_out, bias=not batchnorm, rng=rng))
             if batchnorm:
-                layers.append(BatchNorm(d_out, eps=eps, estimators=estimators))
+                layers.append(_norm_layer(norm, d_out, eps, estimators, ghost_size, schedule))
             layers.append(ReLU())
         layers.append(Linear(sizes[-2], sizes[-1], bias=True, rng=rng))
         return cls(layers)
@@ -221,12 +235,45 @@ class Network:
         return f"Network(\n{inner}\n)"
 
 
+def _check_norm(
+    norm: str, batchnorm: bool, ghost_size: int | None, schedule: RenormSchedule | None
+) -> None:
+    """Refuse a ``norm`` that does not exist and options that its layer would not use."""
+    if norm not in NORMS:
+        raise ValueError(f"mlp: norm must be one of {', '.join(NORMS)}; got {norm!r}")
+    if not batchnorm and norm != "bn":
+        raise ValueError(f"mlp: norm={norm!r} needs batchnorm=True")
+    if norm == "ghost" and ghost_size is None:
+        raise ValueError("mlp: norm='ghost' needs ghost_size (rows per virtual batch)")
+    if norm != "ghost" and ghost_size is not None:
+        raise ValueError(f"mlp: ghost_size applies to norm='ghost' only, not {norm!r}")
+    if norm != "renorm" and schedule is not None:
+        raise ValueError(f"mlp: schedule applies to norm='renorm' only, not {norm!r}")
+
+
+def _norm_layer(
+    norm: str,
+    features: int,
+    eps: float,
+    estimators: Mapping[str, Estimator] | None,
+    ghost_size: int | None,
+    schedule: RenormSchedule | None,
+) -> BatchNorm:
+    if norm == "renorm":
+        return BatchRenorm(features, eps=eps, estimators=estimators, schedule=schedule)
+    if norm == "ghost":
+        return GhostBatchNorm(features, eps=eps, estimators=estimators, ghost_size=ghost_size)
+    return BatchNorm(features, eps=eps, estimators=estimators)
+
+
 def _name_layers(layers: list[Layer]) -> None:
-    """Give unnamed layers PyTorch-like names numbered per kind: linear1, bn1, relu1, ..."""
+    """Give unnamed layers PyTorch-like names numbered per kind: linear1, bn1, relu1, ...
+    (every batch-norm kind is a ``bn``)."""
     prefixes = {"Linear": "linear", "BatchNorm": "bn", "ReLU": "relu"}
     counts: dict[str, int] = {}
     for layer in layers:
-        prefix = prefixes.get(layer.kind, layer.kind.lower())
+        kind = "BatchNorm" if isinstance(layer, BatchNorm) else layer.kind
+        prefix = prefixes.get(kind, kind.lower())
         counts[prefix] = counts.get(prefix, 0) + 1
         if not layer.name:
             layer.name = f"{prefix}{counts[prefix]}"

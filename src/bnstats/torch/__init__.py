@@ -5,7 +5,9 @@
 - :func:`adapt`: test-time adaptation of the statistics to shifted data;
 - :func:`fold`: a copy of the model with BN folded into neighbouring conv/linear layers;
 - :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d` and :func:`convert`:
-  BN layers whose running statistics follow a bnstats estimator.
+  BN layers whose running statistics follow a bnstats estimator;
+- :class:`BatchRenorm2d` (1d, 3d) and :class:`GhostBatchNorm2d` (1d, 3d): for small or
+  non-i.i.d. training batches (Ioffe 2017; Hoffer et al. 2017).
 
 Every tool leaves the model's modes, momenta and hooks as it found them, and writes its
 buffers all at once or not at all.
@@ -21,17 +23,25 @@ from bnstats.torch.fold import (
     fold_weights,
     fold_weights_before,
 )
+from bnstats.torch.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from bnstats.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert
 from bnstats.torch.recalibrate import recalibrate
+from bnstats.torch.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
 __all__ = [
     "AuditReport",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "FoldOverflowError",
     "FoldReport",
     "FoldTraceError",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
     "LayerAudit",
     "adapt",
     "audit",

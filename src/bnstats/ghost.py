@@ -1,0 +1,51 @@
+"""Ghost Batch Norm (Hoffer, Hubara & Soudry 2017): how a batch is cut into virtual batches.
+
+Ghost batch norm normalizes each training batch in *virtual* ("ghost") batches of
+``ghost_size`` consecutive rows, each with its own ``mu`` and biased ``var``, and the running
+statistics take one update per virtual batch (not one per batch of their average). Large
+batches then behave, for normalization, like the small ones batch norm was tuned on. At test
+time it is batch norm.
+
+The split, shared by the engine and the torch modules so that both cut alike: consecutive
+chunks of ``ghost_size`` rows; the last may be smaller; a last chunk of exactly ONE row joins
+the chunk before it (a row alone would be normalized to ``beta``, and batch norm refuses a
+training batch of one value per channel). A batch of ``ghost_size`` rows or fewer is one
+virtual batch: batch norm.
+"""
+
+from __future__ import annotations
+
+
+def check_ghost_size(ghost_size: int, where: str = "ghost batch norm") -> int:
+    """``ghost_size`` as an int, or a ValueError naming ``where``: at least 2 rows."""
+    if isinstance(ghost_size, bool) or int(ghost_size) != ghost_size or ghost_size < 2:
+        raise ValueError(f"{where}: ghost_size must be a whole number >= 2, got {ghost_size!r}")
+    return int(ghost_size)
+
+
+def ghost_sizes(rows: int, ghost_size: int) -> list[int]:
+    """Rows in each virtual batch of a batch of ``rows``: ``ghost_size`` each, the remainder last,
+    a remainder of one row merged into the previous chunk. ``ghost_sizes(10, 4) == [4, 4, 2]``,
+    ``ghost_sizes(9, 4) == [4, 5]``, ``ghost_sizes(3, 4) == [3]``."""
+    ghost_size = check_ghost_size(ghost_size)
+    if rows <= ghost_size:
+        return [rows]
+    sizes = [ghost_size] * (rows // ghost_size)
+    remainder = rows % ghost_size
+    if remainder == 1:
+        sizes[-1] += 1
+    elif remainder:
+        sizes.append(remainder)
+    return sizes
+
+
+def ghost_slices(rows: int, ghost_size: int) -> list[slice]:
+    """The row slices of :func:`ghost_sizes`, in order."""
+    slices, start = [], 0
+    for size in ghost_sizes(rows, ghost_size):
+        slices.append(slice(start, start + size))
+        start += size
+    return slices
+
+
+__all__ = ["check_ghost_size", "ghost_sizes", "ghost_slices"]
