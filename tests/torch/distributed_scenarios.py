@@ -117,6 +117,31 @@ def unreached_on_one_rank(rank: int) -> dict[str, Any]:
     return {"state": _state(model)}
 
 
+def unreached_everywhere(rank: int) -> dict[str, Any]:
+    torch.manual_seed(3)
+    model = AuxiliaryHead()
+    return _expect_error(model, lambda: bt.recalibrate(model, [x for x, _ in aux_batches(rank)]))
+
+
+def nonfinite_on_one_rank(rank: int) -> dict[str, Any]:
+    model = zoo.build("mlp")
+    batches = rank_batches("mlp", rank)
+    if rank == 1:
+        batches[1][0, 0] = float("nan")
+    return _expect_error(model, lambda: bt.recalibrate(model, batches))
+
+
+def subgroup_of_one(rank: int) -> dict[str, Any]:
+    """A group holding rank 0 only: rank 0 works alone, rank 1 is told it is no member."""
+    only_first = dist.new_group([0])
+    model = zoo.build("resnet")
+    if rank == 1:
+        call = lambda: bt.recalibrate(model, rank_batches("resnet", 1), group=only_first)  # noqa: E731
+        return _expect_error(model, call)
+    bt.recalibrate(model, rank_batches("resnet", 0), group=only_first)
+    return {"state": _state(model)}
+
+
 def ddp_wrapped(rank: int) -> dict[str, Any]:
     """Uneven batches, then rank 1 empty: DDP's forward would broadcast buffers (at least on
     the first call), a collective that an empty rank never joins."""
@@ -227,6 +252,9 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "empty_rank1": empty_rank(1),
     "all_empty": all_empty,
     "unreached_on_one_rank": unreached_on_one_rank,
+    "unreached_everywhere": unreached_everywhere,
+    "nonfinite_on_one_rank": nonfinite_on_one_rank,
+    "subgroup_of_one": subgroup_of_one,
     "ddp_wrapped": ddp_wrapped,
     "sync_batchnorm": sync_batchnorm,
     "failing_rank": failing_rank,

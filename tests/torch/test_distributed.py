@@ -203,6 +203,31 @@ def test_a_layer_reached_on_one_rank_only_takes_that_ranks_data(pair):
     assert_both_equal_reference(pair.results("unreached_on_one_rank"), expected)
 
 
+def test_a_layer_reached_on_no_rank_fails_everywhere_naming_it(pair):
+    first, second = pair.results("unreached_everywhere")
+    assert first["type"] == second["type"] == "ValueError"
+    assert first["message"] == second["message"]
+    assert "no forward on any of the 2 ranks reached BN layer(s) 'aux.1'" in first["message"]
+    assert first["unchanged"] and second["unchanged"]
+
+
+def test_nan_on_one_rank_fails_everywhere_naming_the_layer(pair):
+    first, second = pair.results("nonfinite_on_one_rank")
+    assert first["type"] == second["type"] == "NonFiniteStatisticsError"
+    assert first["message"] == second["message"] and "BN layer '1'" in first["message"]
+    assert first["unchanged"] and second["unchanged"]
+
+
+def test_a_group_of_one_rank_is_that_rank_alone(pair):
+    path = pair.out / "subgroup_of_one.rank0.pt"
+    first = torch.load(path, weights_only=False)["result"]
+    second = torch.load(path.with_name("subgroup_of_one.rank1.pt"), weights_only=False)["result"]
+    expected = single_process(zoo.build("resnet"), sc.rank_batches("resnet", 0))
+    assert_bit_identical(first["state"], expected)
+    assert second["type"] == "ValueError" and "not a member" in second["message"]
+    assert second["unchanged"]
+
+
 def test_a_ddp_wrapped_model_runs_its_module_and_matches(pair):
     results = pair.results("ddp_wrapped")
     assert all(r["returned_wrapper"] for r in results)

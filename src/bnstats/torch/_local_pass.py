@@ -3,9 +3,9 @@
 Two kinds of module communicate inside their forward, which a pass over per-rank data with
 uneven batch counts must not do (a rank with fewer batches stops calling, the others wait):
 
-- ``DistributedDataParallel`` broadcasts rank 0's buffers before a forward (always the first
-  forward after it is built, and then after every forward run with autograd on), a
-  collective per call that would also overwrite the running buffers;
+- ``DistributedDataParallel`` broadcasts rank 0's buffers before a forward (the first one
+  after it is built, and every one that follows a forward run with autograd on), a
+  collective inside the call that would also overwrite the running buffers;
 - ``nn.SyncBatchNorm`` in training mode, under an initialized process group, all-gathers
   each batch's statistics (a collective per call) and normalizes with the statistics of
   the global batch; on the CPU it refuses to run at all.

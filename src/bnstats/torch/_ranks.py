@@ -75,6 +75,11 @@ def resolve_group(group: Group) -> Any:
         if not (available and torch.distributed.is_initialized()):
             return None
         group = torch.distributed.group.WORLD
+    elif available and _left_out(group):
+        raise ValueError(
+            "this process is not a member of the process group given as group= (on the "
+            "ranks it leaves out, torch.distributed.new_group returns a placeholder)"
+        )
     elif not available or not isinstance(group, torch.distributed.ProcessGroup):
         raise TypeError(
             "group must be None (the default process group, if initialized), False (no "
@@ -85,6 +90,12 @@ def resolve_group(group: Group) -> Any:
     if torch.distributed.get_rank(group) < 0:
         raise ValueError("this process is not a member of the process group given as group=")
     return group if torch.distributed.get_world_size(group) > 1 else None
+
+
+def _left_out(group: Any) -> bool:
+    """True for what ``new_group`` returns on a rank outside the group (an int marker)."""
+    marker = torch.distributed.GroupMember.NON_GROUP_MEMBER
+    return type(group) is type(marker) and group == marker
 
 
 def global_rank(group: Any, group_rank: int) -> int:
