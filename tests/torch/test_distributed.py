@@ -4,7 +4,7 @@ Two processes (gloo, 127.0.0.1, a free port) are started ONCE for the module and
 scenario of :mod:`tests.torch.distributed_scenarios` in order, saving each rank's results;
 each test below checks one scenario against a single-process reference computed here on
 the concatenated batches (rank 0's, then rank 1's). The pair runs under a hard timeout and
-is killed if it overruns; collectives have timeouts too. A few tests need no group.
+is killed if it overruns; collectives have timeouts too. The example runs under torchrun.
 """
 
 from __future__ import annotations
@@ -20,20 +20,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import bnstats.torch as bt
-from bnstats.torch._local_pass import local_batch_statistics
-from bnstats.torch._ranks import RankError, resolve_group
-from bnstats.torch.distributed import pooled_moments, sync_running_stats
 from tests.torch import distributed_scenarios as sc
 from tests.torch import reference as ref
 from tests.torch import zoo
+from tests.torch.distributed_compare import (
+    RTOL,
+    assert_bit_identical,
+    assert_both_equal_reference,
+    concatenated,
+    max_relative_difference,
+    single_process,
+)
 from tests.torch.extra_models import AuxiliaryHead
 
 ROOT = Path(__file__).resolve().parents[2]
 PAIR_TIMEOUT = 150.0  # seconds for the whole pair; it takes ~15 s on 2 cores
-RTOL = 1e-6
 DEAD_RANK_EXIT_CODE = 3
 
 
@@ -116,53 +119,6 @@ def pair(tmp_path_factory) -> Pair:
     commands = [[*worker, str(rank), "2", port, str(out)] for rank in (0, 1)]
     logs = [out / f"rank{rank}.log" for rank in (0, 1)]
     return Pair(out, _run_bounded(commands, logs, PAIR_TIMEOUT), logs)
-
-
-# -- comparisons --------------------------------------------------------------------------------
-
-
-def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].dtype == b[key].dtype, key
-        assert torch.equal(ref.bits(a[key]), ref.bits(b[key])), key
-
-
-def max_relative_difference(got: dict, expected: dict, integers: bool = True) -> float:
-    """The largest difference between two states' running statistics, relative to their
-    scale: ``|running_mean - expected| / sqrt(expected_var)`` (in standard deviations: a
-    relative error of a mean near 0 says nothing) and ``|running_var - expected| /
-    expected``. Every other tensor must be equal, ``num_batches_tracked`` too unless
-    ``integers=False``."""
-    assert got.keys() == expected.keys()
-    worst = 0.0
-    for key, value in expected.items():
-        if key.endswith("running_mean"):
-            scale = expected[key.replace("running_mean", "running_var")].double().sqrt()
-        elif key.endswith("running_var"):
-            scale = value.double()
-        elif not value.is_floating_point() and not integers:
-            continue
-        else:
-            assert torch.equal(got[key], value), key
-            continue
-        worst = max(worst, float(((got[key].double() - value.double()).abs() / scale).max()))
-    return worst
-
-
-def single_process(model: nn.Module, batches, **kwargs) -> dict[str, torch.Tensor]:
-    bt.recalibrate(model, batches, **kwargs)
-    return ref.snapshot(model)
-
-
-def concatenated(name: str) -> list[torch.Tensor]:
-    return sc.rank_batches(name, 0) + sc.rank_batches(name, 1)
-
-
-def assert_both_equal_reference(results: tuple[dict, dict], expected: dict) -> None:
-    first, second = (r["state"] for r in results)
-    assert_bit_identical(first, second)
-    assert max_relative_difference(first, expected) <= RTOL
 
 
 # -- recalibrate in a group ---------------------------------------------------------------------
@@ -363,60 +319,6 @@ def test_sync_running_stats_pools_by_num_batches_tracked(pair):
 
 def test_sync_running_stats_with_explicit_weights(pair):
     _check_pooled(pair.results("sync_stats_weighted"), lambda bs, layer: [100.0, 300.0])
-
-
-# -- without a group ----------------------------------------------------------------------------
-
-
-def test_without_a_group_every_setting_is_the_single_process_pass():
-    assert resolve_group(None) is None and resolve_group(False) is None
-    data = concatenated("mlp")
-    expected = single_process(zoo.build("mlp"), data)
-    assert_bit_identical(single_process(zoo.build("mlp"), data, group=False), expected)
-    assert_bit_identical(single_process(zoo.build("mlp"), data, group=None), expected)
-    model = zoo.build("mlp")
-    before = ref.snapshot(model)
-    assert sync_running_stats(model) is model and ref.same_state(model, before)
-
-
-@pytest.mark.parametrize("group", ["world", 0, True])
-def test_a_group_that_is_not_a_process_group_raises_type_error(group):
-    with pytest.raises(TypeError, match="group must be None"):
-        bt.recalibrate(zoo.build("mlp"), concatenated("mlp"), group=group)
-
-
-def test_syncbatchnorm_gets_its_forward_back_after_an_error():
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(zoo.build("resnet"))
-    layers = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
-    patched = layers[0].forward = lambda x: x  # an instance attribute set by someone else
-    with pytest.raises(RuntimeError):  # 5 channels where the first convolution takes 3
-        bt.recalibrate(model, [torch.randn(4, 3, 10, 10), torch.randn(4, 5, 10, 10)])
-    assert layers[0].__dict__["forward"] is patched
-    assert all("forward" not in m.__dict__ for m in layers[1:])
-    with local_batch_statistics(model):
-        assert all("forward" in m.__dict__ for m in layers)
-
-
-def test_pooled_moments_is_the_mixture_mean_and_variance(rng):
-    means, variances = rng.normal(size=(3, 4)), rng.uniform(0.5, 2.0, size=(3, 4))
-    weights = [2.0, 0.0, 5.0]
-    triples = zip(weights, means, variances, strict=True)
-    parts = [(w, 0.0, torch.tensor(m), torch.tensor(v)) for w, m, v in triples]
-    mean, var = pooled_moments(parts)
-    # the mixture of N(mean_k, var_k) with probabilities w_k / sum(w): law of total variance
-    p = np.array(weights)[:, None] / sum(weights)
-    mixture_mean = (p * means).sum(0)
-    np.testing.assert_allclose(mean.numpy(), mixture_mean, rtol=1e-14)
-    second_moment = (p * (variances + means**2)).sum(0)
-    np.testing.assert_allclose(var.numpy(), second_moment - mixture_mean**2, rtol=1e-12)
-    equal_mean, _ = pooled_moments([(0.0, *part[1:]) for part in parts])
-    np.testing.assert_allclose(equal_mean.numpy(), means.mean(0), rtol=1e-14)
-
-
-def test_rank_error_names_every_failed_rank():
-    error = RankError.of_ranks({2: "ValueError: bad", 0: "OSError: gone"}, 4, "failed")
-    assert str(error).startswith("ranks 0, 2 of 4 failed, so no rank changed its statistics.")
-    assert "rank 0: OSError: gone; rank 2: ValueError: bad" in str(error)
 
 
 # -- the example --------------------------------------------------------------------------------

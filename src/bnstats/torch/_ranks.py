@@ -203,7 +203,8 @@ def _collective(group: Any, step: str, local_error: Exception | None = None) -> 
         raise RankError(
             f"the process group of {size} ranks failed during bnstats' {step}: a rank died, "
             "or did not reach it within the group's timeout (init_process_group(timeout=...)); "
-            f"this rank changed no statistics{mine}. {_describe(failure)}",
+            f"this rank changed no statistics{mine}. If only some ranks make this call, pass "
+            f"group=False there. {_describe(failure)}",
             {},
             size,
         ) from failure
