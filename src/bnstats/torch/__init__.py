@@ -3,6 +3,8 @@
 - :func:`recalibrate`: exact population statistics for every BN layer, in one pass;
 - :func:`audit`: how far each layer's running statistics are from the truth on some data;
 - :func:`adapt`: test-time adaptation of the statistics to shifted data;
+- :func:`sync_running_stats`: running statistics pooled across torch.distributed ranks
+  (recalibrate, audit and adapt also merge their measurements across ranks);
 - :func:`fold`: a copy of the model with BN folded into neighbouring conv/linear layers;
 - :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d` and :func:`convert`:
   BN layers whose running statistics follow a bnstats estimator;
@@ -15,6 +17,7 @@ buffers all at once or not at all.
 
 from bnstats.torch.adapt import adapt
 from bnstats.torch.audit import AuditReport, LayerAudit, audit
+from bnstats.torch.distributed import RankError, sync_running_stats
 from bnstats.torch.fold import (
     FoldOverflowError,
     FoldReport,
@@ -43,6 +46,7 @@ __all__ = [
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
     "LayerAudit",
+    "RankError",
     "adapt",
     "audit",
     "convert",
@@ -50,4 +54,5 @@ __all__ = [
     "fold_weights",
     "fold_weights_before",
     "recalibrate",
+    "sync_running_stats",
 ]

@@ -168,6 +168,7 @@ def collect_moments(
     forward: Forward | None = None,
     max_samples: int | None = None,
     float64_moments: bool = False,
+    check_coverage: bool = True,
 ) -> Collection:
     """One pass of ``model`` over ``batches``, returning every BN layer's population moments.
 
@@ -177,7 +178,8 @@ def collect_moments(
     batch goes to the model's device. The model is left exactly as found, also on error:
     modes, momenta, running buffers, hooks (see :class:`PreservedState`).
 
-    Raises ``ValueError`` if ``batches`` is empty or a BN layer was never reached.
+    Raises ``ValueError`` if ``batches`` is empty or a BN layer was never reached, unless
+    ``check_coverage=False`` (across ranks, the union of the ranks' passes is checked).
     """
     layers = find_batchnorm_layers(model)
     forward = default_forward if forward is None else forward
@@ -201,7 +203,8 @@ def collect_moments(
                 layer_moments.max_calls_per_forward = max(
                     layer_moments.max_calls_per_forward, layer_moments.calls_this_forward
                 )
-    _check_coverage(moments, sizes)
+    if check_coverage:
+        _check_coverage(moments, sizes)
     return Collection(moments, sizes)
 
 

@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from bnstats._array import widen
+from bnstats.torch._across_ranks import collect_across_ranks
 from bnstats.torch._batchnorm_layers import Forward, display_name
-from bnstats.torch._moments import Collection, LayerMoments, collect_moments
+from bnstats.torch._moments import Collection, LayerMoments
+from bnstats.torch._ranks import Group
 from bnstats.torch.recalibrate import cast_buffer, write_buffers
 
 
@@ -35,6 +37,7 @@ def adapt(
     forward: Forward | None = None,
     max_samples: int | None = None,
     float64_moments: bool = False,
+    group: Group = None,
 ) -> nn.Module:
     """Mix every BN layer's running statistics toward the statistics of ``batches``.
 
@@ -62,23 +65,36 @@ def adapt(
         prior: ``N`` >= 0, the source statistics' worth in samples; 0 adapts fully (the
             same statistics as ``recalibrate`` on ``batches``).
         batch_size: ``n``; default: the largest batch's size.
-        forward, max_samples, float64_moments: as for :func:`~bnstats.torch.recalibrate`.
+        forward, max_samples, float64_moments, group: as for
+            :func:`~bnstats.torch.recalibrate`. In a group the target statistics, and the
+            default ``n`` (the largest batch on any rank), are those of all ranks' batches
+            together; each rank mixes them with its own source statistics.
 
     All or nothing, and the model's modes, momenta and hooks are left as found. Raises
     ``ValueError`` for a negative or non-finite ``prior``, a non-positive ``batch_size``,
     non-finite results (naming the layer), and the errors of ``recalibrate``.
     """
-    prior = _check_prior(prior)
-    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    collected = collect_moments(
-        model, batches, forward=forward, max_samples=max_samples, float64_moments=float64_moments
+    collected = collect_across_ranks(
+        model,
+        batches,
+        group=group,
+        check=lambda _: _check_arguments(prior, batch_size),  # in a group: on every rank
+        forward=forward,
+        max_samples=max_samples,
+        float64_moments=float64_moments,
     )
+    prior = float(prior)
     n = _target_batch_size(collected) if batch_size is None else int(batch_size)
     weights = (prior / (prior + n), n / (prior + n))
     updates = {m.layer: _mixed_buffers(m, *weights) for m in collected.in_forward_order()}
     write_buffers(updates)
     return model
+
+
+def _check_arguments(prior: Any, batch_size: Any) -> None:
+    _check_prior(prior)
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
 
 
 def _check_prior(prior: Any) -> float:

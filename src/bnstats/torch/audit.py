@@ -26,9 +26,11 @@ import numpy as np
 from torch import nn
 
 from bnstats._array import to_numpy
+from bnstats.torch._across_ranks import collect_across_ranks
 from bnstats.torch._audit_table import format_report
 from bnstats.torch._batchnorm_layers import Forward, display_name, is_lazy_uninitialized
-from bnstats.torch._moments import LayerMoments, collect_moments
+from bnstats.torch._moments import LayerMoments
+from bnstats.torch._ranks import Group
 
 NEVER_UPDATED = "never_updated"
 NONFINITE_RUNNING = "nonfinite_running_stats"
@@ -128,7 +130,9 @@ class AuditReport:
         return format_report(self)
 
 
-def audit(model: nn.Module, batches: Any, *, forward: Forward | None = None) -> AuditReport:
+def audit(
+    model: nn.Module, batches: Any, *, forward: Forward | None = None, group: Group = None
+) -> AuditReport:
     """Compare every BN layer's running statistics with the population statistics on ``batches``.
 
     The population ``mu`` and unbiased ``var`` are measured exactly as
@@ -143,21 +147,28 @@ def audit(model: nn.Module, batches: Any, *, forward: Forward | None = None) -> 
     ``called_more_than_once`` (one forward used the module several times: its inputs mix).
     Model flag: ``model_in_training_mode`` (the model, or a BN layer, is in training mode).
 
-    ``batches`` and ``forward`` are as for :func:`~bnstats.torch.recalibrate`. Raises
-    ``ValueError`` for an uninitialized ``LazyBatchNorm*`` (measuring would initialize it).
+    ``batches``, ``forward`` and ``group`` are as for :func:`~bnstats.torch.recalibrate`: in
+    a group the population statistics are those of all ranks' batches together (the same on
+    every rank), compared with each rank's own running statistics. Raises ``ValueError`` for
+    an uninitialized ``LazyBatchNorm*`` (measuring would initialize it).
     """
+    collected = collect_across_ranks(
+        model, batches, group=group, forward=forward, check=_check_initialized
+    )
+    layers = [_audit_layer(moments) for moments in collected.layers.values()]
+    flags = [MODEL_IN_TRAINING_MODE] if _in_training_mode(model) else []
+    sizes = collected.batch_sizes
+    samples = None if any(size is None for size in sizes) else int(sum(sizes))
+    return AuditReport(layers=layers, flags=flags, batches=len(sizes), samples=samples)
+
+
+def _check_initialized(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if is_lazy_uninitialized(module):
             raise ValueError(
                 f"layer {display_name(name)} is an uninitialized {type(module).__name__}: it "
                 "has no running statistics yet; run one forward (or recalibrate) first"
             )
-    collected = collect_moments(model, batches, forward=forward)
-    layers = [_audit_layer(moments) for moments in collected.layers.values()]
-    flags = [MODEL_IN_TRAINING_MODE] if _in_training_mode(model) else []
-    sizes = collected.batch_sizes
-    samples = None if any(size is None for size in sizes) else int(sum(sizes))
-    return AuditReport(layers=layers, flags=flags, batches=len(sizes), samples=samples)
 
 
 def _in_training_mode(model: nn.Module) -> bool:

@@ -14,8 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from bnstats.torch._across_ranks import collect_across_ranks
 from bnstats.torch._batchnorm_layers import Forward, display_name
-from bnstats.torch._moments import Collection, LayerMoments, collect_moments
+from bnstats.torch._moments import Collection, LayerMoments
+from bnstats.torch._ranks import Group
 
 
 def recalibrate(
@@ -25,6 +27,7 @@ def recalibrate(
     max_samples: int | None = None,
     forward: Forward | None = None,
     float64_moments: bool = False,
+    group: Group = None,
 ) -> nn.Module:
     """Set every BN layer's running statistics to the exact population values on ``batches``.
 
@@ -55,22 +58,38 @@ def recalibrate(
         batches: an iterable of batches: tensors, ``(input, target)`` tuples or lists, or
             dicts (see ``forward``). Each batch is moved to the model's device.
         max_samples: stop after this many samples (first dimension); the batch crossing the
-            limit is cut, and no further batch is drawn.
+            limit is cut, and no further batch is drawn. In a group: this rank's samples.
         forward: ``forward(model, batch)`` calls the model on one batch. Default:
             ``model(batch)`` for a tensor, ``model(batch[0])`` for a tuple or list,
             ``model(**batch)`` for a dict.
         float64_moments: take each batch's moments in float64 (slower, exact).
+        group: the torch.distributed ranks whose batches together are the data. ``None``
+            (default): the default process group when torch.distributed is initialized with
+            more than one rank, else this process alone; ``False``: this process alone; or
+            a ``ProcessGroup``. In a group each rank passes ITS batches (any number, zero
+            included, as long as some rank has one) and every rank ends with the same
+            buffers, bit for bit: those of one process recalibrating on all ranks' batches
+            (``count``, ``mean``, ``m2`` merged across ranks in float64, rank order). A model
+            wrapped in ``DistributedDataParallel`` is run through ``model.module``; each
+            ``nn.SyncBatchNorm`` normalizes its local batch during the pass. See
+            ``docs/distributed.md``.
 
     All or nothing: the model's modes, momenta and hooks are left as found, and if anything
     raises, no buffer changes. Raises ``ValueError`` naming the layer for an empty
     ``batches``, a model without BN layers, a layer that no forward reached, an input with
     one value per channel or of the wrong shape; :class:`bnstats.NonFiniteStatisticsError`
-    (a ``ValueError``) for NaN or Inf statistics; ``TypeError`` for unusable arguments.
+    (a ``ValueError``) for NaN or Inf statistics; ``TypeError`` for unusable arguments. In
+    a group, if any rank fails every rank raises :class:`bnstats.torch.distributed.RankError`
+    naming the failed rank(s) and their errors, and no rank writes anything.
     """
-    collected = collect_moments(
-        model, batches, forward=forward, max_samples=max_samples, float64_moments=float64_moments
+    collected = collect_across_ranks(
+        model,
+        batches,
+        group=group,
+        forward=forward,
+        max_samples=max_samples,
+        float64_moments=float64_moments,
     )
-    # A later `group=` argument merges `collected` across torch.distributed ranks here.
     write_buffers(population_buffers(collected))
     return model
 

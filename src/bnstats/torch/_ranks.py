@@ -1,0 +1,210 @@
+"""The process-group plumbing of bnstats' tools: which group, agreeing first, gathering float64.
+
+Every tool that works across ``torch.distributed`` ranks follows one protocol:
+
+1. each rank does its local work (the pass over its own batches) inside
+   :func:`run_and_exchange`, which catches any ``Exception``;
+2. every rank, failed or not, reaches ONE status exchange (``all_gather_object`` of a small
+   record: the error message or a summary of the local result);
+3. if any rank failed, every rank raises the same :class:`RankError`, naming the failed
+   ranks and their messages, before any data collective: nothing is written anywhere;
+4. otherwise the data goes in a single ``all_gather`` of one flat float64 tensor per rank
+   (:func:`all_gather_float64`), and every rank merges the same numbers in rank order.
+
+A rank that dies outright (killed, out of memory) never reaches step 2: the others learn of
+it from the process group, either at once (gloo reports a closed connection) or when the
+group's ``timeout`` (``init_process_group(timeout=...)``) expires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+
+Group = Any
+"""``group=`` of the tools: ``None`` (the default process group when torch.distributed is
+initialized and has more than one rank, else no group), ``False`` (no group: this process's
+data only), or a ``torch.distributed.ProcessGroup``."""
+
+T = TypeVar("T")
+
+_MAX_MESSAGE = 2000
+
+
+class RankError(RuntimeError):
+    """A rank of the process group failed, the ranks disagree, or the group itself failed.
+
+    ``failures`` maps each failed rank (global rank) to its message (empty when the process
+    group failed: a rank died or did not arrive within the group's timeout); ``world_size``
+    is the size of the group. When a rank failed or the ranks disagree, every rank raises
+    this error with the same message, and no rank wrote anything.
+    """
+
+    def __init__(self, message: str, failures: dict[int, str], world_size: int) -> None:
+        super().__init__(message)
+        self.failures = dict(failures)
+        self.world_size = world_size
+
+    @classmethod
+    def of_ranks(cls, failures: dict[int, str], world_size: int, what: str) -> RankError:
+        """The error for ranks that failed (or disagree): ``what`` they did, and why."""
+        ranks = ", ".join(str(rank) for rank in sorted(failures))
+        label = "rank" if len(failures) == 1 else "ranks"
+        details = "; ".join(f"rank {rank}: {failures[rank]}" for rank in sorted(failures))
+        message = (
+            f"{label} {ranks} of {world_size} {what}, so no rank changed its statistics. {details}"
+        )
+        return cls(message, failures, world_size)
+
+
+def resolve_group(group: Group) -> Any:
+    """The process group to merge over, or None to work on this process's data alone.
+
+    ``None``: the default group if torch.distributed is available, initialized and has more
+    than one rank; ``False``: no group; a ``ProcessGroup``: that group (None if it has one
+    rank). Raises ``TypeError`` for anything else and ``ValueError`` for a group this process
+    is not a member of, or a group given while torch.distributed is not initialized.
+    """
+    if group is False:
+        return None
+    available = torch.distributed.is_available()
+    if group is None:
+        if not (available and torch.distributed.is_initialized()):
+            return None
+        group = torch.distributed.group.WORLD
+    elif available and _left_out(group):
+        raise ValueError(
+            "this process is not a member of the process group given as group= (on the "
+            "ranks it leaves out, torch.distributed.new_group returns a placeholder)"
+        )
+    elif not available or not isinstance(group, torch.distributed.ProcessGroup):
+        raise TypeError(
+            "group must be None (the default process group, if initialized), False (no "
+            f"group) or a torch.distributed.ProcessGroup, got {type(group).__name__}"
+        )
+    elif not torch.distributed.is_initialized():
+        raise ValueError("group= was given but torch.distributed is not initialized")
+    if torch.distributed.get_rank(group) < 0:
+        raise ValueError("this process is not a member of the process group given as group=")
+    return group if torch.distributed.get_world_size(group) > 1 else None
+
+
+def _left_out(group: Any) -> bool:
+    """True for what ``new_group`` returns on a rank outside the group (an int marker)."""
+    marker = torch.distributed.GroupMember.NON_GROUP_MEMBER
+    return type(group) is type(marker) and group == marker
+
+
+def global_rank(group: Any, group_rank: int) -> int:
+    """The global rank of ``group``'s rank ``group_rank`` (the same for the default group)."""
+    return torch.distributed.get_global_rank(group, group_rank)
+
+
+def _describe(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+
+
+def run_and_exchange(group: Any, local: Callable[[], tuple[T, Any]]) -> tuple[T, list[Any]]:
+    """Run ``local()`` on this rank, then exchange every rank's outcome; raise if any failed.
+
+    ``local()`` returns ``(result, summary)``; ``summary`` is a small picklable object every
+    rank receives. One ``all_gather_object`` carries ``(error message or None, summary)``
+    from every rank. If any rank failed, every rank raises :class:`RankError` (chained to the
+    local exception on the rank that raised it); otherwise this returns this rank's
+    ``result`` and the list of every rank's ``summary``, in rank order. ``BaseException``s
+    that are not ``Exception``s (``KeyboardInterrupt``) propagate at once; the other ranks
+    then see the process group fail or time out.
+    """
+    error: Exception | None = None
+    result: Any = None
+    summary: Any = None
+    try:
+        result, summary = local()
+    except Exception as caught:
+        error = caught
+    mine = (None if error is None else _describe(error), summary)
+    outcomes: list[Any] = [None] * torch.distributed.get_world_size(group)
+    with _collective(group, "status exchange", error):
+        torch.distributed.all_gather_object(outcomes, mine, group=group)
+    failures = {
+        global_rank(group, rank): message
+        for rank, (message, _) in enumerate(outcomes)
+        if message is not None
+    }
+    if failures:
+        raise RankError.of_ranks(failures, len(outcomes), "failed") from error
+    return result, [summary for _, summary in outcomes]
+
+
+def check_same_layers(group: Any, layouts: list[list[tuple[str, int, str]]]) -> None:
+    """Raise :class:`RankError` on every rank unless all ranks list the same BN layers.
+
+    ``layouts[rank]`` is that rank's ``[(qualified name, num_features, buffer dtype), ...]``
+    in model order; the flat tensors exchanged later are laid out by it.
+    """
+    first = layouts[0]
+    differing = {}
+    for rank, layout in enumerate(layouts[1:], start=1):
+        if layout != first:
+            differing[global_rank(group, rank)] = _first_difference(first, layout)
+    if differing:
+        what = "did not hold the same BN layers as rank 0"
+        raise RankError.of_ranks(differing, len(layouts), what)
+
+
+def layout_of(layers: dict[str, Any]) -> list[tuple[str, int, str]]:
+    """``[(name, num_features, running_mean dtype), ...]`` of BN layers by qualified name."""
+    return [
+        (name, int(layer.num_features), str(layer.running_mean.dtype))
+        for name, layer in layers.items()
+    ]
+
+
+def _first_difference(first: list[tuple[str, int, str]], other: list[tuple[str, int, str]]) -> str:
+    for index, (a, b) in enumerate(zip(first, other, strict=False)):
+        if a != b:
+            return (
+                f"its BN layer {index} is {b[0]!r} ({b[1]} features, {b[2]}) where rank 0's "
+                f"is {a[0]!r} ({a[1]} features, {a[2]})"
+            )
+    return f"it has {len(other)} BN layers where rank 0 has {len(first)}"
+
+
+def collective_device(group: Any) -> torch.device:
+    """Where the group's collectives take tensors: the current CUDA device under NCCL, else
+    the CPU (gloo, and ``"cpu:gloo,cuda:nccl"``, take CPU tensors)."""
+    if str(torch.distributed.get_backend(group)) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_float64(group: Any, flat: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``flat`` (1-D, the same length on every rank), in float64 on the CPU, in
+    rank order: one ``all_gather``."""
+    sent = flat.to(device=collective_device(group), dtype=torch.float64).contiguous()
+    received = [torch.empty_like(sent) for _ in range(torch.distributed.get_world_size(group))]
+    with _collective(group, "exchange of statistics"):
+        torch.distributed.all_gather(received, sent, group=group)
+    return [tensor.cpu() for tensor in received]
+
+
+@contextmanager
+def _collective(group: Any, step: str, local_error: Exception | None = None) -> Iterator[None]:
+    """Turn a failure of the process group itself into a :class:`RankError` saying so."""
+    try:
+        yield
+    except RuntimeError as failure:
+        size = torch.distributed.get_world_size(group)
+        mine = "" if local_error is None else f" (this rank had failed: {_describe(local_error)})"
+        raise RankError(
+            f"the process group of {size} ranks failed during bnstats' {step}: a rank died, "
+            "or did not reach it within the group's timeout (init_process_group(timeout=...)); "
+            f"this rank changed no statistics{mine}. If only some ranks make this call, pass "
+            f"group=False there. {_describe(failure)}",
+            {},
+            size,
+        ) from failure

@@ -1,0 +1,269 @@
+"""What each rank does in the distributed tests, and the data each rank holds.
+
+Every scenario is ``scenario(rank) -> dict`` run by both ranks of a 2-process gloo group
+(:mod:`tests.torch.distributed_worker`); the dicts are saved for the test process, which
+rebuilds the same data (:func:`rank_batches`, ...) to compute single-process references.
+Expected errors are caught here, with a check that the model's state did not change.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import bnstats.torch as bt
+from bnstats.torch.distributed import sync_running_stats
+from tests.torch import reference as ref
+from tests.torch import zoo
+from tests.torch.extra_models import AuxiliaryHead
+from tests.torch.models import mlp
+
+RANK_SIZES = ([5, 2, 8], [3, 6, 2, 4, 7, 3, 5])
+"""Rank 0 holds 3 batches, rank 1 holds 7, of uneven sizes; rank 1 has the largest."""
+
+ADAPT_SIZES = ([4, 5], [9, 3, 6])
+SYNC_STEPS = (3, 5)
+SYNC_SHIFT = 3.0
+GROUP_TIMEOUT_SECONDS = 2.0
+
+
+def rank_batches(model_name: str, rank: int, sizes: list[int] | None = None) -> list[torch.Tensor]:
+    """Rank ``rank``'s batches for a zoo model (different data on each rank)."""
+    return zoo.batches(model_name, sizes=sizes or RANK_SIZES[rank], seed=20 + rank)
+
+
+def aux_batches(rank: int) -> list[tuple[torch.Tensor, bool]]:
+    """``(x, call_aux)``: rank 1's forward also calls the auxiliary head, rank 0's does not."""
+    gen = torch.Generator().manual_seed(40 + rank)
+    return [(torch.randn(n, 5, generator=gen) + rank, rank == 1) for n in RANK_SIZES[rank]]
+
+
+def aux_forward(model: nn.Module, batch: tuple[torch.Tensor, bool]) -> Any:
+    x, call_aux = batch
+    out = model(x)
+    return model.aux(out) if call_aux else out
+
+
+def sync_data(rank: int) -> list[torch.Tensor]:
+    """Rank ``rank``'s training batches for sync_running_stats: means shifted by rank."""
+    gen = torch.Generator().manual_seed(60 + rank)
+    return [torch.randn(8, 16, generator=gen) + SYNC_SHIFT * rank for _ in range(SYNC_STEPS[rank])]
+
+
+def sync_model() -> nn.Module:
+    torch.manual_seed(7)
+    model = mlp()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm1d):
+            module.momentum = None  # cumulative average: num_batches_tracked batches
+    return model
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return ref.snapshot(model)
+
+
+def _expect_error(model: nn.Module, call: Callable[[], Any]) -> dict[str, Any]:
+    """Run ``call``, which must raise; report the error and whether the state is unchanged."""
+    before = ref.snapshot(model)
+    start = time.perf_counter()
+    try:
+        call()
+    except Exception as error:
+        return {
+            "type": type(error).__name__,
+            "message": str(error),
+            "failures": getattr(error, "failures", None),
+            "unchanged": ref.same_state(model, before),
+            "seconds": time.perf_counter() - start,
+        }
+    return {"type": None, "message": "no error", "unchanged": ref.same_state(model, before)}
+
+
+def uneven(model_name: str) -> Callable[[int], dict[str, Any]]:
+    def scenario(rank: int) -> dict[str, Any]:
+        model = zoo.build(model_name)
+        assert bt.recalibrate(model, rank_batches(model_name, rank)) is model
+        return {"state": _state(model)}
+
+    return scenario
+
+
+def empty_rank(empty: int) -> Callable[[int], dict[str, Any]]:
+    def scenario(rank: int) -> dict[str, Any]:
+        model = zoo.build("resnet")
+        bt.recalibrate(model, [] if rank == empty else rank_batches("resnet", rank))
+        return {"state": _state(model)}
+
+    return scenario
+
+
+def all_empty(rank: int) -> dict[str, Any]:
+    model = zoo.build("resnet")
+    return _expect_error(model, lambda: bt.recalibrate(model, iter([])))
+
+
+def unreached_on_one_rank(rank: int) -> dict[str, Any]:
+    torch.manual_seed(3)
+    model = AuxiliaryHead()
+    bt.recalibrate(model, aux_batches(rank), forward=aux_forward)
+    return {"state": _state(model)}
+
+
+def unreached_everywhere(rank: int) -> dict[str, Any]:
+    torch.manual_seed(3)
+    model = AuxiliaryHead()
+    return _expect_error(model, lambda: bt.recalibrate(model, [x for x, _ in aux_batches(rank)]))
+
+
+def nonfinite_on_one_rank(rank: int) -> dict[str, Any]:
+    model = zoo.build("mlp")
+    batches = rank_batches("mlp", rank)
+    if rank == 1:
+        batches[1][0, 0] = float("nan")
+    return _expect_error(model, lambda: bt.recalibrate(model, batches))
+
+
+def subgroup_of_one(rank: int) -> dict[str, Any]:
+    """A group holding rank 0 only: rank 0 works alone, rank 1 is told it is no member."""
+    only_first = dist.new_group([0])
+    model = zoo.build("resnet")
+    if rank == 1:
+        call = lambda: bt.recalibrate(model, rank_batches("resnet", 1), group=only_first)  # noqa: E731
+        return _expect_error(model, call)
+    bt.recalibrate(model, rank_batches("resnet", 0), group=only_first)
+    return {"state": _state(model)}
+
+
+def ddp_wrapped(rank: int) -> dict[str, Any]:
+    """Uneven batches, then rank 1 empty: DDP's forward would broadcast buffers (at least on
+    the first call), a collective that an empty rank never joins."""
+    wrapped = DistributedDataParallel(zoo.build("resnet"))
+    returned = bt.recalibrate(wrapped, rank_batches("resnet", rank))
+    uneven_state = _state(wrapped.module)
+    empty_one = DistributedDataParallel(zoo.build("resnet"))
+    bt.recalibrate(empty_one, [] if rank == 1 else rank_batches("resnet", 0))
+    return {
+        "state": uneven_state,
+        "empty_rank1": _state(empty_one.module),
+        "returned_wrapper": returned is wrapped,
+    }
+
+
+def sync_batchnorm(rank: int) -> dict[str, Any]:
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(zoo.build("resnet"))
+    model.train()
+    bt.recalibrate(model, rank_batches("resnet", rank))
+    layers = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
+    return {
+        "state": _state(model),
+        "sync_layers": len(layers),
+        "forward_restored": all("forward" not in m.__dict__ for m in layers),
+        "modes_kept": all(m.training for m in model.modules()),
+    }
+
+
+def _broken_loader(rank: int) -> Iterator[torch.Tensor]:
+    for index, batch in enumerate(rank_batches("resnet", rank)):
+        if rank == 1 and index == 2:
+            raise RuntimeError("the loader of rank one broke")
+        yield batch
+
+
+def failing_rank(rank: int) -> dict[str, Any]:
+    model = zoo.build("resnet")
+    return _expect_error(model, lambda: bt.recalibrate(model, _broken_loader(rank)))
+
+
+def different_models(rank: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = mlp((16, 32 if rank == 0 else 30, 24, 5))
+    batches = [torch.randn(6, 16) for _ in range(2)]
+    return _expect_error(model, lambda: bt.recalibrate(model, batches))
+
+
+def audit_in_group(rank: int) -> dict[str, Any]:
+    model = zoo.build("resnet")
+    before = ref.snapshot(model)
+    report = bt.audit(model, rank_batches("resnet", rank))
+    return {"report": report.to_dict(per_channel=True), "unchanged": ref.same_state(model, before)}
+
+
+def adapt_in_group(rank: int) -> dict[str, Any]:
+    model = zoo.build("resnet")
+    bt.adapt(model, rank_batches("resnet", rank, ADAPT_SIZES[rank]), prior=16)
+    return {"state": _state(model)}
+
+
+def explicit_group(rank: int) -> dict[str, Any]:
+    both = dist.new_group([0, 1])
+    grouped, alone = zoo.build("resnet"), zoo.build("resnet")
+    bt.recalibrate(grouped, rank_batches("resnet", rank), group=both)
+    bt.recalibrate(alone, rank_batches("resnet", rank), group=False)
+    return {"grouped": _state(grouped), "alone": _state(alone)}
+
+
+def _train_running_stats(model: nn.Module, rank: int) -> None:
+    model.train()
+    with torch.no_grad():
+        for batch in sync_data(rank):
+            model(batch)
+
+
+def sync_stats(rank: int) -> dict[str, Any]:
+    model = sync_model()
+    wrapped = DistributedDataParallel(model)  # broadcasts rank 0's buffers: train after
+    _train_running_stats(model, rank)
+    before = _state(model)
+    assert sync_running_stats(wrapped) is wrapped
+    return {"before": before, "after": _state(model)}
+
+
+def sync_stats_weighted(rank: int) -> dict[str, Any]:
+    model = sync_model()
+    _train_running_stats(model, rank)
+    before = _state(model)
+    sync_running_stats(model, weight=100.0 * (1 + 2 * rank))
+    return {"before": before, "after": _state(model)}
+
+
+def stalled_rank(rank: int) -> dict[str, Any]:
+    """Rank 1 never calls; rank 0 must end with an error from the group's timeout."""
+    short = dist.new_group([0, 1], timeout=timedelta(seconds=GROUP_TIMEOUT_SECONDS))
+    model = zoo.build("resnet")
+    if rank == 1:
+        time.sleep(GROUP_TIMEOUT_SECONDS + 1.5)
+        return {"stalled": True}
+    return _expect_error(
+        model, lambda: bt.recalibrate(model, rank_batches("resnet", 0), group=short)
+    )
+
+
+SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
+    **{f"uneven_{name}": uneven(name) for name in zoo.NAMES},
+    "empty_rank0": empty_rank(0),
+    "empty_rank1": empty_rank(1),
+    "all_empty": all_empty,
+    "unreached_on_one_rank": unreached_on_one_rank,
+    "unreached_everywhere": unreached_everywhere,
+    "nonfinite_on_one_rank": nonfinite_on_one_rank,
+    "subgroup_of_one": subgroup_of_one,
+    "ddp_wrapped": ddp_wrapped,
+    "sync_batchnorm": sync_batchnorm,
+    "failing_rank": failing_rank,
+    "different_models": different_models,
+    "audit_in_group": audit_in_group,
+    "adapt_in_group": adapt_in_group,
+    "explicit_group": explicit_group,
+    "sync_stats": sync_stats,
+    "sync_stats_weighted": sync_stats_weighted,
+    "stalled_rank": stalled_rank,
+}
+"""Run in this order; the worker then runs ``dead_rank`` last (rank 1 exits outright)."""

@@ -1,0 +1,338 @@
+"""Statistics across torch.distributed ranks: exact over the union, identical on every rank.
+
+Two processes (gloo, 127.0.0.1, a free port) are started ONCE for the module and run every
+scenario of :mod:`tests.torch.distributed_scenarios` in order, saving each rank's results;
+each test below checks one scenario against a single-process reference computed here on
+the concatenated batches (rank 0's, then rank 1's). The pair runs under a hard timeout and
+is killed if it overruns; collectives have timeouts too. The example runs under torchrun.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bnstats.torch as bt
+from tests.torch import distributed_scenarios as sc
+from tests.torch import reference as ref
+from tests.torch import zoo
+from tests.torch.distributed_compare import (
+    RTOL,
+    assert_bit_identical,
+    assert_both_equal_reference,
+    concatenated,
+    max_relative_difference,
+    single_process,
+)
+from tests.torch.extra_models import AuxiliaryHead
+
+ROOT = Path(__file__).resolve().parents[2]
+PAIR_TIMEOUT = 150.0  # seconds for the whole pair; it takes ~15 s on 2 cores
+DEAD_RANK_EXIT_CODE = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _child_env() -> dict[str, str]:
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def _run_bounded(commands: list[list[str]], logs: list[Path], timeout: float) -> list[int | None]:
+    """Start ``commands`` together; wait at most ``timeout`` s in all; kill what is left.
+    Return codes (None: killed at the deadline)."""
+    processes = []
+    for command, log in zip(commands, logs, strict=True):
+        with open(log, "wb") as sink:
+            processes.append(
+                subprocess.Popen(
+                    command, cwd=ROOT, env=_child_env(), stdout=sink, stderr=subprocess.STDOUT
+                )
+            )
+    deadline = time.monotonic() + timeout
+    codes: list[int | None] = []
+    try:
+        for process in processes:
+            try:
+                codes.append(process.wait(timeout=max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return codes
+
+
+@dataclass
+class Pair:
+    out: Path
+    codes: list[int | None]
+    logs: list[Path]
+
+    def results(self, name: str) -> tuple[dict, dict]:
+        """Both ranks' results of scenario ``name``; fails the test with the logs if missing."""
+        records = []
+        for rank in (0, 1):
+            path = self.out / f"{name}.rank{rank}.pt"
+            if not path.exists():
+                tails = "\n".join(log.read_text(errors="replace")[-3000:] for log in self.logs)
+                pytest.fail(f"no result for {name} on rank {rank} (codes {self.codes}):\n{tails}")
+            record = torch.load(path, weights_only=False)
+            if record["error"] is not None:
+                pytest.fail(f"scenario {name} raised on rank {rank}:\n{record['error']}")
+            records.append(record["result"])
+        return records[0], records[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """References run single-threaded, as the workers do: torch's float32 kernels (the
+    model's forward, before any statistics) reduce in a thread-count-dependent order, which
+    moves a mean by ~1e-6 of its standard deviation on activations whose mean dwarfs their
+    spread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> Pair:
+    out = tmp_path_factory.mktemp("ranks")
+    port = str(_free_port())
+    worker = [sys.executable, "-m", "tests.torch.distributed_worker"]
+    commands = [[*worker, str(rank), "2", port, str(out)] for rank in (0, 1)]
+    logs = [out / f"rank{rank}.log" for rank in (0, 1)]
+    return Pair(out, _run_bounded(commands, logs, PAIR_TIMEOUT), logs)
+
+
+# -- recalibrate in a group ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", zoo.NAMES)
+def test_uneven_ranks_equal_one_process_on_the_concatenated_batches(pair, name):
+    results = pair.results(f"uneven_{name}")
+    expected = single_process(zoo.build(name), concatenated(name))
+    assert_both_equal_reference(results, expected)
+    tracked = [v for k, v in results[0]["state"].items() if k.endswith("num_batches_tracked")]
+    assert all(int(v) == len(sc.RANK_SIZES[0]) + len(sc.RANK_SIZES[1]) for v in tracked)
+    # the merge is not a no-op: rank 0's data alone gives other statistics
+    alone = single_process(zoo.build(name), sc.rank_batches(name, 0))
+    assert max_relative_difference(results[0]["state"], alone, integers=False) > 1e-3
+
+
+@pytest.mark.parametrize("empty", [0, 1])
+def test_an_empty_rank_is_fine_when_another_has_batches(pair, empty):
+    other = 1 - empty
+    expected = single_process(zoo.build("resnet"), sc.rank_batches("resnet", other))
+    assert_both_equal_reference(pair.results(f"empty_rank{empty}"), expected)
+
+
+def test_all_ranks_empty_fail_everywhere_with_the_same_clear_error(pair):
+    first, second = pair.results("all_empty")
+    assert first["type"] == second["type"] == "ValueError"
+    assert first["message"] == second["message"]
+    assert "no batch on any of the 2 ranks" in first["message"]
+    assert first["unchanged"] and second["unchanged"]
+
+
+def test_a_layer_reached_on_one_rank_only_takes_that_ranks_data(pair):
+    torch.manual_seed(3)
+    model = AuxiliaryHead()
+    batches = sc.aux_batches(0) + sc.aux_batches(1)
+    expected = single_process(model, batches, forward=sc.aux_forward)
+    assert_both_equal_reference(pair.results("unreached_on_one_rank"), expected)
+
+
+def test_a_layer_reached_on_no_rank_fails_everywhere_naming_it(pair):
+    first, second = pair.results("unreached_everywhere")
+    assert first["type"] == second["type"] == "ValueError"
+    assert first["message"] == second["message"]
+    assert "no forward on any of the 2 ranks reached BN layer(s) 'aux.1'" in first["message"]
+    assert first["unchanged"] and second["unchanged"]
+
+
+def test_nan_on_one_rank_fails_everywhere_naming_the_layer(pair):
+    first, second = pair.results("nonfinite_on_one_rank")
+    assert first["type"] == second["type"] == "NonFiniteStatisticsError"
+    assert first["message"] == second["message"] and "BN layer '1'" in first["message"]
+    assert first["unchanged"] and second["unchanged"]
+
+
+def test_a_group_of_one_rank_is_that_rank_alone(pair):
+    path = pair.out / "subgroup_of_one.rank0.pt"
+    first = torch.load(path, weights_only=False)["result"]
+    second = torch.load(path.with_name("subgroup_of_one.rank1.pt"), weights_only=False)["result"]
+    expected = single_process(zoo.build("resnet"), sc.rank_batches("resnet", 0))
+    assert_bit_identical(first["state"], expected)
+    assert second["type"] == "ValueError" and "not a member" in second["message"]
+    assert second["unchanged"]
+
+
+def test_a_ddp_wrapped_model_runs_its_module_and_matches(pair):
+    results = pair.results("ddp_wrapped")
+    assert all(r["returned_wrapper"] for r in results)
+    expected = single_process(zoo.build("resnet"), concatenated("resnet"))
+    assert_both_equal_reference(results, expected)
+    expected = single_process(zoo.build("resnet"), sc.rank_batches("resnet", 0))
+    assert_both_equal_reference([{"state": r["empty_rank1"]} for r in results], expected)
+
+
+def test_syncbatchnorm_normalizes_each_batch_locally_and_is_put_back(pair):
+    results = pair.results("sync_batchnorm")
+    assert all(r["sync_layers"] == 6 and r["forward_restored"] and r["modes_kept"] for r in results)
+    expected = single_process(zoo.build("resnet"), concatenated("resnet"))  # plain BN
+    assert_both_equal_reference(results, expected)
+
+
+def test_explicit_group_and_group_false(pair):
+    first, second = pair.results("explicit_group")
+    expected = single_process(zoo.build("resnet"), concatenated("resnet"))
+    assert_bit_identical(first["grouped"], second["grouped"])
+    assert max_relative_difference(first["grouped"], expected) <= RTOL
+    for rank, result in enumerate((first, second)):  # group=False: each rank's own data
+        own = single_process(zoo.build("resnet"), sc.rank_batches("resnet", rank))
+        assert_bit_identical(result["alone"], own)
+
+
+# -- failures -----------------------------------------------------------------------------------
+
+
+def test_a_failing_rank_makes_every_rank_raise_naming_it(pair):
+    first, second = pair.results("failing_rank")
+    for result in (first, second):
+        assert result["type"] == "RankError"
+        assert result["failures"] == {1: "RuntimeError: the loader of rank one broke"}
+        assert result["message"].startswith("rank 1 of 2 failed")
+        assert result["unchanged"]
+    assert first["message"] == second["message"]
+
+
+def test_ranks_with_different_models_raise_naming_the_rank(pair):
+    first, second = pair.results("different_models")
+    for result in (first, second):
+        assert result["type"] == "RankError" and list(result["failures"]) == [1]
+        assert "30 features" in result["message"] and "32 features" in result["message"]
+        assert result["unchanged"]
+
+
+def test_a_stalled_rank_is_caught_by_the_group_timeout(pair):
+    waiting, _ = pair.results("stalled_rank")
+    assert waiting["type"] == "RankError" and waiting["failures"] == {}
+    assert "timeout" in waiting["message"] and waiting["unchanged"]
+
+
+def test_a_rank_that_dies_ends_the_others_with_an_error(pair):
+    assert pair.codes == [0, DEAD_RANK_EXIT_CODE]
+    path = pair.out / "dead_rank.rank0.pt"
+    assert path.exists(), pair.logs[0].read_text()
+    survivor = torch.load(path, weights_only=False)["result"]
+    assert survivor["type"] == "RankError" and "a rank died" in survivor["message"]
+    assert survivor["unchanged"]
+
+
+# -- audit and adapt in a group -----------------------------------------------------------------
+
+
+def test_audit_in_a_group_measures_all_ranks_data(pair):
+    first, second = pair.results("audit_in_group")
+    assert first["unchanged"] and second["unchanged"]
+    assert first["report"] == second["report"]
+    expected = bt.audit(zoo.build("resnet"), concatenated("resnet")).to_dict(per_channel=True)
+    got = first["report"]
+    assert (got["batches"], got["samples"]) == (expected["batches"], expected["samples"])
+    for layer, truth in zip(got["layers"], expected["layers"], strict=True):
+        assert layer["name"] == truth["name"] and layer["samples"] == truth["samples"]
+        for key in ("population_mean", "population_var", "running_var"):
+            np.testing.assert_allclose(layer[key], truth[key], rtol=1e-12)
+        assert layer["kl"]["mean"] == pytest.approx(truth["kl"]["mean"], rel=1e-9)
+
+
+def test_adapt_in_a_group_mixes_with_the_statistics_of_all_ranks(pair):
+    model = zoo.build("resnet")
+    batches = [x for r in (0, 1) for x in sc.rank_batches("resnet", r, sc.ADAPT_SIZES[r])]
+    bt.adapt(model, batches, prior=16)  # n = 9, the largest batch, held by rank 1
+    assert_both_equal_reference(pair.results("adapt_in_group"), ref.snapshot(model))
+
+
+# -- sync_running_stats -------------------------------------------------------------------------
+
+
+def _layers(state: dict[str, torch.Tensor]) -> list[str]:
+    return [k[: -len(".running_mean")] for k in state if k.endswith(".running_mean")]
+
+
+def _by_hand(befores: list[dict], layer: str, weights: list[float]) -> dict[str, np.ndarray]:
+    means = [b[f"{layer}.running_mean"].double().numpy() for b in befores]
+    variances = [b[f"{layer}.running_var"].double().numpy() for b in befores]
+    w = np.array(weights)[:, None]
+    mean = (w * means).sum(0) / w.sum()
+    within = (w * variances).sum(0) / w.sum()
+    between = (w * (np.array(means) - mean) ** 2).sum(0) / w.sum()
+    timm = np.mean(variances, axis=0)  # distribute_bn(reduce=True): all-reduce average
+    return {"mean": mean, "var": within + between, "between": between, "timm": timm}
+
+
+def _check_pooled(results, weights_of) -> list[float]:
+    befores = [r["before"] for r in results]
+    assert_bit_identical(results[0]["after"], results[1]["after"])
+    after = results[0]["after"]
+    gaps = []
+    for layer in _layers(after):
+        expected = _by_hand(befores, layer, weights_of(befores, layer))
+        got_var = after[f"{layer}.running_var"].double().numpy()
+        np.testing.assert_allclose(after[f"{layer}.running_mean"], expected["mean"], rtol=RTOL)
+        np.testing.assert_allclose(got_var, expected["var"], rtol=RTOL)
+        tracked = max(int(b[f"{layer}.num_batches_tracked"]) for b in befores)
+        assert int(after[f"{layer}.num_batches_tracked"]) == tracked
+        gaps.append(float(np.max(np.abs(got_var - expected["timm"]) / expected["timm"])))
+    return gaps
+
+
+def test_sync_running_stats_pools_by_num_batches_tracked(pair):
+    results = pair.results("sync_stats")
+    befores = [r["before"] for r in results]
+    assert not torch.equal(befores[0]["1.running_mean"], befores[1]["1.running_mean"])
+    gaps = _check_pooled(
+        results, lambda bs, layer: [float(b[f"{layer}.num_batches_tracked"]) for b in bs]
+    )
+    # averaging the variances (timm) drops the spread of the rank means: ranks 3 apart
+    first = _by_hand(befores, "1", [3.0, 5.0])
+    assert np.max(first["between"] / first["var"]) > 0.5
+    assert max(gaps) > 0.5
+
+
+def test_sync_running_stats_with_explicit_weights(pair):
+    _check_pooled(pair.results("sync_stats_weighted"), lambda bs, layer: [100.0, 300.0])
+
+
+# -- the example --------------------------------------------------------------------------------
+
+
+def test_the_example_runs_under_torchrun_and_the_ranks_agree(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this Python")
+    command = [str(torchrun), "--standalone", "--nproc_per_node=2"]
+    command.append(str(ROOT / "examples" / "distributed_recalibrate.py"))
+    log = tmp_path / "example.log"
+    assert _run_bounded([command], [log], timeout=120.0) == [0], log.read_text()
+    lines = [line for line in log.read_text().splitlines() if line.startswith("rank ")]
+    assert len(lines) == 2
+    assert len({line.split("here; ")[1] for line in lines}) == 1  # same buffers, same hash
+    assert "all 2 ranks bit-identical: True" in log.read_text()
