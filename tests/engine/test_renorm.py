@@ -15,23 +15,10 @@ from bnstats.renorm import (
     batch_renorm_forward,
     renorm_correction,
 )
+from tests.gradcheck import numeric_gradient
 
 BN_LIKE = RenormSchedule(rmax=1.0, dmax=0.0)
 WIDE = RenormSchedule.constant(rmax=1e6, dmax=1e6)  # never clips
-
-
-def _central_differences(f, array: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    """d f() / d array, one element at a time, by central differences."""
-    grad = np.zeros_like(array)
-    for index in np.ndindex(array.shape):
-        saved = array[index]
-        array[index] = saved + h
-        plus = f()
-        array[index] = saved - h
-        minus = f()
-        array[index] = saved
-        grad[index] = (plus - minus) / (2 * h)
-    return grad
 
 
 def _warm_layer(rng, schedule, features=4, steps=3, **kwargs) -> BatchRenorm:
@@ -122,9 +109,9 @@ def test_backward_with_r_d_frozen_matches_finite_differences(rng, shape):
 
     _, cache = batch_renorm_forward(z, gamma, beta, r, d)
     dz, dgamma, dbeta = batch_renorm_backward(upstream, cache)
-    np.testing.assert_allclose(dz, _central_differences(objective, z), rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(dgamma, _central_differences(objective, gamma), rtol=1e-6)
-    np.testing.assert_allclose(dbeta, _central_differences(objective, beta), rtol=1e-6)
+    np.testing.assert_allclose(dz, numeric_gradient(objective, z), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dgamma, numeric_gradient(objective, gamma), rtol=1e-6)
+    np.testing.assert_allclose(dbeta, numeric_gradient(objective, beta), rtol=1e-6)
 
 
 def test_layer_backward_is_the_frozen_r_d_gradient(rng):
@@ -140,8 +127,8 @@ def test_layer_backward_is_the_frozen_r_d_gradient(rng):
     def frozen() -> float:
         return float((batch_renorm_forward(z, gamma, beta, r, d)[0] * upstream).sum())
 
-    np.testing.assert_allclose(dz, _central_differences(frozen, z), rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(layer.grads["weight"], _central_differences(frozen, gamma), 1e-6)
+    np.testing.assert_allclose(dz, numeric_gradient(frozen, z), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(layer.grads["weight"], numeric_gradient(frozen, gamma), 1e-6)
 
 
 def _full_forward_differences(layer: BatchRenorm, z: np.ndarray, upstream: np.ndarray):
@@ -151,7 +138,7 @@ def _full_forward_differences(layer: BatchRenorm, z: np.ndarray, upstream: np.nd
     def full() -> float:
         return float((layer.forward(z, training=True, update=[]) * upstream).sum())
 
-    return _central_differences(full, z)
+    return numeric_gradient(full, z)
 
 
 def test_gradient_flows_only_through_the_batch_norm_path(rng):
