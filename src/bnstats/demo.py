@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from bnstats._threads import one_blas_thread
 from bnstats.data import Dataset, load_dataset
 from bnstats.engine import BATCH, Adam, History, Network
 from bnstats.engine.network import NORMS
@@ -182,7 +183,14 @@ def run_demo(
     dataset: Dataset | None = None,
 ) -> DemoResult:
     """Train, recalibrate, and measure test accuracy with every method of :data:`METHODS`
-    (on ``dataset`` if given, else the one ``config.data`` names)."""
+    (on ``dataset`` if given, else the one ``config.data`` names), with one BLAS thread."""
+    with one_blas_thread():
+        return _run_demo(config, progress, dataset)
+
+
+def _run_demo(
+    config: DemoConfig, progress: ProgressCallback | None, dataset: Dataset | None
+) -> DemoResult:
     if dataset is None:
         dataset = load_demo_data(config)
     else:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from bnstats._threads import one_blas_thread
 from bnstats.cli.textplot import line_plot
 from bnstats.demo import (
     DESCRIPTIONS,
@@ -117,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     saved: list[str] = []
     if args.out:
         result.save(args.out)
-        saved = [*SAVED_FILES, *save_report(result, args.out, args.report_layer)]
+        with one_blas_thread():  # the report evaluates the network at many batch sizes
+            saved = [*SAVED_FILES, *save_report(result, args.out, args.report_layer)]
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
