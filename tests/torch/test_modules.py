@@ -236,3 +236,33 @@ def test_convert_leaves_sync_batchnorm_and_refuses_uninitialized_lazy_layers():
         bt.convert(zoo.build("mlp"), bnstats.Population())
     single = bt.convert(nn.BatchNorm1d(3), bnstats.CumulativeAverage())
     assert isinstance(single, bt.BatchNorm1d) and single.momentum is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_statistics_stay_float32_when_the_model_is_cast_to_half(dtype):
+    """pytorch#126525: nn.BatchNorm2d.half() turns a running_var above 65504 into inf."""
+    reference = nn.BatchNorm2d(3)
+    reference.running_var.fill_(1e5)
+    if dtype == torch.float16:
+        assert torch.isinf(copy.deepcopy(reference).half().running_var).all()
+    model = bt.convert(nn.Sequential(reference), bnstats.EMA(0.1))
+    model.to(dtype)
+    bn = model[0]
+    assert bn.running_var.dtype == torch.float32 and bn.weight.dtype == dtype
+    torch.testing.assert_close(bn.running_var, torch.full((3,), 1e5))
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 3, 4, 4, generator=gen) * 300).to(dtype).requires_grad_()
+    twin = bt.BatchNorm2d(3)  # the same layer in float32, for comparison
+    twin.running_var.fill_(1e5)
+    out = model(x)
+    out.backward(torch.randn(out.shape, generator=gen).to(dtype))
+    expected = twin(x.detach().float())
+    assert out.dtype == dtype and x.grad.dtype == dtype and bn.weight.grad.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(bn.running_var, twin.running_var, rtol=1e-3, atol=1e-3)
+    model.eval()
+    assert torch.isfinite(model(x)).all()
+    state = model.state_dict()
+    plain = nn.BatchNorm2d(3)
+    plain.load_state_dict({k.removeprefix("0."): v for k, v in state.items()})
+    assert torch.isfinite(plain.running_var).all()

@@ -30,6 +30,9 @@ from bnstats.stats import EMA, CumulativeAverage, NonFiniteStatisticsError, Runn
 from bnstats.torch._batchnorm_layers import is_lazy_uninitialized
 
 _UNSET: Any = object()
+_STATISTICS = ("running_mean", "running_var")
+_NARROW_DTYPES = (torch.float16, torch.bfloat16)
+
 _HOOK_DICTS = (
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
@@ -155,12 +158,13 @@ class _EstimatorBatchNorm:
             self.num_batches_tracked.add_(1)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         tracked = not self.training or self.track_running_stats
+        weight, bias = self._affine_like_statistics()
         output = F.batch_norm(
             input,
             self.running_mean if tracked else None,
             self.running_var if tracked else None,
-            self.weight,
-            self.bias,
+            weight,
+            bias,
             use_batch_stats,
             w_t,
             self.eps,
@@ -185,6 +189,29 @@ class _EstimatorBatchNorm:
                 "running statistics were left unchanged (estimator nonfinite='skip' ignores "
                 "such batches)"
             )
+
+    # -- float16 / bfloat16: statistics stay in float32 -----------------------------------
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """``.half()``, ``.bfloat16()``, ``.to(dtype)`` and the like, except that
+        ``running_mean`` and ``running_var`` never become float16 or bfloat16: they are kept
+        in float32 (moved to the new device), taken from the values before the cast, so a
+        running_var above 65504 (float16's largest) never turns into inf (pytorch#126525)."""
+        before = {key: self._buffers.get(key) for key in _STATISTICS}
+        result = super()._apply(fn, recurse)  # type: ignore[misc]
+        for key, old in before.items():
+            new = self._buffers.get(key)
+            if old is not None and new is not None and new.dtype in _NARROW_DTYPES:
+                self._buffers[key] = old.detach().to(device=new.device, dtype=torch.float32)
+        return result
+
+    def _affine_like_statistics(self) -> tuple[Any, Any]:
+        """``weight`` and ``bias`` in the running statistics' dtype: torch's CPU kernel takes
+        float16 input with float32 statistics only if the affine parameters are float32 too."""
+        weight, bias = self.weight, self.bias
+        stats = self.running_mean
+        if stats is None or weight is None or weight.dtype == stats.dtype:
+            return weight, bias
+        return weight.to(stats.dtype), None if bias is None else bias.to(stats.dtype)
 
     def extra_repr(self) -> str:
         estimator = self.estimator
