@@ -30,6 +30,12 @@ class Config:
     def quick(self) -> bool:
         return self.name != "full"
 
+    @property
+    def basis(self) -> str:
+        """What times and ratios are measured in: the process's CPU time with one thread
+        (the time the work held the core, not the time it waited for it), else wall-clock."""
+        return "cpu" if self.threads == 1 else "wall"
+
 
 def full_config(repeats: int | None = None, threads: int = 1) -> Config:
     """ResNet-18 widths at 64x64, 32 batches of 32, 5 seeds of 20 epochs, 7 repeats."""

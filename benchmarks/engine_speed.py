@@ -65,8 +65,9 @@ def time_batch(x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, Any]:
         Contender(TORCH64, _torch_steps(x, y, steps, torch.float64)),
         Contender(TORCH32, _torch_steps(x, y, steps, torch.float32)),
     ]
-    timings = alternate(contenders, repeats=config.repeats, warmup=1)
-    out: dict[str, Any] = {"steps_per_block": steps}
+    timings = alternate(contenders, repeats=config.repeats, warmup=1, basis=config.basis)
+    other = timings.other_basis()
+    out: dict[str, Any] = {"steps_per_block": steps, "basis": config.basis}
     for name in (ENGINE, TORCH64, TORCH32):
         low, high = timings.ratio_range(name, ENGINE)
         out[name] = {
@@ -75,7 +76,7 @@ def time_batch(x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, Any]:
             # engine speed / this contender's speed = this contender's time / engine's time
             "engine_speedup": timings.ratio(name, ENGINE),
             "engine_speedup_range": [low, high],
-            "engine_speedup_cpu": timings.cpu_ratio(name, ENGINE),
+            f"engine_speedup_{other}": timings.ratio(name, ENGINE, other),
         }
     return out
 
@@ -85,9 +86,10 @@ def run(config: Config) -> Result:
 
     digits = load_digits(seed=0)
     data: dict[str, Any] = {}
+    other = "wall" if config.basis == "cpu" else "cpu"
     table = Table(
         "Training examples per second (median) and the engine's speed relative to each",
-        ["batch", "implementation", "examples/s", "engine speed / this", "range", "(CPU time)"],
+        ["batch", "implementation", "examples/s", "engine speed / this", "range", f"({other})"],
     )
     for batch in BATCH_SIZES:
         x, y = digits.X_train[:batch], digits.y_train[:batch]
@@ -102,12 +104,17 @@ def run(config: Config) -> Result:
                 m["examples_per_s"],
                 m["engine_speedup"],
                 f"{low:.3f}-{high:.3f}",
-                m["engine_speedup_cpu"],
+                m[f"engine_speedup_{other}"],
             )
     return Result(
         key="d",
         title="NumPy engine vs PyTorch CPU, MLP on digits",
-        settings={"mlp": list(SIZES), "optimizer": "Adam(1e-3)", "repeats": config.repeats},
+        settings={
+            "mlp": list(SIZES),
+            "optimizer": "Adam(1e-3)",
+            "repeats": config.repeats,
+            "times": f"{config.basis}, {config.threads} thread(s)",
+        },
         data=data,
         tables=[table],
         goals=[

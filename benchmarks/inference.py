@@ -57,8 +57,9 @@ def time_batch(models: dict[str, nn.Module], x: torch.Tensor, config: Config) ->
     pilot = time_block(Contender("pilot", _repeated_calls(models["eval"], x, 2)), 1) / 2
     calls = calls_for(pilot, 1.0 * config.budget, at_least=2)
     contenders = [Contender(name, _repeated_calls(m, x, calls)) for name, m in models.items()]
-    timings = alternate(contenders, repeats=config.repeats, warmup=1)
-    out: dict[str, Any] = {"calls_per_block": calls}
+    timings = alternate(contenders, repeats=config.repeats, warmup=1, basis=config.basis)
+    other = timings.other_basis()
+    out: dict[str, Any] = {"calls_per_block": calls, "basis": config.basis}
     for name in models:
         low, high = timings.ratio_range(name, "eval")
         out[name] = {
@@ -66,7 +67,7 @@ def time_batch(models: dict[str, nn.Module], x: torch.Tensor, config: Config) ->
             "x_eval": timings.ratio(name, "eval"),
             "x_eval_range": [low, high],
             "x_no_bn": timings.ratio(name, "no BN"),
-            "x_eval_cpu": timings.cpu_ratio(name, "eval"),
+            f"x_eval_{other}": timings.ratio(name, "eval", other),
         }
     return out
 
@@ -90,9 +91,10 @@ def run(config: Config) -> Result:
         "bn_layers_left": {name: count_batchnorm(m) for name, m in models.items()},
         "output_rel_diff": output_differences(models, size),
     }
+    other = "wall" if config.basis == "cpu" else "cpu"
     table = Table(
         "Latency per call (median) and ratios; torch.inference_mode",
-        ["batch", "model", "BN left", "median ms", "x eval", "range", "(CPU time)", "x no BN"],
+        ["batch", "model", "BN left", "median ms", "x eval", "range", f"({other})", "x no BN"],
     )
     for batch in BATCH_SIZES:
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
@@ -108,7 +110,7 @@ def run(config: Config) -> Result:
                 1e3 * m["median_s"],
                 m["x_eval"],
                 f"{low:.3f}-{high:.3f}",
-                m["x_eval_cpu"],
+                m[f"x_eval_{other}"],
                 m["x_no_bn"],
             )
     goals = []
@@ -124,6 +126,7 @@ def run(config: Config) -> Result:
             "model": f"ResNet18Shaped{tuple(config.resnet_widths)}",
             "input": f"3x{size}x{size}",
             "repeats": config.repeats,
+            "times": f"{config.basis}, {config.threads} thread(s)",
         },
         data=data,
         tables=[table],

@@ -66,7 +66,9 @@ def run(config: Config) -> Result:
     n_batches, batch_size = config.recalibration_batches
     batches = image_batches(n_batches, batch_size, config.image_size)
     last: dict[str, nn.Module] = {}
-    timings = alternate(_contenders(model, batches, last), repeats=config.repeats, warmup=1)
+    contenders = _contenders(model, batches, last)
+    timings = alternate(contenders, repeats=config.repeats, warmup=1, basis=config.basis)
+    other = timings.other_basis()
     truth64 = float64_model_statistics(model, batches)
     truth32 = population_statistics(model, batches)
     summary = timings.summary(REFERENCE)
@@ -78,7 +80,7 @@ def run(config: Config) -> Result:
             "median s",
             "x update_bn",
             "ratio range",
-            "(CPU time)",
+            f"({other})",
             "var rel err (f64 model)",
             "mean err/std (f64 model)",
             "var rel err (f32 acts)",
@@ -92,7 +94,7 @@ def run(config: Config) -> Result:
             numbers["median_s"],
             numbers["ratio"],
             f"{numbers['ratio_min']:.3f}-{numbers['ratio_max']:.3f}",
-            numbers["cpu_ratio"],
+            numbers[f"{other}_ratio"],
             vs64["var_rel"],
             vs64["mean_std"],
             vs32["var_rel"],
@@ -106,6 +108,7 @@ def run(config: Config) -> Result:
             "batches": f"{n_batches} x {batch_size} x 3x{config.image_size}x{config.image_size}",
             "repeats": config.repeats,
             "autograd": "off (all)",
+            "times": f"{config.basis}, {config.threads} thread(s)",
         },
         data=data,
         tables=[table],

@@ -5,7 +5,8 @@ for a minute and then contender B would compare the machine at two moments, so
 :func:`alternate` runs every contender once per repeat, in an order that rotates from one
 repeat to the next, and keeps one time per contender and repeat. A ratio is the median
 over repeats of the *paired* ratios ``time_A / time_B`` measured in the same repeat, which
-cancels slow drifts of the load; medians resist the odd interrupted repeat.
+cancels slow drifts of the load; medians resist the odd interrupted repeat. Both the
+wall-clock time and the process's CPU time are kept for every block.
 """
 
 from __future__ import annotations
@@ -28,53 +29,72 @@ class Contender:
     prepare: Callable[[], Any] = field(default=lambda: None)
 
 
+BASES = ("wall", "cpu")
+
+
 @dataclass
 class Timings:
     """Seconds per call of every contender, one value per repeat, in repeat order: wall-clock
-    ``seconds`` and the process's CPU time ``cpu_seconds`` (a cross-check: with one thread it
-    leaves out the time the process waited for a core)."""
+    ``seconds`` and the process's CPU time ``cpu_seconds``.
+
+    ``basis`` says which of the two the medians and ratios use by default. With one thread
+    the CPU time is the time the work held a core, without the time it waited for one while
+    other work ran: on a shared machine the steadier measure of what a call costs.
+    """
 
     seconds: dict[str, list[float]]
     cpu_seconds: dict[str, list[float]] = field(default_factory=dict)
+    basis: str = "wall"
 
-    def median(self, name: str) -> float:
+    def times(self, name: str, basis: str | None = None) -> list[float]:
+        """Seconds per call of ``name``, one per repeat, on ``basis`` (default: ``self.basis``)."""
+        basis = basis or self.basis
+        if basis not in BASES:
+            raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+        return (self.cpu_seconds if basis == "cpu" else self.seconds)[name]
+
+    def median(self, name: str, basis: str | None = None) -> float:
         """Median seconds per call of ``name`` over the repeats."""
-        return statistics.median(self.seconds[name])
+        return statistics.median(self.times(name, basis))
 
-    def paired_ratios(self, name: str, reference: str) -> list[float]:
+    def paired_ratios(self, name: str, reference: str, basis: str | None = None) -> list[float]:
         """``time(name) / time(reference)`` within each repeat."""
-        return [a / b for a, b in zip(self.seconds[name], self.seconds[reference], strict=True)]
+        pairs = zip(self.times(name, basis), self.times(reference, basis), strict=True)
+        return [a / b if b > 0 else float("nan") for a, b in pairs]
 
-    def ratio(self, name: str, reference: str) -> float:
+    def ratio(self, name: str, reference: str, basis: str | None = None) -> float:
         """Median over repeats of the paired ratios ``time(name) / time(reference)``."""
-        return statistics.median(self.paired_ratios(name, reference))
+        return statistics.median(self.paired_ratios(name, reference, basis))
 
-    def ratio_range(self, name: str, reference: str) -> tuple[float, float]:
+    def ratio_range(
+        self, name: str, reference: str, basis: str | None = None
+    ) -> tuple[float, float]:
         """Smallest and largest paired ratio: how much the repeats disagree."""
-        ratios = self.paired_ratios(name, reference)
+        ratios = self.paired_ratios(name, reference, basis)
         return min(ratios), max(ratios)
 
-    def cpu_ratio(self, name: str, reference: str) -> float:
-        """As :meth:`ratio`, on CPU time (nan if it was not recorded)."""
-        if not self.cpu_seconds:
-            return float("nan")
-        pairs = zip(self.cpu_seconds[name], self.cpu_seconds[reference], strict=True)
-        return statistics.median(a / b if b > 0 else float("nan") for a, b in pairs)
+    def other_basis(self) -> str:
+        return "wall" if self.basis == "cpu" else "cpu"
 
-    def summary(self, reference: str) -> dict[str, dict[str, float]]:
-        """Per contender: median seconds, ratio to ``reference``, its range, the CPU-time
-        ratio."""
-        out = {}
+    def summary(self, reference: str) -> dict[str, dict[str, float | str]]:
+        """Per contender: median seconds, ratio to ``reference`` and its range on ``basis``,
+        and the median and ratio on the other basis."""
+        other = self.other_basis()
+        recorded = bool(self.cpu_seconds if other == "cpu" else self.seconds)
+        out: dict[str, dict[str, float | str]] = {}
         for name in self.seconds:
             low, high = self.ratio_range(name, reference)
             out[name] = {
+                "basis": self.basis,
                 "median_s": self.median(name),
                 "ratio": self.ratio(name, reference),
                 "ratio_min": low,
                 "ratio_max": high,
-                "cpu_ratio": self.cpu_ratio(name, reference),
                 "repeats": len(self.seconds[name]),
             }
+            if recorded:
+                out[name][f"{other}_median_s"] = self.median(name, other)
+                out[name][f"{other}_ratio"] = self.ratio(name, reference, other)
         return out
 
 
@@ -107,14 +127,21 @@ def time_block_both(contender: Contender, number: int) -> tuple[float, float]:
 
 
 def alternate(
-    contenders: Sequence[Contender], repeats: int, number: int = 1, warmup: int = 1
+    contenders: Sequence[Contender],
+    repeats: int,
+    number: int = 1,
+    warmup: int = 1,
+    basis: str = "wall",
 ) -> Timings:
     """Time every contender once per repeat, rotating the order, ``number`` calls per block.
 
     ``warmup`` untimed blocks per contender come first (allocator, lazy initialisation,
-    caches). Returns seconds per call, one value per contender and repeat.
+    caches). Returns seconds per call, one value per contender and repeat, wall-clock and
+    CPU; ``basis`` picks the one its medians and ratios use.
     """
     names = [c.name for c in contenders]
+    if basis not in BASES:
+        raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
     if len(set(names)) != len(names):
         raise ValueError(f"contender names must be unique, got {names}")
     if repeats < 1 or number < 1 or warmup < 0:
@@ -131,7 +158,7 @@ def alternate(
             wall, cpu = time_block_both(contender, number)
             seconds[contender.name].append(wall)
             cpu_seconds[contender.name].append(cpu)
-    return Timings(seconds, cpu_seconds)
+    return Timings(seconds, cpu_seconds, basis)
 
 
 def calls_for(

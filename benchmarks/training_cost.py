@@ -69,11 +69,12 @@ def run(config: Config) -> Result:
     pilot = time_block(Contender("pilot", _steps(copy.deepcopy(models[REFERENCE]), x, y, 1)), 1)
     steps = calls_for(pilot, 2.0 * config.budget, at_least=1)
     contenders = [Contender(name, _steps(m, x, y, steps)) for name, m in models.items()]
-    timings = alternate(contenders, repeats=config.repeats, warmup=1)
+    timings = alternate(contenders, repeats=config.repeats, warmup=1, basis=config.basis)
     summary = timings.summary(REFERENCE)
+    other = timings.other_basis()
     table = Table(
         "Training step (forward + backward + SGD step), median per step",
-        ["BN layers", "median ms", f"x {REFERENCE}", "ratio range", "(CPU time)"],
+        ["BN layers", "median ms", f"x {REFERENCE}", "ratio range", f"({other})"],
     )
     for name, numbers in summary.items():
         numbers["median_s"] /= steps
@@ -82,7 +83,7 @@ def run(config: Config) -> Result:
             1e3 * numbers["median_s"],
             numbers["ratio"],
             f"{numbers['ratio_min']:.3f}-{numbers['ratio_max']:.3f}",
-            numbers["cpu_ratio"],
+            numbers[f"{other}_ratio"],
         )
     check = summary["bt EMA(0.1)"]["ratio"] - summary["bt EMA(0.1), check off"]["ratio"]
     return Result(
@@ -92,6 +93,7 @@ def run(config: Config) -> Result:
             "model": f"ResNet18Shaped{tuple(config.resnet_widths)}",
             "batch": f"32 x 3x{size}x{size}",
             "steps_per_block": steps,
+            "times": f"{config.basis}, {config.threads} thread(s)",
             "repeats": config.repeats,
         },
         data={"timings": summary, "nonfinite_check_cost": check},

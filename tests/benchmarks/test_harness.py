@@ -42,6 +42,20 @@ def test_medians_and_paired_ratios():
     assert summary["ref"]["ratio"] == 1.0 and summary["x"]["median_s"] == 2.0
 
 
+def test_the_basis_chooses_wall_clock_or_cpu_time():
+    timings = Timings(
+        {"x": [2.0, 2.0, 2.0], "ref": [1.0, 1.0, 1.0]},
+        cpu_seconds={"x": [1.0, 1.5, 1.0], "ref": [1.0, 1.0, 1.0]},
+        basis="cpu",
+    )
+    assert timings.ratio("x", "ref") == 1.0 and timings.ratio("x", "ref", "wall") == 2.0
+    summary = timings.summary("ref")["x"]
+    assert summary["basis"] == "cpu" and summary["wall_ratio"] == 2.0
+    assert summary["ratio_max"] == 1.5
+    with pytest.raises(ValueError, match="basis"):
+        timings.median("x", "gpu")
+
+
 def test_helpers_and_argument_checks():
     assert rotated([1, 2, 3], 4) == [2, 3, 1]
     assert calls_for(0.1, 1.0) == 10 and calls_for(10.0, 1.0, at_least=2) == 2
