@@ -8,8 +8,9 @@ in float32 or wider, in one of two ways:
   of the buffers' dtype: during the pass the layer's ``momentum`` is 1, so the kernel that
   normalizes the batch also writes the batch's ``mean`` and unbiased variance
   ``var_unbiased = m2_batch / (count - 1)`` into ``running_mean``/``running_var``
-  (``1 * batch + 0 * old``, exactly); a forward hook reads them. No extra pass over the
-  activations: the pass costs what ``update_bn``'s does.
+  (``1 * batch + 0 * old``, exactly); the forward pre-hook reads them at the layer's next
+  call (or at the end of the pass). No extra pass over the activations: the pass costs
+  what ``update_bn``'s does.
 - any other layer (``SyncBatchNorm``, bnstats' own modules, float16/bfloat16 input) and
   ``float64_moments=True``: a forward pre-hook takes the batch's mean and biased variance
   with ``torch.batch_norm_update_stats`` (``torch.var_mean`` in float64 with
@@ -86,18 +87,15 @@ class LayerMoments:
     max_calls_per_forward: int = 0
     first_reached: int | None = None
     calls_this_forward: int = field(default=0, repr=False)
-    _pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = field(
-        default_factory=list, repr=False
-    )
+    _pending: list[tuple[int, torch.Tensor, int]] = field(default_factory=list, repr=False)
     _awaiting: int | None = field(default=None, repr=False)
 
-    def add_batch(
-        self, count: int, mean: torch.Tensor, var: torch.Tensor, unbiased: bool = False
-    ) -> None:
-        """Gather one batch: ``count`` values per channel with this ``mean`` and ``var``
-        (biased, or unbiased with ``unbiased=True``); merged in by :meth:`flush`."""
+    def add_batch(self, count: int, mean_var: torch.Tensor, unbiased: bool = False) -> None:
+        """Gather one batch: ``count`` values per channel, ``mean_var`` = its per-channel
+        ``mean`` and variance stacked (2, C), any float dtype; the variance is biased, or
+        unbiased with ``unbiased=True``. Merged in by :meth:`flush`."""
         factor = count - 1 if unbiased else count  # m2 = var * factor
-        self._pending.append((count, mean, var, float(factor)))
+        self._pending.append((count, mean_var, factor))
         if len(self._pending) >= _GROUP:
             self.flush()
 
@@ -106,14 +104,17 @@ class LayerMoments:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        means = torch.stack([widen(mean) for _, mean, _, _ in pending])
-        m2s = torch.stack([widen(var) for _, _, var, _ in pending])
-        counts = means.new_tensor([count for count, _, _, _ in pending]).unsqueeze(1)
-        m2s = m2s * means.new_tensor([factor for _, _, _, factor in pending]).unsqueeze(1)
-        total = sum(count for count, _, _, _ in pending)
+        parts = [mean_var for _, mean_var, _ in pending]
+        if len({part.dtype for part in parts}) > 1:
+            parts = [widen(part) for part in parts]
+        stacked = widen(torch.stack(parts))  # (batches, 2, C)
+        means = stacked[:, 0]
+        counts = means.new_tensor([count for count, _, _ in pending]).unsqueeze(1)
+        factors = means.new_tensor([factor for _, _, factor in pending]).unsqueeze(1)
+        total = sum(count for count, _, _ in pending)
         mean = (counts * means).sum(dim=0) / total
         deviation = means - mean
-        m2 = m2s.sum(dim=0) + (counts * deviation * deviation).sum(dim=0)
+        m2 = (stacked[:, 1] * factors).sum(dim=0) + (counts * deviation * deviation).sum(dim=0)
         self.merge(total, mean, m2, batches=len(pending))
 
     def merge(self, count: float, mean: torch.Tensor, m2: torch.Tensor, batches: int = 1) -> None:
@@ -214,43 +215,35 @@ def kernel_writes_moments(layer: _BatchNorm) -> bool:
     return forward is _BatchNorm.forward or forward is _EstimatorBatchNorm.forward
 
 
-def _snapshot(buffer: torch.Tensor) -> torch.Tensor:
-    """A widened copy of ``buffer`` that later writes to the buffer leave alone."""
-    wide = widen(buffer.detach())
-    return wide.clone() if wide.data_ptr() == buffer.data_ptr() else wide
+def _take_kernel_moments(moments: LayerMoments) -> None:
+    """Gather the mean and unbiased variance the kernel wrote at the layer's last call."""
+    count, moments._awaiting = moments._awaiting, None
+    layer = moments.layer
+    # one copy of both buffers, which the next call overwrites; widened in flush
+    moments.add_batch(count, torch.stack((layer.running_mean, layer.running_var)), unbiased=True)
 
 
 def _statistics_hook(
     moments: LayerMoments, state: PreservedState, order: list[int], kernel: bool, float64: bool
 ) -> Any:
-    """The pre-hook: check the input, then either leave the moments to the kernel (read by
-    :func:`_buffers_hook`) or take them here."""
+    """The pre-hook: gather what the kernel wrote at the layer's previous call (still in its
+    buffers: one hook per layer, not two), check the input, then either leave this call's
+    moments to the kernel or take them here."""
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if moments._awaiting is not None:
+            _take_kernel_moments(moments)
         state.record_buffers(moments.name)  # a LazyBatchNorm is initialized by now
         x = args[0] if args else kwargs.get("input")
         count = check_layer_input(moments.name, moments.layer, x)
         if kernel and x.dtype == module.running_var.dtype:
             moments._awaiting = count
         else:
-            mean, var = batch_moments(x.detach(), float64)
-            moments.add_batch(count, mean, var)
+            moments.add_batch(count, torch.stack(batch_moments(x.detach(), float64)))
         moments.calls_this_forward += 1
         if moments.first_reached is None:
             order[0] += 1
             moments.first_reached = order[0]
-
-    return hook
-
-
-def _buffers_hook(moments: LayerMoments) -> Any:
-    """The forward hook: read the batch's mean and unbiased variance the kernel just wrote."""
-
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        count, moments._awaiting = moments._awaiting, None
-        if count is not None:
-            mean, var = _snapshot(module.running_mean), _snapshot(module.running_var)
-            moments.add_batch(count, mean, var, unbiased=True)
 
     return hook
 
@@ -323,8 +316,6 @@ def collect_moments(
         for name, layer in layers.items():
             hook = _statistics_hook(moments[name], state, order, name in kernel, float64_moments)
             state.add_hook(layer.register_forward_pre_hook(hook, with_kwargs=True))
-            if name in kernel:
-                state.add_hook(layer.register_forward_hook(_buffers_hook(moments[name])))
         for batch, size in iterate_batches(batches, max_samples):
             for layer_moments in moments.values():
                 layer_moments.calls_this_forward = 0
@@ -335,6 +326,8 @@ def collect_moments(
                     layer_moments.max_calls_per_forward, layer_moments.calls_this_forward
                 )
         for layer_moments in moments.values():
+            if layer_moments._awaiting is not None:
+                _take_kernel_moments(layer_moments)
             layer_moments.flush()
     _check_coverage(moments, sizes)
     return Collection(moments, sizes)
