@@ -38,6 +38,7 @@ def estimator_templates() -> dict[str, Any]:
         "EMA(0.1)": bnstats.EMA(0.1),
         "EMA(0.01)": bnstats.EMA(0.01),
         "EMA(0.1, debias)": bnstats.EMA(0.1, debias=True),
+        "EMA(0.01, debias)": bnstats.EMA(0.01, debias=True),
         "cumulative": bnstats.CumulativeAverage(),
     }
 

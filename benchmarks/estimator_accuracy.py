@@ -1,7 +1,8 @@
 """e) Statistical accuracy of the test-time estimators, on digits (engine MLP, torch CNN).
 
-Each model is trained once per seed with EMA(0.1), EMA(0.01), EMA(0.1, debias=True) and the
-cumulative average fed side by side (see :mod:`benchmarks.digits_training`); then the
+Each model is trained once per seed with EMA(0.1), EMA(0.01), EMA(0.1, debias=True),
+EMA(0.01, debias=True) (a row beyond the goals: it separates the EMA's start bias from its
+lag) and the cumulative average fed side by side (see :mod:`benchmarks.digits_training`); then the
 population statistics are computed with the weights frozen (``Network.recalibrate``,
 ``bt.recalibrate`` on the training set in batches of 64). Test accuracy is measured with
 each estimate in turn, and each estimate's error against the population statistics per
