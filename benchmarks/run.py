@@ -107,6 +107,8 @@ def report_object(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     pin_threads(args.threads)
+    here = Path(__file__).resolve().parent  # as a script, benchmarks/ itself is on the path,
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]  # shadowing names
     for path in (ROOT / "src", ROOT):  # measure this checkout's bnstats
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
