@@ -17,7 +17,7 @@ class Config:
     """
 
     name: str = "full"
-    repeats: int = 7
+    repeats: int = 9
     threads: int = 1
     resnet_widths: tuple[int, ...] = RESNET18_WIDTHS
     image_size: int = 64
@@ -38,8 +38,8 @@ class Config:
 
 
 def full_config(repeats: int | None = None, threads: int = 1) -> Config:
-    """ResNet-18 widths at 64x64, 32 batches of 32, 5 seeds of 20 epochs, 7 repeats."""
-    return Config(repeats=repeats or 7, threads=threads)
+    """ResNet-18 widths at 64x64, 32 batches of 32, 5 seeds of 20 epochs, 9 repeats."""
+    return Config(repeats=repeats or 9, threads=threads)
 
 
 def quick_config(repeats: int | None = None, threads: int = 1) -> Config:

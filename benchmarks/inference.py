@@ -10,8 +10,8 @@ One ResNet-18-shaped model in eval mode (BN statistics randomized as after train
   weights: the same function with no trace of BN, the limit.
 
 Latency per call under ``torch.inference_mode()`` at batch 1 and 32, many calls per timed
-block, the four alternating over the repeats. The folded models' and the no-BN model's
-outputs are checked against ``eval``'s.
+block (about half a second), the four alternating over twice the configured repeats. The
+folded models' and the no-BN model's outputs are checked against ``eval``'s.
 """
 
 from __future__ import annotations
@@ -55,9 +55,10 @@ def _repeated_calls(model: nn.Module, x: torch.Tensor, calls: int) -> Any:
 def time_batch(models: dict[str, nn.Module], x: torch.Tensor, config: Config) -> dict[str, Any]:
     """Seconds per call of every model on ``x``, alternating; ratios to ``eval`` and ``no BN``."""
     pilot = time_block(Contender("pilot", _repeated_calls(models["eval"], x, 2)), 1) / 2
-    calls = calls_for(pilot, 1.0 * config.budget, at_least=2)
+    calls = calls_for(pilot, 0.5 * config.budget, at_least=2)
     contenders = [Contender(name, _repeated_calls(m, x, calls)) for name, m in models.items()]
-    timings = alternate(contenders, repeats=config.repeats, warmup=1, basis=config.basis)
+    repeats = 2 * config.repeats  # short blocks, many pairs: a burst of load hits few of them
+    timings = alternate(contenders, repeats=repeats, warmup=1, basis=config.basis)
     other = timings.other_basis()
     out: dict[str, Any] = {"calls_per_block": calls, "basis": config.basis}
     for name in models:
@@ -125,7 +126,7 @@ def run(config: Config) -> Result:
         settings={
             "model": f"ResNet18Shaped{tuple(config.resnet_widths)}",
             "input": f"3x{size}x{size}",
-            "repeats": config.repeats,
+            "repeats": 2 * config.repeats,
             "times": f"{config.basis}, {config.threads} thread(s)",
         },
         data=data,

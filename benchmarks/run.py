@@ -2,7 +2,7 @@
 
     python benchmarks/run.py                 # the full run (benchmarks/results.md)
     python benchmarks/run.py --quick         # smaller models and fewer repeats (CI)
-    python benchmarks/run.py --only a,b --repeats 9
+    python benchmarks/run.py --only a,b --repeats 11
     python benchmarks/run.py --json          # one JSON object on stdout
 
 Comparisons: a) recalibration, b) inference, c) training cost, d) NumPy engine vs torch,
