@@ -75,6 +75,10 @@ class _EstimatorBatchNorm:
     _dims: tuple[int, ...] = ()
     _layout = ""
     estimator: RunningAverage
+    _moments_from_kernel = False
+    """Set on a layer while bnstats' own one-pass tools (recalibrate, audit, adapt) read each
+    batch's moments from its buffers: the update weight is 1 and the non-finite check is left
+    to the tool (see :mod:`bnstats.torch._moments`)."""
 
     def __init__(
         self,
@@ -152,7 +156,10 @@ class _EstimatorBatchNorm:
         self._check_input_dim(input)
         updating = self.training and self.track_running_stats
         w_t, before = 0.0, None
-        if updating:
+        if updating and self._moments_from_kernel:
+            w_t = 1.0
+            self.num_batches_tracked.add_(1)
+        elif updating:
             w_t = self._update_weight()
             before = (self.running_mean.clone(), self.running_var.clone())
             self.num_batches_tracked.add_(1)

@@ -1,0 +1,122 @@
+"""How the one-pass tools take each batch's moments: from the BN kernel's own buffer update
+(momentum 1) where the layer allows it, else from torch.batch_norm_update_stats."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bnstats
+import bnstats.torch as bt
+from bnstats.torch._moments import collect_moments, kernel_writes_moments
+from tests.torch import reference as ref
+from tests.torch import zoo
+from tests.torch.models import mlp, scramble_batchnorm
+
+
+def _population_errors(model, seen):
+    got = ref.buffers(model)
+    worst = 0.0
+    for name, per_batch in seen.items():
+        mu, var = ref.population(per_batch)
+        worst = max(worst, np.max(np.abs(got[name]["var"] - var) / var))
+        worst = max(worst, np.max(np.abs(got[name]["mean"] - mu) / np.sqrt(var)))
+    return worst
+
+
+def test_which_layers_hand_their_moments_over_from_the_kernel():
+    assert kernel_writes_moments(nn.BatchNorm2d(3))
+    assert kernel_writes_moments(nn.SyncBatchNorm(3))  # no process group: torch's kernel
+    assert kernel_writes_moments(bt.BatchNorm1d(3, estimator=bnstats.CumulativeAverage()))
+    assert not kernel_writes_moments(nn.BatchNorm1d(3).half())
+    assert not kernel_writes_moments(nn.LazyBatchNorm1d())
+
+    class OwnForward(nn.BatchNorm1d):
+        def forward(self, x):
+            return super().forward(x) * 1.0
+
+    assert not kernel_writes_moments(OwnForward(3))
+
+
+@pytest.mark.parametrize("name", ["resnet", "mlp"])
+def test_kernel_and_update_stats_paths_agree_to_float32_rounding(name):
+    model, data = zoo.build(name), zoo.batches(name)
+    kernel = collect_moments(model, data)
+    exact = collect_moments(model, data, float64_moments=True)
+    for layer, moments in kernel.layers.items():
+        other = exact.layers[layer]
+        assert moments.count == other.count and moments.batches == other.batches
+        scale = other.var.sqrt()
+        assert torch.allclose(moments.mean / scale, other.mean / scale, rtol=0, atol=1e-6)
+        assert torch.allclose(moments.var, other.var, rtol=1e-6, atol=0)
+
+
+def test_more_batches_than_one_group_are_merged_exactly():
+    model = scramble_batchnorm(mlp((4, 6, 3)))
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(int(n), 4, generator=gen) * 3 + 5 for n in torch.randint(2, 9, (150,))]
+    seen = ref.bn_inputs(model, data)
+    bt.recalibrate(model, data)
+    assert _population_errors(model, seen) < 2e-6
+    assert int(model[1].num_batches_tracked) == 150
+
+
+def test_non_finite_buffers_before_the_pass_do_not_leak_into_the_result():
+    clean, data = zoo.build("mlp"), zoo.batches("mlp")
+    broken = copy.deepcopy(clean)
+    with torch.no_grad():
+        broken[1].running_mean[0] = float("nan")
+        broken[1].running_var[1] = float("inf")
+    bt.recalibrate(clean, data)
+    bt.recalibrate(broken, data)
+    assert ref.same_state(broken, ref.snapshot(clean))
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_a_non_finite_batch_in_a_bnstats_layer_raises_and_writes_nothing(policy):
+    estimator = bnstats.EMA(0.1, nonfinite=policy)
+    model, data = bt.convert(zoo.build("mlp"), estimator), zoo.batches("mlp")
+    data[1][0, 0] = float("nan")
+    saved = ref.snapshot(model)
+    with pytest.raises(bnstats.NonFiniteStatisticsError, match="BN layer '1'"):
+        bt.recalibrate(model, data)
+    assert ref.same_state(model, saved)
+    assert all("_moments_from_kernel" not in m.__dict__ for m in model.modules())
+
+
+def test_momenta_and_switches_are_put_back_also_on_error():
+    model = bt.convert(zoo.build("resnet"), bnstats.EMA(0.05))
+    plain = zoo.build("resnet")
+    plain.stem[1].momentum = None
+    data = zoo.batches("resnet")
+
+    def fails(m, batch):
+        m(batch)
+        raise RuntimeError("stop")
+
+    for target in (model, plain):
+        saved = ref.snapshot(target)
+        with pytest.raises(RuntimeError, match="stop"):
+            bt.recalibrate(target, data, forward=fails)
+        assert ref.same_state(target, saved)
+    assert plain.stem[1].momentum is None and plain.stages[0][0].bn1.momentum == 0.1
+    assert all(
+        m.estimator.momentum == 0.05 for m in model.modules() if isinstance(m, bt.BatchNorm2d)
+    )
+    assert all("_moments_from_kernel" not in m.__dict__ for m in model.modules())
+
+
+def test_a_bnstats_layer_trains_as_before_after_a_pass():
+    layer = bt.BatchNorm1d(3, estimator=bnstats.EMA(0.1, debias=True))
+    twin = copy.deepcopy(layer)
+    x = torch.randn(8, 3)
+    bt.recalibrate(layer, [x])
+    twin.load_state_dict(layer.state_dict())
+    layer.train()
+    twin.train()
+    assert torch.equal(layer(x), twin(x))
+    assert ref.same_state(layer, ref.snapshot(twin))
