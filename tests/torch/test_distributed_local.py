@@ -66,3 +66,24 @@ def test_rank_error_names_every_failed_rank():
     error = RankError.of_ranks({2: "ValueError: bad", 0: "OSError: gone"}, 4, "failed")
     assert str(error).startswith("ranks 0, 2 of 4 failed, so no rank changed its statistics.")
     assert "rank 0: OSError: gone; rank 2: ValueError: bad" in str(error)
+
+
+def test_packing_and_merging_two_shards_equals_one_pass_over_both():
+    """What every rank does with the gathered tensors, simulated in one process: rank 0's and
+    rank 1's collections packed, then merged in rank order, equal the collection of one pass
+    over the concatenated batches (a rank that reached no layer contributes nothing)."""
+    from bnstats.torch._across_ranks import _merge, _pack
+    from bnstats.torch._moments import collect_moments
+    from tests.torch.distributed_scenarios import rank_batches
+
+    model = zoo.build("resnet")
+    shards = [rank_batches("resnet", 0), rank_batches("resnet", 1)]
+    parts = [collect_moments(model, shard) for shard in shards]
+    empty = collect_moments(model, [], check_coverage=False)
+    merged = _merge(parts[0], [_pack(parts[0]), _pack(empty), _pack(parts[1])])
+    whole = collect_moments(model, shards[0] + shards[1])
+    for name, expected in whole.layers.items():
+        got = merged[name]
+        assert got.count == expected.count and got.batches == expected.batches
+        torch.testing.assert_close(got.mean, expected.mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.m2, expected.m2, rtol=1e-10, atol=1e-10)
