@@ -89,16 +89,17 @@ def main() -> None:
     first = model[1]
     samples = sum(len(x) for x in batches)
     head = [round(v, 6) for v in first.running_mean[:3].tolist()]
-    print(
+    line = (
         f"rank {rank}/{world}: {len(batches)} batches, {samples} samples here; "
         f"layer '1' running_mean[:3] = {head}, "
         f"num_batches_tracked = {int(first.num_batches_tracked)}, "
-        f"buffers sha256 {fingerprint(model)}",
-        flush=True,
+        f"buffers sha256 {fingerprint(model)}"
     )
-    prints: list[str | None] = [None] * world
-    dist.all_gather_object(prints, fingerprint(model))
+    lines: list[str | None] = [None] * world
+    dist.all_gather_object(lines, line)  # rank 0 prints every rank's line, in rank order
+    prints = [text.rsplit("sha256 ", 1)[1] for text in lines]
     if rank == 0:
+        print("\n".join(lines), flush=True)
         reference = build_model().to(device)
         every_batch = [x for other in range(world) for x in shard(other)]
         bt.recalibrate(reference, every_batch, group=False)  # one process, all the data
