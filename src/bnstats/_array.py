@@ -53,12 +53,3 @@ def to_numpy(x: Array) -> np.ndarray:
     if is_torch(x):
         return x.detach().cpu().double().numpy().copy()
     return np.array(x, dtype=np.float64, copy=True)
-
-
-def like(value: Any, reference: Array | None) -> Array:
-    """``value`` as the same kind of array as ``reference`` (a tensor if it is a tensor)."""
-    if reference is not None and is_torch(reference):
-        import torch
-
-        return torch.as_tensor(np.asarray(value), dtype=reference.dtype, device=reference.device)
-    return np.array(value, dtype=np.float64, copy=True)
