@@ -314,9 +314,13 @@ class Population(Estimator):
         return pop
 
     def _update(self, mean: Array, var: Array, count: float) -> None:
-        m2 = var * count
+        self._absorb(count, mean, var * count)
+
+    def _absorb(self, count: float, mean: Array, m2: Array) -> None:
+        """Merge ``(count, mean, m2)`` into the running ``(mean, m2)``; ``self.count`` is the
+        caller's to advance."""
         if self._mean_acc is None:
-            self._mean_acc, self._m2 = mean * 1, m2
+            self._mean_acc, self._m2 = mean * 1, m2 * 1
             return
         self._mean_acc, self._m2 = chan_merge(self.count, self._mean_acc, self._m2, count, mean, m2)
 
@@ -333,12 +337,7 @@ class Population(Estimator):
         return merged
 
     def _merge_in(self, other: Population) -> None:
-        if self._mean_acc is None:
-            self._mean_acc, self._m2 = other._mean_acc * 1, other._m2 * 1
-        else:
-            self._mean_acc, self._m2 = chan_merge(
-                self.count, self._mean_acc, self._m2, other.count, other._mean_acc, other._m2
-            )
+        self._absorb(other.count, other._mean_acc, other._m2)
         self._shape = tuple(other._mean_acc.shape)
         self.count += other.count
         self.num_batches_tracked += other.num_batches_tracked
