@@ -127,12 +127,12 @@ def load_csv(
         raise DataError(f"{path}: no feature columns besides {label!r}")
     X = np.empty((len(rows), len(header) - 1))
     raw_labels = []
+    names = [h for i, h in enumerate(header) if i != li]
     for r, row in enumerate(rows, start=2):
         if len(row) != len(header):
             raise DataError(f"{path}: line {r} has {len(row)} fields, the header has {len(header)}")
         raw_labels.append(row[li].strip())
         values = [v for i, v in enumerate(row) if i != li]
-        names = [h for i, h in enumerate(header) if i != li]
         for c, (value, name) in enumerate(zip(values, names, strict=True)):
             X[r - 2, c] = _number(value, path, r, name)
     X = _features(X, path, "features")

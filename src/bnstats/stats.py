@@ -265,8 +265,10 @@ class EMA(RunningAverage):
         return not self.debias
 
     def weight(self, t: int) -> float:
-        if not self.debias or t == 1:
-            return self.momentum if not self.debias else 1.0
+        if not self.debias:
+            return self.momentum
+        if t == 1:
+            return 1.0  # exactly: momentum / (1 - (1 - momentum)) may round away from 1
         return self.momentum / (1.0 - (1.0 - self.momentum) ** t)
 
 
