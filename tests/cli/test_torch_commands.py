@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import textwrap
 
@@ -42,18 +43,17 @@ def project(tmp_path):
     return tmp_path
 
 
+def _user_module(project):
+    """The test's usermodels.py, imported here without touching sys.path or sys.modules."""
+    spec = importlib.util.spec_from_file_location("usermodels_here", project / "usermodels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _stale_weights(project):
     """A checkpoint whose running statistics are wrong: still at their start, 0 and 1."""
-    import sys
-
-    sys.path.insert(0, str(project))
-    try:
-        import usermodels
-
-        model = usermodels.make()
-    finally:
-        sys.path.remove(str(project))
-        sys.modules.pop("usermodels", None)
+    model = _user_module(project).make()
     with torch.no_grad():
         model[1].weight.mul_(1.5)
     torch.save(model.state_dict(), project / "weights.pt")
@@ -101,16 +101,7 @@ def test_recalibrate_writes_exact_statistics(cli, project):
     assert [row["name"] for row in summary["layers"]] == ["1", "4"]
     state = torch.load(project / "new.pt", weights_only=True)
     # the first BN's input does not depend on how batches are normalized: check it exactly
-    import sys
-
-    sys.path.insert(0, str(project))
-    try:
-        import usermodels
-
-        inputs = torch.cat([x for x, _ in usermodels.batches()]).double()
-    finally:
-        sys.path.remove(str(project))
-        sys.modules.pop("usermodels", None)
+    inputs = torch.cat([x for x, _ in _user_module(project).batches()]).double()
     z = model[0].double()(inputs)
     expected_var = z.transpose(0, 1).reshape(4, -1).var(dim=1, unbiased=True)
     torch.testing.assert_close(state["1.running_var"].double(), expected_var, rtol=1e-5, atol=1e-7)
