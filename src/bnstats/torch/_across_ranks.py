@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnstats.torch._batchnorm_layers import Forward, display_name, is_lazy_uninitialized
-from bnstats.torch._local_pass import local_batch_statistics, unwrap
+from bnstats.torch._layers import Forward, display_name, is_lazy_uninitialized, unwrap
+from bnstats.torch._local_pass import local_batch_statistics
 from bnstats.torch._moments import Collection, LayerMoments, collect_moments
 from bnstats.torch._ranks import (
     Group,

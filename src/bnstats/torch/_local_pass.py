@@ -10,8 +10,8 @@ uneven batch counts must not do (a rank with fewer batches stops calling, the ot
   each batch's statistics (a collective per call) and normalizes with the statistics of
   the global batch; on the CPU it refuses to run at all.
 
-:func:`unwrap` gives the module inside ``DistributedDataParallel`` (its parameters and
-buffers are the wrapper's own tensors), and :func:`local_batch_statistics` makes every
+:func:`bnstats.torch._layers.unwrap` gives the module inside ``DistributedDataParallel``,
+and :func:`local_batch_statistics` makes every
 ``SyncBatchNorm`` run the forward of ``nn.BatchNorm`` (normalize with the local batch's
 statistics, ``F.batch_norm``) for the duration of the pass, then puts its own forward back,
 also on error. That local path is exactly what ``SyncBatchNorm`` computes when no group is
@@ -25,16 +25,8 @@ from contextlib import contextmanager
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.parallel import DistributedDataParallel
 
 _ABSENT = object()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """``model.module`` for a ``DistributedDataParallel`` (nested ones too), else ``model``."""
-    while isinstance(model, DistributedDataParallel):
-        model = model.module
-    return model
 
 
 @contextmanager

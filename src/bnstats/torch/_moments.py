@@ -49,7 +49,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnstats._array import widen
 from bnstats.stats import NonFiniteStatisticsError, Population, chan_merge
-from bnstats.torch._batchnorm_layers import (
+from bnstats.torch._layers import (
     Forward,
     PreservedState,
     batchnorm_train_mode,
@@ -294,7 +294,7 @@ def collect_moments(
 
     During the pass the BN layers are in training mode (normalizing with batch statistics)
     and every other module in eval mode (see
-    :func:`bnstats.torch._batchnorm_layers.batchnorm_train_mode`); autograd is off; each
+    :func:`bnstats.torch._layers.batchnorm_train_mode`); autograd is off; each
     batch goes to the model's device; torch's own BN layers have ``momentum = 1`` (see the
     module docstring). The model is left exactly as found, also on error: modes, momenta,
     running buffers, hooks (see :class:`PreservedState`).

@@ -22,7 +22,7 @@ from torch import nn
 
 from bnstats._array import widen
 from bnstats.torch._across_ranks import collect_across_ranks
-from bnstats.torch._batchnorm_layers import Forward, display_name
+from bnstats.torch._layers import Forward, display_name
 from bnstats.torch._moments import Collection, LayerMoments
 from bnstats.torch._ranks import Group
 from bnstats.torch.recalibrate import cast_buffer, write_buffers

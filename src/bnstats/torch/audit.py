@@ -28,7 +28,7 @@ from torch import nn
 from bnstats._array import to_numpy
 from bnstats.torch._across_ranks import collect_across_ranks
 from bnstats.torch._audit_table import format_report
-from bnstats.torch._batchnorm_layers import Forward, display_name, is_lazy_uninitialized
+from bnstats.torch._layers import Forward, display_name, is_lazy_uninitialized
 from bnstats.torch._moments import LayerMoments
 from bnstats.torch._ranks import Group
 

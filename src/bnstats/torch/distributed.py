@@ -26,12 +26,12 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnstats.torch._batchnorm_layers import (
+from bnstats.torch._layers import (
     display_name,
     find_batchnorm_layers,
     is_lazy_uninitialized,
+    unwrap,
 )
-from bnstats.torch._local_pass import unwrap
 from bnstats.torch._ranks import (
     Group,
     RankError,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnstats.stats import EMA, CumulativeAverage, NonFiniteStatisticsError, RunningAverage
-from bnstats.torch._batchnorm_layers import is_lazy_uninitialized
+from bnstats.torch._layers import is_lazy_uninitialized
 
 _UNSET: Any = object()
 _STATISTICS = ("running_mean", "running_var")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bnstats.torch._across_ranks import collect_across_ranks
-from bnstats.torch._batchnorm_layers import Forward, display_name
+from bnstats.torch._layers import Forward, display_name
 from bnstats.torch._moments import Collection, LayerMoments
 from bnstats.torch._ranks import Group
 

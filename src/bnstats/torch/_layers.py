@@ -1,7 +1,15 @@
 """What every bnstats.torch tool needs: find the BN layers, feed the model, leave it as found.
 
+- :func:`unwrap`: the model inside ``DataParallel``, ``DistributedDataParallel``,
+  ``torch.compile``'s ``OptimizedModule``, ``AveragedModel`` and timm's ``ModelEma*``.
+- Which modules are BN layers, decided here and nowhere else: :func:`is_batchnorm` (torch's
+  ``_BatchNorm`` family: its own layers, ``SyncBatchNorm``, subclasses that keep their own
+  forward such as timm's ``BatchNormAct2d``, and bnstats' modules) and
+  :func:`has_fixed_statistics` (``FrozenBatchNorm2d`` of torchvision and timm: folded and
+  reported, never recalibrated).
 - :func:`find_batchnorm_layers`: every batch-norm layer that keeps running statistics, by
   qualified name (``"stages.0.0.bn1"``), in the order ``model.named_modules()`` lists them.
+- :func:`layer_label`: how every message names a layer.
 - :class:`PreservedState`: a context manager that puts back, whatever happens, the training
   flag of every module, the ``momentum`` of every BN layer, the BN layers' running buffers
   (``running_mean``, ``running_var``, ``num_batches_tracked``) and removes the hooks it was
@@ -18,12 +26,73 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
 Forward = Callable[[nn.Module, Any], Any]
 """``forward(model, batch)``: how to call the model on one batch (its output is ignored)."""
 
 _BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside every wrapper the tools look through, nested ones too.
+
+    ``nn.DataParallel`` and ``DistributedDataParallel`` (``.module``: its parameters and
+    buffers are the wrapper's own tensors), ``torch.compile``'s ``OptimizedModule``
+    (``._orig_mod``: the passes run eagerly, so Dynamo recompiles nothing), and the averaged
+    models ``torch.optim.swa_utils.AveragedModel`` and timm's ``ModelEma``/``ModelEmaV2``/
+    ``ModelEmaV3`` (``.module``, the averaged copy). Layer names are those of the unwrapped
+    model. Any other module is returned as it is.
+    """
+    while True:
+        inner = _wrapped(model)
+        if inner is None:
+            return model
+        model = inner
+
+
+def _wrapped(model: nn.Module) -> nn.Module | None:
+    from torch.optim.swa_utils import AveragedModel
+
+    if isinstance(model, (DataParallel, DistributedDataParallel, AveragedModel)):
+        return model.module
+    compiled = model.__dict__.get("_modules", {}).get("_orig_mod")
+    if type(model).__name__ == "OptimizedModule" and isinstance(compiled, nn.Module):
+        return compiled
+    averaged = model.__dict__.get("_modules", {}).get("module")
+    if type(model).__name__.startswith("ModelEma") and isinstance(averaged, nn.Module):
+        return averaged
+    return None
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """True for a layer of torch's ``_BatchNorm`` family: ``nn.BatchNorm1d/2d/3d``,
+    ``nn.SyncBatchNorm``, ``nn.LazyBatchNorm*``, bnstats' modules and any subclass (timm's
+    ``BatchNormAct2d`` and ``SyncBatchNormAct``, whose activation and drop are part of the
+    layer: its own forward always runs)."""
+    return isinstance(module, _BatchNorm)
+
+
+def has_fixed_statistics(module: nn.Module) -> bool:
+    """True for a frozen batch norm (torchvision's and timm's ``FrozenBatchNorm2d``, timm's
+    ``FrozenBatchNormAct2d``): fixed ``weight``, ``bias``, ``running_mean``, ``running_var``
+    buffers and ``eps``, no training behaviour. Folded and reported; never recalibrated."""
+    buffers = module.__dict__.get("_buffers", {})
+    return (
+        not isinstance(module, _BatchNorm)
+        and type(module).__name__.startswith("FrozenBatchNorm")
+        and all(
+            isinstance(buffers.get(key), torch.Tensor) for key in ("running_mean", "running_var")
+        )
+    )
+
+
+def layer_label(name: str, layer: nn.Module) -> str:
+    """How every message names a BN layer: ``BN layer 'stem.bn' (BatchNorm2d(32))``."""
+    features = getattr(layer, "num_features", None)
+    size = "" if features is None else f"({features})"
+    return f"BN layer {display_name(name)} ({type(layer).__name__}{size})"
 
 
 def is_lazy_uninitialized(module: nn.Module) -> bool:
@@ -49,7 +118,7 @@ def find_batchnorm_layers(model: nn.Module) -> dict[str, _BatchNorm]:
     layers = {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, _BatchNorm) and module.track_running_stats
+        if is_batchnorm(module) and module.track_running_stats
     }
     if not layers:
         raise ValueError(

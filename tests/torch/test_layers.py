@@ -10,7 +10,7 @@ from torch import nn
 
 import bnstats
 import bnstats.torch as bt
-from bnstats.torch._batchnorm_layers import (
+from bnstats.torch._layers import (
     PreservedState,
     find_batchnorm_layers,
     iterate_batches,
