@@ -246,3 +246,115 @@ def test_estimators_work_on_torch_tensors():
         for batch in batches:
             bn(batch)
     torch.testing.assert_close(ema.var.float(), bn.running_var)
+
+
+# -- Population as the one accumulator: many batches at once, flat form ----------------------
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_update_batches_equals_one_batch_at_a_time(rng, kind):
+    batches = _batches(rng, [16, 7, 32, 3, 16, 9], loc=1e4, scale=0.5)
+    one_by_one = _feed(Population(), batches)
+    counts = [len(b) for b in batches]
+    means = np.stack([b.mean(0) for b in batches])
+    m2s = np.stack([b.var(0) * len(b) for b in batches])
+    vectorised = Population()
+    if kind == "torch":
+        means, m2s = torch.from_numpy(means), torch.from_numpy(m2s)
+    vectorised.update_batches(counts[:2], means[:2], m2s[:2])
+    vectorised.update_batches(counts[2:], means[2:], m2s[2:])
+    whole = np.concatenate(batches)
+    np.testing.assert_allclose(np.asarray(vectorised.mean), whole.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(np.asarray(vectorised.var), whole.var(0, ddof=1), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(vectorised.var), one_by_one.var, rtol=1e-10)
+    assert float(vectorised.count) == whole.shape[0] and vectorised.num_batches_tracked == 6
+
+
+def test_update_batches_counts_may_be_a_tensor_with_zero_weights(rng):
+    means = torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [3.0, 4.0]], dtype=torch.float64)
+    m2s = torch.tensor([[2.0, 2.0], [0.0, 0.0], [2.0, 2.0]], dtype=torch.float64)
+    counts = torch.tensor([4.0, 0.0, 4.0])
+    population = Population()
+    population.update_batches(counts, torch.nan_to_num(means), m2s)
+    torch.testing.assert_close(population.mean, torch.tensor([2.0, 3.0], dtype=torch.float64))
+    assert float(population.count) == 8
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_flat_form_round_trips(rng, kind):
+    batches = _batches(rng, [5, 9], features=3)
+    if kind == "torch":
+        batches = [torch.from_numpy(b) for b in batches]
+    population = Population()
+    for batch in batches:
+        var, mean = (
+            (np.var(batch, 0), np.mean(batch, 0))
+            if kind == "numpy"
+            else (torch.var_mean(batch, 0, correction=0))
+        )
+        population.update(mean, var, batch.shape[0])
+    flat = population.to_flat(3)
+    assert flat.shape == (8,)
+    back = Population.from_flat(flat)
+    np.testing.assert_allclose(np.asarray(back.var), np.asarray(population.var))
+    assert back.count == 14 and back.num_batches_tracked == 2
+    assert Population.from_flat(Population().to_flat(3)).mean is None
+
+
+# -- bad input: one clear error, nothing changed ---------------------------------------------
+
+
+@pytest.mark.parametrize("make", [lambda: EMA(0.1), CumulativeAverage, Population])
+def test_infinite_count_is_refused(make):
+    with pytest.raises(ValueError, match="finite positive"):
+        make().update(np.zeros(2), np.ones(2), float("inf"))
+
+
+@pytest.mark.parametrize("make", [lambda: EMA(0.5), CumulativeAverage, Population])
+def test_overflowing_update_is_refused_and_leaves_the_estimate(make):
+    estimator = make()
+    estimator.update(np.zeros(2), np.ones(2), 2)
+    before = np.array(estimator.var, copy=True)
+    with pytest.raises(NonFiniteStatisticsError, match="overflows"):
+        estimator.update(np.array([1e308, -1e308]), np.array([1e308, 1e308]), 2)
+    np.testing.assert_array_equal(estimator.var, before)
+    assert estimator.num_batches_tracked == 1
+
+
+def test_lists_and_python_floats_are_accepted():
+    population = Population()
+    population.update([0.0, 1.0], [1.0, 1.0], 4)
+    population.update([0.5, 1.5], [0.25, 0.25], 4)
+    scalar = EMA(0.5)
+    scalar.update(0.5, 0.25, 4)
+    assert float(scalar.mean) == pytest.approx(0.25)
+    np.testing.assert_allclose(population.mean, [0.25, 1.25])
+
+
+def test_numpy_and_torch_state_do_not_mix():
+    population = Population()
+    population.update(np.zeros(2), np.ones(2), 4)
+    with pytest.raises(TypeError, match="NumPy arrays"):
+        population.update(torch.zeros(2), torch.ones(2), 4)
+    other = Population()
+    other.update(torch.zeros(2), torch.ones(2), 4)
+    with pytest.raises(TypeError, match="torch tensors"):
+        population.merge(other)
+
+
+def test_scalar_population_does_not_broadcast_into_channels():
+    scalar, channels = Population(), Population()
+    scalar.update(np.array(0.0), np.array(1.0), 4)
+    channels.update(np.zeros(3), np.ones(3), 4)
+    with pytest.raises(ValueError, match="shapes"):
+        channels.merge(scalar)
+
+
+def test_nonfinite_state_is_refused_on_load(rng):
+    ema = _feed(EMA(0.1), _batches(rng, [8]))
+    state = ema.state_dict()
+    state["running_mean"] = state["running_mean"] * np.nan
+    fresh = EMA(0.3)
+    with pytest.raises(NonFiniteStatisticsError, match="running_mean"):
+        fresh.load_state_dict(state)
+    assert fresh.momentum == 0.3 and fresh.mean is None

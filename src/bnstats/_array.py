@@ -23,6 +23,33 @@ def is_torch(x: Array) -> bool:
     return type(x).__module__.startswith("torch")
 
 
+def as_array(x: Any) -> Array:
+    """``x`` itself if it is a NumPy array or a torch tensor, else ``numpy.asarray(x)`` (lists,
+    Python numbers), so that every estimator input has ``.shape`` and arithmetic."""
+    if isinstance(x, np.ndarray) or is_torch(x):
+        return x
+    return np.asarray(x, dtype=np.float64)
+
+
+def column(values: Any, like: Array) -> Array:
+    """``values`` (a sequence of numbers, or a 1-D array of ``like``'s kind) as a float64
+    column ``(len, 1)`` on ``like``'s device: per-row weights for a ``(rows, C)`` array."""
+    if is_torch(like):
+        if is_torch(values):
+            return values.to(device=like.device, dtype=like.dtype).reshape(-1, 1)
+        return like.new_tensor(list(values)).reshape(-1, 1)
+    return np.asarray(values, dtype=like.dtype).reshape(-1, 1)
+
+
+def concat(parts: list[Array]) -> Array:
+    """The 1-D ``parts`` end to end (``torch.cat`` for tensors, ``numpy.concatenate`` else)."""
+    if is_torch(parts[0]):
+        import torch  # present: parts[0] is a tensor
+
+        return torch.cat(parts)
+    return np.concatenate(parts)
+
+
 def widen(x: Array) -> Array:
     """Return ``x`` in the precision the statistics accumulate in.
 

@@ -26,9 +26,12 @@ Conventions shared by all of them:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from bnstats._array import Array, all_finite, copy, widen
+import numpy as np
+
+from bnstats._array import Array, all_finite, as_array, column, concat, copy, is_torch, widen
 
 NonFinitePolicy = Literal["raise", "skip"]
 
@@ -85,24 +88,49 @@ class Estimator:
     def update(self, mean: Array, var: Array, count: float) -> None:
         """Take one batch's per-channel ``mean``, biased ``var`` and ``count`` values per channel.
 
-        Raises :class:`NonFiniteStatisticsError` for NaN/Inf (or, with ``nonfinite="skip"``,
-        ignores the batch and counts it in ``num_batches_skipped``) and ``ValueError`` for
-        mismatched shapes, a negative variance or a non-positive count.
+        ``mean`` and ``var`` are NumPy arrays, torch tensors, or anything ``numpy.asarray``
+        takes (lists, floats). Raises :class:`NonFiniteStatisticsError` for NaN/Inf inputs or
+        an update that would overflow to Inf (or, with ``nonfinite="skip"``, ignores the batch
+        and counts it in ``num_batches_skipped``), ``ValueError`` for mismatched shapes, a
+        negative variance or a count that is not a finite positive number, and ``TypeError``
+        for torch statistics fed to an estimator holding NumPy ones, or the reverse.
         """
+        mean, var = as_array(mean), as_array(var)
         self._check_batch(mean, var, count)
+        state = self._state_arrays()
         if not (all_finite(mean) and all_finite(var)):
-            if self.nonfinite == "skip":
-                self.num_batches_skipped += 1
-                return
-            raise NonFiniteStatisticsError(
-                f"{type(self).__name__}: the batch statistics contain NaN or Inf "
-                f"(count={count}); the estimate was left unchanged. "
-                "Pass nonfinite='skip' to ignore such batches."
-            )
-        self._update(widen(mean), widen(var), count)
+            self._skip_or_raise(f"the batch statistics contain NaN or Inf (count={count})")
+            return
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked just below
+            self._update(widen(mean), widen(var), count)
+        if not all(all_finite(value) for value in self._state_arrays()):
+            self._restore_state_arrays(state)
+            self._skip_or_raise(f"the update overflows to Inf (count={count})")
+            return
         self._shape = tuple(mean.shape)
         self.count += count
         self.num_batches_tracked += 1
+
+    def _skip_or_raise(self, problem: str) -> None:
+        if self.nonfinite == "skip":
+            self.num_batches_skipped += 1
+            return
+        raise NonFiniteStatisticsError(
+            f"{type(self).__name__}: {problem}; the estimate was left unchanged. "
+            "Pass nonfinite='skip' to ignore such batches."
+        )
+
+    def _state_arrays(self) -> list[Array]:
+        return [v for v in (getattr(self, "_" + k) for k in self._state_keys) if v is not None]
+
+    def _restore_state_arrays(self, arrays: list[Array]) -> None:
+        keys = [k for k in self._state_keys if getattr(self, "_" + k) is not None]
+        if len(arrays) != len(keys):  # the first batch: there was no state before it
+            for key in self._state_keys:
+                setattr(self, "_" + key, None)
+            return
+        for key, value in zip(keys, arrays, strict=True):
+            setattr(self, "_" + key, value)
 
     def _check_batch(self, mean: Array, var: Array, count: float) -> None:
         if tuple(mean.shape) != tuple(var.shape):
@@ -115,8 +143,19 @@ class Estimator:
                 f"{type(self).__name__}.update: expected statistics of shape {self._shape}, "
                 f"got {tuple(mean.shape)}"
             )
-        if not count > 0:
-            raise ValueError(f"{type(self).__name__}.update: count must be positive, got {count}")
+        if isinstance(count, bool) or not (0 < float(count) < math.inf):
+            raise ValueError(
+                f"{type(self).__name__}.update: count must be a finite positive number, "
+                f"got {count!r}"
+            )
+        held = self._state_arrays()
+        if held and is_torch(held[0]) != is_torch(mean):
+            kinds = ("torch tensors", "NumPy arrays")
+            have, got = kinds if is_torch(held[0]) else kinds[::-1]
+            raise TypeError(
+                f"{type(self).__name__}.update: this estimator holds {have}; got {got} "
+                "(convert one side, or use one estimator per kind)"
+            )
         if bool((var < 0).any()):
             raise ValueError(f"{type(self).__name__}.update: a batch variance is negative")
 
@@ -147,22 +186,30 @@ class Estimator:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict`; the kind must match."""
+        """Restore a state from :meth:`state_dict`; the kind must match. Everything is checked
+        before anything changes: ``ValueError`` for another kind, a missing key or a count
+        that is not a finite number >= 0, :class:`NonFiniteStatisticsError` for NaN or Inf
+        statistics."""
         kind = state.get("kind")
         if kind != type(self).__name__:
             raise ValueError(f"cannot load a {kind!r} state into a {type(self).__name__}")
         missing = [k for k in (*self._config_keys, *self._state_keys, "count") if k not in state]
         if missing:
             raise ValueError(f"{type(self).__name__} state is missing {missing}")
+        count = state["count"]
+        if isinstance(count, bool) or not 0 <= float(count) < math.inf:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: count must be a finite number >= 0, "
+                f"got {count!r}"
+            )
+        arrays = {key: _loaded_array(self, key, state[key]) for key in self._state_keys}
         for key in self._config_keys:
             setattr(self, key, state[key])
-        self.count = state["count"]
+        self.count = count
         self.num_batches_tracked = int(state.get("num_batches_tracked", 0))
         self.num_batches_skipped = int(state.get("num_batches_skipped", 0))
         self._shape = None
-        for key in self._state_keys:
-            value = state[key]
-            value = None if value is None else copy(widen(value))
+        for key, value in arrays.items():
             setattr(self, "_" + key, value)
             if value is not None:
                 self._shape = tuple(value.shape)
@@ -170,6 +217,19 @@ class Estimator:
     def __repr__(self) -> str:
         config = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._config_keys)
         return f"{type(self).__name__}({config}, batches={self.num_batches_tracked})"
+
+
+def _loaded_array(estimator: Estimator, key: str, value: Any) -> Array | None:
+    """A state array from a state dict, widened and copied; NaN or Inf refused."""
+    if value is None:
+        return None
+    array = copy(widen(as_array(value)))
+    if not all_finite(array):
+        raise NonFiniteStatisticsError(
+            f"{type(estimator).__name__}.load_state_dict: {key!r} holds NaN or Inf; nothing "
+            "was loaded"
+        )
+    return array
 
 
 def _unbiased(var: Array, count: float) -> Array:
@@ -288,16 +348,24 @@ class CumulativeAverage(RunningAverage):
 class Population(Estimator):
     """The exact mean and unbiased variance of every value seen, each sample weighted equally.
 
-    Keeps ``(count, mean, m2)`` with ``m2 = sum((z - mean)**2)`` and merges each batch (or
-    another Population) with the parallel formula of Chan, Golub & LeVeque (1979)::
+    The one accumulator of bnstats: the engine, the torch passes and the merges across
+    processes all keep ``(count, mean, m2)`` here, ``m2 = sum((z - mean)**2)``. A batch enters
+    as ``(count, mean, var * count)``; two sets merge with the parallel formula of Chan,
+    Golub & LeVeque (1979)::
 
         delta = mean_b - mean_a
         count = count_a + count_b
         mean  = mean_a + delta * count_b / count
         m2    = m2_a + m2_b + delta**2 * count_a * count_b / count
 
-    A batch enters as ``(count, mean, var * count)``. ``var = m2 / (count - 1)``. Never
-    ``E[z**2] - E[z]**2``, which cancels catastrophically when the mean dwarfs the spread.
+    and many batches ``k`` at once (:meth:`update_batches`) first pool into one group::
+
+        count_g = sum(count_k);   mean_g = sum(count_k * mean_k) / count_g
+        m2_g    = sum(m2_k) + sum(count_k * (mean_k - mean_g)**2)
+
+    ``var = m2 / (count - 1)``. Never ``E[z**2] - E[z]**2``, which cancels catastrophically
+    when the mean dwarfs the spread. :meth:`to_flat` / :meth:`from_flat` give a float64 vector
+    for collectives.
     """
 
     _state_keys = ("mean_acc", "m2")
@@ -318,7 +386,7 @@ class Population(Estimator):
     def _update(self, mean: Array, var: Array, count: float) -> None:
         self._absorb(count, mean, var * count)
 
-    def _absorb(self, count: float, mean: Array, m2: Array) -> None:
+    def _absorb(self, count: Any, mean: Array, m2: Array) -> None:
         """Merge ``(count, mean, m2)`` into the running ``(mean, m2)``; ``self.count`` is the
         caller's to advance."""
         if self._mean_acc is None:
@@ -326,23 +394,71 @@ class Population(Estimator):
             return
         self._mean_acc, self._m2 = chan_merge(self.count, self._mean_acc, self._m2, count, mean, m2)
 
+    def update_batches(self, counts: Any, means: Array, m2s: Array) -> None:
+        """Merge many batches at once: ``counts`` (B,) values per channel, ``means`` and ``m2s``
+        (B, C), pooled into one group (see the class docstring), then merged in.
+
+        Vectorised and free of host reads: ``counts`` may be a list of numbers or an array or
+        tensor beside ``means`` (a batch of count 0 weighs nothing). No finiteness check: a
+        NaN batch makes the result NaN, for the caller to test once at the end.
+        """
+        means, m2s = widen(means), widen(m2s)
+        weights = column(counts, means)
+        total = weights.sum()
+        if not is_torch(weights) and not total > 0:
+            return
+        mean = (weights * means).sum(axis=0) / total
+        deviation = means - mean
+        m2 = m2s.sum(axis=0) + (weights * deviation * deviation).sum(axis=0)
+        if self._mean_acc is None:
+            self._shape = tuple(mean.shape)
+        self._absorb(total, mean, m2)
+        self.count = self.count + total
+        self.num_batches_tracked += len(weights)
+
     def merge(self, other: Population) -> Population:
         """A new Population over the values of both ``self`` and ``other``; neither changes."""
         if not isinstance(other, Population):
             raise TypeError(f"can only merge a Population with a Population, not {type(other)}")
-        if self._shape and other._shape and self._shape != other._shape:
-            raise ValueError(f"cannot merge Populations of shapes {self._shape} and {other._shape}")
+        shapes = [part._shape for part in (self, other) if part._mean_acc is not None]
+        if len(shapes) == 2 and shapes[0] != shapes[1]:
+            raise ValueError(f"cannot merge Populations of shapes {shapes[0]} and {shapes[1]}")
+        if len(shapes) == 2 and is_torch(self._mean_acc) != is_torch(other._mean_acc):
+            raise TypeError("cannot merge a Population of torch tensors with one of NumPy arrays")
         merged = Population(nonfinite=self.nonfinite)
         for part in (self, other):
-            if part.count > 0:
+            if part._mean_acc is not None:
                 merged._merge_in(part)
         return merged
 
     def _merge_in(self, other: Population) -> None:
         self._absorb(other.count, other._mean_acc, other._m2)
         self._shape = tuple(other._mean_acc.shape)
-        self.count += other.count
+        self.count = self.count + other.count
         self.num_batches_tracked += other.num_batches_tracked
+
+    def to_flat(self, channels: int) -> Array:
+        """``[count, batches, mean (C), m2 (C)]`` as one float64 vector of the state's kind
+        (a NumPy vector of zeros for an empty Population; ``channels`` fixes its length)."""
+        if self._mean_acc is None:
+            return np.zeros(2 + 2 * channels)
+        header = self._mean_acc[:2] * 0
+        header[0] = self.count
+        header[1] = self.num_batches_tracked
+        return concat([header, self._mean_acc, self._m2])
+
+    @classmethod
+    def from_flat(cls, flat: Array) -> Population:
+        """The Population of :meth:`to_flat`'s vector (its length gives the channels)."""
+        channels = (len(flat) - 2) // 2
+        pop = cls()
+        if float(flat[0]) > 0:
+            pop._mean_acc = widen(flat[2 : 2 + channels]) * 1
+            pop._m2 = widen(flat[2 + channels : 2 + 2 * channels]) * 1
+            pop._shape = (channels,)
+            pop.count = float(flat[0])
+            pop.num_batches_tracked = int(flat[1])
+        return pop
 
     @property
     def mean(self) -> Array | None:
