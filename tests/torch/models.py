@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 
-def scramble_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BN layer random gamma, beta, running_mean, running_var (positive)."""
+def scramble_batchnorm(model: nn.Module, seed: int = 0, tracked: int = 10) -> nn.Module:
+    """Give every BN layer random gamma, beta, running_mean, running_var (positive), and
+    ``num_batches_tracked = tracked`` (1000: long trained, the EMA's start weighs nothing)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
@@ -29,7 +30,7 @@ def scramble_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
                 if module.track_running_stats:
                     module.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
                     module.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-                    module.num_batches_tracked.fill_(10)
+                    module.num_batches_tracked.fill_(tracked)
     return model
 
 

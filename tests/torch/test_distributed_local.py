@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import bnstats.torch as bt
-from bnstats.torch._local_pass import local_batch_statistics
+from bnstats.torch._pass import local_batch_statistics
 from bnstats.torch._ranks import RankError, resolve_group
 from bnstats.torch.distributed import pooled_moments, sync_running_stats
 from tests.torch import reference as ref
@@ -34,7 +34,7 @@ def test_a_group_that_is_not_a_process_group_raises_type_error(group):
         bt.recalibrate(zoo.build("mlp"), concatenated("mlp"), group=group)
 
 
-def test_syncbatchnorm_gets_its_forward_back_after_an_error():
+def test_syncbatchnorm_keeps_its_own_forward_through_a_pass_and_an_error():
     model = nn.SyncBatchNorm.convert_sync_batchnorm(zoo.build("resnet"))
     layers = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
     patched = layers[0].forward = lambda x: x  # an instance attribute set by someone else
@@ -42,8 +42,9 @@ def test_syncbatchnorm_gets_its_forward_back_after_an_error():
         bt.recalibrate(model, [torch.randn(4, 3, 10, 10), torch.randn(4, 5, 10, 10)])
     assert layers[0].__dict__["forward"] is patched
     assert all("forward" not in m.__dict__ for m in layers[1:])
-    with local_batch_statistics(model):
-        assert all("forward" in m.__dict__ for m in layers)
+    with local_batch_statistics(model):  # no process group: nothing to make local
+        assert all("forward" not in m.__dict__ for m in layers[1:])
+        assert all(m.running_mean is not None for m in layers)
 
 
 def test_pooled_moments_is_the_mixture_mean_and_variance(rng):
@@ -72,18 +73,18 @@ def test_packing_and_merging_two_shards_equals_one_pass_over_both():
     """What every rank does with the gathered tensors, simulated in one process: rank 0's and
     rank 1's collections packed, then merged in rank order, equal the collection of one pass
     over the concatenated batches (a rank that reached no layer contributes nothing)."""
-    from bnstats.torch._across_ranks import _merge, _pack
-    from bnstats.torch._moments import collect_moments
+    from bnstats.torch._pass import PassOptions, _merge, _pack, collect_moments
     from tests.torch.distributed_scenarios import rank_batches
 
     model = zoo.build("resnet")
     shards = [rank_batches("resnet", 0), rank_batches("resnet", 1)]
-    parts = [collect_moments(model, shard) for shard in shards]
-    empty = collect_moments(model, [], check_coverage=False)
+    options = PassOptions()
+    parts = [collect_moments(model, shard, options) for shard in shards]
+    empty = collect_moments(model, [], options, check_coverage=False)
     merged = _merge(parts[0], [_pack(parts[0]), _pack(empty), _pack(parts[1])])
-    whole = collect_moments(model, shards[0] + shards[1])
-    for name, expected in whole.layers.items():
-        got = merged[name]
-        assert got.count == expected.count and got.batches == expected.batches
+    whole = collect_moments(model, shards[0] + shards[1], options)
+    for name, measured in whole.layers.items():
+        got, expected = merged[name].population, measured.population
+        assert got.count == expected.count and merged[name].batches == measured.batches
         torch.testing.assert_close(got.mean, expected.mean, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got.m2, expected.m2, rtol=1e-10, atol=1e-10)

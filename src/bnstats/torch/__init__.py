@@ -15,8 +15,10 @@ Every tool leaves the model's modes, momenta and hooks as it found them, and wri
 buffers all at once or not at all.
 """
 
+from bnstats.torch._pass import PassOptions
 from bnstats.torch.adapt import adapt
 from bnstats.torch.audit import AuditReport, LayerAudit, audit
+from bnstats.torch.convert import ConversionPlan, convert, plan_conversion
 from bnstats.torch.distributed import RankError, sync_running_stats
 from bnstats.torch.fold import (
     FoldOverflowError,
@@ -27,7 +29,7 @@ from bnstats.torch.fold import (
     fold_weights_before,
 )
 from bnstats.torch.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
-from bnstats.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert
+from bnstats.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnstats.torch.recalibrate import recalibrate
 from bnstats.torch.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
@@ -39,6 +41,7 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "ConversionPlan",
     "FoldOverflowError",
     "FoldReport",
     "FoldTraceError",
@@ -46,6 +49,7 @@ __all__ = [
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
     "LayerAudit",
+    "PassOptions",
     "RankError",
     "adapt",
     "audit",
@@ -53,6 +57,7 @@ __all__ = [
     "fold",
     "fold_weights",
     "fold_weights_before",
+    "plan_conversion",
     "recalibrate",
     "sync_running_stats",
 ]

@@ -14,13 +14,14 @@
   flag of every module, the ``momentum`` of every BN layer, the BN layers' running buffers
   (``running_mean``, ``running_var``, ``num_batches_tracked``) and removes the hooks it was
   given.
-- :func:`iterate_batches`, :func:`default_forward`, :func:`move_to_device`: how a batch
-  reaches the model (tensors, ``(input, target)`` tuples or lists, dicts).
+- :func:`cast_buffer`, :func:`write_buffers`: new statistics checked, then written at once.
+- the wording of the errors several tools share (:func:`fewer_than_two_values`,
+  :func:`uninitialized_lazy_error`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -88,8 +89,11 @@ def has_fixed_statistics(module: nn.Module) -> bool:
     )
 
 
-def layer_label(name: str, layer: nn.Module) -> str:
-    """How every message names a BN layer: ``BN layer 'stem.bn' (BatchNorm2d(32))``."""
+def layer_label(name: str, layer: nn.Module | None = None) -> str:
+    """How the tools' messages name a BN layer: by its path, ``BN layer 'stem.bn'``, and
+    with ``layer`` its kind too, ``BN layer 'stem.bn' (BatchNorm2d(32))``."""
+    if layer is None:
+        return f"BN layer {display_name(name)}"
     features = getattr(layer, "num_features", None)
     size = "" if features is None else f"({features})"
     return f"BN layer {display_name(name)} ({type(layer).__name__}{size})"
@@ -129,6 +133,51 @@ def find_batchnorm_layers(model: nn.Module) -> dict[str, _BatchNorm]:
     return layers
 
 
+def fixed_statistics_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every layer with fixed statistics (:func:`has_fixed_statistics`), by qualified name."""
+    return {name: m for name, m in model.named_modules() if has_fixed_statistics(m)}
+
+
+def fewer_than_two_values(label: str, shape: tuple[int, ...], when: str = "") -> str:
+    """The one wording of "batch statistics need two values per channel"."""
+    return (
+        f"{label}: input of shape {shape}{when} has fewer than 2 values per channel; batch "
+        "statistics need at least 2"
+    )
+
+
+def uninitialized_lazy_error(name: str, layer: nn.Module) -> str:
+    """The one wording of "this LazyBatchNorm has no shape yet"."""
+    return (
+        f"{layer_label(name)} is an uninitialized {type(layer).__name__}: it has no running "
+        "statistics yet (run one forward first)"
+    )
+
+
+def cast_buffer(name: str, key: str, value: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """``value`` in the dtype and on the device of ``layer``'s buffer ``key``; ``ValueError``
+    naming the layer if it overflows that dtype. Called once per layer after a pass."""
+    buffer = getattr(layer, key)
+    cast = value.to(dtype=buffer.dtype, device=buffer.device)
+    if not bool(torch.isfinite(cast).all()):
+        raise ValueError(
+            f"{layer_label(name)}: {key} overflows the buffer's dtype {buffer.dtype} "
+            f"(largest value {float(value.abs().max()):.6g}); nothing was written"
+        )
+    return cast
+
+
+def write_buffers(updates: Mapping[nn.Module, Mapping[str, torch.Tensor]]) -> None:
+    """Copy the new values into the layers' buffers, in place; a ``num_batches_tracked`` of
+    None (torch allows it) stays None."""
+    with torch.no_grad():
+        for layer, values in updates.items():
+            for key, value in values.items():
+                buffer = getattr(layer, key, None)
+                if buffer is not None:
+                    buffer.copy_(value)
+
+
 def display_name(name: str) -> str:
     """A qualified module name as error messages show it (the model itself is ``<model>``)."""
     return repr(name) if name else "<model>"
@@ -142,136 +191,18 @@ def model_device(model: nn.Module) -> torch.device | None:
     return None
 
 
-def move_to_device(batch: Any, device: torch.device | None) -> Any:
-    """``batch`` with every tensor in it (nested tuples, lists, dicts) on ``device``."""
-    if device is None:
-        return batch
-    if isinstance(batch, torch.Tensor):
-        return batch if batch.device == device else batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {key: move_to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
-        return type(batch)(*(move_to_device(value, device) for value in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_to_device(value, device) for value in batch)
-    return batch
-
-
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """Call ``model`` the usual way for this kind of batch.
-
-    - a tensor ``x``: ``model(x)``;
-    - a tuple or list (``(input, target)``, as a ``DataLoader`` of a labelled dataset yields):
-      ``model(batch[0])``, as ``torch.optim.swa_utils.update_bn`` does;
-    - a dict: ``model(**batch)``, its keys being the model's keyword arguments (the Hugging
-      Face convention).
-
-    Anything else needs an explicit ``forward(model, batch)``.
-    """
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError(
-                "a batch is an empty tuple/list; there is no input to call the model on"
-            )
-        return model(batch[0])
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    raise TypeError(
-        f"do not know how to call the model on a batch of type {type(batch).__name__}; "
-        "pass forward=lambda model, batch: model(...) to say how"
-    )
-
-
-def first_tensor(batch: Any) -> torch.Tensor | None:
-    """The first tensor in ``batch`` (depth first, dicts in insertion order), or None."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        values: Iterable[Any] = batch.values()
-    elif isinstance(batch, (tuple, list)):
-        values = batch
-    else:
-        return None
-    for value in values:
-        found = first_tensor(value)
-        if found is not None:
-            return found
-    return None
-
-
-def batch_size(batch: Any) -> int | None:
-    """Samples in ``batch``: the first dimension of its first tensor (None without a tensor)."""
-    tensor = first_tensor(batch)
-    if tensor is None or tensor.dim() == 0:
-        return None
-    return int(tensor.shape[0])
-
-
-def trim_batch(batch: Any, keep: int, size: int) -> Any:
-    """The first ``keep`` samples of ``batch``: every tensor whose first dimension is ``size``
-    is cut to ``keep`` rows; everything else passes unchanged."""
-    if isinstance(batch, torch.Tensor):
-        return batch[:keep] if batch.dim() > 0 and batch.shape[0] == size else batch
-    if isinstance(batch, Mapping):
-        return {key: trim_batch(value, keep, size) for key, value in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(trim_batch(value, keep, size) for value in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(trim_batch(value, keep, size) for value in batch)
-    return batch
-
-
-def iterate_batches(
-    batches: Iterable[Any], max_samples: int | None = None
-) -> Iterator[tuple[Any, int | None]]:
-    """Yield ``(batch, samples)`` from ``batches``, stopping once ``max_samples`` are taken.
-
-    The batch that crosses ``max_samples`` is cut (see :func:`trim_batch`) so that exactly
-    ``max_samples`` samples are used, and no further batch is drawn (an endless loader is
-    fine). ``samples`` is the batch's first dimension (None if it holds no tensor).
-    """
-    if isinstance(batches, torch.Tensor):
-        raise TypeError(
-            "batches is a single tensor; pass an iterable of batches, "
-            "e.g. [x] or x.split(64) (iterating a tensor would yield its rows)"
-        )
-    if not isinstance(batches, Iterable):
-        raise TypeError(
-            "batches must be an iterable of batches (a DataLoader, a list of tensors, ...), "
-            f"got {type(batches).__name__}"
-        )
-    if max_samples is not None and (isinstance(max_samples, bool) or int(max_samples) < 1):
-        raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
-    taken = 0
-    for batch in batches:
-        size = batch_size(batch)
-        if max_samples is not None:
-            if size is None:
-                raise TypeError(
-                    "max_samples needs batches holding tensors (samples along the first "
-                    f"dimension); got a {type(batch).__name__} without any"
-                )
-            if taken + size > max_samples:
-                keep = int(max_samples) - taken
-                batch, size = trim_batch(batch, keep, size), keep
-        yield batch, size
-        taken += size or 0
-        if max_samples is not None and taken >= max_samples:
-            return
-
-
 def batchnorm_train_mode(model: nn.Module, layers: Mapping[str, _BatchNorm]) -> None:
-    """Every module in eval mode except the BN ``layers``, which go to training mode.
+    """Every module in eval mode except the BN ``layers``, whose own flag goes to training.
 
     The BN layers then normalize with each batch's own statistics (as in training, as
     ``update_bn`` and fvcore's precise BN do); dropout and every other module behave as at
-    test time, so the statistics describe the activations the model will see at test time.
+    test time, children of a BN layer included (timm's ``BatchNormAct2d`` with a DropBlock
+    ``drop_layer``), so the statistics describe the activations the model will see at test
+    time.
     """
     model.eval()
     for module in layers.values():
-        module.train()
+        module.training = True
 
 
 class PreservedState:

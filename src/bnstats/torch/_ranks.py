@@ -104,20 +104,26 @@ def global_rank(group: Any, group_rank: int) -> int:
 
 
 def _describe(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}"
+    try:
+        text = f"{type(error).__name__}: {error}"
+    except Exception:  # an exception whose __str__ raises still reaches the exchange
+        text = f"{type(error).__name__} (its message could not be read)"
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
 
 
-def run_and_exchange(group: Any, local: Callable[[], tuple[T, Any]]) -> tuple[T, list[Any]]:
+def run_and_exchange(
+    group: Any, local: Callable[[], tuple[T, Any]], call: dict[str, Any]
+) -> tuple[T, list[Any]]:
     """Run ``local()`` on this rank, then exchange every rank's outcome; raise if any failed.
 
-    ``local()`` returns ``(result, summary)``; ``summary`` is a small picklable object every
-    rank receives. One ``all_gather_object`` carries ``(error message or None, summary)``
-    from every rank. If any rank failed, every rank raises :class:`RankError` (chained to the
-    local exception on the rank that raised it); otherwise this returns this rank's
-    ``result`` and the list of every rank's ``summary``, in rank order. ``BaseException``s
-    that are not ``Exception``s (``KeyboardInterrupt``) propagate at once; the other ranks
-    then see the process group fail or time out.
+    ``call`` names the tool and its options (``{"tool": "recalibrate", ...}``); ``local()``
+    returns ``(result, summary)``, ``summary`` a small picklable object every rank receives.
+    One ``all_gather_object`` carries ``(call, error message or None, summary)`` from every
+    rank. If the ranks made different calls (rank 0 recalibrating while rank 1 audits), or
+    any rank failed, every rank raises :class:`RankError` (chained to the local exception on
+    the rank that raised it); otherwise this returns this rank's ``result`` and every rank's
+    ``summary``, in rank order. ``BaseException``s that are not ``Exception``s
+    (``KeyboardInterrupt``) propagate at once; the others then see the group fail or time out.
     """
     error: Exception | None = None
     result: Any = None
@@ -126,18 +132,33 @@ def run_and_exchange(group: Any, local: Callable[[], tuple[T, Any]]) -> tuple[T,
         result, summary = local()
     except Exception as caught:
         error = caught
-    mine = (None if error is None else _describe(error), summary)
+    mine = (call, None if error is None else _describe(error), summary)
     outcomes: list[Any] = [None] * torch.distributed.get_world_size(group)
     with _collective(group, "status exchange", error):
         torch.distributed.all_gather_object(outcomes, mine, group=group)
+    differing = {
+        global_rank(group, rank): f"called {_describe_call(other)}"
+        for rank, (other, _, _) in enumerate(outcomes)
+        if other != outcomes[0][0]
+    }
+    if differing:
+        what = f"did not make the same call as rank 0 ({_describe_call(outcomes[0][0])})"
+        raise RankError.of_ranks(differing, len(outcomes), what) from error
     failures = {
         global_rank(group, rank): message
-        for rank, (message, _) in enumerate(outcomes)
+        for rank, (_, message, _) in enumerate(outcomes)
         if message is not None
     }
     if failures:
         raise RankError.of_ranks(failures, len(outcomes), "failed") from error
-    return result, [summary for _, summary in outcomes]
+    return result, [summary for _, _, summary in outcomes]
+
+
+def _describe_call(call: Any) -> str:
+    if not isinstance(call, dict):
+        return repr(call)
+    options = ", ".join(f"{key}={value!r}" for key, value in call.items() if key != "tool")
+    return f"{call.get('tool')}({options})"
 
 
 def check_same_layers(group: Any, layouts: list[list[tuple[str, int, str]]]) -> None:

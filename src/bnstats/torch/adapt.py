@@ -15,17 +15,15 @@ On ResNet-50 and ImageNet-C full adaptation lowers the mCE from 76.7 to 62.2.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from bnstats._array import widen
-from bnstats.torch._across_ranks import collect_across_ranks
-from bnstats.torch._layers import Forward, display_name
-from bnstats.torch._moments import Collection, LayerMoments
-from bnstats.torch._ranks import Group
-from bnstats.torch.recalibrate import cast_buffer, write_buffers
+from bnstats.torch._layers import cast_buffer, display_name, layer_label, write_buffers
+from bnstats.torch._pass import LayerPass, Measured, PassOptions, measure
 
 
 def adapt(
@@ -34,10 +32,8 @@ def adapt(
     prior: float = 16,
     *,
     batch_size: int | None = None,
-    forward: Forward | None = None,
-    max_samples: int | None = None,
-    float64_moments: bool = False,
-    group: Group = None,
+    never_updated: str = "warn",
+    **options: Any,
 ) -> nn.Module:
     """Mix every BN layer's running statistics toward the statistics of ``batches``.
 
@@ -49,64 +45,78 @@ def adapt(
         running_mean = N / (N + n) * mu_source  + n / (N + n) * mu_target
         running_var  = N / (N + n) * var_source + n / (N + n) * var_target
 
-    computed in float64 and cast to each buffer's dtype. ``num_batches_tracked`` is left as
-    it was (it counts the source's history).
-
-    ``n`` is the number of target samples each prediction's statistics are adapted with,
-    the ``n`` of Schneider et al. (2020): by default the size (first dimension) of the
-    largest batch in ``batches`` (the loader's batch size, a short last batch
-    notwithstanding); give ``batch_size`` to set it explicitly. To weigh the target by all
-    the samples measured instead (a conjugate-prior reading), pass
-    ``batch_size=<number of samples>``.
+    computed in float64 and cast to each buffer's dtype; ``num_batches_tracked`` is left as
+    it was (it counts the source's history). ``n`` is the number of target samples each
+    prediction is adapted with (Schneider et al. 2020): by default the largest batch's size;
+    ``batch_size=`` sets it.
 
     Args:
-        model: the model; modified in place and returned.
+        model: the model (or a wrapper); modified in place and returned.
         batches: target-domain batches (tensors, ``(input, target)`` tuples, dicts).
         prior: ``N`` >= 0, the source statistics' worth in samples; 0 adapts fully (the
             same statistics as ``recalibrate`` on ``batches``).
-        batch_size: ``n``; default: the largest batch's size.
-        forward, max_samples, float64_moments, group: as for
-            :func:`~bnstats.torch.recalibrate`. In a group the target statistics, and the
-            default ``n`` (the largest batch on any rank), are those of all ranks' batches
-            together; each rank mixes them with its own source statistics.
+        batch_size: ``n``; default: the largest batch's size (in a group, on any rank).
+        never_updated: what to do with a layer whose source statistics were never updated
+            (``num_batches_tracked == 0``, or still exactly 0 and 1): mixing the target with
+            0 and 1 would be meaningless. ``"warn"`` (default): adapt fully there (as
+            ``prior=0``) and warn; ``"raise"``: ``ValueError`` naming the layers.
+        options: the pass's keyword options (:class:`bnstats.torch.PassOptions`).
 
     All or nothing, and the model's modes, momenta and hooks are left as found. Raises
     ``ValueError`` for a negative or non-finite ``prior``, a non-positive ``batch_size``,
     non-finite results (naming the layer), and the errors of ``recalibrate``.
     """
-    collected = collect_across_ranks(
+    if never_updated not in ("warn", "raise"):
+        raise ValueError(f"never_updated must be 'warn' or 'raise', got {never_updated!r}")
+    measured = measure(
         model,
         batches,
-        group=group,
+        PassOptions(**options),
+        tool="adapt",
         check=lambda _: _check_arguments(prior, batch_size),  # in a group: on every rank
-        forward=forward,
-        max_samples=max_samples,
-        float64_moments=float64_moments,
     )
     prior = float(prior)
-    n = _target_batch_size(collected) if batch_size is None else int(batch_size)
-    weights = (prior / (prior + n), n / (prior + n))
-    updates = {m.layer: _mixed_buffers(m, *weights) for m in collected.in_forward_order()}
+    n = _target_batch_size(measured) if batch_size is None else int(batch_size)
+    fresh = [m.name for m in measured.reached() if _never_updated(m.layer)]
+    if fresh:
+        names = ", ".join(display_name(name) for name in fresh)
+        if never_updated == "raise":
+            raise ValueError(
+                f"BN layer(s) {names} were never updated (running statistics still 0 and 1): "
+                "there is no source to mix with; recalibrate them, or pass never_updated='warn' "
+                "to adapt them fully; nothing was written"
+            )
+        warnings.warn(
+            f"bnstats.adapt: BN layer(s) {names} were never updated; their statistics are the "
+            "target's alone (prior 0 there)",
+            stacklevel=2,
+        )
+    updates = {}
+    for moments in measured.reached():
+        source_weight = 0.0 if moments.name in fresh else prior / (prior + n)
+        updates[moments.layer] = _mixed_buffers(measured, moments, source_weight)
     write_buffers(updates)
     return model
 
 
+def _never_updated(layer: nn.Module) -> bool:
+    tracked = layer.num_batches_tracked
+    if tracked is not None and int(tracked) == 0:
+        return True
+    return bool((layer.running_mean == 0).all() & (layer.running_var == 1).all())
+
+
 def _check_arguments(prior: Any, batch_size: Any) -> None:
-    _check_prior(prior)
-    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-
-
-def _check_prior(prior: Any) -> float:
     if isinstance(prior, bool) or not isinstance(prior, (int, float)):
         raise TypeError(f"prior must be a number (pseudo-samples), got {type(prior).__name__}")
     if not math.isfinite(prior) or prior < 0:
         raise ValueError(f"prior must be a finite number >= 0, got {prior!r}")
-    return float(prior)
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
 
 
-def _target_batch_size(collected: Collection) -> int:
-    sizes = [size for size in collected.batch_sizes if size is not None]
+def _target_batch_size(measured: Measured) -> int:
+    sizes = [size for size in measured.batch_sizes if size is not None]
     if not sizes:
         raise TypeError(
             "cannot tell the target batch size n from batches without tensors; pass batch_size="
@@ -115,22 +125,22 @@ def _target_batch_size(collected: Collection) -> int:
 
 
 def _mixed_buffers(
-    moments: LayerMoments, weight_source: float, weight_target: float
+    measured: Measured, moments: LayerPass, source_weight: float
 ) -> dict[str, torch.Tensor]:
     """``N / (N + n) * source + n / (N + n) * target`` per buffer, checked and cast."""
     layer = moments.layer
-    target = moments.population()  # raises NonFiniteStatisticsError naming the layer
+    target = measured.population(moments)  # raises NonFiniteStatisticsError naming the layer
     mixed = {}
     for key, target_value in (("running_mean", target.mean), ("running_var", target.var)):
-        source = widen(getattr(layer, key).detach())
-        if weight_source == 0.0:  # full adaptation; also ignores a non-finite source
+        if source_weight == 0.0:  # full adaptation; also ignores a non-finite source
             value = target_value
         else:
-            value = weight_source * source + weight_target * target_value
+            source = widen(getattr(layer, key).detach()).to(target_value.device)
+            value = source_weight * source + (1.0 - source_weight) * target_value
         if not bool(torch.isfinite(value).all()):
             raise ValueError(
-                f"BN layer {display_name(moments.name)}: the adapted {key} is NaN or Inf (the "
-                f"source {key} holds non-finite values); nothing was written"
+                f"{layer_label(moments.name)}: the adapted {key} is NaN or Inf (the source "
+                f"{key} holds non-finite values); nothing was written"
             )
         mixed[key] = cast_buffer(moments.name, key, value, layer)
     return mixed

@@ -26,11 +26,8 @@ import numpy as np
 from torch import nn
 
 from bnstats._array import to_numpy
-from bnstats.torch._across_ranks import collect_across_ranks
-from bnstats.torch._audit_table import format_report
-from bnstats.torch._layers import Forward, display_name, is_lazy_uninitialized
-from bnstats.torch._moments import LayerMoments
-from bnstats.torch._ranks import Group
+from bnstats.torch._layers import is_batchnorm, is_lazy_uninitialized, uninitialized_lazy_error
+from bnstats.torch._pass import LayerPass, PassOptions, measure
 
 NEVER_UPDATED = "never_updated"
 NONFINITE_RUNNING = "nonfinite_running_stats"
@@ -38,6 +35,10 @@ NONPOSITIVE_RUNNING_VAR = "nonpositive_running_var"
 NONFINITE_POPULATION = "nonfinite_population_stats"
 NEAR_ZERO_POPULATION_VAR = "near_zero_population_var"
 CALLED_MORE_THAN_ONCE = "called_more_than_once"
+START_STILL_WEIGHS = "start_still_weighs"
+NOT_REACHED = "not_reached"
+START_WEIGHT_LIMIT = 0.01
+"""``start_still_weighs``: an EMA whose initial 0 and 1 still weigh more than this."""
 MODEL_IN_TRAINING_MODE = "model_in_training_mode"
 
 KL_DIRECTION = "KL(N(population) || N(running)) per channel, in nats"
@@ -111,6 +112,8 @@ class AuditReport:
     flags: list[str]
     batches: int
     samples: int | None
+    fixed: list[str] = field(default_factory=list)
+    unreached: list[str] = field(default_factory=list)
 
     def worst_first(self) -> list[LayerAudit]:
         """The layers sorted by mean KL over channels, largest (or NaN) first."""
@@ -122,6 +125,8 @@ class AuditReport:
             "batches": self.batches,
             "samples": self.samples,
             "flags": list(self.flags),
+            "fixed_statistics_layers": list(self.fixed),
+            "unreached_layers": list(self.unreached),
             "kl_direction": KL_DIRECTION,
             "layers": [layer.to_dict(per_channel) for layer in self.layers],
         }
@@ -130,59 +135,69 @@ class AuditReport:
         return format_report(self)
 
 
-def audit(
-    model: nn.Module, batches: Any, *, forward: Forward | None = None, group: Group = None
-) -> AuditReport:
+def audit(model: nn.Module, batches: Any, **options: Any) -> AuditReport:
     """Compare every BN layer's running statistics with the population statistics on ``batches``.
 
     The population ``mu`` and unbiased ``var`` are measured exactly as
-    :func:`bnstats.torch.recalibrate` would store them (same single pass: BN layers
-    normalizing with batch statistics, everything else in eval mode), and nothing is
-    written: the model's state dict, modes, momenta and hooks are left exactly as found.
+    :func:`bnstats.torch.recalibrate` would store them (same single pass, same keyword
+    ``options``: see :class:`bnstats.torch.PassOptions`), and nothing is written: the model's
+    state dict, modes, momenta and hooks are left exactly as found. In a group the population
+    statistics are those of all ranks' batches together, compared with each rank's own running
+    statistics.
 
     Flags per layer: ``never_updated`` (``num_batches_tracked == 0``, or the buffers still
-    exactly 0 and 1), ``nonfinite_running_stats``, ``nonpositive_running_var``,
-    ``nonfinite_population_stats``, ``near_zero_population_var`` (a channel whose population
-    variance is below the layer's ``eps``: ``near_zero_var_channels``),
-    ``called_more_than_once`` (one forward used the module several times: its inputs mix).
-    Model flag: ``model_in_training_mode`` (the model, or a BN layer, is in training mode).
-
-    ``batches``, ``forward`` and ``group`` are as for :func:`~bnstats.torch.recalibrate`: in
-    a group the population statistics are those of all ranks' batches together (the same on
-    every rank), compared with each rank's own running statistics. Raises ``ValueError`` for
-    an uninitialized ``LazyBatchNorm*`` (measuring would initialize it).
+    exactly 0 and 1), ``start_still_weighs`` (an EMA whose initial 0 and 1 still weigh
+    ``(1 - momentum)**num_batches_tracked`` > 1 % and the statistics are more than 1 % off),
+    ``nonfinite_running_stats``,
+    ``nonpositive_running_var``, ``nonfinite_population_stats`` (some batch brought NaN or
+    Inf: by default such batches are left out of the population and the layer is flagged;
+    ``nonfinite="raise"`` fails instead),
+    ``near_zero_population_var`` (a channel whose population variance is below ``eps``),
+    ``called_more_than_once`` (one forward used the module several times). Model flag:
+    ``model_in_training_mode``. Layers with fixed statistics and (``unreached="keep"``) layers
+    no forward reached are listed in ``fixed`` and ``unreached``. Raises ``ValueError`` for an
+    uninitialized ``LazyBatchNorm*`` (measuring would initialize it).
     """
-    collected = collect_across_ranks(
-        model, batches, group=group, forward=forward, check=_check_initialized
+    options.setdefault("nonfinite", "skip")  # an audit reports NaN batches (flagged) by default
+    measured = measure(
+        model, batches, PassOptions(**options), tool="audit", check=_check_initialized
     )
-    layers = [_audit_layer(moments) for moments in collected.layers.values()]
+    layers = [
+        _audit_layer(m, measured.skipped.get(m.name, 0))
+        for m in measured.layers.values()
+        if m.name not in measured.unreached
+    ]
     flags = [MODEL_IN_TRAINING_MODE] if _in_training_mode(model) else []
-    sizes = collected.batch_sizes
+    sizes = measured.batch_sizes
     samples = None if any(size is None for size in sizes) else int(sum(sizes))
-    return AuditReport(layers=layers, flags=flags, batches=len(sizes), samples=samples)
+    return AuditReport(
+        layers=layers,
+        flags=flags,
+        batches=len(sizes),
+        samples=samples,
+        fixed=list(measured.fixed),
+        unreached=list(measured.unreached),
+    )
 
 
 def _check_initialized(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if is_lazy_uninitialized(module):
-            raise ValueError(
-                f"layer {display_name(name)} is an uninitialized {type(module).__name__}: it "
-                "has no running statistics yet; run one forward (or recalibrate) first"
-            )
+            raise ValueError(uninitialized_lazy_error(name, module) + " or recalibrate first")
 
 
 def _in_training_mode(model: nn.Module) -> bool:
-    bn = nn.modules.batchnorm._BatchNorm
-    return model.training or any(m.training for m in model.modules() if isinstance(m, bn))
+    return model.training or any(m.training for m in model.modules() if is_batchnorm(m))
 
 
-def _audit_layer(moments: LayerMoments) -> LayerAudit:
+def _audit_layer(moments: LayerPass, skipped: int) -> LayerAudit:
     layer = moments.layer
     eps = float(layer.eps)
+    population = moments.population
     running_mean = to_numpy(layer.running_mean)
     running_var = to_numpy(layer.running_var)
-    mu = to_numpy(moments.mean)
-    var = to_numpy(moments.var)
+    mu = to_numpy(population.mean)
+    var = to_numpy(population.var)
     with np.errstate(all="ignore"):
         mean_shift = np.abs(running_mean - mu) / np.sqrt(var + eps)
         var_ratio = (running_var + eps) / (var + eps)
@@ -195,13 +210,15 @@ def _audit_layer(moments: LayerMoments) -> LayerAudit:
         kind=type(layer).__name__,
         num_features=int(layer.num_features),
         num_batches_tracked=tracked,
-        samples=float(moments.count),
+        samples=float(population.count),
         calls_per_forward=moments.max_calls_per_forward,
         mean_shift=_summary(mean_shift, mean_shift),
         var_ratio=_summary(var_ratio, log_ratio),
         kl=_summary(kl, kl),
         near_zero_var_channels=near_zero,
-        flags=_layer_flags(moments, running_mean, running_var, mu, var, near_zero, tracked),
+        flags=_layer_flags(
+            moments, running_mean, running_var, mu, var, near_zero, tracked, skipped
+        ),
         running_mean=running_mean,
         running_var=running_var,
         population_mean=mu,
@@ -216,29 +233,112 @@ def _summary(values: np.ndarray, badness: np.ndarray) -> ChannelSummary:
     return ChannelSummary(float(np.mean(values)), float(values[channel]), channel)
 
 
+def _start_weight(layer: nn.Module, tracked: int | None) -> float:
+    """``(1 - momentum)**t``: what the initial 0 and 1 still weigh in an EMA's buffers after
+    ``t`` updates (0 for the cumulative average and the bias-corrected EMA, which drop them)."""
+    momentum = getattr(layer, "momentum", None)
+    estimator = getattr(layer, "estimator", None)
+    if momentum is None or tracked is None or getattr(estimator, "debias", False):
+        return 0.0
+    return (1.0 - float(momentum)) ** tracked
+
+
+def _agrees(
+    running_mean: np.ndarray, running_var: np.ndarray, mu: np.ndarray, var: np.ndarray, eps: float
+) -> bool:
+    """Running statistics within 1 % of the population's (a recalibrated layer, whatever its
+    ``num_batches_tracked`` says about the start's weight)."""
+    with np.errstate(all="ignore"):
+        shift = np.abs(running_mean - mu) / np.sqrt(var + eps)
+        ratio = (running_var + eps) / (var + eps)
+    return bool(
+        np.all(shift < START_WEIGHT_LIMIT) and np.all(np.abs(ratio - 1) < START_WEIGHT_LIMIT)
+    )
+
+
 def _layer_flags(
-    moments: LayerMoments,
+    moments: LayerPass,
     running_mean: np.ndarray,
     running_var: np.ndarray,
     mu: np.ndarray,
     var: np.ndarray,
     near_zero: list[int],
     tracked: int | None,
+    skipped: int,
 ) -> list[str]:
     flags = []
     if tracked == 0 or (np.all(running_mean == 0) and np.all(running_var == 1)):
         flags.append(NEVER_UPDATED)
+    elif _start_weight(moments.layer, tracked) > START_WEIGHT_LIMIT and not _agrees(
+        running_mean, running_var, mu, var, float(moments.layer.eps)
+    ):
+        flags.append(START_STILL_WEIGHS)
     if not (np.isfinite(running_mean).all() and np.isfinite(running_var).all()):
         flags.append(NONFINITE_RUNNING)
     if np.any(running_var <= 0):
         flags.append(NONPOSITIVE_RUNNING_VAR)
-    if not (np.isfinite(mu).all() and np.isfinite(var).all()):
+    if skipped or not (np.isfinite(mu).all() and np.isfinite(var).all()):
         flags.append(NONFINITE_POPULATION)
     if near_zero:
         flags.append(NEAR_ZERO_POPULATION_VAR)
     if moments.max_calls_per_forward > 1:
         flags.append(CALLED_MORE_THAN_ONCE)
     return flags
+
+
+# -- the plain-text table ----------------------------------------------------------------------
+
+_HEADER = (
+    "layer",
+    "C",
+    "tracked",
+    "shift mean/max",
+    "var ratio mean/worst",
+    "KL mean/max",
+    "flags",
+)
+
+
+def _number(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _row(layer: LayerAudit) -> tuple[str, ...]:
+    return (
+        layer.name or "<model>",
+        str(layer.num_features),
+        "-" if layer.num_batches_tracked is None else str(layer.num_batches_tracked),
+        f"{_number(layer.mean_shift.mean)} / {_number(layer.mean_shift.worst)}",
+        f"{_number(layer.var_ratio.mean)} / {_number(layer.var_ratio.worst)}",
+        f"{_number(layer.kl.mean)} / {_number(layer.kl.worst)}",
+        ", ".join(layer.flags),
+    )
+
+
+def format_report(report: AuditReport) -> str:
+    """A readable table: one row per BN layer, sorted by mean KL, largest first."""
+    samples = "?" if report.samples is None else str(report.samples)
+    lines = [
+        f"bnstats audit: {len(report.layers)} BN layers, {samples} samples in "
+        f"{report.batches} batches; worst layers first",
+        f"shift = |running_mean - mu| / sqrt(var + eps); var ratio = (running_var + eps) / "
+        f"(var + eps); KL = {KL_DIRECTION}",
+    ]
+    if report.flags:
+        lines.append("model flags: " + ", ".join(report.flags))
+    if report.fixed:
+        lines.append("layers with fixed statistics (not audited): " + ", ".join(report.fixed))
+    if report.unreached:
+        lines.append("BN layers no forward reached: " + ", ".join(report.unreached))
+    rows = [_HEADER, *(_row(layer) for layer in report.worst_first())]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
+    for row in rows:
+        cells = [
+            cell.ljust(width) if i in (0, len(row) - 1) else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
 
 
 def _json_number(value: float) -> float | None:

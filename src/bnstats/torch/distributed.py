@@ -26,23 +26,25 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnstats.stats import Population
 from bnstats.torch._layers import (
-    display_name,
+    cast_buffer,
     find_batchnorm_layers,
     is_lazy_uninitialized,
+    layer_label,
+    uninitialized_lazy_error,
     unwrap,
+    write_buffers,
 )
 from bnstats.torch._ranks import (
     Group,
     RankError,
     all_gather_float64,
     check_same_layers,
-    global_rank,
     layout_of,
     resolve_group,
     run_and_exchange,
 )
-from bnstats.torch.recalibrate import cast_buffer, write_buffers
 
 _HEADER = 2  # weight, num_batches_tracked
 
@@ -59,9 +61,10 @@ def sync_running_stats(
         var  = sum(w_k * var_k) / sum(w_k) + sum(w_k * (mean_k - mean)**2) / sum(w_k)
 
     The second term is the spread of the ranks' means, which averaging the variances alone
-    (timm's ``distribute_bn`` with ``reduce=True``) drops. Computed in float64, rank by
-    rank in rank order, identically on every rank, so the buffers come out bit-identical
-    on all ranks; ``num_batches_tracked`` becomes the largest over the ranks.
+    (timm's ``distribute_bn`` with ``reduce=True``) drops. It is :class:`bnstats.Population`'s
+    merge of ``(count, mean, m2) = (w_k, mean_k, w_k * var_k)``, ``var = m2 / count``, in
+    float64, rank by rank in rank order, identically on every rank, so the buffers come out
+    bit-identical on all ranks; ``num_batches_tracked`` becomes the largest over the ranks.
 
     ``w_k``: by default each layer's ``num_batches_tracked`` on rank ``k`` (under
     ``DistributedDataParallel`` all ranks take the same steps, so the ranks count equally;
@@ -95,24 +98,12 @@ def sync_running_stats(
         flat = torch.cat([_pack(name, layer, own) for name, layer in layers.items()])
         return (layers, flat), (layout_of(layers), own is not None)
 
-    (layers, flat), summaries = run_and_exchange(chosen, local)
+    call = {"tool": "sync_running_stats", "weight_given": weight is not None}
+    (layers, flat), summaries = run_and_exchange(chosen, local, call)
     check_same_layers(chosen, [layout for layout, _ in summaries])
-    _check_same_weighting(chosen, [explicit for _, explicit in summaries])
     gathered = all_gather_float64(chosen, flat)
     write_buffers(_pooled_buffers(layers, gathered))
     return model
-
-
-def _check_same_weighting(group: Any, explicit: list[bool]) -> None:
-    differing = {
-        global_rank(group, rank): f"weight= {'given' if given else 'not given'}"
-        for rank, given in enumerate(explicit)
-        if given != explicit[0]
-    }
-    if differing:
-        given = "given" if explicit[0] else "not given"
-        what = f"did not weigh as rank 0 does (weight= {given})"
-        raise RankError.of_ranks(differing, len(explicit), what)
 
 
 def _check_weight(weight: Any) -> float | None:
@@ -128,18 +119,15 @@ def _check_weight(weight: Any) -> float | None:
 def _pack(name: str, layer: _BatchNorm, weight: float | None) -> torch.Tensor:
     """``[w, num_batches_tracked, running_mean, running_var]`` of one layer, float64."""
     if is_lazy_uninitialized(layer):
-        raise ValueError(
-            f"BN layer {display_name(name)} is an uninitialized {type(layer).__name__}: it "
-            "has no running statistics yet; run one forward first"
-        )
+        raise ValueError(uninitialized_lazy_error(name, layer))
     mean = layer.running_mean.detach().double().cpu()
     var = layer.running_var.detach().double().cpu()
     if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
         raise ValueError(
-            f"BN layer {display_name(name)}: running_mean or running_var holds NaN or Inf; "
-            "pooling it would spread it to every rank (recalibrate this layer instead)"
+            f"{layer_label(name)}: running_mean or running_var holds NaN or Inf; pooling it "
+            "would spread it to every rank (recalibrate this layer instead)"
         )
-    tracked = float(layer.num_batches_tracked)
+    tracked = float(layer.num_batches_tracked) if layer.num_batches_tracked is not None else 0.0
     header = torch.tensor([tracked if weight is None else weight, tracked], dtype=torch.float64)
     return torch.cat([header, mean, var])
 
@@ -173,17 +161,18 @@ def _unpack(
 def pooled_moments(
     parts: list[tuple[float, float, torch.Tensor, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pooled ``(mean, var)`` of ``parts = [(w_k, _, mean_k, var_k), ...]`` (see
-    :func:`sync_running_stats`), summed in list order with element-wise operations only;
-    equal weights if ``sum(w_k) == 0``."""
+    """The pooled ``(mean, var)`` of ``parts = [(w_k, _, mean_k, var_k), ...]``: each rank's
+    running statistics as a :class:`bnstats.Population` ``(w_k, mean_k, w_k * var_k)``,
+    merged in list order, ``var = m2 / count`` (the mixture's, see
+    :func:`sync_running_stats`); equal weights if every ``w_k`` is 0."""
     weights = [part[0] for part in parts]
     if sum(weights) == 0:
         weights = [1.0] * len(parts)
-    total = sum(weights)
-    mean = sum(w * part[2] for w, part in zip(weights, parts, strict=True)) / total
-    within = sum(w * part[3] for w, part in zip(weights, parts, strict=True)) / total
-    between = sum(w * (part[2] - mean) ** 2 for w, part in zip(weights, parts, strict=True))
-    return mean, within + between / total
+    pooled = Population()
+    for weight, (_, _, mean, var) in zip(weights, parts, strict=True):
+        if weight > 0:
+            pooled = pooled.merge(Population.from_moments(weight, mean, weight * var))
+    return pooled.mean, pooled.biased_var
 
 
 __all__ = ["RankError", "sync_running_stats"]

@@ -11,41 +11,37 @@ with or without ``debias``, and :class:`bnstats.CumulativeAverage`) updates, at 
 
 with its own weight ``w_t = estimator.weight(t)``: ``momentum`` for the EMA, ``1 / t`` for
 the cumulative average, ``momentum / (1 - (1 - momentum)**t)`` for the bias-corrected EMA.
-That is torch's update with ``momentum = w_t``, so the fused kernel (``F.batch_norm``)
-updates the buffers from its own batch statistics, with no second pass over the data; and
-``running_mean``, ``running_var`` and ``num_batches_tracked`` describe the state entirely,
-so the state dict is torch's, key for key.
+``running_mean``, ``running_var`` and ``num_batches_tracked`` describe the state entirely, so
+the state dict is torch's, key for key, and ``module.estimator`` reads its state from them.
+
+Nothing in a training step reads a device value on the host (on a GPU each read stalls the
+launch queue): the kernel that normalizes the batch leaves its ``mean`` and unbiased
+``var`` in a scratch pair, ``w_t`` is computed on the device from ``num_batches_tracked``,
+and an update that would make the statistics NaN or Inf is undone on the device
+(``torch.where``; pytorch#88474, #90342) and counted in ``num_batches_skipped``. With
+``nonfinite="raise"`` the error surfaces without blocking: on the CPU at once, on a GPU at
+the layer's next forward (a flag copied asynchronously). The same code traces with
+``torch.fx.symbolic_trace``, ``torch.compile(fullgraph=True)`` and ``torch.export``.
 """
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnstats.stats import EMA, CumulativeAverage, NonFiniteStatisticsError, RunningAverage
-from bnstats.torch._layers import is_lazy_uninitialized
+from bnstats.torch._layers import fewer_than_two_values, is_lazy_uninitialized
 
 _UNSET: Any = object()
 _STATISTICS = ("running_mean", "running_var")
 _NARROW_DTYPES = (torch.float16, torch.bfloat16)
-
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
+_KERNEL_BUFFER_DTYPES = (torch.float32, torch.float64)
 
 
 def check_estimator(estimator: Any) -> RunningAverage:
@@ -59,6 +55,15 @@ def check_estimator(estimator: Any) -> RunningAverage:
     return estimator
 
 
+class FixedStatistics(RunningAverage):
+    """torch's ``momentum=0.0``: ``w_t = 0``, the running statistics never move."""
+
+    momentum = 0.0
+
+    def weight(self, t: int) -> float:
+        return 0.0
+
+
 def _estimator_from(momentum: Any, estimator: RunningAverage | None) -> RunningAverage:
     if estimator is not None:
         if momentum is not _UNSET:
@@ -66,19 +71,45 @@ def _estimator_from(momentum: Any, estimator: RunningAverage | None) -> RunningA
         return check_estimator(estimator)
     if momentum is _UNSET:
         return EMA(0.1)
-    return CumulativeAverage() if momentum is None else EMA(momentum)
+    if momentum is None:
+        return CumulativeAverage()
+    return FixedStatistics() if momentum == 0 else EMA(momentum)
 
 
-class _EstimatorBatchNorm:
-    """The shared body of :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`."""
+def _constant_weight(schedule: RunningAverage) -> float | None:
+    """``w_t`` when it does not depend on ``t`` (the plain EMA, momentum 0), else None."""
+    if isinstance(schedule, FixedStatistics):
+        return 0.0
+    if isinstance(schedule, EMA) and not schedule.debias:
+        return schedule.momentum
+    return None
+
+
+def is_tracing(x: Any) -> bool:
+    """True under ``torch.fx.symbolic_trace``, ``torch.compile``, ``torch.export`` and
+    ``torch.jit.trace``: no Python-side checks of values or shapes then."""
+    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():
+        return True
+    compiler = torch.compiler
+    exporting = getattr(compiler, "is_exporting", lambda: False)
+    return bool(compiler.is_compiling() or exporting())
+
+
+class EstimatorBatchNorm:
+    """The shared body of bnstats' BN modules: BatchNorm, BatchRenorm and GhostBatchNorm.
+
+    A subclass changes how a training batch is normalized by overriding
+    :meth:`_train_forward`, built from :meth:`_normalize_and_update`; the estimator, the
+    non-finite protection and the kernel-moments switch of the one-pass tools are here.
+    """
 
     _dims: tuple[int, ...] = ()
     _layout = ""
-    estimator: RunningAverage
     _moments_from_kernel = False
-    """Set on a layer while bnstats' own one-pass tools (recalibrate, audit, adapt) read each
-    batch's moments from its buffers: the update weight is 1 and the non-finite check is left
-    to the tool (see :mod:`bnstats.torch._moments`)."""
+    """Set while bnstats' one-pass tools take each batch's moments from the buffers (see
+    :func:`moments_from_kernel`): update weight 1, no counting, no check."""
+    _frozen_for_pass = False
+    """Set while a pass measures this layer itself: batch statistics, no buffer update."""
 
     def __init__(
         self,
@@ -98,10 +129,36 @@ class _EstimatorBatchNorm:
         super().__init__(  # type: ignore[call-arg]
             num_features, eps, 0.1, affine, track_running_stats, device, dtype, **extra
         )
-        self.estimator = chosen
+        self._schedule = chosen
+        self.register_buffer(
+            "num_batches_skipped", torch.zeros((), dtype=torch.long, device=device), False
+        )
         self.qualified_name: str | None = None
+        self._pending: tuple[torch.Tensor, Any, tuple[int, ...]] | None = None
+        self._host_step = 0
+        """``num_batches_tracked`` as the host knows it, for ``w_t`` without a device read."""
 
-    # -- momentum, as torch's tools (update_bn, fvcore) read and set it ----------------------
+    # -- the estimator: decides the weights, reads its state from the buffers ----------------
+    @property
+    def estimator(self) -> RunningAverage:
+        """The estimator deciding ``w_t``; its ``mean``, ``var``, ``num_batches_tracked`` and
+        ``num_batches_skipped`` are read from this module's buffers when asked for (a host
+        read: not for per-step code). A BN module keeps no sample count: ``count`` is 0."""
+        schedule = self._schedule
+        tracked = self.num_batches_tracked
+        schedule.reset()
+        if self.running_mean is not None and tracked is not None and int(tracked) > 0:
+            schedule._running_mean = self.running_mean.detach().clone()
+            schedule._running_var = self.running_var.detach().clone()
+            schedule._shape = tuple(self.running_mean.shape)
+            schedule.num_batches_tracked = int(tracked)
+        schedule.num_batches_skipped = int(self.num_batches_skipped)
+        return schedule
+
+    @estimator.setter
+    def estimator(self, value: RunningAverage) -> None:
+        self._schedule = check_estimator(value)
+
     @property
     def momentum(self) -> float | None:
         """The estimator as torch's ``momentum``: the EMA's momentum, None when cumulative.
@@ -110,26 +167,29 @@ class _EstimatorBatchNorm:
         :class:`~bnstats.CumulativeAverage`, a number an :class:`~bnstats.EMA` with that
         momentum (keeping ``debias`` and ``nonfinite`` of the last EMA).
         """
-        estimator = self.__dict__.get("estimator")
-        return estimator.momentum if isinstance(estimator, EMA) else None
+        return getattr(self.__dict__.get("_schedule"), "momentum", None)
 
     @momentum.setter
     def momentum(self, value: float | None) -> None:
-        estimator = self.__dict__.get("estimator")
-        if estimator is None:  # torch's __init__ sets momentum before the estimator exists
+        schedule = self.__dict__.get("_schedule")
+        if schedule is None:  # torch's __init__ sets momentum before the estimator exists
             return
         template = self.__dict__.get("_last_ema", EMA(0.1))
         if value is None:
-            self.estimator = CumulativeAverage(nonfinite=estimator.nonfinite)
+            self._schedule = CumulativeAverage(nonfinite=schedule.nonfinite)
+        elif value == 0:
+            self._schedule = FixedStatistics(nonfinite=schedule.nonfinite)
         else:
-            self.estimator = EMA(value, debias=template.debias, nonfinite=estimator.nonfinite)
+            self._schedule = EMA(value, debias=template.debias, nonfinite=schedule.nonfinite)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "estimator":
-            check_estimator(value)
-            if isinstance(value, EMA):
-                self.__dict__["_last_ema"] = value
+        if name == "_schedule" and isinstance(value, EMA):
+            self.__dict__["_last_ema"] = value
         super().__setattr__(name, value)  # type: ignore[misc]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # type: ignore[misc]
+        return {**state, "_pending": None}  # a CUDA event does not copy or pickle
 
     # -- forward ------------------------------------------------------------------------------
     def _label(self) -> str:
@@ -138,64 +198,178 @@ class _EstimatorBatchNorm:
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         shape = tuple(input.shape)
-        if input.dim() not in self._dims or shape[1] != self.num_features:
-            expected = self._layout.replace("C", str(self.num_features))
-            raise ValueError(f"{self._label()}: expected input of shape {expected}, got {shape}")
+        expected = self._layout.replace("C", str(self.num_features))
+        ranks = " or ".join(f"{rank}D" for rank in self._dims)
+        if input.dim() not in self._dims:
+            raise ValueError(
+                f"{self._label()}: expected {ranks} input of shape {expected}, got {shape}"
+            )
+        if shape[1] != self.num_features:
+            raise ValueError(
+                f"{self._label()} expects {self.num_features} channels on axis 1: expected "
+                f"input of shape {expected}, got {shape}"
+            )
 
-    def _update_weight(self) -> float:
-        """``w_t`` for the batch about to be merged, ``t = num_batches_tracked + 1``."""
-        estimator = self.estimator
-        if isinstance(estimator, EMA) and not estimator.debias:
-            return estimator.momentum  # constant: no need to read t (a device sync)
-        return float(estimator.weight(int(self.num_batches_tracked) + 1))
+    def _check_input(self, input: torch.Tensor, batch_stats: bool) -> None:
+        """The rank and channels of ``input`` and, when it is normalized by its own
+        statistics, at least 2 values per channel; ``ValueError`` naming the module."""
+        self._check_input_dim(input)
+        if batch_stats and input.numel() // input.shape[1] < 2:
+            when = " in training" if self.training else ""
+            raise ValueError(fewer_than_two_values(self._label(), tuple(input.shape), when))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``z_tilde = weight * (z - mu) / sqrt(var + eps) + bias``: the batch's ``mu``, ``var``
-        in training (then the running buffers are updated with ``w_t``), the running ones in
-        eval mode."""
-        self._check_input_dim(input)
-        updating = self.training and self.track_running_stats
-        w_t, before = 0.0, None
-        if updating and self._moments_from_kernel:
-            w_t = 1.0
-            self.num_batches_tracked.add_(1)
-        elif updating:
-            w_t = self._update_weight()
-            before = (self.running_mean.clone(), self.running_var.clone())
-            self.num_batches_tracked.add_(1)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        in training (the running buffers then take the batch with weight ``w_t``), the
+        running ones in eval mode."""
+        no_buffers = self.running_mean is None and self.running_var is None
+        batch_stats = self.training or no_buffers
+        if not is_tracing(input):
+            self._check_input(input, batch_stats)
+            self._settle_pending()
+        if self.training and self.track_running_stats and not no_buffers:
+            return self._train_forward(input)
         tracked = not self.training or self.track_running_stats
-        weight, bias = self._affine_like_statistics()
-        output = F.batch_norm(
-            input,
-            self.running_mean if tracked else None,
-            self.running_var if tracked else None,
-            weight,
-            bias,
-            use_batch_stats,
-            w_t,
-            self.eps,
-        )
-        if before is not None:
-            self._guard_nonfinite(before, tuple(input.shape))
+        return self._batch_norm(input, tracked, batch_stats, 0.0)
+
+    def _train_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """A training batch: normalized by its statistics, which the buffers then take."""
+        output, bad = self._normalize_and_update(input)
+        self._defer_raise(input, bad)
         return output
 
-    def _guard_nonfinite(self, before: tuple[torch.Tensor, torch.Tensor], shape: tuple) -> None:
-        """Undo an update that made the running statistics NaN or Inf (pytorch#90342), then
-        raise or skip as ``estimator.nonfinite`` says."""
-        if bool(torch.isfinite(self.running_mean).all() & torch.isfinite(self.running_var).all()):
+    def _batch_norm(
+        self, x: torch.Tensor, tracked: bool, batch_stats: bool, weight: float, affine: bool = True
+    ) -> torch.Tensor:
+        gamma, beta = self._affine_like_statistics() if affine else (None, None)
+        return F.batch_norm(
+            x,
+            self.running_mean if tracked else None,
+            self.running_var if tracked else None,
+            gamma,
+            beta,
+            batch_stats,
+            weight,
+            self.eps,
+        )
+
+    def _normalize_and_update(
+        self, x: torch.Tensor, affine: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalize ``x`` with its own statistics and merge them into the buffers with
+        ``w_t``; returns the output and the device flag "this batch was NaN/Inf, undone"."""
+        if self._moments_from_kernel:
+            return self._batch_norm(x, True, True, 1.0, affine), None
+        if self._frozen_for_pass:
+            return self._batch_norm(x, False, True, 0.0, affine), None
+        if is_tracing(x):
+            return self._traced_update(x, affine)
+        updated = torch.stack((self.running_mean, self.running_var))  # a copy for the kernel
+        weight = self._schedule.weight(self._host_step + 1)
+        gamma, beta = self._affine_like_statistics() if affine else (None, None)
+        output = F.batch_norm(x, updated[0], updated[1], gamma, beta, True, weight, self.eps)
+        self._host_step += 1
+        return output, self._keep_if_finite(updated)
+
+    def _keep_if_finite(self, updated: torch.Tensor) -> torch.Tensor:
+        """Take the ``updated`` (2, C) statistics into the buffers unless they hold NaN or
+        Inf, decided on the device; count the batch as tracked or skipped. Returns the flag
+        "undone". (The kernel updates a copy: autograd keeps what it saved untouched.)"""
+        finite = torch.isfinite(updated).all()
+        self.running_mean.copy_(torch.where(finite, updated[0], self.running_mean))
+        self.running_var.copy_(torch.where(finite, updated[1], self.running_var))
+        self.num_batches_tracked.add_(finite.long())
+        bad = finite.logical_not()
+        self.num_batches_skipped.add_(bad.long())
+        return bad
+
+    def _traced_update(
+        self, x: torch.Tensor, affine: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The same update for compilers and tracers: ``w_t`` computed on the device from
+        ``num_batches_tracked``; the kernel leaves the batch's ``mean`` and unbiased ``var``
+        in a scratch pair, merged as the kernel would (equal to the eager update to float
+        rounding)."""
+        running = torch.stack((self.running_mean, self.running_var))
+        batch = torch.zeros_like(running)  # the kernel writes 0 * 0 + 1 * (mean, var)
+        gamma, beta = self._affine_like_statistics() if affine else (None, None)
+        output = F.batch_norm(x, batch[0], batch[1], gamma, beta, True, 1.0, self.eps)
+        keep, weight = self._device_weights(running)
+        self._keep_if_finite(batch * weight + running * keep)
+        return output, None
+
+    def _device_weights(self, like: torch.Tensor) -> tuple[Any, Any]:
+        """``(1 - w_t, w_t)`` for ``t = num_batches_tracked + 1``: numbers for the plain EMA,
+        else tensors computed on the device (no host read of the step)."""
+        schedule = self._schedule
+        constant = _constant_weight(schedule)
+        if constant is not None:
+            return 1.0 - constant, constant
+        t = (self.num_batches_tracked + 1).to(torch.float64)
+        if isinstance(schedule, EMA):  # momentum / (1 - (1 - momentum)**t), exactly 1 at t=1
+            decayed = torch.pow(torch.full_like(t, 1.0 - schedule.momentum), t)
+            weight = torch.where(t == 1, torch.ones_like(t), schedule.momentum / (1.0 - decayed))
+        else:
+            weight = 1.0 / t
+        weight = weight.to(like.dtype)
+        return 1.0 - weight, weight
+
+    # -- non-finite batches: never a blocking read ------------------------------------------
+    def _defer_raise(self, input: torch.Tensor, bad: torch.Tensor | None) -> None:
+        """Hand the "undone" flag over to the host without blocking, when the host needs it:
+        under ``nonfinite="raise"``, or to keep the host step in step with
+        ``num_batches_tracked`` for a weight that depends on it. On the CPU it is read at
+        once; on a GPU it is copied asynchronously and read at this layer's next forward
+        (:meth:`_settle_pending`)."""
+        if bad is None:
             return
-        with torch.no_grad():
-            self.running_mean.copy_(before[0])
-            self.running_var.copy_(before[1])
-            self.num_batches_tracked.sub_(1)
-        self.estimator.num_batches_skipped += 1
-        if self.estimator.nonfinite == "raise":
+        schedule = self._schedule
+        if schedule.nonfinite != "raise" and _constant_weight(schedule) is not None:
+            return
+        shape = tuple(input.shape)
+        if bad.device.type == "cpu":
+            self._pending = (bad, None, shape)
+            self._settle_pending()
+            return
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(bad, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (flag, event, shape)
+
+    def _settle_pending(self) -> None:
+        """Take in a batch flagged NaN/Inf (its update was already undone on the device): the
+        host step goes back one, and under ``nonfinite="raise"``
+        :class:`NonFiniteStatisticsError` names the layer. Waits at most for the previous
+        step's flag."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        flag, event, shape = pending
+        if event is not None:
+            event.synchronize()
+        if not flag:
+            return
+        self._host_step -= 1
+        if self._schedule.nonfinite == "raise":
             raise NonFiniteStatisticsError(
                 f"{self._label()}: a batch of shape {shape} brought NaN or Inf statistics; the "
                 "running statistics were left unchanged (estimator nonfinite='skip' ignores "
                 "such batches)"
             )
+
+    def sync_counters(self) -> None:
+        """Re-read ``num_batches_tracked`` into the host step after the buffers were written
+        from outside (bnstats' tools and ``load_state_dict`` do this themselves; needed after
+        writing the buffer by hand, or before eager steps that follow compiled ones with a
+        debiased EMA or the cumulative average). A host read: not for per-step code."""
+        self._pending = None
+        tracked = self.num_batches_tracked
+        self._host_step = 0 if tracked is None else int(tracked)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
+        self.sync_counters()
 
     # -- float16 / bfloat16: statistics stay in float32 -----------------------------------
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
@@ -221,16 +395,16 @@ class _EstimatorBatchNorm:
         return weight.to(stats.dtype), None if bias is None else bias.to(stats.dtype)
 
     def extra_repr(self) -> str:
-        estimator = self.estimator
-        config = ", ".join(f"{k}={getattr(estimator, k)!r}" for k in estimator._config_keys)
+        schedule = self._schedule
+        config = ", ".join(f"{k}={getattr(schedule, k)!r}" for k in schedule._config_keys)
         return (
             f"{self.num_features}, eps={self.eps}, "
-            f"estimator={type(estimator).__name__}({config}), "
+            f"estimator={type(schedule).__name__}({config}), "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}"
         )
 
 
-class BatchNorm1d(_EstimatorBatchNorm, nn.BatchNorm1d):
+class BatchNorm1d(EstimatorBatchNorm, nn.BatchNorm1d):
     """``nn.BatchNorm1d`` (input (N, C) or (N, C, L)) with a pluggable running estimator.
 
     Same arguments as torch's, plus ``estimator=`` (default ``EMA(0.1)``, torch's update);
@@ -241,7 +415,7 @@ class BatchNorm1d(_EstimatorBatchNorm, nn.BatchNorm1d):
     _layout = "(N, C) or (N, C, L)"
 
 
-class BatchNorm2d(_EstimatorBatchNorm, nn.BatchNorm2d):
+class BatchNorm2d(EstimatorBatchNorm, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (input (N, C, H, W)) with a pluggable running estimator.
 
     Same arguments as torch's, plus ``estimator=`` (default ``EMA(0.1)``, torch's update);
@@ -252,7 +426,7 @@ class BatchNorm2d(_EstimatorBatchNorm, nn.BatchNorm2d):
     _layout = "(N, C, H, W)"
 
 
-class BatchNorm3d(_EstimatorBatchNorm, nn.BatchNorm3d):
+class BatchNorm3d(EstimatorBatchNorm, nn.BatchNorm3d):
     """``nn.BatchNorm3d`` (input (N, C, D, H, W)) with a pluggable running estimator.
 
     Same arguments as torch's, plus ``estimator=`` (default ``EMA(0.1)``, torch's update);
@@ -263,78 +437,64 @@ class BatchNorm3d(_EstimatorBatchNorm, nn.BatchNorm3d):
     _layout = "(N, C, D, H, W)"
 
 
-_REPLACEMENTS: dict[type, type] = {
-    nn.BatchNorm1d: BatchNorm1d,
-    nn.BatchNorm2d: BatchNorm2d,
-    nn.BatchNorm3d: BatchNorm3d,
-}
+# -- the one-pass tools' switch ---------------------------------------------------------------
 
 
-def convert(model: nn.Module, estimator: RunningAverage) -> nn.Module:
-    """Swap every ``nn.BatchNorm1d/2d/3d`` in ``model`` for bnstats' module with ``estimator``.
+def kernel_writes_moments(layer: nn.Module) -> bool:
+    """True when ``layer``'s training forward is one call of torch's BN kernel over the whole
+    input with the layer's update weight, and its buffers are float32/float64: with weight 1
+    the kernel then leaves each batch's mean and unbiased variance in the buffers.
 
-    Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: the model is changed in place and
-    returned (a new module if ``model`` itself is a BN layer). Each new layer takes over the
-    old one's ``Parameter`` and buffer tensors (so an optimizer built before still holds the
-    right parameters), its training flag and its hooks, and gets its own deep copy of
-    ``estimator``. bnstats layers already there get a copy of ``estimator`` too. A layer
-    registered under several names stays one shared layer. ``nn.SyncBatchNorm`` and other
-    subclasses of torch's BN are left as they are; an uninitialized ``LazyBatchNorm*``
-    raises ``ValueError`` (run one forward first).
+    Torch's ``_BatchNorm.forward``; ``nn.SyncBatchNorm`` outside torch.distributed (it then
+    calls the same kernel); bnstats' BatchNorm1d/2d/3d (not Batch Renorm or Ghost BN, which
+    normalize otherwise).
     """
-    check_estimator(estimator)
-    return _convert(model, estimator, "", {})
+    if not isinstance(layer, _BatchNorm) or is_lazy_uninitialized(layer):
+        return False
+    if layer.running_var is None or layer.running_var.dtype not in _KERNEL_BUFFER_DTYPES:
+        return False
+    forward = type(layer).forward
+    if forward is nn.SyncBatchNorm.forward:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return not distributed  # synced statistics would not be this process's
+    if forward is EstimatorBatchNorm.forward:
+        return type(layer)._train_forward is EstimatorBatchNorm._train_forward
+    return forward is _BatchNorm.forward
 
 
-def _convert(
-    module: nn.Module, estimator: RunningAverage, name: str, done: dict[int, nn.Module]
-) -> nn.Module:
-    if id(module) in done:
-        return done[id(module)]
-    if isinstance(module, _EstimatorBatchNorm):
-        module.estimator = copy.deepcopy(estimator)
-        module.qualified_name = name or None
-        new = module
-    elif type(module) in _REPLACEMENTS:
-        new = _replacement(module, _REPLACEMENTS[type(module)], estimator, name)
-    else:
-        if is_lazy_uninitialized(module) and isinstance(module, nn.modules.batchnorm._BatchNorm):
-            raise ValueError(
-                f"BN layer {name or '<model>'!r} is an uninitialized {type(module).__name__}; "
-                "run one forward so that its shapes are known, then convert"
-            )
-        for child_name, child in list(module.named_children()):
-            converted = _convert(
-                child, estimator, f"{name}.{child_name}" if name else child_name, done
-            )
-            if converted is not child:
-                module.add_module(child_name, converted)
-        new = module
-    done[id(module)] = new
-    return new
+@contextmanager
+def moments_from_kernel(kernel_layers: Iterable[nn.Module]) -> Iterator[None]:
+    """For the duration of a pass: ``kernel_layers`` (see :func:`kernel_writes_moments`)
+    update with weight 1 (torch's: ``momentum = 1``; bnstats': ``_moments_from_kernel``)
+    from finite buffers (``0 * NaN`` would persist), and every other bnstats layer
+    normalizes with the batch's statistics without touching its buffers. Torch's momenta
+    and all buffers are the caller's to put back; bnstats' switches are cleared on exit."""
+    kernel_layers = list(kernel_layers)
+    with torch.no_grad():
+        for layer in kernel_layers:
+            if isinstance(layer, EstimatorBatchNorm):
+                layer._moments_from_kernel = True
+            else:
+                layer.momentum = 1.0
+            layer.running_mean.zero_()
+            layer.running_var.fill_(1.0)
+    try:
+        yield
+    finally:
+        for layer in kernel_layers:
+            layer.__dict__.pop("_moments_from_kernel", None)
 
 
-def _replacement(
-    old: nn.modules.batchnorm._BatchNorm, cls: type, estimator: RunningAverage, name: str
-) -> nn.Module:
-    new = cls(
-        old.num_features,
-        old.eps,
-        affine=old.affine,
-        track_running_stats=old.track_running_stats,
-        device="meta",
-        estimator=copy.deepcopy(estimator),
-        **({} if old.bias is not None or not old.affine else {"bias": False}),
-    )
-    for key in ("weight", "bias"):
-        setattr(new, key, getattr(old, key))
-    for key in ("running_mean", "running_var", "num_batches_tracked"):
-        new.register_buffer(key, getattr(old, key))
-    new.training = old.training
-    new.qualified_name = name or None
-    for attribute in _HOOK_DICTS:
-        if hasattr(old, attribute):
-            setattr(new, attribute, getattr(old, attribute))
-    if hasattr(old, "qconfig"):
-        new.qconfig = old.qconfig
-    return new
+@contextmanager
+def frozen_for_pass(layers: Iterable[nn.Module]) -> Iterator[None]:
+    """For the duration of a pass, bnstats' layers among ``layers`` normalize each batch with
+    its own statistics (their training behaviour: ghost batches, renorm's ``r, d``) without
+    updating, counting or checking: the pass measures them itself."""
+    chosen = [m for m in layers if isinstance(m, EstimatorBatchNorm)]
+    for layer in chosen:
+        layer._frozen_for_pass = True
+    try:
+        yield
+    finally:
+        for layer in chosen:
+            layer.__dict__.pop("_frozen_for_pass", None)

@@ -12,7 +12,8 @@ from torch import nn
 
 import bnstats
 import bnstats.torch as bt
-from bnstats.torch._moments import collect_moments, kernel_writes_moments
+from bnstats.torch._pass import PassOptions, collect_moments
+from bnstats.torch.modules import kernel_writes_moments
 from tests.torch import reference as ref
 from tests.torch import zoo
 from tests.torch.models import mlp, scramble_batchnorm
@@ -45,11 +46,12 @@ def test_which_layers_hand_their_moments_over_from_the_kernel():
 @pytest.mark.parametrize("name", ["resnet", "mlp"])
 def test_kernel_and_update_stats_paths_agree_to_float32_rounding(name):
     model, data = zoo.build(name), zoo.batches(name)
-    kernel = collect_moments(model, data)
-    exact = collect_moments(model, data, float64_moments=True)
-    for layer, moments in kernel.layers.items():
-        other = exact.layers[layer]
-        assert moments.count == other.count and moments.batches == other.batches
+    kernel = collect_moments(model, data, PassOptions())
+    exact = collect_moments(model, data, PassOptions(float64_moments=True))
+    for layer, measured in kernel.layers.items():
+        moments, other = measured.population, exact.layers[layer].population
+        assert moments.count == other.count
+        assert measured.batches == exact.layers[layer].batches
         scale = other.var.sqrt()
         assert torch.allclose(moments.mean / scale, other.mean / scale, rtol=0, atol=1e-6)
         assert torch.allclose(moments.var, other.var, rtol=1e-6, atol=0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bnstats.torch as bt
-from bnstats.torch._audit_table import format_report
+from bnstats.torch.audit import format_report
 from tests.torch.models import TinyResNet, image_batches, scramble_batchnorm
 
 

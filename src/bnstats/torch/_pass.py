@@ -1,0 +1,626 @@
+"""The pass of recalibrate, audit and adapt: every BN layer's exact population moments.
+
+The model runs over the batches with its BN layers in training mode (each normalizes with
+its batch's own ``mu`` and biased ``var``) and every other module in eval mode, autograd
+off, each batch on the model's device. For each call of a BN layer, with ``count = numel / C``
+values per channel, the batch's per-channel ``mean`` and ``m2 = var * count`` come from
+torch's own kernels:
+
+- a layer whose forward is torch's BN kernel call (see
+  :func:`bnstats.torch.modules.kernel_writes_moments`) gets update weight 1 for the pass
+  (:func:`bnstats.torch.modules.moments_from_kernel`), so the kernel that normalizes the
+  batch also leaves the batch's mean and unbiased variance in its buffers; a forward
+  pre-hook copies them at the layer's next call. No extra pass over the activations.
+- any other layer (its own forward, half-precision buffers, ``float64_moments=True``): the
+  pre-hook takes the moments with ``torch.batch_norm_update_stats`` (``torch.var_mean`` in
+  float64 with ``float64_moments``).
+
+Per layer the batches gather on the device and are merged, 64 at a time, into a
+:class:`bnstats.Population` (Chan et al. 1979, in float64), with no host read: a batch with
+NaN or Inf weighs nothing and is remembered by index; the pass reads the verdict once, at
+the end. Across ``torch.distributed`` ranks each rank's Populations travel as one flat
+float64 tensor (:meth:`Population.to_flat`) and every rank merges them in rank order, so all
+ranks end with bit-identical numbers (:mod:`bnstats.torch._ranks` has the protocol).
+
+The model is left exactly as found, also on error (:class:`PreservedState`).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from bnstats._array import widen
+from bnstats.stats import NonFiniteStatisticsError, Population
+from bnstats.torch._layers import (
+    Forward,
+    PreservedState,
+    batchnorm_train_mode,
+    display_name,
+    fewer_than_two_values,
+    find_batchnorm_layers,
+    fixed_statistics_layers,
+    is_lazy_uninitialized,
+    layer_label,
+    model_device,
+    uninitialized_lazy_error,
+    unwrap,
+)
+from bnstats.torch._ranks import (
+    Group,
+    all_gather_float64,
+    check_same_layers,
+    layout_of,
+    resolve_group,
+    run_and_exchange,
+)
+from bnstats.torch.modules import frozen_for_pass, kernel_writes_moments, moments_from_kernel
+
+_NARROW = (torch.float16, torch.bfloat16)
+_GROUP = 64
+"""Batches gathered per layer before they are merged into its Population."""
+_HEADER = 3  # per layer in the flat exchange: batches, max calls per forward, first reached
+
+
+@dataclass(frozen=True)
+class PassOptions:
+    """The keyword options every tool that makes a pass takes (recalibrate, audit, adapt).
+
+    - ``forward(model, batch)``: how to call the model on one batch. Default: ``model(x)``
+      for a tensor, ``model(batch[0])`` for a tuple or list, ``model(**batch)`` for a dict.
+    - ``max_samples``: stop after this many samples (first dimension); the batch crossing
+      the limit is cut, and no further batch is drawn. In a group: this rank's samples.
+    - ``float64_moments``: each batch's moments in float64 (slower; for activations whose
+      mean dwarfs their spread).
+    - ``group``: the torch.distributed ranks whose batches together are the data (see
+      :func:`bnstats.torch._ranks.resolve_group`).
+    - ``nonfinite``: ``"raise"`` (a batch bringing NaN or Inf fails the pass, naming it) or
+      ``"skip"`` (such a batch weighs nothing; the pass counts it).
+    - ``unreached``: ``"raise"`` (a BN layer that no forward reached fails the pass) or
+      ``"keep"`` (such layers, auxiliary heads for instance, keep their statistics and are
+      listed).
+    """
+
+    forward: Forward | None = None
+    max_samples: int | None = None
+    float64_moments: bool = False
+    group: Group = None
+    nonfinite: Literal["raise", "skip"] = "raise"
+    unreached: Literal["raise", "keep"] = "raise"
+
+    def __post_init__(self) -> None:
+        if self.forward is not None and not callable(self.forward):
+            raise TypeError(
+                f"forward must be callable as forward(model, batch), got {self.forward!r}"
+            )
+        samples = self.max_samples
+        if samples is not None and (
+            isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 1
+        ):
+            raise ValueError(f"max_samples must be a positive integer or None, got {samples!r}")
+        for key, allowed in (("nonfinite", ("raise", "skip")), ("unreached", ("raise", "keep"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+
+    def call(self) -> dict[str, Any]:
+        """What the ranks must agree on (everything but the callable and the group)."""
+        return {
+            "max_samples": self.max_samples,
+            "float64_moments": self.float64_moments,
+            "nonfinite": self.nonfinite,
+            "unreached": self.unreached,
+        }
+
+
+@dataclass
+class LayerPass:
+    """One BN layer during a pass: its ``population`` of every value it received (float64),
+    how many batch statistics were merged (``batches``: one per call), the most calls one
+    forward made (``max_calls_per_forward``) and when the first forward reached it."""
+
+    name: str
+    layer: nn.Module
+    population: Population = field(default_factory=Population)
+    batches: int = 0
+    max_calls_per_forward: int = 0
+    first_reached: int | None = None
+    calls_this_forward: int = field(default=0, repr=False)
+    _pending: list[tuple[int, int, torch.Tensor]] = field(default_factory=list, repr=False)
+    _awaiting: tuple[int, int] | None = field(default=None, repr=False)
+    _verdict: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        return layer_label(self.name)
+
+    def add_batch(self, index: int, count: int, mean_m2: torch.Tensor) -> None:
+        """Gather batch ``index``: ``count`` values per channel, its per-channel ``mean`` and
+        ``m2`` stacked (2, C). Merged into :attr:`population` by :meth:`flush`."""
+        self._pending.append((index, count, mean_m2))
+        self.batches += 1
+        if len(self._pending) >= _GROUP:
+            self.flush()
+
+    def flush(self) -> None:
+        """Merge the gathered batches at once; a batch with NaN or Inf weighs nothing, and the
+        verdict ``[first bad batch index or inf, batches skipped]`` stays on the device."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        stacked = widen(torch.stack([part for _, _, part in pending]))  # (batches, 2, C)
+        finite = torch.isfinite(stacked).flatten(1).all(dim=1)
+        counts = stacked.new_tensor([count for _, count, _ in pending]) * finite
+        indices = stacked.new_tensor([index for index, _, _ in pending])
+        clean = torch.where(finite[:, None, None], stacked, torch.zeros_like(stacked))
+        self.population.update_batches(counts, clean[:, 0], clean[:, 1])
+        verdict = torch.stack(
+            (torch.where(finite, math.inf, indices).min(), (~finite).sum(dtype=stacked.dtype))
+        )
+        if self._verdict is None:
+            self._verdict = verdict
+        else:
+            self._verdict = torch.stack(
+                (torch.minimum(self._verdict[0], verdict[0]), self._verdict[1] + verdict[1])
+            )
+
+    def take_kernel_moments(self) -> None:
+        """Gather the mean and unbiased variance the kernel wrote at the layer's last call."""
+        (index, count), self._awaiting = self._awaiting, None
+        layer = self.layer
+        mean_m2 = torch.stack((layer.running_mean, layer.running_var * (count - 1)))
+        self.add_batch(index, count, mean_m2)
+
+
+@dataclass
+class Measured:
+    """What a pass measured: every BN layer's :class:`LayerPass` by qualified name, the sizes
+    of the batches used, the layers no forward reached (kept as they were under
+    ``unreached="keep"``), the layers with fixed statistics (found and left alone), and the
+    batches skipped for NaN or Inf per layer (``nonfinite="skip"``)."""
+
+    layers: dict[str, LayerPass]
+    batch_sizes: list[int | None]
+    unreached: list[str] = field(default_factory=list)
+    fixed: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+    first_bad: tuple[str, int] | None = None
+
+    def reached(self) -> list[LayerPass]:
+        """The layers some forward reached, in the order the first forward reached them."""
+        reached = [m for m in self.layers.values() if m.name not in self.unreached]
+        return sorted(reached, key=lambda m: m.first_reached or 0)
+
+    def population(self, moments: LayerPass) -> Population:
+        """``moments.population``, with :class:`NonFiniteStatisticsError` naming the layer if
+        its statistics are NaN or Inf (a finite batch too large for float64, say)."""
+        population = moments.population
+        if not bool(torch.isfinite(population.m2).all() & torch.isfinite(population.mean).all()):
+            raise NonFiniteStatisticsError(
+                f"{moments.label}: the population statistics are NaN or Inf after "
+                f"{moments.batches} batches; nothing was written"
+            )
+        return population
+
+
+# -- how a batch reaches the model ------------------------------------------------------------
+
+
+def move_to_device(batch: Any, device: torch.device | None) -> Any:
+    """``batch`` with every tensor in it (nested tuples, lists, dicts) on ``device``."""
+    if device is None:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch if batch.device == device else batch.to(device, non_blocking=True)
+    return _map_tensors(batch, lambda value: move_to_device(value, device))
+
+
+def _map_tensors(batch: Any, fn: Callable[[Any], Any]) -> Any:
+    if isinstance(batch, Mapping):
+        return {key: fn(value) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(fn(value) for value in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(fn(value) for value in batch)
+    return batch
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """Call ``model`` the usual way for this kind of batch: ``model(x)`` for a tensor,
+    ``model(batch[0])`` for a tuple or list (``(input, target)``, as ``update_bn`` does),
+    ``model(**batch)`` for a dict (its keys the model's keyword arguments)."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError(
+                "a batch is an empty tuple/list; there is no input to call the model on"
+            )
+        return model(batch[0])
+    if isinstance(batch, Mapping):
+        try:
+            return model(**batch)
+        except TypeError as error:
+            keys = ", ".join(map(repr, batch))
+            raise TypeError(
+                f"calling the model with the batch's keys ({keys}) as keyword arguments failed "
+                f"({error}); pass forward=lambda model, batch: model(...) to say how to call it"
+            ) from error
+    raise TypeError(
+        f"do not know how to call the model on a batch of type {type(batch).__name__}; "
+        "pass forward=lambda model, batch: model(...) to say how"
+    )
+
+
+def first_tensor(batch: Any) -> torch.Tensor | None:
+    """The first tensor in ``batch`` (depth first, dicts in insertion order), or None."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        values: Iterable[Any] = batch.values()
+    elif isinstance(batch, (tuple, list)):
+        values = batch
+    else:
+        return None
+    for value in values:
+        found = first_tensor(value)
+        if found is not None:
+            return found
+    return None
+
+
+def batch_size(batch: Any) -> int | None:
+    """Samples in ``batch``: the first dimension of its first tensor (None without a tensor)."""
+    tensor = first_tensor(batch)
+    if tensor is None or tensor.dim() == 0:
+        return None
+    return int(tensor.shape[0])
+
+
+def trim_batch(batch: Any, keep: int, size: int) -> Any:
+    """The first ``keep`` samples of ``batch``: every tensor whose first dimension is ``size``
+    is cut to ``keep`` rows; the rest passes as is."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:keep] if batch.dim() > 0 and batch.shape[0] == size else batch
+    return _map_tensors(batch, lambda value: trim_batch(value, keep, size))
+
+
+def iterate_batches(
+    batches: Iterable[Any], max_samples: int | None = None
+) -> Iterator[tuple[Any, int | None]]:
+    """Yield ``(batch, samples)`` from ``batches``, stopping once ``max_samples`` are taken.
+
+    The batch that crosses ``max_samples`` is cut (see :func:`trim_batch`) so that exactly
+    ``max_samples`` samples are used, and no further batch is drawn (an endless loader is
+    fine). ``samples`` is :func:`batch_size` of the batch.
+    """
+    if isinstance(batches, torch.Tensor):
+        raise TypeError(
+            "batches is a single tensor; pass an iterable of batches, "
+            "e.g. [x] or x.split(64) (iterating a tensor would yield its rows)"
+        )
+    if not isinstance(batches, Iterable):
+        raise TypeError(
+            "batches must be an iterable of batches (a DataLoader, a list of tensors, ...), "
+            f"got {type(batches).__name__}"
+        )
+    taken = 0
+    for batch in batches:
+        size = batch_size(batch)
+        if max_samples is not None:
+            if size is None:
+                raise TypeError(
+                    "max_samples needs batches holding tensors (samples along the first "
+                    f"dimension); got a {type(batch).__name__} without any"
+                )
+            if taken + size > max_samples:
+                keep = int(max_samples) - taken
+                batch, size = trim_batch(batch, keep, size), keep
+        yield batch, size
+        taken += size or 0
+        if max_samples is not None and taken >= max_samples:
+            return
+
+
+# -- the pass on this process -----------------------------------------------------------------
+
+
+def batch_moments(x: torch.Tensor, float64: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``mean`` and BIASED ``var`` of ``x`` (N, C, ...) over all axes but 1, widened.
+
+    ``torch.batch_norm_update_stats`` (the kernel training BN uses; float16 and bfloat16 off
+    CUDA are upcast to float32 first, as the CPU kernel would return half-precision moments);
+    ``float64=True``: ``torch.var_mean`` of ``x`` in float64.
+    """
+    if float64:
+        axes = (0, *range(2, x.dim()))
+        var, mean = torch.var_mean(widen(x), dim=axes, correction=0)
+        return mean, var
+    if x.dtype in _NARROW and x.device.type != "cuda":
+        x = x.float()
+    mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    return widen(mean), widen(var)
+
+
+def check_layer_input(moments: LayerPass, x: Any) -> int:
+    """Values per channel in ``x``; ``TypeError``/``ValueError`` naming the layer if unusable."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{moments.label} was called on a {type(x).__name__}, not a tensor")
+    shape, features = tuple(x.shape), moments.layer.num_features
+    if len(shape) < 2 or shape[1] != features:
+        raise ValueError(
+            f"{moments.label}: expected input of shape (N, {features}, ...), got {shape}"
+        )
+    count = x.numel() // shape[1]
+    if count < 2:
+        raise ValueError(
+            fewer_than_two_values(moments.label, shape)
+            + " (drop batches of one sample, or choose max_samples so that the last batch "
+            "keeps 2 or more)"
+        )
+    return count
+
+
+class _Recorder:
+    """The forward pre-hooks of one pass: per call, gather what the kernel wrote at the
+    layer's previous call (one hook per layer, not two), check the input, then leave this
+    call's moments to the kernel or take them here."""
+
+    def __init__(self, state: PreservedState, kernel: set[str], options: PassOptions) -> None:
+        self.state, self.kernel, self.options = state, kernel, options
+        self.batch_index = 0
+        self.reached = 0
+
+    def hook(self, moments: LayerPass) -> Callable[..., None]:
+        def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if moments._awaiting is not None:
+                moments.take_kernel_moments()
+                if self.options.nonfinite == "skip":  # 0 * NaN would persist into the next
+                    module.running_mean.nan_to_num_(0.0, 0.0, 0.0)
+                    module.running_var.nan_to_num_(1.0, 1.0, 1.0)
+            self.state.record_buffers(moments.name)  # a LazyBatchNorm is initialized by now
+            x = args[0] if args else kwargs.get("input")
+            count = check_layer_input(moments, x)
+            if moments.name in self.kernel and x.dtype == module.running_var.dtype:
+                moments._awaiting = (self.batch_index, count)
+            else:
+                mean, var = batch_moments(x.detach(), self.options.float64_moments)
+                moments.add_batch(self.batch_index, count, torch.stack((mean, var * count)))
+            moments.calls_this_forward += 1
+            if moments.first_reached is None:
+                self.reached += 1
+                moments.first_reached = self.reached
+
+        return pre_hook
+
+
+def collect_moments(
+    model: nn.Module, batches: Any, options: PassOptions, *, check_coverage: bool = True
+) -> Measured:
+    """One pass of ``model`` (unwrapped) over ``batches``: every BN layer's population moments.
+
+    Raises ``ValueError`` if ``batches`` is empty or (``unreached="raise"``) a BN layer was
+    never reached, and :class:`NonFiniteStatisticsError` naming the layer and the batch if a
+    batch brought NaN or Inf (``nonfinite="raise"``), unless ``check_coverage=False`` (across
+    ranks these are judged on all ranks' passes together).
+    """
+    layers = find_batchnorm_layers(model)
+    forward = options.forward or default_forward
+    moments = {name: LayerPass(name, layer) for name, layer in layers.items()}
+    sizes: list[int | None] = []
+    kernel = (
+        set()
+        if options.float64_moments
+        else {n for n, m in layers.items() if kernel_writes_moments(m)}
+    )
+    with ExitStack() as stack:
+        state = stack.enter_context(PreservedState(model, layers))
+        stack.enter_context(torch.no_grad())
+        batchnorm_train_mode(model, layers)
+        stack.enter_context(local_batch_statistics(model))
+        stack.enter_context(moments_from_kernel([layers[name] for name in kernel]))
+        stack.enter_context(frozen_for_pass(m for n, m in layers.items() if n not in kernel))
+        recorder = _Recorder(state, kernel, options)
+        for layer_moments in moments.values():
+            hook = recorder.hook(layer_moments)
+            state.add_hook(layer_moments.layer.register_forward_pre_hook(hook, with_kwargs=True))
+        device = model_device(model)
+        for batch, size in iterate_batches(batches, options.max_samples):
+            for layer_moments in moments.values():
+                layer_moments.calls_this_forward = 0
+            forward(model, move_to_device(batch, device))
+            sizes.append(size)
+            recorder.batch_index += 1
+            for layer_moments in moments.values():
+                layer_moments.max_calls_per_forward = max(
+                    layer_moments.max_calls_per_forward, layer_moments.calls_this_forward
+                )
+        for layer_moments in moments.values():
+            if layer_moments._awaiting is not None:
+                layer_moments.take_kernel_moments()
+            layer_moments.flush()
+    measured = Measured(moments, sizes, fixed=list(fixed_statistics_layers(model)))
+    _read_verdicts(measured)
+    if check_coverage:
+        _raise_if_bad(measured.first_bad, options)
+        _check_coverage(measured, options, world_size=1)
+    return measured
+
+
+def _read_verdicts(measured: Measured) -> None:
+    """The one host read of the pass: per layer, the first batch with NaN or Inf and how many
+    batches were left out for it (into ``measured.first_bad`` and ``measured.skipped``)."""
+    judged = [m for m in measured.layers.values() if m._verdict is not None]
+    if not judged:
+        return
+    verdicts = torch.stack([m._verdict for m in judged]).cpu().tolist()
+    bad = [
+        (index, m.first_reached or 0, m.name)
+        for m, (index, _) in zip(judged, verdicts, strict=True)
+    ]
+    index, _, name = min(bad)
+    if math.isfinite(index):
+        measured.first_bad = (name, int(index))
+    measured.skipped = {
+        m.name: int(skipped) for m, (_, skipped) in zip(judged, verdicts, strict=True) if skipped
+    }
+
+
+def _raise_if_bad(first_bad: tuple[str, int] | None, options: PassOptions, where: str = "") -> None:
+    """Under ``nonfinite="raise"``, fail the pass at the first batch that brought NaN or Inf."""
+    if first_bad is None or options.nonfinite != "raise":
+        return
+    name, index = first_bad
+    raise NonFiniteStatisticsError(
+        f"{layer_label(name)}: batch {index} (counting from 0){where} brought NaN or Inf "
+        "statistics; nothing was written. Pass nonfinite='skip' to leave such batches out"
+    )
+
+
+def _check_coverage(measured: Measured, options: PassOptions, world_size: int) -> None:
+    """No batch at all, or (``unreached="raise"``) a layer no forward reached, fails the pass;
+    under ``unreached="keep"`` those layers are listed in ``measured.unreached``."""
+    where = "" if world_size == 1 else f" on any of the {world_size} ranks"
+    if not measured.batch_sizes:
+        raise ValueError(
+            f"batches yielded no batch{where}; there is nothing to measure statistics on"
+        )
+    measured.unreached = [name for name, m in measured.layers.items() if m.population.mean is None]
+    if measured.unreached and options.unreached == "raise":
+        names = ", ".join(display_name(name) for name in measured.unreached)
+        raise ValueError(
+            f"no forward{where} reached BN layer(s) {names} in {len(measured.batch_sizes)} "
+            "batches, so their statistics cannot be measured; nothing was written. If a layer "
+            "is used only in training mode (an auxiliary head), pass forward=... that calls it, or "
+            "unreached='keep' to leave such layers as they are"
+        )
+
+
+@contextmanager
+def local_batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Within the block, every ``nn.SyncBatchNorm`` (its subclasses too) normalizes with its
+    local batch's statistics without any collective, its own forward still running.
+
+    Under an initialized process group a SyncBatchNorm in training mode all-gathers each
+    batch's statistics (and refuses CPU input); the pass must stay local. Such a layer is
+    put in eval mode with its running buffers hidden: torch's forward then normalizes with
+    the batch's statistics (``bn_training``) and syncs nothing; the forward pre-hook
+    measures the batch. Flags and buffers are put back afterwards, also on error.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        yield
+        return
+    layers = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
+    saved = [(m, m.training, m._buffers["running_mean"], m._buffers["running_var"]) for m in layers]
+    try:
+        for layer in layers:
+            layer.training = False
+            layer._buffers["running_mean"] = layer._buffers["running_var"] = None
+        yield
+    finally:
+        for layer, training, mean, var in saved:
+            layer.training = training
+            layer._buffers["running_mean"], layer._buffers["running_var"] = mean, var
+
+
+# -- across ranks -------------------------------------------------------------------------
+
+
+Check = Callable[[nn.Module], None]
+"""``check(model)``: validation run before the pass, on every rank inside the protocol."""
+
+
+def measure(
+    model: nn.Module, batches: Any, options: PassOptions, *, tool: str, check: Check | None = None
+) -> Measured:
+    """Every BN layer's population moments over all ranks' ``batches``.
+
+    Without a group (see :func:`resolve_group`) this is :func:`collect_moments` on the
+    unwrapped model. In a group each rank runs the pass on its batches; one status exchange
+    (which also checks that every rank runs the same ``tool`` with the same options); one
+    ``all_gather`` of every layer's flat Population; every rank merges them in rank order
+    with :meth:`Population.merge`: the numbers of one process over all ranks' batches, rank
+    0's first, bit-identical on every rank. ``check(model)`` runs first on every rank.
+    """
+    chosen = resolve_group(options.group)
+    inner = unwrap(model)
+    if chosen is None:
+        if check is not None:
+            check(inner)
+        return collect_moments(inner, batches, options)
+
+    def local() -> tuple[Measured, dict[str, Any]]:
+        if check is not None:
+            check(inner)
+        measured = collect_moments(inner, batches, options, check_coverage=False)
+        _require_initialized(measured)
+        layers = {name: m.layer for name, m in measured.layers.items()}
+        summary = {
+            "layers": layout_of(layers),
+            "sizes": measured.batch_sizes,
+            "first_bad": measured.first_bad,
+        }
+        return measured, summary
+
+    call = {"tool": tool, **options.call()}
+    measured, summaries = run_and_exchange(chosen, local, call)
+    check_same_layers(chosen, [summary["layers"] for summary in summaries])
+    for rank, summary in enumerate(summaries):  # the same verdict on every rank
+        _raise_if_bad(summary["first_bad"], options, where=f" on rank {rank}")
+    gathered = all_gather_float64(chosen, _pack(measured))
+    merged = Measured(
+        _merge(measured, gathered),
+        [size for summary in summaries for size in summary["sizes"]],
+        fixed=measured.fixed,
+        skipped=measured.skipped,
+    )
+    _check_coverage(merged, options, world_size=len(gathered))
+    return merged
+
+
+def _require_initialized(measured: Measured) -> None:
+    for name, moments in measured.layers.items():
+        if is_lazy_uninitialized(moments.layer):
+            raise ValueError(
+                uninitialized_lazy_error(name, moments.layer)
+                + "; no batch on this rank reached it, so it has no shape to receive the merged "
+                "statistics: run one forward on every rank first"
+            )
+
+
+def _pack(measured: Measured) -> torch.Tensor:
+    """One flat float64 tensor: per layer ``[batches, calls, first, population flat]``."""
+    parts = []
+    for moments in measured.layers.values():
+        header = [moments.batches, moments.max_calls_per_forward, moments.first_reached or 0]
+        flat = moments.population.to_flat(int(moments.layer.num_features))
+        parts += [torch.tensor(header, dtype=torch.float64), torch.as_tensor(flat).double().cpu()]
+    return torch.cat(parts)
+
+
+def _merge(measured: Measured, gathered: list[torch.Tensor]) -> dict[str, LayerPass]:
+    """Each layer's Population merged over the ranks in rank order (Chan et al. 1979)."""
+    merged = {}
+    offset = 0
+    ranks_order = len(measured.layers) + 1  # first_reached: by first rank, then its order
+    for name, local in measured.layers.items():
+        size = _HEADER + 2 + 2 * int(local.layer.num_features)
+        result = LayerPass(name, local.layer)
+        for rank, flat in enumerate(gathered):
+            batches, calls, first = (int(v) for v in flat[offset : offset + _HEADER])
+            part = Population.from_flat(flat[offset + _HEADER : offset + size])
+            if part.mean is not None:
+                result.population = result.population.merge(part)
+                if result.first_reached is None:
+                    result.first_reached = rank * ranks_order + first
+            result.batches += batches
+            result.max_calls_per_forward = max(result.max_calls_per_forward, calls)
+        merged[name] = result
+        offset += size
+    return merged
