@@ -20,7 +20,6 @@ from bnstats.torch.fold import (
     FoldTraceError,
     fold,
     fold_weights,
-    fold_weights_before,
 )
 from tests.torch import fold_models as fm
 from tests.torch.models import (
@@ -168,7 +167,7 @@ def test_fold_weights_matches_torch_fuse_linear_bn_weights(bias):
     torch.testing.assert_close(b, ref_b.detach(), rtol=1e-13, atol=1e-15)
 
 
-# -- fold_weights / fold_weights_before against running the two layers ----------------------
+# -- fold_weights after / before against running the two layers ----------------------
 
 CONVS = {
     (1, False): nn.Conv1d,
@@ -236,7 +235,7 @@ def test_fold_weights_before_equals_bn_then_layer(
     x = torch.randn(2, c_in, *([7] * dims), generator=gen, dtype=torch.float64)
     normalized = outputs(bn, x.flatten(2) if dims else x).view_as(x)
     expected = outputs(layer, normalized)
-    w, b = fold_weights_before(layer.weight, layer.bias, *bn_args(bn), groups=groups)
+    w, b = fold_weights(layer.weight, layer.bias, *bn_args(bn), position="before", groups=groups)
     layer.weight.data, layer.bias = w, nn.Parameter(b)
     torch.testing.assert_close(outputs(layer, x), expected, rtol=1e-12, atol=1e-12)
 
@@ -247,11 +246,15 @@ def test_fold_weights_rejects_mismatched_channels():
     with pytest.raises(ValueError, match=r"6 channels.*8 output.*\(8, 3, 3, 3\)"):
         fold_weights(weight, None, *stats)
     with pytest.raises(ValueError, match=r"6 channels.*3 input.*\(8, 3, 3, 3\)"):
-        fold_weights_before(weight, None, *stats)
+        fold_weights(weight, None, *stats, position="before")
     with pytest.raises(ValueError, match=r"bias has shape \(5,\)"):
         fold_weights(torch.zeros(6, 3), torch.zeros(5), *stats)
     with pytest.raises(ValueError, match=r"gamma has shape \(4,\)"):
         fold_weights(torch.zeros(6, 3), None, *stats, torch.ones(4), None)
+    with pytest.raises(ValueError, match="position must be 'after' or 'before', got 'behind'"):
+        fold_weights(torch.zeros(6, 6), None, *stats, position="behind")
+    with pytest.raises(ValueError, match="transposed conv"):
+        fold_weights(torch.zeros(6, 2, 3), None, *stats, position="before", transposed=True)
 
 
 # -- every model of the zoo ---------------------------------------------------------------

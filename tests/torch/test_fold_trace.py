@@ -1,4 +1,4 @@
-"""Tracing for fold (bnstats.torch.fold_trace): names, modes, annotations, shapes."""
+"""Tracing for fold (bnstats.torch.fold._trace): names, modes, annotations, shapes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnstats.torch.fold_trace import FoldTraceError, record_shapes, trace
+from bnstats.torch.fold._trace import FoldTraceError, record_shapes, trace
 from tests.torch.models import TinyResNet
 
 

@@ -24,7 +24,6 @@ from bnstats.torch.fold import (
     FoldTraceError,
     fold,
     fold_weights,
-    fold_weights_before,
 )
 from bnstats.torch.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from bnstats.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert
@@ -52,7 +51,6 @@ __all__ = [
     "convert",
     "fold",
     "fold_weights",
-    "fold_weights_before",
     "recalibrate",
     "sync_running_stats",
 ]

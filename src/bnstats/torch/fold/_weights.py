@@ -11,17 +11,17 @@ In eval mode a BN layer normalizes with fixed statistics, so it is a per-channel
 A convolution or linear layer ``y = W * x + b`` next to it absorbs that map (Ioffe & Szegedy
 2015, section 3.2; Jacob et al. 2018, section 3.2):
 
-- BN AFTER the layer (:func:`fold_weights`), per OUTPUT channel ``o``::
+- BN AFTER the layer (:func:`fold_weights`, ``position="after"``), per OUTPUT channel ``o``::
 
       W'[o] = W[o] * scale[o]
       b'[o] = (b[o] - mu[o]) * scale[o] + beta[o]  =  b[o] * scale[o] + shift[o]
 
-- BN BEFORE the layer (:func:`fold_weights_before`), per INPUT channel ``c``::
+- BN BEFORE the layer (``position="before"``), per INPUT channel ``c``::
 
       W'[:, c] = W[:, c] * scale[c]
       b'[o]    = b[o] + sum over c and the kernel of W[o, c, ...] * shift[c]
 
-  exact only if every output position sums the same, unpadded, inputs (see ``fold.py``).
+  exact only if every output position sums the same, unpadded, inputs (see ``_folder.py``).
 
 Everything is computed in float64 (on the CPU, which every backend can reach) and cast back
 to the layer's dtype; a result that would not be finite in that dtype raises
@@ -38,9 +38,13 @@ Weight layouts (``groups`` as in ``nn.Conv*d``):
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 Tensor = torch.Tensor
+Position = Literal["after", "before"]
+"""Where the BN sits: ``"after"`` the layer (``layer -> BN``) or ``"before"`` it."""
 
 
 class FoldOverflowError(ValueError):
@@ -89,49 +93,40 @@ def fold_weights(
     gamma: Tensor | None = None,
     beta: Tensor | None = None,
     *,
+    position: Position = "after",
     transposed: bool = False,
     groups: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """Weights of the layer that computes ``BN(layer(x))`` alone: the BN comes AFTER it.
+    """Weights of the one layer that computes the layer and its BN together.
 
-    ``W' = W * gamma / sqrt(running_var + eps)`` per output channel and
-    ``b' = (b - running_mean) * gamma / sqrt(running_var + eps) + beta``, computed in float64
-    and returned in the dtypes of ``weight`` and ``bias`` (``weight``'s if ``bias`` is None)
-    on ``weight``'s device. ``transposed=True`` for ConvTranspose weights
-    ``(in, out / groups, *kernel)``. Raises ``ValueError`` naming the shapes if the BN's
-    channels are not the layer's output channels, :class:`FoldOverflowError` if a result is
-    not finite in its dtype.
+    With ``scale = gamma / sqrt(running_var + eps)`` and ``shift = beta - running_mean * scale``:
+
+    - ``position="after"``, ``BN(layer(x))``, per output channel ``o``:
+      ``W'[o] = W[o] * scale[o]``, ``b'[o] = b[o] * scale[o] + shift[o]``;
+      ``transposed=True`` for ConvTranspose weights ``(in, out / groups, *kernel)``;
+    - ``position="before"``, ``layer(BN(x))``, per input channel ``c``:
+      ``W'[:, c] = W[:, c] * scale[c]``, ``b'[o] = b[o] + sum over c, kernel of
+      W[o, c, ...] * shift[c]``; for Linear and Conv weights only, and equal to
+      ``layer(BN(x))`` only where the layer adds no zero padding (``fold`` checks it).
+
+    Computed in float64 and returned in the dtypes of ``weight`` and ``bias`` (``weight``'s if
+    ``bias`` is None) on ``weight``'s device. Raises ``ValueError`` naming the shapes if the
+    BN's channels are not the layer's output (input) channels, :class:`FoldOverflowError` if a
+    result is not finite in its dtype.
     """
+    if position not in ("after", "before"):
+        raise ValueError(f"position must be 'after' or 'before', got {position!r}")
+    if position == "before" and transposed:
+        raise ValueError(
+            "a BN before a transposed conv does not fold: its outputs sum varying numbers "
+            "of inputs, so the BN's shift is not a constant bias"
+        )
     scale, shift = bn_scale_shift(running_mean, running_var, eps, gamma, beta)
-    w64, b64 = fold_after64(_as64(weight), _as64_or_none(bias), scale, shift, transposed, groups)
-    return _cast_back(w64, weight), _cast_back(b64, weight if bias is None else bias)
-
-
-def fold_weights_before(
-    weight: Tensor,
-    bias: Tensor | None,
-    running_mean: Tensor,
-    running_var: Tensor,
-    eps: float,
-    gamma: Tensor | None = None,
-    beta: Tensor | None = None,
-    *,
-    groups: int = 1,
-) -> tuple[Tensor, Tensor]:
-    """Weights of the layer that computes ``layer(BN(x))`` alone: the BN comes BEFORE it.
-
-    With ``scale = gamma / sqrt(running_var + eps)`` and
-    ``shift = beta - running_mean * scale`` per input channel ``c``::
-
-        W'[:, c] = W[:, c] * scale[c]
-        b'[o]    = b[o] + sum over c, kernel of W[o, c, ...] * shift[c]
-
-    For Linear ``(out, in)`` and Conv ``(out, in / groups, *kernel)`` weights. The result equals
-    ``layer(BN(x))`` only where the layer adds no zero padding (the caller's responsibility;
-    ``fold`` checks it). Same dtype, device and error rules as :func:`fold_weights`.
-    """
-    scale, shift = bn_scale_shift(running_mean, running_var, eps, gamma, beta)
-    w64, b64 = fold_before64(_as64(weight), _as64_or_none(bias), scale, shift, groups)
+    w64, b64 = _as64(weight), _as64_or_none(bias)
+    if position == "after":
+        w64, b64 = fold_after64(w64, b64, scale, shift, transposed, groups)
+    else:
+        w64, b64 = fold_before64(w64, b64, scale, shift, groups)
     return _cast_back(w64, weight), _cast_back(b64, weight if bias is None else bias)
 
 
@@ -170,7 +165,7 @@ def fold_before64(
     shift: Tensor,
     groups: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`fold_weights_before` on float64 tensors, from ``scale`` and ``shift``:
+    """:func:`fold_weights` ``position="before"`` on float64 tensors, from ``scale`` and ``shift``:
     ``W'[:, c] = W[:, c] * scale[c]``, ``b' = b + sum W[:, c, ...] * shift[c]``."""
     if weight.dim() < 2 or weight.shape[0] % groups:
         raise ValueError(
@@ -262,6 +257,6 @@ __all__ = [
     "fold_after64",
     "fold_before64",
     "fold_weights",
-    "fold_weights_before",
     "overflow_problem",
+    "Position",
 ]

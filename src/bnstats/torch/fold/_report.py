@@ -1,4 +1,4 @@
-"""What :func:`bnstats.torch.fold.fold` did with each BatchNorm layer, and why.
+"""What :func:`bnstats.torch.fold` did with each BatchNorm layer, and why.
 
 ``fused.fold_report`` is a :class:`FoldReport`: one :class:`FoldEntry` per BatchNorm layer of
 the original model, in ``named_modules()`` order. A folded entry names the layer that absorbed
@@ -26,9 +26,9 @@ entry carries a short ``code`` and a sentence. The codes:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-Position = Literal["after", "before"]
+from bnstats.torch.fold._weights import Position
 
 
 @dataclass(frozen=True)
@@ -97,4 +97,4 @@ class FoldReport:
         return "\n".join([head, *(f"  {entry}" for entry in self.entries)])
 
 
-__all__ = ["FoldEntry", "FoldReport", "Position"]
+__all__ = ["FoldEntry", "FoldReport"]

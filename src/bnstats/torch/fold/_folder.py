@@ -1,44 +1,19 @@
-"""Fold BatchNorm layers into neighbouring convolution and linear layers, for inference.
-
-In eval mode a BN layer is the per-channel affine map ``z_tilde = scale * z + shift`` with
-``scale = gamma / sqrt(running_var + eps)`` and ``shift = beta - running_mean * scale``
-(:mod:`bnstats.torch.fold_weights`). :func:`fold` finds every BN next to a Conv1d/2d/3d,
-ConvTranspose1d/2d/3d or Linear with nothing in between and merges the two:
-
-- ``layer -> BN``: the layer's output channels are scaled (always exact);
-- ``BN -> layer``: its input channels are scaled and the shift moves into the bias. Exact only
-  if every output sums the same, real inputs: never for a transposed conv, and for a conv only
-  if it adds no zero padding (zero padding happens AFTER the BN, and BN(0) = shift != 0);
-  ``padding_mode`` reflect/replicate/circular pads with copies of BN's output, which commutes.
-
-A pair folds only if the tensor between them goes nowhere else, both modules are called once,
-have no hooks or parametrizations and keep torch's own ``forward``, and the BN is in eval mode
-with running statistics. BN's dim 1 must be the layer's channel axis: BatchNorm2d/3d force
-4-D/5-D input, which proves it next to Conv2d/3d; BatchNorm1d accepts (N, C) and (N, C, L), so
-next to a Linear (which acts on the LAST dim) or a Conv1d (which also takes unbatched (C, L)) it
-folds only when ``example_inputs`` show the tensor between them to be (N, F) resp. (N, C, L).
-"""
+"""The graph walk of :func:`bnstats.torch.fold`: every BN's fate, folded pairs rewired."""
 
 from __future__ import annotations
 
-import copy
-import warnings
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx, nn
 
-from bnstats.torch.fold_report import FoldEntry, FoldReport, Position
-from bnstats.torch.fold_trace import FoldTraceError, record_shapes, trace
-from bnstats.torch.fold_weights import (
-    FoldOverflowError,
+from bnstats.torch.fold._report import FoldEntry
+from bnstats.torch.fold._weights import (
+    Position,
     bn_scale_shift,
     fold_after64,
     fold_before64,
-    fold_weights,
-    fold_weights_before,
     overflow_problem,
 )
 
@@ -47,7 +22,7 @@ _ConvTransposeNd = nn.modules.conv._ConvTransposeNd
 LazyModuleMixin = nn.modules.lazy.LazyModuleMixin
 parametrize = nn.utils.parametrize
 Tensor = torch.Tensor
-_LAYERS: tuple[type[nn.Module], ...] = (
+LAYERS: tuple[type[nn.Module], ...] = (
     nn.Linear,
     nn.Conv1d,
     nn.Conv2d,
@@ -59,53 +34,6 @@ _LAYERS: tuple[type[nn.Module], ...] = (
 _BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 
 
-def fold(
-    model: nn.Module, example_inputs: Tensor | Sequence[object] | None = None
-) -> fx.GraphModule:
-    """A new module computing ``model``'s eval-mode output with its BN layers folded away.
-
-    ``model`` is deep-copied and left untouched (parameters, buffers, modes). The copy is traced
-    with ``torch.fx.symbolic_trace`` semantics; every BN that can be folded exactly is merged
-    into its neighbouring layer in float64 and removed, the layer's weights are cast back to
-    their dtype. A BN stays when its output depends on the batch (training mode,
-    ``track_running_stats=False``), when the merge would be inexact or unprovable, or when the
-    folded weights would overflow the layer's dtype (float16: above 65504).
-
-    ``example_inputs`` (a tensor or a tuple of positional arguments) are run once through the
-    copy in eval mode to record shapes; they are needed to fold BatchNorm1d, whose channel axis
-    depends on the input's rank. Pass inputs of the rank the model will see.
-
-    Returns an ``fx.GraphModule`` with the original's qualified names and training flags and
-    the attribute ``fold_report`` (:class:`FoldReport`: per BN, where it went or why it stayed;
-    also in ``meta["fold_report"]``, which survives ``copy.deepcopy``).
-    Warns when BN layers stayed only because they were in training mode or because
-    ``example_inputs`` were missing. Raises :class:`FoldTraceError` if the model cannot be
-    traced, ``TypeError``/``ValueError`` for a non-module or failing ``example_inputs``.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"fold expects a torch.nn.Module, got {type(model).__name__}")
-    name = type(model).__name__
-    work = copy.deepcopy(model)
-    gm = trace(work, name, leaves=(_BatchNorm, *_LAYERS))
-    if example_inputs is not None:
-        record_shapes(gm, example_inputs, name)
-    entries = _Folder(gm, has_shapes=example_inputs is not None).run(work)
-    report = FoldReport(name, entries)
-    gm.fold_report = report
-    gm.meta["fold_report"] = report  # GraphModule.meta survives copy.deepcopy
-    _warn_if_avoidable(report)
-    return gm
-
-
-@dataclass
-class _Blocked:
-    """Why a BN cannot fold on one side; ``candidate``: a conv/linear layer was there."""
-
-    code: str
-    text: str
-    candidate: bool
-
-
 @dataclass
 class _Weights:
     """Float64 working copy of one layer's folded parameters."""
@@ -114,7 +42,7 @@ class _Weights:
     bias: Tensor | None
 
 
-class _Folder:
+class GraphFolder:
     """Walks the traced graph, folds what is exact and records every BN's fate."""
 
     def __init__(self, gm: fx.GraphModule, has_shapes: bool) -> None:
@@ -152,24 +80,24 @@ class _Folder:
         if not bool(torch.isfinite(scale).all() and torch.isfinite(shift).all()):
             reason = "running statistics are NaN/Inf or running_var + eps <= 0"
             return FoldEntry(name, kind, code="bad_statistics", reason=reason)
-        after = self._try_after(node, bn, scale, shift)
-        if isinstance(after, str):
-            return FoldEntry(name, kind, folded_into=after, position="after")
-        before = self._try_before(node, bn, scale, shift)
-        if isinstance(before, str):
-            return FoldEntry(name, kind, folded_into=before, position="before")
-        main = after if after.candidate or not before.candidate else before
-        reason = f"input {after.text}; output {before.text}"
-        return FoldEntry(name, kind, code=main.code, reason=reason)
+        after = self._try_after(node, FoldEntry(name, kind), bn, scale, shift)
+        if after.folded:
+            return after
+        before = self._try_before(node, FoldEntry(name, kind), bn, scale, shift)
+        if before.folded:
+            return before
+        main = after if _had_layer(after) or not _had_layer(before) else before
+        reason = f"input {after.reason}; output {before.reason}"
+        return replace(main, reason=reason)
 
     def _try_after(
-        self, node: fx.Node, bn: nn.Module, scale: Tensor, shift: Tensor
-    ) -> str | _Blocked:
+        self, node: fx.Node, entry: FoldEntry, bn: nn.Module, scale: Tensor, shift: Tensor
+    ) -> FoldEntry:
         """``layer -> BN``: fold into the layer whose output is the BN's only input."""
         src = _only_input(node)
         where = f"comes from {self._describe(src)}"
-        if not self._is_call_of(src, _LAYERS):
-            return _Blocked("no_layer", f"{where}, not from a conv/linear layer", False)
+        if not self._is_call_of(src, LAYERS):
+            return _kept(entry, "no_layer", f"{where}, not from a conv/linear layer")
         layer_name, layer = str(src.target), self.modules[src.target]
         problem = self._layer_problem(layer_name, layer)
         if problem is None:
@@ -179,40 +107,41 @@ class _Folder:
         if problem is None:
             problem = self._axis_problem(src, layer_name, layer, bn)
         if problem is not None:
-            return _Blocked(problem[0], f"{where}, {problem[1]}", True)
-        return self._apply(node, layer_name, layer, scale, shift, "after")
+            return _kept(entry, problem[0], f"{where}, {problem[1]}")
+        return self._apply(node, entry, layer_name, layer, scale, shift, "after")
 
     def _try_before(
-        self, node: fx.Node, bn: nn.Module, scale: Tensor, shift: Tensor
-    ) -> str | _Blocked:
+        self, node: fx.Node, entry: FoldEntry, bn: nn.Module, scale: Tensor, shift: Tensor
+    ) -> FoldEntry:
         """``BN -> layer``: fold into the layer that is the BN output's only user."""
         users = list(node.users)
         if len(users) != 1:
             places = ", ".join(self._describe(u) for u in users) or "nowhere"
-            candidate = any(self._is_call_of(u, _LAYERS) for u in users)
-            code = "shared_tensor" if len(users) > 1 else "no_layer"
-            return _Blocked(code, f"goes to {len(users)} places: {places}", candidate)
+            to_layer = any(self._is_call_of(u, LAYERS) for u in users)
+            code = "shared_tensor" if len(users) > 1 and to_layer else "no_layer"
+            return _kept(entry, code, f"goes to {len(users)} places: {places}")
         dst = users[0]
         where = f"goes to {self._describe(dst)}"
-        if not self._is_call_of(dst, _LAYERS) or _only_input(dst) is not node:
-            return _Blocked("no_layer", f"{where}, not to a conv/linear layer", False)
+        if not self._is_call_of(dst, LAYERS) or _only_input(dst) is not node:
+            return _kept(entry, "no_layer", f"{where}, not to a conv/linear layer")
         layer_name, layer = str(dst.target), self.modules[dst.target]
         problem = self._layer_problem(layer_name, layer) or _before_problem(layer)
         if problem is None:
             problem = self._axis_problem(node, layer_name, layer, bn)
         if problem is not None:
-            return _Blocked(problem[0], f"{where}, {problem[1]}", True)
-        return self._apply(node, layer_name, layer, scale, shift, "before")
+            return _kept(entry, problem[0], f"{where}, {problem[1]}")
+        return self._apply(node, entry, layer_name, layer, scale, shift, "before")
 
     def _apply(
         self,
         node: fx.Node,
+        entry: FoldEntry,
         layer_name: str,
         layer: nn.Module,
         scale: Tensor,
         shift: Tensor,
         position: Position,
-    ) -> str | _Blocked:
+    ) -> FoldEntry:
         """Fold in float64 unless a result overflows the layer's dtype; rewire the graph."""
         current = self.pending.get(layer_name) or _Weights(
             _as64(layer.weight), None if layer.bias is None else _as64(layer.bias)
@@ -231,10 +160,10 @@ class _Folder:
             problem = overflow_problem(value, dtype)
             if problem is not None:
                 text = f"could fold into {layer_name}, but the folded {what} {problem}"
-                return _Blocked("overflow", text, True)
+                return _kept(entry, "overflow", text)
         self.pending[layer_name] = _Weights(w, b)
         self._remove(node, position)
-        return layer_name
+        return replace(entry, folded_into=layer_name, position=position)
 
     def _remove(self, node: fx.Node, position: Position) -> None:
         """Take the BN node out of the graph and its module out of the model."""
@@ -281,7 +210,7 @@ class _Folder:
     def _layer_problem(self, name: str, layer: nn.Module) -> tuple[str, str] | None:
         """Why this conv/linear cannot take a BN in: ``(code, "which ...")`` or None."""
         code = "layer_unsupported"
-        base = next(cls for cls in _LAYERS if isinstance(layer, cls))
+        base = next(cls for cls in LAYERS if isinstance(layer, cls))
         if type(layer).forward is not base.forward:
             return code, f"which overrides {base.__name__}.forward"
         if parametrize.is_parametrized(layer):
@@ -395,6 +324,15 @@ def _only_input(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def _kept(entry: FoldEntry, code: str, reason: str) -> FoldEntry:
+    return replace(entry, code=code, reason=reason)
+
+
+def _had_layer(entry: FoldEntry) -> bool:
+    """A conv/linear layer was on this side of the kept BN (its reason is the one to give)."""
+    return entry.code != "no_layer"
+
+
 def _not_called(name: str, bn: nn.Module) -> FoldEntry:
     reason = "is never called in forward, so the traced model does not contain it"
     return FoldEntry(name, type(bn).__name__, code="not_called", reason=reason)
@@ -404,29 +342,4 @@ def _as64(t: Tensor) -> Tensor:
     return t.detach().to(device="cpu", dtype=torch.float64)
 
 
-def _warn_if_avoidable(report: FoldReport) -> None:
-    """Warn when the caller could have folded more: eval mode, example_inputs."""
-    hints = {
-        "training": "are in training mode; call model.eval() before fold",
-        "needs_example_inputs": "need example_inputs to check their channel axis",
-    }
-    for code, hint in hints.items():
-        names = [e.name for e in report.kept if e.code == code]
-        if names:
-            warnings.warn(
-                f"fold({report.model}): {len(names)} BatchNorm layer(s) kept because they "
-                f"{hint}: {', '.join(names)}",
-                UserWarning,
-                stacklevel=3,
-            )
-
-
-__all__ = [
-    "FoldEntry",
-    "FoldOverflowError",
-    "FoldReport",
-    "FoldTraceError",
-    "fold",
-    "fold_weights",
-    "fold_weights_before",
-]
+__all__ = ["LAYERS", "GraphFolder"]
