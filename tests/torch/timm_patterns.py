@@ -73,8 +73,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         self.act = _activation(act_layer, apply_act)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+        torch._assert(x.dim() == 4, "expected 4D input")  # symbolically traceable, as timm's
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)

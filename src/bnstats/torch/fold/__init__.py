@@ -11,12 +11,16 @@ ConvTranspose1d/2d/3d or Linear with nothing in between and merges the two:
   if it adds no zero padding (zero padding happens AFTER the BN, and BN(0) = shift != 0);
   ``padding_mode`` reflect/replicate/circular pads with copies of BN's output, which commutes.
 
-A pair folds only if the tensor between them goes nowhere else, both modules are called once,
-have no hooks or parametrizations and keep torch's own ``forward``, and the BN is in eval mode
-with running statistics. BN's dim 1 must be the layer's channel axis: BatchNorm2d/3d force
-4-D/5-D input, which proves it next to Conv2d/3d; BatchNorm1d accepts (N, C) and (N, C, L), so
-next to a Linear (which acts on the LAST dim) or a Conv1d (which also takes unbatched (C, L)) it
-folds only when ``example_inputs`` show the tensor between them to be (N, F) resp. (N, C, L).
+The BN layers: torch's, bnstats' own, timm's ``BatchNormAct2d``/``SyncBatchNormAct`` (their
+drop and activation stay, as a module in the BN's place) and frozen BNs (torchvision, timm);
+see :mod:`bnstats.torch.fold._kinds`. A pair folds only if the tensor between them goes
+nowhere else, both modules are called once, have no hooks or parametrizations, the layer
+computes as torch's own (neither ``forward`` nor ``_conv_forward`` overridden), and the BN is
+in eval mode with running statistics. BN's dim 1 must be the layer's channel axis:
+BatchNorm2d/3d force 4-D/5-D input, which proves it next to Conv2d/3d; BatchNorm1d accepts
+(N, C) and (N, C, L), so next to a Linear (which acts on the LAST dim) or a Conv1d (which also
+takes unbatched (C, L)) it folds only when ``example_inputs`` show the tensor between them to
+be (N, F) resp. (N, C, L).
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ from collections.abc import Sequence
 import torch
 from torch import fx, nn
 
-from bnstats.torch.fold._folder import LAYERS, GraphFolder
+from bnstats.torch._layers import unwrap
+from bnstats.torch.fold._folder import GraphFolder
+from bnstats.torch.fold._kinds import is_leaf
 from bnstats.torch.fold._report import FoldEntry, FoldReport
 from bnstats.torch.fold._trace import FoldTraceError, record_shapes, trace
 from bnstats.torch.fold._weights import FoldOverflowError, fold_weights
 
-_BatchNorm = nn.modules.batchnorm._BatchNorm
 Tensor = torch.Tensor
 
 
@@ -42,7 +47,10 @@ def fold(
 ) -> fx.GraphModule:
     """A new module computing ``model``'s eval-mode output with its BN layers folded away.
 
-    ``model`` is deep-copied and left untouched (parameters, buffers, modes). The copy is traced
+    ``model`` may be wrapped (``DataParallel``, ``DistributedDataParallel``, ``torch.compile``,
+    ``AveragedModel``, timm's ``ModelEma*``): the model inside is folded, and names are those
+    of that inner model. It is deep-copied and left untouched (parameters, buffers, modes).
+    The copy is traced
     with ``torch.fx.symbolic_trace`` semantics; every BN that can be folded exactly is merged
     into its neighbouring layer in float64 and removed, the layer's weights are cast back to
     their dtype. A BN stays when its output depends on the batch (training mode,
@@ -62,9 +70,10 @@ def fold(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold expects a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap(model)
     name = type(model).__name__
     work = copy.deepcopy(model)
-    gm = trace(work, name, leaves=(_BatchNorm, *LAYERS))
+    gm = trace(work, name, is_leaf)
     if example_inputs is not None:
         record_shapes(gm, example_inputs, name)
     entries = GraphFolder(gm, has_shapes=example_inputs is not None).run(work)

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 from torch import fx, nn
 
+from bnstats.torch._layers import is_batchnorm
+from bnstats.torch.fold._kinds import (
+    LAYERS,
+    is_norm,
+    known_norm_forward,
+    layer_computation_problem,
+    norm_rank,
+    running_statistics,
+    tail_names,
+)
 from bnstats.torch.fold._report import FoldEntry
 from bnstats.torch.fold._weights import (
     Position,
@@ -17,21 +28,20 @@ from bnstats.torch.fold._weights import (
     overflow_problem,
 )
 
-_BatchNorm = nn.modules.batchnorm._BatchNorm
 _ConvTransposeNd = nn.modules.conv._ConvTransposeNd
 LazyModuleMixin = nn.modules.lazy.LazyModuleMixin
 parametrize = nn.utils.parametrize
 Tensor = torch.Tensor
-LAYERS: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
-_BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+Problem = tuple[str, str]
+"""``(code, text)``: why something does not fold, with a stable code for the report."""
+
+
+@dataclass(frozen=True)
+class _Affine:
+    """One BN in eval mode as ``z_tilde = scale * z + shift`` (float64, CPU)."""
+
+    scale: Tensor
+    shift: Tensor
 
 
 @dataclass
@@ -57,14 +67,14 @@ class GraphFolder:
     def run(self, original: nn.Module) -> list[FoldEntry]:
         results: dict[str, FoldEntry] = {}
         for node in list(self.gm.graph.nodes):
-            if self._is_call_of(node, _BatchNorm) and node.target not in results:
+            if self._is_call_of(node, is_norm) and node.target not in results:
                 results[node.target] = self._fold_one(node)
         self._write_back()
         self.gm.graph.lint()
         self.gm.recompile()
         entries = []
         for name, module in original.named_modules():
-            if isinstance(module, _BatchNorm):
+            if is_norm(module):
                 entries.append(results.get(name) or _not_called(name, module))
         return entries
 
@@ -72,49 +82,51 @@ class GraphFolder:
 
     def _fold_one(self, node: fx.Node) -> FoldEntry:
         name, bn = str(node.target), self.modules[node.target]
-        kind = type(bn).__name__
+        entry = FoldEntry(name, type(bn).__name__)
         problem = self._bn_problem(name, bn)
         if problem is not None:
-            return FoldEntry(name, kind, code=problem[0], reason=problem[1])
-        scale, shift = bn_scale_shift(bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+            return _kept(entry, *problem)
+        mean, var = running_statistics(bn)
+        scale, shift = bn_scale_shift(
+            mean, var, bn.eps, getattr(bn, "weight", None), getattr(bn, "bias", None)
+        )
         if not bool(torch.isfinite(scale).all() and torch.isfinite(shift).all()):
             reason = "running statistics are NaN/Inf or running_var + eps <= 0"
-            return FoldEntry(name, kind, code="bad_statistics", reason=reason)
-        after = self._try_after(node, FoldEntry(name, kind), bn, scale, shift)
+            return _kept(entry, "bad_statistics", reason)
+        affine = _Affine(scale, shift)
+        after = self._try_after(node, entry, affine)
         if after.folded:
             return after
-        before = self._try_before(node, FoldEntry(name, kind), bn, scale, shift)
+        before = self._try_before(node, entry, affine)
         if before.folded:
             return before
         main = after if _had_layer(after) or not _had_layer(before) else before
-        reason = f"input {after.reason}; output {before.reason}"
-        return replace(main, reason=reason)
+        return replace(main, reason=f"input {after.reason}; output {before.reason}")
 
-    def _try_after(
-        self, node: fx.Node, entry: FoldEntry, bn: nn.Module, scale: Tensor, shift: Tensor
-    ) -> FoldEntry:
+    def _try_after(self, node: fx.Node, entry: FoldEntry, affine: _Affine) -> FoldEntry:
         """``layer -> BN``: fold into the layer whose output is the BN's only input."""
         src = _only_input(node)
         where = f"comes from {self._describe(src)}"
         if not self._is_call_of(src, LAYERS):
             return _kept(entry, "no_layer", f"{where}, not from a conv/linear layer")
-        layer_name, layer = str(src.target), self.modules[src.target]
-        problem = self._layer_problem(layer_name, layer)
-        if problem is None:
-            others = [self._describe(u) for u in src.users if u is not node]
-            if others:
-                problem = "shared_tensor", f"whose output also goes to {', '.join(others)}"
-        if problem is None:
-            problem = self._axis_problem(src, layer_name, layer, bn)
-        if problem is not None:
-            return _kept(entry, problem[0], f"{where}, {problem[1]}")
-        return self._apply(node, entry, layer_name, layer, scale, shift, "after")
+        layer_name = str(src.target)
+        problem = self._layer_problem(layer_name, self.modules[layer_name])
+        others = [self._describe(u) for u in src.users if u is not node]
+        if problem is None and others:
+            problem = "shared_tensor", f"whose output also goes to {', '.join(others)}"
+        return self._fold_pair(node, entry, src, layer_name, where, problem, affine, "after")
 
-    def _try_before(
-        self, node: fx.Node, entry: FoldEntry, bn: nn.Module, scale: Tensor, shift: Tensor
-    ) -> FoldEntry:
+    def _try_before(self, node: fx.Node, entry: FoldEntry, affine: _Affine) -> FoldEntry:
         """``BN -> layer``: fold into the layer that is the BN output's only user."""
         users = list(node.users)
+        tail = tail_names(self.modules[node.target])
+        if tail:
+            return _kept(
+                entry,
+                "norm_act",
+                f"goes through its own {' and '.join(tail)} after normalizing, so only a "
+                "layer before it can absorb it",
+            )
         if len(users) != 1:
             places = ", ".join(self._describe(u) for u in users) or "nowhere"
             to_layer = any(self._is_call_of(u, LAYERS) for u in users)
@@ -124,25 +136,41 @@ class GraphFolder:
         where = f"goes to {self._describe(dst)}"
         if not self._is_call_of(dst, LAYERS) or _only_input(dst) is not node:
             return _kept(entry, "no_layer", f"{where}, not to a conv/linear layer")
-        layer_name, layer = str(dst.target), self.modules[dst.target]
+        layer_name = str(dst.target)
+        layer = self.modules[layer_name]
         problem = self._layer_problem(layer_name, layer) or _before_problem(layer)
+        return self._fold_pair(node, entry, node, layer_name, where, problem, affine, "before")
+
+    def _fold_pair(
+        self,
+        node: fx.Node,
+        entry: FoldEntry,
+        between: fx.Node,
+        layer_name: str,
+        where: str,
+        problem: Problem | None,
+        affine: _Affine,
+        position: Position,
+    ) -> FoldEntry:
+        """Fold unless ``problem`` or the channel axis (of the tensor ``between``) forbid it."""
+        bn = self.modules[str(node.target)]
         if problem is None:
-            problem = self._axis_problem(node, layer_name, layer, bn)
+            problem = self._axis_problem(between, layer_name, self.modules[layer_name], bn)
         if problem is not None:
             return _kept(entry, problem[0], f"{where}, {problem[1]}")
-        return self._apply(node, entry, layer_name, layer, scale, shift, "before")
+        return self._apply(node, entry, layer_name, affine, position)
 
     def _apply(
         self,
         node: fx.Node,
         entry: FoldEntry,
         layer_name: str,
-        layer: nn.Module,
-        scale: Tensor,
-        shift: Tensor,
+        affine: _Affine,
         position: Position,
     ) -> FoldEntry:
         """Fold in float64 unless a result overflows the layer's dtype; rewire the graph."""
+        layer = self.modules[layer_name]
+        scale, shift = affine.scale, affine.shift
         current = self.pending.get(layer_name) or _Weights(
             _as64(layer.weight), None if layer.bias is None else _as64(layer.bias)
         )
@@ -166,7 +194,17 @@ class GraphFolder:
         return replace(entry, folded_into=layer_name, position=position)
 
     def _remove(self, node: fx.Node, position: Position) -> None:
-        """Take the BN node out of the graph and its module out of the model."""
+        """Take the BN node out of the graph and its module out of the model; a BN with its
+        own drop/act (always folded ``after``) is replaced by them, under its name."""
+        name = str(node.target)
+        tail = tail_names(self.modules[name])
+        if tail:
+            bn = self.modules[name]
+            kept = nn.Sequential(OrderedDict((key, bn._modules[key]) for key in tail))
+            kept.train(bn.training)
+            self.gm.add_submodule(name, kept)
+            self.modules[name] = kept
+            return
         bn_input = _only_input(node)
         if position == "after":
             node.replace_all_uses_with(bn_input)
@@ -190,29 +228,34 @@ class GraphFolder:
 
     # -- checks -----------------------------------------------------------------------------
 
-    def _bn_problem(self, name: str, bn: nn.Module) -> tuple[str, str] | None:
+    def _bn_problem(self, name: str, bn: nn.Module) -> Problem | None:
         if isinstance(bn, LazyModuleMixin) and bn.has_uninitialized_params():
             return "bn_unsupported", "is a lazy module that was never run"
-        if bn.running_mean is None or bn.running_var is None:
+        if None in running_statistics(bn):
             return "no_running_stats", (
                 "has no running statistics (track_running_stats=False): it always normalizes "
                 "with the batch's own mean and variance"
             )
-        if bn.training:
+        if is_batchnorm(bn) and bn.training:
             return "training", (
                 "is in training mode: its output depends on the batch; call model.eval() "
                 "before fold (the folded model represents eval behaviour)"
             )
-        if type(bn).forward not in _BN_FORWARDS:
-            return "bn_unsupported", f"{type(bn).__name__} overrides forward"
+        if not known_norm_forward(bn):
+            return "bn_unsupported", (
+                f"{type(bn).__name__} overrides forward: fold cannot tell what it computes"
+            )
         return self._shared_problem("bn_unsupported", name, bn)
 
-    def _layer_problem(self, name: str, layer: nn.Module) -> tuple[str, str] | None:
+    def _layer_problem(self, name: str, layer: nn.Module) -> Problem | None:
         """Why this conv/linear cannot take a BN in: ``(code, "which ...")`` or None."""
         code = "layer_unsupported"
-        base = next(cls for cls in LAYERS if isinstance(layer, cls))
-        if type(layer).forward is not base.forward:
-            return code, f"which overrides {base.__name__}.forward"
+        overridden = layer_computation_problem(layer)
+        if overridden is not None:
+            return code, (
+                f"which overrides {overridden}: its output is not torch's computation with "
+                "its stored weight"
+            )
         if parametrize.is_parametrized(layer):
             return code, "which has a parametrized weight"
         if isinstance(layer, LazyModuleMixin) and layer.has_uninitialized_params():
@@ -220,7 +263,7 @@ class GraphFolder:
         problem = self._shared_problem(code, name, layer)
         return None if problem is None else (code, f"which {problem[1]}")
 
-    def _shared_problem(self, code: str, name: str, module: nn.Module) -> tuple[str, str] | None:
+    def _shared_problem(self, code: str, name: str, module: nn.Module) -> Problem | None:
         """Hooks, several calls or direct reads would see the folded weights too."""
         if module._forward_hooks or module._forward_pre_hooks:
             return code, "has forward hooks"
@@ -233,7 +276,7 @@ class GraphFolder:
 
     def _axis_problem(
         self, between: fx.Node, layer_name: str, layer: nn.Module, bn: nn.Module
-    ) -> tuple[str, str] | None:
+    ) -> Problem | None:
         """BN normalizes dim 1; is dim 1 the layer's channel axis here? ``(code, "but ...")``."""
         rank = 2 if isinstance(layer, nn.Linear) else layer.weight.dim()
         meaning = (
@@ -246,7 +289,7 @@ class GraphFolder:
             if shape is not None and len(shape) == rank:
                 return None
             return "channel_axis", f"but the tensor between them has shape {shape}: {meaning}"
-        if _bn_rank(bn) == rank:
+        if norm_rank(bn) == rank:
             return None
         return "needs_example_inputs", (
             f"but {meaning}; pass example_inputs to fold so that it can check the shape"
@@ -254,12 +297,16 @@ class GraphFolder:
 
     # -- graph helpers ----------------------------------------------------------------------
 
-    def _is_call_of(self, node: fx.Node | None, types: type | tuple[type, ...]) -> bool:
-        return (
-            node is not None
-            and node.op == "call_module"
-            and isinstance(self.modules.get(str(node.target)), types)
-        )
+    def _is_call_of(
+        self, node: fx.Node | None, kind: tuple[type, ...] | Callable[[nn.Module], bool]
+    ) -> bool:
+        """``node`` calls a module of the types ``kind`` (or for which ``kind`` is true)."""
+        if node is None or node.op != "call_module":
+            return False
+        module = self.modules.get(str(node.target))
+        if isinstance(kind, tuple):
+            return isinstance(module, kind)
+        return module is not None and kind(module)
 
     def _describe(self, node: fx.Node | None) -> str:
         if node is None:
@@ -282,7 +329,7 @@ def layer_groups(layer: nn.Module) -> int:
     return int(getattr(layer, "groups", 1))
 
 
-def _before_problem(layer: nn.Module) -> tuple[str, str] | None:
+def _before_problem(layer: nn.Module) -> Problem | None:
     """Why ``layer(BN(x))`` is not one layer even though both could fold: ``(code, "which ...")``.
 
     Exact iff every output sums a fixed set of real (unpadded) inputs: zero padding is added
@@ -306,14 +353,6 @@ def _before_problem(layer: nn.Module) -> tuple[str, str] | None:
             f"which pads with zeros (padding={layer.padding}) after the BN, where "
             "BN(0) = beta - gamma * running_mean / sqrt(running_var + eps) is not 0"
         )
-    return None
-
-
-def _bn_rank(bn: nn.Module) -> int | None:
-    """The only input rank this BN accepts, if its class fixes one (BatchNorm2d: 4, 3d: 5)."""
-    for cls, rank in ((nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5)):
-        if isinstance(bn, cls) and type(bn)._check_input_dim is cls._check_input_dim:
-            return rank
     return None
 
 

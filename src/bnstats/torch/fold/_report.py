@@ -1,23 +1,27 @@
 """What :func:`bnstats.torch.fold` did with each BatchNorm layer, and why.
 
 ``fused.fold_report`` is a :class:`FoldReport`: one :class:`FoldEntry` per BatchNorm layer of
-the original model, in ``named_modules()`` order. A folded entry names the layer that absorbed
-the BN and whether the BN sat after it (``layer -> BN``) or before it (``BN -> layer``); a kept
-entry carries a short ``code`` and a sentence. The codes:
+the original model (frozen BNs included), in ``named_modules()`` order. A folded entry names
+the layer that absorbed the BN and whether the BN sat after it (``layer -> BN``) or before it
+(``BN -> layer``); a kept entry carries a short ``code`` and a sentence. The codes:
 
 ==========================  =====================================================================
 ``training``                the BN is in training mode: its output depends on the batch
 ``no_running_stats``        ``track_running_stats=False``: it always uses the batch's statistics
 ``bad_statistics``          ``running_var + eps`` is not positive, or a statistic is NaN/Inf
-``bn_unsupported``          overridden ``forward``, hooks, called more than once, read elsewhere
+``bn_unsupported``          a forward fold does not know (a subclass overriding it), hooks, called
+                            more than once, read elsewhere, lazy and never run
 ``not_called``              never called in ``forward``: tracing dropped it
 ``no_layer``                no conv/linear layer directly before or after it
 ``layer_unsupported``       the neighbour cannot absorb it (transposed conv after the BN, shared,
-                            hooked or parametrized layer, overridden ``forward``)
+                            hooked or parametrized layer, overridden ``forward`` or
+                            ``_conv_forward`` as in weight-standardised convs)
+``norm_act``                the BN applies its own drop/activation (timm's ``BatchNormAct2d``):
+                            only the layer before it can absorb it
 ``shared_tensor``           the tensor between them is also used elsewhere (residual branches)
 ``padding``                 the conv after it pads with zeros AFTER the BN, and BN(0) != 0
-``needs_example_inputs``    BatchNorm1d (or SyncBatchNorm) next to a linear/conv: only the
-                            input's rank tells whether the BN's dim 1 is the layer's channels
+``needs_example_inputs``    BatchNorm1d (or SyncBatchNorm, frozen BN) next to a linear/conv: only
+                            the input's rank tells whether the BN's dim 1 is the layer's channels
 ``channel_axis``            ``example_inputs`` showed that it is not
 ``overflow``                the folded weights would not be finite in the layer's dtype
 ==========================  =====================================================================
