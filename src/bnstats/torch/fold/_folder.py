@@ -10,6 +10,7 @@ import torch
 from torch import fx, nn
 
 from bnstats.torch._layers import is_batchnorm
+from bnstats.torch.fold._beside import additive_layer, beside_problem, is_add
 from bnstats.torch.fold._kinds import (
     LAYERS,
     is_norm,
@@ -23,8 +24,7 @@ from bnstats.torch.fold._report import FoldEntry
 from bnstats.torch.fold._weights import (
     Position,
     bn_scale_shift,
-    fold_after64,
-    fold_before64,
+    fold64,
     overflow_problem,
 )
 
@@ -63,12 +63,17 @@ class GraphFolder:
         self.calls = Counter(id(self.modules[n.target]) for n in nodes if n.op == "call_module")
         self.attributes_read = [str(n.target) for n in nodes if n.op == "get_attr"]
         self.pending: dict[str, _Weights] = {}
+        self.beside_candidates: list[tuple[fx.Node, FoldEntry, _Affine]] = []
 
     def run(self, original: nn.Module) -> list[FoldEntry]:
         results: dict[str, FoldEntry] = {}
         for node in list(self.gm.graph.nodes):
             if self._is_call_of(node, is_norm) and node.target not in results:
                 results[node.target] = self._fold_one(node)
+        for node, entry, affine in self.beside_candidates:  # after the layers' own BNs
+            beside = self._try_beside(node, entry, affine)
+            if beside is not None:
+                results[entry.name] = beside
         self._write_back()
         self.gm.graph.lint()
         self.gm.recompile()
@@ -101,7 +106,9 @@ class GraphFolder:
         if before.folded:
             return before
         main = after if _had_layer(after) or not _had_layer(before) else before
-        return replace(main, reason=f"input {after.reason}; output {before.reason}")
+        kept = replace(main, reason=f"input {after.reason}; output {before.reason}")
+        self.beside_candidates.append((node, kept, affine))
+        return kept
 
     def _try_after(self, node: fx.Node, entry: FoldEntry, affine: _Affine) -> FoldEntry:
         """``layer -> BN``: fold into the layer whose output is the BN's only input."""
@@ -141,6 +148,36 @@ class GraphFolder:
         problem = self._layer_problem(layer_name, layer) or _before_problem(layer)
         return self._fold_pair(node, entry, node, layer_name, where, problem, affine, "before")
 
+    def _try_beside(self, node: fx.Node, entry: FoldEntry, affine: _Affine) -> FoldEntry | None:
+        """``layer(x) + BN(x)``: fold into a layer that reads the BN's input and whose output
+        is summed with the BN's (``_beside.py``); None (``entry`` stands) if there is none."""
+        users, x = list(node.users), _only_input(node)
+        if tail_names(self.modules[str(node.target)]) or len(users) != 1 or x is None:
+            return None
+        total = users[0]
+        others = [arg for arg in total.args if arg is not node] if is_add(total) else []
+        if len(others) != 1:
+            return None
+        found = additive_layer(
+            others[0],
+            x,
+            lambda n: self._is_call_of(n, LAYERS),
+            lambda n: self._is_call_of(n, (nn.Identity,)),
+        )
+        if found is None:
+            return None
+        layer_name, bn = str(found.target), self.modules[str(node.target)]
+        layer = self.modules[layer_name]
+        problem = self._layer_problem(layer_name, layer) or self._axis_problem(
+            x, layer_name, layer, bn
+        )
+        if problem is not None or beside_problem(layer) is not None:
+            return None
+        folded = self._apply(
+            node, replace(entry, code=None, reason=None), layer_name, affine, "beside"
+        )
+        return folded if folded.folded else None
+
     def _fold_pair(
         self,
         node: fx.Node,
@@ -176,11 +213,8 @@ class GraphFolder:
         )
         groups = layer_groups(layer)
         try:
-            if position == "after":
-                transposed = isinstance(layer, _ConvTransposeNd)
-                w, b = fold_after64(current.weight, current.bias, scale, shift, transposed, groups)
-            else:
-                w, b = fold_before64(current.weight, current.bias, scale, shift, groups)
+            transposed = isinstance(layer, _ConvTransposeNd)
+            w, b = fold64(current.weight, current.bias, scale, shift, position, transposed, groups)
         except ValueError as exc:
             raise ValueError(f"fold: cannot fold {node.target} into {layer_name}: {exc}") from exc
         bias_dtype = layer.weight.dtype if layer.bias is None else layer.bias.dtype
@@ -208,8 +242,12 @@ class GraphFolder:
         bn_input = _only_input(node)
         if position == "after":
             node.replace_all_uses_with(bn_input)
-        else:
+        elif position == "before":
             next(iter(node.users)).replace_input_with(node, bn_input)
+        else:  # layer(x) + BN(x): the sum is the other summand alone
+            total = next(iter(node.users))
+            total.replace_all_uses_with(next(arg for arg in total.args if arg is not node))
+            self.gm.graph.erase_node(total)
         self.gm.graph.erase_node(node)
         self.gm.delete_submodule(str(node.target))
 

@@ -2,8 +2,9 @@
 
 ``fused.fold_report`` is a :class:`FoldReport`: one :class:`FoldEntry` per BatchNorm layer of
 the original model (frozen BNs included), in ``named_modules()`` order. A folded entry names
-the layer that absorbed the BN and whether the BN sat after it (``layer -> BN``) or before it
-(``BN -> layer``); a kept entry carries a short ``code`` and a sentence. The codes:
+the layer that absorbed the BN and whether the BN sat after it (``layer -> BN``), before it
+(``BN -> layer``) or beside it (``layer(x) + BN(x)``, RepVGG's identity branch); a kept entry
+carries a short ``code`` and a sentence. The codes:
 
 ==========================  =====================================================================
 ``training``                the BN is in training mode: its output depends on the batch
@@ -34,14 +35,17 @@ from typing import Any
 
 from bnstats.torch.fold._weights import Position
 
+_ARROWS = {"after": "layer -> BN", "before": "BN -> layer", "beside": "layer(x) + BN(x)"}
+
 
 @dataclass(frozen=True)
 class FoldEntry:
     """One BatchNorm layer: folded into ``folded_into`` or kept for ``reason``.
 
     ``name`` is the BN's qualified name in the original model, ``kind`` its class name.
-    ``position`` is ``"after"`` for ``layer -> BN`` (output channels scaled) and ``"before"``
-    for ``BN -> layer`` (input channels scaled). ``code`` and ``reason`` are None when folded.
+    ``position`` is ``"after"`` for ``layer -> BN`` (output channels scaled), ``"before"``
+    for ``BN -> layer`` (input channels scaled) and ``"beside"`` for ``layer(x) + BN(x)``
+    (the BN added to the kernel's centre). ``code`` and ``reason`` are None when folded.
     """
 
     name: str
@@ -57,7 +61,7 @@ class FoldEntry:
 
     def __str__(self) -> str:
         if self.folded:
-            arrow = "layer -> BN" if self.position == "after" else "BN -> layer"
+            arrow = _ARROWS[self.position or "after"]
             return f"folded  {self.name} ({self.kind}) into {self.folded_into} ({arrow})"
         return f"kept    {self.name} ({self.kind}) [{self.code}]: {self.reason}"
 
