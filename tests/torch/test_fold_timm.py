@@ -56,8 +56,8 @@ def test_sync_twin_and_frozen_copy_compute_the_same_eval_outputs():
     x = torch.randn(2, 3, 12, 12)
     sync = tp.convert_sync_batchnorm(copy.deepcopy(net))
     assert isinstance(sync[1], tp.SyncBatchNormAct) and type(sync[3]) is nn.SyncBatchNorm
-    assert sync[1].training  # as timm's converter: the new layers start in training mode
-    torch.testing.assert_close(sync.eval()(x), net(x))
+    assert not sync[1].training  # the mode is taken over, as by timm's converter
+    torch.testing.assert_close(sync(x), net(x))
     frozen = tp.freeze(copy.deepcopy(net))
     assert isinstance(frozen[3], tp.FrozenBatchNorm2d)
     torch.testing.assert_close(frozen(x), net(x))
@@ -263,6 +263,17 @@ def test_wrapped_models_fold_with_the_inner_models_names(wrap):
     expected = fold(model).fold_report
     assert fused.fold_report.to_dict() == expected.to_dict()
     _check_exact(model, fused)
+
+
+def test_distributed_data_parallel_folds_with_the_inner_names(tmp_path):
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model = scramble_batchnorm(TinyResNet()).eval()
+        fused = fold(nn.parallel.DistributedDataParallel(model))
+        assert fused.fold_report.to_dict() == fold(model).fold_report.to_dict()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_aux_head_bn_is_reported_as_not_called_in_eval_mode():

@@ -109,8 +109,8 @@ class SyncBatchNormAct(nn.SyncBatchNorm):
 
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """``module`` with every BatchNormAct2d replaced by a SyncBatchNormAct and every other BN
-    by an ``nn.SyncBatchNorm``, sharing parameters, buffers, ``drop`` and ``act``. As timm's,
-    the new layers start in training mode whatever the old ones were in: call ``.eval()``."""
+    by an ``nn.SyncBatchNorm``, sharing parameters, buffers, ``drop``, ``act`` and the
+    training flag."""
     converted = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         sync_cls = SyncBatchNormAct if isinstance(module, BatchNormAct2d) else nn.SyncBatchNorm
@@ -130,6 +130,7 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
         converted.running_mean = module.running_mean
         converted.running_var = module.running_var
         converted.num_batches_tracked = module.num_batches_tracked
+        converted.training = module.training
         if isinstance(converted, SyncBatchNormAct):
             return converted  # its only children, drop and act, are moved over as they are
     for name, child in module.named_children():
