@@ -720,6 +720,7 @@ class _Beside(nn.Module):
     ],
     ids=["even-kernel", "scaled", "used-twice", "folds"],
 )
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 def test_identity_bn_folds_beside_only_where_exact(conv, combine, code):
     model = scramble_batchnorm(_Beside(conv, combine)).eval()
     x = example((2, 4, 6, 6))
@@ -727,3 +728,14 @@ def test_identity_bn_folds_beside_only_where_exact(conv, combine, code):
     entry = fused.fold_report["bn"]
     assert (entry.position if entry.folded else entry.code) == code
     assert rel_diff(outputs(model, x), outputs(fused, x)) <= 1e-5
+
+
+def test_docs_fold_then_compile_example_runs(monkeypatch, capsys):
+    """The example of docs/fold.md's "Fold before torch.compile" (torch.compile itself replaced
+    by the identity: Inductor needs a compiler toolchain and minutes on this CPU)."""
+    text = (Path(__file__).parents[2] / "docs" / "fold.md").read_text()
+    section = text[text.index("## Fold before torch.compile") :]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setattr(torch, "compile", lambda module, **options: module)
+    exec(compile(code, "docs/fold.md", "exec"), {})
+    assert "2 of 2 BatchNorm layers folded" in capsys.readouterr().out

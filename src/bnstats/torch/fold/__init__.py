@@ -9,7 +9,9 @@ ConvTranspose1d/2d/3d or Linear with nothing in between and merges the two:
 - ``BN -> layer``: its input channels are scaled and the shift moves into the bias. Exact only
   if every output sums the same, real inputs: never for a transposed conv, and for a conv only
   if it adds no zero padding (zero padding happens AFTER the BN, and BN(0) = shift != 0);
-  ``padding_mode`` reflect/replicate/circular pads with copies of BN's output, which commutes.
+  ``padding_mode`` reflect/replicate/circular pads with copies of BN's output, which commutes;
+- ``layer(x) + BN(x)`` (RepVGG's identity branch): the BN joins the kernel's centre tap, for a
+  layer with as many input as output channels, stride 1 and centred padding.
 
 The BN layers: torch's, bnstats' own, timm's ``BatchNormAct2d``/``SyncBatchNormAct`` (their
 drop and activation stay, as a module in the BN's place) and frozen BNs (torchvision, timm);
