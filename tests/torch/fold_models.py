@@ -119,3 +119,23 @@ def linear_over_length() -> Chain:
 def bn_then_linear_over_length() -> Chain:
     """BatchNorm1d(6) on dim 1 of (N, 6, 10) -> Linear on the last dim."""
     return Chain(nn.BatchNorm1d(6), nn.Linear(10, 3))
+
+
+class RepVggBlock(nn.Module):
+    """RepVGG's training-time block (Ding et al. 2021): ``relu(BN(conv3x3(x)) +
+    BN(conv1x1(x)) + BN(x))``; the identity BN is computed first, as in timm's block."""
+
+    def __init__(self, channels: int = 4, stride: int = 1, padding: int = 1) -> None:
+        super().__init__()
+        self.identity = nn.BatchNorm2d(channels)
+        self.conv_kxk = nn.Conv2d(channels, channels, 3, stride, padding, bias=False)
+        self.bn_kxk = nn.BatchNorm2d(channels)
+        self.conv_1x1 = nn.Conv2d(channels, channels, 1, stride, bias=False)
+        self.bn_1x1 = nn.BatchNorm2d(channels)
+        self.drop_path = nn.Identity()
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = self.identity(x)
+        y = self.bn_1x1(self.conv_1x1(x)) + self.bn_kxk(self.conv_kxk(x))
+        return self.act(self.drop_path(y) + identity)

@@ -20,7 +20,6 @@ from bnstats.torch.fold import (
     FoldTraceError,
     fold,
     fold_weights,
-    fold_weights_before,
 )
 from tests.torch import fold_models as fm
 from tests.torch.models import (
@@ -168,7 +167,7 @@ def test_fold_weights_matches_torch_fuse_linear_bn_weights(bias):
     torch.testing.assert_close(b, ref_b.detach(), rtol=1e-13, atol=1e-15)
 
 
-# -- fold_weights / fold_weights_before against running the two layers ----------------------
+# -- fold_weights after / before against running the two layers ----------------------
 
 CONVS = {
     (1, False): nn.Conv1d,
@@ -236,7 +235,41 @@ def test_fold_weights_before_equals_bn_then_layer(
     x = torch.randn(2, c_in, *([7] * dims), generator=gen, dtype=torch.float64)
     normalized = outputs(bn, x.flatten(2) if dims else x).view_as(x)
     expected = outputs(layer, normalized)
-    w, b = fold_weights_before(layer.weight, layer.bias, *bn_args(bn), groups=groups)
+    w, b = fold_weights(layer.weight, layer.bias, *bn_args(bn), position="before", groups=groups)
+    layer.weight.data, layer.bias = w, nn.Parameter(b)
+    torch.testing.assert_close(outputs(layer, x), expected, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dims=st.integers(0, 3),  # 0: Linear
+    groups=st.sampled_from([1, 2, 4]),
+    per_group=st.integers(1, 3),
+    kernel=st.sampled_from([1, 3, 5]),
+    dilation=st.integers(1, 2),
+    padding_mode=st.sampled_from(["zeros", "reflect", "circular"]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fold_weights_beside_equals_layer_plus_bn(
+    dims, groups, per_group, kernel, dilation, padding_mode, bias, seed
+):
+    """``layer(x) + BN(x)``: a centred conv (any kernel, dilation, groups) or a linear layer."""
+    gen = torch.Generator().manual_seed(seed)
+    channels = per_group * groups
+    if dims == 0:
+        groups = 1
+        layer = nn.Linear(channels, channels, bias=bias)
+    else:
+        padding = dilation * (kernel - 1) // 2
+        layer = CONVS[dims, False](
+            channels, channels, kernel, 1, padding, dilation, groups, bias, padding_mode
+        )
+    layer = layer.double()
+    bn = random_bn(channels, True, gen)
+    x = torch.randn(2, channels, *([9] * dims), generator=gen, dtype=torch.float64)
+    expected = outputs(layer, x) + outputs(bn, x.flatten(2) if dims else x).view_as(x)
+    w, b = fold_weights(layer.weight, layer.bias, *bn_args(bn), position="beside", groups=groups)
     layer.weight.data, layer.bias = w, nn.Parameter(b)
     torch.testing.assert_close(outputs(layer, x), expected, rtol=1e-12, atol=1e-12)
 
@@ -247,11 +280,19 @@ def test_fold_weights_rejects_mismatched_channels():
     with pytest.raises(ValueError, match=r"6 channels.*8 output.*\(8, 3, 3, 3\)"):
         fold_weights(weight, None, *stats)
     with pytest.raises(ValueError, match=r"6 channels.*3 input.*\(8, 3, 3, 3\)"):
-        fold_weights_before(weight, None, *stats)
+        fold_weights(weight, None, *stats, position="before")
     with pytest.raises(ValueError, match=r"bias has shape \(5,\)"):
         fold_weights(torch.zeros(6, 3), torch.zeros(5), *stats)
     with pytest.raises(ValueError, match=r"gamma has shape \(4,\)"):
         fold_weights(torch.zeros(6, 3), None, *stats, torch.ones(4), None)
+    with pytest.raises(
+        ValueError, match="position must be 'after', 'before' or 'beside', got 'behind'"
+    ):
+        fold_weights(torch.zeros(6, 6), None, *stats, position="behind")
+    with pytest.raises(ValueError, match=r"as many input as output channels.*\(6, 3\)"):
+        fold_weights(torch.zeros(6, 3), None, *stats, position="beside")
+    with pytest.raises(ValueError, match="transposed conv"):
+        fold_weights(torch.zeros(6, 2, 3), None, *stats, position="before", transposed=True)
 
 
 # -- every model of the zoo ---------------------------------------------------------------
@@ -637,3 +678,64 @@ def test_a_folded_model_survives_torch_save_and_load(tmp_path):
     loaded = torch.load(buffer, weights_only=False)
     x = torch.randn(2, 3, 12, 12)
     torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+# -- a BN beside a layer: RepVGG's identity branch ----------------------------------------
+
+
+def test_repvgg_identity_bn_folds_beside_the_kxk_conv():
+    model = scramble_batchnorm(nn.Sequential(fm.RepVggBlock(), fm.RepVggBlock()))
+    x = example((2, 4, 7, 7))
+    fused = fold(model.eval())
+    report = fused.fold_report
+    assert [e.position for e in report.entries] == ["beside", "after", "after"] * 2
+    assert report["0.identity"].folded_into in ("0.conv_kxk", "0.conv_1x1")
+    assert str(report["0.identity"]).endswith("(layer(x) + BN(x))")
+    assert bn_count(fused) == 0
+    assert rel_diff(outputs(model, x), outputs(fused, x)) <= 1e-5
+    model64 = model.double()
+    assert rel_diff(outputs(model64, x.double()), outputs(fold(model64), x.double())) <= 1e-12
+
+
+class _Beside(nn.Module):
+    """``combine(conv(x), BN(x))``."""
+
+    def __init__(self, conv: nn.Conv2d, combine) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.conv = conv
+        self.combine = combine
+
+    def forward(self, x):
+        return self.combine(self.conv(x), self.bn(x))
+
+
+@pytest.mark.parametrize(
+    ("conv", "combine", "code"),
+    [
+        (nn.Conv2d(4, 4, 2, padding="same"), torch.add, "no_layer"),  # no centre tap
+        (nn.Conv2d(4, 4, 3, padding=1), lambda y, z: 2 * y + z, "no_layer"),  # y counts twice
+        (nn.Conv2d(4, 4, 3, padding=1), lambda y, z: y + z + y.mean(), "no_layer"),  # reused
+        (nn.Conv2d(4, 4, 3, padding=1), lambda y, z: z + y, "beside"),
+    ],
+    ids=["even-kernel", "scaled", "used-twice", "folds"],
+)
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_identity_bn_folds_beside_only_where_exact(conv, combine, code):
+    model = scramble_batchnorm(_Beside(conv, combine)).eval()
+    x = example((2, 4, 6, 6))
+    fused = fold(model)
+    entry = fused.fold_report["bn"]
+    assert (entry.position if entry.folded else entry.code) == code
+    assert rel_diff(outputs(model, x), outputs(fused, x)) <= 1e-5
+
+
+def test_docs_fold_then_compile_example_runs(monkeypatch, capsys):
+    """The example of docs/fold.md's "Fold before torch.compile" (torch.compile itself replaced
+    by the identity: Inductor needs a compiler toolchain and minutes on this CPU)."""
+    text = (Path(__file__).parents[2] / "docs" / "fold.md").read_text()
+    section = text[text.index("## Fold before torch.compile") :]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setattr(torch, "compile", lambda module, **options: module)
+    exec(compile(code, "docs/fold.md", "exec"), {})
+    assert "2 of 2 BatchNorm layers folded" in capsys.readouterr().out

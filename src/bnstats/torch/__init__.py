@@ -26,7 +26,6 @@ from bnstats.torch.fold import (
     FoldTraceError,
     fold,
     fold_weights,
-    fold_weights_before,
 )
 from bnstats.torch.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from bnstats.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -56,7 +55,6 @@ __all__ = [
     "convert",
     "fold",
     "fold_weights",
-    "fold_weights_before",
     "plan_conversion",
     "recalibrate",
     "sync_running_stats",

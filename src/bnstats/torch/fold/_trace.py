@@ -10,6 +10,8 @@ Shapes, when wanted, come from torch.fx's ShapeProp on caller-given example inpu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import fx, nn
 
@@ -21,26 +23,27 @@ class FoldTraceError(TypeError):
 
 
 class _LeafTracer(fx.Tracer):
-    """torch.fx's tracer, also keeping instances of ``leaves`` (and their subclasses) as
-    single ``call_module`` nodes.
+    """torch.fx's tracer, also keeping every module for which ``is_leaf`` is true as a single
+    ``call_module`` node.
 
-    ``leaves`` has a default because a saved GraphModule re-creates its tracer class without
+    ``is_leaf`` has a default because a saved GraphModule re-creates its tracer class without
     arguments when ``torch.load`` rebuilds it."""
 
-    def __init__(self, leaves: tuple[type[nn.Module], ...] = ()) -> None:
+    def __init__(self, is_leaf: Callable[[nn.Module], bool] | None = None) -> None:
         super().__init__()
-        self.leaves = leaves
+        self.is_leaf = is_leaf
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, self.leaves):
+        if self.is_leaf is not None and self.is_leaf(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def trace(work: nn.Module, name: str, leaves: tuple[type[nn.Module], ...]) -> fx.GraphModule:
+def trace(work: nn.Module, name: str, is_leaf: Callable[[nn.Module], bool]) -> fx.GraphModule:
     """``work`` as an ``fx.GraphModule`` (sharing its submodules) with the same qualified names
-    and training flags; :class:`FoldTraceError` naming ``name`` if it cannot be traced."""
-    tracer = _LeafTracer(leaves)
+    and training flags, every module for which ``is_leaf`` is true kept as one node;
+    :class:`FoldTraceError` naming ``name`` if it cannot be traced."""
+    tracer = _LeafTracer(is_leaf)
     try:
         graph = tracer.trace(work)
     except Exception as exc:  # any failure of symbolic tracing means: cannot locate the BNs

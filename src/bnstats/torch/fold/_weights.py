@@ -11,17 +11,24 @@ In eval mode a BN layer normalizes with fixed statistics, so it is a per-channel
 A convolution or linear layer ``y = W * x + b`` next to it absorbs that map (Ioffe & Szegedy
 2015, section 3.2; Jacob et al. 2018, section 3.2):
 
-- BN AFTER the layer (:func:`fold_weights`), per OUTPUT channel ``o``::
+- BN AFTER the layer (:func:`fold_weights`, ``position="after"``), per OUTPUT channel ``o``::
 
       W'[o] = W[o] * scale[o]
       b'[o] = (b[o] - mu[o]) * scale[o] + beta[o]  =  b[o] * scale[o] + shift[o]
 
-- BN BEFORE the layer (:func:`fold_weights_before`), per INPUT channel ``c``::
+- BN BEFORE the layer (``position="before"``), per INPUT channel ``c``::
 
       W'[:, c] = W[:, c] * scale[c]
       b'[o]    = b[o] + sum over c and the kernel of W[o, c, ...] * shift[c]
 
-  exact only if every output position sums the same, unpadded, inputs (see ``fold.py``).
+  exact only if every output position sums the same, unpadded, inputs (see ``_folder.py``).
+
+- BN BESIDE the layer, ``layer(x) + BN(x)`` (``position="beside"``; ``_beside.py``), per
+  channel ``c``, for a layer with as many input as output channels, ``centre`` the middle of
+  the kernel::
+
+      W'[c, c, centre] = W[c, c, centre] + scale[c]
+      b'[c]            = b[c] + shift[c]
 
 Everything is computed in float64 (on the CPU, which every backend can reach) and cast back
 to the layer's dtype; a result that would not be finite in that dtype raises
@@ -38,9 +45,17 @@ Weight layouts (``groups`` as in ``nn.Conv*d``):
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
 
 Tensor = torch.Tensor
+Pair = tuple[Tensor, Tensor]
+Bias = Tensor | None
+Position = Literal["after", "before", "beside"]
+"""Where the BN sits: ``"after"`` the layer (``layer -> BN``), ``"before"`` it
+(``BN -> layer``) or ``"beside"`` it (``layer(x) + BN(x)``)."""
 
 
 class FoldOverflowError(ValueError):
@@ -89,69 +104,70 @@ def fold_weights(
     gamma: Tensor | None = None,
     beta: Tensor | None = None,
     *,
+    position: Position = "after",
     transposed: bool = False,
     groups: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """Weights of the layer that computes ``BN(layer(x))`` alone: the BN comes AFTER it.
+    """Weights of the one layer that computes the layer and its BN together.
 
-    ``W' = W * gamma / sqrt(running_var + eps)`` per output channel and
-    ``b' = (b - running_mean) * gamma / sqrt(running_var + eps) + beta``, computed in float64
-    and returned in the dtypes of ``weight`` and ``bias`` (``weight``'s if ``bias`` is None)
-    on ``weight``'s device. ``transposed=True`` for ConvTranspose weights
-    ``(in, out / groups, *kernel)``. Raises ``ValueError`` naming the shapes if the BN's
-    channels are not the layer's output channels, :class:`FoldOverflowError` if a result is
-    not finite in its dtype.
+    With ``scale = gamma / sqrt(running_var + eps)`` and ``shift = beta - running_mean * scale``:
+
+    - ``position="after"``, ``BN(layer(x))``, per output channel ``o``:
+      ``W'[o] = W[o] * scale[o]``, ``b'[o] = b[o] * scale[o] + shift[o]``;
+      ``transposed=True`` for ConvTranspose weights ``(in, out / groups, *kernel)``;
+    - ``position="before"``, ``layer(BN(x))``, per input channel ``c``:
+      ``W'[:, c] = W[:, c] * scale[c]``, ``b'[o] = b[o] + sum over c, kernel of
+      W[o, c, ...] * shift[c]``; for Linear and Conv weights only, and equal to
+      ``layer(BN(x))`` only where the layer adds no zero padding (``fold`` checks it);
+    - ``position="beside"``, ``layer(x) + BN(x)``, per channel ``c``:
+      ``W'[c, c, centre] += scale[c]``, ``b'[c] = b[c] + shift[c]``; for Linear and Conv
+      weights with as many input as output channels, and equal to ``layer(x) + BN(x)`` only
+      for stride 1 and centred padding (``fold`` checks it).
+
+    Computed in float64 and returned in the dtypes of ``weight`` and ``bias`` (``weight``'s if
+    ``bias`` is None) on ``weight``'s device. Raises ``ValueError`` naming the shapes if the
+    BN's channels are not the layer's output (input) channels, :class:`FoldOverflowError` if a
+    result is not finite in its dtype.
     """
+    if position not in ("after", "before", "beside"):
+        raise ValueError(f"position must be 'after', 'before' or 'beside', got {position!r}")
+    if position != "after" and transposed:
+        raise ValueError(
+            f"a BN {position} a transposed conv does not fold: its outputs sum varying "
+            "numbers of inputs, so the BN's shift is not a constant bias"
+        )
     scale, shift = bn_scale_shift(running_mean, running_var, eps, gamma, beta)
-    w64, b64 = fold_after64(_as64(weight), _as64_or_none(bias), scale, shift, transposed, groups)
+    w64, b64 = fold64(
+        _as64(weight), _as64_or_none(bias), scale, shift, position, transposed, groups
+    )
     return _cast_back(w64, weight), _cast_back(b64, weight if bias is None else bias)
 
 
-def fold_weights_before(
-    weight: Tensor,
-    bias: Tensor | None,
-    running_mean: Tensor,
-    running_var: Tensor,
-    eps: float,
-    gamma: Tensor | None = None,
-    beta: Tensor | None = None,
-    *,
-    groups: int = 1,
-) -> tuple[Tensor, Tensor]:
-    """Weights of the layer that computes ``layer(BN(x))`` alone: the BN comes BEFORE it.
-
-    With ``scale = gamma / sqrt(running_var + eps)`` and
-    ``shift = beta - running_mean * scale`` per input channel ``c``::
-
-        W'[:, c] = W[:, c] * scale[c]
-        b'[o]    = b[o] + sum over c, kernel of W[o, c, ...] * shift[c]
-
-    For Linear ``(out, in)`` and Conv ``(out, in / groups, *kernel)`` weights. The result equals
-    ``layer(BN(x))`` only where the layer adds no zero padding (the caller's responsibility;
-    ``fold`` checks it). Same dtype, device and error rules as :func:`fold_weights`.
-    """
-    scale, shift = bn_scale_shift(running_mean, running_var, eps, gamma, beta)
-    w64, b64 = fold_before64(_as64(weight), _as64_or_none(bias), scale, shift, groups)
-    return _cast_back(w64, weight), _cast_back(b64, weight if bias is None else bias)
-
-
-def fold_after64(
+def fold64(
     weight: Tensor,
     bias: Tensor | None,
     scale: Tensor,
     shift: Tensor,
+    position: Position,
     transposed: bool = False,
     groups: int = 1,
-) -> tuple[Tensor, Tensor]:
-    """:func:`fold_weights` on float64 tensors, from ``scale`` and ``shift``:
-    ``W' = W * scale`` per output channel, ``b' = b * scale + shift``."""
+) -> Pair:
+    """:func:`fold_weights` on float64 tensors, from the BN's ``scale`` and ``shift``."""
+    if position == "after":
+        return _fold_after(weight, bias, scale, shift, transposed, groups)
+    if position == "before":
+        return _fold_before(weight, bias, scale, shift, groups)
+    return _fold_beside(weight, bias, scale, shift, groups)
+
+
+def _fold_after(
+    weight: Tensor, bias: Bias, scale: Tensor, shift: Tensor, transposed: bool, groups: int
+) -> Pair:
+    """``position="after"`` in float64: ``W' = W * scale`` per output channel,
+    ``b' = b * scale + shift``."""
     out_channels = _out_channels(weight, transposed, groups)
     _check_channels(scale, out_channels, "output", weight, transposed, groups)
-    if bias is not None and tuple(bias.shape) != (out_channels,):
-        raise ValueError(
-            f"bias has shape {tuple(bias.shape)} but the layer has {out_channels} output "
-            f"channels (weight shape {tuple(weight.shape)})"
-        )
+    _check_bias(bias, out_channels, weight)
     if transposed:
         # weight[i, j] feeds output channel (i // in_per_group) * out_per_group + j
         in_per_group = weight.shape[0] // groups
@@ -163,14 +179,8 @@ def fold_after64(
     return w_new, b_old * scale + shift
 
 
-def fold_before64(
-    weight: Tensor,
-    bias: Tensor | None,
-    scale: Tensor,
-    shift: Tensor,
-    groups: int = 1,
-) -> tuple[Tensor, Tensor]:
-    """:func:`fold_weights_before` on float64 tensors, from ``scale`` and ``shift``:
+def _fold_before(weight: Tensor, bias: Bias, scale: Tensor, shift: Tensor, groups: int) -> Pair:
+    """``position="before"`` in float64:
     ``W'[:, c] = W[:, c] * scale[c]``, ``b' = b + sum W[:, c, ...] * shift[c]``."""
     if weight.dim() < 2 or weight.shape[0] % groups:
         raise ValueError(
@@ -179,11 +189,7 @@ def fold_before64(
     in_channels = weight.shape[1] * groups
     _check_channels(scale, in_channels, "input", weight, False, groups)
     out_channels = weight.shape[0]
-    if bias is not None and tuple(bias.shape) != (out_channels,):
-        raise ValueError(
-            f"bias has shape {tuple(bias.shape)} but the layer has {out_channels} output "
-            f"channels (weight shape {tuple(weight.shape)})"
-        )
+    _check_bias(bias, out_channels, weight)
     # output channel o reads the input channels of its group o // out_per_group
     out_per_group = out_channels // groups
     spatial = [1] * (weight.dim() - 2)
@@ -198,17 +204,41 @@ def fold_before64(
     return w_new, b_old + from_shift
 
 
+def _fold_beside(weight: Tensor, bias: Bias, scale: Tensor, shift: Tensor, groups: int) -> Pair:
+    """``position="beside"`` in float64:
+    ``W'[c, c, centre] = W[c, c, centre] + scale[c]``, ``b' = b + shift``."""
+    out_channels = _out_channels(weight, False, groups)
+    per_group = weight.shape[1]
+    if per_group * groups != out_channels:
+        raise ValueError(
+            f"a BN beside a layer needs as many input as output channels, got weight shape "
+            f"{tuple(weight.shape)} with groups={groups}"
+        )
+    _check_channels(scale, out_channels, "output", weight, False, groups)
+    _check_bias(bias, out_channels, weight)
+    channel = torch.arange(out_channels)
+    centre = tuple(size // 2 for size in weight.shape[2:])
+    w_new = weight.clone()
+    w_new[(channel, channel % per_group, *centre)] += scale
+    b_old = torch.zeros_like(scale) if bias is None else bias
+    return w_new, b_old + shift
+
+
 def overflow_problem(value: Tensor, dtype: torch.dtype) -> str | None:
     """Why the float64 ``value`` cannot be stored in ``dtype`` (None if it can).
 
     Checks the cast itself, so rounding up past the largest finite number (65504 in float16)
-    counts as an overflow.
+    counts as an overflow. One pass over ``value`` when every ``|value|`` is at most the
+    dtype's largest finite number (which never rounds to ``inf``).
     """
-    if not bool(torch.isfinite(value).all()):
-        return "is not finite even in float64"
-    if bool(torch.isfinite(value.to(dtype)).all()):
+    if value.numel() == 0:
         return None
-    largest = float(value.abs().max())
+    low, high = torch.aminmax(value)  # NaN if any value is NaN
+    largest = max(-float(low), float(high))
+    if not math.isfinite(largest):
+        return "is not finite even in float64"
+    if largest <= torch.finfo(dtype).max or bool(torch.isfinite(value.to(dtype)).all()):
+        return None
     return (
         f"would overflow {_dtype_name(dtype)} (largest |value| {largest:.4g} > "
         f"{torch.finfo(dtype).max:.6g})"
@@ -244,6 +274,14 @@ def _check_channels(
         )
 
 
+def _check_bias(bias: Tensor | None, out_channels: int, weight: Tensor) -> None:
+    if bias is not None and tuple(bias.shape) != (out_channels,):
+        raise ValueError(
+            f"bias has shape {tuple(bias.shape)} but the layer has {out_channels} output "
+            f"channels (weight shape {tuple(weight.shape)})"
+        )
+
+
 def _as64(t: Tensor) -> Tensor:
     return t.detach().to(device="cpu", dtype=torch.float64)
 
@@ -259,9 +297,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 __all__ = [
     "FoldOverflowError",
     "bn_scale_shift",
-    "fold_after64",
-    "fold_before64",
+    "fold64",
     "fold_weights",
-    "fold_weights_before",
     "overflow_problem",
+    "Position",
 ]
