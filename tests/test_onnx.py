@@ -62,9 +62,11 @@ def test_export_folded_leaves_no_bn_node_and_onnxruntime_matches_torch(tmp_path)
     # An independent check: onnxruntime on the file against torch's eval output.
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    one = session.run(None, {session.get_inputs()[0].name: x[:1].numpy()})[0]  # dynamic batch
     model.eval()
     with torch.no_grad():
         expected = model(x).numpy()
+        np.testing.assert_allclose(one, model(x[:1]).numpy(), rtol=1e-5, atol=1e-5)
     scale = np.abs(expected).max()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
     assert result.max_abs_error <= 1e-5 * result.output_scale

@@ -226,7 +226,10 @@ def export_folded(
 
     1. ``bt.fold(model, example_inputs)`` (the model itself is left untouched);
     2. ``torch.onnx.export(folded, args, ..., **export_kwargs)`` (``dynamo``, ``opset_version``,
-       ``dynamic_shapes`` ... pass through; torch's default exporter otherwise);
+       ``dynamic_shapes`` ... pass through; torch's default exporter otherwise). Unless
+       ``dynamic_shapes`` or ``dynamic_axes`` say otherwise, the first dimension of every
+       tensor input is exported as a dynamic ``batch`` dimension (torch's default exporter;
+       the TorchScript one, ``dynamo=False``, keeps the example's shapes);
     3. :func:`check_batchnorm_nodes` on the graph against the folded model: BN layers that did
        not fold (see ``fold_report``) appear as nodes and must be in inference mode with the
        layer's eps;
@@ -268,8 +271,16 @@ def _exported_bytes(torch: Any, model: Any, args: tuple, export_kwargs: dict) ->
             buffer = io.BytesIO()
             torch.onnx.export(model, args, buffer, **export_kwargs)
             return buffer.getvalue()
-        program = torch.onnx.export(model, args, **export_kwargs)
+        defaults: dict[str, Any] = {"verbose": False}  # no progress lines on stdout
+        if "dynamic_shapes" not in export_kwargs and "dynamic_axes" not in export_kwargs:
+            defaults["dynamic_shapes"] = tuple(_batch_axis(arg) for arg in args)
+        program = torch.onnx.export(model, args, **{**defaults, **export_kwargs})
     return program.model_proto.SerializeToString()
+
+
+def _batch_axis(arg: Any) -> dict[int, str] | None:
+    """Dimension 0 of a tensor input is the batch, of any size in the exported graph."""
+    return {0: "batch"} if getattr(arg, "dim", lambda: 0)() > 0 else None
 
 
 def _flat_arrays(output: Any) -> list[np.ndarray]:
