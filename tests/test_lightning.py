@@ -100,6 +100,18 @@ def _fit(model, callbacks, train, val, **kwargs) -> pl.Trainer:
     return trainer
 
 
+def _first_samples(loader, count: int) -> list:
+    """The first ``count`` samples of ``loader``'s batches, the last batch cut."""
+    batches, taken = [], 0
+    for x, y in loader:
+        keep = min(len(x), count - taken)
+        batches.append((x[:keep], y[:keep]))
+        taken += keep
+        if taken == count:
+            return batches
+    return batches
+
+
 def _assert_same_buffers(state: dict, expected: nn.Module) -> None:
     for name, module in expected.named_modules():
         if isinstance(module, nn.BatchNorm1d):
@@ -127,8 +139,15 @@ def test_validation_uses_the_buffers_bt_recalibrate_gives_on_the_same_batches():
     bt.recalibrate(final, train, max_samples=200)  # at_fit_end: the final weights
     _assert_same_buffers(model.state_dict(), final)
     moved = callback.history[0]
-    assert moved["max_mean_shift_std"] > 0 and moved["max_var_ratio"] > 1
     assert [row["name"] for row in moved["layers"]] == ["net.1", "net.4"]
+    # The numbers are bt.audit's for the old statistics on the same samples.
+    reference = Classifier()
+    reference.load_state_dict(before.states[0])
+    report = bt.audit(reference, _first_samples(train, 200))
+    for row, layer in zip(moved["layers"], report.layers, strict=True):
+        assert row["mean_shift"] == pytest.approx(layer.mean_shift.worst, rel=1e-4)
+        assert row["var_ratio"] == pytest.approx(layer.var_ratio.worst, rel=1e-4)
+    assert moved["max_mean_shift"] == max(row["mean_shift"] for row in moved["layers"])
 
 
 @pytest.mark.parametrize("use_buffers", [True, False])
@@ -165,8 +184,8 @@ def test_every_n_epochs_and_the_logged_numbers(tmp_path):
     _fit(Classifier(), [callback], train, val, logger=logger, num_sanity_val_steps=0)
     assert [(e["epoch"], e["when"]) for e in callback.history] == [(1, "validation")]
     logged = (tmp_path / "run" / "version_0" / "metrics.csv").read_text()
-    assert "bn_recalibration/max_mean_shift_std" in logged
-    assert "bn_recalibration/max_var_ratio" in logged
+    assert "bn_recalibration/max_mean_shift" in logged
+    assert "bn_recalibration/worst_var_ratio" in logged
 
 
 def test_bad_arguments_are_refused():

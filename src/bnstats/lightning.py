@@ -14,6 +14,7 @@ Needs the ``lightning`` extra (``pip install bnstats[lightning]``).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -22,8 +23,7 @@ import lightning.pytorch as pl
 import torch
 
 import bnstats.torch as bt
-from bnstats.cli.torch_commands import _changes, _running_buffers
-from bnstats.torch._layers import Forward
+from bnstats.torch._layers import Forward, find_batchnorm_layers, unwrap
 
 MODES = ("train",)
 """The ``mode`` values the callback accepts: ``"train"``, the BN layers in training mode and
@@ -47,11 +47,13 @@ class BatchNormRecalibration(pl.Callback):
     identical buffers computed over all ranks' samples). The modes, momenta and hooks of the
     model are left as found. The sanity check is skipped.
 
-    How far the statistics moved is logged to the trainer's loggers at each recalibration
-    (``bn_recalibration/max_mean_shift_std``: the largest ``|old - new| / sqrt(new var)`` of
-    a mean over all layers and channels; ``bn_recalibration/max_var_ratio``: the largest
-    ``old / new`` or ``new / old`` of a variance) and kept in :attr:`history`, one entry per
-    recalibration with every layer's numbers (as ``bnstats recalibrate`` prints them).
+    How far the statistics moved is logged to the trainer's loggers at each recalibration,
+    with :func:`bnstats.torch.audit`'s measures of the old statistics against the new ones:
+    ``bn_recalibration/max_mean_shift``, the largest ``|old - new mean| / sqrt(new var +
+    eps)`` over all layers and channels, and ``bn_recalibration/worst_var_ratio``, the
+    ``(old var + eps) / (new var + eps)`` farthest from 1. :attr:`history` keeps one entry
+    per recalibration with each layer's worst channel (``name``, ``mean_shift``,
+    ``var_ratio``), as ``bnstats recalibrate`` prints them.
 
     Args:
         max_samples: samples (first dimension of the batches) to recalibrate on; ``None``:
@@ -117,16 +119,16 @@ class BatchNormRecalibration(pl.Callback):
         batches = self._batches(trainer)
         if batches is None:
             return
-        before = _running_buffers(pl_module)
+        before = _running_statistics(pl_module)
         with torch.inference_mode(False):  # validation runs in inference mode
             bt.recalibrate(pl_module, batches, max_samples=self.max_samples, forward=self.forward)
-        layers = _changes(before, _running_buffers(pl_module))
+        layers = _moved(before, pl_module)
         entry = {
             "epoch": trainer.current_epoch,
             "step": trainer.global_step,
             "when": when,
-            "max_mean_shift_std": max((row["max_mean_shift_std"] for row in layers), default=0),
-            "max_var_ratio": max((_var_ratio(row) for row in layers), default=1.0),
+            "max_mean_shift": max(row["mean_shift"] for row in layers),
+            "worst_var_ratio": max((row["var_ratio"] for row in layers), key=_log_distance),
             "layers": layers,
         }
         self.history.append(entry)
@@ -151,13 +153,47 @@ class BatchNormRecalibration(pl.Callback):
         return batches
 
 
-_LOGGED = ("max_mean_shift_std", "max_var_ratio")
+_LOGGED = ("max_mean_shift", "worst_var_ratio")
 
 
-def _var_ratio(row: dict[str, float]) -> float:
-    """The largest factor between an old and a new variance of the layer, either way."""
-    smallest = row["min_var_ratio"]
-    return max(row["max_var_ratio"], 1.0 / smallest if smallest > 0 else float("inf"))
+def _running_statistics(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {
+        name: (
+            layer.running_mean.detach().double().clone(),
+            layer.running_var.detach().double().clone(),
+        )
+        for name, layer in find_batchnorm_layers(unwrap(model)).items()
+    }
+
+
+def _moved(
+    before: dict[str, tuple[torch.Tensor, torch.Tensor]], model: torch.nn.Module
+) -> list[dict[str, Any]]:
+    """Per layer, the old statistics against the recalibrated ones, as :func:`bt.audit` would
+    report them on the same samples (its ``mean_shift`` and ``var_ratio``, worst channel)::
+
+        mean_shift = |old_mean - new_mean| / sqrt(new_var + eps)
+        var_ratio  = (old_var + eps) / (new_var + eps)
+    """
+    rows = []
+    for name, layer in find_batchnorm_layers(unwrap(model)).items():
+        old_mean, old_var = before[name]
+        new_mean, new_var = layer.running_mean.double(), layer.running_var.double()
+        mean_shift = (old_mean - new_mean).abs() / (new_var + layer.eps).sqrt()
+        var_ratio = (old_var + layer.eps) / (new_var + layer.eps)
+        rows.append(
+            {
+                "name": name,
+                "mean_shift": float(mean_shift.max()),
+                "var_ratio": float(var_ratio[var_ratio.log().abs().argmax()]),
+            }
+        )
+    return rows
+
+
+def _log_distance(ratio: float) -> float:
+    """How far a variance ratio is from 1, either way."""
+    return abs(math.log(ratio)) if ratio > 0 else math.inf
 
 
 def _fitting(trainer: pl.Trainer) -> bool:
