@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib
+import sys
 import warnings
 
 import pytest
@@ -201,3 +203,11 @@ def test_the_example_in_docs_integrations_md_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = run_section_examples("integrations.md", "Lightning: recalibrate before validation")
     assert namespace["recalibration"].history
+
+
+def test_without_lightning_the_import_error_says_what_to_install(monkeypatch):
+    for name in ("lightning", "lightning.pytorch"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "bnstats.lightning")
+    with pytest.raises(ImportError, match=r"pip install 'bnstats\[lightning\]'"):
+        importlib.import_module("bnstats.lightning")

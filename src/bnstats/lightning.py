@@ -19,8 +19,14 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
+
+try:
+    import lightning.pytorch as pl
+except ImportError as error:  # the optional extra is missing
+    raise ImportError(
+        "bnstats.lightning needs Lightning: pip install 'bnstats[lightning]'"
+    ) from error
 
 import bnstats.torch as bt
 from bnstats.torch._layers import Forward, find_batchnorm_layers, unwrap
