@@ -19,6 +19,7 @@ from typing import Any
 
 from bnstats._files import atomic_write_bytes
 from bnstats.cli.loading import load_batches, load_model, require_torch
+from bnstats.cli.onnx_commands import add_onnx_option, onnx_for_audit, onnx_for_fold
 
 NAMES = ("audit", "recalibrate", "fold")
 HELP = {
@@ -44,6 +45,7 @@ def add_parser(subparsers: Any) -> None:
         if name != "fold":
             p.add_argument("--max-samples", type=int, help="stop after this many samples")
         _add_out(p, name)
+        add_onnx_option(p, name)
         p.set_defaults(run=RUNNERS[name])
 
 
@@ -65,10 +67,12 @@ def run_audit(args: argparse.Namespace) -> int:
 
     model, batches = _inputs(args)
     report = bt.audit(model, _limited(batches, args.max_samples))
+    onnx_entry, onnx_lines, status = onnx_for_audit(args, model)
     if args.out:
         _write_audit_page(report, Path(args.out))
-    print(json.dumps(report.to_dict()) if args.json else str(report))
-    return 0
+    text = "\n".join([str(report), *onnx_lines])
+    print(json.dumps({**report.to_dict(), **onnx_entry}) if args.json else text)
+    return status
 
 
 def _limited(batches: list[Any], max_samples: int | None) -> list[Any]:
@@ -159,12 +163,14 @@ def run_fold(args: argparse.Namespace) -> int:
     example = _first_input(batches)
     fused = bt.fold(model, example_inputs=example)
     difference = _max_relative_difference(model, fused, batches) if batches else None
+    onnx_entry, onnx_lines = onnx_for_fold(args, model, example)
     atomic_write_bytes(out, _saved(torch, fused))
     summary = {
         "model": args.model,
         "out": str(out),
         "report": fused.fold_report.to_dict(),
         "max_relative_difference": difference,
+        **onnx_entry,
     }
     if args.json:
         print(json.dumps(summary))
@@ -173,6 +179,8 @@ def run_fold(args: argparse.Namespace) -> int:
         if difference is not None:
             print(f"max relative output difference on the data: {difference:.3g}")
         print(f"wrote {out} (load with torch.load(path, weights_only=False))")
+        for line in onnx_lines:
+            print(line)
     return 0
 
 

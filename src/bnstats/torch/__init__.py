@@ -31,6 +31,7 @@ from bnstats.torch.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNo
 from bnstats.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnstats.torch.recalibrate import recalibrate
 from bnstats.torch.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from bnstats.torch.sync_batchnorm import revert_sync_batchnorm
 
 __all__ = [
     "AuditReport",
@@ -57,5 +58,6 @@ __all__ = [
     "fold_weights",
     "plan_conversion",
     "recalibrate",
+    "revert_sync_batchnorm",
     "sync_running_stats",
 ]
