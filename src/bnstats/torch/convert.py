@@ -190,6 +190,7 @@ def _replacement(
         setattr(new, key, getattr(old, key))
     for key in ("running_mean", "running_var", "num_batches_tracked"):
         new.register_buffer(key, getattr(old, key))
+    new.sync_counters()
     new.num_batches_skipped = new.num_batches_skipped.new_zeros((), device=_device_of(old))
     new.training = old.training
     new.qualified_name = name or None

@@ -42,6 +42,7 @@ _UNSET: Any = object()
 _STATISTICS = ("running_mean", "running_var")
 _NARROW_DTYPES = (torch.float16, torch.bfloat16)
 _KERNEL_BUFFER_DTYPES = (torch.float32, torch.float64)
+_TRACED_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def check_estimator(estimator: Any) -> RunningAverage:
@@ -290,22 +291,36 @@ class EstimatorBatchNorm:
         ``num_batches_tracked``; the kernel leaves the batch's ``mean`` and unbiased ``var``
         in a scratch pair, merged as the kernel would (equal to the eager update to float
         rounding)."""
-        running = torch.stack((self.running_mean, self.running_var))
+        mean, var, tracked = (self._traced_buffer(key, x) for key in _TRACED_BUFFERS)
+        running = torch.stack((mean, var))
         batch = torch.zeros_like(running)  # the kernel writes 0 * 0 + 1 * (mean, var)
         gamma, beta = self._affine_like_statistics() if affine else (None, None)
         output = F.batch_norm(x, batch[0], batch[1], gamma, beta, True, 1.0, self.eps)
-        keep, weight = self._device_weights(running)
-        self._keep_if_finite(batch * weight + running * keep)
+        keep, weight = self._device_weights(running, tracked)
+        updated = batch * weight + running * keep
+        finite = torch.isfinite(updated).all()
+        mean.copy_(torch.where(finite, updated[0], mean))
+        var.copy_(torch.where(finite, updated[1], var))
+        tracked.add_(finite.long())
+        self._traced_buffer("num_batches_skipped", x).add_(finite.logical_not().long())
         return output, None
 
-    def _device_weights(self, like: torch.Tensor) -> tuple[Any, Any]:
-        """``(1 - w_t, w_t)`` for ``t = num_batches_tracked + 1``: numbers for the plain EMA,
-        else tensors computed on the device (no host read of the step)."""
+    def _traced_buffer(self, key: str, x: Any) -> Any:
+        """Buffer ``key``, as a graph node under ``torch.fx.symbolic_trace`` (whose default
+        tracer would otherwise bake the buffer in as a constant and drop its update)."""
+        if not isinstance(x, torch.fx.Proxy):
+            return getattr(self, key)
+        path = x.tracer.path_of_module(self)
+        return x.tracer.create_proxy("get_attr", f"{path}.{key}" if path else key, (), {})
+
+    def _device_weights(self, like: torch.Tensor, tracked: torch.Tensor) -> tuple[Any, Any]:
+        """``(1 - w_t, w_t)`` for ``t = tracked + 1`` (``num_batches_tracked``): numbers for
+        the plain EMA, else tensors computed on the device (no host read of the step)."""
         schedule = self._schedule
         constant = _constant_weight(schedule)
         if constant is not None:
             return 1.0 - constant, constant
-        t = (self.num_batches_tracked + 1).to(torch.float64)
+        t = (tracked + 1).to(torch.float64)
         if isinstance(schedule, EMA):  # momentum / (1 - (1 - momentum)**t), exactly 1 at t=1
             decayed = torch.pow(torch.full_like(t, 1.0 - schedule.momentum), t)
             weight = torch.where(t == 1, torch.ones_like(t), schedule.momentum / (1.0 - decayed))
@@ -367,6 +382,15 @@ class EstimatorBatchNorm:
         tracked = self.num_batches_tracked
         self._host_step = 0 if tracked is None else int(tracked)
 
+    def reset_running_stats(self) -> None:
+        """torch's reset (0, 1, 0), the host step and ``num_batches_skipped`` with it (as
+        ``update_bn`` calls it before averaging)."""
+        super().reset_running_stats()  # type: ignore[misc]
+        if "num_batches_skipped" in self._buffers:
+            self.num_batches_skipped.zero_()
+        self._host_step = 0
+        self._pending = None
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
         self.sync_counters()
@@ -387,12 +411,13 @@ class EstimatorBatchNorm:
 
     def _affine_like_statistics(self) -> tuple[Any, Any]:
         """``weight`` and ``bias`` in the running statistics' dtype: torch's CPU kernel takes
-        float16 input with float32 statistics only if the affine parameters are float32 too."""
-        weight, bias = self.weight, self.bias
-        stats = self.running_mean
+        float16 input with float32 statistics only if the affine parameters are float32 too.
+        (Dtypes are read from the tensors themselves, which tracers leave unproxied.)"""
+        weight, stats = self._parameters.get("weight"), self._buffers.get("running_mean")
         if stats is None or weight is None or weight.dtype == stats.dtype:
-            return weight, bias
-        return weight.to(stats.dtype), None if bias is None else bias.to(stats.dtype)
+            return self.weight, self.bias
+        bias = self.bias
+        return self.weight.to(stats.dtype), None if bias is None else bias.to(stats.dtype)
 
     def extra_repr(self) -> str:
         schedule = self._schedule
