@@ -14,6 +14,7 @@ run, :meth:`~bnstats.renorm.RenormSchedule.scaled_to`) or Ghost Batch Norm (virt
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,8 @@ import numpy as np
 
 from bnstats._threads import one_blas_thread
 from bnstats.data import Dataset, load_dataset
-from bnstats.engine import BATCH, Adam, History, Network
-from bnstats.engine.network import NORMS
+from bnstats.engine import BATCH, Adam, BatchNorm, BatchRenorm, GhostBatchNorm, History, Network
+from bnstats.engine.network import NormFactory
 from bnstats.engine.training import ProgressCallback, batch_slices
 from bnstats.renorm import RenormSchedule
 from bnstats.stats import EMA, CumulativeAverage
@@ -70,6 +71,14 @@ class DemoConfig:
     def renorm_schedule(self, rows: int) -> RenormSchedule:
         """The paper's schedule fitted to this run: its ramps end half-way through training."""
         return RenormSchedule().scaled_to(self.steps(rows))
+
+    def norm_factory(self, rows: int) -> NormFactory:
+        """The normalization layer ``norm`` names, for a run over ``rows`` training rows."""
+        if self.norm == "renorm":
+            return partial(BatchRenorm, schedule=self.renorm_schedule(rows))
+        if self.norm == "ghost":
+            return partial(GhostBatchNorm, ghost_size=self.ghost_size)
+        return BatchNorm
 
 
 @dataclass
@@ -139,8 +148,8 @@ def check_config(config: DemoConfig, dataset: Dataset) -> None:
         raise ValueError(f"--lr must be positive, got {config.lr}")
     if not config.hidden or any(h < 1 for h in config.hidden):
         raise ValueError(f"--hidden needs positive layer widths, got {config.hidden}")
-    if config.norm not in NORMS:
-        raise ValueError(f"--norm must be one of {', '.join(NORMS)}, got {config.norm!r}")
+    if config.norm not in NORM_LABELS:
+        raise ValueError(f"--norm must be one of {', '.join(NORM_LABELS)}, got {config.norm!r}")
     if config.norm == "ghost" and not 2 <= config.ghost_size <= config.batch_size:
         raise ValueError(
             f"--ghost-size must lie between 2 and --batch-size {config.batch_size}, "
@@ -162,12 +171,9 @@ def build_network(config: DemoConfig, features: int, classes: int, rows: int) ->
         "cumulative": CumulativeAverage(),
     }
     sizes = [features, *config.hidden, classes]
-    options: dict[str, Any] = {}
-    if config.norm == "ghost":
-        options["ghost_size"] = config.ghost_size
-    if config.norm == "renorm":
-        options["schedule"] = config.renorm_schedule(rows)
-    return Network.mlp(sizes, seed=config.seed, estimators=estimators, norm=config.norm, **options)
+    return Network.mlp(
+        sizes, seed=config.seed, estimators=estimators, norm=config.norm_factory(rows)
+    )
 
 
 def load_demo_data(config: DemoConfig) -> Dataset:

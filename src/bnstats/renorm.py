@@ -165,6 +165,14 @@ class RenormCache:
     r: np.ndarray
     d: np.ndarray
 
+    def backward(self, dz_tilde: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`batch_renorm_backward` of this cache."""
+        return batch_renorm_backward(dz_tilde, self)
+
+    def batch_moments(self) -> list[F.Moments]:
+        """``[(mu_B, var_B, count)]``: the batch's own moments."""
+        return self.bn.batch_moments()
+
 
 def batch_renorm_forward(
     z: np.ndarray,
@@ -173,13 +181,16 @@ def batch_renorm_forward(
     r: np.ndarray,
     d: np.ndarray,
     eps: float = F.DEFAULT_EPS,
+    *,
+    moments: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, RenormCache]:
     """``z_tilde = gamma * (z_norm * r + d) + beta`` with ``z_norm = (z - mu_B) / sigma_B`` from the
     batch's own (biased) moments and per-channel constants ``r``, ``d`` (see
-    :func:`renorm_correction`). Returns ``z_tilde`` and the cache; ``cache.bn.mu``/``.var`` are the
-    batch's moments."""
+    :func:`renorm_correction`). ``moments`` are ``(mu_B, var_B)`` when already computed (to
+    compute ``r, d``). Returns ``z_tilde`` and the cache."""
     gamma64 = np.asarray(gamma, dtype=np.float64)
-    _, bn_cache = F.batch_norm_forward(z, gamma64, gamma64 * 0, eps=eps)
+    mu, var = F.moments(z) if moments is None else moments
+    _, bn_cache = F.normalize(z, gamma64, gamma64 * 0, mu, var, eps=eps, batch_stats=True)
     ndim = np.ndim(z)
     r64, d64 = np.asarray(r, np.float64), np.asarray(d, np.float64)
     z_hat = bn_cache.z_norm * F.channel_view(r64, ndim) + F.channel_view(d64, ndim)

@@ -11,15 +11,23 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from bnstats._files import atomic_write_bytes, npz_bytes
+from bnstats.engine.layers import BatchNorm
 from bnstats.engine.optim import Adam, Optimizer
 
-if TYPE_CHECKING:
-    from bnstats.engine.network import Network
+
+class Trainable(Protocol):
+    """What training uses of :class:`bnstats.engine.Network`."""
+
+    @property
+    def batchnorm_layers(self) -> list[BatchNorm]: ...
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, optimizer: Optimizer) -> float: ...
+
 
 ProgressCallback = Callable[[int, int, float], None]
 """Called after each step with ``(step, total_steps, loss)``."""
@@ -43,7 +51,7 @@ class History:
     def steps(self) -> int:
         return len(self.loss)
 
-    def record(self, net: Network, loss: float, batch_size: int) -> None:
+    def record(self, net: Trainable, loss: float, batch_size: int) -> None:
         self.loss.append(loss)
         self.batch_size.append(batch_size)
         for layer in net.batchnorm_layers:
@@ -108,7 +116,7 @@ def batch_slices(n: int, batch_size: int, drop_last: bool) -> list[slice]:
 
 
 def fit(
-    net: Network,
+    net: Trainable,
     X: np.ndarray,
     y: np.ndarray,
     *,
@@ -153,7 +161,7 @@ def fit(
 
 
 def _check_fit_arguments(
-    net: Network, X: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, drop_last: bool
+    net: Trainable, X: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, drop_last: bool
 ) -> None:
     if int(epochs) < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
