@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from bnstats.demo import ESTIMATE_METHODS, METHODS, DemoConfig, chance_level, run_demo
+from bnstats.demo import DemoConfig, chance_level, run_demo
+from bnstats.methods import ESTIMATE_METHODS, METHODS
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,15 @@
 """The demo: one training run of the NumPy engine, every way of getting test-time statistics.
 
-A batch-normalized MLP is trained from scratch; each BatchNorm layer carries an EMA, a
-bias-corrected EMA and a cumulative average side by side, all fed by the same batches.
-After training the exact population statistics are recomputed with the weights frozen.
-Then the test set is classified with each estimate, and with the test batch's own
-statistics at batch sizes 1, 8 and the whole set, for contrast.
+A batch-normalized MLP is trained from scratch; each BatchNorm layer carries every running
+estimator of :data:`bnstats.methods.METHODS` side by side, all fed by the same batches. After
+training the exact population statistics are recomputed with the weights frozen. Then the test
+set is classified with each estimate, and with the test batch's own statistics at batch sizes
+1, 8 and the whole set, for contrast. ``bnstats demo`` (:mod:`bnstats.cli.demo`) runs it and
+prints or saves the result; :mod:`bnstats.report` draws it.
 
 ``norm`` swaps the batch-norm layers for Batch Renormalization (its schedule fitted to the
 run, :meth:`~bnstats.renorm.RenormSchedule.scaled_to`) or Ghost Batch Norm (virtual batches of
-``ghost_size`` rows).
+``ghost_size`` rows). Bad settings raise ``ValueError`` naming the command-line option.
 """
 
 from __future__ import annotations
@@ -25,29 +26,20 @@ from bnstats.data import Dataset, load_dataset
 from bnstats.engine import BATCH, Adam, BatchNorm, BatchRenorm, GhostBatchNorm, History, Network
 from bnstats.engine.network import NormFactory
 from bnstats.engine.training import ProgressCallback, batch_slices
+from bnstats.methods import METHODS, POPULATION, RUNNING_EMA, running_estimators
 from bnstats.renorm import RenormSchedule
-from bnstats.stats import EMA, CumulativeAverage
-
-ESTIMATE_METHODS = ("ema", "ema_debiased", "cumulative", "population")
-BATCH_METHODS = {"batch@1": 1, "batch@8": 8, "batch@all": None}
-METHODS = (*BATCH_METHODS, *ESTIMATE_METHODS)
-
-DESCRIPTIONS = {
-    "batch@1": "each test row normalized by itself",
-    "batch@8": "test batches of 8 normalized by their own statistics",
-    "batch@all": "the whole test set normalized by its own statistics",
-    "ema": "running average, momentum weighting the newest batch",
-    "ema_debiased": "running average divided by 1 - (1 - momentum)^t",
-    "cumulative": "every training batch weighted equally",
-    "population": "exact statistics of the training set, weights frozen",
-}
 
 NORM_LABELS = {"bn": "batch norm", "renorm": "Batch Renorm", "ghost": "Ghost Batch Norm"}
+"""The normalization layers ``--norm`` chooses from, in words."""
+
+DEFAULT_GHOST_SIZE = 16
 
 
 @dataclass
 class DemoConfig:
-    """The demo's settings; the defaults are ``bnstats demo``'s."""
+    """The demo's settings; the defaults are ``bnstats demo``'s. ``ghost_size`` applies to
+    ``norm="ghost"`` only (default :data:`DEFAULT_GHOST_SIZE`); ``report_layer`` names the
+    BatchNorm layer the report draws (default: the first), checked before training."""
 
     data: str = "digits"
     epochs: int = 20
@@ -58,7 +50,8 @@ class DemoConfig:
     hidden: tuple[int, ...] = (128, 64)
     test_fraction: float = 0.25
     norm: str = "bn"
-    ghost_size: int = 16
+    ghost_size: int | None = None
+    report_layer: str | None = None
 
     def drop_last(self, rows: int) -> bool:
         """Drop a last batch of one row (batch norm cannot train on it)."""
@@ -67,6 +60,11 @@ class DemoConfig:
     def steps(self, rows: int) -> int:
         """Training steps over ``rows`` rows: epochs times batches per epoch."""
         return self.epochs * len(batch_slices(rows, self.batch_size, self.drop_last(rows)))
+
+    @property
+    def virtual_batch(self) -> int:
+        """Rows per virtual batch with ``norm="ghost"``."""
+        return DEFAULT_GHOST_SIZE if self.ghost_size is None else self.ghost_size
 
     def renorm_schedule(self, rows: int) -> RenormSchedule:
         """The paper's schedule fitted to this run: its ramps end half-way through training."""
@@ -77,28 +75,62 @@ class DemoConfig:
         if self.norm == "renorm":
             return partial(BatchRenorm, schedule=self.renorm_schedule(rows))
         if self.norm == "ghost":
-            return partial(GhostBatchNorm, ghost_size=self.ghost_size)
+            return partial(GhostBatchNorm, ghost_size=self.virtual_batch)
         return BatchNorm
 
 
 @dataclass
 class DemoResult:
+    """A finished run: its settings, data, trained network, history and test accuracy per
+    method of :data:`bnstats.methods.METHODS`."""
+
     config: DemoConfig
     dataset: Dataset
     net: Network
     history: History
     test_accuracy: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def chance_level(self) -> float:
+        """:func:`chance_level` of the run's test set."""
+        return chance_level(self.dataset)
+
+    def accuracy_by_batch_size(self, sizes: tuple[int, ...]) -> dict[int, float]:
+        """:func:`accuracy_by_batch_size` of the trained network."""
+        return accuracy_by_batch_size(self.net, self.dataset, sizes)
+
+    @property
+    def architecture(self) -> str:
+        """``64-128-64-10``: inputs, hidden widths, classes."""
+        data = self.dataset
+        return "-".join(str(n) for n in (data.features, *self.config.hidden, data.classes))
+
+    @property
+    def norm_description(self) -> str:
+        """The normalization layers in words, e.g. ``Ghost Batch Norm (virtual batches of 16)``."""
+        label = NORM_LABELS[self.config.norm]
+        layer = self.net.batchnorm_layers[0]
+        if isinstance(layer, GhostBatchNorm):
+            return f"{label} (virtual batches of {layer.ghost_size})"
+        if isinstance(layer, BatchRenorm):
+            s = layer.schedule
+            return (
+                f"{label} (plain for {s.warmup_steps} steps, rmax {s.rmax:g} by step "
+                f"{s.rmax_full_at}, dmax {s.dmax:g} by step {s.dmax_full_at})"
+            )
+        return label
+
     def layers(self) -> list[dict[str, Any]]:
         """Each BatchNorm's running (EMA) and population statistics."""
+        ema, population = RUNNING_EMA.name, POPULATION.name
         return [
             {
                 "name": layer.name,
                 "features": layer.num_features,
-                "running_mean": layer.estimators["ema"].mean.tolist(),
-                "running_var": layer.estimators["ema"].var.tolist(),
-                "population_mean": layer.estimators["population"].mean.tolist(),
-                "population_var": layer.estimators["population"].var.tolist(),
+                "running_mean": layer.estimators[ema].mean.tolist(),
+                "running_var": layer.estimators[ema].var.tolist(),
+                "population_mean": layer.estimators[population].mean.tolist(),
+                "population_var": layer.estimators[population].var.tolist(),
             }
             for layer in self.net.batchnorm_layers
         ]
@@ -106,10 +138,11 @@ class DemoResult:
     def to_dict(self) -> dict[str, Any]:
         """The JSON object ``bnstats demo --json`` prints."""
         norm: dict[str, Any] = {"norm": self.config.norm}
-        if self.config.norm == "ghost":
-            norm["ghost_size"] = self.config.ghost_size
-        if self.config.norm == "renorm":
-            norm["renorm_schedule"] = self.net.batchnorm_layers[0].schedule.to_dict()
+        layer = self.net.batchnorm_layers[0]
+        if isinstance(layer, GhostBatchNorm):
+            norm["ghost_size"] = layer.ghost_size
+        if isinstance(layer, BatchRenorm):
+            norm["renorm_schedule"] = layer.schedule.to_dict()
         return {
             "dataset": self.dataset.name,
             "train_rows": len(self.dataset.X_train),
@@ -148,13 +181,7 @@ def check_config(config: DemoConfig, dataset: Dataset) -> None:
         raise ValueError(f"--lr must be positive, got {config.lr}")
     if not config.hidden or any(h < 1 for h in config.hidden):
         raise ValueError(f"--hidden needs positive layer widths, got {config.hidden}")
-    if config.norm not in NORM_LABELS:
-        raise ValueError(f"--norm must be one of {', '.join(NORM_LABELS)}, got {config.norm!r}")
-    if config.norm == "ghost" and not 2 <= config.ghost_size <= config.batch_size:
-        raise ValueError(
-            f"--ghost-size must lie between 2 and --batch-size {config.batch_size}, "
-            f"got {config.ghost_size}"
-        )
+    _check_norm(config)
     rows = len(dataset.X_train)
     if rows < config.batch_size:
         raise ValueError(
@@ -162,25 +189,40 @@ def check_config(config: DemoConfig, dataset: Dataset) -> None:
         )
 
 
+def _check_norm(config: DemoConfig) -> None:
+    if config.norm not in NORM_LABELS:
+        raise ValueError(f"--norm must be one of {', '.join(NORM_LABELS)}, got {config.norm!r}")
+    if config.ghost_size is not None and config.norm != "ghost":
+        raise ValueError(f"--ghost-size applies to --norm ghost only, not --norm {config.norm}")
+    if config.norm == "ghost" and not 2 <= config.virtual_batch <= config.batch_size:
+        raise ValueError(
+            f"--ghost-size must lie between 2 and --batch-size {config.batch_size}, "
+            f"got {config.virtual_batch}"
+        )
+
+
 def build_network(config: DemoConfig, features: int, classes: int, rows: int) -> Network:
     """The demo's MLP for ``features`` inputs and ``classes`` outputs, trained on ``rows`` rows
     (which fixes the step count Batch Renorm's schedule is fitted to)."""
-    estimators = {
-        "ema": EMA(config.momentum),
-        "ema_debiased": EMA(config.momentum, debias=True),
-        "cumulative": CumulativeAverage(),
-    }
-    sizes = [features, *config.hidden, classes]
     return Network.mlp(
-        sizes, seed=config.seed, estimators=estimators, norm=config.norm_factory(rows)
+        [features, *config.hidden, classes],
+        seed=config.seed,
+        estimators=running_estimators(config.momentum),
+        norm=config.norm_factory(rows),
     )
 
 
-def load_demo_data(config: DemoConfig) -> Dataset:
-    """The dataset ``config.data`` names, checked against the other settings."""
-    dataset = load_dataset(config.data, seed=config.seed, test_fraction=config.test_fraction)
+def prepare_demo(config: DemoConfig, dataset: Dataset | None = None) -> tuple[Dataset, Network]:
+    """The run's dataset (``dataset`` if given, else the one ``config.data`` names) and its
+    untrained network, every setting checked: a bad one raises ``ValueError`` before anything
+    is trained."""
+    if dataset is None:
+        dataset = load_dataset(config.data, seed=config.seed, test_fraction=config.test_fraction)
     check_config(config, dataset)
-    return dataset
+    net = build_network(config, dataset.features, dataset.classes, len(dataset.X_train))
+    if config.report_layer is not None:
+        net.batchnorm_layer(config.report_layer)
+    return dataset, net
 
 
 def run_demo(
@@ -188,48 +230,41 @@ def run_demo(
     progress: ProgressCallback | None = None,
     dataset: Dataset | None = None,
 ) -> DemoResult:
-    """Train, recalibrate, and measure test accuracy with every method of :data:`METHODS`
-    (on ``dataset`` if given, else the one ``config.data`` names), with one BLAS thread."""
-    with one_blas_thread():
-        return _run_demo(config, progress, dataset)
+    """:func:`prepare_demo`, then :func:`train_demo`."""
+    return train_demo(config, *prepare_demo(config, dataset), progress=progress)
 
 
-def _run_demo(
-    config: DemoConfig, progress: ProgressCallback | None, dataset: Dataset | None
+def train_demo(
+    config: DemoConfig, dataset: Dataset, net: Network, progress: ProgressCallback | None = None
 ) -> DemoResult:
-    if dataset is None:
-        dataset = load_demo_data(config)
-    else:
-        check_config(config, dataset)
+    """Train ``net``, recalibrate it, and measure test accuracy with every method of
+    :data:`~bnstats.methods.METHODS`, with one BLAS thread."""
     rows = len(dataset.X_train)
-    net = build_network(config, dataset.features, dataset.classes, rows)
-    drop_last = config.drop_last(rows)
-    history = net.fit(
-        dataset.X_train,
-        dataset.y_train,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        optimizer=Adam(config.lr),
-        seed=config.seed,
-        drop_last=drop_last,
-        progress=progress,
-    )
-    net.recalibrate(dataset.X_train, batch_size=config.batch_size)
-    result = DemoResult(config, dataset, net, history)
-    result.test_accuracy = accuracy_per_method(net, dataset)
-    return result
+    with one_blas_thread():
+        history = net.fit(
+            dataset.X_train,
+            dataset.y_train,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            optimizer=Adam(config.lr),
+            seed=config.seed,
+            drop_last=config.drop_last(rows),
+            progress=progress,
+        )
+        net.recalibrate(dataset.X_train, batch_size=config.batch_size, name=POPULATION.name)
+        accuracy = accuracy_per_method(net, dataset)
+    return DemoResult(config, dataset, net, history, accuracy)
 
 
 def accuracy_per_method(net: Network, dataset: Dataset) -> dict[str, float]:
     """Test accuracy per method: the batch's own statistics at several sizes, each estimate."""
     X, y = dataset.X_test, dataset.y_test
-    accuracy = {
-        name: net.evaluate(X, y, stats=BATCH, batch_size=size)
-        for name, size in BATCH_METHODS.items()
+    return {
+        name: net.evaluate(X, y, stats=BATCH, batch_size=m.batch_size)
+        if m.source == "batch"
+        else net.evaluate(X, y, stats=name)
+        for name, m in METHODS.items()
     }
-    for name in ESTIMATE_METHODS:
-        accuracy[name] = net.evaluate(X, y, stats=name)
-    return accuracy
 
 
 def accuracy_by_batch_size(

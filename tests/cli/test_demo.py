@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bnstats.demo import METHODS
+from bnstats.methods import METHODS
 
 QUICK = ["--epochs", "3", "--hidden", "32"]
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bnstats.demo import METHODS, accuracy_by_batch_size, chance_level
+from bnstats.demo import accuracy_by_batch_size, chance_level
+from bnstats.methods import METHODS
 from bnstats.report import (
     REPORT_NAME,
     ReportDependencyError,
@@ -152,12 +153,9 @@ def test_missing_matplotlib_is_one_clear_error(quick_run, tmp_path, monkeypatch)
     assert os.listdir(tmp_path) == []
 
 
-def test_importing_the_report_does_not_import_matplotlib():
+def _fresh_python(code: str) -> str:
+    """What ``code`` prints in a new interpreter that imports this checkout's bnstats."""
     src = Path(__file__).resolve().parents[2] / "src"
-    code = (
-        "import sys, bnstats.report, bnstats.cli; "
-        "print(sorted(m for m in sys.modules if m.startswith('matplotlib')))"
-    )
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -165,7 +163,21 @@ def test_importing_the_report_does_not_import_matplotlib():
         env={**os.environ, "PYTHONPATH": str(src)},
         check=True,
     )
-    assert out.stdout.strip() == "[]"
+    return out.stdout.strip()
+
+
+def test_importing_the_report_does_not_import_matplotlib():
+    code = (
+        "import sys, bnstats.report, bnstats.cli; "
+        "print(sorted(m for m in sys.modules if m.startswith('matplotlib')))"
+    )
+    assert _fresh_python(code) == "[]"
+
+
+def test_the_report_does_not_import_the_demo():
+    """The page is drawn from a finished run handed to it; the report never runs the demo."""
+    code = "import sys, bnstats.report; print('bnstats.demo' in sys.modules)"
+    assert _fresh_python(code) == "False"
 
 
 def test_lecture_numbers_in_the_table_match_the_network(quick_page, quick_run):

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from bnstats.methods import ESTIMATE_METHODS, METHODS, RUNNING_EMA
 from bnstats.report.lecture import LectureTrace
 
 SYMBOL = {"mean": "μ", "var": "σ²"}
@@ -20,13 +21,6 @@ SYMBOL = {"mean": "μ", "var": "σ²"}
 
 NEAR = 0.01
 """Accuracy within this of the EMA's counts as having caught up with it."""
-
-ESTIMATE_NAMES = {
-    "ema": "EMA",
-    "ema_debiased": "debiased EMA",
-    "cumulative": "cumulative average",
-    "population": "population",
-}
 
 
 def lecture_sentences(trace: LectureTrace, epochs: int, train_rows: int) -> list[str]:
@@ -123,10 +117,10 @@ def accuracy_sentences(
     """What the accuracy bars show; ``classes_at_one`` is how many distinct classes the
     network answered when each test row was normalized by itself."""
     one = accuracy["batch@1"]
-    estimates = {k: v for k, v in accuracy.items() if k in ESTIMATE_NAMES}
+    estimates = {k: v for k, v in accuracy.items() if k in ESTIMATE_METHODS}
     best = max(estimates.values())
-    winners = " and ".join(ESTIMATE_NAMES[k] for k, v in estimates.items() if v == best)
-    listed = ", ".join(f"{ESTIMATE_NAMES[k]} {v:.3f}" for k, v in estimates.items())
+    winners = " and ".join(METHODS[k].label for k, v in estimates.items() if v == best)
+    listed = ", ".join(f"{METHODS[k].label} {v:.3f}" for k, v in estimates.items())
     return [
         f"Test accuracy on the {test_rows} test rows for each way of getting μ and σ² at test "
         f"time. The dotted line is chance level, {chance:.3f}: always answering the most "
@@ -153,11 +147,12 @@ def chance_relation(value: float, chance: float) -> str:
 
 def batch_size_sentences(by_size: Mapping[int, float], fixed: Mapping[str, float]) -> list[str]:
     """What test accuracy against test batch size shows, batch statistics vs ``fixed``
-    running estimates (keys of :data:`ESTIMATE_NAMES`, ``"ema"`` among them)."""
+    running estimates (names of :data:`~bnstats.methods.ESTIMATE_METHODS`, the EMA's among
+    them)."""
     sizes = sorted(by_size)
     first, last = by_size[sizes[0]], by_size[sizes[-1]]
     verb = "rises" if last > first else "falls" if last < first else "stays"
-    ema = fixed["ema"]
+    ema = fixed[RUNNING_EMA.name]
     caught = [s for s in sizes if by_size[s] >= ema - NEAR]
     if caught:
         reach = (
@@ -166,7 +161,7 @@ def batch_size_sentences(by_size: Mapping[int, float], fixed: Mapping[str, float
         )
     else:
         reach = f"At no size tried does it come within {NEAR} of the EMA's {ema:.3f}."
-    listed = ", ".join(f"{ESTIMATE_NAMES[k]} {v:.3f}" for k, v in fixed.items())
+    listed = ", ".join(f"{METHODS[k].label} {v:.3f}" for k, v in fixed.items())
     return [
         f"With the test batch's own statistics, accuracy {verb} from {first:.3f} with batches "
         f"of {sizes[0]} to {last:.3f} with batches of {sizes[-1]}.",

@@ -15,17 +15,18 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from bnstats.report.captions import ESTIMATE_NAMES, SYMBOL
+from bnstats.methods import BATCH_COLOR, DEBIASED_EMA, METHODS, RUNNING_EMA
+from bnstats.report.captions import SYMBOL
 from bnstats.report.lecture import LectureTrace, typical_batch_size
 
 DPI = 144
 WIDTH = 7.5
 """Figure width in inches; at :data:`DPI` the PNG is 1080 pixels wide."""
 
-BATCH_COLOR, EMA_COLOR, DEBIASED_COLOR, POPULATION_COLOR = "0.55", "C0", "C1", "black"
+TARGET_COLOR = "black"
+"""The population value in the lecture's picture: the line the estimates aim at."""
 FLAT_STYLES = ({"lw": 2.4}, {"lw": 1.2, "ls": "--"}, {"lw": 1.2, "ls": "-."}, {"lw": 1.0})
 """Line styles of the flat lines, so that equal accuracies stay visible on top of each other."""
-ESTIMATE_COLORS = {"ema": "C0", "ema_debiased": "C1", "cumulative": "C2", "population": "C3"}
 
 
 def lecture_figure(trace: LectureTrace) -> Figure:
@@ -55,11 +56,13 @@ def _lecture_panel(ax: Axes, trace: LectureTrace, unit: int) -> None:
         sizes = ", ".join(str(int(s)) for s in np.unique(trace.batch_size[short]))
         label = f"batch {sym}, {sizes} rows"
         ax.plot(steps[short], batch[short], "o", ms=3.5, mfc="none", color=BATCH_COLOR, label=label)
-    ax.plot(steps, trace.ema[:, unit], "-", lw=2.4, color=EMA_COLOR, label="EMA")
-    debiased = trace.ema_debiased[:, unit]
-    ax.plot(steps, debiased, "-", lw=1.0, color=DEBIASED_COLOR, label="debiased EMA")
+    ema, debiased = RUNNING_EMA, DEBIASED_EMA
+    ax.plot(steps, trace.ema[:, unit], "-", lw=2.4, color=ema.color, label=ema.label)
+    ax.plot(
+        steps, trace.ema_debiased[:, unit], "-", lw=1.0, color=debiased.color, label=debiased.label
+    )
     population = trace.population[unit]
-    ax.axhline(population, ls="--", lw=1.2, color=POPULATION_COLOR, label="population")
+    ax.axhline(population, ls="--", lw=1.2, color=TARGET_COLOR, label="population")
     ax.set_ylabel(f"unit {unit}")
     ax.grid(alpha=0.3)
 
@@ -68,7 +71,7 @@ def accuracy_figure(accuracy: Mapping[str, float], chance: float) -> Figure:
     """Horizontal bars of test accuracy per method, with chance level dotted."""
     names = list(accuracy)
     values = [accuracy[name] for name in names]
-    colors = [ESTIMATE_COLORS.get(name, BATCH_COLOR) for name in names]
+    colors = [METHODS[name].color if name in METHODS else BATCH_COLOR for name in names]
     fig = Figure(figsize=(WIDTH, 0.8 + 0.42 * len(names)), layout="constrained")
     ax = fig.subplots()
     rows = np.arange(len(names))
@@ -102,8 +105,9 @@ def batch_size_figure(
     )
     for i, (name, value) in enumerate(fixed.items()):
         style = FLAT_STYLES[i % len(FLAT_STYLES)]
-        color = ESTIMATE_COLORS.get(name, "C4")
-        label = f"{ESTIMATE_NAMES.get(name, name)} (any batch size)"
+        method = METHODS.get(name)
+        color = method.color if method else "C4"
+        label = f"{method.label if method else name} (any batch size)"
         ax.axhline(value, color=color, label=label, **style)
     ax.axhline(chance, ls=":", color="black", label="chance level")
     ax.set_xscale("log", base=2)

@@ -22,12 +22,13 @@ import numpy as np
 
 from bnstats.engine import History, Network
 from bnstats.engine.layers import BatchNorm
+from bnstats.methods import DEBIASED_EMA, POPULATION, RUNNING_EMA
 
 DEFAULT_UNIT_COUNT = 3
 """How many units the picture shows when none are chosen: the layer's first three."""
 
 STATS = ("mean", "var")
-EMA_KEY, DEBIASED_KEY, POPULATION_KEY = "ema", "ema_debiased", "population"
+EMA_KEY, DEBIASED_KEY, POPULATION_KEY = RUNNING_EMA.name, DEBIASED_EMA.name, POPULATION.name
 
 
 @dataclass(frozen=True)
@@ -82,26 +83,6 @@ def unbiased_batch_var(batch_var: np.ndarray, batch_size: np.ndarray) -> np.ndar
     return np.asarray(batch_var, dtype=np.float64) * (n / (n - 1))[:, None]
 
 
-def batchnorm_layer(net: Network, layer: str | None) -> BatchNorm:
-    """The BatchNorm layer named ``layer`` (default: the first); one clear error otherwise."""
-    layers = net.batchnorm_layers
-    if not layers:
-        raise ValueError("the network has no BatchNorm layer to show")
-    if layer is None:
-        return layers[0]
-    check_layer_name(layer, [b.name for b in layers])
-    return next(b for b in layers if b.name == layer)
-
-
-def check_layer_name(layer: str, available: Sequence[str]) -> None:
-    """Refuse a layer name that is not one of ``available``, naming those that are."""
-    if layer not in available:
-        raise ValueError(
-            f"no BatchNorm layer named {layer!r}; the network's BatchNorm layers are "
-            f"{', '.join(available)}"
-        )
-
-
 def choose_units(layer: BatchNorm, units: Sequence[int] | None) -> tuple[int, ...]:
     """``units`` checked against the layer's width, or its first :data:`DEFAULT_UNIT_COUNT`."""
     width = layer.num_features
@@ -131,7 +112,7 @@ def lecture_traces(
     """``{"mean": ..., "var": ...}`` for BatchNorm ``layer`` (default: the first) and ``units``
     (default: its first three). The layer needs estimators ``ema`` and ``ema_debiased`` in the
     history and ``population`` (from :meth:`Network.recalibrate`) in the network."""
-    bn = batchnorm_layer(net, layer)
+    bn = net.batchnorm_layer(layer)
     chosen = choose_units(bn, units)
     trace = history.layers.get(bn.name)
     if not trace:
