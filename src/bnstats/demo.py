@@ -1,15 +1,9 @@
-"""The demo: one training run of the NumPy engine, every way of getting test-time statistics.
-
-A batch-normalized MLP is trained from scratch; each BatchNorm layer carries every running
-estimator of :data:`bnstats.methods.METHODS` side by side, all fed by the same batches. After
-training the exact population statistics are recomputed with the weights frozen. Then the test
-set is classified with each estimate, and with the test batch's own statistics at batch sizes
-1, 8 and the whole set, for contrast. ``bnstats demo`` (:mod:`bnstats.cli.demo`) runs it and
-prints or saves the result; :mod:`bnstats.report` draws it.
-
-``norm`` swaps the batch-norm layers for Batch Renormalization (its schedule fitted to the
-run, :meth:`~bnstats.renorm.RenormSchedule.scaled_to`) or Ghost Batch Norm (virtual batches of
-``ghost_size`` rows). Bad settings raise ``ValueError`` naming the command-line option.
+"""The demo: train the engine's MLP with every running estimator of
+:data:`bnstats.methods.METHODS` side by side, recalibrate the population statistics, and
+measure test accuracy with each method. ``norm`` picks batch norm, Batch Renorm (its schedule
+fitted to the run) or Ghost Batch Norm. Bad settings raise ``ValueError`` naming the
+command-line option. ``bnstats demo`` (:mod:`bnstats.cli.demo`) runs it; :mod:`bnstats.report`
+draws the result.
 """
 
 from __future__ import annotations

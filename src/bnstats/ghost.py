@@ -1,17 +1,10 @@
-"""Ghost Batch Norm (Hoffer, Hubara & Soudry 2017): how a batch is cut into virtual batches.
+"""Ghost Batch Norm (Hoffer, Hubara & Soudry 2017): each training batch normalized in virtual
+batches of ``ghost_size`` consecutive rows, each with its own ``mu`` and biased ``var``; the
+running statistics take one update per virtual batch. At test time it is batch norm.
 
-Ghost batch norm normalizes each training batch in *virtual* ("ghost") batches of
-``ghost_size`` consecutive rows, each with its own ``mu`` and biased ``var``, and the running
-statistics take one update per virtual batch (not one per batch of their average). Large
-batches then behave, for normalization, like the small ones batch norm was tuned on. At test
-time it is batch norm.
-
-The split, shared by the engine and the torch modules so that both cut alike: consecutive
-chunks of ``ghost_size`` rows; the last may be smaller; a last chunk of exactly ONE row joins
-the chunk before it (a row alone would be normalized to ``beta``, and batch norm refuses a
-training batch of one value per channel). A batch of ``ghost_size`` rows or fewer is one
-virtual batch: batch norm. :func:`ghost_batch_norm_forward` and its cache's backward are the
-NumPy arithmetic, for the engine.
+The split, shared by the engine and the torch modules: chunks of ``ghost_size`` rows, the last
+may be smaller, a last chunk of ONE row joins the one before it (batch norm cannot train on
+one value per channel). :func:`ghost_batch_norm_forward` is the NumPy arithmetic.
 """
 
 from __future__ import annotations

@@ -38,9 +38,8 @@ class BatchRenorm(BatchNorm):
 
     ``schedule`` (a :class:`~bnstats.renorm.RenormSchedule` or its dict; default the paper's)
     sets ``rmax, dmax``; ``reference`` names the estimator ``r, d`` correct toward (default: the
-    first, the one test time uses by default). Before it has taken a batch, ``r = 1`` and
-    ``d = 0``. At test time this is batch norm. The last ``r, d`` are kept in ``last_r``,
-    ``last_d``. Other arguments are :class:`BatchNorm`'s; an unknown ``reference`` raises
+    first). Before it has taken a batch, ``r = 1`` and ``d = 0``; at test time this is batch
+    norm. Other arguments are :class:`BatchNorm`'s; an unknown ``reference`` raises
     ``ValueError``.
     """
 

@@ -1,16 +1,9 @@
-"""The numbers behind the lecture's picture: one layer's per-batch statistics over training.
+"""The numbers behind the lecture's picture: one layer's per-batch ``mu`` and ``var`` at every
+training step, the EMA and debiased EMA after each step, and the population value.
 
-For a BatchNorm layer ``l`` the training history holds, at every step ``t``, the batch's own
-``mu`` and ``var`` and each estimator's estimate after that batch. The lecture's picture
-draws the per-batch ``mu`` of a few units with the exponentially weighted average running
-through them; here the same is gathered for ``var``, with the bias-corrected EMA and the
-exact population value (recomputed after training with the weights frozen) beside it.
-
-Variance convention: the history keeps the *biased* batch variance ``var = sum((z - mu)**2)
-/ n`` (the one the batch was normalized with), while the estimators hold the *unbiased* one,
-as PyTorch does. To compare like with like, :func:`unbiased_batch_var` converts the batch
-values with Bessel's correction ``var * n / (n - 1)``, ``n`` the rows of that step's batch
-(the values per unit for the engine's (N, C) input).
+The history keeps the *biased* batch variance ``var = sum((z - mu)**2) / n``; the estimators
+hold the unbiased one, so :func:`unbiased_batch_var` converts the batch values with Bessel's
+correction ``var * n / (n - 1)``, ``n`` the rows of that step's batch.
 """
 
 from __future__ import annotations
