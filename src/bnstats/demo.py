@@ -150,6 +150,7 @@ class DemoResult:
             **norm,
             "steps": self.history.steps,
             "test_accuracy": dict(self.test_accuracy),
+            "chance_level": self.chance_level,
             "layers": self.layers(),
         }
 

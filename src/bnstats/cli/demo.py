@@ -24,7 +24,7 @@ from bnstats.demo import (
     train_demo,
 )
 from bnstats.methods import METHODS, POPULATION, RUNNING_EMA
-from bnstats.report import ReportDependencyError, write_demo_report
+from bnstats.report import ReportDependencyError, lecture_traces, write_demo_report
 
 HELP = "train a batch-normalized MLP in NumPy and compare test-time statistics"
 SAVED_FILES = ("history.npz", "summary.json", "network.npz")
@@ -220,17 +220,17 @@ def print_table(result: DemoResult) -> None:
 
 def lecture_picture(result: DemoResult, layer: str | None = None, unit: int = 0) -> str:
     """Per-batch mu of one unit, the running average through it, and the population value."""
-    bn = result.net.batchnorm_layer(layer)
-    trace = result.history.layers[bn.name]
-    batch = np.stack(trace["batch_mean"])[:, unit]
-    ema = np.stack(trace[f"{RUNNING_EMA.name}_mean"])[:, unit]
-    population = np.full_like(batch, bn.estimators[POPULATION.name].mean[unit])
-    title = f"layer {bn.name}, unit {unit}: mu of each mini-batch and its running average"
+    trace = lecture_traces(result.history, result.net, layer=layer, units=[unit])["mean"]
+    batch = trace.batch[:, unit]
+    population = np.full_like(batch, trace.population[unit])
+    kind = "virtual batch" if trace.virtual else "mini-batch"
+    title = f"layer {trace.layer}, unit {unit}: mu of each {kind} and its running average"
     plot = line_plot(
         [
             (POPULATION.label, "-", population),
             ("batch mu", ".", batch),
-            (RUNNING_EMA.label, "*", ema),
-        ]
+            (RUNNING_EMA.label, "*", trace.ema[:, unit]),
+        ],
+        x_label="update" if trace.virtual else "step",
     )
     return f"{title}\n{plot}"

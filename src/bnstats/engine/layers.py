@@ -127,6 +127,7 @@ class BatchNorm(Layer):
     then every estimator takes ``update(mu, var, count)``. At test time ``stats`` picks whose
     ``mu``/``var`` to use: an estimator's name (its ``.mean``/``.var``, the latter unbiased as in
     PyTorch) or ``"batch"`` for the test batch's own statistics. Input is (N, C) or (N, C, ...).
+    ``last_moments`` holds the ``(mu, var, count)`` the estimators took at the last training step.
     ``estimators`` default to ``{"ema": EMA(0.1)}``; each layer keeps its own copies.
 
     Subclasses change only :meth:`_normalize_batch`, the training forward; the check before it
@@ -154,6 +155,7 @@ class BatchNorm(Layer):
         }
         self.last_batch_mean: np.ndarray | None = None
         self.last_batch_var: np.ndarray | None = None
+        self.last_moments: list[F.Moments] = []
         self._cache: F.NormCache | None = None
 
     @property
@@ -182,7 +184,7 @@ class BatchNorm(Layer):
             out, self._cache = F.batch_norm_forward(x, gamma, beta, mu=mu, var=var, eps=self.eps)
             return out
         out, self._cache = self._normalize_batch(x)
-        seen = self._cache.batch_moments()
+        seen = self.last_moments = self._cache.batch_moments()
         self.last_batch_mean, self.last_batch_var = seen[-1][0], seen[-1][1]
         targets = list(self.estimators.values()) if update is None else list(update)
         self._update_all_or_none(targets, seen)

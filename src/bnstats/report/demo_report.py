@@ -20,7 +20,7 @@ import numpy as np
 
 from bnstats import __version__
 from bnstats._files import atomic_write_text
-from bnstats.engine.layers import BATCH
+from bnstats.engine import BATCH, BatchNorm, BatchRenorm, GhostBatchNorm
 from bnstats.methods import METHODS, POPULATION, RUNNING_EMA
 from bnstats.report.captions import (
     SYMBOL,
@@ -33,6 +33,12 @@ from bnstats.report.lecture import LectureTrace, lecture_traces
 
 if TYPE_CHECKING:  # the page is drawn from a finished run; it never runs the demo
     from bnstats.demo import DemoResult
+
+LECTURE = (
+    "the lecture “Batch Norm at Test Time” of Andrew Ng's Deep Learning Specialization "
+    "(course 2, Improving Deep Neural Networks)"
+)
+"""The lecture whose picture and notation the page follows."""
 
 REPORT_NAME = "report.html"
 INSTALL_HINT = "pip install 'bnstats[report]'"
@@ -98,13 +104,31 @@ def intro_sentences(result: DemoResult) -> list[str]:
     """What was run, in two sentences."""
     config, data = result.config, result.dataset
     return [
-        f"bnstats trained a batch-normalized MLP ({result.architecture}) from scratch in NumPy "
-        f"on {data.name} for {config.epochs} epochs ({result.history.steps} steps), then "
-        "recomputed each BatchNorm layer's exact population statistics with the weights frozen.",
-        "In training each mini-batch is normalized with its own μ and σ²; at test time the "
+        f"bnstats trained an MLP ({result.architecture}) normalized with "
+        f"{result.norm_description} from scratch in NumPy on {data.name} for {config.epochs} "
+        f"epochs ({result.history.steps} steps), then recomputed each normalization layer's "
+        "exact population statistics with the weights frozen.",
+        f"In training {training_words(result.net.batchnorm_layers[0])}; at test time the "
         "network needs one fixed estimate per layer, because a test batch may hold a single "
-        "row. This page shows where the estimates come from and what each one gives.",
+        "row. This page shows where the estimates come from and what each one gives, in the "
+        f"notation of {LECTURE} (z, μ, σ², z_norm, z̃ = γ·z_norm + β).",
     ]
+
+
+def training_words(layer: BatchNorm) -> str:
+    """How ``layer`` normalizes a training batch, in words."""
+    if isinstance(layer, GhostBatchNorm):
+        return (
+            f"each mini-batch is cut into virtual batches of {layer.ghost_size} rows, each "
+            "normalized with its own μ and σ², and the estimators take one update per "
+            "virtual batch"
+        )
+    if isinstance(layer, BatchRenorm):
+        return (
+            "each mini-batch is normalized with its own μ and σ², then corrected toward the "
+            "running estimates by Batch Renorm's r and d"
+        )
+    return "each mini-batch is normalized with its own μ and σ²"
 
 
 def settings_section(result: DemoResult, trace: LectureTrace) -> Section:
@@ -115,7 +139,11 @@ def settings_section(result: DemoResult, trace: LectureTrace) -> Section:
         ("training rows", str(len(data.X_train))),
         ("test rows", str(len(data.X_test))),
         ("classes", str(data.classes)),
-        ("network", f"MLP {result.architecture}, Linear → BatchNorm → ReLU per hidden layer"),
+        (
+            "network",
+            f"MLP {result.architecture}, Linear → {result.norm_description} → ReLU per hidden "
+            "layer",
+        ),
         ("epochs", str(config.epochs)),
         ("training batch size", str(config.batch_size)),
         ("training steps", str(result.history.steps)),

@@ -25,6 +25,8 @@ WIDTH = 7.5
 
 TARGET_COLOR = "black"
 """The population value in the lecture's picture: the line the estimates aim at."""
+LABEL_GAP = 0.06
+"""Least distance, in accuracy, between the value labels of the flat lines."""
 FLAT_STYLES = ({"lw": 2.4}, {"lw": 1.2, "ls": "--"}, {"lw": 1.2, "ls": "-."}, {"lw": 1.0})
 """Line styles of the flat lines, so that equal accuracies stay visible on top of each other."""
 
@@ -38,7 +40,9 @@ def lecture_figure(trace: LectureTrace) -> Figure:
     axes = fig.subplots(len(units), 1, sharex=True, squeeze=False)[:, 0]
     for ax, unit in zip(axes, units, strict=True):
         _lecture_panel(ax, trace, unit)
-    axes[-1].set_xlabel("training step")
+    axes[-1].set_xlabel(
+        "estimator update (one per virtual batch)" if trace.virtual else "training step"
+    )
     kind = "unbiased σ²" if trace.stat == "var" else "μ"
     fig.suptitle(f"Layer {trace.layer}: {kind} of each mini-batch, EMA momentum {trace.momentum:g}")
     handles, labels = axes[0].get_legend_handles_labels()
@@ -77,7 +81,15 @@ def accuracy_figure(accuracy: Mapping[str, float], chance: float) -> Figure:
     rows = np.arange(len(names))
     ax.barh(rows, values, color=colors)
     for row, value in zip(rows, values, strict=True):
-        ax.text(value + 0.01, row, f"{value:.3f}", va="center", fontsize=9)
+        ax.annotate(
+            f"{value:.3f}",
+            (value, row),
+            xytext=(7, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=9,
+            bbox={"boxstyle": "square,pad=0.15", "fc": "white", "ec": "none"},
+        )
     ax.axvline(chance, ls=":", color="black", label=f"chance level {chance:.3f}")
     ax.set_yticks(rows, names)
     ax.invert_yaxis()
@@ -103,22 +115,46 @@ def batch_size_figure(
         color=BATCH_COLOR,
         label="batch statistics",
     )
+    heights = label_heights(list(fixed.values()), gap=LABEL_GAP)
     for i, (name, value) in enumerate(fixed.items()):
         style = FLAT_STYLES[i % len(FLAT_STYLES)]
         method = METHODS.get(name)
         color = method.color if method else "C4"
         label = f"{method.label if method else name} (any batch size)"
-        ax.axhline(value, color=color, label=label, **style)
+        ax.axhline(value, color=color, label=label, zorder=2 + i, **style)
+        ax.annotate(
+            f"{method.label if method else name} {value:.3f}",
+            (1.0, heights[i]),
+            xycoords=("axes fraction", "data"),
+            xytext=(4, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+            color=color,
+        )
     ax.axhline(chance, ls=":", color="black", label="chance level")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.minorticks_off()
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.15)
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_xlabel("test batch size (rows normalized together)")
     ax.set_ylabel("test accuracy")
-    ax.legend(loc="best")
+    fig.legend(loc="outside lower center", ncols=len(fixed) + 2, frameon=False, fontsize=8)
     ax.grid(alpha=0.3)
     return fig
+
+
+def label_heights(values: list[float], gap: float) -> list[float]:
+    """Heights for one text label per value, each as close to its value as it can be while
+    no two labels lie closer than ``gap`` (in the values' units); the lowest stays put."""
+    order = np.argsort(values, kind="stable")
+    heights = [0.0] * len(values)
+    floor = -np.inf
+    for i in order:
+        heights[i] = max(values[i], floor + gap)
+        floor = heights[i]
+    return heights
 
 
 def png_data_uri(fig: Figure) -> str:

@@ -1,5 +1,7 @@
-"""The numbers behind the lecture's picture: one layer's per-batch ``mu`` and ``var`` at every
-training step, the EMA and debiased EMA after each step, and the population value.
+"""The numbers behind the lecture's picture: one layer's ``mu`` and ``var`` of every batch its
+estimators took (one per training step, or with Ghost Batch Norm one per virtual batch), the
+EMA and debiased EMA after each (replayed from those batches, so they are the estimators' own
+numbers), and the population value.
 
 The history keeps the *biased* batch variance ``var = sum((z - mu)**2) / n``; the estimators
 hold the unbiased one, so :func:`unbiased_batch_var` converts the batch values with Bessel's
@@ -15,24 +17,28 @@ import numpy as np
 
 from bnstats.engine import History, Network
 from bnstats.engine.layers import BatchNorm
+from bnstats.functional import Moments
 from bnstats.methods import DEBIASED_EMA, POPULATION, RUNNING_EMA
+from bnstats.stats import Estimator
 
 DEFAULT_UNIT_COUNT = 3
 """How many units the picture shows when none are chosen: the layer's first three."""
 
 STATS = ("mean", "var")
-EMA_KEY, DEBIASED_KEY, POPULATION_KEY = RUNNING_EMA.name, DEBIASED_EMA.name, POPULATION.name
+EMA_KEY, POPULATION_KEY = RUNNING_EMA.name, POPULATION.name
 
 
 @dataclass(frozen=True)
 class LectureTrace:
-    """One statistic (``"mean"`` or ``"var"``) of one layer, every unit, every step.
+    """One statistic (``"mean"`` or ``"var"``) of one layer, every unit, every update.
 
-    ``batch``, ``ema`` and ``ema_debiased`` have shape (steps, units); ``batch`` row ``t`` is
-    step ``t``'s batch value (for ``var`` converted to unbiased) and the estimates are those
-    after that batch. ``population`` (units,) is the exact value over the training set with
-    the final weights. ``units`` are the units chosen for the figure; ``momentum`` is the
-    EMA's (weight of the newest batch).
+    ``batch``, ``ema`` and ``ema_debiased`` have shape (updates, units); ``batch`` row ``t`` is
+    the value of the ``t``-th batch the estimators took (for ``var`` converted to unbiased),
+    ``batch_size[t]`` its rows, and the estimates are those after it. ``population`` (units,)
+    is the exact value over the training set with the final weights. ``units`` are the units
+    chosen for the figure; ``momentum`` is the EMA's (weight of the newest batch). ``steps``
+    counts the updates; ``training_steps`` the training steps, when fewer (each step cut into
+    virtual batches).
     """
 
     layer: str
@@ -44,10 +50,16 @@ class LectureTrace:
     ema: np.ndarray
     ema_debiased: np.ndarray
     population: np.ndarray
+    training_steps: int | None = None
 
     @property
     def steps(self) -> int:
         return len(self.batch)
+
+    @property
+    def virtual(self) -> bool:
+        """Whether the estimators took several (virtual) batches per training step."""
+        return self.training_steps is not None and self.training_steps != self.steps
 
     @property
     def features(self) -> int:
@@ -55,9 +67,8 @@ class LectureTrace:
 
 
 def typical_batch_size(batch_size: np.ndarray) -> int:
-    """The most common batch size of a run (the rest are an epoch's shorter last batches)."""
-    sizes, counts = np.unique(np.asarray(batch_size), return_counts=True)
-    return int(sizes[np.argmax(counts)])
+    """The full batch size of a run, its largest: the others are shorter last batches."""
+    return int(np.max(batch_size))
 
 
 def unbiased_batch_var(batch_var: np.ndarray, batch_size: np.ndarray) -> np.ndarray:
@@ -111,8 +122,11 @@ def lecture_traces(
     if not trace:
         raise ValueError(f"the training history has no statistics of layer {bn.name!r}")
     _check_keys(bn, trace)
-    ema = bn.estimators[EMA_KEY]
-    sizes = np.asarray(history.batch_size)
+    momentum = float(bn.estimators[EMA_KEY].momentum)
+    seen = history.moments_seen(bn.name)
+    sizes = np.asarray([count for _, _, count in seen])
+    ema = replayed(RUNNING_EMA.estimator(momentum), seen)
+    debiased = replayed(DEBIASED_EMA.estimator(momentum), seen)
     out = {}
     for stat in STATS:
         batch = np.stack(trace[f"batch_{stat}"]).astype(np.float64)
@@ -122,21 +136,34 @@ def lecture_traces(
             layer=bn.name,
             stat=stat,
             units=chosen,
-            momentum=float(ema.momentum),
+            momentum=momentum,
             batch_size=sizes,
             batch=batch,
-            ema=np.stack(trace[f"{EMA_KEY}_{stat}"]).astype(np.float64),
-            ema_debiased=np.stack(trace[f"{DEBIASED_KEY}_{stat}"]).astype(np.float64),
+            ema=ema[stat],
+            ema_debiased=debiased[stat],
             population=np.asarray(getattr(bn.estimators[POPULATION_KEY], stat), np.float64),
+            training_steps=history.steps,
         )
     return out
 
 
+def replayed(estimator: Estimator, seen: Sequence[Moments]) -> dict[str, np.ndarray]:
+    """``{"mean": ..., "var": ...}`` of ``estimator`` after each of the batches ``seen`` (shape
+    (updates, features)), fed in order as in training."""
+    means, variances = [], []
+    for mu, var, count in seen:
+        estimator.update(mu, var, count)
+        means.append(np.array(estimator.mean, dtype=np.float64))
+        variances.append(np.array(estimator.var, dtype=np.float64))
+    return {"mean": np.stack(means), "var": np.stack(variances)}
+
+
 def _check_keys(bn: BatchNorm, trace: dict[str, list[np.ndarray]]) -> None:
-    needed = [f"{key}_{stat}" for key in ("batch", EMA_KEY, DEBIASED_KEY) for stat in STATS]
-    missing = [key for key in needed if key not in trace]
+    missing = [f"batch_{stat}" for stat in STATS if f"batch_{stat}" not in trace]
     if missing:
         raise ValueError(f"the training history of layer {bn.name!r} lacks {', '.join(missing)}")
+    if EMA_KEY not in bn.estimators:
+        raise ValueError(f"layer {bn.name!r} has no estimator {EMA_KEY!r} to take momentum from")
     if POPULATION_KEY not in bn.estimators or bn.estimators[POPULATION_KEY].mean is None:
         raise ValueError(
             f"layer {bn.name!r} has no population statistics; call net.recalibrate(X_train) first"
