@@ -8,6 +8,7 @@ draws the result.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -20,7 +21,14 @@ from bnstats.data import Dataset, load_dataset
 from bnstats.engine import BATCH, Adam, BatchNorm, BatchRenorm, GhostBatchNorm, History, Network
 from bnstats.engine.network import NormFactory
 from bnstats.engine.training import ProgressCallback, batch_slices
-from bnstats.methods import METHODS, POPULATION, RUNNING_EMA, running_estimators
+from bnstats.methods import (
+    DEBIASED_EMA,
+    METHODS,
+    POPULATION,
+    RUNNING_EMA,
+    Method,
+    running_estimators,
+)
 from bnstats.renorm import RenormSchedule
 
 NORM_LABELS = {"bn": "batch norm", "renorm": "Batch Renorm", "ghost": "Ghost Batch Norm"}
@@ -92,6 +100,15 @@ class DemoResult:
     def accuracy_by_batch_size(self, sizes: tuple[int, ...]) -> dict[int, float]:
         """:func:`accuracy_by_batch_size` of the trained network."""
         return accuracy_by_batch_size(self.net, self.dataset, sizes)
+
+    def accuracy_by_momentum(self, momenta: Sequence[float]) -> dict[str, list[float]]:
+        """Test accuracy with an EMA and a debiased EMA of each of ``momenta``, by method name:
+        each fed, in every BatchNorm layer, the batches the layer's estimators took, so they
+        end where estimators trained alongside them would (see :func:`accuracy_replayed`)."""
+        return {
+            m.name: [accuracy_replayed(self.net, self.history, self.dataset, m, x) for x in momenta]
+            for m in (RUNNING_EMA, DEBIASED_EMA)
+        }
 
     @property
     def architecture(self) -> str:
@@ -260,6 +277,25 @@ def accuracy_per_method(net: Network, dataset: Dataset) -> dict[str, float]:
         else net.evaluate(X, y, stats=name)
         for name, m in METHODS.items()
     }
+
+
+def accuracy_replayed(
+    net: Network, history: History, dataset: Dataset, method: Method, momentum: float
+) -> float:
+    """Test accuracy with ``method``'s estimator at ``momentum`` in every BatchNorm layer, fed
+    the batches that layer's estimators took in training (:meth:`History.moments_seen`). The
+    network's estimators are left as they were."""
+    key = f"{method.name}@{momentum!r}"
+    try:
+        for layer in net.batchnorm_layers:
+            estimator = method.estimator(momentum)
+            for moments in history.moments_seen(layer.name):
+                estimator.update(*moments)
+            layer.estimators[key] = estimator
+        return net.evaluate(dataset.X_test, dataset.y_test, stats=key)
+    finally:
+        for layer in net.batchnorm_layers:
+            layer.estimators.pop(key, None)
 
 
 def accuracy_by_batch_size(

@@ -24,7 +24,9 @@ from tests.report.test_html import parse
 
 pytest.importorskip("matplotlib")
 
-SECTIONS = ("settings", "lecture-mean", "lecture-var", "accuracy", "batch-size")
+SECTIONS = ("settings", "lecture-mean", "lecture-var", "momentum", "accuracy", "batch-size")
+FIGURE_SECTIONS = ("lecture-mean", "lecture-var", "accuracy", "batch-size")
+"""The sections with a matplotlib figure (the momentum section draws in the browser)."""
 
 
 def section_text(page: str, anchor: str) -> str:
@@ -52,7 +54,7 @@ def test_page_has_every_section_and_figure(quick_page):
     for image in images:
         assert image["src"].startswith("data:image/png;base64,") and len(image["src"]) > 1000
         assert image["alt"]
-    for anchor in SECTIONS[1:]:
+    for anchor in FIGURE_SECTIONS:
         assert "<img " in quick_page.split(f'<section id="{anchor}">')[1].split("</section>")[0]
 
 
@@ -199,3 +201,19 @@ def test_the_page_names_the_lecture_and_the_normalization(quick_page):
     assert "Batch Norm at Test Time" in quick_page and "Deep Learning Specialization" in quick_page
     rows = dict(table_rows(quick_page, "settings")[1:])
     assert "Linear → batch norm → ReLU" in rows["network"]
+
+
+def test_momentum_section_holds_the_grid_and_the_run(quick_page, quick_run):
+    from bnstats.report.momentum import GRID, SLIDER_STEPS, slider_position
+
+    rows = table_rows(quick_page, "momentum")[1:]
+    accuracy = quick_run.accuracy_by_momentum(GRID)
+    assert [row[0] for row in rows] == [f"{m:.4g}" for m in GRID] and len(GRID) == 12
+    assert [row[1] for row in rows] == [f"{a:.4f}" for a in accuracy["ema"]]
+    assert [row[2] for row in rows] == [f"{a:.4f}" for a in accuracy["ema_debiased"]]
+    assert GRID[0] == pytest.approx(1e-3) and GRID[-1] == 1.0
+    assert slider_position(1e-3) == 0 and slider_position(1.0) == SLIDER_STEPS
+    assert f'data-momentum="{quick_run.config.momentum!r}"' in quick_page
+    metas = [a for tag, a in parse(quick_page).tags if tag == "meta"]
+    policy = next(a["content"] for a in metas if a.get("http-equiv"))
+    assert "script-src 'sha256-" in policy and "default-src 'none'" in policy

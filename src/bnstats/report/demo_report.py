@@ -30,6 +30,8 @@ from bnstats.report.captions import (
 )
 from bnstats.report.html import Image, Section, Table, render_page
 from bnstats.report.lecture import LectureTrace, lecture_traces
+from bnstats.report.momentum import GRID, momentum_section
+from bnstats.report.momentum_script import SCRIPT
 
 if TYPE_CHECKING:  # the page is drawn from a finished run; it never runs the demo
     from bnstats.demo import DemoResult
@@ -79,6 +81,7 @@ def demo_report_html(
     sections = [
         settings_section(result, traces["mean"]),
         *(lecture_section(result, trace, figures) for trace in traces.values()),
+        momentum_section(result.history, traces, result.accuracy_by_momentum(GRID)),
         accuracy_section(result, figures),
         batch_size_section(result, figures),
     ]
@@ -87,6 +90,7 @@ def demo_report_html(
         intro_sentences(result),
         sections,
         footer=f"Written by bnstats {__version__}. The page is self-contained: it loads nothing.",
+        scripts=(SCRIPT,),
     )
 
 
