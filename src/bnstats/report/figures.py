@@ -44,7 +44,8 @@ def lecture_figure(trace: LectureTrace) -> Figure:
         "estimator update (one per virtual batch)" if trace.virtual else "training step"
     )
     kind = "unbiased σ²" if trace.stat == "var" else "μ"
-    fig.suptitle(f"Layer {trace.layer}: {kind} of each mini-batch, EMA momentum {trace.momentum:g}")
+    batch = "virtual batch" if trace.virtual else "mini-batch"
+    fig.suptitle(f"Layer {trace.layer}: {kind} of each {batch}, EMA momentum {trace.momentum:g}")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
     return fig
