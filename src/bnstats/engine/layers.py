@@ -196,14 +196,16 @@ class BatchNorm(Layer):
 
     def _update_all_or_none(self, targets: list[Estimator], seen: list[F.Moments]) -> None:
         """Feed each ``(mu, var, count)`` of ``seen``, in order, to every target; if an update
-        raises, every target gets its state back and the error names this layer."""
-        saved = [est.state_dict() for est in targets]
+        raises, every target gets its state back and the error names this layer. (A lone
+        update needs no saved state: an estimator checks a batch before it changes.)"""
+        lone = len(targets) * len(seen) == 1
+        saved = [] if lone else [est.state_dict() for est in targets]
         try:
             for mu, var, count in seen:
                 for est in targets:
                     est.update(mu, var, count)
         except ValueError as err:
-            for est, state in zip(targets, saved, strict=True):
+            for est, state in zip(targets, saved, strict=not lone):
                 est.load_state_dict(state)
             raise type(err)(f"{self.label}: {err} No estimator of the layer was updated.") from err
 
