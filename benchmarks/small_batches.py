@@ -40,12 +40,14 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from dataclasses import asdict, dataclass, replace  # noqa: E402
+from functools import partial  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from bnstats.data import Dataset, load_digits  # noqa: E402
-from bnstats.engine import Adam, Network  # noqa: E402
+from bnstats.engine import Adam, BatchNorm, BatchRenorm, GhostBatchNorm, Network  # noqa: E402
+from bnstats.engine.network import NormFactory  # noqa: E402
 from bnstats.renorm import RenormSchedule  # noqa: E402
 from bnstats.stats import EMA  # noqa: E402
 
@@ -110,19 +112,17 @@ def total_steps(norm: str, size: int, rows: int, epochs: int, config: Config) ->
 def run_engine(data: Dataset, norm: str, size: int, mode: str, seed: int, config: Config) -> float:
     """Train the engine's MLP once; test accuracy with the EMA statistics."""
     rows, epochs = len(data.X_train), config.engine_epochs
-    options: dict[str, Any] = {}
+    factory: NormFactory = BatchNorm
     if norm == "ghost":
-        options["ghost_size"] = size
+        factory = partial(GhostBatchNorm, ghost_size=size)
     if norm == "renorm":
-        options["schedule"] = RenormSchedule().scaled_to(
-            total_steps(norm, size, rows, epochs, config)
-        )
+        schedule = RenormSchedule().scaled_to(total_steps(norm, size, rows, epochs, config))
+        factory = partial(BatchRenorm, schedule=schedule)
     net = Network.mlp(
         [data.features, 128, 64, data.classes],
         seed=seed,
         estimators={"ema": EMA(config.momentum)},
-        norm=norm,
-        **options,
+        norm=factory,
     )
     optimizer, rng = Adam(config.lr), np.random.default_rng(seed)
     batch = training_batch(norm, size, config)

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from bnstats.demo import ESTIMATE_METHODS, METHODS, DemoConfig, chance_level, run_demo
+from bnstats.demo import DemoConfig, chance_level, run_demo
+from bnstats.methods import ESTIMATE_METHODS, METHODS
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +54,20 @@ def test_saved_outputs(default_run, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == default_run.history.steps and summary["config"]["lr"] == 1e-3
     assert (tmp_path / "network.npz").is_file()
+
+
+def test_accuracy_by_momentum_is_that_of_estimators_trained_alongside():
+    """Replaying the recorded batches into an EMA gives what an EMA trained in the run holds:
+    the same run with an extra EMA(0.03) side by side has the same accuracy, bit for bit."""
+    from bnstats.demo import prepare_demo, train_demo
+    from bnstats.stats import EMA
+
+    config = DemoConfig(epochs=2, hidden=(16,))
+    dataset, net = prepare_demo(config)
+    for layer in net.batchnorm_layers:
+        layer.estimators["extra"] = EMA(0.03, debias=True)
+    result = train_demo(config, dataset, net)
+    expected = net.evaluate(dataset.X_test, dataset.y_test, stats="extra")
+    keys = [set(layer.estimators) for layer in net.batchnorm_layers]
+    assert result.accuracy_by_momentum([0.03])["ema_debiased"] == [expected]
+    assert [set(layer.estimators) for layer in net.batchnorm_layers] == keys, "left as found"

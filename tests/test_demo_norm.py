@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bnstats.data import Dataset
-from bnstats.demo import METHODS, DemoConfig, run_demo
+from bnstats.demo import DemoConfig, run_demo
+from bnstats.methods import METHODS
 from bnstats.renorm import RenormSchedule
 
 

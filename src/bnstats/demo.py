@@ -1,19 +1,16 @@
-"""The demo: one training run of the NumPy engine, every way of getting test-time statistics.
-
-A batch-normalized MLP is trained from scratch; each BatchNorm layer carries an EMA, a
-bias-corrected EMA and a cumulative average side by side, all fed by the same batches.
-After training the exact population statistics are recomputed with the weights frozen.
-Then the test set is classified with each estimate, and with the test batch's own
-statistics at batch sizes 1, 8 and the whole set, for contrast.
-
-``norm`` swaps the batch-norm layers for Batch Renormalization (its schedule fitted to the
-run, :meth:`~bnstats.renorm.RenormSchedule.scaled_to`) or Ghost Batch Norm (virtual batches of
-``ghost_size`` rows).
+"""The demo: train the engine's MLP with every running estimator of
+:data:`bnstats.methods.METHODS` side by side, recalibrate the population statistics, and
+measure test accuracy with each method. ``norm`` picks batch norm, Batch Renorm (its schedule
+fitted to the run) or Ghost Batch Norm. Bad settings raise ``ValueError`` naming the
+command-line option. ``bnstats demo`` (:mod:`bnstats.cli.demo`) runs it; :mod:`bnstats.report`
+draws the result.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,32 +18,30 @@ import numpy as np
 
 from bnstats._threads import one_blas_thread
 from bnstats.data import Dataset, load_dataset
-from bnstats.engine import BATCH, Adam, History, Network
-from bnstats.engine.network import NORMS
+from bnstats.engine import BATCH, Adam, BatchNorm, BatchRenorm, GhostBatchNorm, History, Network
+from bnstats.engine.network import NormFactory
 from bnstats.engine.training import ProgressCallback, batch_slices
+from bnstats.methods import (
+    DEBIASED_EMA,
+    METHODS,
+    POPULATION,
+    RUNNING_EMA,
+    Method,
+    running_estimators,
+)
 from bnstats.renorm import RenormSchedule
-from bnstats.stats import EMA, CumulativeAverage
-
-ESTIMATE_METHODS = ("ema", "ema_debiased", "cumulative", "population")
-BATCH_METHODS = {"batch@1": 1, "batch@8": 8, "batch@all": None}
-METHODS = (*BATCH_METHODS, *ESTIMATE_METHODS)
-
-DESCRIPTIONS = {
-    "batch@1": "each test row normalized by itself",
-    "batch@8": "test batches of 8 normalized by their own statistics",
-    "batch@all": "the whole test set normalized by its own statistics",
-    "ema": "running average, momentum weighting the newest batch",
-    "ema_debiased": "running average divided by 1 - (1 - momentum)^t",
-    "cumulative": "every training batch weighted equally",
-    "population": "exact statistics of the training set, weights frozen",
-}
 
 NORM_LABELS = {"bn": "batch norm", "renorm": "Batch Renorm", "ghost": "Ghost Batch Norm"}
+"""The normalization layers ``--norm`` chooses from, in words."""
+
+DEFAULT_GHOST_SIZE = 16
 
 
 @dataclass
 class DemoConfig:
-    """The demo's settings; the defaults are ``bnstats demo``'s."""
+    """The demo's settings; the defaults are ``bnstats demo``'s. ``ghost_size`` applies to
+    ``norm="ghost"`` only (default :data:`DEFAULT_GHOST_SIZE`); ``report_layer`` names the
+    BatchNorm layer the report draws (default: the first), checked before training."""
 
     data: str = "digits"
     epochs: int = 20
@@ -57,7 +52,8 @@ class DemoConfig:
     hidden: tuple[int, ...] = (128, 64)
     test_fraction: float = 0.25
     norm: str = "bn"
-    ghost_size: int = 16
+    ghost_size: int | None = None
+    report_layer: str | None = None
 
     def drop_last(self, rows: int) -> bool:
         """Drop a last batch of one row (batch norm cannot train on it)."""
@@ -67,29 +63,85 @@ class DemoConfig:
         """Training steps over ``rows`` rows: epochs times batches per epoch."""
         return self.epochs * len(batch_slices(rows, self.batch_size, self.drop_last(rows)))
 
+    @property
+    def virtual_batch(self) -> int:
+        """Rows per virtual batch with ``norm="ghost"``."""
+        return DEFAULT_GHOST_SIZE if self.ghost_size is None else self.ghost_size
+
     def renorm_schedule(self, rows: int) -> RenormSchedule:
         """The paper's schedule fitted to this run: its ramps end half-way through training."""
         return RenormSchedule().scaled_to(self.steps(rows))
 
+    def norm_factory(self, rows: int) -> NormFactory:
+        """The normalization layer ``norm`` names, for a run over ``rows`` training rows."""
+        if self.norm == "renorm":
+            return partial(BatchRenorm, schedule=self.renorm_schedule(rows))
+        if self.norm == "ghost":
+            return partial(GhostBatchNorm, ghost_size=self.virtual_batch)
+        return BatchNorm
+
 
 @dataclass
 class DemoResult:
+    """A finished run: its settings, data, trained network, history and test accuracy per
+    method of :data:`bnstats.methods.METHODS`."""
+
     config: DemoConfig
     dataset: Dataset
     net: Network
     history: History
     test_accuracy: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def chance_level(self) -> float:
+        """:func:`chance_level` of the run's test set."""
+        return chance_level(self.dataset)
+
+    def accuracy_by_batch_size(self, sizes: tuple[int, ...]) -> dict[int, float]:
+        """:func:`accuracy_by_batch_size` of the trained network."""
+        return accuracy_by_batch_size(self.net, self.dataset, sizes)
+
+    def accuracy_by_momentum(self, momenta: Sequence[float]) -> dict[str, list[float]]:
+        """Test accuracy with an EMA and a debiased EMA of each of ``momenta``, by method name:
+        each fed, in every BatchNorm layer, the batches the layer's estimators took, so they
+        end where estimators trained alongside them would (see :func:`accuracy_replayed`)."""
+        return {
+            m.name: [accuracy_replayed(self.net, self.history, self.dataset, m, x) for x in momenta]
+            for m in (RUNNING_EMA, DEBIASED_EMA)
+        }
+
+    @property
+    def architecture(self) -> str:
+        """``64-128-64-10``: inputs, hidden widths, classes."""
+        data = self.dataset
+        return "-".join(str(n) for n in (data.features, *self.config.hidden, data.classes))
+
+    @property
+    def norm_description(self) -> str:
+        """The normalization layers in words, e.g. ``Ghost Batch Norm (virtual batches of 16)``."""
+        label = NORM_LABELS[self.config.norm]
+        layer = self.net.batchnorm_layers[0]
+        if isinstance(layer, GhostBatchNorm):
+            return f"{label} (virtual batches of {layer.ghost_size})"
+        if isinstance(layer, BatchRenorm):
+            s = layer.schedule
+            return (
+                f"{label} (plain for {s.warmup_steps} steps, rmax {s.rmax:g} by step "
+                f"{s.rmax_full_at}, dmax {s.dmax:g} by step {s.dmax_full_at})"
+            )
+        return label
+
     def layers(self) -> list[dict[str, Any]]:
         """Each BatchNorm's running (EMA) and population statistics."""
+        ema, population = RUNNING_EMA.name, POPULATION.name
         return [
             {
                 "name": layer.name,
                 "features": layer.num_features,
-                "running_mean": layer.estimators["ema"].mean.tolist(),
-                "running_var": layer.estimators["ema"].var.tolist(),
-                "population_mean": layer.estimators["population"].mean.tolist(),
-                "population_var": layer.estimators["population"].var.tolist(),
+                "running_mean": layer.estimators[ema].mean.tolist(),
+                "running_var": layer.estimators[ema].var.tolist(),
+                "population_mean": layer.estimators[population].mean.tolist(),
+                "population_var": layer.estimators[population].var.tolist(),
             }
             for layer in self.net.batchnorm_layers
         ]
@@ -97,10 +149,11 @@ class DemoResult:
     def to_dict(self) -> dict[str, Any]:
         """The JSON object ``bnstats demo --json`` prints."""
         norm: dict[str, Any] = {"norm": self.config.norm}
-        if self.config.norm == "ghost":
-            norm["ghost_size"] = self.config.ghost_size
-        if self.config.norm == "renorm":
-            norm["renorm_schedule"] = self.net.batchnorm_layers[0].schedule.to_dict()
+        layer = self.net.batchnorm_layers[0]
+        if isinstance(layer, GhostBatchNorm):
+            norm["ghost_size"] = layer.ghost_size
+        if isinstance(layer, BatchRenorm):
+            norm["renorm_schedule"] = layer.schedule.to_dict()
         return {
             "dataset": self.dataset.name,
             "train_rows": len(self.dataset.X_train),
@@ -114,6 +167,7 @@ class DemoResult:
             **norm,
             "steps": self.history.steps,
             "test_accuracy": dict(self.test_accuracy),
+            "chance_level": self.chance_level,
             "layers": self.layers(),
         }
 
@@ -139,13 +193,7 @@ def check_config(config: DemoConfig, dataset: Dataset) -> None:
         raise ValueError(f"--lr must be positive, got {config.lr}")
     if not config.hidden or any(h < 1 for h in config.hidden):
         raise ValueError(f"--hidden needs positive layer widths, got {config.hidden}")
-    if config.norm not in NORMS:
-        raise ValueError(f"--norm must be one of {', '.join(NORMS)}, got {config.norm!r}")
-    if config.norm == "ghost" and not 2 <= config.ghost_size <= config.batch_size:
-        raise ValueError(
-            f"--ghost-size must lie between 2 and --batch-size {config.batch_size}, "
-            f"got {config.ghost_size}"
-        )
+    _check_norm(config)
     rows = len(dataset.X_train)
     if rows < config.batch_size:
         raise ValueError(
@@ -153,28 +201,40 @@ def check_config(config: DemoConfig, dataset: Dataset) -> None:
         )
 
 
+def _check_norm(config: DemoConfig) -> None:
+    if config.norm not in NORM_LABELS:
+        raise ValueError(f"--norm must be one of {', '.join(NORM_LABELS)}, got {config.norm!r}")
+    if config.ghost_size is not None and config.norm != "ghost":
+        raise ValueError(f"--ghost-size applies to --norm ghost only, not --norm {config.norm}")
+    if config.norm == "ghost" and not 2 <= config.virtual_batch <= config.batch_size:
+        raise ValueError(
+            f"--ghost-size must lie between 2 and --batch-size {config.batch_size}, "
+            f"got {config.virtual_batch}"
+        )
+
+
 def build_network(config: DemoConfig, features: int, classes: int, rows: int) -> Network:
     """The demo's MLP for ``features`` inputs and ``classes`` outputs, trained on ``rows`` rows
     (which fixes the step count Batch Renorm's schedule is fitted to)."""
-    estimators = {
-        "ema": EMA(config.momentum),
-        "ema_debiased": EMA(config.momentum, debias=True),
-        "cumulative": CumulativeAverage(),
-    }
-    sizes = [features, *config.hidden, classes]
-    options: dict[str, Any] = {}
-    if config.norm == "ghost":
-        options["ghost_size"] = config.ghost_size
-    if config.norm == "renorm":
-        options["schedule"] = config.renorm_schedule(rows)
-    return Network.mlp(sizes, seed=config.seed, estimators=estimators, norm=config.norm, **options)
+    return Network.mlp(
+        [features, *config.hidden, classes],
+        seed=config.seed,
+        estimators=running_estimators(config.momentum),
+        norm=config.norm_factory(rows),
+    )
 
 
-def load_demo_data(config: DemoConfig) -> Dataset:
-    """The dataset ``config.data`` names, checked against the other settings."""
-    dataset = load_dataset(config.data, seed=config.seed, test_fraction=config.test_fraction)
+def prepare_demo(config: DemoConfig, dataset: Dataset | None = None) -> tuple[Dataset, Network]:
+    """The run's dataset (``dataset`` if given, else the one ``config.data`` names) and its
+    untrained network, every setting checked: a bad one raises ``ValueError`` before anything
+    is trained."""
+    if dataset is None:
+        dataset = load_dataset(config.data, seed=config.seed, test_fraction=config.test_fraction)
     check_config(config, dataset)
-    return dataset
+    net = build_network(config, dataset.features, dataset.classes, len(dataset.X_train))
+    if config.report_layer is not None:
+        net.batchnorm_layer(config.report_layer)
+    return dataset, net
 
 
 def run_demo(
@@ -182,48 +242,60 @@ def run_demo(
     progress: ProgressCallback | None = None,
     dataset: Dataset | None = None,
 ) -> DemoResult:
-    """Train, recalibrate, and measure test accuracy with every method of :data:`METHODS`
-    (on ``dataset`` if given, else the one ``config.data`` names), with one BLAS thread."""
-    with one_blas_thread():
-        return _run_demo(config, progress, dataset)
+    """:func:`prepare_demo`, then :func:`train_demo`."""
+    return train_demo(config, *prepare_demo(config, dataset), progress=progress)
 
 
-def _run_demo(
-    config: DemoConfig, progress: ProgressCallback | None, dataset: Dataset | None
+def train_demo(
+    config: DemoConfig, dataset: Dataset, net: Network, progress: ProgressCallback | None = None
 ) -> DemoResult:
-    if dataset is None:
-        dataset = load_demo_data(config)
-    else:
-        check_config(config, dataset)
+    """Train ``net``, recalibrate it, and measure test accuracy with every method of
+    :data:`~bnstats.methods.METHODS`, with one BLAS thread."""
     rows = len(dataset.X_train)
-    net = build_network(config, dataset.features, dataset.classes, rows)
-    drop_last = config.drop_last(rows)
-    history = net.fit(
-        dataset.X_train,
-        dataset.y_train,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        optimizer=Adam(config.lr),
-        seed=config.seed,
-        drop_last=drop_last,
-        progress=progress,
-    )
-    net.recalibrate(dataset.X_train, batch_size=config.batch_size)
-    result = DemoResult(config, dataset, net, history)
-    result.test_accuracy = accuracy_per_method(net, dataset)
-    return result
+    with one_blas_thread():
+        history = net.fit(
+            dataset.X_train,
+            dataset.y_train,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            optimizer=Adam(config.lr),
+            seed=config.seed,
+            drop_last=config.drop_last(rows),
+            progress=progress,
+        )
+        net.recalibrate(dataset.X_train, batch_size=config.batch_size, name=POPULATION.name)
+        accuracy = accuracy_per_method(net, dataset)
+    return DemoResult(config, dataset, net, history, accuracy)
 
 
 def accuracy_per_method(net: Network, dataset: Dataset) -> dict[str, float]:
     """Test accuracy per method: the batch's own statistics at several sizes, each estimate."""
     X, y = dataset.X_test, dataset.y_test
-    accuracy = {
-        name: net.evaluate(X, y, stats=BATCH, batch_size=size)
-        for name, size in BATCH_METHODS.items()
+    return {
+        name: net.evaluate(X, y, stats=BATCH, batch_size=m.batch_size)
+        if m.source == "batch"
+        else net.evaluate(X, y, stats=name)
+        for name, m in METHODS.items()
     }
-    for name in ESTIMATE_METHODS:
-        accuracy[name] = net.evaluate(X, y, stats=name)
-    return accuracy
+
+
+def accuracy_replayed(
+    net: Network, history: History, dataset: Dataset, method: Method, momentum: float
+) -> float:
+    """Test accuracy with ``method``'s estimator at ``momentum`` in every BatchNorm layer, fed
+    the batches that layer's estimators took in training (:meth:`History.moments_seen`). The
+    network's estimators are left as they were."""
+    key = f"{method.name}@{momentum!r}"
+    try:
+        for layer in net.batchnorm_layers:
+            estimator = method.estimator(momentum)
+            for moments in history.moments_seen(layer.name):
+                estimator.update(*moments)
+            layer.estimators[key] = estimator
+        return net.evaluate(dataset.X_test, dataset.y_test, stats=key)
+    finally:
+        for layer in net.batchnorm_layers:
+            layer.estimators.pop(key, None)
 
 
 def accuracy_by_batch_size(

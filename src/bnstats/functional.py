@@ -16,6 +16,7 @@ returned in the input's dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -52,6 +53,19 @@ def count_per_channel(shape: tuple[int, ...]) -> int:
     return int(np.prod([shape[a] for a in reduction_axes(len(shape))]))
 
 
+Moments = tuple[np.ndarray, np.ndarray, int]
+"""One batch's per-channel ``(mu, var, count)``, ``var`` biased: what an estimator takes."""
+
+
+class NormCache(Protocol):
+    """What a normalization's forward pass leaves behind: its own backward, and the batch
+    moments its training step feeds to the estimators, in order."""
+
+    def backward(self, dz_tilde: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+    def batch_moments(self) -> list[Moments]: ...
+
+
 @dataclass
 class BatchNormCache:
     """What the backward pass needs from the forward pass."""
@@ -63,6 +77,14 @@ class BatchNormCache:
     var: np.ndarray
     count: int
     batch_stats: bool
+
+    def backward(self, dz_tilde: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`batch_norm_backward` of this cache."""
+        return batch_norm_backward(dz_tilde, self)
+
+    def batch_moments(self) -> list[Moments]:
+        """``[(mu, var, count)]``: the statistics this batch was normalized with."""
+        return [(self.mu, self.var, self.count)]
 
 
 def batch_norm_forward(
@@ -78,14 +100,29 @@ def batch_norm_forward(
 
     With ``mu`` and ``var`` omitted the batch's own (biased) moments are used, as in training;
     given, they are the fixed test-time estimates. Returns ``z_tilde`` and the cache, whose
-    ``mu``/``var`` hold the statistics used (the batch's, for the estimators to take).
+    ``mu``/``var`` hold the statistics used. Raises ``ValueError`` for ``mu`` without ``var``.
     """
-    z64 = np.asarray(z, dtype=np.float64)
     batch_stats = mu is None
     if batch_stats:
-        mu, var = moments(z64)
+        mu, var = moments(z)
     elif var is None:
         raise ValueError("give both mu and var, or neither")
+    return normalize(z, gamma, beta, mu, var, eps=eps, batch_stats=batch_stats)
+
+
+def normalize(
+    z: np.ndarray,
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    mu: np.ndarray,
+    var: np.ndarray,
+    *,
+    eps: float = DEFAULT_EPS,
+    batch_stats: bool,
+) -> tuple[np.ndarray, BatchNormCache]:
+    """:func:`batch_norm_forward` with ``mu`` and ``var`` given; ``batch_stats`` says whether
+    they are ``z``'s own moments (then the backward pass differentiates through them)."""
+    z64 = np.asarray(z, dtype=np.float64)
     ndim = z64.ndim
     inv_std = 1.0 / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
     z_norm = (z64 - channel_view(np.asarray(mu, np.float64), ndim)) * channel_view(inv_std, ndim)

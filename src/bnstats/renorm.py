@@ -1,8 +1,4 @@
-"""Batch Renormalization (Ioffe 2017): its schedule, the correction ``r, d``, forward, backward.
-
-Batch norm trains with the mini-batch's ``mu_B`` and ``sigma_B`` but tests with the running
-``mu`` and ``sigma``; with small or correlated batches the two disagree. Batch Renorm keeps
-normalizing with the batch's statistics but corrects the result toward the running ones::
+"""Batch Renormalization (Ioffe 2017): its schedule, the correction ``r, d``, forward, backward::
 
     sigma_B = sqrt(var_B + eps)                  var_B biased, as batch norm trains with
     sigma   = sqrt(running_var + eps)            running_var unbiased, as inference uses it
@@ -11,14 +7,10 @@ normalizing with the batch's statistics but corrects the result toward the runni
     z_hat   = (z - mu_B) / sigma_B * r + d
     z_tilde = gamma * z_hat + beta
 
-Unclipped, ``z_hat = (z - mu) / sigma``: training computes what inference computes. The moving
-averages are updated from ``mu_B`` and ``var_B`` exactly as in batch norm, *after* ``r, d`` are
-taken from their previous values. At inference Batch Renorm is batch norm. With ``rmax = 1`` and
-``dmax = 0``, ``r = 1`` and ``d = 0``: plain batch norm. Before the running statistics have taken
-any batch there is nothing to correct toward, and ``r = 1``, ``d = 0`` as well.
-
-:func:`renorm_correction` uses plain arithmetic and ``.clip``, so it serves NumPy arrays and torch
-tensors alike; the forward/backward functions are NumPy, for the engine.
+Unclipped, ``z_hat = (z - mu) / sigma``: training computes what inference computes. The running
+statistics take ``mu_B`` and ``var_B`` as in batch norm, after ``r, d`` are taken from them. With
+``rmax = 1``, ``dmax = 0`` (or no running statistics yet) ``r = 1``, ``d = 0``: batch norm.
+:func:`renorm_correction` serves NumPy arrays and torch tensors; forward/backward are NumPy.
 """
 
 from __future__ import annotations
@@ -45,11 +37,10 @@ class RenormSchedule:
         rmax(step) = 1 + (rmax - 1) * ramp(step, rmax_full_at)
         dmax(step) = dmax * ramp(step, dmax_full_at)
 
-    The defaults are Ioffe (2017)'s Inception-v3 schedule: batch norm for 5k steps, ``rmax`` 3 by
-    40k, ``dmax`` 5 by 25k (the paper says "gradually relaxed"; linear is bnstats' choice).
-    :meth:`scaled_to` shrinks it to a shorter run; ``RenormSchedule(rmax=1, dmax=0)`` is batch
-    norm at every step; ``warmup_steps=0, rmax_full_at=0, dmax_full_at=0`` gives constant limits.
-    ``step`` is the number of batches the running statistics have already taken.
+    ``step`` is the number of batches the running statistics have already taken. The defaults
+    are Ioffe (2017)'s Inception-v3 schedule (the ramps' linear shape is bnstats' choice). A
+    limit out of range (``rmax < 1``, ``dmax < 0``, a negative or fractional step) raises
+    ``ValueError``.
     """
 
     rmax: float = 3.0
@@ -165,6 +156,14 @@ class RenormCache:
     r: np.ndarray
     d: np.ndarray
 
+    def backward(self, dz_tilde: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`batch_renorm_backward` of this cache."""
+        return batch_renorm_backward(dz_tilde, self)
+
+    def batch_moments(self) -> list[F.Moments]:
+        """``[(mu_B, var_B, count)]``: the batch's own moments."""
+        return self.bn.batch_moments()
+
 
 def batch_renorm_forward(
     z: np.ndarray,
@@ -173,13 +172,16 @@ def batch_renorm_forward(
     r: np.ndarray,
     d: np.ndarray,
     eps: float = F.DEFAULT_EPS,
+    *,
+    moments: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, RenormCache]:
     """``z_tilde = gamma * (z_norm * r + d) + beta`` with ``z_norm = (z - mu_B) / sigma_B`` from the
     batch's own (biased) moments and per-channel constants ``r``, ``d`` (see
-    :func:`renorm_correction`). Returns ``z_tilde`` and the cache; ``cache.bn.mu``/``.var`` are the
-    batch's moments."""
+    :func:`renorm_correction`). ``moments`` are ``(mu_B, var_B)`` when already computed (to
+    compute ``r, d``). Returns ``z_tilde`` and the cache."""
     gamma64 = np.asarray(gamma, dtype=np.float64)
-    _, bn_cache = F.batch_norm_forward(z, gamma64, gamma64 * 0, eps=eps)
+    mu, var = F.moments(z) if moments is None else moments
+    _, bn_cache = F.normalize(z, gamma64, gamma64 * 0, mu, var, eps=eps, batch_stats=True)
     ndim = np.ndim(z)
     r64, d64 = np.asarray(r, np.float64), np.asarray(d, np.float64)
     z_hat = bn_cache.z_norm * F.channel_view(r64, ndim) + F.channel_view(d64, ndim)

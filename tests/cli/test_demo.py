@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bnstats.demo import METHODS
+from bnstats.methods import METHODS
 
 QUICK = ["--epochs", "3", "--hidden", "32"]
 
@@ -127,3 +127,9 @@ def test_unwritable_out_directory_exit_2(cli, tmp_path):
     blocker.write_text("not a directory")
     result = cli("demo", *QUICK, "--out", str(blocker / "run"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_json_gives_the_chance_level(cli):
+    summary = json.loads(cli("demo", "--json", *QUICK).stdout)
+    assert summary["chance_level"] == pytest.approx(0.102, abs=0.001)
+    assert summary["test_accuracy"]["batch@1"] <= summary["chance_level"] + 0.02

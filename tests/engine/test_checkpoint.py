@@ -68,3 +68,17 @@ def test_foreign_and_future_files(tmp_path):
         Network.load(text)
     with pytest.raises(FileNotFoundError):
         Network.load(tmp_path / "nothing.npz")
+
+
+def test_every_engine_layer_kind_is_in_the_checkpoint_table():
+    from bnstats.engine import Layer
+    from bnstats.engine.kinds import LAYER_KINDS
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    engine = {c for c in subclasses(Layer) if c.__module__.startswith("bnstats.engine")}
+    assert set(LAYER_KINDS.values()) == engine
+    assert all(LAYER_KINDS[c.kind] is c for c in engine)

@@ -4,11 +4,13 @@ cross-check, checkpoints."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
 import bnstats
-from bnstats.engine import BatchNorm, GhostBatchNorm, Network
+from bnstats.engine import BatchNorm, BatchRenorm, GhostBatchNorm, Network
 from bnstats.ghost import ghost_sizes, ghost_slices
 
 ESTIMATORS = {
@@ -157,13 +159,13 @@ def test_non_finite_virtual_batch_updates_no_estimator(rng):
 
 
 def test_network_with_ghosts_round_trips(rng, tmp_path):
-    with pytest.raises(ValueError, match="needs ghost_size"):
+    with pytest.raises(TypeError, match="ghost_size"):
+        Network.mlp([5, 6, 3], norm=GhostBatchNorm)
+    with pytest.raises(TypeError, match="ghost_size"):
+        Network.mlp([5, 6, 3], norm=partial(BatchRenorm, ghost_size=4))
+    with pytest.raises(TypeError, match="norm must be a layer class.*got 'ghost'"):
         Network.mlp([5, 6, 3], norm="ghost")
-    with pytest.raises(ValueError, match="ghost_size applies to norm='ghost' only"):
-        Network.mlp([5, 6, 3], norm="renorm", ghost_size=4)
-    with pytest.raises(ValueError, match="norm must be one of bn, renorm, ghost"):
-        Network.mlp([5, 6, 3], norm="layer")
-    net = Network.mlp([5, 6, 3], seed=0, norm="ghost", ghost_size=4)
+    net = Network.mlp([5, 6, 3], seed=0, norm=partial(GhostBatchNorm, ghost_size=4))
     X, y = rng.normal(size=(40, 5)), rng.integers(0, 3, size=40)
     net.fit(X, y, epochs=1, batch_size=10)
     (layer,) = net.batchnorm_layers

@@ -86,3 +86,36 @@ def test_linear_and_relu_backward(rng):
 def test_batchnorm_needs_an_estimator():
     with pytest.raises(ValueError, match="at least one estimator"):
         BatchNorm(3, estimators={})
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_estimator_update_is_all_or_nothing(rng):
+    """The first estimator takes the batch (it skips NaN), the second refuses it: the layer
+    gives the first its state back, so no estimator moves."""
+    bn = BatchNorm(
+        2,
+        estimators={"skip": bnstats.EMA(nonfinite="skip"), "strict": bnstats.EMA()},
+        name="bn3",
+    )
+    bn.forward(rng.normal(size=(4, 2)), training=True)
+    before = {key: est.state_dict() for key, est in bn.estimators.items()}
+    with pytest.raises(bnstats.NonFiniteStatisticsError, match="BatchNorm 'bn3': EMA"):
+        bn.forward(np.full((4, 2), np.nan), training=True)
+    for key, est in bn.estimators.items():
+        after = est.state_dict()
+        assert after["num_batches_skipped"] == before[key]["num_batches_skipped"] == 0
+        np.testing.assert_array_equal(after["running_mean"], before[key]["running_mean"])
+
+
+def test_backward_follows_the_last_forward(rng):
+    """Each forward leaves a cache that knows its own backward: training (batch statistics)
+    and test time (fixed statistics) differ."""
+    bn = BatchNorm(3, name="bn")
+    x, upstream = rng.normal(size=(6, 3)), rng.normal(size=(6, 3))
+    bn.forward(x, training=True)
+    train_dx = bn.backward(upstream)
+    bn.forward(x)
+    test_dx = bn.backward(upstream)
+    _, var = bn.statistics()
+    np.testing.assert_allclose(test_dx, upstream / np.sqrt(var + bn.eps))
+    assert not np.allclose(train_dx, test_dx)

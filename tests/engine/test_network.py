@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 import bnstats
-from bnstats.engine import SGD, Adam, BatchNorm, Momentum, Network, softmax_cross_entropy
+from bnstats.engine import (
+    SGD,
+    Adam,
+    BatchNorm,
+    Momentum,
+    Network,
+    ReLU,
+    softmax_cross_entropy,
+)
 from tests.gradcheck import numeric_gradient
 
 torch = pytest.importorskip("torch")
@@ -218,3 +226,32 @@ def test_mlp_without_batchnorm(rng):
     X, y = rng.normal(size=(20, 4)), rng.integers(0, 2, 20)
     net.fit(X, y, epochs=1, batch_size=5)
     assert net.predict(X).shape == (20,)
+
+
+def test_norm_is_a_layer_factory(rng):
+    """``norm`` builds each normalization layer; ``norm=None`` is ``batchnorm=False``."""
+    plain = Network.mlp([4, 5, 2], norm=None, seed=0)
+    shorthand = Network.mlp([4, 5, 2], batchnorm=False, seed=0)
+    assert [ly.kind for ly in plain.layers] == [ly.kind for ly in shorthand.layers]
+    assert "bias" in plain.layers[0].params
+    calls = []
+
+    def factory(width, **options):
+        calls.append((width, sorted(options)))
+        return BatchNorm(width, **options)
+
+    net = Network.mlp([4, 6, 5, 2], norm=factory, eps=1e-3, seed=0)
+    assert calls == [(6, ["eps", "estimators"]), (5, ["eps", "estimators"])]
+    assert [b.eps for b in net.batchnorm_layers] == [1e-3, 1e-3]
+    with pytest.raises(TypeError, match="norm must build a BatchNorm layer, got ReLU"):
+        Network.mlp([4, 5, 2], norm=lambda width, **_: ReLU())
+
+
+def test_batchnorm_layer_by_name(rng):
+    net = Network.mlp(SIZES, seed=0)
+    assert net.batchnorm_layer() is net.batchnorm_layers[0]
+    assert net.batchnorm_layer("bn2") is net.batchnorm_layers[1]
+    with pytest.raises(ValueError, match="no BatchNorm layer named 'bn3'; .* are bn1, bn2"):
+        net.batchnorm_layer("bn3")
+    with pytest.raises(ValueError, match="has no BatchNorm layer"):
+        Network.mlp(SIZES, norm=None).batchnorm_layer()

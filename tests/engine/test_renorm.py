@@ -4,6 +4,8 @@ torch's autograd as a cross-check, and checkpoints."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -199,7 +201,7 @@ def test_batch_of_one_row_names_the_layer():
 
 def test_network_round_trips_through_a_checkpoint(rng, tmp_path):
     schedule = RenormSchedule(rmax=2.0, dmax=1.0, warmup_steps=1, rmax_full_at=6, dmax_full_at=4)
-    net = Network.mlp([5, 6, 3], seed=0, norm="renorm", schedule=schedule)
+    net = Network.mlp([5, 6, 3], seed=0, norm=partial(BatchRenorm, schedule=schedule))
     X, y = rng.normal(size=(40, 5)), rng.integers(0, 3, size=40)
     net.fit(X, y, epochs=1, batch_size=10)
     loaded = Network.load(net.save(tmp_path / "renorm.npz"))
@@ -214,7 +216,9 @@ def test_network_round_trips_through_a_checkpoint(rng, tmp_path):
 
 
 def test_recalibrate_and_test_time_are_batch_norm(rng):
-    net = Network.mlp([5, 8, 3], seed=1, norm="renorm", schedule=RenormSchedule.constant(2, 1))
+    net = Network.mlp(
+        [5, 8, 3], seed=1, norm=partial(BatchRenorm, schedule=RenormSchedule.constant(2, 1))
+    )
     X, y = rng.normal(size=(48, 5)), rng.integers(0, 3, size=48)
     net.fit(X, y, epochs=2, batch_size=8, optimizer=Adam(1e-2))
     net.recalibrate(X, batch_size=16)
@@ -235,7 +239,7 @@ def test_engine_equals_torch_autograd_in_float64(rng):
     from bnstats.torch.renorm import BatchRenorm1d
 
     schedule = RenormSchedule(rmax=2.0, dmax=1.0, warmup_steps=1, rmax_full_at=3, dmax_full_at=2)
-    net = Network.mlp([6, 8, 3], seed=2, norm="renorm", schedule=schedule)
+    net = Network.mlp([6, 8, 3], seed=2, norm=partial(BatchRenorm, schedule=schedule))
     lin1, bn, _, lin2 = net.layers
     twin = torch.nn.Sequential(
         torch.nn.Linear(6, 8, bias=False),
@@ -269,3 +273,15 @@ def test_engine_equals_torch_autograd_in_float64(rng):
     np.testing.assert_allclose(bn.estimators["ema"].mean, twin[1].running_mean.numpy(), 1e-10)
     np.testing.assert_allclose(bn.estimators["ema"].var, twin[1].running_var.numpy(), 1e-10)
     assert bn.step == int(twin[1].num_batches_tracked) == 5
+
+
+def test_batch_moments_are_computed_once_per_step(rng, monkeypatch):
+    from bnstats import functional as F
+
+    calls = []
+    moments = F.moments
+    monkeypatch.setattr(F, "moments", lambda *a, **k: calls.append(1) or moments(*a, **k))
+    layer = BatchRenorm(3, schedule=RenormSchedule.constant(2, 1))
+    for _ in range(3):
+        layer.forward(rng.normal(size=(8, 3)), training=True)
+    assert len(calls) == 3

@@ -126,3 +126,67 @@ def test_a_missing_browser_skips_unless_required(monkeypatch, required, outcome)
     expected = pytest.skip.Exception if outcome == "skip" else pytest.fail.Exception
     with pytest.raises(expected, match="no chromium"):
         unavailable("no chromium")
+
+
+def _ema_finals(history, layer: str, units, momentum: float, debias: bool) -> dict:
+    """The Python estimator's final values for ``units``, fed the batches the layer took."""
+    from bnstats import EMA
+
+    ema = EMA(momentum, debias=debias)
+    for moments in history.moments_seen(layer):
+        ema.update(*moments)
+    return {(stat, u): float(getattr(ema, stat)[u]) for stat in ("mean", "var") for u in units}
+
+
+def _shown_numbers(driver) -> dict:
+    rows = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#momentum-numbers tr[data-stat]'), r => "
+        "[r.dataset.stat, Number(r.dataset.unit), Array.from(r.querySelectorAll('[data-value]'),"
+        " s => Number(s.dataset.value))]);"
+    )
+    return {(stat, unit): values for stat, unit, values in rows}
+
+
+def test_momentum_slider_redraws_with_the_estimators_numbers(browser, quick_run, tmp_path):
+    """Moving the slider changes the drawn curves and the numbers; at the slider's momentum
+    they are the Python estimators' own (1e-9), and nothing is fetched."""
+    page = write_demo_report(quick_run, tmp_path)
+    _, problems = load_problems(browser, page)
+    assert problems == []
+    curve = "return document.querySelector('#momentum-panels polyline.ema').getAttribute('points');"
+    before, numbers_before = browser.execute_script(curve), _shown_numbers(browser)
+    momentum = float(browser.find_element("id", "momentum-value").get_attribute("data-momentum"))
+    assert momentum == quick_run.config.momentum
+    for position in ("150", "520"):
+        browser.execute_script(
+            "const s = document.getElementById('momentum-slider'); s.value = arguments[0];"
+            "s.dispatchEvent(new Event('input'));",
+            position,
+        )
+        after, numbers = browser.execute_script(curve), _shown_numbers(browser)
+        assert after != before and numbers != numbers_before
+        momentum = float(
+            browser.find_element("id", "momentum-value").get_attribute("data-momentum")
+        )
+        assert momentum == pytest.approx(10 ** (-3 + 3 * int(position) / 600), rel=1e-12)
+        units = (0, 1, 2)
+        plain = _ema_finals(quick_run.history, "bn1", units, momentum, debias=False)
+        debiased = _ema_finals(quick_run.history, "bn1", units, momentum, debias=True)
+        for key, (ema, _, ema_debiased, _, population) in numbers.items():
+            assert ema == pytest.approx(plain[key], rel=1e-9, abs=1e-12)
+            assert ema_debiased == pytest.approx(debiased[key], rel=1e-9, abs=1e-12)
+            stat, unit = key
+            target = getattr(quick_run.net.batchnorm_layers[0].estimators["population"], stat)
+            assert population == pytest.approx(float(target[unit]), rel=1e-12)
+        window = browser.execute_script(
+            "return Array.from(document.querySelectorAll('#momentum-window [data-value]'),"
+            " s => Number(s.dataset.value));"
+        )
+        steps = quick_run.history.steps
+        assert window == pytest.approx([1 / momentum, (1 - momentum) ** steps], rel=1e-9)
+        before, numbers_before = after, numbers
+    fetched = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name);"
+    )
+    assert [url for url in fetched if not url.startswith("data:")] == []
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []

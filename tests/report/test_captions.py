@@ -137,3 +137,28 @@ def test_steps_until_debiased_is_the_first_step_below_the_threshold(momentum):
 def test_debias_factor_at_the_lectures_momentum():
     assert debias_factor(0.1, 1) == pytest.approx(10.0)
     assert steps_until_debiased(0.1) == 44  # 0.9**43 = 0.0108 > 1/101, 0.9**44 = 0.0097
+
+
+def test_a_run_too_short_for_the_debiasing_to_settle_says_so(rng):
+    """Momentum 0.1 needs 44 steps to bring the correction below 1.01; 20 steps do not."""
+    trace = synthetic_trace("mean", 0.0, rng)
+    short = LectureTrace(**{**trace.__dict__, "momentum": 0.1})
+    text = " ".join(lecture_sentences(short, epochs=2, train_rows=330))
+    assert "below 1.01 from step 44 on" not in text
+    assert f"still {debias_factor(0.1, 20):.3g} at this run's last step, 20" in text
+    assert "below 1.01 only from step 44 on" in text
+
+
+def test_equal_counts_put_the_full_batches_first():
+    """20 batches of 64 and 20 of 41 (a small CSV): the 41-row ones are the short ones."""
+    text = batch_sizes_text(np.array([64, 41] * 20))
+    assert text.startswith("20 batches of 64 rows and 20 batches of 41 rows (the short ones")
+
+
+def test_virtual_batches_are_named_as_such(rng):
+    trace = synthetic_trace("mean", 0.0, rng)
+    ghost = LectureTrace(**{**trace.__dict__, "training_steps": 5})
+    text = " ".join(lecture_sentences(ghost, epochs=1, train_rows=100))
+    assert "Each dot is the μ of one virtual batch" in text
+    assert "each of the 5 training batches" in text and "20 in all" in text
+    assert "after update 1 unit 2's EMA" in text and "training steps" not in text

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bnstats.demo import METHODS, accuracy_by_batch_size, chance_level
+from bnstats.demo import accuracy_by_batch_size, chance_level
+from bnstats.methods import METHODS
 from bnstats.report import (
     REPORT_NAME,
     ReportDependencyError,
@@ -23,7 +24,9 @@ from tests.report.test_html import parse
 
 pytest.importorskip("matplotlib")
 
-SECTIONS = ("settings", "lecture-mean", "lecture-var", "accuracy", "batch-size")
+SECTIONS = ("settings", "lecture-mean", "lecture-var", "momentum", "accuracy", "batch-size")
+FIGURE_SECTIONS = ("lecture-mean", "lecture-var", "accuracy", "batch-size")
+"""The sections with a matplotlib figure (the momentum section draws in the browser)."""
 
 
 def section_text(page: str, anchor: str) -> str:
@@ -51,7 +54,7 @@ def test_page_has_every_section_and_figure(quick_page):
     for image in images:
         assert image["src"].startswith("data:image/png;base64,") and len(image["src"]) > 1000
         assert image["alt"]
-    for anchor in SECTIONS[1:]:
+    for anchor in FIGURE_SECTIONS:
         assert "<img " in quick_page.split(f'<section id="{anchor}">')[1].split("</section>")[0]
 
 
@@ -152,12 +155,9 @@ def test_missing_matplotlib_is_one_clear_error(quick_run, tmp_path, monkeypatch)
     assert os.listdir(tmp_path) == []
 
 
-def test_importing_the_report_does_not_import_matplotlib():
+def _fresh_python(code: str) -> str:
+    """What ``code`` prints in a new interpreter that imports this checkout's bnstats."""
     src = Path(__file__).resolve().parents[2] / "src"
-    code = (
-        "import sys, bnstats.report, bnstats.cli; "
-        "print(sorted(m for m in sys.modules if m.startswith('matplotlib')))"
-    )
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -165,7 +165,21 @@ def test_importing_the_report_does_not_import_matplotlib():
         env={**os.environ, "PYTHONPATH": str(src)},
         check=True,
     )
-    assert out.stdout.strip() == "[]"
+    return out.stdout.strip()
+
+
+def test_importing_the_report_does_not_import_matplotlib():
+    code = (
+        "import sys, bnstats.report, bnstats.cli; "
+        "print(sorted(m for m in sys.modules if m.startswith('matplotlib')))"
+    )
+    assert _fresh_python(code) == "[]"
+
+
+def test_the_report_does_not_import_the_demo():
+    """The page is drawn from a finished run handed to it; the report never runs the demo."""
+    code = "import sys, bnstats.report; print('bnstats.demo' in sys.modules)"
+    assert _fresh_python(code) == "False"
 
 
 def test_lecture_numbers_in_the_table_match_the_network(quick_page, quick_run):
@@ -181,3 +195,25 @@ def test_lecture_numbers_in_the_table_match_the_network(quick_page, quick_run):
             f"{population:.4g}",
         ]
     assert np.isfinite([float(v) for row in rows for v in row]).all()
+
+
+def test_the_page_names_the_lecture_and_the_normalization(quick_page):
+    assert "Batch Norm at Test Time" in quick_page and "Deep Learning Specialization" in quick_page
+    rows = dict(table_rows(quick_page, "settings")[1:])
+    assert "Linear → batch norm → ReLU" in rows["network"]
+
+
+def test_momentum_section_holds_the_grid_and_the_run(quick_page, quick_run):
+    from bnstats.report.momentum import GRID, SLIDER_STEPS, slider_position
+
+    rows = table_rows(quick_page, "momentum")[1:]
+    accuracy = quick_run.accuracy_by_momentum(GRID)
+    assert [row[0] for row in rows] == [f"{m:.4g}" for m in GRID] and len(GRID) == 12
+    assert [row[1] for row in rows] == [f"{a:.4f}" for a in accuracy["ema"]]
+    assert [row[2] for row in rows] == [f"{a:.4f}" for a in accuracy["ema_debiased"]]
+    assert GRID[0] == pytest.approx(1e-3) and GRID[-1] == 1.0
+    assert slider_position(1e-3) == 0 and slider_position(1.0) == SLIDER_STEPS
+    assert f'data-momentum="{quick_run.config.momentum!r}"' in quick_page
+    metas = [a for tag, a in parse(quick_page).tags if tag == "meta"]
+    policy = next(a["content"] for a in metas if a.get("http-equiv"))
+    assert "script-src 'sha256-" in policy and "default-src 'none'" in policy

@@ -76,3 +76,21 @@ def test_png_data_uri_is_a_png_of_the_promised_width():
     width = struct.unpack(">I", data[16:20])[0]
     assert width == round(WIDTH * DPI)
     assert png_data_uri(fig) == uri, "the same figure gives the same bytes"
+
+
+def test_close_flat_lines_get_labels_that_do_not_overlap():
+    from bnstats.report.figures import LABEL_GAP, label_heights
+
+    fig = batch_size_figure({1: 0.1, 450: 0.97}, {"ema": 0.978, "population": 0.976}, 0.1)
+    texts = {t.get_text(): t for t in fig.axes[0].texts}
+    assert set(texts) == {"EMA 0.978", "population 0.976"}
+    low, high = sorted(t.xy[1] for t in texts.values())
+    assert high - low >= LABEL_GAP - 1e-12 and low == 0.976
+    assert fig.axes[0].get_ylim()[1] > high + 0.02, "the labels stay inside the axes"
+    assert label_heights([0.5, 0.9, 0.52], gap=0.1) == [0.5, 0.9, pytest.approx(0.6)]
+
+
+def test_accuracy_labels_keep_clear_of_the_chance_line():
+    ax = accuracy_figure({"batch@1": 0.1, "ema": 0.9}, chance=0.1).axes[0]
+    label = next(t for t in ax.texts if t.get_text() == "0.100")
+    assert label.xy == (0.1, 0) and label.xyann[0] > 0 and label.get_bbox_patch() is not None

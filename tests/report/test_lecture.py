@@ -103,3 +103,30 @@ def test_missing_population_or_history_is_named(quick_run):
 def test_typical_batch_size_is_the_most_common():
     assert typical_batch_size(np.array([64, 64, 3, 64, 3])) == 64
     assert typical_batch_size(np.array([5, 7, 7])) == 7
+
+
+def test_ghost_traces_are_what_the_estimators_took(rng):
+    """With Ghost BN the estimators take one update per virtual batch: the trace has one dot
+    per update, with its own rows, and the replayed EMAs end where the layer's estimators do."""
+    from functools import partial
+
+    from bnstats.engine import GhostBatchNorm
+
+    estimators = {"ema": EMA(0.1), "ema_debiased": EMA(0.1, debias=True)}
+    net = Network.mlp([4, 6, 2], estimators=estimators, norm=partial(GhostBatchNorm, ghost_size=4))
+    X, y = rng.normal(size=(22, 4)), np.arange(22) % 2
+    history = net.fit(X, y, epochs=2, batch_size=10)
+    net.recalibrate(X)
+    trace = lecture_traces(history, net)["mean"]
+    bn1 = net.batchnorm_layers[0]
+    assert trace.steps == bn1.estimators["ema"].num_batches_tracked == 2 * (3 + 3 + 1)
+    assert trace.training_steps == history.steps == 6 and trace.virtual
+    assert list(trace.batch_size[:7]) == [4, 4, 2, 4, 4, 2, 2]
+    for key, replayed in (("ema", trace.ema), ("ema_debiased", trace.ema_debiased)):
+        np.testing.assert_array_equal(replayed[-1], bn1.estimators[key].mean)
+    np.testing.assert_allclose(trace.ema[0], 0.1 * trace.batch[0], rtol=1e-15)
+
+
+def test_full_batches_are_the_largest_even_when_outnumbered():
+    assert typical_batch_size(np.array([41, 64, 41, 64])) == 64
+    assert typical_batch_size(np.array([3, 3, 3, 64])) == 64

@@ -1,5 +1,5 @@
-"""``bnstats demo``: train the NumPy engine and compare every way of getting test-time
-statistics (see :mod:`bnstats.demo`)."""
+"""``bnstats demo``: the command line of :mod:`bnstats.demo`, which holds the demo itself;
+here are its options, its progress bar and what it prints."""
 
 from __future__ import annotations
 
@@ -16,18 +16,15 @@ import numpy as np
 from bnstats._threads import one_blas_thread
 from bnstats.cli.textplot import line_plot
 from bnstats.demo import (
-    DESCRIPTIONS,
-    METHODS,
+    DEFAULT_GHOST_SIZE,
     NORM_LABELS,
     DemoConfig,
     DemoResult,
-    build_network,
-    chance_level,
-    load_demo_data,
-    run_demo,
+    prepare_demo,
+    train_demo,
 )
-from bnstats.report import ReportDependencyError, write_demo_report
-from bnstats.report.lecture import check_layer_name
+from bnstats.methods import METHODS, POPULATION, RUNNING_EMA
+from bnstats.report import ReportDependencyError, lecture_traces, write_demo_report
 
 HELP = "train a batch-normalized MLP in NumPy and compare test-time statistics"
 SAVED_FILES = ("history.npz", "summary.json", "network.npz")
@@ -65,7 +62,7 @@ def add_parser(subparsers: Any) -> None:
         "--ghost-size",
         type=int,
         default=None,
-        help=f"rows per virtual batch with --norm ghost (default {defaults.ghost_size})",
+        help=f"rows per virtual batch with --norm ghost (default {DEFAULT_GHOST_SIZE})",
     )
     p.add_argument(
         "--out", metavar="DIR", help="save history.npz, summary.json, network.npz, report.html"
@@ -90,9 +87,8 @@ def hidden_sizes(text: str) -> tuple[int, ...]:
 
 
 def config_from(args: argparse.Namespace) -> DemoConfig:
-    if args.ghost_size is not None and args.norm != "ghost":
-        raise ValueError(f"--ghost-size applies to --norm ghost only, not --norm {args.norm}")
-    ghost_size = DemoConfig.ghost_size if args.ghost_size is None else args.ghost_size
+    if args.report_layer is not None and not args.out:
+        raise ValueError("--report-layer needs --out DIR, where report.html is written")
     return DemoConfig(
         data=args.data,
         epochs=args.epochs,
@@ -103,23 +99,23 @@ def config_from(args: argparse.Namespace) -> DemoConfig:
         hidden=tuple(args.hidden),
         test_fraction=args.test_fraction,
         norm=args.norm,
-        ghost_size=ghost_size,
+        ghost_size=args.ghost_size,
+        report_layer=args.report_layer,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)
-    check_report_layer(args.report_layer, args.out, config)
-    dataset = load_demo_data(config)
+    dataset, net = prepare_demo(config)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)  # fail before training, not after
     with progress_bar(enabled=not args.json) as advance:
-        result = run_demo(config, progress=advance, dataset=dataset)
+        result = train_demo(config, dataset, net, progress=advance)
     saved: list[str] = []
     if args.out:
         result.save(args.out)
         with one_blas_thread():  # the report evaluates the network at many batch sizes
-            saved = [*SAVED_FILES, *save_report(result, args.out, args.report_layer)]
+            saved = [*SAVED_FILES, *save_report(result, args.out)]
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -127,22 +123,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_report_layer(layer: str | None, out: str | None, config: DemoConfig) -> None:
-    """Refuse ``--report-layer`` without ``--out`` or naming no BatchNorm layer, before any
-    data is loaded (layer names depend on the hidden layers only, not on the data's width)."""
-    if layer is None:
-        return
-    if not out:
-        raise ValueError("--report-layer needs --out DIR, where report.html is written")
-    net = build_network(config, features=1, classes=2, rows=config.batch_size)
-    check_layer_name(layer, [bn.name for bn in net.batchnorm_layers])
-
-
-def save_report(result: DemoResult, out: str, layer: str | None) -> list[str]:
+def save_report(result: DemoResult, out: str) -> list[str]:
     """Write report.html into ``out``; without matplotlib say so in one line on stderr and
     write nothing (the other files are already saved). Returns the names written."""
     try:
-        path = write_demo_report(result, out, layer=layer)
+        path = write_demo_report(result, out, layer=result.config.report_layer)
     except ReportDependencyError as err:
         print(f"bnstats: {err} (the other files were saved)", file=sys.stderr)
         return []
@@ -200,36 +185,22 @@ def print_report(
     config, data = result.config, result.dataset
     print(
         f"{data.name}: {len(data.X_train)} training rows, {len(data.X_test)} test rows, "
-        f"{data.classes} classes; MLP {data.features}-{'-'.join(map(str, config.hidden))}-"
-        f"{data.classes} with {norm_label(result)}; {config.epochs} epochs of batch "
-        f"{config.batch_size} "
+        f"{data.classes} classes; MLP {result.architecture} with {result.norm_description}; "
+        f"{config.epochs} epochs of batch {config.batch_size} "
         f"({result.history.steps} steps), momentum {config.momentum}"
     )
     print_table(result)
-    print(f"\nchance level (most common class): {chance_level(data):.3f}")
+    print(f"\nchance level (most common class): {result.chance_level:.3f}")
     print()
     print(lecture_picture(result))
     if saved_to:
         print(f"\nsaved {', '.join(saved[:-1])} and {saved[-1]} in {saved_to}")
 
 
-def norm_label(result: DemoResult) -> str:
-    """The normalization layers in words, e.g. ``Ghost Batch Norm (virtual batches of 16)``."""
-    config = result.config
-    label = NORM_LABELS[config.norm]
-    if config.norm == "ghost":
-        return f"{label} (virtual batches of {config.ghost_size})"
-    if config.norm == "renorm":
-        s = result.net.batchnorm_layers[0].schedule
-        return (
-            f"{label} (plain for {s.warmup_steps} steps, rmax {s.rmax:g} by step "
-            f"{s.rmax_full_at}, dmax {s.dmax:g} by step {s.dmax_full_at})"
-        )
-    return label
-
-
 def print_table(result: DemoResult) -> None:
-    rows = [(m, f"{result.test_accuracy[m]:.4f}", DESCRIPTIONS[m]) for m in METHODS]
+    rows = [
+        (name, f"{result.test_accuracy[name]:.4f}", m.description) for name, m in METHODS.items()
+    ]
     try:
         from rich.console import Console
         from rich.table import Table
@@ -249,12 +220,17 @@ def print_table(result: DemoResult) -> None:
 
 def lecture_picture(result: DemoResult, layer: str | None = None, unit: int = 0) -> str:
     """Per-batch mu of one unit, the running average through it, and the population value."""
-    name = layer or result.net.batchnorm_layers[0].name
-    trace = result.history.layers[name]
-    batch = np.stack(trace["batch_mean"])[:, unit]
-    ema = np.stack(trace["ema_mean"])[:, unit]
-    bn = next(b for b in result.net.batchnorm_layers if b.name == name)
-    population = np.full_like(batch, bn.estimators["population"].mean[unit])
-    title = f"layer {name}, unit {unit}: mu of each mini-batch and its running average"
-    plot = line_plot([("population", "-", population), ("batch mu", ".", batch), ("EMA", "*", ema)])
+    trace = lecture_traces(result.history, result.net, layer=layer, units=[unit])["mean"]
+    batch = trace.batch[:, unit]
+    population = np.full_like(batch, trace.population[unit])
+    kind = "virtual batch" if trace.virtual else "mini-batch"
+    title = f"layer {trace.layer}, unit {unit}: mu of each {kind} and its running average"
+    plot = line_plot(
+        [
+            (POPULATION.label, "-", population),
+            ("batch mu", ".", batch),
+            (RUNNING_EMA.label, "*", trace.ema[:, unit]),
+        ],
+        x_label="update" if trace.virtual else "step",
+    )
     return f"{title}\n{plot}"

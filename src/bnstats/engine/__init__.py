@@ -5,7 +5,7 @@ or correlated batches, BatchRenorm and GhostBatchNorm."""
 from bnstats.engine.checkpoint import CheckpointError
 from bnstats.engine.ghost import GhostBatchNorm
 from bnstats.engine.layers import BATCH, BatchNorm, Layer, Linear, ReLU
-from bnstats.engine.network import Network, softmax_cross_entropy
+from bnstats.engine.network import Network, NormFactory, softmax_cross_entropy
 from bnstats.engine.optim import SGD, Adam, Momentum, Optimizer
 from bnstats.engine.renorm import BatchRenorm
 from bnstats.engine.training import History, fit
@@ -23,6 +23,7 @@ __all__ = [
     "Linear",
     "Momentum",
     "Network",
+    "NormFactory",
     "Optimizer",
     "ReLU",
     "fit",

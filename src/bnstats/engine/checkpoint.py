@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bnstats._files import atomic_write_bytes, npz_bytes
-from bnstats.engine.layers import LAYER_KINDS, BatchNorm, Layer
-from bnstats.engine.network import Network
+from bnstats.engine.kinds import LAYER_KINDS
+from bnstats.engine.layers import BatchNorm, Layer
 from bnstats.stats import estimator_from_state
 
 FORMAT = "bnstats.engine.Network"
@@ -27,11 +28,11 @@ class CheckpointError(ValueError):
     """A file that is not a readable bnstats network checkpoint."""
 
 
-def save(net: Network, path: str | Path) -> Path:
-    """Write ``net`` to ``path`` (``.npz``), atomically."""
+def save(layers: Sequence[Layer], path: str | Path) -> Path:
+    """Write a network's ``layers`` to ``path`` (``.npz``), atomically."""
     arrays: dict[str, np.ndarray] = {}
     layers_meta = []
-    for layer in net.layers:
+    for layer in layers:
         for key, value in layer.params.items():
             arrays[f"{layer.name}/{key}"] = value
         meta: dict[str, Any] = {"kind": layer.kind, "name": layer.name, "config": layer.config()}
@@ -58,8 +59,8 @@ def _split_state(state: dict[str, Any], prefix: str, arrays: dict[str, np.ndarra
     return plain
 
 
-def load(path: str | Path) -> Network:
-    """Read a network written by :func:`save`; a foreign or damaged file raises
+def load(path: str | Path) -> list[Layer]:
+    """Read the layers written by :func:`save`; a foreign or damaged file raises
     :class:`CheckpointError` naming it."""
     path = Path(path)
     if not path.is_file():
@@ -71,7 +72,7 @@ def load(path: str | Path) -> Network:
         raise CheckpointError(f"{path} is not a readable .npz checkpoint ({err})") from None
     header = _read_header(arrays, path)
     try:
-        return Network([_build_layer(meta, arrays) for meta in header["layers"]])
+        return [_build_layer(meta, arrays) for meta in header["layers"]]
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: damaged checkpoint ({err})") from None
 

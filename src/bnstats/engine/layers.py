@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 
 from bnstats import functional as F
-from bnstats._array import all_finite
-from bnstats.stats import EMA, Estimator, NonFiniteStatisticsError
+from bnstats.stats import EMA, Estimator
 
 BATCH = "batch"
 """``stats=BATCH`` normalizes with the batch's own statistics, even at test time."""
@@ -36,6 +35,11 @@ class Layer:
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        """How errors name the layer: ``BatchNorm 'bn1'``."""
+        return f"{self.kind} '{self.name}'"
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments, for checkpoints."""
@@ -75,8 +79,7 @@ class Linear(Layer):
     def forward(self, x: np.ndarray, *, training: bool = False, **_: Any) -> np.ndarray:
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(
-                f"Linear '{self.name}' expects input of shape (N, {self.in_features}), "
-                f"got {x.shape}"
+                f"{self.label} expects input of shape (N, {self.in_features}), got {x.shape}"
             )
         self._x = x
         z = x @ self.params["weight"].T
@@ -121,9 +124,14 @@ class BatchNorm(Layer):
         z_norm  = (z - mu) / sqrt(var + eps)
         z_tilde = gamma * z_norm + beta               gamma, beta = params["weight"], ["bias"]
 
-    and every estimator takes ``update(mu, var, count)``. At test time ``stats`` picks whose
+    then every estimator takes ``update(mu, var, count)``. At test time ``stats`` picks whose
     ``mu``/``var`` to use: an estimator's name (its ``.mean``/``.var``, the latter unbiased as in
     PyTorch) or ``"batch"`` for the test batch's own statistics. Input is (N, C) or (N, C, ...).
+    ``last_moments`` holds the ``(mu, var, count)`` the estimators took at the last training step.
+    ``estimators`` default to ``{"ema": EMA(0.1)}``; each layer keeps its own copies.
+
+    Subclasses change only :meth:`_normalize_batch`, the training forward; the check before it
+    and the estimator update after it are the same for every variant.
     """
 
     kind = "BatchNorm"
@@ -141,13 +149,14 @@ class BatchNorm(Layer):
         self.params["bias"] = np.zeros(self.num_features)
         templates = estimators if estimators is not None else {"ema": EMA(0.1)}
         if not templates:
-            raise ValueError(f"BatchNorm '{self.name}' needs at least one estimator")
+            raise ValueError(f"{self.label} needs at least one estimator")
         self.estimators: dict[str, Estimator] = {
             key: copy.deepcopy(est) for key, est in templates.items()
         }
         self.last_batch_mean: np.ndarray | None = None
         self.last_batch_var: np.ndarray | None = None
-        self._cache: F.BatchNormCache | None = None
+        self.last_moments: list[F.Moments] = []
+        self._cache: F.NormCache | None = None
 
     @property
     def default_stats(self) -> str:
@@ -164,84 +173,72 @@ class BatchNorm(Layer):
         **_: Any,
     ) -> np.ndarray:
         """Normalize ``x``. In training, feed the batch's moments to ``update`` (default: every
-        estimator of the layer); at test time normalize with ``stats``."""
-        self._check_input(x)
-        if training:
-            return self._forward_training(x, update)
-        if stats == BATCH:
-            out, self._cache = F.batch_norm_forward(
-                x, self.params["weight"], self.params["bias"], eps=self.eps
-            )
+        estimator of the layer), all of them or, if one raises, none; at test time normalize
+        with ``stats``. Raises ``ValueError`` for input of the wrong shape or, in training, of
+        one value per channel, and :class:`~bnstats.stats.NonFiniteStatisticsError` for NaN/Inf
+        statistics that an estimator refuses."""
+        self._check_input(x, training)
+        if not training:
+            mu, var = (None, None) if stats == BATCH else self.statistics(stats)
+            gamma, beta = self.params["weight"], self.params["bias"]
+            out, self._cache = F.batch_norm_forward(x, gamma, beta, mu=mu, var=var, eps=self.eps)
             return out
-        mu, var = self.statistics(stats)
-        out, self._cache = F.batch_norm_forward(
-            x, self.params["weight"], self.params["bias"], mu=mu, var=var, eps=self.eps
-        )
-        return out
-
-    def _forward_training(self, x: np.ndarray, update: Iterable[Estimator] | None) -> np.ndarray:
-        count = F.count_per_channel(x.shape)
-        if count < 2:
-            raise ValueError(
-                f"BatchNorm '{self.name}' got input of shape {x.shape} in training: batch "
-                "statistics need more than one value per channel (drop or merge the batch)"
-            )
-        out, self._cache = F.batch_norm_forward(
-            x, self.params["weight"], self.params["bias"], eps=self.eps
-        )
-        mu, var = self._cache.mu, self._cache.var
-        self.last_batch_mean, self.last_batch_var = mu, var
+        out, self._cache = self._normalize_batch(x)
+        seen = self.last_moments = self._cache.batch_moments()
+        self.last_batch_mean, self.last_batch_var = seen[-1][0], seen[-1][1]
         targets = list(self.estimators.values()) if update is None else list(update)
-        self._update_estimators(targets, mu, var, count)
+        self._update_all_or_none(targets, seen)
         return out
 
-    def _update_estimators(
-        self, targets: list[Estimator], mu: np.ndarray, var: np.ndarray, count: int
-    ) -> None:
-        """Feed every target, or none: a non-finite batch raises before any estimator moves."""
-        finite = all_finite(mu) and all_finite(var)
-        if not finite and any(est.nonfinite == "raise" for est in targets):
-            raise NonFiniteStatisticsError(
-                f"BatchNorm '{self.name}': the batch statistics contain NaN or Inf; no "
-                "estimator was updated (use nonfinite='skip' estimators to ignore such batches)"
-            )
-        for est in targets:
-            est.update(mu, var, count)
+    def _normalize_batch(self, x: np.ndarray) -> tuple[np.ndarray, F.NormCache]:
+        """The training output and its cache: batch norm with the batch's own moments."""
+        return F.batch_norm_forward(x, self.params["weight"], self.params["bias"], eps=self.eps)
+
+    def _update_all_or_none(self, targets: list[Estimator], seen: list[F.Moments]) -> None:
+        """Feed each ``(mu, var, count)`` of ``seen``, in order, to every target; if an update
+        raises, every target gets its state back and the error names this layer. (A lone
+        update needs no saved state: an estimator checks a batch before it changes.)"""
+        lone = len(targets) * len(seen) == 1
+        saved = [] if lone else [est.state_dict() for est in targets]
+        try:
+            for mu, var, count in seen:
+                for est in targets:
+                    est.update(mu, var, count)
+        except ValueError as err:
+            for est, state in zip(targets, saved, strict=not lone):
+                est.load_state_dict(state)
+            raise type(err)(f"{self.label}: {err} No estimator of the layer was updated.") from err
 
     def statistics(self, stats: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The test-time ``(mu, var)`` of estimator ``stats`` (default: the first)."""
         key = self.default_stats if stats is None else stats
         if key not in self.estimators:
             raise ValueError(
-                f"BatchNorm '{self.name}' has no estimator {key!r}; "
+                f"{self.label} has no estimator {key!r}; "
                 f"it has {sorted(self.estimators)} (or use stats='batch')"
             )
         est = self.estimators[key]
         if est.mean is None:
             raise ValueError(
-                f"BatchNorm '{self.name}': estimator {key!r} has seen no batch yet; "
+                f"{self.label}: estimator {key!r} has seen no batch yet; "
                 "train or recalibrate the network first"
             )
         return est.mean, est.var
 
-    def _check_input(self, x: np.ndarray) -> None:
+    def _check_input(self, x: np.ndarray, training: bool) -> None:
         if x.ndim < 2 or x.shape[1] != self.num_features:
             expected = f"(N, {self.num_features}) or (N, {self.num_features}, ...)"
-            raise ValueError(f"BatchNorm '{self.name}' expects input {expected}, got {x.shape}")
+            raise ValueError(f"{self.label} expects input {expected}, got {x.shape}")
+        if training and F.count_per_channel(x.shape) < 2:
+            raise ValueError(
+                f"{self.label} got input of shape {x.shape} in training: batch statistics "
+                "need more than one value per channel (drop or merge the batch)"
+            )
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
-        dx, self.grads["weight"], self.grads["bias"] = F.batch_norm_backward(dout, self._cache)
+        """The backward of the last forward, whichever it was (its cache knows)."""
+        dx, self.grads["weight"], self.grads["bias"] = self._cache.backward(dout)
         return dx
 
     def config(self) -> dict[str, Any]:
         return {"num_features": self.num_features, "eps": self.eps}
-
-
-LAYER_KINDS: dict[str, type[Layer]] = {cls.kind: cls for cls in (Linear, ReLU, BatchNorm)}
-"""Layer classes by ``kind``, for checkpoints; more join through :func:`register_layer`."""
-
-
-def register_layer(cls: type[Layer]) -> type[Layer]:
-    """Class decorator: make a layer kind loadable from checkpoints."""
-    LAYER_KINDS[cls.kind] = cls
-    return cls

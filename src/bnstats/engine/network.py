@@ -7,24 +7,21 @@ BatchNorm normalizes with the estimate chosen by ``stats``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from bnstats.engine.ghost import GhostBatchNorm
+from bnstats.engine import checkpoint, training
 from bnstats.engine.layers import BATCH, BatchNorm, Layer, Linear, ReLU
-from bnstats.engine.renorm import BatchRenorm
-from bnstats.renorm import RenormSchedule
+from bnstats.engine.optim import Optimizer
 from bnstats.stats import Estimator, Population
 
-NORMS = ("bn", "renorm", "ghost")
-"""``Network.mlp(norm=...)``: batch norm, Batch Renormalization, Ghost Batch Norm."""
-
-if TYPE_CHECKING:
-    from bnstats.engine.optim import Optimizer
-    from bnstats.engine.training import History
+NormFactory = Callable[..., BatchNorm]
+"""A normalization layer's class or a ``functools.partial`` of one, called as
+``norm(num_features, eps=eps, estimators=estimators)``: ``BatchNorm``,
+``partial(GhostBatchNorm, ghost_size=16)``, ``partial(BatchRenorm, schedule=...)``."""
 
 
 def softmax_cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -56,26 +53,23 @@ class Network:
         seed: int = 0,
         estimators: Mapping[str, Estimator] | None = None,
         eps: float = 1e-5,
-        norm: str = "bn",
-        ghost_size: int | None = None,
-        schedule: RenormSchedule | None = None,
+        norm: NormFactory | None = BatchNorm,
     ) -> Network:
-        """``sizes = [inputs, hidden..., classes]``: Linear -> BatchNorm -> ReLU per hidden layer
-        (Linear -> ReLU without batch norm), then a Linear output. Each BatchNorm gets its own
-        copy of ``estimators`` (default ``{"ema": EMA(0.1)}``).
-
-        ``norm`` picks the normalization layer: ``"bn"`` (:class:`BatchNorm`), ``"renorm"``
-        (:class:`BatchRenorm` with ``schedule``, default the paper's) or ``"ghost"``
-        (:class:`GhostBatchNorm`, ``ghost_size`` required)."""
+        """``sizes = [inputs, hidden..., classes]``: Linear -> ``norm`` -> ReLU per hidden layer
+        (Linear with a bias -> ReLU with ``norm=None``), then a Linear output. Each
+        normalization layer is ``norm(width, eps=eps, estimators=estimators)`` and keeps its own
+        copy of ``estimators`` (default ``{"ema": EMA(0.1)}``). ``batchnorm=False`` is
+        ``norm=None``. Raises ``ValueError`` for bad sizes and ``TypeError`` for a ``norm``
+        that does not build a :class:`BatchNorm`."""
         if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
             raise ValueError(f"mlp needs at least [inputs, outputs], all positive; got {sizes}")
-        _check_norm(norm, batchnorm, ghost_size, schedule)
+        norm = norm if batchnorm else None
         rng = np.random.default_rng(seed)
         layers: list[Layer] = []
         for d_in, d_out in zip(sizes[:-2], sizes[1:-1], strict=True):
-            layers.append(Linear(d_in, d_out, bias=not batchnorm, rng=rng))
-            if batchnorm:
-                layers.append(_norm_layer(norm, d_out, eps, estimators, ghost_size, schedule))
+            layers.append(Linear(d_in, d_out, bias=norm is None, rng=rng))
+            if norm is not None:
+                layers.append(_norm_layer(norm, d_out, eps, estimators))
             layers.append(ReLU())
         layers.append(Linear(sizes[-2], sizes[-1], bias=True, rng=rng))
         return cls(layers)
@@ -83,6 +77,22 @@ class Network:
     @property
     def batchnorm_layers(self) -> list[BatchNorm]:
         return [layer for layer in self.layers if isinstance(layer, BatchNorm)]
+
+    def batchnorm_layer(self, name: str | None = None) -> BatchNorm:
+        """The BatchNorm layer called ``name`` (default: the first); ``ValueError`` naming the
+        layers there are otherwise."""
+        layers = self.batchnorm_layers
+        if not layers:
+            raise ValueError("the network has no BatchNorm layer")
+        if name is None:
+            return layers[0]
+        for layer in layers:
+            if layer.name == name:
+                return layer
+        raise ValueError(
+            f"no BatchNorm layer named {name!r}; the network's BatchNorm layers are "
+            f"{', '.join(layer.name for layer in layers)}"
+        )
 
     @property
     def in_features(self) -> int | None:
@@ -143,11 +153,9 @@ class Network:
         optimizer.step(self.parameters())
         return loss
 
-    def fit(self, X: np.ndarray, y: np.ndarray, **kwargs: Any) -> History:
+    def fit(self, X: np.ndarray, y: np.ndarray, **kwargs: Any) -> training.History:
         """Mini-batch training; see :func:`bnstats.engine.training.fit` for the options."""
-        from bnstats.engine.training import fit
-
-        return fit(self, X, y, **kwargs)
+        return training.fit(self, X, y, **kwargs)
 
     def logits(
         self, X: np.ndarray, stats: str | None = None, batch_size: int | None = None
@@ -201,16 +209,12 @@ class Network:
 
     def save(self, path: str | Path) -> Path:
         """Write weights, estimators and architecture to ``path`` (atomically)."""
-        from bnstats.engine.checkpoint import save
-
-        return save(self, path)
+        return checkpoint.save(self.layers, path)
 
     @classmethod
     def load(cls, path: str | Path) -> Network:
-        """Read a network written by :meth:`save`."""
-        from bnstats.engine.checkpoint import load
-
-        return load(path)
+        """Read a network written by :meth:`save`; see :func:`bnstats.engine.checkpoint.load`."""
+        return cls(checkpoint.load(path))
 
     def _check_input(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
@@ -235,35 +239,18 @@ class Network:
         return f"Network(\n{inner}\n)"
 
 
-def _check_norm(
-    norm: str, batchnorm: bool, ghost_size: int | None, schedule: RenormSchedule | None
-) -> None:
-    """Refuse a ``norm`` that does not exist and options that its layer would not use."""
-    if norm not in NORMS:
-        raise ValueError(f"mlp: norm must be one of {', '.join(NORMS)}; got {norm!r}")
-    if not batchnorm and norm != "bn":
-        raise ValueError(f"mlp: norm={norm!r} needs batchnorm=True")
-    if norm == "ghost" and ghost_size is None:
-        raise ValueError("mlp: norm='ghost' needs ghost_size (rows per virtual batch)")
-    if norm != "ghost" and ghost_size is not None:
-        raise ValueError(f"mlp: ghost_size applies to norm='ghost' only, not {norm!r}")
-    if norm != "renorm" and schedule is not None:
-        raise ValueError(f"mlp: schedule applies to norm='renorm' only, not {norm!r}")
-
-
 def _norm_layer(
-    norm: str,
-    features: int,
-    eps: float,
-    estimators: Mapping[str, Estimator] | None,
-    ghost_size: int | None,
-    schedule: RenormSchedule | None,
+    norm: NormFactory, features: int, eps: float, estimators: Mapping[str, Estimator] | None
 ) -> BatchNorm:
-    if norm == "renorm":
-        return BatchRenorm(features, eps=eps, estimators=estimators, schedule=schedule)
-    if norm == "ghost":
-        return GhostBatchNorm(features, eps=eps, estimators=estimators, ghost_size=ghost_size)
-    return BatchNorm(features, eps=eps, estimators=estimators)
+    if not callable(norm):
+        raise TypeError(
+            "mlp: norm must be a layer class such as BatchNorm, a partial of one such as "
+            f"partial(GhostBatchNorm, ghost_size=16), or None; got {norm!r}"
+        )
+    layer = norm(features, eps=eps, estimators=estimators)
+    if not isinstance(layer, BatchNorm):
+        raise TypeError(f"mlp: norm must build a BatchNorm layer, got {type(layer).__name__}")
+    return layer
 
 
 def _name_layers(layers: list[Layer]) -> None:

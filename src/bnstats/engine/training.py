@@ -11,15 +11,27 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from bnstats._files import atomic_write_bytes, npz_bytes
+from bnstats.engine.layers import BatchNorm
 from bnstats.engine.optim import Adam, Optimizer
+from bnstats.functional import Moments
 
-if TYPE_CHECKING:
-    from bnstats.engine.network import Network
+
+class Trainable(Protocol):
+    """What training uses of :class:`bnstats.engine.Network`."""
+
+    @property
+    def batchnorm_layers(self) -> list[BatchNorm]: ...
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, optimizer: Optimizer) -> float: ...
+
+
+COUNT_PREFIX = "batch_count/"
+"""``history.npz`` keys of :attr:`History.batch_count`, beside the ``<layer>/<key>`` arrays."""
 
 ProgressCallback = Callable[[int, int, float], None]
 """Called after each step with ``(step, total_steps, loss)``."""
@@ -30,29 +42,41 @@ class History:
     """What training did, step by step.
 
     ``loss[k]`` and ``batch_size[k]`` are step k's; ``epoch_loss[e]`` the mean over epoch e;
-    ``layers[name][key]`` is a list with one vector per step, for keys ``batch_mean``,
-    ``batch_var`` and ``<estimator>_mean`` / ``<estimator>_var``.
+    ``layers[name][key]`` is a list with one vector per step for keys ``<estimator>_mean`` /
+    ``<estimator>_var``, and one per estimator update for ``batch_mean`` and ``batch_var``, with
+    ``batch_count[name]`` the values per channel behind each: what the estimators took (one
+    update per step, or with Ghost Batch Norm one per virtual batch).
     """
 
     loss: list[float] = field(default_factory=list)
     batch_size: list[int] = field(default_factory=list)
     epoch_loss: list[float] = field(default_factory=list)
     layers: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=dict)
+    batch_count: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def steps(self) -> int:
         return len(self.loss)
 
-    def record(self, net: Network, loss: float, batch_size: int) -> None:
+    def record(self, net: Trainable, loss: float, batch_size: int) -> None:
         self.loss.append(loss)
         self.batch_size.append(batch_size)
         for layer in net.batchnorm_layers:
             trace = self.layers.setdefault(layer.name, {})
-            trace.setdefault("batch_mean", []).append(layer.last_batch_mean.copy())
-            trace.setdefault("batch_var", []).append(layer.last_batch_var.copy())
+            for mu, var, count in layer.last_moments:
+                trace.setdefault("batch_mean", []).append(mu.copy())
+                trace.setdefault("batch_var", []).append(var.copy())
+                self.batch_count.setdefault(layer.name, []).append(count)
             for key, est in layer.estimators.items():
                 trace.setdefault(f"{key}_mean", []).append(np.array(est.mean, copy=True))
                 trace.setdefault(f"{key}_var", []).append(np.array(est.var, copy=True))
+
+    def moments_seen(self, layer: str) -> list[Moments]:
+        """The ``(mu, var, count)`` that layer ``layer``'s estimators took, update by update: fed
+        in this order, a new estimator ends where one trained alongside them would."""
+        trace = self.layers[layer]
+        counts = self.batch_count.get(layer, self.batch_size)  # files without batch_count
+        return list(zip(trace["batch_mean"], trace["batch_var"], counts, strict=True))
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Flat arrays: ``loss``, ``batch_size``, ``epoch_loss`` and ``<layer>/<key>`` of shape
@@ -65,6 +89,8 @@ class History:
         for name, trace in self.layers.items():
             for key, values in trace.items():
                 out[f"{name}/{key}"] = np.stack(values)
+        for name, counts in self.batch_count.items():
+            out[f"{COUNT_PREFIX}{name}"] = np.asarray(counts)
         return out
 
     def save(self, directory: str | Path, summary: dict[str, Any] | None = None) -> Path:
@@ -92,7 +118,9 @@ class History:
                 epoch_loss=data["epoch_loss"].tolist(),
             )
             for key in data.files:
-                if "/" in key:
+                if key.startswith(COUNT_PREFIX):
+                    history.batch_count[key[len(COUNT_PREFIX) :]] = data[key].tolist()
+                elif "/" in key:
                     name, stat = key.split("/", 1)
                     history.layers.setdefault(name, {})[stat] = list(data[key])
         return history
@@ -108,7 +136,7 @@ def batch_slices(n: int, batch_size: int, drop_last: bool) -> list[slice]:
 
 
 def fit(
-    net: Network,
+    net: Trainable,
     X: np.ndarray,
     y: np.ndarray,
     *,
@@ -153,7 +181,7 @@ def fit(
 
 
 def _check_fit_arguments(
-    net: Network, X: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, drop_last: bool
+    net: Trainable, X: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, drop_last: bool
 ) -> None:
     if int(epochs) < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from bnstats.methods import ESTIMATE_METHODS, METHODS, RUNNING_EMA
 from bnstats.report.lecture import LectureTrace
 
 SYMBOL = {"mean": "μ", "var": "σ²"}
@@ -20,13 +21,6 @@ SYMBOL = {"mean": "μ", "var": "σ²"}
 
 NEAR = 0.01
 """Accuracy within this of the EMA's counts as having caught up with it."""
-
-ESTIMATE_NAMES = {
-    "ema": "EMA",
-    "ema_debiased": "debiased EMA",
-    "cumulative": "cumulative average",
-    "population": "population",
-}
 
 
 def lecture_sentences(trace: LectureTrace, epochs: int, train_rows: int) -> list[str]:
@@ -43,18 +37,26 @@ def lecture_sentences(trace: LectureTrace, epochs: int, train_rows: int) -> list
 def _dots_sentence(trace: LectureTrace, epochs: int) -> str:
     units = ", ".join(str(u) for u in trace.units)
     plural = "s" if len(trace.units) > 1 else ""
+    run = f"{epochs} epoch{'s' if epochs != 1 else ''}"
+    if trace.virtual:
+        what = (
+            f"one virtual batch: Ghost Batch Norm cut each of the {trace.training_steps} "
+            f"training batches of {run} into virtual batches, normalized each with its own "
+            f"{SYMBOL[trace.stat]}, and the estimators took one update per virtual batch, "
+            f"{trace.steps} in all"
+        )
+    else:
+        what = f"one mini-batch at one of the {trace.steps} training steps of {run}"
     return (
         f"Layer {trace.layer}, unit{plural} {units} of its {trace.features}, one panel each. "
-        f"Each dot is the {SYMBOL[trace.stat]} of one mini-batch at one of the {trace.steps} "
-        f"training steps of {epochs} epoch{'s' if epochs != 1 else ''}: "
-        f"{batch_sizes_text(trace.batch_size)}."
+        f"Each dot is the {SYMBOL[trace.stat]} of {what}: {batch_sizes_text(trace.batch_size)}."
     )
 
 
 def batch_sizes_text(batch_size: np.ndarray) -> str:
-    """``"420 batches of 64 rows and 20 of 3 (open circles)"``, the common size first."""
+    """``"420 batches of 64 rows and 20 of 3 (open circles)"``, the full size first."""
     sizes, counts = np.unique(np.asarray(batch_size), return_counts=True)
-    order = np.argsort(-counts, kind="stable")
+    order = np.argsort(-sizes, kind="stable")
     parts = [
         f"{int(counts[i])} batch{'es' if counts[i] != 1 else ''} of {int(sizes[i])} rows"
         for i in order
@@ -70,20 +72,29 @@ def bessel_sentence() -> str:
         "Training normalizes each batch with its biased variance (divided by n) and that is "
         "what the history records, but the estimators hold the unbiased variance, as PyTorch "
         "does. To compare like with like each dot is multiplied by n/(n − 1), n being the "
-        "rows of that step's batch."
+        "rows of that dot's batch."
     )
 
 
 def _start_sentence(trace: LectureTrace) -> str:
     m, unit, sym = trace.momentum, trace.units[0], SYMBOL[trace.stat]
     start = "0" if trace.stat == "mean" else "1"
+    step = "update" if trace.virtual else "step"
+    settled = steps_until_debiased(m)
+    if settled <= trace.steps:
+        below = f"below 1.01 from {step} {settled} on"
+    else:
+        below = (
+            f"still {debias_factor(m, trace.steps):.3g} at this run's last {step}, "
+            f"{trace.steps} (below 1.01 only from {step} {settled} on)"
+        )
     return (
         f"The EMA (momentum {m:g}, the weight of the newest batch) starts at {start}: after "
-        f"step 1 unit {unit}'s EMA is {trace.ema[0, unit]:.3g} while that batch's {sym} was "
+        f"{step} 1 unit {unit}'s EMA is {trace.ema[0, unit]:.3g} while that batch's {sym} was "
         f"{trace.batch[0, unit]:.3g}. The debiased EMA divides by 1 − (1 − {m:g})^t, a factor "
-        f"of {debias_factor(m, 1):.3g} at step 1 and {debias_factor(m, 10):.3g} at step 10, "
-        f"below 1.01 from step {steps_until_debiased(m)} on; it starts at the first batch's "
-        f"value, {trace.ema_debiased[0, unit]:.3g}."
+        f"of {debias_factor(m, 1):.3g} at {step} 1 and {debias_factor(m, 10):.3g} at {step} "
+        f"10, {below}; it starts at the first batch's value, "
+        f"{trace.ema_debiased[0, unit]:.3g}."
     )
 
 
@@ -123,10 +134,10 @@ def accuracy_sentences(
     """What the accuracy bars show; ``classes_at_one`` is how many distinct classes the
     network answered when each test row was normalized by itself."""
     one = accuracy["batch@1"]
-    estimates = {k: v for k, v in accuracy.items() if k in ESTIMATE_NAMES}
+    estimates = {k: v for k, v in accuracy.items() if k in ESTIMATE_METHODS}
     best = max(estimates.values())
-    winners = " and ".join(ESTIMATE_NAMES[k] for k, v in estimates.items() if v == best)
-    listed = ", ".join(f"{ESTIMATE_NAMES[k]} {v:.3f}" for k, v in estimates.items())
+    winners = " and ".join(METHODS[k].label for k, v in estimates.items() if v == best)
+    listed = ", ".join(f"{METHODS[k].label} {v:.3f}" for k, v in estimates.items())
     return [
         f"Test accuracy on the {test_rows} test rows for each way of getting μ and σ² at test "
         f"time. The dotted line is chance level, {chance:.3f}: always answering the most "
@@ -153,11 +164,12 @@ def chance_relation(value: float, chance: float) -> str:
 
 def batch_size_sentences(by_size: Mapping[int, float], fixed: Mapping[str, float]) -> list[str]:
     """What test accuracy against test batch size shows, batch statistics vs ``fixed``
-    running estimates (keys of :data:`ESTIMATE_NAMES`, ``"ema"`` among them)."""
+    running estimates (names of :data:`~bnstats.methods.ESTIMATE_METHODS`, the EMA's among
+    them)."""
     sizes = sorted(by_size)
     first, last = by_size[sizes[0]], by_size[sizes[-1]]
     verb = "rises" if last > first else "falls" if last < first else "stays"
-    ema = fixed["ema"]
+    ema = fixed[RUNNING_EMA.name]
     caught = [s for s in sizes if by_size[s] >= ema - NEAR]
     if caught:
         reach = (
@@ -166,7 +178,7 @@ def batch_size_sentences(by_size: Mapping[int, float], fixed: Mapping[str, float
         )
     else:
         reach = f"At no size tried does it come within {NEAR} of the EMA's {ema:.3f}."
-    listed = ", ".join(f"{ESTIMATE_NAMES[k]} {v:.3f}" for k, v in fixed.items())
+    listed = ", ".join(f"{METHODS[k].label} {v:.3f}" for k, v in fixed.items())
     return [
         f"With the test batch's own statistics, accuracy {verb} from {first:.3f} with batches "
         f"of {sizes[0]} to {last:.3f} with batches of {sizes[-1]}.",

@@ -14,15 +14,15 @@ import importlib
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bnstats import __version__
 from bnstats._files import atomic_write_text
-from bnstats.demo import DESCRIPTIONS, METHODS, DemoResult, accuracy_by_batch_size, chance_level
-from bnstats.engine.layers import BATCH
+from bnstats.engine import BATCH, BatchNorm, BatchRenorm, GhostBatchNorm
+from bnstats.methods import METHODS, POPULATION, RUNNING_EMA
 from bnstats.report.captions import (
-    ESTIMATE_NAMES,
     SYMBOL,
     accuracy_sentences,
     batch_size_sentences,
@@ -30,13 +30,24 @@ from bnstats.report.captions import (
 )
 from bnstats.report.html import Image, Section, Table, render_page
 from bnstats.report.lecture import LectureTrace, lecture_traces
+from bnstats.report.momentum import GRID, momentum_section
+from bnstats.report.momentum_script import SCRIPT
+
+if TYPE_CHECKING:  # the page is drawn from a finished run; it never runs the demo
+    from bnstats.demo import DemoResult
+
+LECTURE = (
+    "the lecture “Batch Norm at Test Time” of Andrew Ng's Deep Learning Specialization "
+    "(course 2, Improving Deep Neural Networks)"
+)
+"""The lecture whose picture and notation the page follows."""
 
 REPORT_NAME = "report.html"
 INSTALL_HINT = "pip install 'bnstats[report]'"
 TEST_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 """Test batch sizes tried with the batch's own statistics (those up to the test set's size,
 and the whole test set)."""
-FLAT_LINES = ("ema", "population")
+FLAT_LINES = (RUNNING_EMA, POPULATION)
 """Running estimates drawn as flat lines against test batch size."""
 
 
@@ -70,6 +81,7 @@ def demo_report_html(
     sections = [
         settings_section(result, traces["mean"]),
         *(lecture_section(result, trace, figures) for trace in traces.values()),
+        momentum_section(result.history, traces, result.accuracy_by_momentum(GRID)),
         accuracy_section(result, figures),
         batch_size_section(result, figures),
     ]
@@ -78,6 +90,7 @@ def demo_report_html(
         intro_sentences(result),
         sections,
         footer=f"Written by bnstats {__version__}. The page is self-contained: it loads nothing.",
+        scripts=(SCRIPT,),
     )
 
 
@@ -95,19 +108,31 @@ def intro_sentences(result: DemoResult) -> list[str]:
     """What was run, in two sentences."""
     config, data = result.config, result.dataset
     return [
-        f"bnstats trained a batch-normalized MLP ({architecture(result)}) from scratch in NumPy "
-        f"on {data.name} for {config.epochs} epochs ({result.history.steps} steps), then "
-        "recomputed each BatchNorm layer's exact population statistics with the weights frozen.",
-        "In training each mini-batch is normalized with its own μ and σ²; at test time the "
+        f"bnstats trained an MLP ({result.architecture}) normalized with "
+        f"{result.norm_description} from scratch in NumPy on {data.name} for {config.epochs} "
+        f"epochs ({result.history.steps} steps), then recomputed each normalization layer's "
+        "exact population statistics with the weights frozen.",
+        f"In training {training_words(result.net.batchnorm_layers[0])}; at test time the "
         "network needs one fixed estimate per layer, because a test batch may hold a single "
-        "row. This page shows where the estimates come from and what each one gives.",
+        "row. This page shows where the estimates come from and what each one gives, in the "
+        f"notation of {LECTURE} (z, μ, σ², z_norm, z̃ = γ·z_norm + β).",
     ]
 
 
-def architecture(result: DemoResult) -> str:
-    """``64-128-64-10``: inputs, hidden widths, classes."""
-    data = result.dataset
-    return "-".join(str(n) for n in (data.features, *result.config.hidden, data.classes))
+def training_words(layer: BatchNorm) -> str:
+    """How ``layer`` normalizes a training batch, in words."""
+    if isinstance(layer, GhostBatchNorm):
+        return (
+            f"each mini-batch is cut into virtual batches of {layer.ghost_size} rows, each "
+            "normalized with its own μ and σ², and the estimators take one update per "
+            "virtual batch"
+        )
+    if isinstance(layer, BatchRenorm):
+        return (
+            "each mini-batch is normalized with its own μ and σ², then corrected toward the "
+            "running estimates by Batch Renorm's r and d"
+        )
+    return "each mini-batch is normalized with its own μ and σ²"
 
 
 def settings_section(result: DemoResult, trace: LectureTrace) -> Section:
@@ -118,7 +143,11 @@ def settings_section(result: DemoResult, trace: LectureTrace) -> Section:
         ("training rows", str(len(data.X_train))),
         ("test rows", str(len(data.X_test))),
         ("classes", str(data.classes)),
-        ("network", f"MLP {architecture(result)}, Linear → BatchNorm → ReLU per hidden layer"),
+        (
+            "network",
+            f"MLP {result.architecture}, Linear → {result.norm_description} → ReLU per hidden "
+            "layer",
+        ),
         ("epochs", str(config.epochs)),
         ("training batch size", str(config.batch_size)),
         ("training steps", str(result.history.steps)),
@@ -169,13 +198,13 @@ def lecture_section(result: DemoResult, trace: LectureTrace, figures: ModuleType
 def accuracy_section(result: DemoResult, figures: ModuleType) -> Section:
     """Bars of test accuracy per method, their sentences and the accuracy table."""
     data, accuracy = result.dataset, {m: result.test_accuracy[m] for m in METHODS}
-    chance = chance_level(data)
+    chance = result.chance_level
     single = result.net.predict(data.X_test, stats=BATCH, batch_size=1)
     image = Image(
         figures.png_data_uri(figures.accuracy_figure(accuracy, chance)),
         alt="Test accuracy for each way of getting the test-time statistics",
     )
-    rows = [(m, f"{accuracy[m]:.4f}", DESCRIPTIONS[m]) for m in METHODS]
+    rows = [(name, f"{accuracy[name]:.4f}", m.description) for name, m in METHODS.items()]
     rows.append(("chance level", f"{chance:.4f}", "always answering the most common class"))
     table = Table(
         ("statistics", "test accuracy", "what it is"),
@@ -195,10 +224,10 @@ def accuracy_section(result: DemoResult, figures: ModuleType) -> Section:
 def batch_size_section(result: DemoResult, figures: ModuleType) -> Section:
     """Accuracy against test batch size: batch statistics vs fixed running estimates."""
     data = result.dataset
-    by_size = accuracy_by_batch_size(result.net, data, batch_sizes_to_try(len(data.X_test)))
-    fixed = {k: result.test_accuracy[k] for k in FLAT_LINES}
+    by_size = result.accuracy_by_batch_size(batch_sizes_to_try(len(data.X_test)))
+    fixed = {m.name: result.test_accuracy[m.name] for m in FLAT_LINES}
     image = Image(
-        figures.png_data_uri(figures.batch_size_figure(by_size, fixed, chance_level(data))),
+        figures.png_data_uri(figures.batch_size_figure(by_size, fixed, result.chance_level)),
         alt="Test accuracy against test batch size, batch statistics and running estimates",
     )
     rows = [(str(s), f"{a:.4f}") for s, a in by_size.items()]
@@ -206,7 +235,7 @@ def batch_size_section(result: DemoResult, figures: ModuleType) -> Section:
         ("test batch size", "accuracy with batch statistics"),
         rows,
         caption="Test accuracy with the test batch's own statistics; "
-        + ", ".join(f"{ESTIMATE_NAMES[k]} {v:.4f} at every size" for k, v in fixed.items()),
+        + ", ".join(f"{METHODS[k].label} {v:.4f} at every size" for k, v in fixed.items()),
         numeric=(0, 1),
     )
     return Section(

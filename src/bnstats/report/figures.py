@@ -15,17 +15,20 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from bnstats.report.captions import ESTIMATE_NAMES, SYMBOL
+from bnstats.methods import BATCH_COLOR, DEBIASED_EMA, METHODS, RUNNING_EMA
+from bnstats.report.captions import SYMBOL
 from bnstats.report.lecture import LectureTrace, typical_batch_size
 
 DPI = 144
 WIDTH = 7.5
 """Figure width in inches; at :data:`DPI` the PNG is 1080 pixels wide."""
 
-BATCH_COLOR, EMA_COLOR, DEBIASED_COLOR, POPULATION_COLOR = "0.55", "C0", "C1", "black"
+TARGET_COLOR = "black"
+"""The population value in the lecture's picture: the line the estimates aim at."""
+LABEL_GAP = 0.06
+"""Least distance, in accuracy, between the value labels of the flat lines."""
 FLAT_STYLES = ({"lw": 2.4}, {"lw": 1.2, "ls": "--"}, {"lw": 1.2, "ls": "-."}, {"lw": 1.0})
 """Line styles of the flat lines, so that equal accuracies stay visible on top of each other."""
-ESTIMATE_COLORS = {"ema": "C0", "ema_debiased": "C1", "cumulative": "C2", "population": "C3"}
 
 
 def lecture_figure(trace: LectureTrace) -> Figure:
@@ -37,9 +40,12 @@ def lecture_figure(trace: LectureTrace) -> Figure:
     axes = fig.subplots(len(units), 1, sharex=True, squeeze=False)[:, 0]
     for ax, unit in zip(axes, units, strict=True):
         _lecture_panel(ax, trace, unit)
-    axes[-1].set_xlabel("training step")
+    axes[-1].set_xlabel(
+        "estimator update (one per virtual batch)" if trace.virtual else "training step"
+    )
     kind = "unbiased σ²" if trace.stat == "var" else "μ"
-    fig.suptitle(f"Layer {trace.layer}: {kind} of each mini-batch, EMA momentum {trace.momentum:g}")
+    batch = "virtual batch" if trace.virtual else "mini-batch"
+    fig.suptitle(f"Layer {trace.layer}: {kind} of each {batch}, EMA momentum {trace.momentum:g}")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
     return fig
@@ -55,11 +61,13 @@ def _lecture_panel(ax: Axes, trace: LectureTrace, unit: int) -> None:
         sizes = ", ".join(str(int(s)) for s in np.unique(trace.batch_size[short]))
         label = f"batch {sym}, {sizes} rows"
         ax.plot(steps[short], batch[short], "o", ms=3.5, mfc="none", color=BATCH_COLOR, label=label)
-    ax.plot(steps, trace.ema[:, unit], "-", lw=2.4, color=EMA_COLOR, label="EMA")
-    debiased = trace.ema_debiased[:, unit]
-    ax.plot(steps, debiased, "-", lw=1.0, color=DEBIASED_COLOR, label="debiased EMA")
+    ema, debiased = RUNNING_EMA, DEBIASED_EMA
+    ax.plot(steps, trace.ema[:, unit], "-", lw=2.4, color=ema.color, label=ema.label)
+    ax.plot(
+        steps, trace.ema_debiased[:, unit], "-", lw=1.0, color=debiased.color, label=debiased.label
+    )
     population = trace.population[unit]
-    ax.axhline(population, ls="--", lw=1.2, color=POPULATION_COLOR, label="population")
+    ax.axhline(population, ls="--", lw=1.2, color=TARGET_COLOR, label="population")
     ax.set_ylabel(f"unit {unit}")
     ax.grid(alpha=0.3)
 
@@ -68,13 +76,21 @@ def accuracy_figure(accuracy: Mapping[str, float], chance: float) -> Figure:
     """Horizontal bars of test accuracy per method, with chance level dotted."""
     names = list(accuracy)
     values = [accuracy[name] for name in names]
-    colors = [ESTIMATE_COLORS.get(name, BATCH_COLOR) for name in names]
+    colors = [METHODS[name].color if name in METHODS else BATCH_COLOR for name in names]
     fig = Figure(figsize=(WIDTH, 0.8 + 0.42 * len(names)), layout="constrained")
     ax = fig.subplots()
     rows = np.arange(len(names))
     ax.barh(rows, values, color=colors)
     for row, value in zip(rows, values, strict=True):
-        ax.text(value + 0.01, row, f"{value:.3f}", va="center", fontsize=9)
+        ax.annotate(
+            f"{value:.3f}",
+            (value, row),
+            xytext=(7, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=9,
+            bbox={"boxstyle": "square,pad=0.15", "fc": "white", "ec": "none"},
+        )
     ax.axvline(chance, ls=":", color="black", label=f"chance level {chance:.3f}")
     ax.set_yticks(rows, names)
     ax.invert_yaxis()
@@ -100,21 +116,46 @@ def batch_size_figure(
         color=BATCH_COLOR,
         label="batch statistics",
     )
+    heights = label_heights(list(fixed.values()), gap=LABEL_GAP)
     for i, (name, value) in enumerate(fixed.items()):
         style = FLAT_STYLES[i % len(FLAT_STYLES)]
-        color = ESTIMATE_COLORS.get(name, "C4")
-        label = f"{ESTIMATE_NAMES.get(name, name)} (any batch size)"
-        ax.axhline(value, color=color, label=label, **style)
+        method = METHODS.get(name)
+        color = method.color if method else "C4"
+        label = f"{method.label if method else name} (any batch size)"
+        ax.axhline(value, color=color, label=label, zorder=2 + i, **style)
+        ax.annotate(
+            f"{method.label if method else name} {value:.3f}",
+            (1.0, heights[i]),
+            xycoords=("axes fraction", "data"),
+            xytext=(4, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+            color=color,
+        )
     ax.axhline(chance, ls=":", color="black", label="chance level")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.minorticks_off()
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.15)
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_xlabel("test batch size (rows normalized together)")
     ax.set_ylabel("test accuracy")
-    ax.legend(loc="best")
+    fig.legend(loc="outside lower center", ncols=len(fixed) + 2, frameon=False, fontsize=8)
     ax.grid(alpha=0.3)
     return fig
+
+
+def label_heights(values: list[float], gap: float) -> list[float]:
+    """Heights for one text label per value, each as close to its value as it can be while
+    no two labels lie closer than ``gap`` (in the values' units); the lowest stays put."""
+    order = np.argsort(values, kind="stable")
+    heights = [0.0] * len(values)
+    floor = -np.inf
+    for i in order:
+        heights[i] = max(values[i], floor + gap)
+        floor = heights[i]
+    return heights
 
 
 def png_data_uri(fig: Figure) -> str:

@@ -1,13 +1,16 @@
 """A self-contained HTML page: sections of a figure, the sentences beside it, and tables.
 
-The page needs nothing but itself: styles are inline, figures are ``data:`` URIs, there is
-no script, and a Content-Security-Policy forbids the browser to fetch anything else, so a
-page that tried would show it as an error in the console rather than quietly reach out.
-Every piece of text is HTML-escaped.
+The page needs nothing but itself: styles are inline, figures are ``data:`` URIs, scripts
+are inline and allowed one by one by their SHA-256 in the Content-Security-Policy, which
+forbids the browser to fetch anything else, so a page that tried would show it as an error
+in the console rather than quietly reach out. Every piece of text is HTML-escaped; a
+section's ``widget`` is markup the report builds itself, with its values escaped.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from html import escape
@@ -31,6 +34,14 @@ caption { text-align: left; font-weight: 600; padding-bottom: 0.3em; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.8em; text-align: left; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 footer { margin-top: 3em; color: #777; font-size: 0.9em; }
+.momentum input[type=range] { width: 100%; max-width: 36em; display: block; }
+.momentum output { font-weight: 600; font-variant-numeric: tabular-nums; }
+.momentum .scale { color: #555; font-size: 0.9em; margin: 0.2em 0 0.8em; }
+.momentum svg.panel { width: 100%; max-width: 36em; height: auto; display: block;
+       border: 1px solid #eee; margin: 0.3em 0; }
+.momentum svg .tick { font-size: 10px; fill: #555; }
+#momentum-panels { display: grid; grid-template-columns: repeat(auto-fill, minmax(20em, 1fr));
+       gap: 0.5em; }
 """
 
 
@@ -73,19 +84,36 @@ class Section:
     sentences: Sequence[str]
     image: Image | None = None
     tables: Sequence[Table] = field(default_factory=tuple)
+    widget: str = ""
+
+
+def content_security_policy(scripts: Sequence[str]) -> str:
+    """:data:`CONTENT_SECURITY_POLICY`, allowing exactly the inline ``scripts`` (by hash)."""
+    if not scripts:
+        return CONTENT_SECURITY_POLICY
+    hashes = " ".join(
+        "'sha256-" + base64.b64encode(hashlib.sha256(s.encode()).digest()).decode() + "'"
+        for s in scripts
+    )
+    return f"{CONTENT_SECURITY_POLICY}; script-src {hashes}"
 
 
 def render_page(
-    title: str, intro: Sequence[str], sections: Sequence[Section], footer: str = ""
+    title: str,
+    intro: Sequence[str],
+    sections: Sequence[Section],
+    footer: str = "",
+    scripts: Sequence[str] = (),
 ) -> str:
-    """The whole page as one string."""
+    """The whole page as one string; ``scripts`` run at the end of the body."""
+    policy = content_security_policy(scripts)
     toc = "".join(f'<li><a href="#{escape(s.anchor)}">{escape(s.title)}</a></li>' for s in sections)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en">',
         "<head>",
         '<meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{CONTENT_SECURITY_POLICY}">',
+        f'<meta http-equiv="Content-Security-Policy" content="{policy}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{escape(title)}</title>",
         f"<style>{STYLE}</style>",
@@ -96,6 +124,7 @@ def render_page(
         f"<nav><ol>{toc}</ol></nav>",
         *(render_section(section) for section in sections),
         f"<footer>{escape(footer)}</footer>" if footer else "",
+        *(f"<script>{script}</script>" for script in scripts),
         "</body>",
         "</html>",
     ]
@@ -113,7 +142,7 @@ def render_section(section: Section) -> str:
     tables = "".join(render_table(table) for table in section.tables)
     return (
         f'<section id="{escape(section.anchor)}"><h2>{escape(section.title)}</h2>'
-        f"{row}{tables}</section>"
+        f"{row}{section.widget}{tables}</section>"
     )
 
 

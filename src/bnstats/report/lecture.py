@@ -1,16 +1,11 @@
-"""The numbers behind the lecture's picture: one layer's per-batch statistics over training.
+"""The numbers behind the lecture's picture: one layer's ``mu`` and ``var`` of every batch its
+estimators took (one per training step, or with Ghost Batch Norm one per virtual batch), the
+EMA and debiased EMA after each (replayed from those batches, so they are the estimators' own
+numbers), and the population value.
 
-For a BatchNorm layer ``l`` the training history holds, at every step ``t``, the batch's own
-``mu`` and ``var`` and each estimator's estimate after that batch. The lecture's picture
-draws the per-batch ``mu`` of a few units with the exponentially weighted average running
-through them; here the same is gathered for ``var``, with the bias-corrected EMA and the
-exact population value (recomputed after training with the weights frozen) beside it.
-
-Variance convention: the history keeps the *biased* batch variance ``var = sum((z - mu)**2)
-/ n`` (the one the batch was normalized with), while the estimators hold the *unbiased* one,
-as PyTorch does. To compare like with like, :func:`unbiased_batch_var` converts the batch
-values with Bessel's correction ``var * n / (n - 1)``, ``n`` the rows of that step's batch
-(the values per unit for the engine's (N, C) input).
+The history keeps the *biased* batch variance ``var = sum((z - mu)**2) / n``; the estimators
+hold the unbiased one, so :func:`unbiased_batch_var` converts the batch values with Bessel's
+correction ``var * n / (n - 1)``, ``n`` the rows of that step's batch.
 """
 
 from __future__ import annotations
@@ -22,23 +17,28 @@ import numpy as np
 
 from bnstats.engine import History, Network
 from bnstats.engine.layers import BatchNorm
+from bnstats.functional import Moments
+from bnstats.methods import DEBIASED_EMA, POPULATION, RUNNING_EMA
+from bnstats.stats import Estimator
 
 DEFAULT_UNIT_COUNT = 3
 """How many units the picture shows when none are chosen: the layer's first three."""
 
 STATS = ("mean", "var")
-EMA_KEY, DEBIASED_KEY, POPULATION_KEY = "ema", "ema_debiased", "population"
+EMA_KEY, POPULATION_KEY = RUNNING_EMA.name, POPULATION.name
 
 
 @dataclass(frozen=True)
 class LectureTrace:
-    """One statistic (``"mean"`` or ``"var"``) of one layer, every unit, every step.
+    """One statistic (``"mean"`` or ``"var"``) of one layer, every unit, every update.
 
-    ``batch``, ``ema`` and ``ema_debiased`` have shape (steps, units); ``batch`` row ``t`` is
-    step ``t``'s batch value (for ``var`` converted to unbiased) and the estimates are those
-    after that batch. ``population`` (units,) is the exact value over the training set with
-    the final weights. ``units`` are the units chosen for the figure; ``momentum`` is the
-    EMA's (weight of the newest batch).
+    ``batch``, ``ema`` and ``ema_debiased`` have shape (updates, units); ``batch`` row ``t`` is
+    the value of the ``t``-th batch the estimators took (for ``var`` converted to unbiased),
+    ``batch_size[t]`` its rows, and the estimates are those after it. ``population`` (units,)
+    is the exact value over the training set with the final weights. ``units`` are the units
+    chosen for the figure; ``momentum`` is the EMA's (weight of the newest batch). ``steps``
+    counts the updates; ``training_steps`` the training steps, when fewer (each step cut into
+    virtual batches).
     """
 
     layer: str
@@ -50,10 +50,16 @@ class LectureTrace:
     ema: np.ndarray
     ema_debiased: np.ndarray
     population: np.ndarray
+    training_steps: int | None = None
 
     @property
     def steps(self) -> int:
         return len(self.batch)
+
+    @property
+    def virtual(self) -> bool:
+        """Whether the estimators took several (virtual) batches per training step."""
+        return self.training_steps is not None and self.training_steps != self.steps
 
     @property
     def features(self) -> int:
@@ -61,9 +67,8 @@ class LectureTrace:
 
 
 def typical_batch_size(batch_size: np.ndarray) -> int:
-    """The most common batch size of a run (the rest are an epoch's shorter last batches)."""
-    sizes, counts = np.unique(np.asarray(batch_size), return_counts=True)
-    return int(sizes[np.argmax(counts)])
+    """The full batch size of a run, its largest: the others are shorter last batches."""
+    return int(np.max(batch_size))
 
 
 def unbiased_batch_var(batch_var: np.ndarray, batch_size: np.ndarray) -> np.ndarray:
@@ -80,26 +85,6 @@ def unbiased_batch_var(batch_var: np.ndarray, batch_size: np.ndarray) -> np.ndar
     if n.size and n.min() < 2:
         raise ValueError(f"a batch of {int(n.min())} row has no unbiased variance")
     return np.asarray(batch_var, dtype=np.float64) * (n / (n - 1))[:, None]
-
-
-def batchnorm_layer(net: Network, layer: str | None) -> BatchNorm:
-    """The BatchNorm layer named ``layer`` (default: the first); one clear error otherwise."""
-    layers = net.batchnorm_layers
-    if not layers:
-        raise ValueError("the network has no BatchNorm layer to show")
-    if layer is None:
-        return layers[0]
-    check_layer_name(layer, [b.name for b in layers])
-    return next(b for b in layers if b.name == layer)
-
-
-def check_layer_name(layer: str, available: Sequence[str]) -> None:
-    """Refuse a layer name that is not one of ``available``, naming those that are."""
-    if layer not in available:
-        raise ValueError(
-            f"no BatchNorm layer named {layer!r}; the network's BatchNorm layers are "
-            f"{', '.join(available)}"
-        )
 
 
 def choose_units(layer: BatchNorm, units: Sequence[int] | None) -> tuple[int, ...]:
@@ -131,14 +116,17 @@ def lecture_traces(
     """``{"mean": ..., "var": ...}`` for BatchNorm ``layer`` (default: the first) and ``units``
     (default: its first three). The layer needs estimators ``ema`` and ``ema_debiased`` in the
     history and ``population`` (from :meth:`Network.recalibrate`) in the network."""
-    bn = batchnorm_layer(net, layer)
+    bn = net.batchnorm_layer(layer)
     chosen = choose_units(bn, units)
     trace = history.layers.get(bn.name)
     if not trace:
         raise ValueError(f"the training history has no statistics of layer {bn.name!r}")
     _check_keys(bn, trace)
-    ema = bn.estimators[EMA_KEY]
-    sizes = np.asarray(history.batch_size)
+    momentum = float(bn.estimators[EMA_KEY].momentum)
+    seen = history.moments_seen(bn.name)
+    sizes = np.asarray([count for _, _, count in seen])
+    ema = replayed(RUNNING_EMA.estimator(momentum), seen)
+    debiased = replayed(DEBIASED_EMA.estimator(momentum), seen)
     out = {}
     for stat in STATS:
         batch = np.stack(trace[f"batch_{stat}"]).astype(np.float64)
@@ -148,21 +136,34 @@ def lecture_traces(
             layer=bn.name,
             stat=stat,
             units=chosen,
-            momentum=float(ema.momentum),
+            momentum=momentum,
             batch_size=sizes,
             batch=batch,
-            ema=np.stack(trace[f"{EMA_KEY}_{stat}"]).astype(np.float64),
-            ema_debiased=np.stack(trace[f"{DEBIASED_KEY}_{stat}"]).astype(np.float64),
+            ema=ema[stat],
+            ema_debiased=debiased[stat],
             population=np.asarray(getattr(bn.estimators[POPULATION_KEY], stat), np.float64),
+            training_steps=history.steps,
         )
     return out
 
 
+def replayed(estimator: Estimator, seen: Sequence[Moments]) -> dict[str, np.ndarray]:
+    """``{"mean": ..., "var": ...}`` of ``estimator`` after each of the batches ``seen`` (shape
+    (updates, features)), fed in order as in training."""
+    means, variances = [], []
+    for mu, var, count in seen:
+        estimator.update(mu, var, count)
+        means.append(np.array(estimator.mean, dtype=np.float64))
+        variances.append(np.array(estimator.var, dtype=np.float64))
+    return {"mean": np.stack(means), "var": np.stack(variances)}
+
+
 def _check_keys(bn: BatchNorm, trace: dict[str, list[np.ndarray]]) -> None:
-    needed = [f"{key}_{stat}" for key in ("batch", EMA_KEY, DEBIASED_KEY) for stat in STATS]
-    missing = [key for key in needed if key not in trace]
+    missing = [f"batch_{stat}" for stat in STATS if f"batch_{stat}" not in trace]
     if missing:
         raise ValueError(f"the training history of layer {bn.name!r} lacks {', '.join(missing)}")
+    if EMA_KEY not in bn.estimators:
+        raise ValueError(f"layer {bn.name!r} has no estimator {EMA_KEY!r} to take momentum from")
     if POPULATION_KEY not in bn.estimators or bn.estimators[POPULATION_KEY].mean is None:
         raise ValueError(
             f"layer {bn.name!r} has no population statistics; call net.recalibrate(X_train) first"
