@@ -8,11 +8,11 @@ import json
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bnstats._output_set import check_output_folder, one_generation
 from bnstats._threads import one_blas_thread
 from bnstats.cli.textplot import line_plot
 from bnstats.demo import (
@@ -31,6 +31,7 @@ from bnstats.report.lecture import check_layer_name
 
 HELP = "train a batch-normalized MLP in NumPy and compare test-time statistics"
 SAVED_FILES = ("history.npz", "summary.json", "network.npz")
+OUT_FILES = (*SAVED_FILES, "report.html")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -110,16 +111,12 @@ def config_from(args: argparse.Namespace) -> DemoConfig:
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)
     check_report_layer(args.report_layer, args.out, config)
-    dataset = load_demo_data(config)
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)  # fail before training, not after
+        check_output_folder(args.out, OUT_FILES)  # fail before training, not after
+    dataset = load_demo_data(config)
     with progress_bar(enabled=not args.json) as advance:
         result = run_demo(config, progress=advance, dataset=dataset)
-    saved: list[str] = []
-    if args.out:
-        result.save(args.out)
-        with one_blas_thread():  # the report evaluates the network at many batch sizes
-            saved = [*SAVED_FILES, *save_report(result, args.out, args.report_layer)]
+    saved = save_outputs(result, args.out, args.report_layer) if args.out else []
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -136,6 +133,15 @@ def check_report_layer(layer: str | None, out: str | None, config: DemoConfig) -
         raise ValueError("--report-layer needs --out DIR, where report.html is written")
     net = build_network(config, features=1, classes=2, rows=config.batch_size)
     check_layer_name(layer, [bn.name for bn in net.batchnorm_layers])
+
+
+def save_outputs(result: DemoResult, out: str, layer: str | None) -> list[str]:
+    """Replace ``out`` by this run's files in one step (the previous run's stay if this
+    fails); returns the names written."""
+    with one_generation(out) as staging:
+        result.save(staging)
+        with one_blas_thread():  # the report evaluates the network at many batch sizes
+            return [*SAVED_FILES, *save_report(result, str(staging), layer)]
 
 
 def save_report(result: DemoResult, out: str, layer: str | None) -> list[str]:
