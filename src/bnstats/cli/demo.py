@@ -14,7 +14,9 @@ import numpy as np
 
 from bnstats._output_set import check_output_folder, one_generation
 from bnstats._threads import one_blas_thread
+from bnstats.cli.memory import check_memory
 from bnstats.cli.textplot import line_plot
+from bnstats.cli.values import non_negative_int, positive_float
 from bnstats.demo import (
     DESCRIPTIONS,
     METHODS,
@@ -46,8 +48,10 @@ def add_parser(subparsers: Any) -> None:
         default=defaults.momentum,
         help="weight of the newest batch in the running average (PyTorch's convention)",
     )
-    p.add_argument("--lr", type=float, default=defaults.lr, help="Adam's learning rate")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="split, weights, shuffling")
+    p.add_argument("--lr", type=positive_float, default=defaults.lr, help="Adam's learning rate")
+    p.add_argument(
+        "--seed", type=non_negative_int, default=defaults.seed, help="split, weights, shuffling"
+    )
     p.add_argument("--hidden", type=hidden_sizes, default=defaults.hidden, help="e.g. 128,64")
     p.add_argument(
         "--test-fraction",
@@ -114,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         check_output_folder(args.out, OUT_FILES)  # fail before training, not after
     dataset = load_demo_data(config)
+    check_memory(config, dataset)
     with progress_bar(enabled=not args.json) as advance:
         result = run_demo(config, progress=advance, dataset=dataset)
     saved = save_outputs(result, args.out, args.report_layer) if args.out else []
