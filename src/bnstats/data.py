@@ -64,7 +64,8 @@ def load_digits(*, seed: int = 0, test_fraction: float = 0.25) -> Dataset:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError:
         raise DataError(
-            "the digits dataset needs scikit-learn: pip install 'bnstats[demo]'"
+            "the digits dataset needs scikit-learn: pip install scikit-learn "
+            '(from a bnstats checkout: pip install ".[demo]")'
         ) from None
     bunch = sklearn_digits()
     X, y = bunch.data / 16.0, bunch.target.astype(np.int64)
