@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,13 @@ def test_unusable_folders_are_refused(tmp_path, setup, message):
         check_output_folder(target, ["a"])
     _write(tmp_path / "fine", a="x", **{".a.123.tmp": "half"})
     assert check_output_folder(tmp_path / "fine", ["a"]) == tmp_path / "fine"
+
+
+def test_the_working_folder_is_refused(tmp_path, monkeypatch):
+    inner = tmp_path / "a" / "b"
+    inner.mkdir(parents=True)
+    monkeypatch.chdir(inner)
+    for out in (".", "..", str(tmp_path / "a")):
+        with pytest.raises(ValueError, match="holds the working folder"):
+            check_output_folder(out, ["a"])
+    assert check_output_folder("run", ["a"]) == Path("run")

@@ -38,6 +38,9 @@ def check_output_folder(out: str | Path, names: Collection[str], option: str = "
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{option} {out} is a file, not a folder")
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise ValueError(f"{option} {out} holds the working folder; give a folder inside it")
     if out.is_dir():
         foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name, names))
         if foreign:
@@ -104,7 +107,7 @@ def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically with Linux's ``renameat2``; False where unavailable."""
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # not Linux, or no C library to load
         return False
     renameat2.argtypes = [
         ctypes.c_int,
