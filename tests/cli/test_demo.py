@@ -131,6 +131,14 @@ def test_bad_data_files_exit_2_with_one_line(cli, tmp_path, rng, change, message
     assert [p.name for p in tmp_path.iterdir()] == ["bad.npz"], "nothing is written"
 
 
+def test_training_that_fails_leaves_no_folder_and_one_line(cli, tmp_path):
+    """Adam with a step of 1e300 overflows: numpy warns, then batch norm refuses NaN."""
+    result = cli("demo", "--lr", "1e300", *QUICK, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "NaN or Inf" in result.stderr and "(after a warning" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_npz_members_that_are_not_arrays_exit_2(cli, tmp_path):
     path = tmp_path / "zipped.npz"
     with zipfile.ZipFile(path, "w") as archive:
