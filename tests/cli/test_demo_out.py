@@ -13,6 +13,8 @@ import time
 import pytest
 
 from bnstats import cli
+from bnstats.engine import Network
+from bnstats.engine.training import History
 from tests.cli.conftest import SRC, run_cli
 
 QUICK = ["--epochs", "2", "--hidden", "16,8"]
@@ -97,6 +99,10 @@ def test_a_rerun_removes_what_killed_runs_left(tmp_path):
     result = run_cli(*_demo(out, "0"))
     assert result.returncode == 0, result.stderr
     assert _leftovers(tmp_path) == [] and len(list(out.iterdir())) == 4
+    history = History.load(out / "history.npz")
+    summary = History.load_summary(out / "summary.json")
+    assert summary["steps"] == history.steps and summary["config"]["seed"] == 0
+    assert [bn.name for bn in Network.load(out / "network.npz").batchnorm_layers] == ["bn1", "bn2"]
 
 
 def test_a_folder_holding_other_files_is_refused_before_training(tmp_path):

@@ -78,11 +78,11 @@ class History:
         arrays = {FORMAT_KEY: header, **self.arrays()}
         atomic_write_bytes(directory / "history.npz", npz_bytes(arrays))
         info = {
-            **format_header(SUMMARY_FORMAT, FORMAT_VERSION),
             "steps": self.steps,
             "epochs": len(self.epoch_loss),
             "layers": {name: sorted(trace) for name, trace in self.layers.items()},
             **(summary or {}),
+            **format_header(SUMMARY_FORMAT, FORMAT_VERSION),
         }
         text = json.dumps(info, indent=2)
         atomic_write_bytes(directory / "summary.json", text.encode())
@@ -119,8 +119,8 @@ class History:
         except UnicodeDecodeError as err:
             raise FileFormatError(f"{path}: not a UTF-8 text file ({err})") from None
         summary = check_header(parse_header(text, path), path, SUMMARY_FORMAT, FORMAT_VERSION)
-        if not isinstance(summary.get("steps"), int) or not isinstance(summary.get("layers"), dict):
-            raise FileFormatError(f"{path}: damaged summary (no steps or layers)")
+        if type(summary.get("steps")) is not int:
+            raise FileFormatError(f"{path}: damaged summary (no number of steps)")
         return summary
 
 
