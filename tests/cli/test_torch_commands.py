@@ -31,6 +31,10 @@ def batches():
     gen = torch.Generator().manual_seed(1)
     return [(torch.randn(n, 2, 6, 6, generator=gen) * 2 + 1, torch.zeros(n)) for n in (5, 9, 4)]
 
+def lazy():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.LazyBatchNorm1d(), nn.Linear(4, 4), nn.BatchNorm1d(4))
+
 def broken():
     return nn.Sequential(nn.Linear(7, 2), nn.BatchNorm1d(2))
 
@@ -360,3 +364,12 @@ def test_without_torch_the_install_hint(cli, project, tmp_path, monkeypatch):
     result = cli("audit", "--model", "usermodels:make", "--data", "data.npz", cwd=project)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert 'pip install ".[torch]"' in result.stderr and "No module named" not in result.stderr
+
+
+def test_recalibrate_a_model_with_lazy_layers(cli, project):
+    np.savez(project / "flat.npz", X=np.random.default_rng(0).normal(size=(20, 3)))
+    args = ["--model", "usermodels:lazy", "--data", "flat.npz", "--out", "lazy.pt"]
+    result = cli("recalibrate", *args, cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert "uninitialized lazy layers (1) had no statistics to compare with" in result.stdout
+    assert torch.load(project / "lazy.pt", weights_only=True)["1.running_var"].shape == (4,)

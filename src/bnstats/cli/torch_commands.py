@@ -119,21 +119,18 @@ def run_recalibrate(args: argparse.Namespace) -> int:
     torch = require_torch()
     out = _writable(args.out)
     model, batches = _inputs(args)
-    changes = _changes(bt, model, batches, args.max_samples)
+    lazy = [name for name, module in model.named_modules() if _uninitialized(module)]
+    changes = [] if lazy else _changes(bt, model, batches, args.max_samples)
     bt.recalibrate(model, batches, max_samples=args.max_samples)
     atomic_write_bytes(out, _saved(torch, model.state_dict()))
-    summary = {"model": args.model, "out": str(out), "layers": changes}
-    print(json.dumps(summary) if args.json else _changes_table(changes, out))
+    summary = {"model": args.model, "out": str(out), "layers": changes, "uninitialized": lazy}
+    print(json.dumps(summary) if args.json else _changes_table(changes, lazy, out))
     return 0
 
 
 def _changes(bt: Any, model: Any, batches: list[Any], max_samples: int | None) -> list[dict]:
     """Per BN layer, how far the running statistics are from what recalibrating writes: the
-    audit's mean shift and variance ratio on the same samples (None for a lazy layer that
-    has no statistics before the pass)."""
-    lazy = [name for name, module in model.named_modules() if _uninitialized(module)]
-    if lazy:
-        return [{"name": name, "mean_shift": None, "var_ratio": None} for name in lazy]
+    audit's mean shift and variance ratio on the same samples."""
     report = bt.audit(model, first_samples(batches, max_samples))
     return [
         {key: row[key] for key in ("name", "mean_shift", "var_ratio")}
@@ -147,8 +144,13 @@ def _uninitialized(module: Any) -> bool:
     return lazy and module.has_uninitialized_params()
 
 
-def _changes_table(changes: list[dict], out: Path) -> str:
+def _changes_table(changes: list[dict], lazy: list[str], out: Path) -> str:
     """Per layer, the audit's worst channel: |old - new mean| / std and old / new var."""
+    if lazy:
+        return (
+            f"recalibrated; uninitialized lazy layers ({', '.join(lazy)}) had no statistics "
+            f"to compare with; wrote {out}"
+        )
     lines = [f"{'layer':<32} {'worst |old-new| mean / std':>28} {'worst old/new var':>20}"]
     for row in changes:
         shift = _worst(row["mean_shift"])
@@ -158,9 +160,8 @@ def _changes_table(changes: list[dict], out: Path) -> str:
     return "\n".join(lines)
 
 
-def _worst(summary: dict | None) -> str:
-    value = None if summary is None else summary["worst"]
-    return "n/a" if value is None else f"{value:.4g}"
+def _worst(summary: dict) -> str:
+    return "n/a" if summary["worst"] is None else f"{summary['worst']:.4g}"
 
 
 def run_fold(args: argparse.Namespace) -> int:
