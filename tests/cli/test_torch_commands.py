@@ -35,6 +35,20 @@ def lazy():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(3, 4), nn.LazyBatchNorm1d(), nn.Linear(4, 4), nn.BatchNorm1d(4))
 
+def failing_batches():
+    return [torch.ones(4, 2, 6, 6)] + [1 / 0]
+
+class Odd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        return self.bn(x).no_such_method()
+
+def odd():
+    return Odd()
+
 def broken():
     return nn.Sequential(nn.Linear(7, 2), nn.BatchNorm1d(2))
 
@@ -316,6 +330,14 @@ MODEL = ["--model", "usermodels:make"]
             "fold: RuntimeError: Given groups=1, weight of size [4, 2, 3, 3]",
         ),
         (["audit", *MODEL, "--data", "data.npz", "--out", "afile"], "--out afile is a file"),
+        (
+            ["audit", *MODEL, "--data", "usermodels:failing_batches"],
+            "audit: ZeroDivisionError: division by zero",
+        ),
+        (
+            ["audit", "--model", "usermodels:odd", "--data", "data.npz"],
+            "audit: AttributeError: 'Tensor' object has no attribute 'no_such_method'",
+        ),
         (
             ["audit", *MODEL, "--data", "data.npz", "--max-samples", "0"],
             "argument --max-samples: expected an integer >= 1, got '0'",

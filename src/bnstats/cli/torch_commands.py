@@ -231,13 +231,15 @@ def _saved(torch: Any, obj: Any) -> bytes:
 
 
 def _one_line_errors(run: Any) -> Any:
-    """Failures inside the user's model (a shape mismatch, a forward that raises) become one
-    ``ValueError`` line, which the command reports with exit status 2."""
+    """Failures inside the user's model or data (a shape mismatch, a forward or a batch source
+    raising anything) become one ``ValueError`` line, reported with exit status 2."""
 
     def wrapped(args: argparse.Namespace) -> int:
         try:
             return run(args)
-        except (RuntimeError, TypeError, KeyError, IndexError) as err:
+        except (ValueError, OSError, ImportError, MemoryError):
+            raise  # already one line
+        except Exception as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ValueError(f"{args.command}: {type(err).__name__}: {first}") from err
 
