@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 import pytest
 
@@ -93,3 +95,29 @@ def test_stratified_split_keeps_every_class(rng):
     assert len(np.intersect1d(train, test)) == 0 and len(train) + len(test) == len(y)
     with pytest.raises(DataError, match="between 0 and 1"):
         stratified_split(y, 1.0, 0)
+
+
+def test_csv_with_a_byte_order_mark(tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a byte-order mark."""
+    path = tmp_path / "excel.csv"
+    rows = ["label,a,b"] + [f"{i % 2},{i},{i * 2}" for i in range(12)]
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(rows).encode())
+    data = load_csv(path, test_fraction=0.25, seed=0)
+    assert data.features == 2 and data.classes == 2 and len(data.X_train) == 8
+    assert sorted(data.X_train[:, 0] * 2) == sorted(data.X_train[:, 1])
+
+
+def test_npz_members_that_are_not_arrays(tmp_path):
+    path = tmp_path / "zipped.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        for key in ("X_train", "y_train", "X_test", "y_test"):
+            archive.writestr(key, "hello")
+    with pytest.raises(DataError, match=r"zipped.npz: \['X_train', .*are not .npy arrays"):
+        load_npz(path)
+
+
+def test_features_whose_squares_overflow_are_refused(rng, tmp_path):
+    path = tmp_path / "huge.csv"
+    path.write_text("a,label\n1,0\n1e300,1\n3,0\n4,1\n")
+    with pytest.raises(DataError, match=r"huge.csv: features holds 1 values beyond ±1e\+150"):
+        load_csv(path)

@@ -2,13 +2,15 @@
 
 Every file bnstats writes goes to a temporary name in the same directory, is flushed to
 disk, and is then renamed over the target (``os.replace`` is atomic on POSIX and Windows):
-a reader sees the old file or the new one, never a truncated one.
+a reader sees the old file or the new one, never a truncated one. The file gets the mode
+``open()`` would give it: an existing file keeps its mode, a new one ``0o666`` less the umask.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -20,8 +22,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
+    mode = file_mode(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, mode)  # mkstemp's 0600 would otherwise survive os.replace
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -31,6 +35,22 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def file_mode(path: Path) -> int:
+    """The permission bits ``open(path, "w")`` leaves: the existing file's, else ``0o666``
+    less the process's umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process's umask (``os.umask`` can only be read by setting it, so set it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

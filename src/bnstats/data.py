@@ -15,6 +15,8 @@ import numpy as np
 
 DIGITS = "digits"
 NPZ_KEYS = ("X_train", "y_train", "X_test", "y_test")
+LARGEST_FEATURE = 1e150
+"""Features larger in magnitude are refused: their squares (in a variance) overflow float64."""
 
 
 class DataError(ValueError):
@@ -62,7 +64,8 @@ def load_digits(*, seed: int = 0, test_fraction: float = 0.25) -> Dataset:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError:
         raise DataError(
-            "the digits dataset needs scikit-learn: pip install 'bnstats[demo]'"
+            "the digits dataset needs scikit-learn: pip install scikit-learn "
+            '(from a bnstats checkout: pip install ".[demo]")'
         ) from None
     bunch = sklearn_digits()
     X, y = bunch.data / 16.0, bunch.target.astype(np.int64)
@@ -97,6 +100,9 @@ def load_npz(path: str | Path) -> Dataset:
             if missing:
                 raise DataError(f"{path}: missing arrays {missing}; expected {list(NPZ_KEYS)}")
             arrays = {key: archive[key] for key in NPZ_KEYS}
+        not_arrays = [key for key, value in arrays.items() if not isinstance(value, np.ndarray)]
+        if not_arrays:
+            raise DataError(f"{path}: {not_arrays} are not .npy arrays (save with numpy.savez)")
     except DataError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
@@ -145,7 +151,7 @@ def load_csv(
 
 def _read_csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # with or without a BOM
             reader = csv.reader(handle)
             header = [h.strip() for h in next(reader, [])]
             rows = [row for row in reader if any(field.strip() for field in row)]
@@ -178,6 +184,13 @@ def _features(X: np.ndarray, path: Path, key: str) -> np.ndarray:
         row, col = bad[0]
         raise DataError(
             f"{path}: {key} holds {len(bad)} NaN/Inf values (first at row {row}, column {col})"
+        )
+    huge = np.argwhere(np.abs(X) > LARGEST_FEATURE)
+    if len(huge):
+        row, col = huge[0]
+        raise DataError(
+            f"{path}: {key} holds {len(huge)} values beyond ±{LARGEST_FEATURE:g}, whose squares "
+            f"overflow (first {X[row, col]:g} at row {row}, column {col}); rescale the features"
         )
     return X
 

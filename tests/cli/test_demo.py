@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -71,13 +73,21 @@ def test_user_npz_and_csv(cli, tmp_path, rng):
         (["--momentum", "1.5"], "--momentum must lie in"),
         (["--hidden", "12,x"], "expected widths"),
         (["--nonsense"], "unrecognized arguments"),
+        (["--seed", "-1"], "argument --seed: expected an integer >= 0, got '-1'"),
+        (["--lr", "inf"], "argument --lr: expected a finite number > 0, got 'inf'"),
+        (["--lr", "nan"], "argument --lr: expected a finite number > 0, got 'nan'"),
+        (
+            ["--hidden", "1000000000"],
+            "an MLP 64-1000000000-10 needs about 55,283 GiB of memory, more than this machine's",
+        ),
     ],
 )
-def test_bad_arguments_exit_2_with_one_line(cli, args, message):
-    result = cli("demo", *args)
+def test_bad_arguments_exit_2_with_one_line(cli, tmp_path, args, message):
+    result = cli("demo", *args, "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+    assert list(tmp_path.iterdir()) == [], "nothing is written"
 
 
 def test_no_command_prints_help(cli):
@@ -104,14 +114,84 @@ def _npz(path, rng, **changes):
         ({"y_test": np.arange(10) % 3}, "labels [2] that never occur in y_train"),
         ({"y_train": -(np.arange(40) % 2)}, "labels must be 0, 1, 2"),
         ({"X_test": np.zeros((10, 4))}, "X_train has 3 columns but X_test has 4"),
+        ({"X_train": np.full((40, 3), 1e300)}, "X_train holds 120 values beyond ±1e+150"),
+        (
+            {"y_train": np.arange(40) % 2 * 10**9, "y_test": np.arange(10) % 2 * 10**9},
+            "bad.npz has labels up to 1000000000, one output unit each",
+        ),
     ],
 )
 def test_bad_data_files_exit_2_with_one_line(cli, tmp_path, rng, change, message):
     path = _npz(tmp_path / "bad.npz", rng, **change)
-    result = cli("demo", "--data", path, "--batch-size", "8", "--epochs", "1")
+    out = str(tmp_path / "out")
+    result = cli("demo", "--data", path, "--batch-size", "8", "--epochs", "1", "--out", out)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     assert "bad.npz" in result.stderr and "Traceback" not in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.npz"], "nothing is written"
+
+
+def test_training_that_fails_leaves_no_folder_and_one_line(cli, tmp_path):
+    """Adam with a step of 1e300 overflows: numpy warns, then batch norm refuses NaN."""
+    result = cli("demo", "--lr", "1e300", *QUICK, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "NaN or Inf" in result.stderr and "(after a warning" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_npz_members_that_are_not_arrays_exit_2(cli, tmp_path):
+    path = tmp_path / "zipped.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        for key in ("X_train", "y_train", "X_test", "y_test"):
+            archive.writestr(key, "hello")
+    result = cli("demo", "--data", str(path))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "zipped.npz: ['X_train', 'y_train', 'X_test', 'y_test'] are not .npy" in result.stderr
+
+
+def test_csv_with_a_byte_order_mark_runs(cli, tmp_path, rng):
+    X = rng.normal(size=(60, 2))
+    lines = ["label,x0,x1"] + [f"{int(a > 0)},{a},{b}" for a, b in X]
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode())
+    result = cli(
+        "demo", "--json", "--data", str(tmp_path / "excel.csv"), "--batch-size", "9", *QUICK
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["dataset"] == "excel.csv"
+
+
+def test_out_at_an_existing_file_exit_2(cli, tmp_path):
+    (tmp_path / "taken").write_text("x")
+    result = cli("demo", *QUICK, "--out", str(tmp_path / "taken"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "taken is a file, not a folder" in result.stderr
+
+
+def test_warnings_keep_to_one_line_each(monkeypatch, capsys):
+    """A warning before an error folds into the error's line; after success, one line each."""
+    from bnstats import cli as command
+
+    def warn_then(outcome):
+        def run(args):
+            warnings.warn("first thing\nover two lines", RuntimeWarning, stacklevel=1)
+            warnings.warn("second thing", UserWarning, stacklevel=1)
+            if outcome == "fail":
+                raise ValueError("it failed")
+            return 0
+
+        return run
+
+    monkeypatch.setattr(command.demo, "run", warn_then("fail"))
+    assert command.main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == "bnstats: error: it failed (after a warning and 1 more: first thing over two lines)\n"
+    )
+    monkeypatch.setattr(command.demo, "run", warn_then("succeed"))
+    assert command.main(["demo"]) == 0
+    err = capsys.readouterr().err
+    assert err == "bnstats: warning: first thing over two lines\nbnstats: warning: second thing\n"
 
 
 def test_wrong_columns_in_csv_exit_2(cli, tmp_path):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -27,6 +30,24 @@ def make():
 def batches():
     gen = torch.Generator().manual_seed(1)
     return [(torch.randn(n, 2, 6, 6, generator=gen) * 2 + 1, torch.zeros(n)) for n in (5, 9, 4)]
+
+def lazy():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.LazyBatchNorm1d(), nn.Linear(4, 4), nn.BatchNorm1d(4))
+
+def failing_batches():
+    return [torch.ones(4, 2, 6, 6)] + [1 / 0]
+
+class Odd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        return self.bn(x).no_such_method()
+
+def odd():
+    return Odd()
 
 def broken():
     return nn.Sequential(nn.Linear(7, 2), nn.BatchNorm1d(2))
@@ -195,11 +216,172 @@ def test_wrong_weights_file_names_the_file_and_writes_nothing(cli, project):
     assert not (project / "new.pt").exists()
 
 
-def test_max_samples_cuts_tensor_batches():
-    from bnstats.cli.torch_commands import _limited
+def test_max_samples_counts_samples_of_tuple_batches(cli, project):
+    """``usermodels:batches`` gives (x, y) tuples of 5, 9 and 4 samples."""
+    args = ["--model", "usermodels:make", "--data", "usermodels:batches", "--max-samples", "7"]
+    result = cli("audit", *args, "--json", cwd=project)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["samples"] == 7 and report["batches"] == 2
+    assert [layer["samples"] for layer in report["layers"]] == [7 * 36, 7 * 36]
 
-    batches = [torch.zeros(4, 2), torch.zeros(4, 2), torch.zeros(4, 2)]
-    assert [len(b) for b in _limited(batches, 6)] == [4, 2]
-    assert _limited(batches, None) is batches
-    with pytest.raises(ValueError, match="at least 1"):
-        _limited(batches, 0)
+
+def test_recalibrate_reports_the_audits_numbers(cli, project):
+    """The table of changes is the audit of the model before recalibrating, on the same
+    samples: the same mean shift and variance ratio, not a second computation of them."""
+    _stale_weights(project)
+    common = ["--model", "usermodels:make", "--weights", "weights.pt", "--data", "data.npz"]
+    audited = cli("audit", *common, "--max-samples", "20", "--json", cwd=project)
+    changed = cli(
+        "recalibrate", *common, "--max-samples", "20", "--out", "new.pt", "--json", cwd=project
+    )
+    assert audited.returncode == changed.returncode == 0, audited.stderr + changed.stderr
+    expected = [
+        {"name": row["name"], "mean_shift": row["mean_shift"], "var_ratio": row["var_ratio"]}
+        for row in json.loads(audited.stdout)["layers"]
+    ]
+    assert json.loads(changed.stdout)["layers"] == expected
+    table = cli("recalibrate", *common, "--out", "new.pt", cwd=project)
+    assert "worst |old-new| mean / std" in table.stdout and "wrote new.pt" in table.stdout
+
+
+def test_audit_of_a_built_model_is_in_eval_mode_and_names_its_page(cli, project):
+    result = cli(
+        "audit", "--model", "usermodels:make", "--data", "data.npz", "--out", "page", cwd=project
+    )
+    assert result.returncode == 0, result.stderr
+    assert "model_in_training_mode" not in result.stdout
+    assert result.stdout.rstrip().endswith(
+        f"wrote {project / 'page' / 'audit.html'}".replace(str(project) + "/", "")
+    )
+    result = cli(
+        "audit",
+        "--model",
+        "usermodels:make",
+        "--data",
+        "data.npz",
+        "--out",
+        "p2",
+        "--json",
+        cwd=project,
+    )
+    assert json.loads(result.stdout)["page"] == "p2/audit.html"
+
+
+def test_audit_page_with_a_nan_running_var(cli, project):
+    model = _user_module(project).make()
+    model[1].running_var[0] = float("nan")
+    torch.save(model.state_dict(), project / "nan.pt")
+    args = ["--model", "usermodels:make", "--weights", "nan.pt", "--data", "data.npz"]
+    result = cli("audit", *args, "--out", "page", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert "variance ratio is not finite" in (project / "page" / "audit.html").read_text()
+
+
+def _bad_files(project):
+    (project / "badsyntax.py").write_text("def make(:\n    pass\n")
+    (project / "nameerror.py").write_text("undefined_name\n")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 2, 6, 6))
+    np.savez(project / "complex.npz", X=x + 1j)
+    np.savez(project / "huge.npz", X=x * 1e300)
+    np.savez(project / "wide.npz", X=rng.normal(size=(30, 5, 6, 6)))
+    (project / "afile").write_text("x")
+    model = _user_module(project).make()
+    state = model.state_dict()
+    state["0.weight"] = torch.zeros(4, 2, 5, 5)
+    del state["4.running_var"]
+    torch.save(state, project / "mismatch.pt")
+
+
+MODEL = ["--model", "usermodels:make"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["audit", "--model", "badsyntax:make", "--data", "data.npz"],
+            "--model: importing badsyntax failed: SyntaxError",
+        ),
+        (
+            ["audit", "--model", "nameerror:make", "--data", "data.npz"],
+            "--model: importing nameerror failed: NameError: name 'undefined_name'",
+        ),
+        (["audit", *MODEL, "--data", "complex.npz"], "inputs must be real numbers"),
+        (["audit", *MODEL, "--data", "huge.npz"], "beyond float32's range"),
+        (
+            ["audit", *MODEL, "--weights", "mismatch.pt", "--data", "data.npz"],
+            "mismatch.pt does not fit the model: 1 keys missing (4.running_var); 1 shapes "
+            "differ (0.weight is (4, 2, 5, 5) in the file, (4, 2, 3, 3) in the model)",
+        ),
+        (
+            ["fold", *MODEL, "--data", "wide.npz", "--out", "f.pt"],
+            "fold: RuntimeError: Given groups=1, weight of size [4, 2, 3, 3]",
+        ),
+        (["audit", *MODEL, "--data", "data.npz", "--out", "afile"], "--out afile is a file"),
+        (
+            ["audit", *MODEL, "--data", "usermodels:failing_batches"],
+            "audit: ZeroDivisionError: division by zero",
+        ),
+        (
+            ["audit", "--model", "usermodels:odd", "--data", "data.npz"],
+            "audit: AttributeError: 'Tensor' object has no attribute 'no_such_method'",
+        ),
+        (
+            ["audit", *MODEL, "--data", "data.npz", "--max-samples", "0"],
+            "argument --max-samples: expected an integer >= 1, got '0'",
+        ),
+        (
+            ["recalibrate", *MODEL, "--data", "data.npz", "--batch-size", "-3", "--out", "r.pt"],
+            "argument --batch-size: expected an integer >= 1, got '-3'",
+        ),
+    ],
+)
+def test_each_message_is_one_line_and_leaves_nothing(cli, project, args, message):
+    _bad_files(project)
+    before = sorted(p.name for p in project.iterdir())
+    result = cli(*args, cwd=project)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    after = sorted(p.name for p in project.iterdir() if p.name != "__pycache__")
+    assert after == [name for name in before if name != "__pycache__"]
+
+
+def test_json_into_a_closed_pipe_ends_quietly(project):
+    """Like ``bnstats audit --json | head -c 0``: the reader is gone before the JSON comes."""
+    from tests.cli.conftest import SRC
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bnstats", "audit", *MODEL, "--data", "data.npz", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=project,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141 and stderr == "", stderr
+
+
+def test_without_torch_the_install_hint(cli, project, tmp_path, monkeypatch):
+    """A ``torch`` that fails to import, first on the path, stands for a missing one."""
+    fake = tmp_path / "no-torch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(fake.parent))
+    result = cli("audit", "--model", "usermodels:make", "--data", "data.npz", cwd=project)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert 'pip install ".[torch]"' in result.stderr and "No module named" not in result.stderr
+
+
+def test_recalibrate_a_model_with_lazy_layers(cli, project):
+    np.savez(project / "flat.npz", X=np.random.default_rng(0).normal(size=(20, 3)))
+    args = ["--model", "usermodels:lazy", "--data", "flat.npz", "--out", "lazy.pt"]
+    result = cli("recalibrate", *args, cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert "uninitialized lazy layers (1) had no statistics to compare with" in result.stdout
+    assert torch.load(project / "lazy.pt", weights_only=True)["1.running_var"].shape == (4,)

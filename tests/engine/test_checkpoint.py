@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -82,3 +83,35 @@ def test_every_engine_layer_kind_is_in_the_checkpoint_table():
     engine = {c for c in subclasses(Layer) if c.__module__.startswith("bnstats.engine")}
     assert set(LAYER_KINDS.values()) == engine
     assert all(LAYER_KINDS[c.kind] is c for c in engine)
+
+
+def _with_header(path, header):
+    np.savez(path, __meta__=np.array(json.dumps(header)))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ([1, 2], "its header is a list, not a JSON object"),
+        (3.5, "its header is a float, not a JSON object"),
+        ({"format": "bnstats.engine.Network", "version": "1"}, "version '1'; this bnstats reads"),
+        ({"format": "bnstats.engine.Network", "version": 1, "layers": 7}, "damaged checkpoint"),
+        ({"format": "bnstats.engine.Network", "version": 1, "layers": [7]}, "damaged checkpoint"),
+    ],
+)
+def test_bad_headers_get_one_error_naming_the_file(tmp_path, header, message):
+    path = _with_header(tmp_path / "bad.npz", header)
+    with pytest.raises(CheckpointError, match=rf"bad\.npz.*{re.escape(message)}"):
+        Network.load(path)
+
+
+def test_estimator_arrays_of_the_wrong_length_are_refused_on_load(rng, tmp_path):
+    net, _ = _trained(rng)
+    path = net.save(tmp_path / "net.npz")
+    with np.load(path) as data:
+        arrays = {key: data[key] for key in data.files}
+    arrays["bn1/estimators/ema/running_mean"] = np.zeros(4)
+    np.savez(path, **arrays)
+    with pytest.raises(CheckpointError, match=r"net\.npz.*EMA running_mean has shape \(4,\), not"):
+        Network.load(path)

@@ -58,3 +58,11 @@ def test_figure_has_a_bar_per_layer_and_panel(report):
     assert ratio_ax.get_xscale() == "log"
     top = max(shift_ax.get_yticklabels(), key=lambda label: label.get_position()[1])
     assert top.get_text() == layers[0]["name"], "the first (flagged) layer is drawn on top"
+
+
+def test_a_nan_running_var_is_said_in_words(tmp_path):
+    model = scramble_batchnorm(TinyResNet(), seed=3).eval()
+    model.stem[1].running_var[0] = float("nan")
+    page = audit_report_html(audit(model, image_batches(n_batches=2)))
+    assert "The largest difference is in stem.1" in page
+    assert "its variance ratio is not finite (NaN or Inf)" in page

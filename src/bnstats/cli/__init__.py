@@ -2,7 +2,11 @@
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and ``run(args)``.
 Bad input of any kind ends with exit status 2 and one line on stderr, never a traceback
-(set ``BNSTATS_DEBUG=1`` to see one).
+(set ``BNSTATS_DEBUG=1`` to see one). Python warnings raised on the way are not printed as
+they come (two lines each, with the source line): a failing command mentions the first in
+its one error line, a succeeding one prints each distinct warning as one line at the end.
+A reader that closes the output early (``bnstats audit --json | head``) ends the command
+quietly.
 """
 
 from __future__ import annotations
@@ -10,12 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from bnstats import __version__
 from bnstats.cli import demo, torch_commands
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPIPE
 COMMANDS = [demo, torch_commands]
 
 
@@ -48,25 +54,54 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        if not getattr(args, "run", None):
-            parser.print_help(sys.stderr)
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            status = _run(parser, argv)
+        except KeyboardInterrupt:
+            print("bnstats: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:
+            _discard_stdout()
+            return EXIT_BROKEN_PIPE
+        except (UsageError, ValueError, OSError, ImportError, MemoryError) as err:
+            if os.environ.get("BNSTATS_DEBUG"):
+                raise
+            print(f"bnstats: error: {one_line(err)}{_first_warning(caught)}", file=sys.stderr)
             return EXIT_USAGE
-        return int(args.run(args) or 0)
-    except KeyboardInterrupt:
-        print("bnstats: interrupted", file=sys.stderr)
-        return 130
-    except (UsageError, ValueError, OSError, ImportError) as err:
-        if os.environ.get("BNSTATS_DEBUG"):
-            raise
-        print(f"bnstats: error: {one_line(err)}", file=sys.stderr)
+    for message in dict.fromkeys(one_line(w.message) for w in caught):
+        print(f"bnstats: warning: {message}", file=sys.stderr)
+    return status
+
+
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help(sys.stderr)
         return EXIT_USAGE
+    status = int(args.run(args) or 0)
+    sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at exit
+    return status
+
+
+def _first_warning(caught: list[warnings.WarningMessage]) -> str:
+    if not caught:
+        return ""
+    more = f" and {len(caught) - 1} more" if len(caught) > 1 else ""
+    return f" (after a warning{more}: {one_line(caught[0].message)})"
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device, so that flushing it at exit raises nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def one_line(err: BaseException) -> str:
     """The error's message on a single line."""
     text = str(err) or type(err).__name__
+    if isinstance(err, MemoryError):
+        text = f"out of memory ({text})"
     if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
         text = f"{err.filename}: {text}"
     return " ".join(text.split())

@@ -8,13 +8,16 @@ import json
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bnstats._output_set import check_output_folder, one_generation
 from bnstats._threads import one_blas_thread
+from bnstats.cli.memory import check_memory
 from bnstats.cli.textplot import line_plot
+from bnstats.cli.values import non_negative_int, positive_float
+from bnstats.data import load_dataset
 from bnstats.demo import (
     DEFAULT_GHOST_SIZE,
     NORM_LABELS,
@@ -28,6 +31,7 @@ from bnstats.report import ReportDependencyError, lecture_traces, write_demo_rep
 
 HELP = "train a batch-normalized MLP in NumPy and compare test-time statistics"
 SAVED_FILES = ("history.npz", "summary.json", "network.npz")
+OUT_FILES = (*SAVED_FILES, "report.html")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -42,8 +46,10 @@ def add_parser(subparsers: Any) -> None:
         default=defaults.momentum,
         help="weight of the newest batch in the running average (PyTorch's convention)",
     )
-    p.add_argument("--lr", type=float, default=defaults.lr, help="Adam's learning rate")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="split, weights, shuffling")
+    p.add_argument("--lr", type=positive_float, default=defaults.lr, help="Adam's learning rate")
+    p.add_argument(
+        "--seed", type=non_negative_int, default=defaults.seed, help="split, weights, shuffling"
+    )
     p.add_argument("--hidden", type=hidden_sizes, default=defaults.hidden, help="e.g. 128,64")
     p.add_argument(
         "--test-fraction",
@@ -106,21 +112,30 @@ def config_from(args: argparse.Namespace) -> DemoConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)
-    dataset, net = prepare_demo(config)
+    if args.report_layer is not None and not args.out:
+        raise ValueError("--report-layer needs --out DIR, where report.html is written")
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)  # fail before training, not after
+        check_output_folder(args.out, OUT_FILES)  # fail before training, not after
+    dataset = load_dataset(config.data, seed=config.seed, test_fraction=config.test_fraction)
+    check_memory(config, dataset)  # before the network is built
+    dataset, net = prepare_demo(config, dataset)
     with progress_bar(enabled=not args.json) as advance:
         result = train_demo(config, dataset, net, progress=advance)
-    saved: list[str] = []
-    if args.out:
-        result.save(args.out)
-        with one_blas_thread():  # the report evaluates the network at many batch sizes
-            saved = [*SAVED_FILES, *save_report(result, args.out)]
+    saved = save_outputs(result, args.out) if args.out else []
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
         print_report(result, saved_to=args.out, saved=saved)
     return 0
+
+
+def save_outputs(result: DemoResult, out: str) -> list[str]:
+    """Replace ``out`` by this run's files in one step (the previous run's stay if this
+    fails); returns the names written."""
+    with one_generation(out) as staging:
+        result.save(staging)
+        with one_blas_thread():  # the report evaluates the network at many batch sizes
+            return [*SAVED_FILES, *save_report(result, str(staging))]
 
 
 def save_report(result: DemoResult, out: str) -> list[str]:

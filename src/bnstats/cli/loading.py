@@ -22,12 +22,18 @@ import numpy as np
 NPZ_INPUT_KEYS = ("X", "inputs", "X_train", "x")
 
 
+TORCH_HINT = (
+    "this command needs PyTorch: pip install torch (from a bnstats checkout: "
+    'pip install ".[torch]"; CPU-only: add --index-url https://download.pytorch.org/whl/cpu)'
+)
+
+
 def require_torch() -> Any:
     """Import torch, or explain in one line how to get it."""
     try:
         import torch
     except ImportError:
-        raise ImportError("this command needs PyTorch: pip install 'bnstats[torch]'") from None
+        raise ImportError(TORCH_HINT) from None
     return torch
 
 
@@ -70,6 +76,10 @@ def _import(module_name: str, what: str) -> Any:
         return importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(f"{what}: cannot import {module_name!r} ({err})") from None
+    except Exception as err:  # the module's own code failed: a SyntaxError, a NameError, ...
+        raise ValueError(
+            f"{what}: importing {module_name} failed: {type(err).__name__}: {err}"
+        ) from None
 
 
 def load_model(reference: str, weights: str | None = None) -> Any:
@@ -120,10 +130,41 @@ def load_weights(model: Any, path: str) -> None:
                 state = state[key]
     if not isinstance(state, dict):
         raise ValueError(f"{file}: expected a state dict, found a {type(state).__name__}")
+    differences = state_dict_differences(model.state_dict(), state)
+    if differences:
+        raise ValueError(f"{file} does not fit the model: {differences}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(f"{file} does not fit the model: {_first_line(err)}") from None
+
+
+def state_dict_differences(expected: dict[str, Any], found: dict[str, Any]) -> str:
+    """The keys and shapes by which ``found`` (a file's) differs from ``expected`` (the
+    model's), in one line; empty if they agree."""
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    shapes = [
+        f"{key} is {_shape(found[key])} in the file, {_shape(value)} in the model"
+        for key, value in expected.items()
+        if key in found and _shape(found[key]) != _shape(value)
+    ]
+    parts = [
+        f"{len(missing)} keys missing ({_few(missing)})" if missing else "",
+        f"{len(unexpected)} unexpected keys ({_few(unexpected)})" if unexpected else "",
+        f"{len(shapes)} shapes differ ({_few(shapes)})" if shapes else "",
+    ]
+    return "; ".join(part for part in parts if part)
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    return tuple(value.shape) if hasattr(value, "shape") else None
+
+
+def _few(items: list[str], shown: int = 3) -> str:
+    return ", ".join(items[:shown]) + (
+        f", ... ({len(items) - shown} more)" if len(items) > shown else ""
+    )
 
 
 def load_batches(reference: str, batch_size: int, key: str | None = None) -> list[Any]:
@@ -154,18 +195,27 @@ def _npz_batches(path: Path, batch_size: int, key: str | None) -> list[Any]:
                 wanted = key or " or ".join(NPZ_INPUT_KEYS)
                 raise ValueError(f"{path}: no array {wanted}; it holds {archive.files}")
             inputs = archive[names[0]]
+            if not isinstance(inputs, np.ndarray):
+                raise ValueError(f"{path}: {names[0]} is not a .npy array (save with numpy.savez)")
     except ValueError:
         raise
     except (OSError, zipfile.BadZipFile, EOFError) as err:
         raise ValueError(f"{path}: not a readable .npz file ({err})") from None
     if inputs.ndim < 2 or len(inputs) == 0:
         raise ValueError(f"{path}: inputs must be (N, ...) with N > 0, got shape {inputs.shape}")
-    if not np.issubdtype(inputs.dtype, np.number):
-        raise ValueError(f"{path}: inputs must be numbers, got dtype {inputs.dtype}")
+    if not np.issubdtype(inputs.dtype, np.number) or np.iscomplexobj(inputs):
+        raise ValueError(f"{path}: inputs must be real numbers, got dtype {inputs.dtype}")
     if not np.isfinite(inputs).all():
         raise ValueError(f"{path}: inputs hold NaN or Inf")
-    tensor = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
-    return list(torch.split(tensor, batch_size))
+    with np.errstate(over="ignore"):
+        single = np.ascontiguousarray(inputs, dtype=np.float32)
+    if not np.isfinite(single).all():
+        largest = float(np.abs(inputs).max())
+        raise ValueError(
+            f"{path}: inputs reach {largest:g}, beyond float32's range (3.4e+38) the model "
+            "computes in; rescale them"
+        )
+    return list(torch.split(torch.from_numpy(single), batch_size))
 
 
 def _first_line(err: BaseException) -> str:

@@ -12,6 +12,7 @@ command succeeds, and then atomically.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from bnstats._files import atomic_write_bytes
 from bnstats.cli.loading import load_batches, load_model, require_torch
 from bnstats.cli.onnx_commands import add_onnx_option, onnx_for_audit, onnx_for_fold
+from bnstats.cli.values import positive_int
 
 NAMES = ("audit", "recalibrate", "fold")
 HELP = {
@@ -40,10 +42,12 @@ def add_parser(subparsers: Any) -> None:
             help="FILE.npz (array X, inputs or X_train) or pkg.module:batches",
         )
         p.add_argument("--data-key", help="the npz array holding the inputs")
-        p.add_argument("--batch-size", type=int, default=64, help="rows per batch for npz data")
+        p.add_argument(
+            "--batch-size", type=positive_int, default=64, help="rows per batch for npz data"
+        )
         p.add_argument("--json", action="store_true", help="print one JSON object")
         if name != "fold":
-            p.add_argument("--max-samples", type=int, help="stop after this many samples")
+            p.add_argument("--max-samples", type=positive_int, help="stop after this many samples")
         _add_out(p, name)
         add_onnx_option(p, name)
         p.set_defaults(run=RUNNERS[name])
@@ -56,6 +60,14 @@ def _add_out(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("--out", required=True, metavar="FILE.pt", help="where to write")
 
 
+def _torch_tools() -> Any:
+    """``bnstats.torch``, or the install hint in one line when torch is missing."""
+    require_torch()
+    import bnstats.torch as bt
+
+    return bt
+
+
 def _inputs(args: argparse.Namespace) -> tuple[Any, list[Any] | None]:
     model = load_model(args.model, args.weights)
     batches = load_batches(args.data, args.batch_size, args.data_key) if args.data else None
@@ -63,106 +75,103 @@ def _inputs(args: argparse.Namespace) -> tuple[Any, list[Any] | None]:
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    import bnstats.torch as bt
-
+    bt = _torch_tools()
+    page = _audit_page_path(args.out) if args.out else None
     model, batches = _inputs(args)
-    report = bt.audit(model, _limited(batches, args.max_samples))
+    model.eval()  # as deployed: a freshly built model is in training mode, not the user's doing
+    report = bt.audit(model, batches, max_samples=args.max_samples)
     onnx_entry, onnx_lines, status = onnx_for_audit(args, model)
-    if args.out:
-        _write_audit_page(report, Path(args.out))
-    text = "\n".join([str(report), *onnx_lines])
-    print(json.dumps({**report.to_dict(), **onnx_entry}) if args.json else text)
+    if page:
+        _write_audit_page(report, page)
+    if args.json:
+        print(
+            json.dumps({**report.to_dict(), **({"page": str(page)} if page else {}), **onnx_entry})
+        )
+    else:
+        print("\n".join([str(report), *([f"wrote {page}"] if page else []), *onnx_lines]))
     return status
 
 
-def _limited(batches: list[Any], max_samples: int | None) -> list[Any]:
-    """The first ``max_samples`` samples of tensor batches (all of them without a limit)."""
-    if max_samples is None:
-        return batches
-    if max_samples < 1:
-        raise ValueError(f"--max-samples must be at least 1, got {max_samples}")
-    kept, seen = [], 0
-    for batch in batches:
-        if seen >= max_samples:
-            break
-        if hasattr(batch, "shape"):
-            batch = batch[: max_samples - seen]
-        kept.append(batch)
-        seen += len(batch) if hasattr(batch, "__len__") else 1
-    return kept
+def _audit_page_path(directory: str) -> Path:
+    """``directory/audit.html``, checked before any work: ``directory`` must be a folder or
+    not exist yet."""
+    from bnstats.report.audit_page import AUDIT_PAGE
+
+    folder = Path(directory)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {folder} is a file; give the folder to write {AUDIT_PAGE} in")
+    return folder / AUDIT_PAGE
 
 
-def _write_audit_page(report: Any, directory: Path) -> None:
+def _write_audit_page(report: Any, page: Path) -> None:
     from bnstats.report.audit_page import write_audit_report
 
-    write_audit_report(report, directory)
+    write_audit_report(report, page.parent)
 
 
 def run_recalibrate(args: argparse.Namespace) -> int:
-    import bnstats.torch as bt
-
+    bt = _torch_tools()
     torch = require_torch()
     out = _writable(args.out)
     model, batches = _inputs(args)
-    before = _running_buffers(model)
+    lazy = [name for name, module in model.named_modules() if _uninitialized(module)]
+    changes = [] if lazy else _changes(bt, model, batches, args.max_samples)
     bt.recalibrate(model, batches, max_samples=args.max_samples)
-    changes = _changes(before, _running_buffers(model))
     atomic_write_bytes(out, _saved(torch, model.state_dict()))
-    summary = {"model": args.model, "out": str(out), "layers": changes}
-    print(json.dumps(summary) if args.json else _changes_table(changes, out))
+    summary = {"model": args.model, "out": str(out), "layers": changes, "uninitialized": lazy}
+    print(json.dumps(summary) if args.json else _changes_table(changes, lazy, out))
     return 0
 
 
-def _running_buffers(model: Any) -> dict[str, tuple[Any, Any]]:
+def _changes(bt: Any, model: Any, batches: list[Any], max_samples: int | None) -> list[dict]:
+    """Per BN layer, how far the running statistics are from what recalibrating writes: the
+    audit's mean shift and variance ratio on the same samples."""
+    report = bt.audit(model, batches, max_samples=max_samples)
+    return [
+        {key: row[key] for key in ("name", "mean_shift", "var_ratio")}
+        for row in report.to_dict()["layers"]
+    ]
+
+
+def _uninitialized(module: Any) -> bool:
     torch = require_torch()
-    return {
-        name: (
-            module.running_mean.detach().double().clone(),
-            module.running_var.detach().double().clone(),
+    lazy = isinstance(module, torch.nn.modules.lazy.LazyModuleMixin)
+    return lazy and module.has_uninitialized_params()
+
+
+def _changes_table(changes: list[dict], lazy: list[str], out: Path) -> str:
+    """Per layer, the audit's worst channel: |old - new mean| / std and old / new var."""
+    if lazy:
+        return (
+            f"recalibrated; uninitialized lazy layers ({', '.join(lazy)}) had no statistics "
+            f"to compare with; wrote {out}"
         )
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.modules.batchnorm._NormBase)
-        and getattr(module, "running_mean", None) is not None
-    }
-
-
-def _changes(before: dict[str, tuple[Any, Any]], after: dict[str, tuple[Any, Any]]) -> list[dict]:
-    """Per layer: the largest |old mean - new mean| / new std, and the range of old/new var."""
-    rows = []
-    for name, (old_mean, old_var) in before.items():
-        new_mean, new_var = after[name]
-        shift = ((old_mean - new_mean).abs() / new_var.clamp_min(1e-12).sqrt()).max()
-        ratio = old_var / new_var.clamp_min(1e-12)
-        rows.append(
-            {
-                "name": name,
-                "max_mean_shift_std": float(shift),
-                "min_var_ratio": float(ratio.min()),
-                "max_var_ratio": float(ratio.max()),
-            }
-        )
-    return rows
-
-
-def _changes_table(changes: list[dict], out: Path) -> str:
-    lines = [f"{'layer':<32} {'max |old-new| mean / std':>26} {'old/new var':>20}"]
+    lines = [f"{'layer':<32} {'worst |old-new| mean / std':>28} {'worst old/new var':>20}"]
     for row in changes:
-        var_range = f"{row['min_var_ratio']:.3g}..{row['max_var_ratio']:.3g}"
-        lines.append(f"{row['name']:<32} {row['max_mean_shift_std']:>26.4g} {var_range:>20}")
+        shift = _worst(row["mean_shift"])
+        ratio = _worst(row["var_ratio"])
+        lines.append(f"{row['name']:<32} {shift:>28} {ratio:>20}")
     lines.append(f"recalibrated {len(changes)} BN layers; wrote {out}")
     return "\n".join(lines)
 
 
-def run_fold(args: argparse.Namespace) -> int:
-    import bnstats.torch as bt
+def _worst(summary: dict) -> str:
+    return "n/a" if summary["worst"] is None else f"{summary['worst']:.4g}"
 
+
+def run_fold(args: argparse.Namespace) -> int:
+    bt = _torch_tools()
     torch = require_torch()
     out = _writable(args.out)
     model, batches = _inputs(args)
     model.eval()
     example = _first_input(batches)
-    fused = bt.fold(model, example_inputs=example)
-    difference = _max_relative_difference(model, fused, batches) if batches else None
+    if example is not None:
+        with torch.inference_mode():
+            model(example)  # data of the wrong shape fails here, in the user's own model
+    with contextlib.redirect_stderr(io.StringIO()):  # torch.fx prints tracebacks itself
+        fused = bt.fold(model, example_inputs=example)
+        difference = _max_relative_difference(model, fused, batches) if batches else None
     onnx_entry, onnx_lines = onnx_for_fold(args, model, example)
     atomic_write_bytes(out, _saved(torch, fused))
     summary = {
@@ -221,13 +230,15 @@ def _saved(torch: Any, obj: Any) -> bytes:
 
 
 def _one_line_errors(run: Any) -> Any:
-    """Failures inside the user's model (a shape mismatch, a forward that raises) become one
-    ``ValueError`` line, which the command reports with exit status 2."""
+    """Failures inside the user's model or data (a shape mismatch, a forward or a batch source
+    raising anything) become one ``ValueError`` line, reported with exit status 2."""
 
     def wrapped(args: argparse.Namespace) -> int:
         try:
             return run(args)
-        except (RuntimeError, TypeError, KeyError, IndexError) as err:
+        except (ValueError, OSError, ImportError, MemoryError):
+            raise  # already one line
+        except Exception as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ValueError(f"{args.command}: {type(err).__name__}: {first}") from err
 

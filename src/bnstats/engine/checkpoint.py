@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from bnstats._files import atomic_write_bytes, npz_bytes
+from bnstats._formats import FileFormatError, check_header, format_header, parse_header
 from bnstats.engine.kinds import LAYER_KINDS
 from bnstats.engine.layers import BatchNorm, Layer
 from bnstats.stats import estimator_from_state
@@ -24,7 +25,7 @@ FORMAT = "bnstats.engine.Network"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FileFormatError):
     """A file that is not a readable bnstats network checkpoint."""
 
 
@@ -42,7 +43,7 @@ def save(layers: Sequence[Layer], path: str | Path) -> Path:
                 for key, est in layer.estimators.items()
             }
         layers_meta.append(meta)
-    header = {"format": FORMAT, "version": VERSION, "layers": layers_meta}
+    header = {**format_header(FORMAT, VERSION), "layers": layers_meta}
     arrays["__meta__"] = np.array(json.dumps(header))
     return atomic_write_bytes(Path(path), npz_bytes(arrays))
 
@@ -70,28 +71,16 @@ def load(path: str | Path) -> list[Layer]:
             arrays = {key: data[key] for key in data.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise CheckpointError(f"{path} is not a readable .npz checkpoint ({err})") from None
-    header = _read_header(arrays, path)
-    try:
-        return [_build_layer(meta, arrays) for meta in header["layers"]]
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: damaged checkpoint ({err})") from None
-
-
-def _read_header(arrays: dict[str, np.ndarray], path: Path) -> dict[str, Any]:
     if "__meta__" not in arrays:
         raise CheckpointError(f"{path} is not a bnstats network checkpoint (no __meta__)")
+    header = parse_header(str(arrays["__meta__"]), path, CheckpointError)
+    check_header(header, path, FORMAT, VERSION, CheckpointError)
     try:
-        header = json.loads(str(arrays["__meta__"]))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: unreadable checkpoint header ({err})") from None
-    if header.get("format") != FORMAT:
-        raise CheckpointError(f"{path} holds {header.get('format')!r}, not a {FORMAT}")
-    if header.get("version") != VERSION:
-        raise CheckpointError(
-            f"{path} is checkpoint format version {header.get('version')}; "
-            f"this bnstats reads version {VERSION}"
-        )
-    return header
+        if not isinstance(header.get("layers"), list):
+            raise ValueError("no list of layers")
+        return [_build_layer(meta, arrays) for meta in header["layers"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path}: damaged checkpoint ({type(err).__name__}: {err})") from None
 
 
 def _build_layer(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Layer:
@@ -104,14 +93,23 @@ def _build_layer(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Layer:
         layer.params[key] = stored.astype(np.float64)
     if isinstance(layer, BatchNorm):
         layer.estimators = {
-            key: estimator_from_state(_join_state(state, arrays))
+            key: estimator_from_state(_join_state(state, arrays, layer.num_features))
             for key, state in meta["estimators"].items()
         }
     return layer
 
 
-def _join_state(plain: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    return {
-        key: arrays[value["array"]] if isinstance(value, dict) and "array" in value else value
-        for key, value in plain.items()
-    }
+def _join_state(
+    plain: dict[str, Any], arrays: dict[str, np.ndarray], features: int
+) -> dict[str, Any]:
+    """An estimator's state with its arrays put back; each must hold one value per feature."""
+    state = {}
+    for key, value in plain.items():
+        if isinstance(value, dict) and "array" in value:
+            value = arrays[value["array"]]
+            if value.shape != (features,):
+                raise ValueError(
+                    f"{plain['kind']} {key} has shape {value.shape}, not ({features},)"
+                )
+        state[key] = value
+    return state

@@ -8,6 +8,7 @@ after the update: the lecture's picture of the running average tracing the batch
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from bnstats._files import atomic_write_bytes, npz_bytes
+from bnstats._formats import FileFormatError, check_header, format_header, parse_header
 from bnstats.engine.layers import BatchNorm
 from bnstats.engine.optim import Adam, Optimizer
 from bnstats.functional import Moments
@@ -94,15 +96,19 @@ class History:
         return out
 
     def save(self, directory: str | Path, summary: dict[str, Any] | None = None) -> Path:
-        """Write ``history.npz`` (the arrays) and ``summary.json`` into ``directory``."""
+        """Write ``history.npz`` (the arrays) and ``summary.json`` into ``directory``, each
+        with its format name and version (:data:`HISTORY_FORMAT`, :data:`SUMMARY_FORMAT`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(directory / "history.npz", npz_bytes(self.arrays()))
+        header = np.array(json.dumps(format_header(HISTORY_FORMAT, FORMAT_VERSION)))
+        arrays = {FORMAT_KEY: header, **self.arrays()}
+        atomic_write_bytes(directory / "history.npz", npz_bytes(arrays))
         info = {
             "steps": self.steps,
             "epochs": len(self.epoch_loss),
             "layers": {name: sorted(trace) for name, trace in self.layers.items()},
             **(summary or {}),
+            **format_header(SUMMARY_FORMAT, FORMAT_VERSION),
         }
         text = json.dumps(info, indent=2)
         atomic_write_bytes(directory / "summary.json", text.encode())
@@ -110,20 +116,95 @@ class History:
 
     @classmethod
     def load(cls, path: str | Path) -> History:
-        """Read the ``history.npz`` written by :meth:`save`."""
-        with np.load(Path(path), allow_pickle=False) as data:
-            history = cls(
-                loss=data["loss"].tolist(),
-                batch_size=data["batch_size"].tolist(),
-                epoch_loss=data["epoch_loss"].tolist(),
-            )
-            for key in data.files:
-                if key.startswith(COUNT_PREFIX):
-                    history.batch_count[key[len(COUNT_PREFIX) :]] = data[key].tolist()
-                elif "/" in key:
-                    name, stat = key.split("/", 1)
-                    history.layers.setdefault(name, {})[stat] = list(data[key])
+        """Read the ``history.npz`` written by :meth:`save`; a foreign, damaged or
+        inconsistent file raises :class:`~bnstats._formats.FileFormatError` naming it."""
+        path = Path(path)
+        arrays = _read_npz(path)
+        if FORMAT_KEY not in arrays:
+            raise FileFormatError(f"{path} is not a bnstats history file (no {FORMAT_KEY})")
+        header = parse_header(str(arrays.pop(FORMAT_KEY)), path)
+        check_header(header, path, HISTORY_FORMAT, FORMAT_VERSION)
+        _check_history_arrays(arrays, path)
+        history = cls(
+            loss=arrays["loss"].tolist(),
+            batch_size=arrays["batch_size"].tolist(),
+            epoch_loss=arrays["epoch_loss"].tolist(),
+        )
+        for key, values in arrays.items():
+            if key.startswith(COUNT_PREFIX):
+                history.batch_count[key[len(COUNT_PREFIX) :]] = values.tolist()
+            elif "/" in key:
+                name, stat = key.split("/", 1)
+                history.layers.setdefault(name, {})[stat] = list(values)
         return history
+
+    @staticmethod
+    def load_summary(path: str | Path) -> dict[str, Any]:
+        """Read the ``summary.json`` written by :meth:`save`, its format checked."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise FileFormatError(f"{path}: not a UTF-8 text file ({err})") from None
+        summary = check_header(parse_header(text, path), path, SUMMARY_FORMAT, FORMAT_VERSION)
+        if type(summary.get("steps")) is not int:
+            raise FileFormatError(f"{path}: damaged summary (no number of steps)")
+        return summary
+
+
+HISTORY_FORMAT = "bnstats.engine.History"
+SUMMARY_FORMAT = "bnstats.engine.History.summary"
+FORMAT_VERSION = 1
+FORMAT_KEY = "__format__"
+HISTORY_KEYS = ("loss", "batch_size", "epoch_loss")
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise FileNotFoundError(f"no history file at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise FileFormatError(f"{path} is not a readable .npz file ({err})") from None
+
+
+def _check_history_arrays(arrays: dict[str, np.ndarray], path: Path) -> None:
+    """Every array present, numeric and of the shape :meth:`History.arrays` gives: one row
+    per step (one width per layer), ``epoch_loss`` one value per epoch."""
+    missing = [key for key in HISTORY_KEYS if key not in arrays]
+    if missing:
+        raise FileFormatError(f"{path}: damaged history, missing arrays {missing}")
+    steps = len(arrays["loss"])
+    widths: dict[str, int] = {}
+    for key, value in arrays.items():
+        if value.dtype.kind not in "iuf":
+            raise FileFormatError(f"{path}: {key} holds {value.dtype}, not real numbers")
+        expected = _expected_shape(key, value, arrays, steps, widths)
+        if expected is not None:
+            raise FileFormatError(f"{path}: {key} has shape {value.shape}, expected {expected}")
+
+
+def _expected_shape(
+    key: str,
+    value: np.ndarray,
+    arrays: dict[str, np.ndarray],
+    steps: int,
+    widths: dict[str, int],
+) -> str | None:
+    """None if ``value`` fits ``key``, else the shape it should have: a layer's arrays hold
+    one row per update its estimators took (``batch_count/<layer>`` long, else one per step)."""
+    if key in ("loss", "batch_size"):
+        return None if value.shape == (steps,) else f"({steps},)"
+    if key == "epoch_loss" or key.startswith(COUNT_PREFIX):
+        return None if value.ndim == 1 else "(n,)"
+    if "/" not in key:
+        return "none: it is not a history array"
+    layer = key.split("/", 1)[0]
+    counts = arrays.get(COUNT_PREFIX + layer)
+    rows = steps if counts is None else len(counts)
+    width = widths.setdefault(layer, value.shape[-1] if value.ndim else -1)
+    return None if value.shape == (rows, width) else f"({rows}, {width})"
 
 
 def batch_slices(n: int, batch_size: int, drop_last: bool) -> list[slice]:

@@ -90,16 +90,26 @@ def audit_sentences(data: dict[str, Any], layers: list[dict[str, Any]]) -> list[
         sentences.append(f"{len(flagged)} of {len(layers)} layers are flagged: {names}.")
     else:
         sentences.append(f"None of the {len(layers)} layers is flagged.")
-    worst = layers[0] if layers else None
-    if worst and worst["mean_shift"]["worst"] is not None:
-        sentences.append(
-            f"The largest difference is in {worst['name']}: its worst channel "
-            f"({worst['mean_shift']['channel']}) is shifted by "
-            f"{worst['mean_shift']['worst']:.3g} standard deviations, and its variance ratio "
-            f"ranges to {worst['var_ratio']['worst']:.3g}. Recalibrating "
-            "(bnstats recalibrate) replaces the running statistics by these measured values."
-        )
+    if layers:
+        sentences.append(_largest_difference(layers[0]))
     return sentences
+
+
+def _largest_difference(worst: dict[str, Any]) -> str:
+    """The sentence on the first layer's worst channel; NaN or Inf values said in words."""
+    shift, ratio = worst["mean_shift"]["worst"], worst["var_ratio"]["worst"]
+    shifted = (
+        "by a non-finite amount (NaN or Inf)"
+        if shift is None
+        else f"by {shift:.3g} standard deviations"
+    )
+    ranges = "is not finite (NaN or Inf)" if ratio is None else f"ranges to {ratio:.3g}"
+    return (
+        f"The largest difference is in {worst['name']}: its worst channel "
+        f"({worst['mean_shift']['channel']}) is shifted {shifted}, and its variance ratio "
+        f"{ranges}. Recalibrating (bnstats recalibrate) replaces the running statistics by "
+        "these measured values."
+    )
 
 
 def layer_table(layers: list[dict[str, Any]]) -> Table:

@@ -1,0 +1,74 @@
+"""The output folder is replaced as one, also where folders cannot be swapped atomically."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from bnstats import _output_set
+from bnstats._output_set import check_output_folder, one_generation, remove_leftovers
+
+
+def _write(folder, **files):
+    folder.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_the_new_set_replaces_the_old_one(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(_output_set, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    _write(out, a="old", b="old")
+    with one_generation(out) as staging:
+        _write(staging, a="new")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"a": "new"}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_an_error_keeps_the_old_set(tmp_path):
+    out = tmp_path / "out"
+    _write(out, a="old")
+    with pytest.raises(RuntimeError), one_generation(out) as staging:
+        _write(staging, a="new")
+        raise RuntimeError("disk full")
+    assert (out / "a").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_folder_left_aside_by_a_killed_swap_is_put_back(tmp_path):
+    out = tmp_path / "out"
+    _write(tmp_path / ".out.k3.old.tmp", a="old")
+    _write(tmp_path / ".out.k4.new.tmp", a="new, maybe half")
+    remove_leftovers(out)
+    assert (out / "a").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda out: out.write_text("x"), "is a file, not a folder"),
+        (lambda out: _write(out, notes="x"), "holds files a run did not write (notes)"),
+        (lambda out: out.parent.joinpath("f").write_text("x"), "is a file, not a folder"),
+    ],
+)
+def test_unusable_folders_are_refused(tmp_path, setup, message):
+    out = tmp_path / "out"
+    setup(out)
+    target = tmp_path / "f" / "run" if (tmp_path / "f").exists() else out
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_output_folder(target, ["a"])
+    _write(tmp_path / "fine", a="x", **{".a.123.tmp": "half"})
+    assert check_output_folder(tmp_path / "fine", ["a"]) == tmp_path / "fine"
+
+
+def test_the_working_folder_is_refused(tmp_path, monkeypatch):
+    inner = tmp_path / "a" / "b"
+    inner.mkdir(parents=True)
+    monkeypatch.chdir(inner)
+    for out in (".", "..", str(tmp_path / "a")):
+        with pytest.raises(ValueError, match="holds the working folder"):
+            check_output_folder(out, ["a"])
+    assert check_output_folder("run", ["a"]) == Path("run")
