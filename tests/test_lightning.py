@@ -209,5 +209,5 @@ def test_without_lightning_the_import_error_says_what_to_install(monkeypatch):
     for name in ("lightning", "lightning.pytorch"):
         monkeypatch.setitem(sys.modules, name, None)  # as if not installed
     monkeypatch.delitem(sys.modules, "bnstats.lightning")
-    with pytest.raises(ImportError, match=r"pip install 'bnstats\[lightning\]'"):
+    with pytest.raises(ImportError, match=r'pip install "\.\[lightning\]"'):
         importlib.import_module("bnstats.lightning")

@@ -9,7 +9,7 @@ runs :func:`bnstats.torch.recalibrate` on the weights being validated, on a boun
 of training samples, just before each validation, and once more on the final weights at
 the end of ``fit``.
 
-Needs the ``lightning`` extra (``pip install bnstats[lightning]``).
+Needs the ``lightning`` extra (``pip install ".[lightning]"``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ try:
     import lightning.pytorch as pl
 except ImportError as error:  # the optional extra is missing
     raise ImportError(
-        "bnstats.lightning needs Lightning: pip install 'bnstats[lightning]'"
+        'bnstats.lightning needs Lightning: pip install ".[lightning]" (from a checkout of bnstats)'
     ) from error
 
 import bnstats.torch as bt

@@ -10,7 +10,7 @@ running statistics). :func:`export_folded` folds the model (:func:`bnstats.torch
 exports it with ``torch.onnx.export``, checks that no ``BatchNormalization`` node is left (or
 checks those that are) and that onnxruntime computes what PyTorch computes in eval mode.
 
-Needs the ``onnx`` extra (``pip install bnstats[onnx]``: onnx, onnxscript, onnxruntime);
+Needs the ``onnx`` extra (``pip install ".[onnx]"``: onnx, onnxscript, onnxruntime);
 torch is imported only by the functions that take a PyTorch model.
 """
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 _DEFAULT_EPSILON = 1e-5  # the ONNX operator's default
-_INSTALL = "pip install 'bnstats[onnx]'"
+_INSTALL = 'pip install ".[onnx]" (from a checkout of bnstats)'
 
 
 class OnnxExportError(ValueError):

@@ -53,5 +53,5 @@ def test_without_matplotlib_the_other_files_are_written(tmp_path, monkeypatch):
     assert result.returncode == 0, result.stderr
     assert {p.name for p in out.iterdir()} == OTHER_FILES
     assert result.stderr.count("\n") == 1, result.stderr
-    assert "report.html needs matplotlib: pip install 'bnstats[report]'" in result.stderr
+    assert 'report.html needs matplotlib: pip install ".[report]"' in result.stderr
     assert "report.html" not in result.stdout and "Traceback" not in result.stderr

@@ -37,13 +37,13 @@ if TYPE_CHECKING:  # the page is drawn from a finished run; it never runs the de
     from bnstats.demo import DemoResult
 
 LECTURE = (
-    "the lecture “Batch Norm at Test Time” of Andrew Ng's Deep Learning Specialization "
-    "(course 2, Improving Deep Neural Networks)"
+    "the lecture “Batch Norm at Test Time” of a deep learning course, with its notation "
+    "(mini-batches X{t}, mu and sigma squared per layer, their exponentially weighted average)"
 )
 """The lecture whose picture and notation the page follows."""
 
 REPORT_NAME = "report.html"
-INSTALL_HINT = "pip install 'bnstats[report]'"
+INSTALL_HINT = 'pip install ".[report]" (from a checkout of bnstats)'
 TEST_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 """Test batch sizes tried with the batch's own statistics (those up to the test set's size,
 and the whole test set)."""
