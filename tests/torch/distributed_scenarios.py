@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 import bnstats.torch as bt
 from bnstats.torch.distributed import sync_running_stats
 from tests.torch import reference as ref
+from tests.torch import timm_patterns as timm
 from tests.torch import zoo
 from tests.torch.extra_models import AuxiliaryHead
 from tests.torch.models import mlp
@@ -170,6 +171,56 @@ def sync_batchnorm(rank: int) -> dict[str, Any]:
     }
 
 
+def act_batches(rank: int) -> list[torch.Tensor]:
+    """Rank ``rank``'s images for the conv-BN-activation model (2 on rank 0, 3 on rank 1)."""
+    gen = torch.Generator().manual_seed(70 + rank)
+    return [torch.randn(4, 3, 10, 10, generator=gen) for _ in range(2 + rank)]
+
+
+def sync_batchnorm_act(rank: int) -> dict[str, Any]:
+    """timm's SyncBatchNormAct under a real group: its own forward (activation) runs, locally."""
+    torch.manual_seed(0)
+    model = timm.convert_sync_batchnorm(timm.conv_bn_act_net())
+    bt.recalibrate(model, act_batches(rank))
+    return {"state": _state(model), "modes_kept": all(m.training for m in model.modules())}
+
+
+def mixed_tools(rank: int) -> dict[str, Any]:
+    """Rank 0 recalibrates while rank 1 audits: both must refuse, neither writes."""
+    model = zoo.build("resnet")
+    batches = rank_batches("resnet", rank)
+    if rank == 0:
+        return _expect_error(model, lambda: bt.recalibrate(model, batches))
+    return _expect_error(model, lambda: bt.audit(model, batches))
+
+
+def recalibrate_and_sync(rank: int) -> dict[str, Any]:
+    """Rank 0 recalibrates while rank 1 pools running statistics: a RankError, not a raw one."""
+    model = zoo.build("resnet")
+    if rank == 0:
+        return _expect_error(model, lambda: bt.recalibrate(model, rank_batches("resnet", 0)))
+    return _expect_error(model, lambda: sync_running_stats(model))
+
+
+class _Unprintable(RuntimeError):
+    def __str__(self) -> str:
+        raise ValueError("this message cannot be read")
+
+
+def unprintable_error(rank: int) -> dict[str, Any]:
+    """Rank 1's forward raises an exception whose __str__ raises: the exchange still runs."""
+    model = zoo.build("resnet")
+
+    def forward(m: nn.Module, batch: torch.Tensor) -> Any:
+        if rank == 1:
+            raise _Unprintable()
+        return m(batch)
+
+    return _expect_error(
+        model, lambda: bt.recalibrate(model, rank_batches("resnet", rank), forward=forward)
+    )
+
+
 def _broken_loader(rank: int) -> Iterator[torch.Tensor]:
     for index, batch in enumerate(rank_batches("resnet", rank)):
         if rank == 1 and index == 2:
@@ -264,6 +315,10 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "explicit_group": explicit_group,
     "sync_stats": sync_stats,
     "sync_stats_weighted": sync_stats_weighted,
+    "sync_batchnorm_act": sync_batchnorm_act,
+    "mixed_tools": mixed_tools,
+    "recalibrate_and_sync": recalibrate_and_sync,
+    "unprintable_error": unprintable_error,
     "stalled_rank": stalled_rank,
 }
 """Run in this order; the worker then runs ``dead_rank`` last (rank 1 exits outright)."""

@@ -24,6 +24,7 @@ import torch
 import bnstats.torch as bt
 from tests.torch import distributed_scenarios as sc
 from tests.torch import reference as ref
+from tests.torch import timm_patterns as timm
 from tests.torch import zoo
 from tests.torch.distributed_compare import (
     RTOL,
@@ -198,6 +199,32 @@ def test_syncbatchnorm_normalizes_each_batch_locally_and_is_put_back(pair):
     assert all(r["sync_layers"] == 6 and r["forward_restored"] and r["modes_kept"] for r in results)
     expected = single_process(zoo.build("resnet"), concatenated("resnet"))  # plain BN
     assert_both_equal_reference(results, expected)
+
+
+def test_a_syncbatchnorm_subclass_keeps_its_own_forward_under_a_group(pair):
+    results = pair.results("sync_batchnorm_act")
+    assert_bit_identical(results[0]["state"], results[1]["state"])
+    assert all(r["modes_kept"] for r in results)
+    torch.manual_seed(0)
+    plain = timm.conv_bn_act_net()  # the same layers without SyncBatchNorm, one process
+    expected = single_process(plain, sc.act_batches(0) + sc.act_batches(1))
+    assert max_relative_difference(results[0]["state"], expected) <= RTOL
+
+
+@pytest.mark.parametrize("name", ["mixed_tools", "recalibrate_and_sync"])
+def test_ranks_making_different_calls_refuse_together(pair, name):
+    first, second = pair.results(name)
+    assert first["type"] == second["type"] == "RankError"
+    assert first["message"] == second["message"]
+    assert "did not make the same call as rank 0" in first["message"]
+    assert first["unchanged"] and second["unchanged"]
+
+
+def test_an_exception_whose_message_cannot_be_read_still_reaches_every_rank(pair):
+    first, second = pair.results("unprintable_error")
+    assert first["type"] == second["type"] == "RankError"
+    assert "rank 1: _Unprintable (its message could not be read)" in first["message"]
+    assert first["unchanged"] and second["unchanged"]
 
 
 def test_explicit_group_and_group_false(pair):
