@@ -43,6 +43,10 @@ _STATISTICS = ("running_mean", "running_var")
 _NARROW_DTYPES = (torch.float16, torch.bfloat16)
 _KERNEL_BUFFER_DTYPES = (torch.float32, torch.float64)
 _TRACED_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+_KERNEL_FORWARDS = {("timm.layers.norm_act", "BatchNormAct2d.forward")}
+"""Forwards known to be torch's BN forward (one kernel call over the whole input, torch's
+momentum rules) followed by other modules: timm's BatchNormAct2d (a copy of torch's
+forward, then drop and activation). SyncBatchNormAct calls SyncBatchNorm's forward first."""
 
 
 def check_estimator(estimator: Any) -> RunningAverage:
@@ -472,7 +476,9 @@ def kernel_writes_moments(layer: nn.Module) -> bool:
 
     Torch's ``_BatchNorm.forward``; ``nn.SyncBatchNorm`` outside torch.distributed (it then
     calls the same kernel); bnstats' BatchNorm1d/2d/3d (not Batch Renorm or Ghost BN, which
-    normalize otherwise).
+    normalize otherwise); timm's ``BatchNormAct2d`` and, outside torch.distributed,
+    ``SyncBatchNormAct`` (torch's forward, then their drop and activation: the kernel's
+    output goes on through them as usual).
     """
     if not isinstance(layer, _BatchNorm) or is_lazy_uninitialized(layer):
         return False
@@ -484,6 +490,11 @@ def kernel_writes_moments(layer: nn.Module) -> bool:
         return not distributed  # synced statistics would not be this process's
     if forward is EstimatorBatchNorm.forward:
         return type(layer)._train_forward is EstimatorBatchNorm._train_forward
+    if (forward.__module__, forward.__qualname__) in _KERNEL_FORWARDS:
+        return True
+    if forward.__qualname__ == "SyncBatchNormAct.forward" and forward.__module__.startswith("timm"):
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return not distributed
     return forward is _BatchNorm.forward
 
 
