@@ -74,13 +74,26 @@ def max_relative_difference(model: nn.Module, reference: nn.Module) -> float:
     return worst
 
 
+def choose_device() -> tuple[str, torch.device, str]:
+    """One GPU per rank (NCCL) when there are at least as many GPUs as ranks on this machine,
+    else gloo on the CPU: ``(backend, device, why)``. Several ranks on one GPU would fail at
+    ``torch.cuda.set_device`` ("invalid device ordinal") or share it under NCCL, which refuses."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus >= local_ranks and gpus > 0:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return "nccl", torch.device("cuda", local_rank), f"{gpus} GPU(s) for {local_ranks} ranks"
+    why = f"{gpus} GPU(s) for {local_ranks} ranks" if gpus else "no GPU"
+    return "gloo", torch.device("cpu"), why
+
+
 def main() -> None:
-    use_cuda = torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=60))
+    backend, device, why = choose_device()
+    dist.init_process_group(backend, timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda") if use_cuda else torch.device("cpu")
+    if rank == 0:
+        print(f"backend {backend} on {device.type} ({why})", flush=True)
 
     model = build_model().to(device)
     batches = shard(rank)

@@ -363,3 +363,6 @@ def test_the_example_runs_under_torchrun_and_the_ranks_agree(tmp_path):
     assert len(lines) == 2
     assert len({line.split("here; ")[1] for line in lines}) == 1  # same buffers, same hash
     assert "all 2 ranks bit-identical: True" in log.read_text()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    expected = "backend nccl on cuda" if gpus >= 2 else "backend gloo on cpu"
+    assert expected in log.read_text()  # one GPU per rank only when there are enough
