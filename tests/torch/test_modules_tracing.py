@@ -70,7 +70,33 @@ def test_export_in_training_mode_keeps_the_buffer_updates():
     torch.testing.assert_close(outputs, replayed(x), rtol=1e-5, atol=1e-5)
 
 
-def test_a_nan_batch_under_skip_leaves_the_statistics_and_is_counted():
+@pytest.fixture(params=["checked on the host", "checked on the device"])
+def check_path(request, monkeypatch):
+    """Both ways a module protects its statistics: on the CPU the host reads the verdict;
+    on other devices (a GPU) it stays on the device. The device path runs here on the CPU."""
+    if request.param == "checked on the device":
+        monkeypatch.setattr(bt.modules.EstimatorBatchNorm, "_host_checked_devices", ())
+    return request.param
+
+
+@pytest.mark.parametrize("kind", sorted(ESTIMATORS))
+def test_both_check_paths_give_torchs_buffers(check_path, kind):
+    ours = _converted(ESTIMATORS[kind])
+    plain = zoo.build("resnet").train()
+    if kind == "cumulative":
+        for m in plain.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None
+    if kind == "debiased":
+        pytest.skip("torch has no debiased EMA; see the formula test")
+    for x in _batches(3):
+        ours(x)
+        plain(x)
+    for key, value in ref.snapshot(plain).items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_a_nan_batch_under_skip_leaves_the_statistics_and_is_counted(check_path):
     layer = bt.BatchNorm1d(3, estimator=bnstats.EMA(0.1, debias=True, nonfinite="skip"))
     layer(torch.randn(8, 3))
     before = ref.snapshot(layer)
@@ -89,7 +115,7 @@ def test_a_nan_batch_under_skip_leaves_the_statistics_and_is_counted():
     assert int(a.num_batches_tracked) == int(b.num_batches_tracked) + 1
 
 
-def test_a_nan_batch_under_raise_names_the_layer_within_the_step():
+def test_a_nan_batch_under_raise_names_the_layer_within_the_step(check_path):
     model = bt.convert(zoo.build("mlp"), bnstats.EMA(0.1)).train()
     x = torch.randn(8, 16)
     x[0, 0] = float("inf")
