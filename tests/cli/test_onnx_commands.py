@@ -1,4 +1,5 @@
-"""``bnstats fold --onnx`` and ``bnstats audit --onnx``, through the command's ``main``
+"""``bnstats fold --onnx`` and ``bnstats audit --onnx`` (bnstats.cli.onnx_commands), through
+the command's ``main``
 (tests/cli/test_torch_commands.py runs these commands as a separate process)."""
 
 from __future__ import annotations

@@ -148,7 +148,8 @@ def _shown_numbers(driver) -> dict:
 
 
 def test_momentum_slider_redraws_with_the_estimators_numbers(browser, quick_run, tmp_path):
-    """Moving the slider changes the drawn curves and the numbers; at the slider's momentum
+    """Moving the slider (bnstats.report.momentum_script's JavaScript, in headless Chromium)
+    changes the drawn curves and the numbers; at the slider's momentum
     they are the Python estimators' own (1e-9), and nothing is fetched."""
     page = write_demo_report(quick_run, tmp_path)
     _, problems = load_problems(browser, page)
