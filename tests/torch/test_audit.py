@@ -19,6 +19,7 @@ from bnstats.torch.audit import (
     NONFINITE_POPULATION,
     NONFINITE_RUNNING,
     NONPOSITIVE_RUNNING_VAR,
+    START_STILL_WEIGHS,
 )
 from tests.torch import reference as ref
 from tests.torch import zoo
@@ -152,3 +153,20 @@ def test_uninitialized_lazy_layers_are_refused():
     with pytest.raises(ValueError, match="'1' is an uninitialized LazyBatchNorm2d"):
         bt.audit(model, [torch.randn(2, 3, 4, 4)])
     assert type(model[1]) is nn.LazyBatchNorm2d
+
+
+def test_an_ema_whose_start_still_weighs_is_flagged_and_a_recalibrated_layer_is_not():
+    """After 5 updates at momentum 0.1 the initial 0 and 1 weigh 0.9**5 = 59 %: flagged. A
+    layer recalibrated on other data has num_batches_tracked = 4 too, but its statistics are
+    no blend of 0, 1 and the data: not flagged."""
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(16, 3, generator=gen) * 3 + 5 for _ in range(5)]
+    young = nn.Sequential(nn.BatchNorm1d(3)).train()
+    with torch.no_grad():
+        for x in data:
+            young(x)
+    assert START_STILL_WEIGHS in bt.audit(young.eval(), data).layers[0].flags
+    other = [torch.randn(16, 3, generator=gen) * 4 + 12 for _ in range(4)]  # not toward 0, 1
+    recalibrated = bt.recalibrate(nn.Sequential(nn.BatchNorm1d(3)), other)
+    assert START_STILL_WEIGHS not in bt.audit(recalibrated, data).layers[0].flags
+    assert START_STILL_WEIGHS not in bt.audit(recalibrated, other).layers[0].flags

@@ -147,7 +147,8 @@ def audit(model: nn.Module, batches: Any, **options: Any) -> AuditReport:
 
     Flags per layer: ``never_updated`` (``num_batches_tracked == 0``, or the buffers still
     exactly 0 and 1), ``start_still_weighs`` (an EMA whose initial 0 and 1 still weigh
-    ``(1 - momentum)**num_batches_tracked`` > 1 % and the statistics are more than 1 % off),
+    ``(1 - momentum)**num_batches_tracked`` > 1 % and the statistics sit closer to that blend
+    of 0, 1 and the population than to the population itself),
     ``nonfinite_running_stats``,
     ``nonpositive_running_var``, ``nonfinite_population_stats`` (some batch brought NaN or
     Inf: by default such batches are left out of the population and the layer is flagged;
@@ -243,17 +244,32 @@ def _start_weight(layer: nn.Module, tracked: int | None) -> float:
     return (1.0 - float(momentum)) ** tracked
 
 
-def _agrees(
-    running_mean: np.ndarray, running_var: np.ndarray, mu: np.ndarray, var: np.ndarray, eps: float
+def _start_shows(
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    mu: np.ndarray,
+    var: np.ndarray,
+    eps: float,
+    weight: float,
 ) -> bool:
-    """Running statistics within 1 % of the population's (a recalibrated layer, whatever its
-    ``num_batches_tracked`` says about the start's weight)."""
-    with np.errstate(all="ignore"):
-        shift = np.abs(running_mean - mu) / np.sqrt(var + eps)
-        ratio = (running_var + eps) / (var + eps)
-    return bool(
-        np.all(shift < START_WEIGHT_LIMIT) and np.all(np.abs(ratio - 1) < START_WEIGHT_LIMIT)
-    )
+    """True when the running statistics look like an EMA whose start still weighs ``weight``:
+    closer to ``(weight * 0 + (1 - weight) * mu, weight * 1 + (1 - weight) * var)`` than to
+    the population ``(mu, var)``, summed over channels in the layer's own units::
+
+        distance(m, v) = sum((running_mean - m)**2 / (var + eps))
+                       + sum(log((running_var + eps) / (v + eps))**2)
+
+    A layer recalibrated on other data (``num_batches_tracked`` small, statistics off) is not
+    closer to that blend, so it is not flagged."""
+
+    def distance(mean: np.ndarray, variance: np.ndarray) -> float:
+        with np.errstate(all="ignore"):
+            shift = (running_mean - mean) ** 2 / (var + eps)
+            ratio = np.log((running_var + eps) / (variance + eps)) ** 2
+        return float(np.nansum(shift) + np.nansum(ratio))
+
+    blend = ((1.0 - weight) * mu, weight + (1.0 - weight) * var)
+    return distance(*blend) < distance(mu, var)
 
 
 def _layer_flags(
@@ -269,8 +285,8 @@ def _layer_flags(
     flags = []
     if tracked == 0 or (np.all(running_mean == 0) and np.all(running_var == 1)):
         flags.append(NEVER_UPDATED)
-    elif _start_weight(moments.layer, tracked) > START_WEIGHT_LIMIT and not _agrees(
-        running_mean, running_var, mu, var, float(moments.layer.eps)
+    elif (weight := _start_weight(moments.layer, tracked)) > START_WEIGHT_LIMIT and _start_shows(
+        running_mean, running_var, mu, var, float(moments.layer.eps), weight
     ):
         flags.append(START_STILL_WEIGHS)
     if not (np.isfinite(running_mean).all() and np.isfinite(running_var).all()):
