@@ -29,8 +29,9 @@ FLAG_MEANINGS = {
     "layer never saw a training batch, so it normalizes with the initial values.",
     "start_still_weighs": "the running statistics are an EMA that starts at 0 (mean) and 1 "
     "(variance); after num_batches_tracked updates with its momentum, that start still weighs "
-    "(1 - momentum)^num_batches_tracked, more than 1%, and the statistics are more than 1% "
-    "off the data's: too few updates to forget the start (a short run, a small momentum).",
+    "(1 - momentum)^num_batches_tracked, more than 1%, and the statistics sit closer to that "
+    "blend of 0, 1 and the data than to the data: too few updates to forget the start (a "
+    "short run, a small momentum).",
     "nonfinite_running_stats": "running_mean or running_var holds NaN or Inf.",
     "nonpositive_running_var": "running_var has a channel at or below 0.",
     "nonfinite_population_stats": "some batch brought NaN or Inf into this layer; such batches "
