@@ -118,7 +118,7 @@ def run_all(keys: list[str], config: Any, log: Any = sys.stderr) -> list[Any]:
     return results
 
 
-def _use_this_checkout() -> None:
+def use_this_checkout() -> None:
     """Import this checkout's ``benchmarks`` and ``bnstats`` (as a script, benchmarks/ itself
     is first on the path, its modules shadowing names such as ``inference``)."""
     here = Path(__file__).resolve().parent
@@ -129,7 +129,7 @@ def _use_this_checkout() -> None:
 
 
 def _device_problem(device: str) -> str | None:
-    _use_this_checkout()
+    use_this_checkout()
     from benchmarks.device import device_problem
 
     return device_problem(device)
