@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -52,14 +53,19 @@ def eager_models(config: Config) -> dict[str, nn.Module]:
     return {"eval": model.to(config.device, dtype), "bt.fold": folded.to(config.device, dtype)}
 
 
-def _no_inductor_caches() -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def _no_inductor_caches() -> Iterator[None]:
     """Inductor compiles from scratch (its on-disk caches would turn the second compilation
-    of the same graph into a cache hit); nothing where the setting does not exist."""
+    of the same graph into a cache hit), without the warning that says so at every
+    compilation; caches as they are where the setting does not exist."""
     import torch._inductor.config as inductor_config
 
     if not hasattr(inductor_config, "force_disable_caches"):
-        return contextlib.nullcontext()
-    return inductor_config.patch(force_disable_caches=True)
+        yield
+        return
+    with warnings.catch_warnings(), inductor_config.patch(force_disable_caches=True):
+        warnings.filterwarnings("ignore", message=".*force_disable_caches", category=UserWarning)
+        yield
 
 
 def warm_up_compiler(x: torch.Tensor, backend: str) -> None:

@@ -26,6 +26,14 @@ def device_problem(device: str) -> str | None:
     return None
 
 
+def select(device: str) -> None:
+    """Make ``device`` the current CUDA device (``cuda:1``: device 1), so that what is made
+    on "the current device" (streams, events, new tensors without a device) goes there."""
+    index = torch.device(device).index
+    if device != "cpu" and index is not None:
+        torch.cuda.set_device(index)
+
+
 def dtype_named(name: str) -> torch.dtype:
     """``torch.float16`` for ``"float16"``, and so on; ValueError for anything else."""
     dtype = getattr(torch, name, None)

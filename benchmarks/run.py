@@ -128,11 +128,15 @@ def use_this_checkout() -> None:
             sys.path.insert(0, str(path))
 
 
-def _device_problem(device: str) -> str | None:
+def _use_device(device: str) -> str | None:
+    """Select ``device``; why it cannot be used, in one line, or None."""
     use_this_checkout()
-    from benchmarks.device import device_problem
+    from benchmarks.device import device_problem, select
 
-    return device_problem(device)
+    problem = device_problem(device)
+    if problem is None:
+        select(device)
+    return problem
 
 
 def report_object(
@@ -154,7 +158,7 @@ def report_object(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     pin_threads(args.threads)
-    problem = _device_problem(args.device)
+    problem = _use_device(args.device)
     if problem:
         print(f"run.py: error: {problem}", file=sys.stderr)
         return 2
