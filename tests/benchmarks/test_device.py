@@ -64,7 +64,14 @@ def test_a_gpu_configuration_adds_the_narrow_precisions_and_times_wall_clock():
     gpu = on_device(full_config(), "cuda")
     assert gpu.basis == "wall" and gpu.image_size == 224 and gpu.inference_batches == (1, 64)
     assert gpu.train_precisions == ("float32", "bfloat16") and gpu.compile_dtype == "float16"
-    assert on_device(quick_config(), "cuda").fold_dtypes == ("float32", "float16")
+    quick = on_device(quick_config(), "cuda")
+    assert quick.fold_dtypes == ("float32", "float16") and quick.resnet_widths == (
+        64,
+        128,
+        256,
+        512,
+    )
+    assert quick.repeats == quick_config().repeats and quick.image_size == 224
     assert on_device(quick_config(), "cpu").basis == "cpu"
     assert on_device(tiny_config(), "cpu") == tiny_config()
 

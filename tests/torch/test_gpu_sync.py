@@ -8,31 +8,23 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks import gpu_check
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(scope="module")
-def gpu_check():
-    from benchmarks import gpu_check
-
-    return gpu_check
-
-
-@pytest.mark.parametrize(
-    "estimator",
-    ["EMA(0.1)", "EMA(0.1, debias=True)", "CumulativeAverage()", 'EMA(0.1, nonfinite="skip")'],
-)
-def test_training_step_never_synchronizes(gpu_check, estimator):
+@pytest.mark.parametrize("estimator", list(gpu_check.ESTIMATORS))
+def test_training_step_never_synchronizes(estimator):
     failure = gpu_check.check_training_step(estimator, "cuda")
     assert failure is None, failure
 
 
-def test_recalibrate_never_synchronizes(gpu_check):
+def test_recalibrate_never_synchronizes():
     failure = gpu_check.check_recalibrate("cuda")
     assert failure is None, failure
 
 
-def test_the_sync_check_catches_a_host_read(gpu_check):
+def test_the_sync_check_catches_a_host_read():
     x = torch.ones(3, device="cuda")
     assert "synchroniz" in gpu_check.sync_error(lambda: bool(x.sum() > 0))
     assert torch.cuda.get_sync_debug_mode() == 0
