@@ -1,8 +1,9 @@
-"""The sizes every comparison runs at: full (the committed results), quick (CI), tiny (tests)."""
+"""The sizes every comparison runs at: full (the committed results), quick (CI), tiny (tests),
+and the device they run on (:func:`on_device`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 RESNET18_WIDTHS = (64, 128, 256, 512)
 
@@ -14,6 +15,13 @@ class Config:
     ``repeats``: alternating timing rounds; ``budget``: seconds of timed calls per block
     for a comparison's nominal budget of 1; ``recalibration_batches``: (batches, batch size)
     of comparison a); ``seeds``, ``epochs``: training runs on digits (e, f).
+
+    ``device``: where models and data live (``"cpu"``, ``"cuda"``, ``"cuda:1"``);
+    ``train_batch``: images per training step (c); ``inference_batches``: batch sizes of the
+    latency comparisons (b, g); ``train_precisions``: the training step in float32 and, for
+    each other dtype named, under ``torch.autocast`` to it (c); ``fold_dtypes``: the dtypes
+    the inference models run in (b); ``compile_dtype``, ``compile_backend``: the dtype and
+    ``torch.compile`` backend of the fold-before-compile comparison (g).
     """
 
     name: str = "full"
@@ -25,16 +33,29 @@ class Config:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     epochs: int = 20
     budget: float = 1.0
+    device: str = "cpu"
+    train_batch: int = 32
+    inference_batches: tuple[int, ...] = (1, 32)
+    train_precisions: tuple[str, ...] = ("float32",)
+    fold_dtypes: tuple[str, ...] = ("float32",)
+    compile_dtype: str = "float32"
+    compile_backend: str = "inductor"
 
     @property
     def quick(self) -> bool:
         return self.name != "full"
 
     @property
+    def on_gpu(self) -> bool:
+        return self.device != "cpu"
+
+    @property
     def basis(self) -> str:
-        """What times and ratios are measured in: the process's CPU time with one thread
-        (the time the work held the core, not the time it waited for it), else wall-clock."""
-        return "cpu" if self.threads == 1 else "wall"
+        """What times and ratios are measured in: on the CPU with one thread, the process's
+        CPU time (the time the work held the core, not the time it waited for it); else
+        wall-clock. On a GPU the host's CPU time says nothing of the device's work: the timed
+        blocks there start and end with ``torch.cuda.synchronize()``."""
+        return "cpu" if self.threads == 1 and not self.on_gpu else "wall"
 
 
 def full_config(repeats: int | None = None, threads: int = 1) -> Config:
@@ -57,15 +78,49 @@ def quick_config(repeats: int | None = None, threads: int = 1) -> Config:
     )
 
 
-def tiny_config() -> Config:
-    """For the harness's own tests: everything minimal, one repeat; numbers meaningless."""
+def tiny_config(repeats: int | None = None, threads: int = 1) -> Config:
+    """For the harness's own tests: everything minimal, two repeats; numbers meaningless.
+    The narrow dtypes of the GPU rows run too (autocast to bfloat16, float16 models), so the
+    CPU tests go through the same code, and the compile comparison uses the ``aot_eager``
+    backend (inductor's C++ compilation takes tens of seconds per model on a CPU)."""
     return Config(
         name="tiny",
-        repeats=2,
+        repeats=repeats or 2,
+        threads=threads,
         resnet_widths=(4, 8, 8, 8),
         image_size=32,
         recalibration_batches=(3, 8),
         seeds=(0,),
         epochs=1,
         budget=0.01,
+        train_batch=8,
+        inference_batches=(1, 4),
+        train_precisions=("float32", "bfloat16"),
+        fold_dtypes=("float32", "float16"),
+        compile_dtype="float16",
+        compile_backend="aot_eager",
     )
+
+
+def on_device(config: Config, device: str) -> Config:
+    """``config`` for ``device``. On a GPU the issue's rows are added: the training step under
+    bfloat16 autocast, the inference models in float16, the compile comparison in float16.
+    The full and the quick run both take ResNet-18 itself at its own input size (224x224,
+    stages at 56/28/14/7), steps of 64 images, 24 recalibration batches of 64 and latency
+    at batch 1 and 64: a GPU runs that in milliseconds, and the quick run's narrow model at
+    64x64 would time kernel launches, not the work; quick keeps its fewer, shorter repeats.
+    The tiny configuration keeps its sizes (the harness's tests)."""
+    if device == "cpu":
+        return replace(config, device=device)
+    gpu: dict = {"device": device, "compile_dtype": "float16"}
+    if config.name != "tiny":
+        gpu.update(
+            train_precisions=("float32", "bfloat16"),
+            fold_dtypes=("float32", "float16"),
+            resnet_widths=RESNET18_WIDTHS,
+            image_size=224,
+            train_batch=64,
+            recalibration_batches=(24, 64),
+            inference_batches=(1, 64),
+        )
+    return replace(config, **gpu)

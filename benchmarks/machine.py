@@ -1,4 +1,4 @@
-"""What the benchmarks ran on: CPU, cores, library versions, threads, load average."""
+"""What the benchmarks ran on: CPU, cores, GPU, library versions, threads, load average."""
 
 from __future__ import annotations
 
@@ -48,7 +48,23 @@ def blas_threads() -> list[dict[str, Any]]:
     ]
 
 
-def describe() -> dict[str, Any]:
+def gpu(device: str) -> dict[str, Any]:
+    """The GPU behind ``device`` (name, memory, CUDA and cuDNN versions); empty on the CPU."""
+    import torch
+
+    if device == "cpu":
+        return {}
+    properties = torch.cuda.get_device_properties(torch.device(device))
+    return {
+        "device": device,
+        "gpu": properties.name,
+        "gpu_memory_gib": round(properties.total_memory / 2**30, 1),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+    }
+
+
+def describe(device: str = "cpu") -> dict[str, Any]:
     """The machine and software the numbers were measured with."""
     import numpy
     import torch
@@ -64,4 +80,5 @@ def describe() -> dict[str, Any]:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "thread_pools": blas_threads(),
         "load_average": load_average(),
+        **gpu(device),
     }

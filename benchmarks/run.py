@@ -4,12 +4,18 @@
     python benchmarks/run.py --quick         # smaller models and fewer repeats (CI)
     python benchmarks/run.py --only a,b --repeats 11
     python benchmarks/run.py --json          # one JSON object on stdout
+    python benchmarks/run.py --device cuda   # a, b, c and g on a GPU
 
 Comparisons: a) recalibration, b) inference, c) training cost, d) NumPy engine vs torch,
-e) accuracy of the test-time estimators, f) shifted data and adapt. Each runs in this
-process, alternating its contenders over several repeats; times are medians, ratios are
-medians of ratios paired within a repeat. BLAS, OpenMP and torch threads are pinned to
-``--threads`` (default 1) before numpy or torch is imported.
+e) accuracy of the test-time estimators, f) shifted data and adapt, g) fold before
+torch.compile. Each runs in this process, alternating its contenders over several repeats;
+times are medians, ratios are medians of ratios paired within a repeat. BLAS, OpenMP and
+torch threads are pinned to ``--threads`` (default 1) before numpy or torch is imported.
+
+``--device cuda`` runs a, b, c and g with models and data on the GPU, wall-clock times
+between ``torch.cuda.synchronize()`` calls, and the narrow-precision rows (bfloat16
+autocast training step, float16 inference and compile). On the CPU the default is a-f:
+g compiles with inductor, tens of seconds per model there; ``--only g`` runs it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -31,24 +38,47 @@ COMPARISONS = {
     "d": "engine_speed",
     "e": "estimator_accuracy",
     "f": "shifted_data",
+    "g": "compiled",
 }
+DEVICE_COMPARISONS = ("a", "b", "c", "g")  # the ones that run on a GPU
+CPU_DEFAULT = ("a", "b", "c", "d", "e", "f")
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small models, few repeats (CI)")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="small models, few repeats (CI)")
+    sizes.add_argument(
+        "--tiny", action="store_true", help="minimal sizes, numbers meaningless (harness tests)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
-        "--only", default=",".join(COMPARISONS), help="comparisons to run, e.g. a,c (default all)"
+        "--device", default="cpu", help="cpu (default), cuda or cuda:N: where a, b, c, g run"
+    )
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comparisons to run, e.g. a,c (default a-f on the CPU, a,b,c,g on a GPU)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="alternating timing rounds")
     parser.add_argument("--threads", type=int, default=1, help="torch/BLAS threads (default 1)")
     args = parser.parse_args(argv)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        parser.error(f"--device takes cpu, cuda or cuda:N, got {args.device!r}")
+    on_gpu = args.device != "cpu"
+    if args.only is None:
+        args.only = ",".join(DEVICE_COMPARISONS if on_gpu else CPU_DEFAULT)
     keys = [k.strip() for k in args.only.split(",") if k.strip()]
     unknown = [k for k in keys if k not in COMPARISONS]
     if unknown or not keys:
         parser.error(f"--only takes letters from {','.join(COMPARISONS)}, got {args.only!r}")
+    cpu_only = [k for k in keys if k not in DEVICE_COMPARISONS]
+    if on_gpu and cpu_only:
+        parser.error(
+            f"comparison(s) {','.join(cpu_only)} run on the CPU only; "
+            f"--device {args.device} takes {','.join(DEVICE_COMPARISONS)}"
+        )
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
     if args.threads < 1:
@@ -88,6 +118,27 @@ def run_all(keys: list[str], config: Any, log: Any = sys.stderr) -> list[Any]:
     return results
 
 
+def use_this_checkout() -> None:
+    """Import this checkout's ``benchmarks`` and ``bnstats`` (as a script, benchmarks/ itself
+    is first on the path, its modules shadowing names such as ``inference``)."""
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    for path in (ROOT / "src", ROOT):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+
+
+def _use_device(device: str) -> str | None:
+    """Select ``device``; why it cannot be used, in one line, or None."""
+    use_this_checkout()
+    from benchmarks.device import device_problem, select
+
+    problem = device_problem(device)
+    if problem is None:
+        select(device)
+    return problem
+
+
 def report_object(
     command: str, started: str, seconds: float, config: Any, machine: dict, results: list
 ) -> dict[str, Any]:
@@ -107,20 +158,19 @@ def report_object(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     pin_threads(args.threads)
-    here = Path(__file__).resolve().parent  # as a script, benchmarks/ itself is on the path,
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]  # shadowing names
-    for path in (ROOT / "src", ROOT):  # measure this checkout's bnstats
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
-    from benchmarks.config import full_config, quick_config
+    problem = _use_device(args.device)
+    if problem:
+        print(f"run.py: error: {problem}", file=sys.stderr)
+        return 2
+    from benchmarks.config import full_config, on_device, quick_config, tiny_config
     from benchmarks.machine import describe
     from benchmarks.report import render, render_machine
 
-    make = quick_config if args.quick else full_config
-    config = make(repeats=args.repeats, threads=args.threads)
+    make = tiny_config if args.tiny else quick_config if args.quick else full_config
+    config = on_device(make(repeats=args.repeats, threads=args.threads), args.device)
     command = " ".join(["python benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)])
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    machine = describe()
+    machine = describe(config.device)
     wall = time.perf_counter()
     results = run_all(args.keys, config)
     wall = time.perf_counter() - wall

@@ -7,6 +7,10 @@ repeat to the next, and keeps one time per contender and repeat. A ratio is the 
 over repeats of the *paired* ratios ``time_A / time_B`` measured in the same repeat, which
 cancels slow drifts of the load; medians resist the odd interrupted repeat. Both the
 wall-clock time and the process's CPU time are kept for every block.
+
+On a GPU the host returns from a kernel launch long before the kernel ends, so a block's
+clocks start and stop with the device's queue empty: ``sync`` (:func:`synchronizer`,
+``torch.cuda.synchronize``) runs after the untimed preparation and after the timed calls.
 """
 
 from __future__ import annotations
@@ -30,6 +34,20 @@ class Contender:
 
 
 BASES = ("wall", "cpu")
+
+
+def _nothing_to_wait_for() -> None:
+    return None
+
+
+def synchronizer(device: str) -> Callable[[], None]:
+    """What waits until ``device`` has finished the work queued on it: nothing on the CPU,
+    ``torch.cuda.synchronize(device)`` on a GPU."""
+    if not device.startswith("cuda"):
+        return _nothing_to_wait_for
+    import torch
+
+    return lambda: torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -106,20 +124,27 @@ def rotated(items: Sequence[Any], shift: int) -> list[Any]:
     return [*items[k:], *items[:k]]
 
 
-def time_block(contender: Contender, number: int) -> float:
+def time_block(
+    contender: Contender, number: int, sync: Callable[[], None] = _nothing_to_wait_for
+) -> float:
     """Seconds per call of ``contender.run`` over ``number`` calls on one prepared state."""
-    return time_block_both(contender, number)[0]
+    return time_block_both(contender, number, sync)[0]
 
 
-def time_block_both(contender: Contender, number: int) -> tuple[float, float]:
+def time_block_both(
+    contender: Contender, number: int, sync: Callable[[], None] = _nothing_to_wait_for
+) -> tuple[float, float]:
     """Wall-clock and CPU seconds per call of ``contender.run`` over ``number`` calls on one
-    prepared state, the garbage collector held off during the timed calls (as ``timeit``)."""
+    prepared state, the garbage collector held off during the timed calls (as ``timeit``);
+    ``sync()`` before the clocks start and before they stop (the device's queue)."""
     state = contender.prepare()
+    sync()
     gc.disable()
     try:
         cpu, start = time.process_time(), time.perf_counter()
         for _ in range(number):
             contender.run(state)
+        sync()
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     finally:
         gc.enable()
@@ -132,12 +157,14 @@ def alternate(
     number: int = 1,
     warmup: int = 1,
     basis: str = "wall",
+    sync: Callable[[], None] = _nothing_to_wait_for,
 ) -> Timings:
     """Time every contender once per repeat, rotating the order, ``number`` calls per block.
 
     ``warmup`` untimed blocks per contender come first (allocator, lazy initialisation,
     caches). Returns seconds per call, one value per contender and repeat, wall-clock and
-    CPU; ``basis`` picks the one its medians and ratios use.
+    CPU; ``basis`` picks the one its medians and ratios use; ``sync`` waits for the device
+    (:func:`time_block_both`).
     """
     names = [c.name for c in contenders]
     if basis not in BASES:
@@ -150,12 +177,12 @@ def alternate(
         )
     for _ in range(warmup):
         for contender in contenders:
-            time_block(contender, 1)
+            time_block(contender, 1, sync)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     cpu_seconds: dict[str, list[float]] = {name: [] for name in names}
     for repeat in range(repeats):
         for contender in rotated(list(contenders), repeat):
-            wall, cpu = time_block_both(contender, number)
+            wall, cpu = time_block_both(contender, number, sync)
             seconds[contender.name].append(wall)
             cpu_seconds[contender.name].append(cpu)
     return Timings(seconds, cpu_seconds, basis)
