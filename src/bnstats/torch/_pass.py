@@ -156,8 +156,8 @@ class LayerPass:
         pending, self._pending = self._pending, []
         stacked = widen(torch.stack([part for _, _, part in pending]))  # (batches, 2, C)
         finite = torch.isfinite(stacked).flatten(1).all(dim=1)
-        counts = stacked.new_tensor([count for _, count, _ in pending]) * finite
-        indices = stacked.new_tensor([index for index, _, _ in pending])
+        counts = _on_device([count for _, count, _ in pending], stacked) * finite
+        indices = _on_device([index for index, _, _ in pending], stacked)
         clean = torch.where(finite[:, None, None], stacked, torch.zeros_like(stacked))
         self.population.update_batches(counts, clean[:, 0], clean[:, 1])
         verdict = torch.stack(
@@ -176,6 +176,15 @@ class LayerPass:
         layer = self.layer
         mean_m2 = torch.stack((layer.running_mean, layer.running_var * (count - 1)))
         self.add_batch(index, count, mean_m2)
+
+
+def _on_device(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """``values`` as a float64 tensor on ``like``'s device without making the host wait: on
+    a GPU through pinned memory and an asynchronous copy (a plain copy would synchronize)."""
+    host = torch.tensor(values, dtype=like.dtype)
+    if like.device.type == "cpu":
+        return host
+    return host.pin_memory().to(like.device, non_blocking=True)
 
 
 @dataclass

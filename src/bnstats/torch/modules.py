@@ -142,7 +142,7 @@ class EstimatorBatchNorm:
             "num_batches_skipped", torch.zeros((), dtype=torch.long, device=device), False
         )
         self.qualified_name: str | None = None
-        self._pending: tuple[torch.Tensor, Any, tuple[int, ...]] | None = None
+        self._pending: list[tuple[torch.Tensor, Any, tuple[int, ...]]] = []
         self._host_step = 0
         """``num_batches_tracked`` as the host knows it, for ``w_t`` without a device read."""
 
@@ -197,7 +197,7 @@ class EstimatorBatchNorm:
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # type: ignore[misc]
-        return {**state, "_pending": None}  # a CUDA event does not copy or pickle
+        return {**state, "_pending": []}  # a CUDA event does not copy or pickle
 
     # -- forward ------------------------------------------------------------------------------
     def _label(self) -> str:
@@ -371,28 +371,27 @@ class EstimatorBatchNorm:
             return
         shape = tuple(input.shape)
         if bad.device.type == "cpu":
-            self._pending = (bad, None, shape)
+            self._pending.append((bad, None, shape))
             self._settle_pending()
             return
         flag = torch.empty((), dtype=torch.bool, pin_memory=True)
         flag.copy_(bad, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self._pending = (flag, event, shape)
+        self._pending.append((flag, event, shape))
 
     def _settle_pending(self) -> None:
         """Take in a batch flagged NaN/Inf (its update was already undone on the device): the
         host step goes back one, and under ``nonfinite="raise"``
-        :class:`NonFiniteStatisticsError` names the layer. Waits at most for the previous
-        step's flag."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        flag, event, shape = pending
-        if event is not None:
-            event.synchronize()
-        if not flag:
-            return
+        :class:`NonFiniteStatisticsError` names the layer. Never waits: a flag whose copy
+        an event query does not report done yet stays for a later forward (on a GPU the
+        previous step's is normally done by the next)."""
+        while self._pending and (self._pending[0][1] is None or self._pending[0][1].query()):
+            flag, _, shape = self._pending.pop(0)
+            if flag:
+                self._take_bad_batch(shape)
+
+    def _take_bad_batch(self, shape: tuple[int, ...]) -> None:
         self._host_step -= 1
         if self._schedule.nonfinite == "raise":
             raise NonFiniteStatisticsError(
@@ -406,7 +405,7 @@ class EstimatorBatchNorm:
         from outside (bnstats' tools and ``load_state_dict`` do this themselves; needed after
         writing the buffer by hand, or before eager steps that follow compiled ones with a
         debiased EMA or the cumulative average). A host read: not for per-step code."""
-        self._pending = None
+        self._pending = []
         tracked = self.num_batches_tracked
         self._host_step = 0 if tracked is None else int(tracked)
 
@@ -417,7 +416,7 @@ class EstimatorBatchNorm:
         if "num_batches_skipped" in self._buffers:
             self.num_batches_skipped.zero_()
         self._host_step = 0
-        self._pending = None
+        self._pending = []
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
