@@ -35,7 +35,15 @@ def recalibrate(model: nn.Module, batches: Any, **options: Any) -> nn.Module:
     cast to each buffer's dtype at the end, as ``update_bn`` counts ``num_batches_tracked``.
     In the single pass the BN layers normalize with each batch's own statistics, as in
     training (and in ``update_bn`` and fvcore's precise BN); every other module, children of
-    BN layers included, is in eval mode. Layers with fixed statistics
+    BN layers included, is in eval mode.
+
+    ``mode="eval"``: each layer gets the mean and unbiased variance of the input it receives
+    when every BN layer before it normalizes with its own final statistics, as at inference
+    (the fixed point of eval-mode inference; Wu & Johnson 2021 on the train-test
+    inconsistency of the single pass). It takes one pass over ``batches`` per depth level of
+    the BN layers (layers side by side share a pass; see
+    :func:`bnstats.torch._pass.measure_eval_mode`), so ``batches`` must be iterable again;
+    any batch size works, one included, and images of varying size. Layers with fixed statistics
     (``FrozenBatchNorm2d``) are left as they are, with a warning naming them.
 
     Args:
@@ -48,7 +56,7 @@ def recalibrate(model: nn.Module, batches: Any, **options: Any) -> nn.Module:
             ``max_samples``, ``float64_moments``, ``group`` (torch.distributed: every rank
             passes its own batches and ends with the same buffers, bit for bit),
             ``nonfinite`` (``"raise"`` or ``"skip"``), ``unreached`` (``"raise"`` or
-            ``"keep"``).
+            ``"keep"``), ``mode`` (``"train"`` or ``"eval"``).
 
     All or nothing: the model's modes, momenta and hooks are left as found, and if anything
     raises, no buffer changes. Raises ``ValueError`` naming the layer for an empty
