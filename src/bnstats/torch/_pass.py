@@ -885,12 +885,15 @@ def _require_initialized(measured: Measured) -> None:
 
 
 def _pack(measured: Measured) -> torch.Tensor:
-    """One flat float64 tensor: per layer ``[batches, calls, first, population flat]``."""
+    """One flat float64 tensor: per layer ``[batches, calls, first, population flat, spread
+    flat]`` (the spread of the batch statistics, :class:`LayerPass`, has 3C channels)."""
     parts = []
     for moments in measured.layers.values():
         header = [moments.batches, moments.max_calls_per_forward, moments.first_reached or 0]
-        flat = moments.population.to_flat(int(moments.layer.num_features))
-        parts += [torch.tensor(header, dtype=torch.float64), torch.as_tensor(flat).double().cpu()]
+        channels = int(moments.layer.num_features)
+        flats = (moments.population.to_flat(channels), moments.spread.to_flat(3 * channels))
+        parts += [torch.tensor(header, dtype=torch.float64)]
+        parts += [torch.as_tensor(flat).double().cpu() for flat in flats]
     return torch.cat(parts)
 
 
@@ -900,13 +903,17 @@ def _merge(measured: Measured, gathered: list[torch.Tensor]) -> dict[str, LayerP
     offset = 0
     ranks_order = len(measured.layers) + 1  # first_reached: by first rank, then its order
     for name, local in measured.layers.items():
-        size = _HEADER + 2 + 2 * int(local.layer.num_features)
-        result = LayerPass(name, local.layer)
+        channels = int(local.layer.num_features)
+        middle = offset + _HEADER + 2 + 2 * channels
+        size = _HEADER + 2 + 2 * channels + 2 + 6 * channels
+        result = LayerPass(name, local.layer, center=local.center)
         for rank, flat in enumerate(gathered):
             batches, calls, first = (int(v) for v in flat[offset : offset + _HEADER])
-            part = Population.from_flat(flat[offset + _HEADER : offset + size])
+            part = Population.from_flat(flat[offset + _HEADER : middle])
+            spread = Population.from_flat(flat[middle : offset + size])
             if part.mean is not None:
                 result.population = result.population.merge(part)
+                result.spread = result.spread.merge(spread)
                 if result.first_reached is None:
                     result.first_reached = rank * ranks_order + first
             result.batches += batches
