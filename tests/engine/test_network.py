@@ -239,6 +239,14 @@ def test_recalibrate_eval_mode_is_the_fixed_point_of_eval_inference(rng):
     assert not np.allclose(second.estimators["train"].var, z2.var(0, ddof=1), rtol=1e-3)
 
 
+def test_recalibrate_with_batches_of_two_on_an_odd_count_leaves_no_row_alone(rng):
+    net, X, _ = _trained(rng)
+    net.recalibrate(X[:7], batch_size=2)
+    z1 = X[:7] @ net.layers[0].params["weight"].T
+    population = net.batchnorm_layers[0].estimators["population"]
+    np.testing.assert_allclose(population.var, z1.var(0, ddof=1), rtol=1e-12)
+
+
 def test_recalibrate_eval_mode_agrees_with_the_torch_tool(rng):
     import bnstats.torch as bt
 

@@ -219,7 +219,10 @@ class Network:
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         if len(X) < 2:
             raise ValueError(f"recalibrate needs at least 2 rows, got {len(X)}")
-        chunks = np.array_split(X, max(1, -(-len(X) // int(batch_size))))
+        parts = max(1, -(-len(X) // int(batch_size)))
+        if mode == "train":
+            parts = min(parts, len(X) // 2)  # batch_size 2 on an odd count: no row alone
+        chunks = np.array_split(X, parts)
         if mode == "eval":
             fresh = self._eval_mode_populations(chunks)
         else:
