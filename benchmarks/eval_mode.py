@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--stop-batches", type=int, default=8192)
+    parser.add_argument("--tolerance", type=float, default=1e-2)
     parser.add_argument("--only", choices=("accuracy", "one", "stop"), default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         for float64 in (False, True):
             batches_of_one(widths, 64 if quick else 128, 32, float64)
     if args.only in (None, "stop"):
-        early_stop((8, 16, 16, 16), 64 if quick else args.stop_batches, 32, 1e-2)
+        early_stop((8, 16, 16, 16), 64 if quick else args.stop_batches, 32, args.tolerance)
     if args.only in (None, "accuracy"):
         sizes = (4, 32) if quick else (2, 4, 8, 32)
         accuracy_study(sizes, (0,) if quick else (0, 1, 2), 2 if quick else Config().engine_epochs)

@@ -113,3 +113,15 @@ def test_recalibrate_report_in_eval_mode_counts_passes():
         result = bt.recalibrate_report(model, data, mode="eval")
     assert (result.passes, result.samples, result.batches, result.mode) == (3, 20, 5, "eval")
     assert bt.recalibrate_report(model, data).passes == 1
+
+
+def test_progress_bar_changes_nothing_and_stays_off_when_stderr_is_not_a_terminal(capfd):
+    torch.manual_seed(0)
+    data = [torch.randn(8, 6) for _ in range(20)]
+    model = scramble_batchnorm(mlp((6, 8, 8, 2)), seed=1)
+    quiet = bt.recalibrate(copy.deepcopy(model), data)
+    assert capfd.readouterr().err == ""
+    shown = bt.recalibrate(model, data, progress=True)
+    assert ref.same_state(shown, ref.snapshot(quiet))
+    bt.audit(quiet, data, progress=True, mode="eval")
+    bt.adapt(quiet, data, progress=False)

@@ -54,6 +54,7 @@ from bnstats.torch._layers import (
     unwrap,
     write_buffers,
 )
+from bnstats.torch._progress import pass_progress
 from bnstats.torch._ranks import (
     Group,
     all_gather_float64,
@@ -98,6 +99,9 @@ class PassOptions:
     - ``tolerance``: stop drawing batches once every measured layer's relative standard
       error (:meth:`LayerPass.relative_error`) is below it, judged every
       ``CHECK_EVERY`` batches from ``MIN_BATCHES`` batches on. Not in a group.
+    - ``progress``: a rich progress bar on stderr with the samples seen (and the worst
+      relative standard error with ``tolerance``): ``None`` when stderr is a terminal,
+      ``True`` always, ``False`` never (see :mod:`bnstats.torch._progress`).
     """
 
     forward: Forward | None = None
@@ -108,6 +112,7 @@ class PassOptions:
     unreached: Literal["raise", "keep"] = "raise"
     mode: Literal["train", "eval"] = "train"
     tolerance: float | None = None
+    progress: bool | None = None
 
     def __post_init__(self) -> None:
         if self.forward is not None and not callable(self.forward):
@@ -560,6 +565,9 @@ def collect_moments(
             if final is not None:
                 state.add_hook(layer.register_forward_hook(_unsettled_output))
         device = model_device(model)
+        label = "BN statistics" if final is None else f"eval mode, {len(final)} layers settled"
+        advance = stack.enter_context(pass_progress(options.progress, label))
+        worst, samples = math.inf, 0
         for batch, size in iterate_batches(batches, options.max_samples):
             for layer_moments in moments.values():
                 layer_moments.calls_this_forward = 0
@@ -570,7 +578,11 @@ def collect_moments(
                 layer_moments.max_calls_per_forward = max(
                     layer_moments.max_calls_per_forward, layer_moments.calls_this_forward
                 )
-            if _precise_enough(moments.values(), options.tolerance, len(sizes)):
+            samples += size or 0
+            if _time_to_check(options.tolerance, len(sizes)):
+                worst = worst_relative_error(moments.values())[0]
+            advance(samples, worst)
+            if options.tolerance is not None and worst < options.tolerance:
                 break
         for layer_moments in moments.values():
             if layer_moments._awaiting is not None:
@@ -584,13 +596,10 @@ def collect_moments(
     return measured
 
 
-def _precise_enough(layers: Iterable[LayerPass], tolerance: float | None, batches: int) -> bool:
-    """With ``tolerance``, every ``CHECK_EVERY`` batches from ``MIN_BATCHES`` on: is every
-    layer that received a finite batch below it (:meth:`LayerPass.relative_error`)? Two
-    host reads per check, none between checks."""
-    if tolerance is None or batches < MIN_BATCHES or batches % CHECK_EVERY:
-        return False
-    return worst_relative_error(layers)[0] < tolerance
+def _time_to_check(tolerance: float | None, batches: int) -> bool:
+    """With ``tolerance``, every ``CHECK_EVERY`` batches from ``MIN_BATCHES`` on: time to
+    read the worst relative standard error (two host reads per check, none between)."""
+    return tolerance is not None and batches >= MIN_BATCHES and not batches % CHECK_EVERY
 
 
 def worst_relative_error(layers: Iterable[LayerPass]) -> tuple[float, str | None]:
