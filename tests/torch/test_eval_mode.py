@@ -170,3 +170,32 @@ def test_forward_option_and_dropout_before_bn():
 
     for name, (_, var) in truth.items():
         np.testing.assert_allclose(ref.buffers(model)[name]["var"], var, rtol=2e-5)
+
+
+class _FedByItself(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.bn(self.linear(x)))
+
+
+def test_a_layer_fed_by_its_own_output_fails_clearly_and_writes_nothing():
+    model = _FedByItself()
+    saved = ref.snapshot(model)
+    with pytest.raises(ValueError, match="called 2 times per forward"):
+        bt.recalibrate(model, [torch.randn(4, 5) for _ in range(3)], mode="eval")
+    assert ref.same_state(model, saved)
+
+
+def test_a_layer_used_twice_on_independent_inputs_pools_both_as_in_train_mode():
+    from tests.torch.extra_models import SharedBatchNorm
+
+    torch.manual_seed(0)
+    model = SharedBatchNorm()
+    data = image_batches(sizes=[5, 8, 6], shape=(6,))
+    train = bt.recalibrate(copy.deepcopy(model), data)
+    bt.recalibrate(model, data, mode="eval")
+    np.testing.assert_allclose(model.bn.running_var, train.bn.running_var, rtol=1e-6)

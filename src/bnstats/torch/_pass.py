@@ -864,6 +864,13 @@ def _settle_level(
         bad = measured.skipped.get(moments.name, 0)
         if bad >= moments.batches:
             continue
+        if bad and moments.max_calls_per_forward > 1:
+            raise ValueError(
+                f"mode='eval': {moments.label} is called {moments.max_calls_per_forward} times "
+                "per forward and some calls received NaN: one call's input comes from another "
+                "call's output (no eval-mode order for it), or the data holds NaN; nothing "
+                "was written"
+            )
         if bad and options.nonfinite == "raise":
             raise NonFiniteStatisticsError(
                 f"{moments.label}: {bad} of {moments.batches} batches brought NaN or Inf "

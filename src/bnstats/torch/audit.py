@@ -155,7 +155,10 @@ def audit(model: nn.Module, batches: Any, **options: Any) -> AuditReport:
     ``options``: see :class:`bnstats.torch.PassOptions`), and nothing is written: the model's
     state dict, modes, momenta and hooks are left exactly as found. In a group the population
     statistics are those of all ranks' batches together, compared with each rank's own running
-    statistics.
+    statistics. ``mode="eval"`` compares against the population statistics as eval-mode
+    inference sees them (each layer's input with every BN layer before it normalizing with
+    its own final statistics; see :func:`bnstats.torch.recalibrate`), ``mode="train"`` (the
+    default) against those of the single pass.
 
     Flags per layer: ``never_updated`` (``num_batches_tracked == 0``, or the buffers still
     exactly 0 and 1), ``start_still_weighs`` (an EMA whose initial 0 and 1 still weigh
