@@ -239,7 +239,8 @@ class LayerPass:
         channels = int(self.layer.num_features)
         population, spread = self.population, self.spread
         if finite_batches < 2 or population.mean is None or spread.m2 is None:
-            infinite = torch.full((channels,), math.inf, dtype=torch.float64)
+            device = None if population.mean is None else population.mean.device
+            infinite = torch.full((channels,), math.inf, dtype=torch.float64, device=device)
             return infinite, infinite
         count = population.count
         s_mm, s_uu, s_sum = spread.m2.split(channels)
