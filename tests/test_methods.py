@@ -15,7 +15,13 @@ def test_every_method_has_its_words_and_a_colour():
         assert method.color.startswith("#") and len(method.color) == 7
         assert (method.estimator is not None) == (method.source == "running")
         assert method.batch_size is None or method.source == "batch"
-    assert ESTIMATE_METHODS == ("ema", "ema_debiased", "cumulative", "population")
+    assert ESTIMATE_METHODS == (
+        "ema",
+        "ema_debiased",
+        "cumulative",
+        "population_eval",
+        "population",
+    )
 
 
 def test_running_estimators_are_built_from_the_momentum():

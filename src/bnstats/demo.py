@@ -25,6 +25,7 @@ from bnstats.methods import (
     DEBIASED_EMA,
     METHODS,
     POPULATION,
+    POPULATION_EVAL,
     RUNNING_EMA,
     Method,
     running_estimators,
@@ -132,8 +133,9 @@ class DemoResult:
         return label
 
     def layers(self) -> list[dict[str, Any]]:
-        """Each BatchNorm's running (EMA) and population statistics."""
-        ema, population = RUNNING_EMA.name, POPULATION.name
+        """Each BatchNorm's running (EMA) and population statistics (as measured in training
+        mode and, ``population_eval_*``, as inference sees them)."""
+        ema, population, inference = RUNNING_EMA.name, POPULATION.name, POPULATION_EVAL.name
         return [
             {
                 "name": layer.name,
@@ -142,6 +144,8 @@ class DemoResult:
                 "running_var": layer.estimators[ema].var.tolist(),
                 "population_mean": layer.estimators[population].mean.tolist(),
                 "population_var": layer.estimators[population].var.tolist(),
+                "population_eval_mean": layer.estimators[inference].mean.tolist(),
+                "population_eval_var": layer.estimators[inference].var.tolist(),
             }
             for layer in self.net.batchnorm_layers
         ]
@@ -263,7 +267,14 @@ def train_demo(
             drop_last=config.drop_last(rows),
             progress=progress,
         )
-        net.recalibrate(dataset.X_train, batch_size=config.batch_size, name=POPULATION.name)
+        for method in METHODS.values():
+            if method.source == "recalibrated":
+                net.recalibrate(
+                    dataset.X_train,
+                    batch_size=config.batch_size,
+                    name=method.name,
+                    mode=method.mode,
+                )
         accuracy = accuracy_per_method(net, dataset)
     return DemoResult(config, dataset, net, history, accuracy)
 

@@ -6,7 +6,10 @@ command line alike.
   test set as one batch);
 - ``running``: an estimator fed by every training batch, built from the run's ``momentum``;
 - ``recalibrated``: the exact population statistics, recomputed after training with the
-  weights frozen (:meth:`bnstats.engine.Network.recalibrate`).
+  weights frozen (:meth:`bnstats.engine.Network.recalibrate`), each layer's input measured
+  as in training (``population``: every BatchNorm before it on the batch's statistics) or as
+  at inference (``population (eval)``: every BatchNorm before it on its own population
+  statistics).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ Source = Literal["batch", "running", "recalibrated"]
 class Method:
     """One test-time method. ``name`` keys accuracies and, for ``running`` and
     ``recalibrated`` methods, the estimator in each BatchNorm layer; ``estimator`` builds a
-    ``running`` one from the momentum; ``batch_size`` is a ``batch`` method's test batch."""
+    ``running`` one from the momentum; ``batch_size`` is a ``batch`` method's test batch;
+    ``mode`` is a ``recalibrated`` method's :meth:`~bnstats.engine.Network.recalibrate` mode."""
 
     name: str
     label: str
@@ -33,6 +37,7 @@ class Method:
     source: Source
     estimator: Callable[[float], Estimator] | None = None
     batch_size: int | None = None
+    mode: Literal["train", "eval"] = "train"
 
 
 BATCH_COLOR = "#8c8c8c"
@@ -68,6 +73,14 @@ POPULATION = Method(
     "#d62728",
     "recalibrated",
 )
+POPULATION_EVAL = Method(
+    "population_eval",
+    "population (eval)",
+    "exact statistics of the training set as inference sees them, weights frozen",
+    "#9467bd",
+    "recalibrated",
+    mode="eval",
+)
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -98,6 +111,7 @@ METHODS: dict[str, Method] = {
         RUNNING_EMA,
         DEBIASED_EMA,
         CUMULATIVE,
+        POPULATION_EVAL,
         POPULATION,
     )
 }
@@ -118,6 +132,7 @@ __all__ = [
     "ESTIMATE_METHODS",
     "METHODS",
     "POPULATION",
+    "POPULATION_EVAL",
     "RUNNING_EMA",
     "Method",
     "running_estimators",

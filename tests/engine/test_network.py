@@ -220,6 +220,54 @@ def test_recalibrate_gives_exact_population_statistics(rng):
         np.testing.assert_array_equal(before, after)
 
 
+def test_recalibrate_eval_mode_is_the_fixed_point_of_eval_inference(rng):
+    net, X, _ = _trained(rng)
+    net.recalibrate(X, batch_size=1, name="eval", mode="eval")
+    first, second = net.batchnorm_layers
+    w1, w2 = net.layers[0].params["weight"], net.layers[3].params["weight"]
+    z1 = X @ w1.T
+    mu1, var1 = z1.mean(0), z1.var(0, ddof=1)
+    np.testing.assert_allclose(first.estimators["eval"].var, var1, rtol=1e-12)
+    # the second BN's input: the first normalizes with its own population statistics
+    gamma, beta = first.params["weight"], first.params["bias"]
+    a = np.maximum(gamma * (z1 - mu1) / np.sqrt(var1 + first.eps) + beta, 0)
+    z2 = a @ w2.T
+    np.testing.assert_allclose(second.estimators["eval"].mean, z2.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(second.estimators["eval"].var, z2.var(0, ddof=1), rtol=1e-10)
+    assert "__eval_mode_recalibration__" not in second.estimators
+    net.recalibrate(X, batch_size=32, name="train")
+    assert not np.allclose(second.estimators["train"].var, z2.var(0, ddof=1), rtol=1e-3)
+
+
+def test_recalibrate_with_batches_of_two_on_an_odd_count_leaves_no_row_alone(rng):
+    net, X, _ = _trained(rng)
+    net.recalibrate(X[:7], batch_size=2)
+    z1 = X[:7] @ net.layers[0].params["weight"].T
+    population = net.batchnorm_layers[0].estimators["population"]
+    np.testing.assert_allclose(population.var, z1.var(0, ddof=1), rtol=1e-12)
+
+
+def test_recalibrate_eval_mode_agrees_with_the_torch_tool(rng):
+    import bnstats.torch as bt
+
+    net, X, _ = _trained(rng)
+    net.recalibrate(X, batch_size=16, mode="eval")
+    twin = _torch_twin(net)
+    for layer, module in zip(net.layers, twin, strict=True):
+        if layer.kind == "BatchNorm":  # the twin's BN starts at gamma = 1, beta = 0
+            with torch.no_grad():
+                module.weight.copy_(torch.from_numpy(layer.params["weight"]))
+                module.bias.copy_(torch.from_numpy(layer.params["bias"]))
+    bt.recalibrate(twin, list(torch.from_numpy(X).split(7)), mode="eval")
+    torch_layers = [m for m in twin if isinstance(m, torch.nn.BatchNorm1d)]
+    for layer, twin_layer in zip(net.batchnorm_layers, torch_layers, strict=True):
+        population = layer.estimators["population"]
+        np.testing.assert_allclose(twin_layer.running_mean.numpy(), population.mean, atol=1e-10)
+        np.testing.assert_allclose(twin_layer.running_var.numpy(), population.var, rtol=1e-10)
+    with pytest.raises(ValueError, match="mode must be"):
+        net.recalibrate(X, mode="test")
+
+
 def test_mlp_without_batchnorm(rng):
     net = Network.mlp([4, 5, 2], batchnorm=False, seed=0)
     assert not net.batchnorm_layers and net.stats_names == ["batch"]

@@ -97,6 +97,12 @@ def uneven(model_name: str) -> Callable[[int], dict[str, Any]]:
     return scenario
 
 
+def eval_mode_resnet(rank: int) -> dict[str, Any]:
+    model = zoo.build("resnet")
+    assert bt.recalibrate(model, rank_batches("resnet", rank), mode="eval") is model
+    return {"state": _state(model)}
+
+
 def empty_rank(empty: int) -> Callable[[int], dict[str, Any]]:
     def scenario(rank: int) -> dict[str, Any]:
         model = zoo.build("resnet")
@@ -299,6 +305,7 @@ def stalled_rank(rank: int) -> dict[str, Any]:
 
 SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     **{f"uneven_{name}": uneven(name) for name in zoo.NAMES},
+    "eval_mode_resnet": eval_mode_resnet,
     "empty_rank0": empty_rank(0),
     "empty_rank1": empty_rank(1),
     "all_empty": all_empty,

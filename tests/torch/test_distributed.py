@@ -137,6 +137,14 @@ def test_uneven_ranks_equal_one_process_on_the_concatenated_batches(pair, name):
     assert max_relative_difference(results[0]["state"], alone, integers=False) > 1e-3
 
 
+def test_eval_mode_in_a_group_equals_one_process_on_the_concatenated_batches(pair):
+    results = pair.results("eval_mode_resnet")
+    expected = single_process(zoo.build("resnet"), concatenated("resnet"), mode="eval")
+    assert_both_equal_reference(results, expected)
+    train = single_process(zoo.build("resnet"), concatenated("resnet"))
+    assert max_relative_difference(results[0]["state"], train, integers=False) > 1e-3
+
+
 @pytest.mark.parametrize("empty", [0, 1])
 def test_an_empty_rank_is_fine_when_another_has_batches(pair, empty):
     other = 1 - empty

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from bnstats import functional as F
 from bnstats.engine import checkpoint, training
 from bnstats.engine.layers import BATCH, BatchNorm, Layer, Linear, ReLU
 from bnstats.engine.optim import Optimizer
@@ -186,26 +187,70 @@ class Network:
         labels = self._check_labels(y, len(X))
         return float((self.predict(X, stats, batch_size) == labels).mean())
 
-    def recalibrate(self, X: np.ndarray, batch_size: int = 64, name: str = "population") -> Network:
+    def recalibrate(
+        self,
+        X: np.ndarray,
+        batch_size: int = 64,
+        name: str = "population",
+        mode: Literal["train", "eval"] = "train",
+    ) -> Network:
         """Exact population statistics of every BatchNorm over ``X``, weights frozen.
 
-        One pass in mini-batches as in training (each BatchNorm normalizes with its batch's
-        statistics, so every layer sees the inputs it saw in training) feeding a fresh
-        :class:`~bnstats.stats.Population` per layer; no other estimator moves. The result is
-        stored as estimator ``name`` (replacing one of that name) only once the pass has
-        succeeded. Batches are near-equal splits of ``X``, so none has a single row.
-        This is PreciseBN (Wu & Johnson 2021).
+        ``mode="train"``: one pass in mini-batches as in training (each BatchNorm normalizes
+        with its batch's statistics, so every layer sees the inputs it saw in training)
+        feeding a fresh :class:`~bnstats.stats.Population` per layer; no other estimator
+        moves. Batches are near-equal splits of ``X``, so none has a single row. This is
+        PreciseBN (Wu & Johnson 2021).
+
+        ``mode="eval"``: each BatchNorm gets the mean and unbiased variance of the input it
+        receives at test time, when every BatchNorm before it normalizes with its own final
+        population statistics (the fixed point of eval-mode inference). The layers run in
+        order over all of ``X`` (in chunks of ``batch_size`` rows, which only bound memory:
+        in eval mode a row's output does not depend on the others): at a BatchNorm the
+        Population of its input over every chunk is complete before any chunk goes on, so
+        the cost is one forward pass over ``X``; chunks of one row are fine
+        (``batch_size=1``).
+
+        The result is stored as estimator ``name`` (replacing one of that name) only once
+        the pass has succeeded.
         """
         X = self._check_input(X)
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         if len(X) < 2:
             raise ValueError(f"recalibrate needs at least 2 rows, got {len(X)}")
-        chunks = np.array_split(X, max(1, -(-len(X) // int(batch_size))))
-        fresh = {layer.name: Population() for layer in self.batchnorm_layers}
-        for chunk in chunks:
-            self.forward(chunk, training=True, update={k: [v] for k, v in fresh.items()})
+        parts = max(1, -(-len(X) // int(batch_size)))
+        if mode == "train":
+            parts = min(parts, len(X) // 2)  # batch_size 2 on an odd count: no row alone
+        chunks = np.array_split(X, parts)
+        if mode == "eval":
+            fresh = self._eval_mode_populations(chunks)
+        else:
+            fresh = {layer.name: Population() for layer in self.batchnorm_layers}
+            for chunk in chunks:
+                self.forward(chunk, training=True, update={k: [v] for k, v in fresh.items()})
         for layer in self.batchnorm_layers:
             layer.estimators[name] = fresh[layer.name]
         return self
+
+    def _eval_mode_populations(self, chunks: list[np.ndarray]) -> dict[str, Population]:
+        """Layer by layer over every chunk: each BatchNorm's Population of its input, then
+        the chunks normalized with it (under a temporary estimator name, removed after)."""
+        fresh: dict[str, Population] = {}
+        key = "__eval_mode_recalibration__"
+        try:
+            for layer in self.layers:
+                if isinstance(layer, BatchNorm):
+                    population = Population()
+                    for chunk in chunks:
+                        mean, var = F.moments(chunk)
+                        population.update(mean, var, F.count_per_channel(chunk.shape))
+                    fresh[layer.name] = layer.estimators[key] = population
+                chunks = [layer.forward(chunk, training=False, stats=key) for chunk in chunks]
+        finally:
+            for layer in self.batchnorm_layers:
+                layer.estimators.pop(key, None)
+        return fresh
 
     def save(self, path: str | Path) -> Path:
         """Write weights, estimators and architecture to ``path`` (atomically)."""

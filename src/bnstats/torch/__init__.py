@@ -1,6 +1,8 @@
 """PyTorch tools for batch norm's test-time statistics (the optional ``torch`` extra).
 
-- :func:`recalibrate`: exact population statistics for every BN layer, in one pass;
+- :func:`recalibrate`: exact population statistics for every BN layer, in one pass (or, with
+  ``mode="eval"``, as eval-mode inference sees them); :func:`recalibrate_report` says how
+  precise they are and how many samples it took;
 - :func:`audit`: how far each layer's running statistics are from the truth on some data;
 - :func:`adapt`: test-time adaptation of the statistics to shifted data;
 - :func:`sync_running_stats`: running statistics pooled across torch.distributed ranks
@@ -29,7 +31,7 @@ from bnstats.torch.fold import (
 )
 from bnstats.torch.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from bnstats.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from bnstats.torch.recalibrate import recalibrate
+from bnstats.torch.recalibrate import Recalibration, recalibrate, recalibrate_report
 from bnstats.torch.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from bnstats.torch.sync_batchnorm import revert_sync_batchnorm
 
@@ -51,6 +53,7 @@ __all__ = [
     "LayerAudit",
     "PassOptions",
     "RankError",
+    "Recalibration",
     "adapt",
     "audit",
     "convert",
@@ -58,6 +61,7 @@ __all__ = [
     "fold_weights",
     "plan_conversion",
     "recalibrate",
+    "recalibrate_report",
     "revert_sync_batchnorm",
     "sync_running_stats",
 ]

@@ -31,7 +31,7 @@ import math
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -52,7 +52,9 @@ from bnstats.torch._layers import (
     model_device,
     uninitialized_lazy_error,
     unwrap,
+    write_buffers,
 )
+from bnstats.torch._progress import pass_progress
 from bnstats.torch._ranks import (
     Group,
     all_gather_float64,
@@ -67,6 +69,10 @@ _NARROW = (torch.float16, torch.bfloat16)
 _GROUP = 64
 """Batches gathered per layer before they are merged into its Population."""
 _HEADER = 3  # per layer in the flat exchange: batches, max calls per forward, first reached
+CHECK_EVERY = 8
+"""With ``tolerance``: batches between two checks of the standard errors (one host read each)."""
+MIN_BATCHES = 16
+"""With ``tolerance``: batches drawn before the first check (the spread needs a few)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,16 @@ class PassOptions:
     - ``unreached``: ``"raise"`` (a BN layer that no forward reached fails the pass) or
       ``"keep"`` (such layers, auxiliary heads for instance, keep their statistics and are
       listed).
+    - ``mode``: ``"train"`` (each BN layer's input with every BN layer normalizing with its
+      batch's statistics, one pass) or ``"eval"`` (each BN layer's input with every BN layer
+      before it normalizing with its own final statistics, as at inference: one pass per
+      depth level, see :func:`measure_eval_mode`).
+    - ``tolerance``: stop drawing batches once every measured layer's relative standard
+      error (:meth:`LayerPass.relative_error`) is below it, judged every
+      ``CHECK_EVERY`` batches from ``MIN_BATCHES`` batches on. Not in a group.
+    - ``progress``: a rich progress bar on stderr with the samples seen (and the worst
+      relative standard error with ``tolerance``): ``None`` when stderr is a terminal,
+      ``True`` always, ``False`` never (see :mod:`bnstats.torch._progress`).
     """
 
     forward: Forward | None = None
@@ -94,6 +110,9 @@ class PassOptions:
     group: Group = None
     nonfinite: Literal["raise", "skip"] = "raise"
     unreached: Literal["raise", "keep"] = "raise"
+    mode: Literal["train", "eval"] = "train"
+    tolerance: float | None = None
+    progress: bool | None = None
 
     def __post_init__(self) -> None:
         if self.forward is not None and not callable(self.forward):
@@ -105,9 +124,21 @@ class PassOptions:
             isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 1
         ):
             raise ValueError(f"max_samples must be a positive integer or None, got {samples!r}")
-        for key, allowed in (("nonfinite", ("raise", "skip")), ("unreached", ("raise", "keep"))):
+        choices = (
+            ("nonfinite", ("raise", "skip")),
+            ("unreached", ("raise", "keep")),
+            ("mode", ("train", "eval")),
+        )
+        for key, allowed in choices:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        tolerance = self.tolerance
+        if tolerance is not None and (
+            isinstance(tolerance, bool)
+            or not isinstance(tolerance, numbers.Real)
+            or not 0 < tolerance < math.inf
+        ):
+            raise ValueError(f"tolerance must be a positive number or None, got {tolerance!r}")
 
     def call(self) -> dict[str, Any]:
         """What the ranks must agree on (everything but the callable and the group)."""
@@ -116,6 +147,7 @@ class PassOptions:
             "float64_moments": self.float64_moments,
             "nonfinite": self.nonfinite,
             "unreached": self.unreached,
+            "mode": self.mode,
         }
 
 
@@ -123,11 +155,24 @@ class PassOptions:
 class LayerPass:
     """One BN layer during a pass: its ``population`` of every value it received (float64),
     how many batch statistics were merged (``batches``: one per call), the most calls one
-    forward made (``max_calls_per_forward``) and when the first forward reached it."""
+    forward made (``max_calls_per_forward``) and when the first forward reached it.
+
+    For the precision of the estimate it also keeps ``spread``, a Population of per-batch
+    values (3C of them), each batch ``k`` weighing its ``n_k`` values per channel::
+
+        [mean_k,  u_k,  mean_k + u_k],    u_k = m2_k / n_k + (mean_k - center)**2
+
+    ``u_k`` is batch k's mean of ``(z - center)**2``, ``center`` the layer's
+    ``running_mean`` when the pass began (any fixed value would do; a close one keeps the
+    sums well conditioned). Its ``m2`` holds ``S_mm = sum n_k (mean_k - mu)**2``, ``S_uu``
+    and ``S_mm + S_uu + 2 S_um`` (:meth:`standard_errors` has the formulas).
+    """
 
     name: str
     layer: nn.Module
     population: Population = field(default_factory=Population)
+    spread: Population = field(default_factory=Population)
+    center: torch.Tensor | None = field(default=None, repr=False)
     batches: int = 0
     max_calls_per_forward: int = 0
     first_reached: int | None = None
@@ -160,6 +205,7 @@ class LayerPass:
         indices = _on_device([index for index, _, _ in pending], stacked)
         clean = torch.where(finite[:, None, None], stacked, torch.zeros_like(stacked))
         self.population.update_batches(counts, clean[:, 0], clean[:, 1])
+        self._add_spread(counts, clean[:, 0], clean[:, 1])
         verdict = torch.stack(
             (torch.where(finite, math.inf, indices).min(), (~finite).sum(dtype=stacked.dtype))
         )
@@ -169,6 +215,53 @@ class LayerPass:
             self._verdict = torch.stack(
                 (torch.minimum(self._verdict[0], verdict[0]), self._verdict[1] + verdict[1])
             )
+
+    def _add_spread(self, counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor) -> None:
+        """Merge the batches' ``[mean_k, u_k, mean_k + u_k]`` into :attr:`spread`."""
+        center = 0.0 if self.center is None else self.center.to(means)
+        deviation = means - center
+        u = m2s / counts.clamp(min=1)[:, None] + deviation * deviation
+        values = torch.cat((means, u, means + u), dim=1)
+        self.spread.update_batches(counts, values, torch.zeros_like(values))
+
+    def standard_errors(self, finite_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per channel, the standard errors of the population ``mean`` and unbiased ``var``
+        from the spread between the ``B = finite_batches`` batches (each batch one draw of
+        ``n_k`` values, ``N = sum n_k``; the linearization of a ratio estimator, as in
+        cluster sampling)::
+
+            se_mean**2 = S_mm / (N * (B - 1))
+            se_var**2  = (S_uu - 4 a S_um + 4 a**2 S_mm) / (N * (B - 1)) * (N / (N - 1))**2
+
+        with ``a = mu - center``: ``u_k - 2 a mean_k`` is, up to a constant, batch k's mean
+        of ``(z - mu)**2``, whose spread gives the variance's; ``S_um`` comes from the
+        spread of ``mean_k + u_k``. Infinite with fewer than 2 batches."""
+        channels = int(self.layer.num_features)
+        population, spread = self.population, self.spread
+        if finite_batches < 2 or population.mean is None or spread.m2 is None:
+            device = None if population.mean is None else population.mean.device
+            infinite = torch.full((channels,), math.inf, dtype=torch.float64, device=device)
+            return infinite, infinite
+        count = population.count
+        s_mm, s_uu, s_sum = spread.m2.split(channels)
+        s_um = (s_sum - s_mm - s_uu) / 2
+        center = 0.0 if self.center is None else self.center.to(s_mm)
+        a = population.mean - center
+        scale = count * (finite_batches - 1)
+        se_mean = (s_mm / scale).clamp(min=0).sqrt()
+        var_spread = (s_uu - 4 * a * s_um + 4 * a * a * s_mm).clamp(min=0) / scale
+        se_var = var_spread.sqrt() * (count / (count - 1))
+        return se_mean, se_var
+
+    def relative_error(self, finite_batches: int) -> torch.Tensor:
+        """The worst channel's relative standard error, on the device: the larger of
+        ``se_mean / sqrt(var)`` and ``se_var / var`` (the mean is judged against the spread
+        of the values, as it may be 0)."""
+        se_mean, se_var = self.standard_errors(finite_batches)
+        var = self.population.m2 / (self.population.count - 1)
+        tiny = torch.finfo(torch.float64).tiny
+        ratios = torch.stack((se_mean / var.clamp(min=tiny).sqrt(), se_var / var.clamp(min=tiny)))
+        return ratios.nan_to_num(nan=math.inf).max()
 
     def take_kernel_moments(self) -> None:
         """Gather the mean and unbiased variance the kernel wrote at the layer's last call."""
@@ -200,6 +293,11 @@ class Measured:
     fixed: list[str] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
     first_bad: tuple[str, int] | None = None
+    passes: int = 1
+
+    def finite_batches(self, moments: LayerPass) -> int:
+        """Batches of ``moments`` that entered its population (none with NaN or Inf)."""
+        return moments.batches - self.skipped.get(moments.name, 0)
 
     def reached(self) -> list[LayerPass]:
         """The layers some forward reached, in the order the first forward reached them."""
@@ -357,8 +455,10 @@ def batch_moments(x: torch.Tensor, float64: bool = False) -> tuple[torch.Tensor,
     return widen(mean), widen(var)
 
 
-def check_layer_input(moments: LayerPass, x: Any) -> int:
-    """Values per channel in ``x``; ``TypeError``/``ValueError`` naming the layer if unusable."""
+def check_layer_input(moments: LayerPass, x: Any, least: int = 2) -> int:
+    """Values per channel in ``x``; ``TypeError``/``ValueError`` naming the layer if unusable
+    (fewer than ``least`` values per channel: 2 where the layer normalizes with the batch's
+    statistics, 1 in an eval-mode pass)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{moments.label} was called on a {type(x).__name__}, not a tensor")
     shape, features = tuple(x.shape), moments.layer.num_features
@@ -367,11 +467,11 @@ def check_layer_input(moments: LayerPass, x: Any) -> int:
             f"{moments.label}: expected input of shape (N, {features}, ...), got {shape}"
         )
     count = x.numel() // shape[1]
-    if count < 2:
+    if count < least:
         raise ValueError(
             fewer_than_two_values(moments.label, shape)
-            + " (drop batches of one sample, or choose max_samples so that the last batch "
-            "keeps 2 or more)"
+            + " (drop batches of one sample, choose max_samples so that the last batch "
+            "keeps 2 or more, or pass mode='eval', which needs no batch statistics)"
         )
     return count
 
@@ -381,8 +481,10 @@ class _Recorder:
     layer's previous call (one hook per layer, not two), check the input, then leave this
     call's moments to the kernel or take them here."""
 
-    def __init__(self, state: PreservedState, kernel: set[str], options: PassOptions) -> None:
-        self.state, self.kernel, self.options = state, kernel, options
+    def __init__(
+        self, state: PreservedState, kernel: set[str], options: PassOptions, least: int
+    ) -> None:
+        self.state, self.kernel, self.options, self.least = state, kernel, options, least
         self.batch_index = 0
         self.reached = 0
 
@@ -395,7 +497,9 @@ class _Recorder:
                     module.running_var.nan_to_num_(1.0, 1.0, 1.0)
             self.state.record_buffers(moments.name)  # a LazyBatchNorm is initialized by now
             x = args[0] if args else kwargs.get("input")
-            count = check_layer_input(moments, x)
+            count = check_layer_input(moments, x, self.least)
+            if moments.center is None:
+                moments.center = widen(module.running_mean.detach()).clone()
             if moments.name in self.kernel and x.dtype == module.running_var.dtype:
                 moments._awaiting = (self.batch_index, count)
             else:
@@ -409,10 +513,25 @@ class _Recorder:
         return pre_hook
 
 
+def _unsettled_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    """An eval-mode pass: the output of a layer whose statistics are not final yet is NaN,
+    so that every layer computed from it sees NaN and waits for a later level."""
+    return torch.full_like(output, math.nan) if isinstance(output, torch.Tensor) else output
+
+
 def collect_moments(
-    model: nn.Module, batches: Any, options: PassOptions, *, check_coverage: bool = True
+    model: nn.Module,
+    batches: Any,
+    options: PassOptions,
+    *,
+    check_coverage: bool = True,
+    final: Mapping[str, Population] | None = None,
 ) -> Measured:
     """One pass of ``model`` (unwrapped) over ``batches``: every BN layer's population moments.
+
+    With ``final`` (an eval-mode level, see :func:`measure_eval_mode`) every module is in
+    eval mode, the layers named in ``final`` normalize with those populations' mean and
+    unbiased variance, and every other BN layer is measured and outputs NaN.
 
     Raises ``ValueError`` if ``batches`` is empty or (``unreached="raise"``) a BN layer was
     never reached, and :class:`NonFiniteStatisticsError` naming the layer and the batch if a
@@ -422,24 +541,43 @@ def collect_moments(
     layers = find_batchnorm_layers(model)
     forward = options.forward or default_forward
     moments = {name: LayerPass(name, layer) for name, layer in layers.items()}
+    measured_names = [name for name in layers if final is None or name not in final]
     sizes: list[int | None] = []
     kernel = (
         set()
-        if options.float64_moments
+        if options.float64_moments or final is not None
         else {n for n, m in layers.items() if kernel_writes_moments(m)}
     )
     with ExitStack() as stack:
         state = stack.enter_context(PreservedState(model, layers))
         stack.enter_context(torch.no_grad())
-        batchnorm_train_mode(model, layers)
-        stack.enter_context(local_batch_statistics(model))
-        stack.enter_context(moments_from_kernel([layers[name] for name in kernel]))
-        stack.enter_context(frozen_for_pass(m for n, m in layers.items() if n not in kernel))
-        recorder = _Recorder(state, kernel, options)
-        for layer_moments in moments.values():
-            hook = recorder.hook(layer_moments)
-            state.add_hook(layer_moments.layer.register_forward_pre_hook(hook, with_kwargs=True))
+        for name, layer in layers.items():
+            if not is_lazy_uninitialized(layer):
+                moments[name].center = widen(layer.running_mean.detach()).clone()
+        if final is None:
+            batchnorm_train_mode(model, layers)
+            stack.enter_context(local_batch_statistics(model))
+            stack.enter_context(moments_from_kernel([layers[name] for name in kernel]))
+            stack.enter_context(frozen_for_pass(m for n, m in layers.items() if n not in kernel))
+        else:
+            model.eval()
+            write_buffers(
+                {
+                    layers[n]: {"running_mean": p.mean, "running_var": p.var}
+                    for n, p in final.items()
+                }
+            )
+        recorder = _Recorder(state, kernel, options, least=2 if final is None else 1)
+        for name in measured_names:
+            layer = layers[name]
+            hook = recorder.hook(moments[name])
+            state.add_hook(layer.register_forward_pre_hook(hook, with_kwargs=True))
+            if final is not None:
+                state.add_hook(layer.register_forward_hook(_unsettled_output))
         device = model_device(model)
+        label = "BN statistics" if final is None else f"eval mode, {len(final)} layers settled"
+        advance = stack.enter_context(pass_progress(options.progress, label))
+        worst, samples = math.inf, 0
         for batch, size in iterate_batches(batches, options.max_samples):
             for layer_moments in moments.values():
                 layer_moments.calls_this_forward = 0
@@ -450,6 +588,12 @@ def collect_moments(
                 layer_moments.max_calls_per_forward = max(
                     layer_moments.max_calls_per_forward, layer_moments.calls_this_forward
                 )
+            samples += size or 0
+            if _time_to_check(options.tolerance, len(sizes)):
+                worst = worst_relative_error(moments.values())[0]
+            advance(samples, worst)
+            if options.tolerance is not None and worst < options.tolerance:
+                break
         for layer_moments in moments.values():
             if layer_moments._awaiting is not None:
                 layer_moments.take_kernel_moments()
@@ -460,6 +604,33 @@ def collect_moments(
         _raise_if_bad(measured.first_bad, options)
         _check_coverage(measured, options, world_size=1)
     return measured
+
+
+def _time_to_check(tolerance: float | None, batches: int) -> bool:
+    """With ``tolerance``, every ``CHECK_EVERY`` batches from ``MIN_BATCHES`` on: time to
+    read the worst relative standard error (two host reads per check, none between)."""
+    return tolerance is not None and batches >= MIN_BATCHES and not batches % CHECK_EVERY
+
+
+def worst_relative_error(layers: Iterable[LayerPass]) -> tuple[float, str | None]:
+    """The largest :meth:`LayerPass.relative_error` over the layers that received a finite
+    batch, and that layer's name (``(inf, None)`` if there is none)."""
+    live = []
+    for moments in layers:
+        moments.flush()
+        if moments._verdict is not None:
+            live.append(moments)
+    if not live:
+        return math.inf, None
+    skipped = torch.stack([m._verdict[1] for m in live]).cpu().tolist()
+    judged = [(m, m.batches - int(s)) for m, s in zip(live, skipped, strict=True)]
+    judged = [(m, finite) for m, finite in judged if finite > 0]
+    if not judged:
+        return math.inf, None
+    on_device = [m.relative_error(finite) for m, finite in judged]
+    errors = torch.stack([e.to(on_device[0].device) for e in on_device]).cpu().tolist()
+    worst = max(range(len(errors)), key=lambda i: errors[i])
+    return float(errors[worst]), judged[worst][0].name
 
 
 def _read_verdicts(measured: Measured) -> None:
@@ -500,7 +671,7 @@ def _check_coverage(measured: Measured, options: PassOptions, world_size: int) -
         raise ValueError(
             f"batches yielded no batch{where}; there is nothing to measure statistics on"
         )
-    measured.unreached = [name for name, m in measured.layers.items() if m.population.mean is None]
+    measured.unreached = [name for name, m in measured.layers.items() if m.batches == 0]
     if measured.unreached and options.unreached == "raise":
         names = ", ".join(display_name(name) for name in measured.unreached)
         raise ValueError(
@@ -550,30 +721,56 @@ def measure(
 ) -> Measured:
     """Every BN layer's population moments over all ranks' ``batches``.
 
+    ``mode="train"``: one pass (:func:`measure_pass`); ``mode="eval"``: one pass per depth
+    level (:func:`measure_eval_mode`).
+    """
+    if options.mode == "eval":
+        return measure_eval_mode(model, batches, options, tool=tool, check=check)
+    return measure_pass(model, batches, options, tool=tool, check=check)
+
+
+def measure_pass(
+    model: nn.Module,
+    batches: Any,
+    options: PassOptions,
+    *,
+    tool: str,
+    check: Check | None = None,
+    final: Mapping[str, Population] | None = None,
+) -> Measured:
+    """One pass: every BN layer's population moments over all ranks' ``batches``.
+
     Without a group (see :func:`resolve_group`) this is :func:`collect_moments` on the
     unwrapped model. In a group each rank runs the pass on its batches; one status exchange
     (which also checks that every rank runs the same ``tool`` with the same options); one
-    ``all_gather`` of every layer's flat Population; every rank merges them in rank order
+    ``all_gather`` of every layer's flat Populations; every rank merges them in rank order
     with :meth:`Population.merge`: the numbers of one process over all ranks' batches, rank
     0's first, bit-identical on every rank. ``check(model)`` runs first on every rank.
+    ``final``: an eval-mode level (see :func:`collect_moments`).
     """
     chosen = resolve_group(options.group)
     inner = unwrap(model)
     if chosen is None:
         if check is not None:
             check(inner)
-        return collect_moments(inner, batches, options)
+        return collect_moments(inner, batches, options, final=final)
+    if options.tolerance is not None:
+        raise ValueError(
+            "tolerance cannot be used across torch.distributed ranks (they would have to "
+            "agree on when to stop); pass max_samples, or group=False"
+        )
 
     def local() -> tuple[Measured, dict[str, Any]]:
         if check is not None:
             check(inner)
-        measured = collect_moments(inner, batches, options, check_coverage=False)
+        measured = collect_moments(inner, batches, options, check_coverage=False, final=final)
         _require_initialized(measured)
         layers = {name: m.layer for name, m in measured.layers.items()}
         summary = {
             "layers": layout_of(layers),
             "sizes": measured.batch_sizes,
             "first_bad": measured.first_bad,
+            "skipped": measured.skipped,
         }
         return measured, summary
 
@@ -582,15 +779,125 @@ def measure(
     check_same_layers(chosen, [summary["layers"] for summary in summaries])
     for rank, summary in enumerate(summaries):  # the same verdict on every rank
         _raise_if_bad(summary["first_bad"], options, where=f" on rank {rank}")
+    skipped: dict[str, int] = {}
+    for summary in summaries:
+        for name, count in summary["skipped"].items():
+            skipped[name] = skipped.get(name, 0) + count
     gathered = all_gather_float64(chosen, _pack(measured))
     merged = Measured(
         _merge(measured, gathered),
         [size for summary in summaries for size in summary["sizes"]],
         fixed=measured.fixed,
-        skipped=measured.skipped,
+        skipped=skipped,
     )
     _check_coverage(merged, options, world_size=len(gathered))
     return merged
+
+
+# -- eval mode: one pass per depth level --------------------------------------------------
+
+
+def measure_eval_mode(
+    model: nn.Module, batches: Any, options: PassOptions, *, tool: str, check: Check | None = None
+) -> Measured:
+    """Every BN layer's population moments with every BN layer before it normalizing with
+    its own final statistics: the fixed point of eval-mode inference.
+
+    Level by level: each pass (:func:`measure_pass` with ``final``) runs the model in eval
+    mode; the layers already settled normalize with their population ``mean`` and unbiased
+    ``var``, every other BN layer is measured and outputs NaN. A layer whose input was finite
+    in every batch depends on settled layers only: its measurement is exact and it settles.
+    A layer that saw NaN in every batch is computed from an unsettled one and waits for the
+    next level. So the cost is one pass over ``batches`` per depth level of the BN layers
+    (the longest chain of BN layers one after another; layers side by side, a residual
+    block's shortcut BN beside its branch, settle in the same pass), never more than the
+    number of BN layers. ``batches`` must be iterable again at each level (a list, a
+    DataLoader). Any batch size works, one included: eval mode needs no batch statistics.
+
+    A layer with NaN or Inf in some batches but not all received it from the data: it fails
+    the pass (``nonfinite="raise"``) or settles without those batches (``"skip"``). The data
+    flow is what is tracked: a layer is taken as independent of an unsettled one when no NaN
+    from it arrives (an input chosen by ``argmax`` of one, say, is not seen as dependent).
+    In a group every rank makes the same levels: the decisions use the merged counts.
+    """
+    if iter(batches) is batches:
+        raise TypeError(
+            "mode='eval' passes over batches once per depth level and needs an iterable it "
+            "can go over again (a list, a DataLoader), not a one-shot iterator or generator"
+        )
+    level_options = replace(options, nonfinite="skip", unreached="keep", mode="train")
+    settled: dict[str, LayerPass] = {}
+    skipped: dict[str, int] = {}
+    first: Measured | None = None
+    sizes: list[int | None] = []
+    passes = 0
+    while True:
+        final = {name: moments.population for name, moments in settled.items()}
+        measured = measure_pass(model, batches, level_options, tool=tool, check=check, final=final)
+        passes += 1
+        sizes = max(sizes, measured.batch_sizes, key=len)
+        if first is None:
+            first = measured
+            _check_coverage(first, options, world_size=1)
+        pending = [
+            m
+            for name, m in measured.layers.items()
+            if name not in settled and name not in first.unreached
+        ]
+        if not pending:
+            break
+        ready = _settle_level(pending, measured, options, skipped)
+        for moments in ready:
+            moments.first_reached = first.layers[moments.name].first_reached
+            settled[moments.name] = moments
+        if len(ready) == len(pending):
+            break
+    layers = {name: settled.get(name, moments) for name, moments in first.layers.items()}
+    return Measured(
+        layers,
+        sizes,
+        unreached=first.unreached,
+        fixed=first.fixed,
+        skipped=skipped,
+        passes=passes,
+    )
+
+
+def _settle_level(
+    pending: list[LayerPass], measured: Measured, options: PassOptions, skipped: dict[str, int]
+) -> list[LayerPass]:
+    """The layers of this level: those whose input was finite in some batch (NaN in every
+    batch: computed from an unsettled layer). A layer with NaN in some batches only got it
+    from the data: ``nonfinite="raise"`` fails, ``"skip"`` counts them into ``skipped``."""
+    ready = []
+    for moments in pending:
+        bad = measured.skipped.get(moments.name, 0)
+        if bad >= moments.batches:
+            continue
+        if bad and moments.max_calls_per_forward > 1:
+            raise ValueError(
+                f"mode='eval': {moments.label} is called {moments.max_calls_per_forward} times "
+                "per forward and some calls received NaN: one call's input comes from another "
+                "call's output (no eval-mode order for it), or the data holds NaN; nothing "
+                "was written"
+            )
+        if bad and options.nonfinite == "raise":
+            raise NonFiniteStatisticsError(
+                f"{moments.label}: {bad} of {moments.batches} batches brought NaN or Inf "
+                "statistics in eval mode; nothing was written. Pass nonfinite='skip' to leave "
+                "such batches out"
+            )
+        if bad:
+            skipped[moments.name] = bad
+        ready.append(moments)
+    if not ready:
+        names = ", ".join(display_name(m.name) for m in pending)
+        raise ValueError(
+            f"mode='eval': BN layer(s) {names} received NaN or Inf in every batch even with "
+            "every layer before them settled: NaN in the data, or a layer computed from its "
+            "own output (called more than once per forward); nothing was written"
+        )
+    return ready
 
 
 def _require_initialized(measured: Measured) -> None:
@@ -604,12 +911,15 @@ def _require_initialized(measured: Measured) -> None:
 
 
 def _pack(measured: Measured) -> torch.Tensor:
-    """One flat float64 tensor: per layer ``[batches, calls, first, population flat]``."""
+    """One flat float64 tensor: per layer ``[batches, calls, first, population flat, spread
+    flat]`` (the spread of the batch statistics, :class:`LayerPass`, has 3C channels)."""
     parts = []
     for moments in measured.layers.values():
         header = [moments.batches, moments.max_calls_per_forward, moments.first_reached or 0]
-        flat = moments.population.to_flat(int(moments.layer.num_features))
-        parts += [torch.tensor(header, dtype=torch.float64), torch.as_tensor(flat).double().cpu()]
+        channels = int(moments.layer.num_features)
+        flats = (moments.population.to_flat(channels), moments.spread.to_flat(3 * channels))
+        parts += [torch.tensor(header, dtype=torch.float64)]
+        parts += [torch.as_tensor(flat).double().cpu() for flat in flats]
     return torch.cat(parts)
 
 
@@ -619,13 +929,17 @@ def _merge(measured: Measured, gathered: list[torch.Tensor]) -> dict[str, LayerP
     offset = 0
     ranks_order = len(measured.layers) + 1  # first_reached: by first rank, then its order
     for name, local in measured.layers.items():
-        size = _HEADER + 2 + 2 * int(local.layer.num_features)
-        result = LayerPass(name, local.layer)
+        channels = int(local.layer.num_features)
+        middle = offset + _HEADER + 2 + 2 * channels
+        size = _HEADER + 2 + 2 * channels + 2 + 6 * channels
+        result = LayerPass(name, local.layer, center=local.center)
         for rank, flat in enumerate(gathered):
             batches, calls, first = (int(v) for v in flat[offset : offset + _HEADER])
-            part = Population.from_flat(flat[offset + _HEADER : offset + size])
+            part = Population.from_flat(flat[offset + _HEADER : middle])
+            spread = Population.from_flat(flat[middle : offset + size])
             if part.mean is not None:
                 result.population = result.population.merge(part)
+                result.spread = result.spread.merge(spread)
                 if result.first_reached is None:
                     result.first_reached = rank * ranks_order + first
             result.batches += batches

@@ -10,6 +10,13 @@ nothing) and compares them, channel by channel, with the stored ``running_mean``
     kl         = KL(N(mu, var + eps) || N(running_mean, running_var + eps))
                = 0.5 * (log(var_ratio) + 1 / var_ratio * (1 + mean_shift**2) - 1)
 
+Each layer also carries the precision of the population estimate: per channel the standard
+errors of ``mu`` and ``var`` from the spread between batches
+(:meth:`bnstats.torch._pass.LayerPass.standard_errors`) and the worst channel's relative
+standard error (``relative_error``: the larger of ``se_mean / sqrt(var)`` and
+``se_var / var``). A shift or ratio smaller than a few standard errors is noise of the audit
+data, not staleness of the running statistics.
+
 ``kl`` (in nats) is the divergence of the layer's assumption (the running statistics) from
 the data (the population): the expected log-likelihood ratio under the data. Each is
 summarised by its mean over channels and its worst channel. Wu & Johnson (2021) show how
@@ -73,6 +80,9 @@ class LayerAudit:
     running_var: np.ndarray = field(repr=False)
     population_mean: np.ndarray = field(repr=False)
     population_var: np.ndarray = field(repr=False)
+    mean_standard_error: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    var_standard_error: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    relative_error: float = math.inf
 
     @property
     def score(self) -> float:
@@ -90,6 +100,7 @@ class LayerAudit:
             "calls_per_forward": self.calls_per_forward,
             "flags": list(self.flags),
             "near_zero_var_channels": list(self.near_zero_var_channels),
+            "relative_standard_error": _json_number(self.relative_error),
         }
         for key in ("mean_shift", "var_ratio", "kl"):
             summary: ChannelSummary = getattr(self, key)
@@ -99,7 +110,8 @@ class LayerAudit:
                 "channel": summary.channel,
             }
         if per_channel:
-            for key in ("running_mean", "running_var", "population_mean", "population_var"):
+            keys = ("running_mean", "running_var", "population_mean", "population_var")
+            for key in (*keys, "mean_standard_error", "var_standard_error"):
                 record[key] = [_json_number(v) for v in getattr(self, key).tolist()]
         return record
 
@@ -143,7 +155,10 @@ def audit(model: nn.Module, batches: Any, **options: Any) -> AuditReport:
     ``options``: see :class:`bnstats.torch.PassOptions`), and nothing is written: the model's
     state dict, modes, momenta and hooks are left exactly as found. In a group the population
     statistics are those of all ranks' batches together, compared with each rank's own running
-    statistics.
+    statistics. ``mode="eval"`` compares against the population statistics as eval-mode
+    inference sees them (each layer's input with every BN layer before it normalizing with
+    its own final statistics; see :func:`bnstats.torch.recalibrate`), ``mode="train"`` (the
+    default) against those of the single pass.
 
     Flags per layer: ``never_updated`` (``num_batches_tracked == 0``, or the buffers still
     exactly 0 and 1), ``start_still_weighs`` (an EMA whose initial 0 and 1 still weigh
@@ -164,7 +179,7 @@ def audit(model: nn.Module, batches: Any, **options: Any) -> AuditReport:
         model, batches, PassOptions(**options), tool="audit", check=_check_initialized
     )
     layers = [
-        _audit_layer(m, measured.skipped.get(m.name, 0))
+        _audit_layer(m, measured.skipped.get(m.name, 0), measured.finite_batches(m))
         for m in measured.layers.values()
         if m.name not in measured.unreached
     ]
@@ -191,7 +206,7 @@ def _in_training_mode(model: nn.Module) -> bool:
     return model.training or any(m.training for m in model.modules() if is_batchnorm(m))
 
 
-def _audit_layer(moments: LayerPass, skipped: int) -> LayerAudit:
+def _audit_layer(moments: LayerPass, skipped: int, finite_batches: int) -> LayerAudit:
     layer = moments.layer
     eps = float(layer.eps)
     population = moments.population
@@ -206,6 +221,7 @@ def _audit_layer(moments: LayerPass, skipped: int) -> LayerAudit:
         log_ratio = np.abs(np.log(var_ratio))
     tracked = None if layer.num_batches_tracked is None else int(layer.num_batches_tracked)
     near_zero = [int(c) for c in np.flatnonzero(var < eps)]
+    se_mean, se_var = moments.standard_errors(finite_batches)
     return LayerAudit(
         name=moments.name,
         kind=type(layer).__name__,
@@ -224,6 +240,9 @@ def _audit_layer(moments: LayerPass, skipped: int) -> LayerAudit:
         running_var=running_var,
         population_mean=mu,
         population_var=var,
+        mean_standard_error=to_numpy(se_mean),
+        var_standard_error=to_numpy(se_var),
+        relative_error=float(moments.relative_error(finite_batches)),
     )
 
 
@@ -311,6 +330,7 @@ _HEADER = (
     "shift mean/max",
     "var ratio mean/worst",
     "KL mean/max",
+    "rel. s.e.",
     "flags",
 )
 
@@ -327,6 +347,7 @@ def _row(layer: LayerAudit) -> tuple[str, ...]:
         f"{_number(layer.mean_shift.mean)} / {_number(layer.mean_shift.worst)}",
         f"{_number(layer.var_ratio.mean)} / {_number(layer.var_ratio.worst)}",
         f"{_number(layer.kl.mean)} / {_number(layer.kl.worst)}",
+        _number(layer.relative_error),
         ", ".join(layer.flags),
     )
 
@@ -338,7 +359,8 @@ def format_report(report: AuditReport) -> str:
         f"bnstats audit: {len(report.layers)} BN layers, {samples} samples in "
         f"{report.batches} batches; worst layers first",
         f"shift = |running_mean - mu| / sqrt(var + eps); var ratio = (running_var + eps) / "
-        f"(var + eps); KL = {KL_DIRECTION}",
+        f"(var + eps); KL = {KL_DIRECTION}; rel. s.e. = the population estimate's worst "
+        "relative standard error (spread between batches)",
     ]
     if report.flags:
         lines.append("model flags: " + ", ".join(report.flags))

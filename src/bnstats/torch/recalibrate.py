@@ -9,7 +9,10 @@ computed exactly, each sample weighted equally however uneven the batches.
 
 from __future__ import annotations
 
+import logging
+import math
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +20,47 @@ from torch import nn
 
 from bnstats.torch._layers import cast_buffer, display_name, write_buffers
 from bnstats.torch._pass import LayerPass, Measured, PassOptions, measure
+
+_LOG = logging.getLogger("bnstats")
+
+
+@dataclass(frozen=True)
+class Recalibration:
+    """What :func:`recalibrate_report` did: the ``model`` (recalibrated in place), the
+    ``mode``, the ``samples`` and ``batches`` used (``samples`` None for batches without a
+    tensor), the ``passes`` over the data (1 in train mode, one per depth level in eval mode),
+    the ``tolerance`` asked for, and per layer the worst channel's relative standard error
+    of the new statistics (``relative_errors``, see
+    :meth:`bnstats.torch._pass.LayerPass.relative_error`; inf with fewer than 2 batches)."""
+
+    model: nn.Module
+    mode: str
+    samples: int | None
+    batches: int
+    passes: int
+    tolerance: float | None
+    relative_errors: dict[str, float]
+
+    @property
+    def worst(self) -> tuple[str | None, float]:
+        """The layer with the largest relative standard error, and that error."""
+        if not self.relative_errors:
+            return None, math.inf
+        name = max(self.relative_errors, key=lambda key: self.relative_errors[key])
+        return name, self.relative_errors[name]
+
+    @property
+    def met(self) -> bool:
+        """True when a ``tolerance`` was given and every layer is below it."""
+        return self.tolerance is not None and self.worst[1] < self.tolerance
+
+    def __str__(self) -> str:
+        name, worst = self.worst
+        where = "" if name is None else f" ({display_name(name)})"
+        return (
+            f"recalibrated ({self.mode} mode) on {self.samples} samples in {self.batches} "
+            f"batches, {self.passes} pass(es); worst relative standard error {worst:.3g}{where}"
+        )
 
 
 def recalibrate(model: nn.Module, batches: Any, **options: Any) -> nn.Module:
@@ -35,7 +79,15 @@ def recalibrate(model: nn.Module, batches: Any, **options: Any) -> nn.Module:
     cast to each buffer's dtype at the end, as ``update_bn`` counts ``num_batches_tracked``.
     In the single pass the BN layers normalize with each batch's own statistics, as in
     training (and in ``update_bn`` and fvcore's precise BN); every other module, children of
-    BN layers included, is in eval mode. Layers with fixed statistics
+    BN layers included, is in eval mode.
+
+    ``mode="eval"``: each layer gets the mean and unbiased variance of the input it receives
+    when every BN layer before it normalizes with its own final statistics, as at inference
+    (the fixed point of eval-mode inference; Wu & Johnson 2021 on the train-test
+    inconsistency of the single pass). It takes one pass over ``batches`` per depth level of
+    the BN layers (layers side by side share a pass; see
+    :func:`bnstats.torch._pass.measure_eval_mode`), so ``batches`` must be iterable again;
+    any batch size works, one included, and images of varying size. Layers with fixed statistics
     (``FrozenBatchNorm2d``) are left as they are, with a warning naming them.
 
     Args:
@@ -48,7 +100,10 @@ def recalibrate(model: nn.Module, batches: Any, **options: Any) -> nn.Module:
             ``max_samples``, ``float64_moments``, ``group`` (torch.distributed: every rank
             passes its own batches and ends with the same buffers, bit for bit),
             ``nonfinite`` (``"raise"`` or ``"skip"``), ``unreached`` (``"raise"`` or
-            ``"keep"``).
+            ``"keep"``), ``mode`` (``"train"`` or ``"eval"``), ``tolerance`` (stop drawing
+            batches once every layer's relative standard error is below it; the samples it
+            took are logged to the ``bnstats`` logger, and :func:`recalibrate_report`
+            returns them).
 
     All or nothing: the model's modes, momenta and hooks are left as found, and if anything
     raises, no buffer changes. Raises ``ValueError`` naming the layer for an empty
@@ -58,10 +113,56 @@ def recalibrate(model: nn.Module, batches: Any, **options: Any) -> nn.Module:
     ``TypeError`` for unusable arguments; in a group, :class:`RankError` on every rank if
     any rank failed or the ranks made different calls.
     """
-    measured = measure(model, batches, PassOptions(**options), tool="recalibrate")
+    return _recalibrate(model, batches, options).model
+
+
+def recalibrate_report(model: nn.Module, batches: Any, **options: Any) -> Recalibration:
+    """:func:`recalibrate`, returning a :class:`Recalibration` (the model is its ``model``):
+    how many samples and passes it took and how precise each layer's new statistics are.
+
+    With ``tolerance=1e-2`` the pass stops drawing batches once every layer's relative
+    standard error is below 1e-2 (checked every ``CHECK_EVERY`` batches from
+    ``MIN_BATCHES`` on, see :class:`bnstats.torch.PassOptions`); if the data runs out first,
+    a warning says so.
+    """
+    return _recalibrate(model, batches, options)
+
+
+def _recalibrate(model: nn.Module, batches: Any, options: dict[str, Any]) -> Recalibration:
+    chosen = PassOptions(**options)
+    measured = measure(model, batches, chosen, tool="recalibrate")
     write_buffers(population_buffers(measured))
     _warn_left_alone(measured)
-    return model
+    result = _summary(model, measured, chosen)
+    if chosen.tolerance is not None:
+        if result.met:
+            _LOG.info("bnstats: %s; tolerance %g met", result, chosen.tolerance)
+        else:
+            warnings.warn(
+                f"bnstats: tolerance {chosen.tolerance:g} not met before the data ran out: "
+                f"{result}",
+                stacklevel=3,
+            )
+    return result
+
+
+def _summary(model: nn.Module, measured: Measured, options: PassOptions) -> Recalibration:
+    reached = measured.reached()
+    errors: dict[str, float] = {}
+    if reached:
+        values = [m.relative_error(measured.finite_batches(m)) for m in reached]
+        numbers = torch.stack([v.to(values[0].device) for v in values]).cpu().tolist()
+        errors = {m.name: float(e) for m, e in zip(reached, numbers, strict=True)}
+    sizes = measured.batch_sizes
+    return Recalibration(
+        model=model,
+        mode=options.mode,
+        samples=None if any(size is None for size in sizes) else int(sum(sizes)),
+        batches=len(sizes),
+        passes=measured.passes,
+        tolerance=options.tolerance,
+        relative_errors=errors,
+    )
 
 
 def population_buffers(measured: Measured) -> dict[nn.Module, dict[str, torch.Tensor]]:

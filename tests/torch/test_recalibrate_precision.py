@@ -1,0 +1,127 @@
+"""The precision of the population statistics: standard errors, tolerance, the report."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bnstats.torch as bt
+from tests.torch import reference as ref
+from tests.torch.models import TinyResNet, mlp, scramble_batchnorm
+
+
+def formula_errors(per_batch):
+    """The docstring's formulas from float64 per-batch values (rows: values, cols: channels):
+    se_mean**2 = sum n_k (mean_k - mu)**2 / (N (B - 1)); se_var from each batch's mean of
+    (z - mu)**2, scaled by N / (N - 1)."""
+    n = np.array([len(z) for z in per_batch], dtype=float)
+    total, batches = n.sum(), len(per_batch)
+    mu = np.concatenate(per_batch).mean(axis=0)
+    means = np.stack([z.mean(axis=0) for z in per_batch])
+    w = np.stack([((z - mu) ** 2).mean(axis=0) for z in per_batch])
+    w_bar = (n[:, None] * w).sum(axis=0) / total
+    se_mean = np.sqrt((n[:, None] * (means - mu) ** 2).sum(axis=0) / (total * (batches - 1)))
+    se_var = np.sqrt((n[:, None] * (w - w_bar) ** 2).sum(axis=0) / (total * (batches - 1)))
+    return se_mean, se_var * total / (total - 1)
+
+
+def test_audit_standard_errors_follow_the_formula_on_uneven_batches():
+    torch.manual_seed(0)
+    model = scramble_batchnorm(mlp((10, 16, 12, 3)), seed=1).eval()
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randn(n, 10, generator=gen) * 2 + 5 for n in (12, 7, 16, 9, 12, 5)]
+    seen = ref.bn_inputs(model, batches)
+
+    report = bt.audit(model, batches)
+
+    for layer in report.layers:
+        se_mean, se_var = formula_errors(seen[layer.name])
+        np.testing.assert_allclose(layer.mean_standard_error, se_mean, rtol=1e-6)
+        np.testing.assert_allclose(layer.var_standard_error, se_var, rtol=1e-5)
+        worst = max(
+            np.max(se_mean / np.sqrt(layer.population_var)), np.max(se_var / layer.population_var)
+        )
+        assert layer.relative_error == pytest.approx(worst, rel=1e-5)
+    assert "rel. s.e." in str(report)
+    assert "relative_standard_error" in report.to_dict()["layers"][0]
+
+
+def test_standard_errors_match_the_spread_over_repeated_draws():
+    """Over 300 independent data sets the estimates scatter as the standard errors say."""
+    layer = nn.BatchNorm1d(3)
+    gen = torch.Generator().manual_seed(4)
+    scale = torch.tensor([1.0, 3.0, 0.2])
+    means, variances, se_means, se_vars = [], [], [], []
+    for _ in range(300):
+        data = [torch.randn(16, 3, generator=gen) * scale + 7 for _ in range(12)]
+        audited = bt.audit(layer, data).layers[0]
+        means.append(audited.population_mean)
+        variances.append(audited.population_var)
+        se_means.append(audited.mean_standard_error)
+        se_vars.append(audited.var_standard_error)
+    ratio_mean = np.std(means, axis=0) / np.mean(se_means, axis=0)
+    ratio_var = np.std(variances, axis=0) / np.mean(se_vars, axis=0)
+    assert np.all(np.abs(ratio_mean - 1) < 0.15), ratio_mean
+    assert np.all(np.abs(ratio_var - 1) < 0.2), ratio_var
+
+
+def endless_images(seed=0, size=8):
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randn(size, 3, 12, 12, generator=gen) * 1.5 + 0.3
+
+
+def test_tolerance_stops_early_and_meets_it():
+    torch.manual_seed(0)
+    model = scramble_batchnorm(TinyResNet(width=4), seed=3)
+
+    result = bt.recalibrate_report(model, endless_images(), tolerance=5e-2)
+
+    assert result.met and result.model is model
+    assert result.worst[1] < 5e-2
+    assert result.batches % 8 == 0 and result.batches >= 16
+    assert result.samples == 8 * result.batches
+    again = bt.recalibrate_report(copy.deepcopy(model), endless_images(), tolerance=2e-2)
+    assert again.samples > result.samples  # a tighter tolerance needs more data
+
+
+def test_tolerance_not_met_warns_and_the_report_says_why():
+    model = scramble_batchnorm(mlp((6, 8, 2)), seed=1)
+    data = [torch.randn(4, 6) for _ in range(3)]
+    with pytest.warns(UserWarning, match="tolerance 0.001 not met"):
+        result = bt.recalibrate_report(model, data, tolerance=1e-3)
+    assert not result.met and result.batches == 3
+    assert "3 batches" in str(result)
+
+
+def test_tolerance_is_refused_when_not_positive():
+    with pytest.raises(ValueError, match="tolerance must be a positive number"):
+        bt.recalibrate(mlp(), [torch.randn(4, 16)], tolerance=0)
+
+
+def test_recalibrate_report_in_eval_mode_counts_passes():
+    torch.manual_seed(0)
+    model = scramble_batchnorm(mlp((6, 8, 8, 8, 2)), seed=1)
+    data = [torch.randn(4, 6) for _ in range(5)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = bt.recalibrate_report(model, data, mode="eval")
+    assert (result.passes, result.samples, result.batches, result.mode) == (3, 20, 5, "eval")
+    assert bt.recalibrate_report(model, data).passes == 1
+
+
+def test_progress_bar_changes_nothing_and_stays_off_when_stderr_is_not_a_terminal(capfd):
+    torch.manual_seed(0)
+    data = [torch.randn(8, 6) for _ in range(20)]
+    model = scramble_batchnorm(mlp((6, 8, 8, 2)), seed=1)
+    quiet = bt.recalibrate(copy.deepcopy(model), data)
+    assert capfd.readouterr().err == ""
+    shown = bt.recalibrate(model, data, progress=True)
+    assert ref.same_state(shown, ref.snapshot(quiet))
+    bt.audit(quiet, data, progress=True, mode="eval")
+    bt.adapt(quiet, data, progress=False)
