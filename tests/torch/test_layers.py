@@ -10,8 +10,13 @@ from torch import nn
 
 import bnstats
 import bnstats.torch as bt
-from bnstats.torch._layers import PreservedState, find_batchnorm_layers
-from bnstats.torch._pass import PassOptions, iterate_batches, move_to_device
+from bnstats.torch._layers import (
+    PreservedState,
+    find_batchnorm_layers,
+    iterate_batches,
+    move_to_device,
+)
+from bnstats.torch._pass import PassOptions
 from tests.torch import reference as ref
 from tests.torch import zoo
 

@@ -43,18 +43,21 @@ from bnstats.torch._layers import (
     Forward,
     PreservedState,
     batchnorm_train_mode,
+    default_forward,
     display_name,
     fewer_than_two_values,
     find_batchnorm_layers,
     fixed_statistics_layers,
     is_lazy_uninitialized,
+    iterate_batches,
     layer_label,
     model_device,
+    move_to_device,
+    pass_progress,
     uninitialized_lazy_error,
     unwrap,
     write_buffers,
 )
-from bnstats.torch._progress import pass_progress
 from bnstats.torch._ranks import (
     Group,
     all_gather_float64,
@@ -101,7 +104,7 @@ class PassOptions:
       ``CHECK_EVERY`` batches from ``MIN_BATCHES`` batches on. Not in a group.
     - ``progress``: a rich progress bar on stderr with the samples seen (and the worst
       relative standard error with ``tolerance``): ``None`` when stderr is a terminal,
-      ``True`` always, ``False`` never (see :mod:`bnstats.torch._progress`).
+      ``True`` always, ``False`` never (see :func:`bnstats.torch._layers.pass_progress`).
     """
 
     forward: Forward | None = None
@@ -314,125 +317,6 @@ class Measured:
                 f"{moments.batches} batches; nothing was written"
             )
         return population
-
-
-# -- how a batch reaches the model ------------------------------------------------------------
-
-
-def move_to_device(batch: Any, device: torch.device | None) -> Any:
-    """``batch`` with every tensor in it (nested tuples, lists, dicts) on ``device``."""
-    if device is None:
-        return batch
-    if isinstance(batch, torch.Tensor):
-        return batch if batch.device == device else batch.to(device, non_blocking=True)
-    return _map_tensors(batch, lambda value: move_to_device(value, device))
-
-
-def _map_tensors(batch: Any, fn: Callable[[Any], Any]) -> Any:
-    if isinstance(batch, Mapping):
-        return {key: fn(value) for key, value in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
-        return type(batch)(*(fn(value) for value in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(fn(value) for value in batch)
-    return batch
-
-
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """Call ``model`` the usual way for this kind of batch: ``model(x)`` for a tensor,
-    ``model(batch[0])`` for a tuple or list (``(input, target)``, as ``update_bn`` does),
-    ``model(**batch)`` for a dict (its keys the model's keyword arguments)."""
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError(
-                "a batch is an empty tuple/list; there is no input to call the model on"
-            )
-        return model(batch[0])
-    if isinstance(batch, Mapping):
-        try:
-            return model(**batch)
-        except TypeError as error:
-            keys = ", ".join(map(repr, batch))
-            raise TypeError(
-                f"calling the model with the batch's keys ({keys}) as keyword arguments failed "
-                f"({error}); pass forward=lambda model, batch: model(...) to say how to call it"
-            ) from error
-    raise TypeError(
-        f"do not know how to call the model on a batch of type {type(batch).__name__}; "
-        "pass forward=lambda model, batch: model(...) to say how"
-    )
-
-
-def first_tensor(batch: Any) -> torch.Tensor | None:
-    """The first tensor in ``batch`` (depth first, dicts in insertion order), or None."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        values: Iterable[Any] = batch.values()
-    elif isinstance(batch, (tuple, list)):
-        values = batch
-    else:
-        return None
-    for value in values:
-        found = first_tensor(value)
-        if found is not None:
-            return found
-    return None
-
-
-def batch_size(batch: Any) -> int | None:
-    """Samples in ``batch``: the first dimension of its first tensor (None without a tensor)."""
-    tensor = first_tensor(batch)
-    if tensor is None or tensor.dim() == 0:
-        return None
-    return int(tensor.shape[0])
-
-
-def trim_batch(batch: Any, keep: int, size: int) -> Any:
-    """The first ``keep`` samples of ``batch``: every tensor whose first dimension is ``size``
-    is cut to ``keep`` rows; the rest passes as is."""
-    if isinstance(batch, torch.Tensor):
-        return batch[:keep] if batch.dim() > 0 and batch.shape[0] == size else batch
-    return _map_tensors(batch, lambda value: trim_batch(value, keep, size))
-
-
-def iterate_batches(
-    batches: Iterable[Any], max_samples: int | None = None
-) -> Iterator[tuple[Any, int | None]]:
-    """Yield ``(batch, samples)`` from ``batches``, stopping once ``max_samples`` are taken.
-
-    The batch that crosses ``max_samples`` is cut (see :func:`trim_batch`) so that exactly
-    ``max_samples`` samples are used, and no further batch is drawn (an endless loader is
-    fine). ``samples`` is :func:`batch_size` of the batch.
-    """
-    if isinstance(batches, torch.Tensor):
-        raise TypeError(
-            "batches is a single tensor; pass an iterable of batches, "
-            "e.g. [x] or x.split(64) (iterating a tensor would yield its rows)"
-        )
-    if not isinstance(batches, Iterable):
-        raise TypeError(
-            "batches must be an iterable of batches (a DataLoader, a list of tensors, ...), "
-            f"got {type(batches).__name__}"
-        )
-    taken = 0
-    for batch in batches:
-        size = batch_size(batch)
-        if max_samples is not None:
-            if size is None:
-                raise TypeError(
-                    "max_samples needs batches holding tensors (samples along the first "
-                    f"dimension); got a {type(batch).__name__} without any"
-                )
-            if taken + size > max_samples:
-                keep = int(max_samples) - taken
-                batch, size = trim_batch(batch, keep, size), keep
-        yield batch, size
-        taken += size or 0
-        if max_samples is not None and taken >= max_samples:
-            return
 
 
 # -- the pass on this process -----------------------------------------------------------------

@@ -16,8 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnstats.torch._layers import Forward, PreservedState, display_name, model_device, unwrap
-from bnstats.torch._pass import default_forward, move_to_device
+from bnstats.torch._layers import (
+    Forward,
+    PreservedState,
+    default_forward,
+    display_name,
+    model_device,
+    move_to_device,
+    unwrap,
+)
 
 _BY_INPUT_DIM: dict[int, type[nn.Module]] = {
     2: nn.BatchNorm1d,
