@@ -190,9 +190,23 @@ def test_every_n_epochs_and_the_logged_numbers(tmp_path):
     assert "bn_recalibration/worst_var_ratio" in logged
 
 
+def test_eval_mode_gives_the_buffers_of_bt_recalibrate_in_eval_mode():
+    torch.manual_seed(0)
+    train, val = _loaders(shuffle=False)
+    model = Classifier()
+    before = AccuracyBefore(val)
+    callback = BatchNormRecalibration(max_samples=200, mode="eval", at_fit_end=False)
+    _fit(model, [before, callback], train, val)
+    for state, used in zip(before.states, model.validated_with, strict=True):
+        reference = Classifier()
+        reference.load_state_dict(state)
+        bt.recalibrate(reference, train, max_samples=200, mode="eval")
+        _assert_same_buffers(used, reference)
+
+
 def test_bad_arguments_are_refused():
-    with pytest.raises(ValueError, match="mode='eval' is not supported.*mode='train' only"):
-        BatchNormRecalibration(mode="eval")
+    with pytest.raises(ValueError, match="mode='test' is not supported; choose one of"):
+        BatchNormRecalibration(mode="test")
     with pytest.raises(ValueError, match="every_n_epochs must be a positive integer"):
         BatchNormRecalibration(every_n_epochs=0)
     with pytest.raises(ValueError, match="max_samples must be a positive integer or None"):

@@ -31,9 +31,10 @@ except ImportError as error:  # the optional extra is missing
 import bnstats.torch as bt
 from bnstats.torch._layers import Forward, find_batchnorm_layers, unwrap
 
-MODES = ("train",)
-"""The ``mode`` values the callback accepts: ``"train"``, the BN layers in training mode and
-every other module in eval mode during the pass, as :func:`bnstats.torch.recalibrate` runs."""
+MODES = ("train", "eval")
+"""The ``mode`` values of :func:`bnstats.torch.recalibrate`: ``"train"``, the BN layers in
+training mode and every other module in eval mode during the pass; ``"eval"``, each BN
+layer measured on what it receives when the layers before it use their final statistics."""
 
 
 class BatchNormRecalibration(pl.Callback):
@@ -66,7 +67,8 @@ class BatchNormRecalibration(pl.Callback):
             one whole pass over the dataloader.
         every_n_epochs: recalibrate before the validations of epochs ``n - 1``, ``2n - 1``,
             ...; the validations in between use the statistics as they are.
-        mode: ``"train"`` (the only mode for now; anything else raises ``ValueError``).
+        mode: ``"train"`` (default) or ``"eval"``, as for :func:`bnstats.torch.recalibrate`
+            (anything else raises ``ValueError``).
         dataloader: the batches to recalibrate on, instead of the train dataloader.
         forward: ``forward(model, batch)``, how to call the model on one batch (default:
             ``model(batch[0])`` for the ``(input, target)`` tuples of a labelled dataset).
@@ -83,10 +85,7 @@ class BatchNormRecalibration(pl.Callback):
         at_fit_end: bool = True,
     ) -> None:
         if mode not in MODES:
-            raise ValueError(
-                f"mode={mode!r} is not supported; BatchNormRecalibration has mode='train' only "
-                "(BN layers in training mode, every other module in eval mode)"
-            )
+            raise ValueError(f"mode={mode!r} is not supported; choose one of {MODES}")
         if isinstance(every_n_epochs, bool) or int(every_n_epochs) < 1:
             raise ValueError(f"every_n_epochs must be a positive integer, got {every_n_epochs!r}")
         if max_samples is not None and (isinstance(max_samples, bool) or int(max_samples) < 1):
@@ -127,7 +126,14 @@ class BatchNormRecalibration(pl.Callback):
             return
         before = _running_statistics(pl_module)
         with torch.inference_mode(False):  # validation runs in inference mode
-            bt.recalibrate(pl_module, batches, max_samples=self.max_samples, forward=self.forward)
+            bt.recalibrate(
+                pl_module,
+                batches,
+                max_samples=self.max_samples,
+                forward=self.forward,
+                mode=self.mode,
+                progress=False,  # Lightning draws its own bars
+            )
         layers = _moved(before, pl_module)
         entry = {
             "epoch": trainer.current_epoch,

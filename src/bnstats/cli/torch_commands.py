@@ -79,7 +79,9 @@ def run_audit(args: argparse.Namespace) -> int:
     page = _audit_page_path(args.out) if args.out else None
     model, batches = _inputs(args)
     model.eval()  # as deployed: a freshly built model is in training mode, not the user's doing
-    report = bt.audit(model, batches, max_samples=args.max_samples)
+    report = bt.audit(
+        model, batches, max_samples=args.max_samples, progress=False if args.json else None
+    )
     onnx_entry, onnx_lines, status = onnx_for_audit(args, model)
     if page:
         _write_audit_page(report, page)
@@ -90,6 +92,11 @@ def run_audit(args: argparse.Namespace) -> int:
     else:
         print("\n".join([str(report), *([f"wrote {page}"] if page else []), *onnx_lines]))
     return status
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    """The pass's progress bar: never under ``--json``, else when stderr is a terminal."""
+    return False if args.json else None
 
 
 def _audit_page_path(directory: str) -> Path:
@@ -116,7 +123,9 @@ def run_recalibrate(args: argparse.Namespace) -> int:
     model, batches = _inputs(args)
     lazy = [name for name, module in model.named_modules() if _uninitialized(module)]
     changes = [] if lazy else _changes(bt, model, batches, args.max_samples)
-    bt.recalibrate(model, batches, max_samples=args.max_samples)
+    bt.recalibrate(
+        model, batches, max_samples=args.max_samples, progress=False if args.json else None
+    )
     atomic_write_bytes(out, _saved(torch, model.state_dict()))
     summary = {"model": args.model, "out": str(out), "layers": changes, "uninitialized": lazy}
     print(json.dumps(summary) if args.json else _changes_table(changes, lazy, out))
