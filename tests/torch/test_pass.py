@@ -122,3 +122,19 @@ def test_a_bnstats_layer_trains_as_before_after_a_pass():
     twin.train()
     assert torch.equal(layer(x), twin(x))
     assert ref.same_state(layer, ref.snapshot(twin))
+
+
+@pytest.mark.parametrize("estimator", [bnstats.EMA(0.1, debias=True), bnstats.CumulativeAverage()])
+def test_after_a_pass_the_next_training_step_counts_from_the_written_buffers(estimator):
+    """recalibrate writes num_batches_tracked; a layer whose weight depends on the step must
+    go on from there, exactly as a twin loaded from the same state dict."""
+    layer = bt.BatchNorm1d(3, estimator=copy.deepcopy(estimator))
+    gen = torch.Generator().manual_seed(2)
+    bt.recalibrate(layer, [torch.randn(8, 3, generator=gen) for _ in range(5)])
+    twin = bt.BatchNorm1d(3, estimator=copy.deepcopy(estimator))
+    twin.load_state_dict(layer.state_dict())
+    x = torch.randn(8, 3, generator=gen) * 2 + 1
+    layer.train()(x)
+    twin.train()(x)
+    assert ref.same_state(layer, ref.snapshot(twin))
+    assert layer.estimator.num_batches_tracked == 6

@@ -176,13 +176,22 @@ def cast_buffer(name: str, key: str, value: torch.Tensor, layer: nn.Module) -> t
 
 def write_buffers(updates: Mapping[nn.Module, Mapping[str, torch.Tensor]]) -> None:
     """Copy the new values into the layers' buffers, in place; a ``num_batches_tracked`` of
-    None (torch allows it) stays None."""
+    None (torch allows it) stays None. bnstats' layers re-read their step counter."""
     with torch.no_grad():
         for layer, values in updates.items():
             for key, value in values.items():
                 buffer = getattr(layer, key, None)
                 if buffer is not None:
                     buffer.copy_(value)
+            _sync_counters(layer)
+
+
+def _sync_counters(layer: nn.Module) -> None:
+    """bnstats' BN modules keep ``num_batches_tracked`` on the host too (for the debiased
+    EMA's and the cumulative average's weight): tell them when the buffer was written."""
+    sync = getattr(layer, "sync_counters", None)
+    if callable(sync):
+        sync()
 
 
 def display_name(name: str) -> str:
@@ -266,6 +275,7 @@ class PreservedState:
                 layer = self.layers[name]
                 for key, value in saved.items():
                     getattr(layer, key).copy_(value)
+                _sync_counters(layer)
         for name, momentum in self._momenta.items():
             if self.layers[name].momentum != momentum:
                 self.layers[name].momentum = momentum
