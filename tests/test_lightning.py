@@ -225,3 +225,52 @@ def test_without_lightning_the_import_error_says_what_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "bnstats.lightning")
     with pytest.raises(ImportError, match=r'pip install "\.\[lightning\]"'):
         importlib.import_module("bnstats.lightning")
+
+
+def _fit_with_bar(bar, callbacks, train, val):
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[*callbacks, bar],
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(callbacks[0].model, train, val)
+
+
+@pytest.mark.parametrize("kind", ["tqdm", "rich"])
+def test_the_recalibration_shows_in_lightnings_own_progress_bar(kind, capsys, monkeypatch):
+    """With Lightning's bars on, the recalibration gets a bar of Lightning's own progress-bar
+    callback, counting samples; the buffers are unchanged by it."""
+    torch.manual_seed(0)
+    train, val = _loaders(shuffle=False)
+    model = Classifier()
+    before = AccuracyBefore(val)
+    before.model = model
+    callback = BatchNormRecalibration(max_samples=200, at_fit_end=False)
+    tasks = []
+    if kind == "rich":
+        rich_progress = pytest.importorskip("rich.progress")
+        add_task = rich_progress.Progress.add_task
+
+        def recording(self, description, *args, **kwargs):
+            tasks.append(description)
+            return add_task(self, description, *args, **kwargs)
+
+        monkeypatch.setattr(rich_progress.Progress, "add_task", recording)
+        bar = pl.callbacks.RichProgressBar()
+    else:
+        bar = pl.callbacks.TQDMProgressBar()
+    _fit_with_bar(bar, [before, callback], train, val)
+    if kind == "rich":
+        assert "BN recalibration" in tasks
+    else:
+        captured = capsys.readouterr()  # Lightning's tqdm bars write to stdout
+        assert "BN recalibration" in captured.out + captured.err
+    reference = Classifier()
+    reference.load_state_dict(before.states[0])
+    bt.recalibrate(reference, train, max_samples=200)
+    _assert_same_buffers(model.validated_with[0], reference)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -27,6 +28,8 @@ except ImportError as error:  # the optional extra is missing
     raise ImportError(
         'bnstats.lightning needs Lightning: pip install ".[lightning]" (from a checkout of bnstats)'
     ) from error
+
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
 import bnstats.torch as bt
 from bnstats.torch._layers import Forward, find_batchnorm_layers, unwrap
@@ -125,14 +128,14 @@ class BatchNormRecalibration(pl.Callback):
         if batches is None:
             return
         before = _running_statistics(pl_module)
-        with torch.inference_mode(False):  # validation runs in inference mode
+        with torch.inference_mode(False), _lightning_bar(trainer, self.max_samples) as advance:
             bt.recalibrate(
                 pl_module,
-                batches,
+                _Counted(batches, advance),
                 max_samples=self.max_samples,
                 forward=self.forward,
                 mode=self.mode,
-                progress=False,  # Lightning draws its own bars
+                progress=False,  # the bar is Lightning's (below), not bnstats' own
             )
         layers = _moved(before, pl_module)
         entry = {
@@ -166,6 +169,51 @@ class BatchNormRecalibration(pl.Callback):
 
 
 _LOGGED = ("max_mean_shift", "worst_var_ratio")
+
+
+class _Counted:
+    """``batches`` (iterable again for every pass) calling ``advance(batch)`` on each one."""
+
+    def __init__(self, batches: Any, advance: Callable[[Any], None]) -> None:
+        self.batches, self.advance = batches, advance
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.batches:
+            self.advance(batch)
+            yield batch
+
+
+@contextmanager
+def _lightning_bar(trainer: pl.Trainer, total: int | None) -> Iterator[Callable[[Any], None]]:
+    """A bar of Lightning's own progress-bar callback, "BN recalibration", counting samples:
+    a tqdm bar made by its TQDMProgressBar, or a task of its RichProgressBar; nothing when
+    the trainer shows no bar (or another kind)."""
+    bar_callback = getattr(trainer, "progress_bar_callback", None)
+    if isinstance(bar_callback, TQDMProgressBar) and bar_callback.is_enabled:
+        bar = bar_callback.init_validation_tqdm()
+        bar.set_description("BN recalibration")
+        bar.reset(total=total)
+        try:
+            yield lambda batch: bar.update(_samples(batch))
+        finally:
+            bar.close()
+        return
+    progress = getattr(bar_callback, "progress", None)
+    if isinstance(bar_callback, RichProgressBar) and bar_callback.is_enabled and progress:
+        task = progress.add_task("BN recalibration", total=total)
+        try:
+            yield lambda batch: progress.update(task, advance=_samples(batch))
+        finally:
+            progress.remove_task(task)
+        return
+    yield lambda batch: None
+
+
+def _samples(batch: Any) -> int:
+    """The batch's first dimension (its first tensor's, for tuples and dicts), else 1."""
+    while isinstance(batch, (list, tuple, Mapping)) and len(batch):
+        batch = next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0]
+    return int(batch.shape[0]) if isinstance(batch, torch.Tensor) and batch.dim() else 1
 
 
 def _running_statistics(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
