@@ -36,10 +36,7 @@ from bnstats.report.momentum_script import SCRIPT
 if TYPE_CHECKING:  # the page is drawn from a finished run; it never runs the demo
     from bnstats.demo import DemoResult
 
-LECTURE = (
-    "the lecture “Batch Norm at Test Time” of a deep learning course, with its notation "
-    "(mini-batches X{t}, mu and sigma squared per layer, their exponentially weighted average)"
-)
+LECTURE = "the lecture “Batch Norm at Test Time” of a deep learning course"
 """The lecture whose picture and notation the page follows."""
 
 REPORT_NAME = "report.html"
