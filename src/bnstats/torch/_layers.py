@@ -74,6 +74,12 @@ def _wrapped(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def process_group_initialized() -> bool:
+    """True under an initialized ``torch.distributed`` process group, where a SyncBatchNorm in
+    training mode would synchronise its batch statistics with the other ranks."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def is_batchnorm(module: nn.Module) -> bool:
     """True for a layer of torch's ``_BatchNorm`` family: ``nn.BatchNorm1d/2d/3d``,
     ``nn.SyncBatchNorm``, ``nn.LazyBatchNorm*``, bnstats' modules and any subclass (timm's

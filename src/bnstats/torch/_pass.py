@@ -54,6 +54,7 @@ from bnstats.torch._layers import (
     model_device,
     move_to_device,
     pass_progress,
+    process_group_initialized,
     uninitialized_lazy_error,
     unwrap,
     write_buffers,
@@ -577,7 +578,7 @@ def local_batch_statistics(model: nn.Module) -> Iterator[None]:
     the batch's statistics (``bn_training``) and syncs nothing; the forward pre-hook
     measures the batch. Flags and buffers are put back afterwards, also on error.
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not process_group_initialized():
         yield
         return
     layers = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]

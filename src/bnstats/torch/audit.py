@@ -43,7 +43,6 @@ NONFINITE_POPULATION = "nonfinite_population_stats"
 NEAR_ZERO_POPULATION_VAR = "near_zero_population_var"
 CALLED_MORE_THAN_ONCE = "called_more_than_once"
 START_STILL_WEIGHS = "start_still_weighs"
-NOT_REACHED = "not_reached"
 START_WEIGHT_LIMIT = 0.01
 """``start_still_weighs``: an EMA whose initial 0 and 1 still weigh more than this."""
 MODEL_IN_TRAINING_MODE = "model_in_training_mode"

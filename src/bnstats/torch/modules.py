@@ -36,17 +36,24 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnstats.stats import EMA, CumulativeAverage, NonFiniteStatisticsError, RunningAverage
-from bnstats.torch._layers import fewer_than_two_values, is_lazy_uninitialized
+from bnstats.torch._layers import (
+    fewer_than_two_values,
+    is_lazy_uninitialized,
+    process_group_initialized,
+)
 
 _UNSET: Any = object()
 _STATISTICS = ("running_mean", "running_var")
 _NARROW_DTYPES = (torch.float16, torch.bfloat16)
 _KERNEL_BUFFER_DTYPES = (torch.float32, torch.float64)
 _TRACED_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-_KERNEL_FORWARDS = {("timm.layers.norm_act", "BatchNormAct2d.forward")}
+_KERNEL_FORWARDS = {
+    ("timm.layers.norm_act", "BatchNormAct2d.forward"),
+    ("timm.layers.norm_act", "SyncBatchNormAct.forward"),
+}
 """Forwards known to be torch's BN forward (one kernel call over the whole input, torch's
 momentum rules) followed by other modules: timm's BatchNormAct2d (a copy of torch's
-forward, then drop and activation). SyncBatchNormAct calls SyncBatchNorm's forward first."""
+forward, then drop and activation) and SyncBatchNormAct (SyncBatchNorm's, then the same)."""
 
 
 def check_estimator(estimator: Any) -> RunningAverage:
@@ -507,18 +514,13 @@ def kernel_writes_moments(layer: nn.Module) -> bool:
         return False
     if layer.running_var is None or layer.running_var.dtype not in _KERNEL_BUFFER_DTYPES:
         return False
+    if isinstance(layer, nn.SyncBatchNorm) and process_group_initialized():
+        return False  # synced statistics would not be this process's
     forward = type(layer).forward
-    if forward is nn.SyncBatchNorm.forward:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        return not distributed  # synced statistics would not be this process's
     if forward is EstimatorBatchNorm.forward:
         return type(layer)._train_forward is EstimatorBatchNorm._train_forward
-    if (forward.__module__, forward.__qualname__) in _KERNEL_FORWARDS:
-        return True
-    if forward.__qualname__ == "SyncBatchNormAct.forward" and forward.__module__.startswith("timm"):
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        return not distributed
-    return forward is _BatchNorm.forward
+    known = (forward.__module__, forward.__qualname__) in _KERNEL_FORWARDS
+    return known or forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 
 
 @contextmanager
