@@ -46,7 +46,7 @@ _UNSET: Any = object()
 _STATISTICS = ("running_mean", "running_var")
 _NARROW_DTYPES = (torch.float16, torch.bfloat16)
 _KERNEL_BUFFER_DTYPES = (torch.float32, torch.float64)
-_TRACED_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked", "num_batches_skipped")
 _KERNEL_FORWARDS = {
     ("timm.layers.norm_act", "BatchNormAct2d.forward"),
     ("timm.layers.norm_act", "SyncBatchNormAct.forward"),
@@ -307,16 +307,18 @@ class EstimatorBatchNorm:
             self.num_batches_skipped.add_(1)
         return output, finite.logical_not()
 
-    def _keep_if_finite(self, updated: torch.Tensor) -> torch.Tensor:
+    def _keep_if_finite(self, updated: torch.Tensor, x: Any = None) -> torch.Tensor:
         """Take the ``updated`` (2, C) statistics into the buffers unless they hold NaN or
         Inf, decided on the device; count the batch as tracked or skipped. Returns the flag
-        "undone". (The kernel updates a copy: autograd keeps what it saved untouched.)"""
+        "undone". (The kernel updates a copy: autograd keeps what it saved untouched.)
+        ``x``: the input, through which a tracer sees the buffers (:meth:`_traced_buffer`)."""
+        mean, var, tracked, skipped = (self._traced_buffer(key, x) for key in _BUFFERS)
         finite = torch.isfinite(updated).all()
-        self.running_mean.copy_(torch.where(finite, updated[0], self.running_mean))
-        self.running_var.copy_(torch.where(finite, updated[1], self.running_var))
-        self.num_batches_tracked.add_(finite.long())
+        mean.copy_(torch.where(finite, updated[0], mean))
+        var.copy_(torch.where(finite, updated[1], var))
+        tracked.add_(finite.long())
         bad = finite.logical_not()
-        self.num_batches_skipped.add_(bad.long())
+        skipped.add_(bad.long())
         return bad
 
     def _traced_update(
@@ -326,18 +328,13 @@ class EstimatorBatchNorm:
         ``num_batches_tracked``; the kernel leaves the batch's ``mean`` and unbiased ``var``
         in a scratch pair, merged as the kernel would (equal to the eager update to float
         rounding)."""
-        mean, var, tracked = (self._traced_buffer(key, x) for key in _TRACED_BUFFERS)
+        mean, var, tracked, _ = (self._traced_buffer(key, x) for key in _BUFFERS)
         running = torch.stack((mean, var))
         batch = torch.zeros_like(running)  # the kernel writes 0 * 0 + 1 * (mean, var)
         gamma, beta = self._affine_like_statistics() if affine else (None, None)
         output = F.batch_norm(x, batch[0], batch[1], gamma, beta, True, 1.0, self.eps)
         keep, weight = self._device_weights(running, tracked)
-        updated = batch * weight + running * keep
-        finite = torch.isfinite(updated).all()
-        mean.copy_(torch.where(finite, updated[0], mean))
-        var.copy_(torch.where(finite, updated[1], var))
-        tracked.add_(finite.long())
-        self._traced_buffer("num_batches_skipped", x).add_(finite.logical_not().long())
+        self._keep_if_finite(batch * weight + running * keep, x)
         return output, None
 
     def _traced_buffer(self, key: str, x: Any) -> Any:
