@@ -152,12 +152,17 @@ def test_an_empty_rank_is_fine_when_another_has_batches(pair, empty):
     assert_both_equal_reference(pair.results(f"empty_rank{empty}"), expected)
 
 
-def test_all_ranks_empty_fail_everywhere_with_the_same_clear_error(pair):
-    first, second = pair.results("all_empty")
-    assert first["type"] == second["type"] == "ValueError"
+def assert_same_refusal(results: tuple[dict, dict], error: str, text: str) -> None:
+    """Both ranks raised ``error`` with the same message, holding ``text``; nothing changed."""
+    first, second = results
+    assert first["type"] == second["type"] == error
     assert first["message"] == second["message"]
-    assert "no batch on any of the 2 ranks" in first["message"]
+    assert text in first["message"]
     assert first["unchanged"] and second["unchanged"]
+
+
+def test_all_ranks_empty_fail_everywhere_with_the_same_clear_error(pair):
+    assert_same_refusal(pair.results("all_empty"), "ValueError", "no batch on any of the 2 ranks")
 
 
 def test_a_layer_reached_on_one_rank_only_takes_that_ranks_data(pair):
@@ -169,18 +174,13 @@ def test_a_layer_reached_on_one_rank_only_takes_that_ranks_data(pair):
 
 
 def test_a_layer_reached_on_no_rank_fails_everywhere_naming_it(pair):
-    first, second = pair.results("unreached_everywhere")
-    assert first["type"] == second["type"] == "ValueError"
-    assert first["message"] == second["message"]
-    assert "no forward on any of the 2 ranks reached BN layer(s) 'aux.1'" in first["message"]
-    assert first["unchanged"] and second["unchanged"]
+    text = "no forward on any of the 2 ranks reached BN layer(s) 'aux.1'"
+    assert_same_refusal(pair.results("unreached_everywhere"), "ValueError", text)
 
 
 def test_nan_on_one_rank_fails_everywhere_naming_the_layer(pair):
-    first, second = pair.results("nonfinite_on_one_rank")
-    assert first["type"] == second["type"] == "NonFiniteStatisticsError"
-    assert first["message"] == second["message"] and "BN layer '1'" in first["message"]
-    assert first["unchanged"] and second["unchanged"]
+    results = pair.results("nonfinite_on_one_rank")
+    assert_same_refusal(results, "NonFiniteStatisticsError", "BN layer '1'")
 
 
 def test_a_group_of_one_rank_is_that_rank_alone(pair):
@@ -221,18 +221,12 @@ def test_a_syncbatchnorm_subclass_keeps_its_own_forward_under_a_group(pair):
 
 @pytest.mark.parametrize("name", ["mixed_tools", "recalibrate_and_sync"])
 def test_ranks_making_different_calls_refuse_together(pair, name):
-    first, second = pair.results(name)
-    assert first["type"] == second["type"] == "RankError"
-    assert first["message"] == second["message"]
-    assert "did not make the same call as rank 0" in first["message"]
-    assert first["unchanged"] and second["unchanged"]
+    assert_same_refusal(pair.results(name), "RankError", "did not make the same call as rank 0")
 
 
 def test_an_exception_whose_message_cannot_be_read_still_reaches_every_rank(pair):
-    first, second = pair.results("unprintable_error")
-    assert first["type"] == second["type"] == "RankError"
-    assert "rank 1: _Unprintable (its message could not be read)" in first["message"]
-    assert first["unchanged"] and second["unchanged"]
+    text = "rank 1: _Unprintable (its message could not be read)"
+    assert_same_refusal(pair.results("unprintable_error"), "RankError", text)
 
 
 def test_explicit_group_and_group_false(pair):
