@@ -68,6 +68,17 @@ def copy(x: Array) -> Array:
     return x.clone() if is_torch(x) else np.array(x, copy=True)
 
 
+def where(condition: Any, chosen: Any, otherwise: Any) -> Any:
+    """``chosen`` where ``condition`` holds, else ``otherwise``: a Python choice for a Python
+    or NumPy condition, ``torch.where`` for a tensor one (also a traced one, never read on the
+    host)."""
+    if is_torch(condition):
+        import torch  # present: condition is a tensor
+
+        return torch.where(condition, chosen, otherwise)
+    return chosen if condition else otherwise
+
+
 def all_finite(x: Array) -> bool:
     """True when every element of ``x`` is finite."""
     if is_torch(x):

@@ -31,7 +31,17 @@ from typing import Any, Literal
 
 import numpy as np
 
-from bnstats._array import Array, all_finite, as_array, column, concat, copy, is_torch, widen
+from bnstats._array import (
+    Array,
+    all_finite,
+    as_array,
+    column,
+    concat,
+    copy,
+    is_torch,
+    where,
+    widen,
+)
 
 NonFinitePolicy = Literal["raise", "skip"]
 
@@ -251,20 +261,45 @@ class RunningAverage(Estimator):
 
     Subclasses choose ``w_t`` (:meth:`weight`) and whether the average starts from PyTorch's
     ``running_mean = 0``, ``running_var = 1`` (:attr:`starts_at_zero_one`) or from the first
-    batch (``w_1 = 1``).
+    batch (``w_1 = 1``). :meth:`weight` is the one place a schedule lives: this class, the
+    engine and bnstats' torch BN modules (eager, ``torch.compile`` and ``torch.fx``) all ask
+    it, so a subclass needs nothing else.
     """
 
     _state_keys = ("running_mean", "running_var")
     starts_at_zero_one = False
+    weight_depends_on_step = True
+    """False when :meth:`weight` is the same at every step (the plain EMA): then a torch BN
+    module need not follow the step on the host."""
 
     def reset(self) -> None:
         super().reset()
         self._running_mean: Array | None = None
         self._running_var: Array | None = None
 
-    def weight(self, t: int) -> float:
-        """Weight ``w_t`` of batch number ``t`` (1-based)."""
+    def weight(self, t: Any) -> Any:
+        """Weight ``w_t`` of batch number ``t`` (1-based).
+
+        ``t`` is a Python int, or, in bnstats' torch BN modules under ``torch.compile``,
+        ``torch.fx`` or ``torch.export``, a float64 tensor ``num_batches_tracked + 1`` on the
+        module's device (a traced value: never read on the host). Write the schedule with
+        arithmetic that takes both (``t ** 0.5``, not ``math.sqrt(t)``; a choice with
+        :func:`bnstats._array.where`); a constant may be returned as a float.
+        """
         raise NotImplementedError
+
+    def load_running(
+        self, mean: Array | None, var: Array | None, num_batches_tracked: int, skipped: int = 0
+    ) -> None:
+        """Take a running state kept elsewhere (a torch BN module's buffers): ``mean`` and
+        ``var`` (copied; ignored while ``num_batches_tracked`` is 0) and the batch counts.
+        ``count`` stays 0: a running average does not need it."""
+        self.reset()
+        if mean is not None and var is not None and num_batches_tracked > 0:
+            self._running_mean, self._running_var = copy(mean), copy(var)
+            self._shape = tuple(mean.shape)
+            self.num_batches_tracked = int(num_batches_tracked)
+        self.num_batches_skipped = int(skipped)
 
     def _update(self, mean: Array, var: Array, count: float) -> None:
         batch_var = _unbiased(var, count)
@@ -324,12 +359,15 @@ class EMA(RunningAverage):
     def starts_at_zero_one(self) -> bool:  # type: ignore[override]
         return not self.debias
 
-    def weight(self, t: int) -> float:
+    @property
+    def weight_depends_on_step(self) -> bool:  # type: ignore[override]
+        return self.debias
+
+    def weight(self, t: Any) -> Any:
         if not self.debias:
             return self.momentum
-        if t == 1:
-            return 1.0  # exactly: momentum / (1 - (1 - momentum)) may round away from 1
-        return self.momentum / (1.0 - (1.0 - self.momentum) ** t)
+        corrected = self.momentum / (1.0 - (1.0 - self.momentum) ** t)
+        return where(t == 1, 1.0, corrected)  # exactly 1 at t = 1, where rounding may miss it
 
 
 class CumulativeAverage(RunningAverage):
@@ -341,8 +379,20 @@ class CumulativeAverage(RunningAverage):
     the test-time statistics of Ioffe & Szegedy (2015).
     """
 
-    def weight(self, t: int) -> float:
+    def weight(self, t: Any) -> Any:
         return 1.0 / t
+
+
+class FixedStatistics(RunningAverage):
+    """PyTorch's ``momentum=0.0``: ``w_t = 0``, the running statistics never move from where
+    they start (0 and 1, or what a BN module's buffers hold); batches are still counted."""
+
+    momentum = 0.0
+    starts_at_zero_one = True
+    weight_depends_on_step = False
+
+    def weight(self, t: Any) -> Any:
+        return 0.0
 
 
 class Population(Estimator):
@@ -503,6 +553,7 @@ def estimator_from_state(state: dict[str, Any]) -> Estimator:
     kinds: dict[str, type[Estimator]] = {
         "EMA": EMA,
         "CumulativeAverage": CumulativeAverage,
+        "FixedStatistics": FixedStatistics,
         "Population": Population,
     }
     kind = state.get("kind")
@@ -519,6 +570,7 @@ __all__ = [
     "EMA",
     "CumulativeAverage",
     "Estimator",
+    "FixedStatistics",
     "NonFiniteStatisticsError",
     "Population",
     "chan_merge",

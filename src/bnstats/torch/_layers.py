@@ -1,12 +1,8 @@
 """What every bnstats.torch tool needs: find the BN layers, feed the model, leave it as found.
 
-- :func:`unwrap`: the model inside ``DataParallel``, ``DistributedDataParallel``,
-  ``torch.compile``'s ``OptimizedModule``, ``AveragedModel`` and timm's ``ModelEma*``.
-- Which modules are BN layers, decided here and nowhere else: :func:`is_batchnorm` (torch's
-  ``_BatchNorm`` family: its own layers, ``SyncBatchNorm``, subclasses that keep their own
-  forward such as timm's ``BatchNormAct2d``, and bnstats' modules) and
-  :func:`has_fixed_statistics` (``FrozenBatchNorm2d`` of torchvision and timm: folded and
-  reported, never recalibrated).
+- Which modules are BN layers and what wraps a model are asked of the registry,
+  :mod:`bnstats.torch.kinds` (:func:`is_batchnorm`, :func:`has_fixed_statistics` and
+  :func:`unwrap` are re-exported here for the tools).
 - :func:`find_batchnorm_layers`: every batch-norm layer that keeps running statistics, by
   qualified name (``"stages.0.0.bn1"``), in the order ``model.named_modules()`` lists them.
 - :func:`layer_label`: how every message names a layer.
@@ -33,73 +29,24 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
+
+from bnstats.torch.kinds import has_fixed_statistics as has_fixed_statistics
+from bnstats.torch.kinds import is_batchnorm as is_batchnorm
+from bnstats.torch.kinds import keeps_running_statistics
+from bnstats.torch.kinds import unwrap as unwrap
 
 Forward = Callable[[nn.Module, Any], Any]
 """``forward(model, batch)``: how to call the model on one batch (its output is ignored)."""
 
 _BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside every wrapper the tools look through, nested ones too.
-
-    ``nn.DataParallel`` and ``DistributedDataParallel`` (``.module``: its parameters and
-    buffers are the wrapper's own tensors), ``torch.compile``'s ``OptimizedModule``
-    (``._orig_mod``: the passes run eagerly, so Dynamo recompiles nothing), and the averaged
-    models ``torch.optim.swa_utils.AveragedModel`` and timm's ``ModelEma``/``ModelEmaV2``/
-    ``ModelEmaV3`` (``.module``, the averaged copy). Layer names are those of the unwrapped
-    model. Any other module is returned as it is.
-    """
-    while True:
-        inner = _wrapped(model)
-        if inner is None:
-            return model
-        model = inner
-
-
-def _wrapped(model: nn.Module) -> nn.Module | None:
-    from torch.optim.swa_utils import AveragedModel
-
-    if isinstance(model, (DataParallel, DistributedDataParallel, AveragedModel)):
-        return model.module
-    compiled = model.__dict__.get("_modules", {}).get("_orig_mod")
-    if type(model).__name__ == "OptimizedModule" and isinstance(compiled, nn.Module):
-        return compiled
-    averaged = model.__dict__.get("_modules", {}).get("module")
-    if type(model).__name__.startswith("ModelEma") and isinstance(averaged, nn.Module):
-        return averaged
-    return None
+_LAYER_ATTRIBUTES = ("num_features", "eps", "running_var", "momentum")
 
 
 def process_group_initialized() -> bool:
     """True under an initialized ``torch.distributed`` process group, where a SyncBatchNorm in
     training mode would synchronise its batch statistics with the other ranks."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def is_batchnorm(module: nn.Module) -> bool:
-    """True for a layer of torch's ``_BatchNorm`` family: ``nn.BatchNorm1d/2d/3d``,
-    ``nn.SyncBatchNorm``, ``nn.LazyBatchNorm*``, bnstats' modules and any subclass (timm's
-    ``BatchNormAct2d`` and ``SyncBatchNormAct``, whose activation and drop are part of the
-    layer: its own forward always runs)."""
-    return isinstance(module, _BatchNorm)
-
-
-def has_fixed_statistics(module: nn.Module) -> bool:
-    """True for a frozen batch norm (torchvision's and timm's ``FrozenBatchNorm2d``, timm's
-    ``FrozenBatchNormAct2d``): fixed ``weight``, ``bias``, ``running_mean``, ``running_var``
-    buffers and ``eps``, no training behaviour. Folded and reported; never recalibrated."""
-    buffers = module.__dict__.get("_buffers", {})
-    return (
-        not isinstance(module, _BatchNorm)
-        and type(module).__name__.startswith("FrozenBatchNorm")
-        and all(
-            isinstance(buffers.get(key), torch.Tensor) for key in ("running_mean", "running_var")
-        )
-    )
 
 
 def layer_label(name: str, layer: nn.Module | None = None) -> str:
@@ -119,30 +66,36 @@ def is_lazy_uninitialized(module: nn.Module) -> bool:
     )
 
 
-def find_batchnorm_layers(model: nn.Module) -> dict[str, _BatchNorm]:
+def find_batchnorm_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every BN layer with running statistics, by qualified name.
 
-    Counts ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, ``nn.LazyBatchNorm*`` and bnstats'
-    own modules (all subclasses of torch's ``_BatchNorm``); layers built with
+    The BN layers of the registry (:func:`bnstats.torch.kinds.is_batchnorm`: torch's
+    ``_BatchNorm`` family, bnstats' modules, timm's, registered classes); layers built with
     ``track_running_stats=False`` keep no statistics and are left out. A module registered
     under two names appears once, under the first. The model itself is named ``""``.
 
     Raises ``TypeError`` if ``model`` is not an ``nn.Module`` and ``ValueError`` if it holds no
-    such layer.
+    such layer, or a registered layer lacks an attribute the tools read.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     layers = {
-        name: module
-        for name, module in model.named_modules()
-        if is_batchnorm(module) and module.track_running_stats
+        name: module for name, module in model.named_modules() if keeps_running_statistics(module)
     }
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no batch-norm layer with running statistics "
-            "(nn.BatchNorm1d/2d/3d, nn.SyncBatchNorm, nn.LazyBatchNorm* or bnstats.torch's "
-            "BatchNorm1d/2d/3d with track_running_stats=True)"
+            "(nn.BatchNorm1d/2d/3d, nn.SyncBatchNorm, nn.LazyBatchNorm*, bnstats.torch's "
+            "BatchNorm1d/2d/3d with track_running_stats=True, or a class given to "
+            "bnstats.torch.register_batchnorm)"
         )
+    for name, layer in layers.items():
+        missing = [key for key in _LAYER_ATTRIBUTES if not hasattr(layer, key)]
+        if missing:
+            raise ValueError(
+                f"{layer_label(name)} ({type(layer).__name__}) is registered as a BN layer but "
+                f"has no {', '.join(missing)}; bnstats' tools read them"
+            )
     return layers
 
 
@@ -213,7 +166,7 @@ def model_device(model: nn.Module) -> torch.device | None:
     return None
 
 
-def batchnorm_train_mode(model: nn.Module, layers: Mapping[str, _BatchNorm]) -> None:
+def batchnorm_train_mode(model: nn.Module, layers: Mapping[str, nn.Module]) -> None:
     """Every module in eval mode except the BN ``layers``, whose own flag goes to training.
 
     The BN layers then normalize with each batch's own statistics (as in training, as
@@ -239,7 +192,7 @@ class PreservedState:
     (zeros, ones, 0): its shapes stay inferred, as after any forward.
     """
 
-    def __init__(self, model: nn.Module, layers: Mapping[str, _BatchNorm]) -> None:
+    def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module]) -> None:
         self.model = model
         self.layers = dict(layers)
         self._modes: list[tuple[nn.Module, bool]] = []

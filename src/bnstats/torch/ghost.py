@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from bnstats.ghost import check_ghost_size, ghost_sizes
+from bnstats.torch.kinds import BatchNormKind
 from bnstats.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 
@@ -61,13 +62,19 @@ class _GhostMixin:
 class GhostBatchNorm1d(_GhostMixin, BatchNorm1d):
     """Ghost Batch Norm over (N, C) or (N, C, L) input; see :mod:`bnstats.torch.ghost`."""
 
+    batchnorm_kind = BatchNormKind(fold=True)
+
 
 class GhostBatchNorm2d(_GhostMixin, BatchNorm2d):
     """Ghost Batch Norm over (N, C, H, W) input; see :mod:`bnstats.torch.ghost`."""
 
+    batchnorm_kind = BatchNormKind(fold=True, rank=4)
+
 
 class GhostBatchNorm3d(_GhostMixin, BatchNorm3d):
     """Ghost Batch Norm over (N, C, D, H, W) input; see :mod:`bnstats.torch.ghost`."""
+
+    batchnorm_kind = BatchNormKind(fold=True, rank=5)
 
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]

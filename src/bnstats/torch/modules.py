@@ -10,7 +10,10 @@ with or without ``debias``, and :class:`bnstats.CumulativeAverage`) updates, at 
     running_var  = (1 - w_t) * running_var  + w_t * var * count / (count - 1)
 
 with its own weight ``w_t = estimator.weight(t)``: ``momentum`` for the EMA, ``1 / t`` for
-the cumulative average, ``momentum / (1 - (1 - momentum)**t)`` for the bias-corrected EMA.
+the cumulative average, ``momentum / (1 - (1 - momentum)**t)`` for the bias-corrected EMA,
+whatever a subclass of :class:`bnstats.stats.RunningAverage` says for its own. Eagerly ``t``
+is the step as the host counts it; under compilers and tracers it is
+``num_batches_tracked + 1`` on the device, and the same method computes ``w_t`` there.
 ``running_mean``, ``running_var`` and ``num_batches_tracked`` describe the state entirely, so
 the state dict is torch's, key for key, and ``module.estimator`` reads its state from them.
 
@@ -28,32 +31,32 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnstats.stats import EMA, CumulativeAverage, NonFiniteStatisticsError, RunningAverage
+from bnstats.stats import (
+    EMA,
+    CumulativeAverage,
+    FixedStatistics,
+    NonFiniteStatisticsError,
+    RunningAverage,
+)
 from bnstats.torch._layers import (
     fewer_than_two_values,
     is_lazy_uninitialized,
     process_group_initialized,
 )
+from bnstats.torch.kinds import BatchNormKind, kind_of
 
 _UNSET: Any = object()
 _STATISTICS = ("running_mean", "running_var")
 _NARROW_DTYPES = (torch.float16, torch.bfloat16)
 _KERNEL_BUFFER_DTYPES = (torch.float32, torch.float64)
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked", "num_batches_skipped")
-_KERNEL_FORWARDS = {
-    ("timm.layers.norm_act", "BatchNormAct2d.forward"),
-    ("timm.layers.norm_act", "SyncBatchNormAct.forward"),
-}
-"""Forwards known to be torch's BN forward (one kernel call over the whole input, torch's
-momentum rules) followed by other modules: timm's BatchNormAct2d (a copy of torch's
-forward, then drop and activation) and SyncBatchNormAct (SyncBatchNorm's, then the same)."""
 
 
 def check_estimator(estimator: Any) -> RunningAverage:
@@ -67,15 +70,6 @@ def check_estimator(estimator: Any) -> RunningAverage:
     return estimator
 
 
-class FixedStatistics(RunningAverage):
-    """torch's ``momentum=0.0``: ``w_t = 0``, the running statistics never move."""
-
-    momentum = 0.0
-
-    def weight(self, t: int) -> float:
-        return 0.0
-
-
 def _estimator_from(momentum: Any, estimator: RunningAverage | None) -> RunningAverage:
     if estimator is not None:
         if momentum is not _UNSET:
@@ -86,15 +80,6 @@ def _estimator_from(momentum: Any, estimator: RunningAverage | None) -> RunningA
     if momentum is None:
         return CumulativeAverage()
     return FixedStatistics() if momentum == 0 else EMA(momentum)
-
-
-def _constant_weight(schedule: RunningAverage) -> float | None:
-    """``w_t`` when it does not depend on ``t`` (the plain EMA, momentum 0), else None."""
-    if isinstance(schedule, FixedStatistics):
-        return 0.0
-    if isinstance(schedule, EMA) and not schedule.debias:
-        return schedule.momentum
-    return None
 
 
 def is_tracing(x: Any) -> bool:
@@ -117,6 +102,11 @@ class EstimatorBatchNorm:
 
     _dims: tuple[int, ...] = ()
     _layout = ""
+    batchnorm_kind: BatchNormKind
+    """What the registry (:mod:`bnstats.torch.kinds`) knows of the class: each concrete
+    module declares it. A subclass elsewhere that overrides :meth:`_train_forward` keeps it
+    with its moments taken by the pass's hook (its training forward is not the kernel
+    call); one that overrides ``forward`` is a BN layer of unknown forward."""
     _moments_from_kernel = False
     """Set while bnstats' one-pass tools take each batch's moments from the buffers (see
     :func:`moments_from_kernel`): update weight 1, no counting, no check."""
@@ -125,6 +115,15 @@ class EstimatorBatchNorm:
     _host_checked_devices: tuple[str, ...] = ("cpu",)
     """Devices whose values the host reads without waiting (the CPU): there the update is
     checked on the host; everywhere else on the device (:meth:`_keep_if_finite`)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declaring = next((c for c in cls.__mro__[1:] if "batchnorm_kind" in vars(c)), None)
+        if declaring is None or "batchnorm_kind" in vars(cls):
+            return
+        same_forward = cls.forward is declaring.forward
+        if same_forward and cls._train_forward is not declaring._train_forward:
+            cls.batchnorm_kind = replace(declaring.batchnorm_kind, moments="hook")
 
     def __init__(
         self,
@@ -161,13 +160,13 @@ class EstimatorBatchNorm:
         read: not for per-step code). A BN module keeps no sample count: ``count`` is 0."""
         schedule = self._schedule
         tracked = self.num_batches_tracked
-        schedule.reset()
-        if self.running_mean is not None and tracked is not None and int(tracked) > 0:
-            schedule._running_mean = self.running_mean.detach().clone()
-            schedule._running_var = self.running_var.detach().clone()
-            schedule._shape = tuple(self.running_mean.shape)
-            schedule.num_batches_tracked = int(tracked)
-        schedule.num_batches_skipped = int(self.num_batches_skipped)
+        mean, var = self.running_mean, self.running_var
+        schedule.load_running(
+            None if mean is None else mean.detach(),
+            None if var is None else var.detach(),
+            0 if tracked is None else int(tracked),
+            int(self.num_batches_skipped),
+        )
         return schedule
 
     @estimator.setter
@@ -279,7 +278,7 @@ class EstimatorBatchNorm:
             return self._batch_norm(x, False, True, 0.0, affine), None
         if is_tracing(x):
             return self._traced_update(x, affine)
-        weight = self._schedule.weight(self._host_step + 1)
+        weight = float(self._schedule.weight(self._host_step + 1))
         self._host_step += 1
         if self.running_mean.device.type in self._host_checked_devices:
             return self._update_checked_on_host(x, affine, weight)
@@ -324,17 +323,20 @@ class EstimatorBatchNorm:
     def _traced_update(
         self, x: torch.Tensor, affine: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The same update for compilers and tracers: ``w_t`` computed on the device from
-        ``num_batches_tracked``; the kernel leaves the batch's ``mean`` and unbiased ``var``
-        in a scratch pair, merged as the kernel would (equal to the eager update to float
-        rounding)."""
+        """The same update for compilers and tracers: the kernel leaves the batch's ``mean``
+        and unbiased ``var`` in a scratch pair, merged as the kernel would with
+        ``w_t = estimator.weight(t)`` for ``t = num_batches_tracked + 1`` held on the device
+        (equal to the eager update to float rounding). An empty batch changes nothing
+        (``w_t`` times "the batch has values"), and counts, as in torch."""
         mean, var, tracked, _ = (self._traced_buffer(key, x) for key in _BUFFERS)
         running = torch.stack((mean, var))
         batch = torch.zeros_like(running)  # the kernel writes 0 * 0 + 1 * (mean, var)
         gamma, beta = self._affine_like_statistics() if affine else (None, None)
         output = F.batch_norm(x, batch[0], batch[1], gamma, beta, True, 1.0, self.eps)
-        keep, weight = self._device_weights(running, tracked)
-        self._keep_if_finite(batch * weight + running * keep, x)
+        step = (tracked + 1).to(torch.float64)
+        weight = torch.ones_like(step) * self._schedule.weight(step)  # a number or a tensor
+        weight = (weight * (x.numel() > 0)).to(self.running_mean.dtype)
+        self._keep_if_finite(batch * weight + running * (1 - weight), x)
         return output, None
 
     def _traced_buffer(self, key: str, x: Any) -> Any:
@@ -344,22 +346,6 @@ class EstimatorBatchNorm:
             return getattr(self, key)
         path = x.tracer.path_of_module(self)
         return x.tracer.create_proxy("get_attr", f"{path}.{key}" if path else key, (), {})
-
-    def _device_weights(self, like: torch.Tensor, tracked: torch.Tensor) -> tuple[Any, Any]:
-        """``(1 - w_t, w_t)`` for ``t = tracked + 1`` (``num_batches_tracked``): numbers for
-        the plain EMA, else tensors computed on the device (no host read of the step)."""
-        schedule = self._schedule
-        constant = _constant_weight(schedule)
-        if constant is not None:
-            return 1.0 - constant, constant
-        t = (tracked + 1).to(torch.float64)
-        if isinstance(schedule, EMA):  # momentum / (1 - (1 - momentum)**t), exactly 1 at t=1
-            decayed = torch.pow(torch.full_like(t, 1.0 - schedule.momentum), t)
-            weight = torch.where(t == 1, torch.ones_like(t), schedule.momentum / (1.0 - decayed))
-        else:
-            weight = 1.0 / t
-        weight = weight.to(like.dtype)
-        return 1.0 - weight, weight
 
     # -- non-finite batches: never a blocking read ------------------------------------------
     def _defer_raise(self, input: torch.Tensor, bad: torch.Tensor | None) -> None:
@@ -371,7 +357,7 @@ class EstimatorBatchNorm:
         if bad is None:
             return
         schedule = self._schedule
-        if schedule.nonfinite != "raise" and _constant_weight(schedule) is not None:
+        if schedule.nonfinite != "raise" and not schedule.weight_depends_on_step:
             return
         shape = tuple(input.shape)
         if bad.device.type == "cpu":
@@ -469,6 +455,7 @@ class BatchNorm1d(EstimatorBatchNorm, nn.BatchNorm1d):
 
     _dims = (2, 3)
     _layout = "(N, C) or (N, C, L)"
+    batchnorm_kind = BatchNormKind(moments="kernel", fold=True)
 
 
 class BatchNorm2d(EstimatorBatchNorm, nn.BatchNorm2d):
@@ -480,6 +467,7 @@ class BatchNorm2d(EstimatorBatchNorm, nn.BatchNorm2d):
 
     _dims = (4,)
     _layout = "(N, C, H, W)"
+    batchnorm_kind = BatchNormKind(moments="kernel", fold=True, rank=4)
 
 
 class BatchNorm3d(EstimatorBatchNorm, nn.BatchNorm3d):
@@ -491,33 +479,27 @@ class BatchNorm3d(EstimatorBatchNorm, nn.BatchNorm3d):
 
     _dims = (5,)
     _layout = "(N, C, D, H, W)"
+    batchnorm_kind = BatchNormKind(moments="kernel", fold=True, rank=5)
 
 
 # -- the one-pass tools' switch ---------------------------------------------------------------
 
 
 def kernel_writes_moments(layer: nn.Module) -> bool:
-    """True when ``layer``'s training forward is one call of torch's BN kernel over the whole
-    input with the layer's update weight, and its buffers are float32/float64: with weight 1
-    the kernel then leaves each batch's mean and unbiased variance in the buffers.
-
-    Torch's ``_BatchNorm.forward``; ``nn.SyncBatchNorm`` outside torch.distributed (it then
-    calls the same kernel); bnstats' BatchNorm1d/2d/3d (not Batch Renorm or Ghost BN, which
-    normalize otherwise); timm's ``BatchNormAct2d`` and, outside torch.distributed,
-    ``SyncBatchNormAct`` (torch's forward, then their drop and activation: the kernel's
-    output goes on through them as usual).
+    """True when ``layer``'s kind (:mod:`bnstats.torch.kinds`) takes its moments from the
+    kernel (one call of torch's BN kernel over the whole input with the layer's update
+    weight) and its buffers are float32/float64: with weight 1 the kernel then leaves each
+    batch's mean and unbiased variance in the buffers. Not for an uninitialized lazy layer,
+    nor for a synchronising one (``nn.SyncBatchNorm``, timm's ``SyncBatchNormAct``) under a
+    torch.distributed process group, whose statistics would not be this process's.
     """
-    if not isinstance(layer, _BatchNorm) or is_lazy_uninitialized(layer):
+    kind = kind_of(layer)
+    if kind is None or kind.moments != "kernel" or is_lazy_uninitialized(layer):
         return False
-    if layer.running_var is None or layer.running_var.dtype not in _KERNEL_BUFFER_DTYPES:
+    running_var = getattr(layer, "running_var", None)
+    if running_var is None or running_var.dtype not in _KERNEL_BUFFER_DTYPES:
         return False
-    if isinstance(layer, nn.SyncBatchNorm) and process_group_initialized():
-        return False  # synced statistics would not be this process's
-    forward = type(layer).forward
-    if forward is EstimatorBatchNorm.forward:
-        return type(layer)._train_forward is EstimatorBatchNorm._train_forward
-    known = (forward.__module__, forward.__qualname__) in _KERNEL_FORWARDS
-    return known or forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+    return not (kind.synced and process_group_initialized())
 
 
 @contextmanager

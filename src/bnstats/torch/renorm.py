@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from bnstats.renorm import RenormSchedule, as_schedule, renorm_correction
+from bnstats.torch.kinds import BatchNormKind
 from bnstats.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 
@@ -134,13 +135,19 @@ class _RenormMixin:
 class BatchRenorm1d(_RenormMixin, BatchNorm1d):
     """Batch Renormalization over (N, C) or (N, C, L) input; see :mod:`bnstats.torch.renorm`."""
 
+    batchnorm_kind = BatchNormKind(fold=True)
+
 
 class BatchRenorm2d(_RenormMixin, BatchNorm2d):
     """Batch Renormalization over (N, C, H, W) input; see :mod:`bnstats.torch.renorm`."""
 
+    batchnorm_kind = BatchNormKind(fold=True, rank=4)
+
 
 class BatchRenorm3d(_RenormMixin, BatchNorm3d):
     """Batch Renormalization over (N, C, D, H, W) input; see :mod:`bnstats.torch.renorm`."""
+
+    batchnorm_kind = BatchNormKind(fold=True, rank=5)
 
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "batch_renorm", "schedule_limits"]

@@ -25,6 +25,7 @@ from bnstats.torch._layers import (
     move_to_device,
     unwrap,
 )
+from bnstats.torch.kinds import synchronises
 
 _BY_INPUT_DIM: dict[int, type[nn.Module]] = {
     2: nn.BatchNorm1d,
@@ -101,7 +102,7 @@ def _sync_layers(model: nn.Module) -> dict[str, nn.SyncBatchNorm]:
     for name, module in model.named_modules():
         if type(module) is nn.SyncBatchNorm:
             layers[name] = module
-        elif isinstance(module, nn.SyncBatchNorm):
+        elif synchronises(module):
             kept.append(f"{display_name(name)} ({type(module).__name__})")
     if kept:
         shown = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
