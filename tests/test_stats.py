@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import bnstats
 from bnstats import functional as F
 from bnstats.stats import (
     EMA,
@@ -358,3 +359,30 @@ def test_nonfinite_state_is_refused_on_load(rng):
     with pytest.raises(NonFiniteStatisticsError, match="running_mean"):
         fresh.load_state_dict(state)
     assert fresh.momentum == 0.3 and fresh.mean is None
+
+
+def test_no_module_outside_stats_writes_an_estimators_private_state():
+    """Estimators own their state: elsewhere it is loaded through public methods
+    (``load_state_dict``, ``RunningAverage.load_running``)."""
+    import re
+    from pathlib import Path
+
+    root = Path(bnstats.__file__).parent
+    private = re.compile(r"\b(?!self\b)\w+\._(running_mean|running_var|shape|mean_acc|m2)\s*=")
+    writers = [
+        f"{path.relative_to(root)}:{number}"
+        for path in root.rglob("*.py")
+        if path.name != "stats.py"
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if private.search(line)
+    ]
+    assert writers == []
+
+
+def test_fixed_statistics_never_moves_and_rebuilds_from_its_state():
+    fixed = bnstats.FixedStatistics()
+    fixed.update(np.array([3.0, -1.0]), np.array([2.0, 5.0]), 8)
+    np.testing.assert_array_equal(fixed.mean, [0.0, 0.0])
+    np.testing.assert_array_equal(fixed.var, [1.0, 1.0])
+    rebuilt = bnstats.stats.estimator_from_state(fixed.state_dict())
+    assert isinstance(rebuilt, bnstats.FixedStatistics) and rebuilt.num_batches_tracked == 1

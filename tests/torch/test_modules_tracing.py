@@ -185,3 +185,49 @@ def test_convert_keeps_ghost_and_renorm_behaviour_and_follows_the_estimator(cls)
     else:  # first batch of a debiased EMA: the batch's own statistics, exactly
         torch.testing.assert_close(layer.running_mean, z.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
         assert layer.last_r is not None
+
+
+class InverseSqrt(bnstats.stats.RunningAverage):
+    """A schedule no code special-cases: ``w_t = 1 / sqrt(t)``, written for an int or a
+    tensor step."""
+
+    def weight(self, t):
+        return 1 / t**0.5
+
+
+class Half(bnstats.stats.RunningAverage):
+    """A constant schedule of its own: ``w_t = 0.5``."""
+
+    starts_at_zero_one = True
+    weight_depends_on_step = False
+
+    def weight(self, t):
+        return 0.5
+
+
+@pytest.mark.parametrize("schedule", [InverseSqrt, Half])
+def test_a_custom_estimator_trains_alike_eager_compiled_and_traced(schedule):
+    eager = bt.convert(zoo.build("resnet"), schedule()).train()
+    compiled_model, traced_model = copy.deepcopy(eager), copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="eager")
+    traced = torch.fx.symbolic_trace(traced_model)
+    for x in _batches(4):
+        for model in (eager, compiled, traced):
+            model(x)
+    expected = ref.snapshot(eager)
+    for state in (compiled_model.state_dict(), traced.state_dict()):
+        for key, value in expected.items():
+            torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-6)
+
+
+def test_a_custom_estimator_gives_its_own_weights_eagerly():
+    layer = bt.BatchNorm1d(2, estimator=InverseSqrt())
+    xs = [torch.randn(5, 2, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    mean = torch.zeros(2, dtype=torch.float64)
+    for t, x in enumerate(xs, start=1):
+        layer(x)
+        w = 1 / t**0.5
+        mean = (1 - w) * mean + w * x.double().mean(0)
+    torch.testing.assert_close(layer.running_mean.double(), mean, rtol=1e-6, atol=1e-7)
+    assert layer.estimator.num_batches_tracked == 3
+    torch.testing.assert_close(layer.estimator.mean, layer.running_mean)

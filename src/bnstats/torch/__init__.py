@@ -11,7 +11,9 @@
 - :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d` and :func:`convert`:
   BN layers whose running statistics follow a bnstats estimator;
 - :class:`BatchRenorm2d` (1d, 3d) and :class:`GhostBatchNorm2d` (1d, 3d): for small or
-  non-i.i.d. training batches (Ioffe 2017; Hoffer et al. 2017).
+  non-i.i.d. training batches (Ioffe 2017; Hoffer et al. 2017);
+- :func:`register_batchnorm`, :func:`register_wrapper`: teach every tool a BN layer class
+  or a model wrapper of your own (:mod:`bnstats.torch.kinds`).
 
 Every tool leaves the model's modes, momenta and hooks as it found them, and writes its
 buffers all at once or not at all.
@@ -30,6 +32,7 @@ from bnstats.torch.fold import (
     fold_weights,
 )
 from bnstats.torch.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from bnstats.torch.kinds import BatchNormKind, register_batchnorm, register_wrapper
 from bnstats.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnstats.torch.recalibrate import Recalibration, recalibrate, recalibrate_report
 from bnstats.torch.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
@@ -64,4 +67,7 @@ __all__ = [
     "recalibrate_report",
     "revert_sync_batchnorm",
     "sync_running_stats",
+    "BatchNormKind",
+    "register_batchnorm",
+    "register_wrapper",
 ]

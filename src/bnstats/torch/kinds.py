@@ -143,8 +143,9 @@ def register_batchnorm(
     Registering a class again replaces its kind. Returns the kind; ``TypeError`` or
     ``ValueError`` for a bad argument, before anything is registered.
     """
+    names = tail if isinstance(tail, str) else tuple(tail)  # a lone string is refused
     kind = BatchNormKind(
-        moments=moments, fold=fold, tail=tuple(tail), fixed=fixed, rank=rank, synced=synced
+        moments=moments, fold=fold, tail=names, fixed=fixed, rank=rank, synced=synced
     )
     if isinstance(cls, str):
         if "." not in cls or not all(part.isidentifier() for part in cls.split(".")):
