@@ -226,9 +226,11 @@ class EstimatorBatchNorm:
 
     def _check_input(self, input: torch.Tensor, batch_stats: bool) -> None:
         """The rank and channels of ``input`` and, when it is normalized by its own
-        statistics, at least 2 values per channel; ``ValueError`` naming the module."""
+        statistics, not exactly 1 value per channel; ``ValueError`` naming the module. An
+        empty batch passes, as in torch: its output is empty, the statistics stay and the
+        batch is counted in ``num_batches_tracked``."""
         self._check_input_dim(input)
-        if batch_stats and input.numel() // input.shape[1] < 2:
+        if batch_stats and input.numel() // input.shape[1] == 1:
             when = " in training" if self.training else ""
             raise ValueError(fewer_than_two_values(self._label(), tuple(input.shape), when))
 
@@ -409,7 +411,13 @@ class EstimatorBatchNorm:
         self._pending = []
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        """torch's load, then the statistics in float32 if ``assign=True`` brought float16 or
+        bfloat16 tensors in place of the buffers, and the host step re-read."""
         super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
+        for key in _STATISTICS:
+            value = self._buffers.get(key)
+            if value is not None and value.dtype in _NARROW_DTYPES:
+                self._buffers[key] = value.detach().to(torch.float32)
         self.sync_counters()
 
     # -- float16 / bfloat16: statistics stay in float32 -----------------------------------
