@@ -277,3 +277,41 @@ def test_a_registered_wrapper_is_looked_through(scratch_registry):
     bt.register_wrapper(Holder, "inner")
     inner = nn.Sequential(nn.BatchNorm1d(2))
     assert kinds.unwrap(Holder(nn.DataParallel(inner))) is inner
+
+
+def test_timm_layer_names_appear_in_the_code_of_the_registry_only():
+    """Docstrings may name them; code (strings, names, attributes) only in kinds.py."""
+    import ast
+    from pathlib import Path
+
+    root = Path(kinds.__file__).parent
+    timm_names = ("BatchNormAct", "FrozenBatchNorm", "ModelEma", "timm.")
+
+    def code_words(tree: ast.AST) -> set[str]:
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef))
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant)
+        }
+        words = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if id(node) not in docstrings:
+                    words.add(node.value)
+            elif isinstance(node, ast.Name):
+                words.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                words.add(node.attr)
+        return words
+
+    holders = {
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if any(
+            name in word for word in code_words(ast.parse(path.read_text())) for name in timm_names
+        )
+    }
+    assert holders == {"kinds.py"}
