@@ -110,7 +110,7 @@ class EstimatorBatchNorm:
 
     A subclass changes how a training batch is normalized by overriding
     :meth:`_train_forward`, built from :meth:`_normalize_and_update`; the estimator, the
-    non-finite protection and the kernel-moments switch of the one-pass tools are here.
+    non-finite protection and the flag of bnstats' passes (``_pass_weight``) are here.
     """
 
     _dims: tuple[int, ...] = ()
