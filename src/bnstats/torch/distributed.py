@@ -5,8 +5,9 @@ Two things live here:
 - :func:`~bnstats.torch.recalibrate`, :func:`~bnstats.torch.audit` and
   :func:`~bnstats.torch.adapt` take ``group=``: with an initialized process group each rank
   passes its own batches, and every rank ends with the statistics of all ranks' batches
-  together, bit-identical on every rank. Each layer's ``(count, mean, m2)`` is gathered in float64 and merged in rank order
-  with Chan et al.'s (1979) formula (:meth:`bnstats.Population.merge`).
+  together, bit-identical on every rank. Each layer's ``(count, mean, m2)`` is gathered in
+  float64 and merged in rank order with Chan et al.'s (1979) formula
+  (:meth:`bnstats.Population.merge`).
 - :func:`sync_running_stats`, for models trained with plain BN under
   ``DistributedDataParallel``: each rank's running statistics drift apart (every rank
   normalizes and averages its own batches); this replaces them, on every rank, with their

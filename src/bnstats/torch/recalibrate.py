@@ -124,8 +124,8 @@ def recalibrate(
     ``batches``, a model without BN layers, a layer no forward reached, an input with fewer
     than 2 values per channel or of the wrong shape, a result overflowing a buffer's dtype;
     :class:`bnstats.NonFiniteStatisticsError` naming the layer and the batch for NaN or Inf;
-    ``TypeError`` for unusable arguments; in a group, :class:`bnstats.torch.RankError` on every rank if
-    any rank failed or the ranks made different calls.
+    ``TypeError`` for unusable arguments; in a group, :class:`bnstats.torch.RankError` on
+    every rank if any rank failed or the ranks made different calls.
     """
     return _recalibrate(model, batches, PassOptions.pick(locals())).model
 
