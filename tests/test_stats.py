@@ -11,6 +11,7 @@ import bnstats
 from bnstats import functional as F
 from bnstats.stats import (
     EMA,
+    BatchSpread,
     CumulativeAverage,
     NonFiniteStatisticsError,
     Population,
@@ -386,3 +387,56 @@ def test_fixed_statistics_never_moves_and_rebuilds_from_its_state():
     np.testing.assert_array_equal(fixed.var, [1.0, 1.0])
     rebuilt = bnstats.stats.estimator_from_state(fixed.state_dict())
     assert isinstance(rebuilt, bnstats.FixedStatistics) and rebuilt.num_batches_tracked == 1
+
+
+# -- BatchSpread: the precision of a Population from the spread between its batches ----------
+
+
+def _spread_of(batches, kind, center):
+    counts = [len(b) for b in batches]
+    means = np.stack([b.mean(0) for b in batches])
+    m2s = np.stack([b.var(0) * len(b) for b in batches])
+    if kind == "torch":
+        means, m2s, center = (torch.from_numpy(a) for a in (means, m2s, center))
+    population, spread = Population(), BatchSpread(center)
+    population.update_batches(counts, means, m2s)
+    spread.update_batches(counts, means, m2s)
+    return population, spread
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_batch_spread_standard_errors_are_the_cluster_sampling_formulas(rng, kind):
+    """Written out directly from the values: ``d_k`` batch k's mean of ``(z - mu)**2``."""
+    batches = _batches(rng, [16, 7, 32, 3, 16, 9], loc=50.0, scale=2.0)
+    population, spread = _spread_of(batches, kind, center=np.full(5, 49.0))
+    se_mean, se_var = (np.asarray(x) for x in spread.standard_errors(population, len(batches)))
+    whole = np.concatenate(batches)
+    n = np.array([len(b) for b in batches])[:, None]
+    total, mu = len(whole), whole.mean(0)
+    means = np.stack([b.mean(0) for b in batches])
+    d = np.stack([((b - mu) ** 2).mean(0) for b in batches])
+    d_bar = (n * d).sum(0) / total
+    cluster = total * (len(batches) - 1)
+    np.testing.assert_allclose(se_mean**2, (n * (means - mu) ** 2).sum(0) / cluster, rtol=1e-9)
+    expected_var = (n * (d - d_bar) ** 2).sum(0) / cluster * (total / (total - 1)) ** 2
+    np.testing.assert_allclose(se_var**2, expected_var, rtol=1e-7)
+    worst = max(
+        (se_mean / whole.var(0, ddof=1) ** 0.5).max(), (se_var / whole.var(0, ddof=1)).max()
+    )
+    assert float(spread.relative_error(population, len(batches))) == pytest.approx(worst, rel=1e-12)
+
+
+def test_batch_spread_needs_two_batches_and_merges_like_one(rng):
+    batches = _batches(rng, [8, 5, 12, 9])
+    population, spread = _spread_of(batches[:1], "numpy", center=np.zeros(5))
+    assert np.isinf(spread.standard_errors(population, 1)).all()
+    whole_population, whole = _spread_of(batches, "numpy", center=np.zeros(5))
+    parts = [_spread_of(batches[:2], "numpy", np.zeros(5)), _spread_of(batches[2:], "numpy", None)]
+    merged = parts[0][1].merge(BatchSpread.from_flat(parts[1][1].to_flat(5)))
+    merged_population = parts[0][0].merge(parts[1][0])
+    for got, expected in zip(
+        merged.standard_errors(merged_population, 4),
+        whole.standard_errors(whole_population, 4),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, expected, rtol=1e-12)

@@ -41,13 +41,38 @@ def column(values: Any, like: Array) -> Array:
     return np.asarray(values, dtype=like.dtype).reshape(-1, 1)
 
 
-def concat(parts: list[Array]) -> Array:
-    """The 1-D ``parts`` end to end (``torch.cat`` for tensors, ``numpy.concatenate`` else)."""
+def concat(parts: list[Array], axis: int = 0) -> Array:
+    """``parts`` end to end along ``axis`` (``torch.cat`` for tensors, ``numpy.concatenate``
+    else)."""
     if is_torch(parts[0]):
         import torch  # present: parts[0] is a tensor
 
-        return torch.cat(parts)
-    return np.concatenate(parts)
+        return torch.cat(parts, dim=axis)
+    return np.concatenate(parts, axis=axis)
+
+
+def clamp_min(x: Array, low: float) -> Array:
+    """``x`` with every element below ``low`` raised to ``low``."""
+    return x.clamp(min=low) if is_torch(x) else np.maximum(x, low)
+
+
+def zeros_like(x: Array) -> Array:
+    """Zeros of ``x``'s shape, dtype and kind (and device)."""
+    return x.new_zeros(x.shape) if is_torch(x) else np.zeros_like(x)
+
+
+def like(x: Array, other: Array) -> Array:
+    """``x`` in ``other``'s dtype (and on its device, for tensors)."""
+    return x.to(other) if is_torch(x) else np.asarray(x, dtype=other.dtype)
+
+
+def largest(x: Array) -> Array:
+    """The largest element of ``x`` as a 0-d value of ``x``'s kind (no host read for tensors)
+    after ``nan_to_num(nan=inf)``: NaN counts as infinite, and an infinity as the largest
+    finite float."""
+    if is_torch(x):
+        return x.nan_to_num(nan=float("inf")).max()
+    return np.nan_to_num(x, nan=np.inf).max()
 
 
 def widen(x: Array) -> Array:

@@ -32,7 +32,7 @@ except ImportError as error:  # the optional extra is missing
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
 import bnstats.torch as bt
-from bnstats.torch._layers import Forward, find_batchnorm_layers, unwrap
+from bnstats.torch.options import Forward
 
 MODES = ("train", "eval")
 """The ``mode`` values of :func:`bnstats.torch.recalibrate`: ``"train"``, the BN layers in
@@ -222,7 +222,7 @@ def _running_statistics(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor,
             layer.running_mean.detach().double().clone(),
             layer.running_var.detach().double().clone(),
         )
-        for name, layer in find_batchnorm_layers(unwrap(model)).items()
+        for name, layer in bt.find_batchnorm_layers(bt.unwrap(model)).items()
     }
 
 
@@ -236,7 +236,7 @@ def _moved(
         var_ratio  = (old_var + eps) / (new_var + eps)
     """
     rows = []
-    for name, layer in find_batchnorm_layers(unwrap(model)).items():
+    for name, layer in bt.find_batchnorm_layers(bt.unwrap(model)).items():
         old_mean, old_var = before[name]
         new_mean, new_var = layer.running_mean.double(), layer.running_var.double()
         mean_shift = (old_mean - new_mean).abs() / (new_var + layer.eps).sqrt()

@@ -129,9 +129,9 @@ def _require(name: str) -> Any:
 
 
 def _batchnorm_layers(model: nn.Module) -> dict[str, nn.Module]:
-    from bnstats.torch._layers import is_batchnorm, unwrap
+    import bnstats.torch as bt
 
-    return {name: m for name, m in unwrap(model).named_modules() if is_batchnorm(m)}
+    return {name: m for name, m in bt.unwrap(model).named_modules() if bt.is_batchnorm(m)}
 
 
 def _check_node(
@@ -245,15 +245,19 @@ def export_folded(
     import torch
 
     import bnstats.torch as bt
-    from bnstats.torch._layers import PreservedState
 
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     ort = _require("onnxruntime")
     _require("onnx")
-    with PreservedState(model, {}), torch.no_grad():
-        model.eval()  # fold copies the model in eval mode; the flags come back on exit
-        folded = bt.fold(model, args)
-        expected = _flat_arrays(model(*args))
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        with torch.no_grad():
+            model.eval()  # fold copies the model in eval mode; the flags come back below
+            folded = bt.fold(model, args)
+            expected = _flat_arrays(model(*args))
+    finally:
+        for module, training in modes:
+            module.training = training
     data = _exported_bytes(torch, folded, args, export_kwargs)
     nodes = check_batchnorm_nodes(_require("onnx").load_from_string(data), folded)
     if not nodes.ok:

@@ -7,7 +7,8 @@ per-batch statistics, one batch at a time, and keeps such an estimate:
 - :class:`EMA`: the exponentially weighted (running) average of the lecture and of PyTorch,
   optionally bias-corrected;
 - :class:`CumulativeAverage`: every batch weighted equally (PyTorch's ``momentum=None``);
-- :class:`Population`: the exact mean and variance of every sample seen, mergeable.
+- :class:`Population`: the exact mean and variance of every sample seen, mergeable;
+  :class:`BatchSpread` beside it says how precise they are from the spread between batches.
 
 Conventions shared by all of them:
 
@@ -35,12 +36,16 @@ from bnstats._array import (
     Array,
     all_finite,
     as_array,
+    clamp_min,
     column,
     concat,
     copy,
     is_torch,
+    largest,
+    like,
     where,
     widen,
+    zeros_like,
 )
 
 NonFinitePolicy = Literal["raise", "skip"]
@@ -533,6 +538,92 @@ class Population(Estimator):
         return self._m2 / (self.count - 1)
 
 
+class BatchSpread:
+    """The spread between the batches of a :class:`Population`: the standard errors of its
+    ``mean`` and unbiased ``var``, each batch ``k`` one draw of ``n_k`` values per channel.
+
+    It keeps ``values``, a Population of per-batch values (3C of them), each batch weighing
+    its ``n_k``::
+
+        [mean_k,  u_k,  mean_k + u_k],    u_k = m2_k / n_k + (mean_k - center)**2
+
+    ``u_k`` is batch k's mean of ``(z - center)**2``; ``center`` is any fixed per-channel
+    value (a close one, a layer's ``running_mean`` before the batches, keeps the sums well
+    conditioned; None is 0). ``values.m2`` then holds ``S_mm = sum n_k (mean_k - mu)**2``,
+    ``S_uu`` and ``S_mm + S_uu + 2 S_um`` (:meth:`standard_errors` has the formulas). Plain
+    arithmetic: NumPy arrays and torch tensors alike, without host reads for tensors.
+    """
+
+    def __init__(self, center: Array | None = None) -> None:
+        self.center = center
+        self.values = Population()
+
+    def update_batches(self, counts: Any, means: Array, m2s: Array) -> None:
+        """Merge batches ``k``: ``counts`` (B,) values per channel, ``means`` and ``m2s`` (B, C),
+        as :meth:`Population.update_batches` takes them (a batch of count 0 weighs nothing)."""
+        center = 0.0 if self.center is None else like(self.center, means)
+        deviation = means - center
+        u = m2s / clamp_min(column(counts, means), 1) + deviation * deviation
+        values = concat([means, u, means + u], axis=1)
+        self.values.update_batches(counts, values, zeros_like(values))
+
+    def merge(self, other: BatchSpread) -> BatchSpread:
+        """The spread of the batches of both (``self``'s center); neither changes."""
+        merged = BatchSpread(self.center)
+        merged.values = self.values.merge(other.values)
+        return merged
+
+    def to_flat(self, channels: int) -> Array:
+        """:meth:`Population.to_flat` of ``values`` (``2 + 6 * channels`` numbers)."""
+        return self.values.to_flat(3 * channels)
+
+    @classmethod
+    def from_flat(cls, flat: Array, center: Array | None = None) -> BatchSpread:
+        """The BatchSpread of :meth:`to_flat`'s vector, around ``center``."""
+        spread = cls(center)
+        spread.values = Population.from_flat(flat)
+        return spread
+
+    def standard_errors(self, population: Population, batches: int) -> tuple[Array, Array]:
+        """Per channel, the standard errors of ``population``'s ``mean`` and unbiased ``var``
+        from the spread between its ``B = batches`` batches (``N = sum n_k`` values; the
+        linearization of a ratio estimator, as in cluster sampling)::
+
+            se_mean**2 = S_mm / (N * (B - 1))
+            se_var**2  = (S_uu - 4 a S_um + 4 a**2 S_mm) / (N * (B - 1)) * (N / (N - 1))**2
+
+        with ``a = mu - center``: ``u_k - 2 a mean_k`` is, up to a constant, batch k's mean of
+        ``(z - mu)**2``, whose spread gives the variance's; ``S_um`` comes from the spread of
+        ``mean_k + u_k``. Infinite with fewer than 2 batches. ``population`` must hold the
+        same batches (not empty)."""
+        mean, spread = population.mean, self.values.m2
+        if batches < 2 or spread is None:
+            infinite = zeros_like(mean) + math.inf
+            return infinite, infinite
+        channels = mean.shape[0]
+        s_mm, s_uu, s_sum = (
+            spread[:channels],
+            spread[channels : 2 * channels],
+            spread[2 * channels :],
+        )
+        s_um = (s_sum - s_mm - s_uu) / 2
+        a = mean - (0.0 if self.center is None else like(self.center, s_mm))
+        count = population.count
+        scale = count * (batches - 1)
+        se_mean = clamp_min(s_mm / scale, 0) ** 0.5
+        var_spread = clamp_min(s_uu - 4 * a * s_um + 4 * a * a * s_mm, 0) / scale
+        se_var = var_spread**0.5 * (count / (count - 1))
+        return se_mean, se_var
+
+    def relative_error(self, population: Population, batches: int) -> Array:
+        """The worst channel's relative standard error, 0-d (on the device for tensors): the
+        larger of ``se_mean / sqrt(var)`` and ``se_var / var`` (the mean is judged against the
+        spread of the values, as it may be 0); NaN counts as infinite."""
+        se_mean, se_var = self.standard_errors(population, batches)
+        var = clamp_min(population.m2 / (population.count - 1), np.finfo(np.float64).tiny)
+        return largest(concat([se_mean / var**0.5, se_var / var]))
+
+
 def chan_merge(
     count_a: float, mean_a: Array, m2_a: Array, count_b: float, mean_b: Array, m2_b: Array
 ) -> tuple[Array, Array]:
@@ -568,6 +659,7 @@ def estimator_from_state(state: dict[str, Any]) -> Estimator:
 
 __all__ = [
     "EMA",
+    "BatchSpread",
     "CumulativeAverage",
     "Estimator",
     "FixedStatistics",

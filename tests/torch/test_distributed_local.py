@@ -73,7 +73,9 @@ def test_packing_and_merging_two_shards_equals_one_pass_over_both():
     """What every rank does with the gathered tensors, simulated in one process: rank 0's and
     rank 1's collections packed, then merged in rank order, equal the collection of one pass
     over the concatenated batches (a rank that reached no layer contributes nothing)."""
-    from bnstats.torch._pass import PassOptions, _merge, _pack, collect_moments
+    from bnstats.torch._pass import collect_moments, merge_ranks, rank_records
+    from bnstats.torch._ranks import pack, unpack
+    from bnstats.torch.options import PassOptions
     from tests.torch.distributed_scenarios import rank_batches
 
     model = zoo.build("resnet")
@@ -81,7 +83,8 @@ def test_packing_and_merging_two_shards_equals_one_pass_over_both():
     options = PassOptions()
     parts = [collect_moments(model, shard, options) for shard in shards]
     empty = collect_moments(model, [], options, check_coverage=False)
-    merged = _merge(parts[0], [_pack(parts[0]), _pack(empty), _pack(parts[1])])
+    sent = [rank_records(measured) for measured in (parts[0], empty, parts[1])]
+    merged = merge_ranks(parts[0], [unpack(pack(records), sizes) for records, sizes in sent])
     whole = collect_moments(model, shards[0] + shards[1], options)
     for name, measured in whole.layers.items():
         got, expected = merged[name].population, measured.population

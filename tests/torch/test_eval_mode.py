@@ -121,7 +121,8 @@ def test_train_mode_refuses_batches_of_one_and_points_to_eval_mode():
 
 def test_levels_side_by_side_settle_in_one_pass():
     """The residual CNN's shortcut BN sits beside its branch: fewer passes than BN layers."""
-    from bnstats.torch._pass import PassOptions, measure
+    from bnstats.torch._measure import measure
+    from bnstats.torch.options import PassOptions
 
     model = small_cnn()
     measured = measure(model, image_batches(), PassOptions(mode="eval"), tool="recalibrate")

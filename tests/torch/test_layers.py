@@ -16,7 +16,7 @@ from bnstats.torch._layers import (
     iterate_batches,
     move_to_device,
 )
-from bnstats.torch._pass import PassOptions
+from bnstats.torch.options import PassOptions
 from tests.torch import reference as ref
 from tests.torch import zoo
 

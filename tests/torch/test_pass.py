@@ -12,8 +12,9 @@ from torch import nn
 
 import bnstats
 import bnstats.torch as bt
-from bnstats.torch._pass import PassOptions, collect_moments
+from bnstats.torch._pass import collect_moments
 from bnstats.torch.modules import kernel_writes_moments
+from bnstats.torch.options import PassOptions
 from tests.torch import reference as ref
 from tests.torch import zoo
 from tests.torch.models import mlp, scramble_batchnorm
@@ -87,7 +88,7 @@ def test_a_non_finite_batch_in_a_bnstats_layer_raises_and_writes_nothing(policy)
     with pytest.raises(bnstats.NonFiniteStatisticsError, match="BN layer '1'"):
         bt.recalibrate(model, data)
     assert ref.same_state(model, saved)
-    assert all("_moments_from_kernel" not in m.__dict__ for m in model.modules())
+    assert all("_pass_weight" not in m.__dict__ for m in model.modules())
 
 
 def test_momenta_and_switches_are_put_back_also_on_error():
@@ -109,7 +110,7 @@ def test_momenta_and_switches_are_put_back_also_on_error():
     assert all(
         m.estimator.momentum == 0.05 for m in model.modules() if isinstance(m, bt.BatchNorm2d)
     )
-    assert all("_moments_from_kernel" not in m.__dict__ for m in model.modules())
+    assert all("_pass_weight" not in m.__dict__ for m in model.modules())
 
 
 def test_a_bnstats_layer_trains_as_before_after_a_pass():

@@ -15,11 +15,15 @@
 - :func:`register_batchnorm`, :func:`register_wrapper`: teach every tool a BN layer class
   or a model wrapper of your own (:mod:`bnstats.torch.kinds`).
 
+The options every pass takes are :class:`PassOptions` (:mod:`bnstats.torch.options`);
+:func:`find_batchnorm_layers`, :func:`is_batchnorm` and :func:`unwrap` say which layers and
+which model the tools work on.
+
 Every tool leaves the model's modes, momenta and hooks as it found them, and writes its
 buffers all at once or not at all.
 """
 
-from bnstats.torch._pass import PassOptions
+from bnstats.torch._layers import find_batchnorm_layers, is_batchnorm, unwrap
 from bnstats.torch.adapt import adapt
 from bnstats.torch.audit import AuditReport, LayerAudit, audit
 from bnstats.torch.convert import ConversionPlan, convert, plan_conversion
@@ -34,6 +38,7 @@ from bnstats.torch.fold import (
 from bnstats.torch.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from bnstats.torch.kinds import BatchNormKind, register_batchnorm, register_wrapper
 from bnstats.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnstats.torch.options import PassOptions
 from bnstats.torch.recalibrate import Recalibration, recalibrate, recalibrate_report
 from bnstats.torch.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from bnstats.torch.sync_batchnorm import revert_sync_batchnorm
@@ -70,4 +75,7 @@ __all__ = [
     "BatchNormKind",
     "register_batchnorm",
     "register_wrapper",
+    "find_batchnorm_layers",
+    "is_batchnorm",
+    "unwrap",
 ]

@@ -1,46 +1,45 @@
 """The pass of recalibrate, audit and adapt: every BN layer's exact population moments.
 
-The model runs over the batches with its BN layers in training mode (each normalizes with
-its batch's own ``mu`` and biased ``var``) and every other module in eval mode, autograd
-off, each batch on the model's device. For each call of a BN layer, with ``count = numel / C``
-values per channel, the batch's per-channel ``mean`` and ``m2 = var * count`` come from
-torch's own kernels:
+The model runs over the batches in the mode of the pass (:func:`pass_mode`: in a train-mode
+pass its BN layers in training mode, each normalizing with its batch's own ``mu`` and biased
+``var``, every other module in eval mode), autograd off, each batch on the model's device.
+For each call of a measured BN layer, with ``count = numel / C`` values per channel, the
+batch's per-channel ``mean`` and ``m2 = var * count`` come from torch's own kernels:
 
 - a layer whose forward is torch's BN kernel call (see
-  :func:`bnstats.torch.modules.kernel_writes_moments`) gets update weight 1 for the pass
-  (:func:`bnstats.torch.modules.moments_from_kernel`), so the kernel that normalizes the
-  batch also leaves the batch's mean and unbiased variance in its buffers; a forward
-  pre-hook copies them at the layer's next call. No extra pass over the activations.
-- any other layer (its own forward, half-precision buffers, ``float64_moments=True``): the
-  pre-hook takes the moments with ``torch.batch_norm_update_stats`` (``torch.var_mean`` in
-  float64 with ``float64_moments``).
+  :func:`bnstats.torch.modules.kernel_writes_moments`) updates with weight 1 for the pass,
+  so the kernel that normalizes the batch also leaves the batch's mean and unbiased
+  variance in its buffers; a forward pre-hook copies them at the layer's next call. No
+  extra pass over the activations.
+- any other layer (its own forward, half-precision buffers, ``float64_moments=True``, an
+  eval-mode level): the pre-hook takes the moments with ``torch.batch_norm_update_stats``
+  (``torch.var_mean`` in float64 with ``float64_moments``).
 
 Per layer the batches gather on the device and are merged, 64 at a time, into a
-:class:`bnstats.Population` (Chan et al. 1979, in float64), with no host read: a batch with
-NaN or Inf weighs nothing and is remembered by index; the pass reads the verdict once, at
-the end. Across ``torch.distributed`` ranks each rank's Populations travel as one flat
-float64 tensor (:meth:`Population.to_flat`) and every rank merges them in rank order, so all
-ranks end with bit-identical numbers (:mod:`bnstats.torch._ranks` has the protocol).
+:class:`bnstats.Population` (Chan et al. 1979, in float64) and a
+:class:`bnstats.stats.BatchSpread` (the precision), with no host read: a batch with NaN or
+Inf weighs nothing and is remembered by index; the pass reads the verdict once, at the end.
+Across ``torch.distributed`` ranks each rank's Populations travel in one ``all_gather``
+(:func:`bnstats.torch._ranks.exchange`) and every rank merges them in rank order, so all
+ranks end with bit-identical numbers.
 
-The model is left exactly as found, also on error (:class:`PreservedState`).
+The model is left exactly as found, also on error (:func:`pass_mode`).
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from bnstats._array import widen
-from bnstats.stats import NonFiniteStatisticsError, Population
+from bnstats.stats import BatchSpread, NonFiniteStatisticsError, Population
 from bnstats.torch._layers import (
-    Forward,
     PreservedState,
     batchnorm_train_mode,
     default_forward,
@@ -60,123 +59,65 @@ from bnstats.torch._layers import (
     write_buffers,
 )
 from bnstats.torch._ranks import (
-    Group,
-    all_gather_float64,
     check_same_layers,
+    exchange,
     layout_of,
     resolve_group,
     run_and_exchange,
 )
-from bnstats.torch.modules import frozen_for_pass, kernel_writes_moments, moments_from_kernel
+from bnstats.torch.modules import EstimatorBatchNorm, kernel_writes_moments
+from bnstats.torch.options import CHECK_EVERY, MIN_BATCHES, PassOptions
 
 _NARROW = (torch.float16, torch.bfloat16)
 _GROUP = 64
 """Batches gathered per layer before they are merged into its Population."""
-_HEADER = 3  # per layer in the flat exchange: batches, max calls per forward, first reached
-CHECK_EVERY = 8
-"""With ``tolerance``: batches between two checks of the standard errors (one host read each)."""
-MIN_BATCHES = 16
-"""With ``tolerance``: batches drawn before the first check (the spread needs a few)."""
 
 
 @dataclass(frozen=True)
-class PassOptions:
-    """The keyword options every tool that makes a pass takes (recalibrate, audit, adapt).
+class Level:
+    """What one pass measures, and how the model runs in it.
 
-    - ``forward(model, batch)``: how to call the model on one batch. Default: ``model(x)``
-      for a tensor, ``model(batch[0])`` for a tuple or list, ``model(**batch)`` for a dict.
-    - ``max_samples``: stop after this many samples (first dimension); the batch crossing
-      the limit is cut, and no further batch is drawn. In a group: this rank's samples.
-    - ``float64_moments``: each batch's moments in float64 (slower; for activations whose
-      mean dwarfs their spread).
-    - ``group``: the torch.distributed ranks whose batches together are the data (see
-      :func:`bnstats.torch._ranks.resolve_group`).
-    - ``nonfinite``: ``"raise"`` (a batch bringing NaN or Inf fails the pass, naming it) or
-      ``"skip"`` (such a batch weighs nothing; the pass counts it).
-    - ``unreached``: ``"raise"`` (a BN layer that no forward reached fails the pass) or
-      ``"keep"`` (such layers, auxiliary heads for instance, keep their statistics and are
-      listed).
-    - ``mode``: ``"train"`` (each BN layer's input with every BN layer normalizing with its
-      batch's statistics, one pass) or ``"eval"`` (each BN layer's input with every BN layer
-      before it normalizing with its own final statistics, as at inference: one pass per
-      depth level, see :func:`measure_eval_mode`).
-    - ``tolerance``: stop drawing batches once every measured layer's relative standard
-      error (:meth:`LayerPass.relative_error`) is below it, judged every
-      ``CHECK_EVERY`` batches from ``MIN_BATCHES`` batches on. Not in a group.
-    - ``progress``: a rich progress bar on stderr with the samples seen (and the worst
-      relative standard error with ``tolerance``): ``None`` when stderr is a terminal,
-      ``True`` always, ``False`` never (see :func:`bnstats.torch._layers.pass_progress`).
+    :data:`TRAIN`, the pass of ``mode="train"``: every BN layer in training mode, measured.
+    An eval-mode level (``training=False``, see :func:`bnstats.torch._measure.measure_eval_mode`):
+    every module in eval mode; the ``settled`` layers normalize with their final populations'
+    ``mean`` and unbiased ``var``; every other BN layer is measured and outputs NaN, so that
+    each layer computed from it sees NaN and waits for a later level.
     """
 
-    forward: Forward | None = None
-    max_samples: int | None = None
-    float64_moments: bool = False
-    group: Group = None
-    nonfinite: Literal["raise", "skip"] = "raise"
-    unreached: Literal["raise", "keep"] = "raise"
-    mode: Literal["train", "eval"] = "train"
-    tolerance: float | None = None
-    progress: bool | None = None
+    training: bool = True
+    settled: Mapping[str, Population] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if self.forward is not None and not callable(self.forward):
-            raise TypeError(
-                f"forward must be callable as forward(model, batch), got {self.forward!r}"
-            )
-        samples = self.max_samples
-        if samples is not None and (
-            isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 1
-        ):
-            raise ValueError(f"max_samples must be a positive integer or None, got {samples!r}")
-        choices = (
-            ("nonfinite", ("raise", "skip")),
-            ("unreached", ("raise", "keep")),
-            ("mode", ("train", "eval")),
+    def measures(self, name: str) -> bool:
+        return name not in self.settled
+
+    @property
+    def least_values(self) -> int:
+        """Values per channel a measured layer needs: 2 to normalize with the batch's
+        statistics, 1 in eval mode."""
+        return 2 if self.training else 1
+
+    @property
+    def label(self) -> str:
+        return (
+            "BN statistics" if self.training else f"eval mode, {len(self.settled)} layers settled"
         )
-        for key, allowed in choices:
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
-        tolerance = self.tolerance
-        if tolerance is not None and (
-            isinstance(tolerance, bool)
-            or not isinstance(tolerance, numbers.Real)
-            or not 0 < tolerance < math.inf
-        ):
-            raise ValueError(f"tolerance must be a positive number or None, got {tolerance!r}")
 
-    def call(self) -> dict[str, Any]:
-        """What the ranks must agree on (everything but the callable and the group)."""
-        return {
-            "max_samples": self.max_samples,
-            "float64_moments": self.float64_moments,
-            "nonfinite": self.nonfinite,
-            "unreached": self.unreached,
-            "mode": self.mode,
-        }
+
+TRAIN = Level()
 
 
 @dataclass
 class LayerPass:
     """One BN layer during a pass: its ``population`` of every value it received (float64),
-    how many batch statistics were merged (``batches``: one per call), the most calls one
-    forward made (``max_calls_per_forward``) and when the first forward reached it.
-
-    For the precision of the estimate it also keeps ``spread``, a Population of per-batch
-    values (3C of them), each batch ``k`` weighing its ``n_k`` values per channel::
-
-        [mean_k,  u_k,  mean_k + u_k],    u_k = m2_k / n_k + (mean_k - center)**2
-
-    ``u_k`` is batch k's mean of ``(z - center)**2``, ``center`` the layer's
-    ``running_mean`` when the pass began (any fixed value would do; a close one keeps the
-    sums well conditioned). Its ``m2`` holds ``S_mm = sum n_k (mean_k - mu)**2``, ``S_uu``
-    and ``S_mm + S_uu + 2 S_um`` (:meth:`standard_errors` has the formulas).
-    """
+    the ``spread`` between its batches (the precision of the population), how many batch
+    statistics were merged (``batches``: one per call), the most calls one forward made
+    (``max_calls_per_forward``) and when the first forward reached it. The spread's center
+    is the layer's ``running_mean`` when the pass began."""
 
     name: str
     layer: nn.Module
     population: Population = field(default_factory=Population)
-    spread: Population = field(default_factory=Population)
-    center: torch.Tensor | None = field(default=None, repr=False)
+    spread: BatchSpread = field(default_factory=BatchSpread)
     batches: int = 0
     max_calls_per_forward: int = 0
     first_reached: int | None = None
@@ -184,6 +125,10 @@ class LayerPass:
     _pending: list[tuple[int, int, torch.Tensor]] = field(default_factory=list, repr=False)
     _awaiting: tuple[int, int] | None = field(default=None, repr=False)
     _verdict: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.spread.center is None and not is_lazy_uninitialized(self.layer):
+            self.spread.center = widen(self.layer.running_mean.detach()).clone()
 
     @property
     def label(self) -> str:
@@ -209,63 +154,28 @@ class LayerPass:
         indices = _on_device([index for index, _, _ in pending], stacked)
         clean = torch.where(finite[:, None, None], stacked, torch.zeros_like(stacked))
         self.population.update_batches(counts, clean[:, 0], clean[:, 1])
-        self._add_spread(counts, clean[:, 0], clean[:, 1])
+        self.spread.update_batches(counts, clean[:, 0], clean[:, 1])
         verdict = torch.stack(
             (torch.where(finite, math.inf, indices).min(), (~finite).sum(dtype=stacked.dtype))
         )
-        if self._verdict is None:
-            self._verdict = verdict
-        else:
-            self._verdict = torch.stack(
+        if self._verdict is not None:
+            verdict = torch.stack(
                 (torch.minimum(self._verdict[0], verdict[0]), self._verdict[1] + verdict[1])
             )
-
-    def _add_spread(self, counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor) -> None:
-        """Merge the batches' ``[mean_k, u_k, mean_k + u_k]`` into :attr:`spread`."""
-        center = 0.0 if self.center is None else self.center.to(means)
-        deviation = means - center
-        u = m2s / counts.clamp(min=1)[:, None] + deviation * deviation
-        values = torch.cat((means, u, means + u), dim=1)
-        self.spread.update_batches(counts, values, torch.zeros_like(values))
+        self._verdict = verdict
 
     def standard_errors(self, finite_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per channel, the standard errors of the population ``mean`` and unbiased ``var``
-        from the spread between the ``B = finite_batches`` batches (each batch one draw of
-        ``n_k`` values, ``N = sum n_k``; the linearization of a ratio estimator, as in
-        cluster sampling)::
-
-            se_mean**2 = S_mm / (N * (B - 1))
-            se_var**2  = (S_uu - 4 a S_um + 4 a**2 S_mm) / (N * (B - 1)) * (N / (N - 1))**2
-
-        with ``a = mu - center``: ``u_k - 2 a mean_k`` is, up to a constant, batch k's mean
-        of ``(z - mu)**2``, whose spread gives the variance's; ``S_um`` comes from the
-        spread of ``mean_k + u_k``. Infinite with fewer than 2 batches."""
-        channels = int(self.layer.num_features)
-        population, spread = self.population, self.spread
-        if finite_batches < 2 or population.mean is None or spread.m2 is None:
-            device = None if population.mean is None else population.mean.device
-            infinite = torch.full((channels,), math.inf, dtype=torch.float64, device=device)
+        over ``finite_batches`` batches (:meth:`bnstats.stats.BatchSpread.standard_errors`)."""
+        if self.population.mean is None:
+            infinite = torch.full((int(self.layer.num_features),), math.inf, dtype=torch.float64)
             return infinite, infinite
-        count = population.count
-        s_mm, s_uu, s_sum = spread.m2.split(channels)
-        s_um = (s_sum - s_mm - s_uu) / 2
-        center = 0.0 if self.center is None else self.center.to(s_mm)
-        a = population.mean - center
-        scale = count * (finite_batches - 1)
-        se_mean = (s_mm / scale).clamp(min=0).sqrt()
-        var_spread = (s_uu - 4 * a * s_um + 4 * a * a * s_mm).clamp(min=0) / scale
-        se_var = var_spread.sqrt() * (count / (count - 1))
-        return se_mean, se_var
+        return self.spread.standard_errors(self.population, finite_batches)
 
     def relative_error(self, finite_batches: int) -> torch.Tensor:
-        """The worst channel's relative standard error, on the device: the larger of
-        ``se_mean / sqrt(var)`` and ``se_var / var`` (the mean is judged against the spread
-        of the values, as it may be 0)."""
-        se_mean, se_var = self.standard_errors(finite_batches)
-        var = self.population.m2 / (self.population.count - 1)
-        tiny = torch.finfo(torch.float64).tiny
-        ratios = torch.stack((se_mean / var.clamp(min=tiny).sqrt(), se_var / var.clamp(min=tiny)))
-        return ratios.nan_to_num(nan=math.inf).max()
+        """The worst channel's relative standard error, on the device
+        (:meth:`bnstats.stats.BatchSpread.relative_error`)."""
+        return self.spread.relative_error(self.population, finite_batches)
 
     def take_kernel_moments(self) -> None:
         """Gather the mean and unbiased variance the kernel wrote at the layer's last call."""
@@ -319,6 +229,124 @@ class Measured:
             )
         return population
 
+    def read_verdicts(self) -> None:
+        """The one host read of the pass: per layer, the first batch with NaN or Inf and how
+        many batches were left out for it (into :attr:`first_bad` and :attr:`skipped`)."""
+        judged = [m for m in self.layers.values() if m._verdict is not None]
+        if not judged:
+            return
+        verdicts = torch.stack([m._verdict for m in judged]).cpu().tolist()
+        pairs = list(zip(judged, verdicts, strict=True))
+        index, _, name = min((index, m.first_reached or 0, m.name) for m, (index, _) in pairs)
+        if math.isfinite(index):
+            self.first_bad = (name, int(index))
+        self.skipped = {m.name: int(skipped) for m, (_, skipped) in pairs if skipped}
+
+    def check_coverage(self, options: PassOptions, world_size: int = 1) -> None:
+        """No batch at all, or (``unreached="raise"``) a layer no forward reached, fails the
+        pass; under ``unreached="keep"`` those layers are listed in :attr:`unreached`."""
+        where = "" if world_size == 1 else f" on any of the {world_size} ranks"
+        if not self.batch_sizes:
+            raise ValueError(
+                f"batches yielded no batch{where}; there is nothing to measure statistics on"
+            )
+        self.unreached = [name for name, m in self.layers.items() if m.batches == 0]
+        if self.unreached and options.unreached == "raise":
+            names = ", ".join(display_name(name) for name in self.unreached)
+            raise ValueError(
+                f"no forward{where} reached BN layer(s) {names} in {len(self.batch_sizes)} "
+                "batches, so their statistics cannot be measured; nothing was written. If a "
+                "layer is used only in training mode (an auxiliary head), pass forward=... that "
+                "calls it, or unreached='keep' to leave such layers as they are"
+            )
+
+
+def raise_if_bad(first_bad: tuple[str, int] | None, options: PassOptions, where: str = "") -> None:
+    """Under ``nonfinite="raise"``, fail the pass at the first batch that brought NaN or Inf."""
+    if first_bad is None or options.nonfinite != "raise":
+        return
+    name, index = first_bad
+    raise NonFiniteStatisticsError(
+        f"{layer_label(name)}: batch {index} (counting from 0){where} brought NaN or Inf "
+        "statistics; nothing was written. Pass nonfinite='skip' to leave such batches out"
+    )
+
+
+# -- the model in the mode of a pass ----------------------------------------------------------
+
+
+@contextmanager
+def pass_mode(
+    model: nn.Module, layers: Mapping[str, nn.Module], level: Level, kernel: set[str]
+) -> Iterator[PreservedState]:
+    """Everything one pass sets on ``model`` (unwrapped; ``layers`` its BN layers), undone on
+    exit, also on error; autograd is off within.
+
+    A training level: every BN layer in training mode, every other module in eval mode
+    (:func:`bnstats.torch._layers.batchnorm_train_mode`); every SyncBatchNorm local
+    (:func:`local_batch_statistics`); the ``kernel`` layers update with weight 1 from finite
+    buffers (``0 * NaN`` would persist): torch's through ``momentum = 1``, bnstats' through
+    their ``_pass_weight``; bnstats' other layers normalize each batch with its own
+    statistics (ghost batches, renorm's ``r, d``) and leave their buffers alone
+    (``_pass_weight = 0``): the pass measures them itself. An eval-mode level: every module
+    in eval mode, the settled layers' buffers holding their populations. Modes, momenta,
+    buffers and hooks come back through the :class:`PreservedState` this yields.
+    """
+    ours = [(name, m) for name, m in layers.items() if isinstance(m, EstimatorBatchNorm)]
+
+    def clear_pass_weights() -> None:
+        for _, layer in ours:
+            layer.__dict__.pop("_pass_weight", None)
+
+    with ExitStack() as stack:
+        state = stack.enter_context(PreservedState(model, layers))
+        stack.enter_context(torch.no_grad())
+        stack.callback(clear_pass_weights)
+        if level.training:
+            batchnorm_train_mode(model, layers)
+            stack.enter_context(local_batch_statistics(model))
+            for name in kernel:
+                if not isinstance(layers[name], EstimatorBatchNorm):
+                    layers[name].momentum = 1.0
+                layers[name].running_mean.zero_()
+                layers[name].running_var.fill_(1.0)
+            for name, layer in ours:
+                layer._pass_weight = 1.0 if name in kernel else 0.0
+        else:
+            model.eval()
+            settled = level.settled.items()
+            write_buffers(
+                {layers[n]: {"running_mean": p.mean, "running_var": p.var} for n, p in settled}
+            )
+        yield state
+
+
+@contextmanager
+def local_batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Within the block, every ``nn.SyncBatchNorm`` (its subclasses too) normalizes with its
+    local batch's statistics without any collective, its own forward still running.
+
+    Under an initialized process group a SyncBatchNorm in training mode all-gathers each
+    batch's statistics (and refuses CPU input); the pass must stay local. Such a layer is
+    put in eval mode with its running buffers hidden: torch's forward then normalizes with
+    the batch's statistics (``bn_training``) and syncs nothing; the forward pre-hook
+    measures the batch. Flags and buffers are put back afterwards, also on error.
+    """
+    if not process_group_initialized():
+        yield
+        return
+    layers = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
+    saved = [(m, m.training, m._buffers["running_mean"], m._buffers["running_var"]) for m in layers]
+    try:
+        for layer in layers:
+            layer.training = False
+            layer._buffers["running_mean"] = layer._buffers["running_var"] = None
+        yield
+    finally:
+        for layer, training, mean, var in saved:
+            layer.training = training
+            layer._buffers["running_mean"], layer._buffers["running_var"] = mean, var
+
 
 # -- the pass on this process -----------------------------------------------------------------
 
@@ -362,18 +390,45 @@ def check_layer_input(moments: LayerPass, x: Any, least: int = 2) -> int:
 
 
 class _Recorder:
-    """The forward pre-hooks of one pass: per call, gather what the kernel wrote at the
-    layer's previous call (one hook per layer, not two), check the input, then leave this
-    call's moments to the kernel or take them here."""
+    """The hooks of one pass and its batch count: per call of a measured layer, gather what
+    the kernel wrote at the layer's previous call (one hook per layer, not two), check the
+    input, then leave this call's moments to the kernel or take them here."""
 
     def __init__(
-        self, state: PreservedState, kernel: set[str], options: PassOptions, least: int
+        self, state: PreservedState, kernel: set[str], options: PassOptions, level: Level
     ) -> None:
-        self.state, self.kernel, self.options, self.least = state, kernel, options, least
+        self.state, self.kernel, self.options, self.level = state, kernel, options, level
+        self.watched: list[LayerPass] = []
         self.batch_index = 0
         self.reached = 0
 
-    def hook(self, moments: LayerPass) -> Callable[..., None]:
+    def watch(self, moments: LayerPass) -> None:
+        """Measure ``moments.layer`` at each call (in an eval level its output becomes NaN)."""
+        self.watched.append(moments)
+        layer = moments.layer
+        self.state.add_hook(layer.register_forward_pre_hook(self._hook(moments), with_kwargs=True))
+        if not self.level.training:
+            self.state.add_hook(layer.register_forward_hook(_unsettled_output))
+
+    def run(self, forward: Callable[[nn.Module, Any], Any], model: nn.Module, batch: Any) -> None:
+        """``forward(model, batch)`` on the next batch, counting each layer's calls in it."""
+        for moments in self.watched:
+            moments.calls_this_forward = 0
+        forward(model, batch)
+        for moments in self.watched:
+            moments.max_calls_per_forward = max(
+                moments.max_calls_per_forward, moments.calls_this_forward
+            )
+        self.batch_index += 1
+
+    def finish(self) -> None:
+        """Take what the kernel wrote at each layer's last call, and merge what is gathered."""
+        for moments in self.watched:
+            if moments._awaiting is not None:
+                moments.take_kernel_moments()
+            moments.flush()
+
+    def _hook(self, moments: LayerPass) -> Callable[..., None]:
         def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if moments._awaiting is not None:
                 moments.take_kernel_moments()
@@ -382,9 +437,9 @@ class _Recorder:
                     module.running_var.nan_to_num_(1.0, 1.0, 1.0)
             self.state.record_buffers(moments.name)  # a LazyBatchNorm is initialized by now
             x = args[0] if args else kwargs.get("input")
-            count = check_layer_input(moments, x, self.least)
-            if moments.center is None:
-                moments.center = widen(module.running_mean.detach()).clone()
+            count = check_layer_input(moments, x, self.level.least_values)
+            if moments.spread.center is None:
+                moments.spread.center = widen(module.running_mean.detach()).clone()
             if moments.name in self.kernel and x.dtype == module.running_var.dtype:
                 moments._awaiting = (self.batch_index, count)
             else:
@@ -399,7 +454,7 @@ class _Recorder:
 
 
 def _unsettled_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-    """An eval-mode pass: the output of a layer whose statistics are not final yet is NaN,
+    """An eval-mode level: the output of a layer whose statistics are not final yet is NaN,
     so that every layer computed from it sees NaN and waits for a later level."""
     return torch.full_like(output, math.nan) if isinstance(output, torch.Tensor) else output
 
@@ -409,14 +464,11 @@ def collect_moments(
     batches: Any,
     options: PassOptions,
     *,
+    level: Level = TRAIN,
     check_coverage: bool = True,
-    final: Mapping[str, Population] | None = None,
 ) -> Measured:
-    """One pass of ``model`` (unwrapped) over ``batches``: every BN layer's population moments.
-
-    With ``final`` (an eval-mode level, see :func:`measure_eval_mode`) every module is in
-    eval mode, the layers named in ``final`` normalize with those populations' mean and
-    unbiased variance, and every other BN layer is measured and outputs NaN.
+    """One pass of ``model`` (unwrapped) over ``batches`` at ``level``: every BN layer's
+    population moments (the settled layers of an eval-mode level are not measured).
 
     Raises ``ValueError`` if ``batches`` is empty or (``unreached="raise"``) a BN layer was
     never reached, and :class:`NonFiniteStatisticsError` naming the layer and the batch if a
@@ -424,70 +476,34 @@ def collect_moments(
     ranks these are judged on all ranks' passes together).
     """
     layers = find_batchnorm_layers(model)
-    forward = options.forward or default_forward
     moments = {name: LayerPass(name, layer) for name, layer in layers.items()}
-    measured_names = [name for name in layers if final is None or name not in final]
-    sizes: list[int | None] = []
-    kernel = (
-        set()
-        if options.float64_moments or final is not None
-        else {n for n, m in layers.items() if kernel_writes_moments(m)}
-    )
-    with ExitStack() as stack:
-        state = stack.enter_context(PreservedState(model, layers))
-        stack.enter_context(torch.no_grad())
-        for name, layer in layers.items():
-            if not is_lazy_uninitialized(layer):
-                moments[name].center = widen(layer.running_mean.detach()).clone()
-        if final is None:
-            batchnorm_train_mode(model, layers)
-            stack.enter_context(local_batch_statistics(model))
-            stack.enter_context(moments_from_kernel([layers[name] for name in kernel]))
-            stack.enter_context(frozen_for_pass(m for n, m in layers.items() if n not in kernel))
-        else:
-            model.eval()
-            write_buffers(
-                {
-                    layers[n]: {"running_mean": p.mean, "running_var": p.var}
-                    for n, p in final.items()
-                }
-            )
-        recorder = _Recorder(state, kernel, options, least=2 if final is None else 1)
-        for name in measured_names:
-            layer = layers[name]
-            hook = recorder.hook(moments[name])
-            state.add_hook(layer.register_forward_pre_hook(hook, with_kwargs=True))
-            if final is not None:
-                state.add_hook(layer.register_forward_hook(_unsettled_output))
-        device = model_device(model)
-        label = "BN statistics" if final is None else f"eval mode, {len(final)} layers settled"
-        advance = stack.enter_context(pass_progress(options.progress, label))
+    kernel = set()
+    if level.training and not options.float64_moments:
+        kernel = {name for name, layer in layers.items() if kernel_writes_moments(layer)}
+    forward, device, sizes = options.forward or default_forward, model_device(model), []
+    with (
+        pass_mode(model, layers, level, kernel) as state,
+        pass_progress(options.progress, level.label) as advance,
+    ):
+        recorder = _Recorder(state, kernel, options, level)
+        for name in filter(level.measures, layers):
+            recorder.watch(moments[name])
         worst, samples = math.inf, 0
         for batch, size in iterate_batches(batches, options.max_samples):
-            for layer_moments in moments.values():
-                layer_moments.calls_this_forward = 0
-            forward(model, move_to_device(batch, device))
+            recorder.run(forward, model, move_to_device(batch, device))
             sizes.append(size)
-            recorder.batch_index += 1
-            for layer_moments in moments.values():
-                layer_moments.max_calls_per_forward = max(
-                    layer_moments.max_calls_per_forward, layer_moments.calls_this_forward
-                )
             samples += size or 0
             if _time_to_check(options.tolerance, len(sizes)):
                 worst = worst_relative_error(moments.values())[0]
             advance(samples, worst)
             if options.tolerance is not None and worst < options.tolerance:
                 break
-        for layer_moments in moments.values():
-            if layer_moments._awaiting is not None:
-                layer_moments.take_kernel_moments()
-            layer_moments.flush()
+        recorder.finish()
     measured = Measured(moments, sizes, fixed=list(fixed_statistics_layers(model)))
-    _read_verdicts(measured)
+    measured.read_verdicts()
     if check_coverage:
-        _raise_if_bad(measured.first_bad, options)
-        _check_coverage(measured, options, world_size=1)
+        raise_if_bad(measured.first_bad, options)
+        measured.check_coverage(options)
     return measured
 
 
@@ -518,100 +534,11 @@ def worst_relative_error(layers: Iterable[LayerPass]) -> tuple[float, str | None
     return float(errors[worst]), judged[worst][0].name
 
 
-def _read_verdicts(measured: Measured) -> None:
-    """The one host read of the pass: per layer, the first batch with NaN or Inf and how many
-    batches were left out for it (into ``measured.first_bad`` and ``measured.skipped``)."""
-    judged = [m for m in measured.layers.values() if m._verdict is not None]
-    if not judged:
-        return
-    verdicts = torch.stack([m._verdict for m in judged]).cpu().tolist()
-    bad = [
-        (index, m.first_reached or 0, m.name)
-        for m, (index, _) in zip(judged, verdicts, strict=True)
-    ]
-    index, _, name = min(bad)
-    if math.isfinite(index):
-        measured.first_bad = (name, int(index))
-    measured.skipped = {
-        m.name: int(skipped) for m, (_, skipped) in zip(judged, verdicts, strict=True) if skipped
-    }
-
-
-def _raise_if_bad(first_bad: tuple[str, int] | None, options: PassOptions, where: str = "") -> None:
-    """Under ``nonfinite="raise"``, fail the pass at the first batch that brought NaN or Inf."""
-    if first_bad is None or options.nonfinite != "raise":
-        return
-    name, index = first_bad
-    raise NonFiniteStatisticsError(
-        f"{layer_label(name)}: batch {index} (counting from 0){where} brought NaN or Inf "
-        "statistics; nothing was written. Pass nonfinite='skip' to leave such batches out"
-    )
-
-
-def _check_coverage(measured: Measured, options: PassOptions, world_size: int) -> None:
-    """No batch at all, or (``unreached="raise"``) a layer no forward reached, fails the pass;
-    under ``unreached="keep"`` those layers are listed in ``measured.unreached``."""
-    where = "" if world_size == 1 else f" on any of the {world_size} ranks"
-    if not measured.batch_sizes:
-        raise ValueError(
-            f"batches yielded no batch{where}; there is nothing to measure statistics on"
-        )
-    measured.unreached = [name for name, m in measured.layers.items() if m.batches == 0]
-    if measured.unreached and options.unreached == "raise":
-        names = ", ".join(display_name(name) for name in measured.unreached)
-        raise ValueError(
-            f"no forward{where} reached BN layer(s) {names} in {len(measured.batch_sizes)} "
-            "batches, so their statistics cannot be measured; nothing was written. If a layer "
-            "is used only in training mode (an auxiliary head), pass forward=... that calls it, or "
-            "unreached='keep' to leave such layers as they are"
-        )
-
-
-@contextmanager
-def local_batch_statistics(model: nn.Module) -> Iterator[None]:
-    """Within the block, every ``nn.SyncBatchNorm`` (its subclasses too) normalizes with its
-    local batch's statistics without any collective, its own forward still running.
-
-    Under an initialized process group a SyncBatchNorm in training mode all-gathers each
-    batch's statistics (and refuses CPU input); the pass must stay local. Such a layer is
-    put in eval mode with its running buffers hidden: torch's forward then normalizes with
-    the batch's statistics (``bn_training``) and syncs nothing; the forward pre-hook
-    measures the batch. Flags and buffers are put back afterwards, also on error.
-    """
-    if not process_group_initialized():
-        yield
-        return
-    layers = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
-    saved = [(m, m.training, m._buffers["running_mean"], m._buffers["running_var"]) for m in layers]
-    try:
-        for layer in layers:
-            layer.training = False
-            layer._buffers["running_mean"] = layer._buffers["running_var"] = None
-        yield
-    finally:
-        for layer, training, mean, var in saved:
-            layer.training = training
-            layer._buffers["running_mean"], layer._buffers["running_var"] = mean, var
-
-
-# -- across ranks -------------------------------------------------------------------------
+# -- one pass over all ranks' batches ---------------------------------------------------------
 
 
 Check = Callable[[nn.Module], None]
 """``check(model)``: validation run before the pass, on every rank inside the protocol."""
-
-
-def measure(
-    model: nn.Module, batches: Any, options: PassOptions, *, tool: str, check: Check | None = None
-) -> Measured:
-    """Every BN layer's population moments over all ranks' ``batches``.
-
-    ``mode="train"``: one pass (:func:`measure_pass`); ``mode="eval"``: one pass per depth
-    level (:func:`measure_eval_mode`).
-    """
-    if options.mode == "eval":
-        return measure_eval_mode(model, batches, options, tool=tool, check=check)
-    return measure_pass(model, batches, options, tool=tool, check=check)
 
 
 def measure_pass(
@@ -621,24 +548,24 @@ def measure_pass(
     *,
     tool: str,
     check: Check | None = None,
-    final: Mapping[str, Population] | None = None,
+    level: Level = TRAIN,
 ) -> Measured:
-    """One pass: every BN layer's population moments over all ranks' ``batches``.
+    """One pass at ``level``: every BN layer's population moments over all ranks' ``batches``.
 
-    Without a group (see :func:`resolve_group`) this is :func:`collect_moments` on the
-    unwrapped model. In a group each rank runs the pass on its batches; one status exchange
-    (which also checks that every rank runs the same ``tool`` with the same options); one
-    ``all_gather`` of every layer's flat Populations; every rank merges them in rank order
-    with :meth:`Population.merge`: the numbers of one process over all ranks' batches, rank
-    0's first, bit-identical on every rank. ``check(model)`` runs first on every rank.
-    ``final``: an eval-mode level (see :func:`collect_moments`).
+    Without a group (see :func:`bnstats.torch._ranks.resolve_group`) this is
+    :func:`collect_moments` on the unwrapped model. In a group each rank runs the pass on its
+    batches; one status exchange (which also checks that every rank runs the same ``tool``
+    with the same options); one ``all_gather`` of every layer's Populations; every rank
+    merges them in rank order with :meth:`Population.merge`: the numbers of one process over
+    all ranks' batches, rank 0's first, bit-identical on every rank. ``check(model)`` runs
+    first on every rank.
     """
     chosen = resolve_group(options.group)
     inner = unwrap(model)
     if chosen is None:
         if check is not None:
             check(inner)
-        return collect_moments(inner, batches, options, final=final)
+        return collect_moments(inner, batches, options, level=level)
     if options.tolerance is not None:
         raise ValueError(
             "tolerance cannot be used across torch.distributed ranks (they would have to "
@@ -648,7 +575,7 @@ def measure_pass(
     def local() -> tuple[Measured, dict[str, Any]]:
         if check is not None:
             check(inner)
-        measured = collect_moments(inner, batches, options, check_coverage=False, final=final)
+        measured = collect_moments(inner, batches, options, level=level, check_coverage=False)
         _require_initialized(measured)
         layers = {name: m.layer for name, m in measured.layers.items()}
         summary = {
@@ -659,130 +586,24 @@ def measure_pass(
         }
         return measured, summary
 
-    call = {"tool": tool, **options.call()}
-    measured, summaries = run_and_exchange(chosen, local, call)
+    measured, summaries = run_and_exchange(chosen, local, {"tool": tool, **options.call()})
     check_same_layers(chosen, [summary["layers"] for summary in summaries])
     for rank, summary in enumerate(summaries):  # the same verdict on every rank
-        _raise_if_bad(summary["first_bad"], options, where=f" on rank {rank}")
+        raise_if_bad(summary["first_bad"], options, where=f" on rank {rank}")
     skipped: dict[str, int] = {}
     for summary in summaries:
         for name, count in summary["skipped"].items():
             skipped[name] = skipped.get(name, 0) + count
-    gathered = all_gather_float64(chosen, _pack(measured))
+    records, sizes = rank_records(measured)
+    ranks = exchange(chosen, records, sizes)
     merged = Measured(
-        _merge(measured, gathered),
+        merge_ranks(measured, ranks),
         [size for summary in summaries for size in summary["sizes"]],
         fixed=measured.fixed,
         skipped=skipped,
     )
-    _check_coverage(merged, options, world_size=len(gathered))
+    merged.check_coverage(options, world_size=len(ranks))
     return merged
-
-
-# -- eval mode: one pass per depth level --------------------------------------------------
-
-
-def measure_eval_mode(
-    model: nn.Module, batches: Any, options: PassOptions, *, tool: str, check: Check | None = None
-) -> Measured:
-    """Every BN layer's population moments with every BN layer before it normalizing with
-    its own final statistics: the fixed point of eval-mode inference.
-
-    Level by level: each pass (:func:`measure_pass` with ``final``) runs the model in eval
-    mode; the layers already settled normalize with their population ``mean`` and unbiased
-    ``var``, every other BN layer is measured and outputs NaN. A layer whose input was finite
-    in every batch depends on settled layers only: its measurement is exact and it settles.
-    A layer that saw NaN in every batch is computed from an unsettled one and waits for the
-    next level. So the cost is one pass over ``batches`` per depth level of the BN layers
-    (the longest chain of BN layers one after another; layers side by side, a residual
-    block's shortcut BN beside its branch, settle in the same pass), never more than the
-    number of BN layers. ``batches`` must be iterable again at each level (a list, a
-    DataLoader). Any batch size works, one included: eval mode needs no batch statistics.
-
-    A layer with NaN or Inf in some batches but not all received it from the data: it fails
-    the pass (``nonfinite="raise"``) or settles without those batches (``"skip"``). The data
-    flow is what is tracked: a layer is taken as independent of an unsettled one when no NaN
-    from it arrives (an input chosen by ``argmax`` of one, say, is not seen as dependent).
-    In a group every rank makes the same levels: the decisions use the merged counts.
-    """
-    if iter(batches) is batches:
-        raise TypeError(
-            "mode='eval' passes over batches once per depth level and needs an iterable it "
-            "can go over again (a list, a DataLoader), not a one-shot iterator or generator"
-        )
-    level_options = replace(options, nonfinite="skip", unreached="keep", mode="train")
-    settled: dict[str, LayerPass] = {}
-    skipped: dict[str, int] = {}
-    first: Measured | None = None
-    sizes: list[int | None] = []
-    passes = 0
-    while True:
-        final = {name: moments.population for name, moments in settled.items()}
-        measured = measure_pass(model, batches, level_options, tool=tool, check=check, final=final)
-        passes += 1
-        sizes = max(sizes, measured.batch_sizes, key=len)
-        if first is None:
-            first = measured
-            _check_coverage(first, options, world_size=1)
-        pending = [
-            m
-            for name, m in measured.layers.items()
-            if name not in settled and name not in first.unreached
-        ]
-        if not pending:
-            break
-        ready = _settle_level(pending, measured, options, skipped)
-        for moments in ready:
-            moments.first_reached = first.layers[moments.name].first_reached
-            settled[moments.name] = moments
-        if len(ready) == len(pending):
-            break
-    layers = {name: settled.get(name, moments) for name, moments in first.layers.items()}
-    return Measured(
-        layers,
-        sizes,
-        unreached=first.unreached,
-        fixed=first.fixed,
-        skipped=skipped,
-        passes=passes,
-    )
-
-
-def _settle_level(
-    pending: list[LayerPass], measured: Measured, options: PassOptions, skipped: dict[str, int]
-) -> list[LayerPass]:
-    """The layers of this level: those whose input was finite in some batch (NaN in every
-    batch: computed from an unsettled layer). A layer with NaN in some batches only got it
-    from the data: ``nonfinite="raise"`` fails, ``"skip"`` counts them into ``skipped``."""
-    ready = []
-    for moments in pending:
-        bad = measured.skipped.get(moments.name, 0)
-        if bad >= moments.batches:
-            continue
-        if bad and moments.max_calls_per_forward > 1:
-            raise ValueError(
-                f"mode='eval': {moments.label} is called {moments.max_calls_per_forward} times "
-                "per forward and some calls received NaN: one call's input comes from another "
-                "call's output (no eval-mode order for it), or the data holds NaN; nothing "
-                "was written"
-            )
-        if bad and options.nonfinite == "raise":
-            raise NonFiniteStatisticsError(
-                f"{moments.label}: {bad} of {moments.batches} batches brought NaN or Inf "
-                "statistics in eval mode; nothing was written. Pass nonfinite='skip' to leave "
-                "such batches out"
-            )
-        if bad:
-            skipped[moments.name] = bad
-        ready.append(moments)
-    if not ready:
-        names = ", ".join(display_name(m.name) for m in pending)
-        raise ValueError(
-            f"mode='eval': BN layer(s) {names} received NaN or Inf in every batch even with "
-            "every layer before them settled: NaN in the data, or a layer computed from its "
-            "own output (called more than once per forward); nothing was written"
-        )
-    return ready
 
 
 def _require_initialized(measured: Measured) -> None:
@@ -795,40 +616,36 @@ def _require_initialized(measured: Measured) -> None:
             )
 
 
-def _pack(measured: Measured) -> torch.Tensor:
-    """One flat float64 tensor: per layer ``[batches, calls, first, population flat, spread
-    flat]`` (the spread of the batch statistics, :class:`LayerPass`, has 3C channels)."""
-    parts = []
+def rank_records(measured: Measured) -> tuple[list[Any], list[tuple[int, int, int]]]:
+    """Per layer, what a rank sends: ``[[batches, calls, first reached], population flat,
+    spread flat]`` (:meth:`Population.to_flat`), and the sizes of those parts."""
+    records, sizes = [], []
     for moments in measured.layers.values():
-        header = [moments.batches, moments.max_calls_per_forward, moments.first_reached or 0]
         channels = int(moments.layer.num_features)
-        flats = (moments.population.to_flat(channels), moments.spread.to_flat(3 * channels))
-        parts += [torch.tensor(header, dtype=torch.float64)]
-        parts += [torch.as_tensor(flat).double().cpu() for flat in flats]
-    return torch.cat(parts)
+        header = [moments.batches, moments.max_calls_per_forward, moments.first_reached or 0]
+        flats = [moments.population.to_flat(channels), moments.spread.to_flat(channels)]
+        records.append([header, *flats])
+        sizes.append((3, 2 + 2 * channels, 2 + 6 * channels))
+    return records, sizes
 
 
-def _merge(measured: Measured, gathered: list[torch.Tensor]) -> dict[str, LayerPass]:
-    """Each layer's Population merged over the ranks in rank order (Chan et al. 1979)."""
+def merge_ranks(measured: Measured, ranks: list[list[list[torch.Tensor]]]) -> dict[str, LayerPass]:
+    """Each layer's Population and spread merged over the ranks' :func:`rank_records`, in rank
+    order (Chan et al. 1979); ``first_reached`` by the first rank reaching it, then its order."""
     merged = {}
-    offset = 0
-    ranks_order = len(measured.layers) + 1  # first_reached: by first rank, then its order
-    for name, local in measured.layers.items():
-        channels = int(local.layer.num_features)
-        middle = offset + _HEADER + 2 + 2 * channels
-        size = _HEADER + 2 + 2 * channels + 2 + 6 * channels
-        result = LayerPass(name, local.layer, center=local.center)
-        for rank, flat in enumerate(gathered):
-            batches, calls, first = (int(v) for v in flat[offset : offset + _HEADER])
-            part = Population.from_flat(flat[offset + _HEADER : middle])
-            spread = Population.from_flat(flat[middle : offset + size])
+    order = len(measured.layers) + 1
+    for index, (name, local) in enumerate(measured.layers.items()):
+        result = LayerPass(name, local.layer, spread=BatchSpread(local.spread.center))
+        for rank, records in enumerate(ranks):
+            header, population, spread = records[index]
+            batches, calls, first = (int(v) for v in header.tolist())
+            part = Population.from_flat(population)
             if part.mean is not None:
                 result.population = result.population.merge(part)
-                result.spread = result.spread.merge(spread)
+                result.spread = result.spread.merge(BatchSpread.from_flat(spread))
                 if result.first_reached is None:
-                    result.first_reached = rank * ranks_order + first
+                    result.first_reached = rank * order + first
             result.batches += batches
             result.max_calls_per_forward = max(result.max_calls_per_forward, calls)
         merged[name] = result
-        offset += size
     return merged

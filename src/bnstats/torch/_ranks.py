@@ -9,7 +9,8 @@ Every tool that works across ``torch.distributed`` ranks follows one protocol:
 3. if any rank failed, every rank raises the same :class:`RankError`, naming the failed
    ranks and their messages, before any data collective: nothing is written anywhere;
 4. otherwise the data goes in a single ``all_gather`` of one flat float64 tensor per rank
-   (:func:`all_gather_float64`), and every rank merges the same numbers in rank order.
+   (:func:`exchange`: each rank's records, :func:`pack`-ed and :func:`unpack`-ed by one
+   layout), and every rank merges the same numbers in rank order.
 
 A rank that dies outright (killed, out of memory) never reaches step 2: the others learn of
 it from the process group, either at once (gloo reports a closed connection) or when the
@@ -18,7 +19,7 @@ group's ``timeout`` (``init_process_group(timeout=...)``) expires.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -211,6 +212,35 @@ def all_gather_float64(group: Any, flat: torch.Tensor) -> list[torch.Tensor]:
     with _collective(group, "exchange of statistics"):
         torch.distributed.all_gather(received, sent, group=group)
     return [tensor.cpu() for tensor in received]
+
+
+Sizes = Sequence[Sequence[int]]
+"""The layout of :func:`pack`'s records: per record, the length of each of its parts."""
+
+
+def pack(records: Iterable[Sequence[Any]]) -> torch.Tensor:
+    """Every record's parts end to end, as one flat float64 tensor on the CPU. A part is a
+    1-D NumPy array or tensor (any device) or a sequence of numbers (a header)."""
+    parts = [
+        torch.as_tensor(part).detach().to(dtype=torch.float64, device="cpu").reshape(-1)
+        for record in records
+        for part in record
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def unpack(flat: torch.Tensor, sizes: Sizes) -> list[list[torch.Tensor]]:
+    """:func:`pack`'s inverse: ``flat`` cut into records of parts of these ``sizes``."""
+    pieces = iter(flat.split([size for record in sizes for size in record]))
+    return [[next(pieces) for _ in record] for record in sizes]
+
+
+def exchange(
+    group: Any, records: Iterable[Sequence[Any]], sizes: Sizes
+) -> list[list[list[torch.Tensor]]]:
+    """Every rank's ``records`` (laid out by ``sizes``, the same on every rank), in float64
+    on the CPU, in rank order: one ``all_gather`` of the :func:`pack`-ed tensor."""
+    return [unpack(flat, sizes) for flat in all_gather_float64(group, pack(records))]
 
 
 @contextmanager

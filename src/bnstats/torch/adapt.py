@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from bnstats._array import widen
 from bnstats.torch._layers import cast_buffer, display_name, layer_label, write_buffers
-from bnstats.torch._pass import LayerPass, Measured, PassOptions, measure
+from bnstats.torch._measure import measure
+from bnstats.torch._pass import LayerPass, Measured
+from bnstats.torch._ranks import Group
+from bnstats.torch.options import Forward, PassOptions
 
 
 def adapt(
@@ -33,7 +36,15 @@ def adapt(
     *,
     batch_size: int | None = None,
     never_updated: str = "warn",
-    **options: Any,
+    forward: Forward | None = None,
+    max_samples: int | None = None,
+    float64_moments: bool = False,
+    group: Group = None,
+    nonfinite: Literal["raise", "skip"] = "raise",
+    unreached: Literal["raise", "keep"] = "raise",
+    mode: Literal["train", "eval"] = "train",
+    tolerance: float | None = None,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Mix every BN layer's running statistics toward the statistics of ``batches``.
 
@@ -60,7 +71,8 @@ def adapt(
             (``num_batches_tracked == 0``, or still exactly 0 and 1): mixing the target with
             0 and 1 would be meaningless. ``"warn"`` (default): adapt fully there (as
             ``prior=0``) and warn; ``"raise"``: ``ValueError`` naming the layers.
-        options: the pass's keyword options (:class:`bnstats.torch.PassOptions`).
+        forward, max_samples, float64_moments, group, nonfinite, unreached, mode,
+            tolerance, progress: the options of every pass (:class:`bnstats.torch.PassOptions`).
 
     All or nothing, and the model's modes, momenta and hooks are left as found. Raises
     ``ValueError`` for a negative or non-finite ``prior``, a non-positive ``batch_size``,
@@ -71,7 +83,7 @@ def adapt(
     measured = measure(
         model,
         batches,
-        PassOptions(**options),
+        PassOptions.pick(locals()),
         tool="adapt",
         check=lambda _: _check_arguments(prior, batch_size),  # in a group: on every rank
     )

@@ -12,7 +12,7 @@ nothing) and compares them, channel by channel, with the stored ``running_mean``
 
 Each layer also carries the precision of the population estimate: per channel the standard
 errors of ``mu`` and ``var`` from the spread between batches
-(:meth:`bnstats.torch._pass.LayerPass.standard_errors`) and the worst channel's relative
+(:meth:`bnstats.stats.BatchSpread.standard_errors`) and the worst channel's relative
 standard error (``relative_error``: the larger of ``se_mean / sqrt(var)`` and
 ``se_var / var``). A shift or ratio smaller than a few standard errors is noise of the audit
 data, not staleness of the running statistics.
@@ -27,14 +27,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from torch import nn
 
 from bnstats._array import to_numpy
 from bnstats.torch._layers import is_batchnorm, is_lazy_uninitialized, uninitialized_lazy_error
-from bnstats.torch._pass import LayerPass, PassOptions, measure
+from bnstats.torch._measure import measure
+from bnstats.torch._pass import LayerPass
+from bnstats.torch._ranks import Group
+from bnstats.torch.options import Forward, PassOptions
 
 NEVER_UPDATED = "never_updated"
 NONFINITE_RUNNING = "nonfinite_running_stats"
@@ -146,7 +149,20 @@ class AuditReport:
         return format_report(self)
 
 
-def audit(model: nn.Module, batches: Any, **options: Any) -> AuditReport:
+def audit(
+    model: nn.Module,
+    batches: Any,
+    *,
+    forward: Forward | None = None,
+    max_samples: int | None = None,
+    float64_moments: bool = False,
+    group: Group = None,
+    nonfinite: Literal["raise", "skip"] = "skip",
+    unreached: Literal["raise", "keep"] = "raise",
+    mode: Literal["train", "eval"] = "train",
+    tolerance: float | None = None,
+    progress: bool | None = None,
+) -> AuditReport:
     """Compare every BN layer's running statistics with the population statistics on ``batches``.
 
     The population ``mu`` and unbiased ``var`` are measured exactly as
@@ -173,10 +189,8 @@ def audit(model: nn.Module, batches: Any, **options: Any) -> AuditReport:
     no forward reached are listed in ``fixed`` and ``unreached``. Raises ``ValueError`` for an
     uninitialized ``LazyBatchNorm*`` (measuring would initialize it).
     """
-    options.setdefault("nonfinite", "skip")  # an audit reports NaN batches (flagged) by default
-    measured = measure(
-        model, batches, PassOptions(**options), tool="audit", check=_check_initialized
-    )
+    options = PassOptions.pick(locals())  # nonfinite="skip": NaN batches are flagged
+    measured = measure(model, batches, options, tool="audit", check=_check_initialized)
     layers = [
         _audit_layer(m, measured.skipped.get(m.name, 0), measured.finite_batches(m))
         for m in measured.layers.values()

@@ -2,11 +2,12 @@
 
 Two things live here:
 
-- :func:`recalibrate`, :func:`audit` and :func:`adapt` (in their own modules) take
-  ``group=``: with an initialized process group each rank passes its own batches, and every
-  rank ends with the statistics of all ranks' batches together, bit-identical on every
-  rank. Each layer's ``(count, mean, m2)`` is gathered in float64 and merged in rank order
-  with Chan et al.'s (1979) formula (see :mod:`bnstats.torch._across_ranks`).
+- :func:`~bnstats.torch.recalibrate`, :func:`~bnstats.torch.audit` and
+  :func:`~bnstats.torch.adapt` take ``group=``: with an initialized process group each rank
+  passes its own batches, and every rank ends with the statistics of all ranks' batches
+  together, bit-identical on every rank. Each layer's ``(count, mean, m2)`` is gathered in
+  float64 and merged in rank order with Chan et al.'s (1979) formula
+  (:meth:`bnstats.Population.merge`).
 - :func:`sync_running_stats`, for models trained with plain BN under
   ``DistributedDataParallel``: each rank's running statistics drift apart (every rank
   normalizes and averages its own batches); this replaces them, on every rank, with their
@@ -39,14 +40,12 @@ from bnstats.torch._layers import (
 from bnstats.torch._ranks import (
     Group,
     RankError,
-    all_gather_float64,
     check_same_layers,
+    exchange,
     layout_of,
     resolve_group,
     run_and_exchange,
 )
-
-_HEADER = 2  # weight, num_batches_tracked
 
 
 def sync_running_stats(
@@ -92,17 +91,17 @@ def sync_running_stats(
         return model
     inner = unwrap(model)
 
-    def local() -> tuple[tuple[dict[str, _BatchNorm], torch.Tensor], Any]:
+    def local() -> tuple[tuple[dict[str, _BatchNorm], list[Any]], Any]:
         own = _check_weight(weight)
         layers = find_batchnorm_layers(inner)
-        flat = torch.cat([_pack(name, layer, own) for name, layer in layers.items()])
-        return (layers, flat), (layout_of(layers), own is not None)
+        records = [_record(name, layer, own) for name, layer in layers.items()]
+        return (layers, records), (layout_of(layers), own is not None)
 
     call = {"tool": "sync_running_stats", "weight_given": weight is not None}
-    (layers, flat), summaries = run_and_exchange(chosen, local, call)
+    (layers, records), summaries = run_and_exchange(chosen, local, call)
     check_same_layers(chosen, [layout for layout, _ in summaries])
-    gathered = all_gather_float64(chosen, flat)
-    write_buffers(_pooled_buffers(layers, gathered))
+    sizes = [(2, int(layer.num_features), int(layer.num_features)) for layer in layers.values()]
+    write_buffers(_pooled_buffers(layers, exchange(chosen, records, sizes)))
     return model
 
 
@@ -116,8 +115,8 @@ def _check_weight(weight: Any) -> float | None:
     return float(weight)
 
 
-def _pack(name: str, layer: _BatchNorm, weight: float | None) -> torch.Tensor:
-    """``[w, num_batches_tracked, running_mean, running_var]`` of one layer, float64."""
+def _record(name: str, layer: _BatchNorm, weight: float | None) -> list[Any]:
+    """``[[w, num_batches_tracked], running_mean, running_var]`` of one layer, float64."""
     if is_lazy_uninitialized(layer):
         raise ValueError(uninitialized_lazy_error(name, layer))
     mean = layer.running_mean.detach().double().cpu()
@@ -128,34 +127,23 @@ def _pack(name: str, layer: _BatchNorm, weight: float | None) -> torch.Tensor:
             "would spread it to every rank (recalibrate this layer instead)"
         )
     tracked = float(layer.num_batches_tracked) if layer.num_batches_tracked is not None else 0.0
-    header = torch.tensor([tracked if weight is None else weight, tracked], dtype=torch.float64)
-    return torch.cat([header, mean, var])
+    return [[tracked if weight is None else weight, tracked], mean, var]
 
 
 def _pooled_buffers(
-    layers: dict[str, _BatchNorm], gathered: list[torch.Tensor]
+    layers: dict[str, _BatchNorm], ranks: list[list[list[torch.Tensor]]]
 ) -> dict[nn.Module, dict[str, torch.Tensor]]:
+    """Each layer's pooled buffers from every rank's records (:func:`_record`), rank order."""
     updates = {}
-    offset = 0
-    for name, layer in layers.items():
-        channels = int(layer.num_features)
-        parts = [_unpack(flat, offset, channels) for flat in gathered]
+    for index, (name, layer) in enumerate(layers.items()):
+        parts = [(*header.tolist(), mean, var) for header, mean, var in (r[index] for r in ranks)]
         mean, var = pooled_moments(parts)
         updates[layer] = {
             "running_mean": cast_buffer(name, "running_mean", mean, layer),
             "running_var": cast_buffer(name, "running_var", var, layer),
             "num_batches_tracked": torch.tensor(max(int(part[1]) for part in parts)),
         }
-        offset += _HEADER + 2 * channels
     return updates
-
-
-def _unpack(
-    flat: torch.Tensor, offset: int, channels: int
-) -> tuple[float, float, torch.Tensor, torch.Tensor]:
-    weight, tracked = (float(v) for v in flat[offset : offset + _HEADER])
-    start = offset + _HEADER
-    return weight, tracked, flat[start : start + channels], flat[start + channels :][:channels]
 
 
 def pooled_moments(

@@ -29,8 +29,6 @@ the layer's next forward (a flag copied asynchronously). The same code traces wi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -97,7 +95,7 @@ class EstimatorBatchNorm:
 
     A subclass changes how a training batch is normalized by overriding
     :meth:`_train_forward`, built from :meth:`_normalize_and_update`; the estimator, the
-    non-finite protection and the kernel-moments switch of the one-pass tools are here.
+    non-finite protection and the flag of bnstats' passes (``_pass_weight``) are here.
     """
 
     _dims: tuple[int, ...] = ()
@@ -107,11 +105,11 @@ class EstimatorBatchNorm:
     module declares it. A subclass elsewhere that overrides :meth:`_train_forward` keeps it
     with its moments taken by the pass's hook (its training forward is not the kernel
     call); one that overrides ``forward`` is a BN layer of unknown forward."""
-    _moments_from_kernel = False
-    """Set while bnstats' one-pass tools take each batch's moments from the buffers (see
-    :func:`moments_from_kernel`): update weight 1, no counting, no check."""
-    _frozen_for_pass = False
-    """Set while a pass measures this layer itself: batch statistics, no buffer update."""
+    _pass_weight: float | None = None
+    """Set while one of bnstats' passes measures this layer (see
+    :func:`bnstats.torch._pass.pass_mode`): each batch is normalized with its own statistics,
+    which enter the buffers with this weight (1: the pass reads them there; 0: the buffers
+    are left alone); nothing is counted or checked."""
     _host_checked_devices: tuple[str, ...] = ("cpu",)
     """Devices whose values the host reads without waiting (the CPU): there the update is
     checked on the host; everywhere else on the device (:meth:`_keep_if_finite`)."""
@@ -274,10 +272,8 @@ class EstimatorBatchNorm:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalize ``x`` with its own statistics and merge them into the buffers with
         ``w_t``; returns the output and the device flag "this batch was NaN/Inf, undone"."""
-        if self._moments_from_kernel:
-            return self._batch_norm(x, True, True, 1.0, affine), None
-        if self._frozen_for_pass:
-            return self._batch_norm(x, False, True, 0.0, affine), None
+        if self._pass_weight is not None:
+            return self._batch_norm(x, self._pass_weight > 0, True, self._pass_weight, affine), None
         if is_tracing(x):
             return self._traced_update(x, affine)
         weight = float(self._schedule.weight(self._host_step + 1))
@@ -508,41 +504,3 @@ def kernel_writes_moments(layer: nn.Module) -> bool:
     if running_var is None or running_var.dtype not in _KERNEL_BUFFER_DTYPES:
         return False
     return not (kind.synced and process_group_initialized())
-
-
-@contextmanager
-def moments_from_kernel(kernel_layers: Iterable[nn.Module]) -> Iterator[None]:
-    """For the duration of a pass: ``kernel_layers`` (see :func:`kernel_writes_moments`)
-    update with weight 1 (torch's: ``momentum = 1``; bnstats': ``_moments_from_kernel``)
-    from finite buffers (``0 * NaN`` would persist), and every other bnstats layer
-    normalizes with the batch's statistics without touching its buffers. Torch's momenta
-    and all buffers are the caller's to put back; bnstats' switches are cleared on exit."""
-    kernel_layers = list(kernel_layers)
-    with torch.no_grad():
-        for layer in kernel_layers:
-            if isinstance(layer, EstimatorBatchNorm):
-                layer._moments_from_kernel = True
-            else:
-                layer.momentum = 1.0
-            layer.running_mean.zero_()
-            layer.running_var.fill_(1.0)
-    try:
-        yield
-    finally:
-        for layer in kernel_layers:
-            layer.__dict__.pop("_moments_from_kernel", None)
-
-
-@contextmanager
-def frozen_for_pass(layers: Iterable[nn.Module]) -> Iterator[None]:
-    """For the duration of a pass, bnstats' layers among ``layers`` normalize each batch with
-    its own statistics (their training behaviour: ghost batches, renorm's ``r, d``) without
-    updating, counting or checking: the pass measures them itself."""
-    chosen = [m for m in layers if isinstance(m, EstimatorBatchNorm)]
-    for layer in chosen:
-        layer._frozen_for_pass = True
-    try:
-        yield
-    finally:
-        for layer in chosen:
-            layer.__dict__.pop("_frozen_for_pass", None)

@@ -13,13 +13,16 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from bnstats.torch._layers import cast_buffer, display_name, write_buffers
-from bnstats.torch._pass import LayerPass, Measured, PassOptions, measure
+from bnstats.torch._measure import measure
+from bnstats.torch._pass import LayerPass, Measured
+from bnstats.torch._ranks import Group
+from bnstats.torch.options import Forward, PassOptions
 
 _LOG = logging.getLogger("bnstats")
 
@@ -31,7 +34,7 @@ class Recalibration:
     tensor), the ``passes`` over the data (1 in train mode, one per depth level in eval mode),
     the ``tolerance`` asked for, and per layer the worst channel's relative standard error
     of the new statistics (``relative_errors``, see
-    :meth:`bnstats.torch._pass.LayerPass.relative_error`; inf with fewer than 2 batches)."""
+    :meth:`bnstats.stats.BatchSpread.relative_error`; inf with fewer than 2 batches)."""
 
     model: nn.Module
     mode: str
@@ -63,7 +66,20 @@ class Recalibration:
         )
 
 
-def recalibrate(model: nn.Module, batches: Any, **options: Any) -> nn.Module:
+def recalibrate(
+    model: nn.Module,
+    batches: Any,
+    *,
+    forward: Forward | None = None,
+    max_samples: int | None = None,
+    float64_moments: bool = False,
+    group: Group = None,
+    nonfinite: Literal["raise", "skip"] = "raise",
+    unreached: Literal["raise", "keep"] = "raise",
+    mode: Literal["train", "eval"] = "train",
+    tolerance: float | None = None,
+    progress: bool | None = None,
+) -> nn.Module:
     """Set every BN layer's running statistics to the exact population values on ``batches``.
 
     For each BN layer with running statistics (torch's ``_BatchNorm`` family: its own
@@ -85,8 +101,7 @@ def recalibrate(model: nn.Module, batches: Any, **options: Any) -> nn.Module:
     when every BN layer before it normalizes with its own final statistics, as at inference
     (the fixed point of eval-mode inference; Wu & Johnson 2021 on the train-test
     inconsistency of the single pass). It takes one pass over ``batches`` per depth level of
-    the BN layers (layers side by side share a pass; see
-    :func:`bnstats.torch._pass.measure_eval_mode`), so ``batches`` must be iterable again;
+    the BN layers (layers side by side share a pass), so ``batches`` must be iterable again;
     any batch size works, one included, and images of varying size. Layers with fixed statistics
     (``FrozenBatchNorm2d``) are left as they are, with a warning naming them.
 
@@ -96,27 +111,39 @@ def recalibrate(model: nn.Module, batches: Any, **options: Any) -> nn.Module:
             in place and returned.
         batches: an iterable of batches: tensors, ``(input, target)`` tuples or lists, lists
             of images, or dicts; each is moved to the model's device.
-        options: keyword-only, as :class:`bnstats.torch.PassOptions` says: ``forward``,
-            ``max_samples``, ``float64_moments``, ``group`` (torch.distributed: every rank
-            passes its own batches and ends with the same buffers, bit for bit),
-            ``nonfinite`` (``"raise"`` or ``"skip"``), ``unreached`` (``"raise"`` or
-            ``"keep"``), ``mode`` (``"train"`` or ``"eval"``), ``tolerance`` (stop drawing
-            batches once every layer's relative standard error is below it; the samples it
-            took are logged to the ``bnstats`` logger, and :func:`recalibrate_report`
-            returns them).
+        forward, max_samples, float64_moments, group, nonfinite, unreached, mode,
+            tolerance, progress: the options of every pass, keyword-only, as
+            :class:`bnstats.torch.PassOptions` says. ``group``: torch.distributed, every rank
+            passes its own batches and ends with the same buffers, bit for bit;
+            ``tolerance``: stop drawing batches once every layer's relative standard error
+            is below it (the samples it took are logged to the ``bnstats`` logger, and
+            :func:`recalibrate_report` returns them).
 
     All or nothing: the model's modes, momenta and hooks are left as found, and if anything
     raises, no buffer changes. Raises ``ValueError`` naming the layer for an empty
     ``batches``, a model without BN layers, a layer no forward reached, an input with fewer
     than 2 values per channel or of the wrong shape, a result overflowing a buffer's dtype;
     :class:`bnstats.NonFiniteStatisticsError` naming the layer and the batch for NaN or Inf;
-    ``TypeError`` for unusable arguments; in a group, :class:`RankError` on every rank if
-    any rank failed or the ranks made different calls.
+    ``TypeError`` for unusable arguments; in a group, :class:`bnstats.torch.RankError` on
+    every rank if any rank failed or the ranks made different calls.
     """
-    return _recalibrate(model, batches, options).model
+    return _recalibrate(model, batches, PassOptions.pick(locals())).model
 
 
-def recalibrate_report(model: nn.Module, batches: Any, **options: Any) -> Recalibration:
+def recalibrate_report(
+    model: nn.Module,
+    batches: Any,
+    *,
+    forward: Forward | None = None,
+    max_samples: int | None = None,
+    float64_moments: bool = False,
+    group: Group = None,
+    nonfinite: Literal["raise", "skip"] = "raise",
+    unreached: Literal["raise", "keep"] = "raise",
+    mode: Literal["train", "eval"] = "train",
+    tolerance: float | None = None,
+    progress: bool | None = None,
+) -> Recalibration:
     """:func:`recalibrate`, returning a :class:`Recalibration` (the model is its ``model``):
     how many samples and passes it took and how precise each layer's new statistics are.
 
@@ -125,11 +152,10 @@ def recalibrate_report(model: nn.Module, batches: Any, **options: Any) -> Recali
     ``MIN_BATCHES`` on, see :class:`bnstats.torch.PassOptions`); if the data runs out first,
     a warning says so.
     """
-    return _recalibrate(model, batches, options)
+    return _recalibrate(model, batches, PassOptions.pick(locals()))
 
 
-def _recalibrate(model: nn.Module, batches: Any, options: dict[str, Any]) -> Recalibration:
-    chosen = PassOptions(**options)
+def _recalibrate(model: nn.Module, batches: Any, chosen: PassOptions) -> Recalibration:
     measured = measure(model, batches, chosen, tool="recalibrate")
     write_buffers(population_buffers(measured))
     _warn_left_alone(measured)

@@ -124,7 +124,7 @@ class _RenormMixin:
         started = step.to(x.device) > 0
         r = torch.where(started, r, torch.ones_like(r))
         d = torch.where(started, d, torch.zeros_like(d))
-        if not self._frozen_for_pass:
+        if self._pass_weight is None:
             self.last_r, self.last_d = r, d
         return r.to(input.dtype), d.to(input.dtype)
 
