@@ -87,7 +87,7 @@ def diagnose(
     ``batch_dependence``, ``frozen_statistics``; thresholds in
     :mod:`bnstats.torch.diagnose._findings`.
 
-    Cost: 2 + depth recalibration passes over ``batches`` (train mode, eval mode), one pass
+    Cost: 1 + depth recalibration passes over ``batches`` (train mode, eval mode), one pass
     over them with frozen layers, 1 + 2 passes over ``test_batches`` when given (their
     statistics, two adapt priors), and one evaluation over ``test_batches`` per setting and
     per attributed layer (``report.passes`` counts them all).
