@@ -18,11 +18,11 @@ import warnings
 from collections.abc import Sequence
 
 from bnstats import __version__
-from bnstats.cli import demo, torch_commands
+from bnstats.cli import demo, diagnose, torch_commands
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPIPE
-COMMANDS = [demo, torch_commands]
+COMMANDS = [demo, torch_commands, diagnose]
 
 
 class OneLineParser(argparse.ArgumentParser):

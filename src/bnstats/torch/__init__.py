@@ -3,6 +3,8 @@
 - :func:`recalibrate`: exact population statistics for every BN layer, in one pass (or, with
   ``mode="eval"``, as eval-mode inference sees them); :func:`recalibrate_report` says how
   precise they are and how many samples it took;
+- :func:`diagnose`: why eval mode does worse than training: the cause, the layers, the
+  fix, each measured;
 - :func:`audit`: how far each layer's running statistics are from the truth on some data;
 - :func:`adapt`: test-time adaptation of the statistics to shifted data;
 - :func:`sync_running_stats`: running statistics pooled across torch.distributed ranks
@@ -27,6 +29,7 @@ from bnstats.torch._layers import find_batchnorm_layers, is_batchnorm, unwrap
 from bnstats.torch.adapt import adapt
 from bnstats.torch.audit import AuditReport, LayerAudit, audit
 from bnstats.torch.convert import ConversionPlan, convert, plan_conversion
+from bnstats.torch.diagnose import DiagnoseReport, Finding, LayerEffect, diagnose
 from bnstats.torch.distributed import RankError, sync_running_stats
 from bnstats.torch.fold import (
     FoldOverflowError,
@@ -52,6 +55,9 @@ __all__ = [
     "BatchRenorm2d",
     "BatchRenorm3d",
     "ConversionPlan",
+    "DiagnoseReport",
+    "Finding",
+    "LayerEffect",
     "FoldOverflowError",
     "FoldReport",
     "FoldTraceError",
@@ -65,6 +71,7 @@ __all__ = [
     "adapt",
     "audit",
     "convert",
+    "diagnose",
     "fold",
     "fold_weights",
     "plan_conversion",

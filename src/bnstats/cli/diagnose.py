@@ -1,0 +1,124 @@
+"""``bnstats diagnose``: why a model does worse in eval mode, measured on the user's data.
+
+    bnstats diagnose --model pkg.module:factory [--weights W] --data TRAIN [--test TEST]
+                     [--json] [--out DIR]
+
+Inputs are read as the other PyTorch commands read them (:mod:`bnstats.cli.loading`); an
+``.npz`` file's ``y`` array, when it has one, gives the labels (integers, one per row), so
+the settings are compared by accuracy. The model is put in eval mode first (a factory builds
+it in training mode, which is not the user's doing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bnstats.cli.loading import load_batches, load_model, require_torch
+from bnstats.cli.values import positive_int
+
+HELP = "why eval mode does worse than training: the cause, the layers, the fix, measured"
+LABEL_KEY = "y"
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``bnstats diagnose``."""
+    parser = subparsers.add_parser("diagnose", help=HELP, description=HELP)
+    add_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="pkg.module:factory or file.py:factory")
+    parser.add_argument("--weights", help="a state dict saved with torch.save")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="training data: FILE.npz (inputs X, labels y if any) or pkg.module:batches",
+    )
+    parser.add_argument("--test", help="test data, as --data (default: the training data)")
+    parser.add_argument("--data-key", help="the npz array holding the inputs")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=64, help="rows per batch for npz data"
+    )
+    parser.add_argument(
+        "--max-samples", type=positive_int, help="use at most this many samples of each"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--out", metavar="DIR", help="also write DIR/diagnose.html")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (ValueError, OSError, ImportError, MemoryError):
+        raise  # already one line
+    except Exception as err:  # the user's model or data: one line, exit status 2
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"diagnose: {type(err).__name__}: {first}") from err
+
+
+def _run(args: argparse.Namespace) -> int:
+    require_torch()
+    import bnstats.torch as bt
+
+    page = _page_path(args.out) if args.out else None
+    model = load_model(args.model, args.weights)
+    batches = labelled_batches(args.data, args.batch_size, args.data_key)
+    test = labelled_batches(args.test, args.batch_size, args.data_key) if args.test else None
+    model.eval()
+    report = bt.diagnose(
+        model,
+        batches,
+        test,
+        max_samples=args.max_samples,
+        progress=False if args.json else None,
+    )
+    if page:
+        from bnstats.report.diagnose_page import write_diagnose_report
+
+        write_diagnose_report(report, page.parent)
+    if args.json:
+        print(json.dumps({**report.to_dict(), **({"page": str(page)} if page else {})}))
+    else:
+        print(str(report) + (f"\nwrote {page}" if page else ""))
+    return 0
+
+
+def labelled_batches(reference: str, batch_size: int, key: str | None) -> list[Any]:
+    """The batches of ``reference``; for an ``.npz`` file with a ``y`` array, ``(x, y)``
+    batches with ``y`` as int64 labels."""
+    batches = load_batches(reference, batch_size, key)
+    if not reference.lower().endswith(".npz"):
+        return batches
+    with np.load(reference, allow_pickle=False) as archive:
+        if LABEL_KEY not in archive.files:
+            return batches
+        labels = archive[LABEL_KEY]
+    rows = sum(len(batch) for batch in batches)
+    if labels.ndim != 1 or len(labels) != rows:
+        raise ValueError(
+            f"{reference}: {LABEL_KEY} must hold one label per input row ({rows}), got shape "
+            f"{labels.shape}"
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"{reference}: {LABEL_KEY} must hold integer class labels, got dtype {labels.dtype}"
+        )
+    torch = require_torch()
+    parts = torch.from_numpy(labels.astype(np.int64)).split(batch_size)
+    return list(zip(batches, parts, strict=True))
+
+
+def _page_path(directory: str) -> Path:
+    """``directory/diagnose.html``, checked before any work."""
+    from bnstats.report.diagnose_page import DIAGNOSE_PAGE
+
+    folder = Path(directory)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {folder} is a file; give the folder to write {DIAGNOSE_PAGE} in")
+    return folder / DIAGNOSE_PAGE
