@@ -112,6 +112,10 @@ _BY_NAME: dict[str, BatchNormKind] = {
     "torchvision.ops.misc.FrozenBatchNorm2d": BatchNormKind(fold=True, fixed=True),
 }
 """Classes of libraries bnstats does not import, by ``module.QualName``."""
+_FROZEN_PREFIX = "FrozenBatchNorm"
+_FROZEN_BY_NAME = BatchNormKind(fixed=True)
+"""Any other ``FrozenBatchNorm*`` class (detectron2's, a project's own copy): fixed statistics,
+reported and left alone, not folded (its computation is not known)."""
 _UNKNOWN_FORWARD = BatchNormKind()
 """A ``_BatchNorm`` subclass with a forward of its own: measured by the hook, kept by fold."""
 
@@ -187,6 +191,8 @@ def _walk(cls: type) -> tuple[type, BatchNormKind] | None:
         for name, kind in _BY_NAME.items():
             if name.rsplit(".", 1)[1] == forward_owner.__name__ and kind.fixed != is_torch_bn:
                 return forward_owner, replace(kind, moments="hook")
+        if not is_torch_bn and forward_owner.__name__.startswith(_FROZEN_PREFIX):
+            return forward_owner, _FROZEN_BY_NAME
     if not is_torch_bn:
         return None
     return cls, replace(_UNKNOWN_FORWARD, synced=issubclass(cls, nn.SyncBatchNorm))

@@ -20,7 +20,6 @@ from bnstats.torch._layers import (
     iterate_batches,
     unwrap,
 )
-from bnstats.torch._pass import PassOptions
 from bnstats.torch._ranks import resolve_group
 from bnstats.torch.adapt import adapt
 from bnstats.torch.diagnose._evaluate import Buffers, Evaluator, Setting, load_buffers, read_buffers
@@ -32,6 +31,7 @@ from bnstats.torch.diagnose._findings import (
 )
 from bnstats.torch.diagnose._frozen import frozen_setting
 from bnstats.torch.diagnose._report import DiagnoseReport, LayerEffect
+from bnstats.torch.options import PassOptions
 from bnstats.torch.recalibrate import recalibrate_report
 
 MAX_LAYERS = 64

@@ -249,7 +249,7 @@ def frozen_statistics(measured: Measurements) -> Finding | None:
         gain,
         f"giving the {len(measured.frozen)} frozen BN layer(s) the population statistics of "
         f"the training data gives {describe(frozen)} against {describe(as_is)}.",
-        "replace each FrozenBatchNorm2d by an nn.BatchNorm2d with the same weight, bias and "
+        "replace each frozen BN layer by an nn.BatchNorm2d with the same weight, bias and "
         "statistics (model.eval() keeps it fixed), then bt.recalibrate(model, batches)",
     )
 
