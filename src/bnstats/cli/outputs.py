@@ -32,6 +32,7 @@ def check_outputs(outputs: Mapping[str, str | Path], inputs: Mapping[str, Path])
     seen: dict[Path, str] = {}
     for option, given in outputs.items():
         path = Path(given)
+        _check_writable(option, path)
         for other, earlier in seen.items():
             if _same_file(path, other):
                 raise ValueError(f"{option} {given} is also {earlier}; give two different names")
@@ -41,7 +42,6 @@ def check_outputs(outputs: Mapping[str, str | Path], inputs: Mapping[str, Path])
                     f"{option} {given} is the {input_option} file {source}: writing it would "
                     "replace an input; give another name"
                 )
-        _check_writable(option, path)
         seen[path] = option
 
 
@@ -62,13 +62,13 @@ def _check_writable(option: str, path: Path) -> None:
     """The folder exists, ``path`` is no folder, and a file of that name can be made there."""
     if not path.parent.is_dir():
         raise ValueError(f"{option} {path}: directory {path.parent} does not exist")
-    if path.is_dir():
-        raise ValueError(f"{option} {path} is a directory; give a file name")
-    if path.exists():
-        if not os.access(path.parent, os.W_OK | os.X_OK):
-            raise ValueError(f"{option} {path}: cannot write in {path.parent}")
-        return
     try:
+        if path.is_dir():
+            raise ValueError(f"{option} {path} is a directory; give a file name")
+        if path.exists():
+            if not os.access(path.parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{option} {path}: cannot write in {path.parent}")
+            return
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as err:
         raise ValueError(f"{option} {path}: cannot create it ({err.strerror})") from None
