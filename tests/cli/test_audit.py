@@ -11,19 +11,13 @@ from bnstats.cli import main
 
 torch = pytest.importorskip("torch")
 
-from tests.cli.user_project import make_project, stale_weights  # noqa: E402
+from tests.cli.user_project import stale_weights  # noqa: E402
 
 AUDIT = ["audit", "--model", "usermodels.py:make", "--data", "data.npz"]
 
 
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return make_project(tmp_path)
-
-
-def test_strict_exits_1_when_a_layer_is_flagged(project, capsys):
-    stale_weights(project)  # running statistics never updated: every layer is flagged
+def test_strict_exits_1_when_a_layer_is_flagged(project_here, capsys):
+    stale_weights(project_here)  # running statistics never updated: every layer is flagged
     assert main([*AUDIT, "--weights", "weights.pt"]) == 0
     capsys.readouterr()
     assert main([*AUDIT, "--weights", "weights.pt", "--strict"]) == 1
@@ -34,8 +28,8 @@ def test_strict_exits_1_when_a_layer_is_flagged(project, capsys):
     assert all(layer["flags"] for layer in layers)
 
 
-def test_strict_exits_0_after_recalibrating(project, capsys):
-    stale_weights(project)
+def test_strict_exits_0_after_recalibrating(project_here, capsys):
+    stale_weights(project_here)
     common = ["--model", "usermodels.py:make", "--weights", "weights.pt", "--data", "data.npz"]
     assert main(["recalibrate", *common, "--out", "new.pt"]) == 0
     capsys.readouterr()

@@ -10,35 +10,29 @@ from tests.optional import optional_import
 
 torch = pytest.importorskip("torch")
 
-from tests.cli.user_project import make_project, stale_weights  # noqa: E402
+from tests.cli.user_project import stale_weights  # noqa: E402
 
 MODEL = ["--model", "usermodels.py:make"]
 
 
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return make_project(tmp_path)
-
-
-def _files(project) -> dict[str, bytes]:
+def _files(folder) -> dict[str, bytes]:
     return {
         p.name: p.read_bytes()
-        for p in sorted(project.iterdir())
+        for p in sorted(folder.iterdir())
         if p.is_file() and p.name != "__pycache__"
     }
 
 
-def _refused(project, capsys, args: list[str], message: str) -> None:
+def _refused(folder, capsys, args: list[str], message: str) -> None:
     """``bnstats *args`` exits 2 with one line holding ``message`` and changes no file."""
-    before = _files(project)
+    before = _files(folder)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
-    assert _files(project) == before
+    assert _files(folder) == before
 
 
-def test_without_data_the_advice_is_to_give_data(project, capsys):
+def test_without_data_the_advice_is_to_give_data(project_here, capsys):
     args = ["fold", "--model", "usermodels.py:broken", "--out", "f.pt"]  # Linear -> BatchNorm1d
     assert main(args) == 0
     captured = capsys.readouterr()
@@ -52,17 +46,17 @@ def test_without_data_the_advice_is_to_give_data(project, capsys):
     )
 
 
-def test_an_out_name_too_long_for_the_file_system_writes_nothing(project, capsys):
+def test_an_out_name_too_long_for_the_file_system_writes_nothing(project_here, capsys):
     long_name = "f" * 300 + ".pt"  # beyond the 255 bytes a name may have
     args = ["fold", *MODEL, "--data", "data.npz", "--out", long_name, "--onnx", "f.onnx"]
-    _refused(project, capsys, args, "cannot create it (File name too long)")
-    assert not (project / "f.onnx").exists()
+    _refused(project_here, capsys, args, "cannot create it (File name too long)")
+    assert not (project_here / "f.onnx").exists()
 
 
-def test_a_missing_onnx_folder_is_found_before_any_work(project, capsys, monkeypatch):
+def test_a_missing_onnx_folder_is_found_before_any_work(project_here, capsys, monkeypatch):
     monkeypatch.setattr("bnstats.cli.fold.load_inputs", _never_called)
     args = ["fold", *MODEL, "--data", "data.npz", "--out", "f.pt", "--onnx", "no/f.onnx"]
-    _refused(project, capsys, args, "--onnx no/f.onnx: directory no does not exist")
+    _refused(project_here, capsys, args, "--onnx no/f.onnx: directory no does not exist")
 
 
 def _never_called(*args, **kwargs):
@@ -95,18 +89,18 @@ def _never_called(*args, **kwargs):
     ],
     ids=["model-file", "data", "weights", "out-is-onnx", "recalibrate-model-file"],
 )
-def test_an_output_naming_an_input_is_refused(project, capsys, args, message):
-    stale_weights(project)
-    _refused(project, capsys, args, message)
+def test_an_output_naming_an_input_is_refused(project_here, capsys, args, message):
+    stale_weights(project_here)
+    _refused(project_here, capsys, args, message)
 
 
-def test_an_output_naming_an_imported_model_module_is_refused(cli, project):
+def test_an_output_naming_an_imported_model_module_is_refused(cli, project_here):
     """``--model usermodels:make`` names no file: the module's file is known once imported."""
-    before = _files(project)
-    result = cli("fold", "--model", "usermodels:make", "--out", "usermodels.py", cwd=project)
+    before = _files(project_here)
+    result = cli("fold", "--model", "usermodels:make", "--out", "usermodels.py", cwd=project_here)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "--out usermodels.py is the --model file" in result.stderr
-    assert _files(project) == before
+    assert _files(project_here) == before
 
 
 @pytest.fixture
@@ -116,23 +110,23 @@ def onnx_installed():
 
 
 def test_a_failure_after_the_export_leaves_neither_file(
-    project, capsys, monkeypatch, onnx_installed
+    project_here, capsys, monkeypatch, onnx_installed
 ):
     def full_disk(torch, obj):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("bnstats.cli.fold.saved_bytes", full_disk)
     args = ["fold", *MODEL, "--data", "data.npz", "--out", "f.pt", "--onnx", "f.onnx"]
-    _refused(project, capsys, args, "No space left on device")
-    assert not any(p.name.endswith(".tmp") for p in project.iterdir())
+    _refused(project_here, capsys, args, "No space left on device")
+    assert not any(p.name.endswith(".tmp") for p in project_here.iterdir())
 
 
-def test_both_files_replace_older_ones_together(project, capsys, onnx_installed):
-    (project / "f.pt").write_bytes(b"old")
-    (project / "f.onnx").write_bytes(b"old")
+def test_both_files_replace_older_ones_together(project_here, capsys, onnx_installed):
+    (project_here / "f.pt").write_bytes(b"old")
+    (project_here / "f.onnx").write_bytes(b"old")
     args = ["fold", *MODEL, "--data", "data.npz", "--out", "f.pt", "--onnx", "f.onnx"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "wrote f.onnx:" in out and ".tmp" not in out
-    assert (project / "f.pt").read_bytes() != b"old" != (project / "f.onnx").read_bytes()
-    assert not any(p.name.startswith(".") for p in project.iterdir())
+    assert (project_here / "f.pt").read_bytes() != b"old" != (project_here / "f.onnx").read_bytes()
+    assert not any(p.name.startswith(".") for p in project_here.iterdir())
