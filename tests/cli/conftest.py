@@ -30,3 +30,13 @@ def run_cli(
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def project_here(tmp_path, monkeypatch):
+    """The user's project of ``tests/cli/user_project.py`` in ``tmp_path``, which is made the
+    working directory (for ``main`` called in this process)."""
+    from tests.cli.user_project import make_project
+
+    monkeypatch.chdir(tmp_path)
+    return make_project(tmp_path)

@@ -90,6 +90,17 @@ def test_bad_arguments_exit_2_with_one_line(cli, tmp_path, args, message):
     assert list(tmp_path.iterdir()) == [], "nothing is written"
 
 
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_a_batch_size_below_2_is_refused_before_the_memory_estimate(cli, size):
+    """The memory estimate divides by the batch size: every option is checked before it."""
+    result = cli("demo", "--batch-size", size)
+    assert result.returncode == 2, result.stderr
+    assert (
+        result.stderr
+        == f"bnstats: error: --batch-size must be at least 2 for batch norm, got {size}\n"
+    )
+
+
 def test_no_command_prints_help(cli):
     result = cli()
     assert result.returncode == 2 and "demo" in result.stderr

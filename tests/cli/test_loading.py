@@ -72,3 +72,47 @@ def test_npz_with_nan_is_refused(user_file):
     np.savez(user_file / "nan.npz", X=np.array([[1.0, np.nan]]))
     with pytest.raises(ValueError, match="nan.npz: inputs hold NaN"):
         load_batches("nan.npz", 2)
+
+
+EXITING = """
+import sys
+import torch
+from torch import nn
+
+def quits():
+    sys.exit(0)  # success, for a shell: bnstats must not end with it
+
+class Quitter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        sys.exit(4)
+
+def quitter():
+    return Quitter()
+"""
+
+
+@pytest.mark.parametrize(
+    ("reference", "message"),
+    [
+        (
+            "exit_on_import.py:make",
+            "--model: importing exit_on_import.py failed: sys.exit(3) was called at ",
+        ),
+        ("exiting.py:quits", "--model 'exiting.py:quits' failed: sys.exit(0) was called at"),
+        ("exiting.py:quitter", "audit: sys.exit(4) was called at"),
+    ],
+    ids=["on-import", "in-factory", "in-forward"],
+)
+def test_sys_exit_in_the_model_code_is_one_line_naming_the_file(cli, tmp_path, reference, message):
+    (tmp_path / "exit_on_import.py").write_text("import sys\nsys.exit(3)\n")
+    (tmp_path / "exiting.py").write_text(EXITING)
+    np.savez(tmp_path / "data.npz", X=np.ones((4, 2, 3, 3), dtype=np.float32))
+    result = cli("audit", "--model", reference, "--data", "data.npz", cwd=tmp_path)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert reference.partition(":")[0] + ":" in result.stderr  # file:line
+    assert "Traceback" not in result.stderr

@@ -2,87 +2,26 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-USER_MODULE = """
-import torch
-from torch import nn
-
-def make():
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
-    )
-    return model
-
-def batches():
-    gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(n, 2, 6, 6, generator=gen) * 2 + 1, torch.zeros(n)) for n in (5, 9, 4)]
-
-def lazy():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 4), nn.LazyBatchNorm1d(), nn.Linear(4, 4), nn.BatchNorm1d(4))
-
-def failing_batches():
-    return [torch.ones(4, 2, 6, 6)] + [1 / 0]
-
-class Odd(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(2)
-
-    def forward(self, x):
-        return self.bn(x).no_such_method()
-
-def odd():
-    return Odd()
-
-def broken():
-    return nn.Sequential(nn.Linear(7, 2), nn.BatchNorm1d(2))
-
-instance = make()
-"""
+from tests.cli.user_project import make_project, stale_weights, user_module  # noqa: E402
 
 
 @pytest.fixture
 def project(tmp_path):
-    (tmp_path / "usermodels.py").write_text(textwrap.dedent(USER_MODULE))
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "data.npz", X=(rng.normal(size=(30, 2, 6, 6)) * 2 + 1).astype(np.float32))
-    return tmp_path
-
-
-def _user_module(project):
-    """The test's usermodels.py, imported here without touching sys.path or sys.modules."""
-    spec = importlib.util.spec_from_file_location("usermodels_here", project / "usermodels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _stale_weights(project):
-    """A checkpoint whose running statistics are wrong: still at their start, 0 and 1."""
-    model = _user_module(project).make()
-    with torch.no_grad():
-        model[1].weight.mul_(1.5)
-    torch.save(model.state_dict(), project / "weights.pt")
-    return model
+    return make_project(tmp_path)
 
 
 def test_audit_prints_a_table_and_json(cli, project):
-    _stale_weights(project)
+    stale_weights(project)
     args = ["audit", "--model", "usermodels:make", "--weights", "weights.pt", "--data", "data.npz"]
     result = cli(*args, "--batch-size", "8", cwd=project)
     assert result.returncode == 0, result.stderr
@@ -103,7 +42,7 @@ def test_audit_writes_an_html_page(cli, project):
 
 
 def test_recalibrate_writes_exact_statistics(cli, project):
-    model = _stale_weights(project)
+    model = stale_weights(project)
     result = cli(
         "recalibrate",
         "--model",
@@ -122,14 +61,14 @@ def test_recalibrate_writes_exact_statistics(cli, project):
     assert [row["name"] for row in summary["layers"]] == ["1", "4"]
     state = torch.load(project / "new.pt", weights_only=True)
     # the first BN's input does not depend on how batches are normalized: check it exactly
-    inputs = torch.cat([x for x, _ in _user_module(project).batches()]).double()
+    inputs = torch.cat([x for x, _ in user_module(project).batches()]).double()
     z = model[0].double()(inputs)
     expected_var = z.transpose(0, 1).reshape(4, -1).var(dim=1, unbiased=True)
     torch.testing.assert_close(state["1.running_var"].double(), expected_var, rtol=1e-5, atol=1e-7)
 
 
 def test_fold_writes_a_module_with_the_same_outputs(cli, project):
-    model = _stale_weights(project)
+    model = stale_weights(project)
     result = cli(
         "fold",
         "--model",
@@ -229,7 +168,7 @@ def test_max_samples_counts_samples_of_tuple_batches(cli, project):
 def test_recalibrate_reports_the_audits_numbers(cli, project):
     """The table of changes is the audit of the model before recalibrating, on the same
     samples: the same mean shift and variance ratio, not a second computation of them."""
-    _stale_weights(project)
+    stale_weights(project)
     common = ["--model", "usermodels:make", "--weights", "weights.pt", "--data", "data.npz"]
     audited = cli("audit", *common, "--max-samples", "20", "--json", cwd=project)
     changed = cli(
@@ -269,7 +208,7 @@ def test_audit_of_a_built_model_is_in_eval_mode_and_names_its_page(cli, project)
 
 
 def test_audit_page_with_a_nan_running_var(cli, project):
-    model = _user_module(project).make()
+    model = user_module(project).make()
     model[1].running_var[0] = float("nan")
     torch.save(model.state_dict(), project / "nan.pt")
     args = ["--model", "usermodels:make", "--weights", "nan.pt", "--data", "data.npz"]
@@ -287,7 +226,7 @@ def _bad_files(project):
     np.savez(project / "huge.npz", X=x * 1e300)
     np.savez(project / "wide.npz", X=rng.normal(size=(30, 5, 6, 6)))
     (project / "afile").write_text("x")
-    model = _user_module(project).make()
+    model = user_module(project).make()
     state = model.state_dict()
     state["0.weight"] = torch.zeros(4, 2, 5, 5)
     del state["4.running_var"]

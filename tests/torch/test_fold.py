@@ -730,6 +730,94 @@ def test_identity_bn_folds_beside_only_where_exact(conv, combine, code):
     assert rel_diff(outputs(model, x), outputs(fused, x)) <= 1e-5
 
 
+class _LayerPlusBN(nn.Module):
+    """``layer(x) + bn(x)``: a BN beside a layer, for the reasons it may stay."""
+
+    def __init__(self, layer: nn.Module, bn: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.bn = bn
+
+    def forward(self, x):
+        return self.layer(x) + self.bn(x)
+
+
+def _hooked(layer: nn.Module) -> nn.Module:
+    layer.register_forward_hook(lambda module, args, out: out * 2)
+    return layer
+
+
+def _parametrized(layer: nn.Module) -> nn.Module:
+    class Doubled(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    nn.utils.parametrize.register_parametrization(layer, "weight", Doubled())
+    return layer
+
+
+def _overflowing_float16() -> nn.Module:
+    """``W'[c, c, centre] = W + scale`` = 65000 + 4 / sqrt(1e-5) is beyond float16's 65504."""
+    model = _LayerPlusBN(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model.layer.weight.fill_(65000.0)
+        model.bn.running_var.zero_()
+        model.bn.weight.fill_(4.0)
+    return model.half()
+
+
+# each way a BN beside a layer can stay: the layer, words of the reason
+BESIDE_KEPT = {
+    "even-kernel": (
+        lambda: nn.Conv2d(4, 4, 2, padding="same"),
+        "beside it layer (Conv2d), which has an even kernel or a stride",
+    ),
+    "hooks": (
+        lambda: _hooked(nn.Conv2d(4, 4, 3, padding=1)),
+        "beside it layer (Conv2d), which has forward hooks",
+    ),
+    "own-conv-forward": (
+        lambda: fm.StandardizedConv(4, 4, 3, padding=1),
+        "beside it layer (StandardizedConv), which overrides Conv2d.forward",
+    ),
+    "parametrized": (
+        lambda: _parametrized(nn.Conv2d(4, 4, 3, padding=1)),
+        "which has a parametrized weight",
+    ),
+    "channel-axis": (
+        lambda: nn.Linear(4, 4),
+        "beside it layer (Linear), but BatchNorm1d normalizes dim 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BESIDE_KEPT))
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_every_reason_a_bn_beside_a_layer_stays_reaches_the_report(case):
+    build, words = BESIDE_KEPT[case]
+    layer = build()
+    flat = isinstance(layer, nn.Linear)
+    bn = nn.BatchNorm1d(4) if flat else nn.BatchNorm2d(4)
+    model = scramble_batchnorm(_LayerPlusBN(layer, bn)).double().eval()
+    x = example((3, 4) if flat else (2, 4, 6, 6), torch.float64)
+    fused = fold_quietly(model)
+    entry = fused.fold_report["bn"]
+    assert not entry.folded
+    assert entry.reason.startswith("input comes from the model's input 'x'"), entry.reason
+    assert words in entry.reason, entry.reason
+    assert rel_diff(outputs(model, x), outputs(fused, x)) <= 1e-12
+
+
+def test_a_bn_beside_a_layer_that_would_overflow_says_so():
+    model = _overflowing_float16()
+    fused = fold(model)
+    entry = fused.fold_report["bn"]
+    assert not entry.folded and "beside it layer (Conv2d), could fold into layer" in entry.reason
+    assert "float16" in entry.reason and "65504" in entry.reason
+    x = torch.full((1, 4, 5, 5), 1e-3, dtype=torch.float16)
+    assert torch.equal(outputs(fused, x), outputs(model, x))
+
+
 def test_docs_fold_then_compile_example_runs(monkeypatch, capsys):
     """The example of docs/fold.md's "Fold before torch.compile" (torch.compile itself replaced
     by the identity: Inductor needs a compiler toolchain and minutes on this CPU)."""

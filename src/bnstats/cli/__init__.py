@@ -1,6 +1,31 @@
 """The ``bnstats`` command (also ``python -m bnstats``).
 
-Each subcommand lives in its own module with ``add_parser(subparsers)`` and ``run(args)``.
+One module per subcommand: ``demo``, ``audit``, ``recalibrate``, ``fold`` (``--onnx`` of
+the last two in ``onnx_commands``). Options several commands share are in ``arguments``
+(``--model``, ``--weights``, ``--data``, ... and ``--help``'s formatter, which shows each
+default), loading the user's model and data in ``loading``, output files (checked before
+any work, written together) in ``outputs``.
+
+To add a command, say ``diagnose``:
+
+1. write ``bnstats/cli/diagnose.py`` with::
+
+       NAME = "diagnose"
+       HELP = "one line for bnstats --help"
+
+       def add_arguments(parser: argparse.ArgumentParser) -> None:
+           add_model_arguments(parser)  # from bnstats.cli.arguments, if it takes a model
+           parser.add_argument("--strict", action="store_true", help="...")
+
+       @user_code_errors  # from bnstats.cli.loading: the user's code failing is one line
+       def run(args: argparse.Namespace) -> int:
+           ...  # import torch and bnstats.torch here, not at the top: demo runs without
+           return 0  # the exit status
+
+2. add ``"diagnose"`` to :data:`COMMANDS` below (the order of ``bnstats --help``);
+3. test it in ``tests/cli/test_diagnose.py`` (``tests/cli/conftest.py``'s ``cli`` fixture
+   runs ``bnstats`` as a separate process).
+
 Bad input of any kind ends with exit status 2 and one line on stderr, never a traceback
 (set ``BNSTATS_DEBUG=1`` to see one). Python warnings raised on the way are not printed as
 they come (two lines each, with the source line): a failing command mentions the first in
@@ -12,17 +37,21 @@ quietly.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import warnings
 from collections.abc import Sequence
 
 from bnstats import __version__
-from bnstats.cli import demo, diagnose, torch_commands
+from bnstats.cli.arguments import DefaultsHelpFormatter
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPIPE
-COMMANDS = [demo, torch_commands, diagnose]
+COMMANDS = ("demo", "diagnose", "audit", "recalibrate", "fold")
+"""The command modules ``bnstats.cli.<name>``, in the order ``bnstats --help`` lists them;
+each has ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``."""
+_MODULES = tuple(importlib.import_module(f"{__name__}.{name}") for name in COMMANDS)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -46,8 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(
         dest="command", metavar="COMMAND", parser_class=OneLineParser
     )
-    for command in COMMANDS:
-        command.add_parser(subparsers)
+    for command in _MODULES:
+        sub = subparsers.add_parser(
+            command.NAME,
+            help=command.HELP,
+            description=command.HELP,
+            formatter_class=DefaultsHelpFormatter,
+        )
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
     return parser
 
 
@@ -76,8 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
+        parser.error(f"give a command: {', '.join(COMMANDS)}")
     status = int(args.run(args) or 0)
     sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at exit
     return status

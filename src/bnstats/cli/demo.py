@@ -23,23 +23,26 @@ from bnstats.demo import (
     NORM_LABELS,
     DemoConfig,
     DemoResult,
+    check_config,
     prepare_demo,
     train_demo,
 )
 from bnstats.methods import METHODS, POPULATION, RUNNING_EMA
 from bnstats.report import ReportDependencyError, lecture_traces, write_demo_report
 
+NAME = "demo"
 HELP = "train a batch-normalized MLP in NumPy and compare test-time statistics"
 SAVED_FILES = ("history.npz", "summary.json", "network.npz")
 OUT_FILES = (*SAVED_FILES, "report.html")
 
 
-def add_parser(subparsers: Any) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = DemoConfig()
-    p = subparsers.add_parser("demo", help=HELP, description=HELP)
     p.add_argument("--data", default=defaults.data, help="digits (default), FILE.npz or FILE.csv")
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the data")
+    p.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help="rows per mini-batch"
+    )
     p.add_argument(
         "--momentum",
         type=float,
@@ -50,7 +53,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--seed", type=non_negative_int, default=defaults.seed, help="split, weights, shuffling"
     )
-    p.add_argument("--hidden", type=hidden_sizes, default=defaults.hidden, help="e.g. 128,64")
+    p.add_argument(
+        "--hidden",
+        type=hidden_sizes,
+        default=defaults.hidden,
+        help=f"hidden layer widths (default: {','.join(map(str, defaults.hidden))})",
+    )
     p.add_argument(
         "--test-fraction",
         type=float,
@@ -79,7 +87,6 @@ def add_parser(subparsers: Any) -> None:
         help="BatchNorm layer drawn in report.html (default: the first, bn1)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
-    p.set_defaults(run=run)
 
 
 def hidden_sizes(text: str) -> tuple[int, ...]:
@@ -117,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         check_output_folder(args.out, OUT_FILES)  # fail before training, not after
     dataset = load_dataset(config.data, seed=config.seed, test_fraction=config.test_fraction)
+    check_config(config, dataset)  # every option first: the memory estimate divides by them
     check_memory(config, dataset)  # before the network is built
     dataset, net = prepare_demo(config, dataset)
     with progress_bar(enabled=not args.json) as advance:

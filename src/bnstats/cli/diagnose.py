@@ -18,54 +18,24 @@ from typing import Any
 
 import numpy as np
 
-from bnstats.cli.loading import load_batches, load_model, require_torch
-from bnstats.cli.values import positive_int
+from bnstats.cli.arguments import add_max_samples, add_model_arguments, torch_tools
+from bnstats.cli.loading import load_batches, load_model, require_torch, user_code_errors
 
+NAME = "diagnose"
 HELP = "why eval mode does worse than training: the cause, the layers, the fix, measured"
 LABEL_KEY = "y"
 
 
-def add_parser(subparsers: Any) -> None:
-    """Register ``bnstats diagnose``."""
-    parser = subparsers.add_parser("diagnose", help=HELP, description=HELP)
-    add_arguments(parser)
-    parser.set_defaults(run=run)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="pkg.module:factory or file.py:factory")
-    parser.add_argument("--weights", help="a state dict saved with torch.save")
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="training data: FILE.npz (inputs X, labels y if any) or pkg.module:batches",
-    )
+    add_model_arguments(parser)
     parser.add_argument("--test", help="test data, as --data (default: the training data)")
-    parser.add_argument("--data-key", help="the npz array holding the inputs")
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=64, help="rows per batch for npz data"
-    )
-    parser.add_argument(
-        "--max-samples", type=positive_int, help="use at most this many samples of each"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_max_samples(parser)
     parser.add_argument("--out", metavar="DIR", help="also write DIR/diagnose.html")
 
 
+@user_code_errors
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (ValueError, OSError, ImportError, MemoryError):
-        raise  # already one line
-    except Exception as err:  # the user's model or data: one line, exit status 2
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"diagnose: {type(err).__name__}: {first}") from err
-
-
-def _run(args: argparse.Namespace) -> int:
-    require_torch()
-    import bnstats.torch as bt
-
+    bt = torch_tools()
     page = _page_path(args.out) if args.out else None
     model = load_model(args.model, args.weights)
     batches = labelled_batches(args.data, args.batch_size, args.data_key)

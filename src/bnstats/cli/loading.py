@@ -3,17 +3,22 @@
 ``--model pkg.module:factory`` (or ``path/to/file.py:factory``) names a callable returning an
 ``nn.Module``, or a module instance; ``--weights`` a ``torch.save``-d state dict;
 ``--data FILE.npz`` an array of inputs cut into batches, or ``pkg.module:batches`` a callable
-(or iterable) giving the batches. Every failure is a ``ValueError`` naming what failed.
+(or iterable) giving the batches. Every failure is a ``ValueError`` naming what failed, a
+``sys.exit()`` in the user's code included (it would otherwise end bnstats quietly with the
+user's status); :func:`user_code_errors` does the same for a whole command.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import importlib
 import importlib.util
 import pickle
 import sys
+import traceback
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +68,8 @@ def _import(module_name: str, what: str) -> Any:
         sys.path.insert(0, str(path.parent.resolve()))
         try:
             spec.loader.exec_module(module)
+        except SystemExit as err:
+            raise ValueError(f"{what}: importing {path} failed: {exit_called(err)}") from None
         except Exception as err:
             raise ValueError(
                 f"{what}: importing {path} failed: {type(err).__name__}: {err}"
@@ -76,6 +83,8 @@ def _import(module_name: str, what: str) -> Any:
         return importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(f"{what}: cannot import {module_name!r} ({err})") from None
+    except SystemExit as err:
+        raise ValueError(f"{what}: importing {module_name} failed: {exit_called(err)}") from None
     except Exception as err:  # the module's own code failed: a SyntaxError, a NameError, ...
         raise ValueError(
             f"{what}: importing {module_name} failed: {type(err).__name__}: {err}"
@@ -101,6 +110,8 @@ def _call(factory: Any, reference: str) -> Any:
         raise ValueError(f"--model {reference!r} is neither a module nor callable")
     try:
         return factory()
+    except SystemExit as err:
+        raise ValueError(f"--model {reference!r} failed: {exit_called(err)}") from None
     except Exception as err:
         raise ValueError(f"--model {reference!r} raised {type(err).__name__}: {err}") from None
 
@@ -216,6 +227,33 @@ def _npz_batches(path: Path, batch_size: int, key: str | None) -> list[Any]:
             "computes in; rescale them"
         )
     return list(torch.split(torch.from_numpy(single), batch_size))
+
+
+def exit_called(err: SystemExit) -> str:
+    """``sys.exit(3) was called at mymodel.py:12``: where the user's code asked to end."""
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    return f"sys.exit({err.code!r}) was called{where}"
+
+
+def user_code_errors(run: Callable[[argparse.Namespace], int]) -> Callable:
+    """``run`` (a command), with failures inside the user's model or data (a shape mismatch,
+    a forward or a batch source raising anything, ``sys.exit()``) turned into one
+    ``ValueError`` line, reported with exit status 2."""
+
+    @functools.wraps(run)
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (ValueError, OSError, ImportError, MemoryError):
+            raise  # already one line
+        except SystemExit as err:
+            raise ValueError(f"{args.command}: {exit_called(err)}") from None
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"{args.command}: {type(err).__name__}: {first}") from err
+
+    return wrapped
 
 
 def _first_line(err: BaseException) -> str:

@@ -13,6 +13,7 @@ when one is in training mode, has another eps or other statistics.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +29,19 @@ def add_onnx_option(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("--onnx", metavar="FILE.onnx", help=HELP[name])
 
 
-def onnx_for_fold(args: argparse.Namespace, model: Any, example: Any) -> tuple[dict, list[str]]:
-    """With ``--onnx``: export the folded model there; the JSON entry and the text lines."""
+def onnx_for_fold(
+    args: argparse.Namespace, model: Any, example: Any, into: Path | None = None
+) -> tuple[dict, list[str]]:
+    """With ``--onnx``: export the folded model there (or into ``into``, a staging file that
+    becomes ``--onnx`` later); the JSON entry and the text lines."""
     if not getattr(args, "onnx", None):
         return {}, []
     if example is None:
         raise ValueError("--onnx needs --data: the export is checked on its first batch")
     from bnstats.onnx import export_folded
 
-    result = export_folded(model, example, Path(args.onnx))  # written last, atomically
+    result = export_folded(model, example, into or Path(args.onnx))  # written atomically
+    result = replace(result, path=Path(args.onnx))
     entry = {
         "path": str(result.path),
         "batchnorm_nodes": result.batchnorm_nodes.to_dict(),

@@ -1,9 +1,10 @@
 """Fold BatchNorm layers into neighbouring convolution and linear layers, for inference.
 
-In eval mode a BN layer is the per-channel affine map ``z_tilde = scale * z + shift`` with
-``scale = gamma / sqrt(running_var + eps)`` and ``shift = beta - running_mean * scale``
-(:func:`fold_weights`). :func:`fold` finds every BN next to a Conv1d/2d/3d,
-ConvTranspose1d/2d/3d or Linear with nothing in between and merges the two:
+In eval mode a BN layer is a per-channel affine map, which a neighbouring layer can absorb:
+:func:`fold_weights` computes the merged weights (its docstring holds the formulas), as
+torch's ``fuse_conv_bn_weights`` does. :func:`fold` finds every BN next to a Conv1d/2d/3d,
+ConvTranspose1d/2d/3d or Linear with nothing in between and merges the two with
+:func:`fold_weights`:
 
 - ``layer -> BN``: the layer's output channels are scaled (always exact);
 - ``BN -> layer``: its input channels are scaled and the shift moves into the bias. Exact only
@@ -52,10 +53,10 @@ def fold(
     ``model`` may be wrapped (``DataParallel``, ``DistributedDataParallel``, ``torch.compile``,
     ``AveragedModel``, timm's ``ModelEma*``): the model inside is folded, and names are those
     of that inner model. It is deep-copied and left untouched (parameters, buffers, modes).
-    The copy is traced
-    with ``torch.fx.symbolic_trace`` semantics; every BN that can be folded exactly is merged
-    into its neighbouring layer in float64 and removed, the layer's weights are cast back to
-    their dtype. A BN stays when its output depends on the batch (training mode,
+    The copy is traced with ``torch.fx.symbolic_trace`` semantics; every BN that can be folded
+    exactly is merged into its neighbouring layer by :func:`fold_weights` in float64 and
+    removed, and the layer's weights are cast back to their dtype once (after all the BNs it
+    absorbs). A BN stays when its output depends on the batch (training mode,
     ``track_running_stats=False``), when the merge would be inexact or unprovable, or when the
     folded weights would overflow the layer's dtype (float16: above 65504).
 

@@ -1,16 +1,14 @@
 """A BN beside a layer: ``layer(x) + BN(x)``, the identity branch of RepVGG-style blocks.
 
 In eval mode ``BN(x) = scale * x + shift`` per channel. If a conv (or linear) layer ``L`` reads
-the same ``x`` and its output reaches the same sum with coefficient 1, then::
-
-    L(x) + BN(x) = L'(x),   W'[c, c, centre] = W[c, c, centre] + scale[c],  b'[c] = b[c] + shift[c]
-
-(``c`` within its group for a grouped conv). That is exact when ``L`` maps channel ``c`` to
-channel ``c`` at the same position through its kernel's centre: as many input as output
-channels, stride 1, odd kernels and padding ``dilation * (kernel - 1) / 2`` on every side, so
-that the centre tap of output position ``p`` reads input position ``p`` (never a padded
-value, whatever the padding mode). This is the re-parameterisation of RepVGG (Ding et al.
-2021), done here on any model whose graph has that shape.
+the same ``x`` and its output reaches the same sum with coefficient 1, then
+``L(x) + BN(x) = L'(x)`` with the BN added to the centre tap of ``L``'s kernel
+(:func:`~bnstats.torch.fold.fold_weights`, ``position="beside"``). That is exact when ``L``
+maps channel ``c`` to channel ``c`` at the same position through its kernel's centre: as many
+input as output channels, stride 1, odd kernels and padding ``dilation * (kernel - 1) / 2``
+on every side, so that the centre tap of output position ``p`` reads input position ``p``
+(never a padded value, whatever the padding mode). This is the re-parameterisation of RepVGG
+(Ding et al. 2021), done here on any model whose graph has that shape.
 """
 
 from __future__ import annotations
@@ -20,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 from torch import fx, nn
+
+from bnstats.torch.fold._weights import weight_layout
 
 _ADDS = (operator.add, torch.add)
 
@@ -59,10 +59,10 @@ def additive_layer(
 
 def beside_problem(layer: nn.Module) -> str | None:
     """Why ``layer`` cannot absorb a BN that reads its input beside it (None if it can)."""
-    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+    transposed, groups = weight_layout(layer)
+    if transposed:
         return "is a transposed conv"
     weight = layer.weight
-    groups = int(getattr(layer, "groups", 1))
     if weight.shape[0] != weight.shape[1] * groups:
         return f"has {weight.shape[1] * groups} input but {weight.shape[0]} output channels"
     if isinstance(layer, nn.Linear):

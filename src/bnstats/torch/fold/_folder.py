@@ -22,13 +22,15 @@ from bnstats.torch.fold._kinds import (
 )
 from bnstats.torch.fold._report import FoldEntry
 from bnstats.torch.fold._weights import (
+    FoldOverflowError,
     Position,
+    as_float64,
     bn_scale_shift,
-    fold64,
-    overflow_problem,
+    cast_back,
+    fold_weights,
+    weight_layout,
 )
 
-_ConvTransposeNd = nn.modules.conv._ConvTransposeNd
 LazyModuleMixin = nn.modules.lazy.LazyModuleMixin
 parametrize = nn.utils.parametrize
 Tensor = torch.Tensor
@@ -37,19 +39,14 @@ Problem = tuple[str, str]
 
 
 @dataclass(frozen=True)
-class _Affine:
-    """One BN in eval mode as ``z_tilde = scale * z + shift`` (float64, CPU)."""
+class _Folded:
+    """One layer's parameters after the BNs folded into it so far: exact in float64 (what the
+    next BN folds into) and cast back to the layer's dtypes (what the layer gets)."""
 
-    scale: Tensor
-    shift: Tensor
-
-
-@dataclass
-class _Weights:
-    """Float64 working copy of one layer's folded parameters."""
-
+    weight64: Tensor
+    bias64: Tensor
     weight: Tensor
-    bias: Tensor | None
+    bias: Tensor
 
 
 class GraphFolder:
@@ -62,18 +59,16 @@ class GraphFolder:
         nodes = list(gm.graph.nodes)
         self.calls = Counter(id(self.modules[n.target]) for n in nodes if n.op == "call_module")
         self.attributes_read = [str(n.target) for n in nodes if n.op == "get_attr"]
-        self.pending: dict[str, _Weights] = {}
-        self.beside_candidates: list[tuple[fx.Node, FoldEntry, _Affine]] = []
+        self.pending: dict[str, _Folded] = {}
+        self.beside_candidates: list[tuple[fx.Node, FoldEntry]] = []
 
     def run(self, original: nn.Module) -> list[FoldEntry]:
         results: dict[str, FoldEntry] = {}
         for node in list(self.gm.graph.nodes):
             if self._is_call_of(node, is_norm) and node.target not in results:
                 results[node.target] = self._fold_one(node)
-        for node, entry, affine in self.beside_candidates:  # after the layers' own BNs
-            beside = self._try_beside(node, entry, affine)
-            if beside is not None:
-                results[entry.name] = beside
+        for node, entry in self.beside_candidates:  # after the layers' own BNs
+            results[entry.name] = self._try_beside(node, entry)
         self._write_back()
         self.gm.graph.lint()
         self.gm.recompile()
@@ -91,26 +86,22 @@ class GraphFolder:
         problem = self._bn_problem(name, bn)
         if problem is not None:
             return _kept(entry, *problem)
-        mean, var = running_statistics(bn)
-        scale, shift = bn_scale_shift(
-            mean, var, bn.eps, getattr(bn, "weight", None), getattr(bn, "bias", None)
-        )
+        scale, shift = bn_scale_shift(*_bn_arguments(bn))
         if not bool(torch.isfinite(scale).all() and torch.isfinite(shift).all()):
             reason = "running statistics are NaN/Inf or running_var + eps <= 0"
             return _kept(entry, "bad_statistics", reason)
-        affine = _Affine(scale, shift)
-        after = self._try_after(node, entry, affine)
+        after = self._try_after(node, entry)
         if after.folded:
             return after
-        before = self._try_before(node, entry, affine)
+        before = self._try_before(node, entry)
         if before.folded:
             return before
         main = after if _had_layer(after) or not _had_layer(before) else before
         kept = replace(main, reason=f"input {after.reason}; output {before.reason}")
-        self.beside_candidates.append((node, kept, affine))
+        self.beside_candidates.append((node, kept))
         return kept
 
-    def _try_after(self, node: fx.Node, entry: FoldEntry, affine: _Affine) -> FoldEntry:
+    def _try_after(self, node: fx.Node, entry: FoldEntry) -> FoldEntry:
         """``layer -> BN``: fold into the layer whose output is the BN's only input."""
         src = _only_input(node)
         where = f"comes from {self._describe(src)}"
@@ -121,9 +112,9 @@ class GraphFolder:
         others = [self._describe(u) for u in src.users if u is not node]
         if problem is None and others:
             problem = "shared_tensor", f"whose output also goes to {', '.join(others)}"
-        return self._fold_pair(node, entry, src, layer_name, where, problem, affine, "after")
+        return self._fold_pair(node, entry, src, layer_name, where, problem, "after")
 
-    def _try_before(self, node: fx.Node, entry: FoldEntry, affine: _Affine) -> FoldEntry:
+    def _try_before(self, node: fx.Node, entry: FoldEntry) -> FoldEntry:
         """``BN -> layer``: fold into the layer that is the BN output's only user."""
         users = list(node.users)
         tail = tail_names(self.modules[node.target])
@@ -146,18 +137,19 @@ class GraphFolder:
         layer_name = str(dst.target)
         layer = self.modules[layer_name]
         problem = self._layer_problem(layer_name, layer) or _before_problem(layer)
-        return self._fold_pair(node, entry, node, layer_name, where, problem, affine, "before")
+        return self._fold_pair(node, entry, node, layer_name, where, problem, "before")
 
-    def _try_beside(self, node: fx.Node, entry: FoldEntry, affine: _Affine) -> FoldEntry | None:
+    def _try_beside(self, node: fx.Node, entry: FoldEntry) -> FoldEntry:
         """``layer(x) + BN(x)``: fold into a layer that reads the BN's input and whose output
-        is summed with the BN's (``_beside.py``); None (``entry`` stands) if there is none."""
+        is summed with the BN's (``_beside.py``). ``entry`` stands if there is no such layer;
+        if there is one that cannot take the BN in, ``entry`` with that reason added."""
         users, x = list(node.users), _only_input(node)
         if tail_names(self.modules[str(node.target)]) or len(users) != 1 or x is None:
-            return None
+            return entry
         total = users[0]
         others = [arg for arg in total.args if arg is not node] if is_add(total) else []
         if len(others) != 1:
-            return None
+            return entry
         found = additive_layer(
             others[0],
             x,
@@ -165,18 +157,23 @@ class GraphFolder:
             lambda n: self._is_call_of(n, (nn.Identity,)),
         )
         if found is None:
-            return None
+            return entry
         layer_name, bn = str(found.target), self.modules[str(node.target)]
         layer = self.modules[layer_name]
         problem = self._layer_problem(layer_name, layer) or self._axis_problem(
             x, layer_name, layer, bn
         )
-        if problem is not None or beside_problem(layer) is not None:
-            return None
-        folded = self._apply(
-            node, replace(entry, code=None, reason=None), layer_name, affine, "beside"
+        unlike = beside_problem(layer)
+        if problem is None and unlike is not None:
+            problem = "layer_unsupported", f"which {unlike}"
+        if problem is None:
+            folded = self._apply(node, replace(entry, code=None, reason=None), layer_name, "beside")
+            if folded.folded:
+                return folded
+            problem = str(folded.code), str(folded.reason)
+        return replace(
+            entry, reason=f"{entry.reason}; beside it {self._describe(found)}, {problem[1]}"
         )
-        return folded if folded.folded else None
 
     def _fold_pair(
         self,
@@ -186,7 +183,6 @@ class GraphFolder:
         layer_name: str,
         where: str,
         problem: Problem | None,
-        affine: _Affine,
         position: Position,
     ) -> FoldEntry:
         """Fold unless ``problem`` or the channel axis (of the tensor ``between``) forbid it."""
@@ -195,35 +191,37 @@ class GraphFolder:
             problem = self._axis_problem(between, layer_name, self.modules[layer_name], bn)
         if problem is not None:
             return _kept(entry, problem[0], f"{where}, {problem[1]}")
-        return self._apply(node, entry, layer_name, affine, position)
+        return self._apply(node, entry, layer_name, position)
 
     def _apply(
-        self,
-        node: fx.Node,
-        entry: FoldEntry,
-        layer_name: str,
-        affine: _Affine,
-        position: Position,
+        self, node: fx.Node, entry: FoldEntry, layer_name: str, position: Position
     ) -> FoldEntry:
-        """Fold in float64 unless a result overflows the layer's dtype; rewire the graph."""
+        """Fold with :func:`fold_weights` in float64 (into what earlier BNs left of the layer),
+        unless a result overflows the layer's dtype; rewire the graph."""
         layer = self.modules[layer_name]
-        scale, shift = affine.scale, affine.shift
-        current = self.pending.get(layer_name) or _Weights(
-            _as64(layer.weight), None if layer.bias is None else _as64(layer.bias)
-        )
-        groups = layer_groups(layer)
+        bias_like = layer.weight if layer.bias is None else layer.bias
+        current = self.pending.get(layer_name)
+        if current is not None:
+            weight64, bias64 = current.weight64, current.bias64
+        else:
+            weight64 = as_float64(layer.weight)
+            bias64 = None if layer.bias is None else as_float64(layer.bias)
+        transposed, groups = weight_layout(layer)
         try:
-            transposed = isinstance(layer, _ConvTransposeNd)
-            w, b = fold64(current.weight, current.bias, scale, shift, position, transposed, groups)
+            w64, b64 = fold_weights(
+                weight64,
+                bias64,
+                *_bn_arguments(self.modules[str(node.target)]),
+                position=position,
+                transposed=transposed,
+                groups=groups,
+            )
+            weight, bias = cast_back(w64, layer.weight, "weight"), cast_back(b64, bias_like, "bias")
+        except FoldOverflowError as exc:
+            return _kept(entry, "overflow", f"could fold into {layer_name}, but {exc}")
         except ValueError as exc:
             raise ValueError(f"fold: cannot fold {node.target} into {layer_name}: {exc}") from exc
-        bias_dtype = layer.weight.dtype if layer.bias is None else layer.bias.dtype
-        for what, value, dtype in (("weight", w, layer.weight.dtype), ("bias", b, bias_dtype)):
-            problem = overflow_problem(value, dtype)
-            if problem is not None:
-                text = f"could fold into {layer_name}, but the folded {what} {problem}"
-                return _kept(entry, "overflow", text)
-        self.pending[layer_name] = _Weights(w, b)
+        self.pending[layer_name] = _Folded(w64, b64, weight, bias)
         self._remove(node, position)
         return replace(entry, folded_into=layer_name, position=position)
 
@@ -252,17 +250,12 @@ class GraphFolder:
         self.gm.delete_submodule(str(node.target))
 
     def _write_back(self) -> None:
-        """Cast every folded layer's float64 parameters back to its dtype and device."""
+        """Give every folded layer its new parameters (already in its dtypes and device)."""
         for name, folded in self.pending.items():
             layer = self.modules[name]
-            old_w, old_b = layer.weight, layer.bias
-            b_like = old_w if old_b is None else old_b
-            layer.weight = nn.Parameter(
-                folded.weight.to(old_w.device, old_w.dtype), requires_grad=old_w.requires_grad
-            )
-            layer.bias = nn.Parameter(
-                folded.bias.to(b_like.device, b_like.dtype), requires_grad=b_like.requires_grad
-            )
+            bias_like = layer.weight if layer.bias is None else layer.bias
+            layer.weight = nn.Parameter(folded.weight, requires_grad=layer.weight.requires_grad)
+            layer.bias = nn.Parameter(folded.bias, requires_grad=bias_like.requires_grad)
 
     # -- checks -----------------------------------------------------------------------------
 
@@ -362,11 +355,6 @@ class GraphFolder:
         return f"the attribute {node.target}"
 
 
-def layer_groups(layer: nn.Module) -> int:
-    """``groups`` of a conv, 1 for a linear layer."""
-    return int(getattr(layer, "groups", 1))
-
-
 def _before_problem(layer: nn.Module) -> Problem | None:
     """Why ``layer(BN(x))`` is not one layer even though both could fold: ``(code, "which ...")``.
 
@@ -374,7 +362,7 @@ def _before_problem(layer: nn.Module) -> Problem | None:
     AFTER the BN and BN(0) = shift != 0; reflect/replicate/circular padding copies BN outputs,
     which commutes with a per-channel affine map.
     """
-    if isinstance(layer, _ConvTransposeNd):
+    if weight_layout(layer)[0]:
         return "layer_unsupported", (
             "which is a transposed conv: its outputs sum varying numbers of inputs, so the "
             "BN's shift is not a constant bias"
@@ -415,8 +403,11 @@ def _not_called(name: str, bn: nn.Module) -> FoldEntry:
     return FoldEntry(name, type(bn).__name__, code="not_called", reason=reason)
 
 
-def _as64(t: Tensor) -> Tensor:
-    return t.detach().to(device="cpu", dtype=torch.float64)
+def _bn_arguments(bn: nn.Module) -> tuple[Tensor, Tensor, float, Tensor | None, Tensor | None]:
+    """``(running_mean, running_var, eps, gamma, beta)`` of a BN, as :func:`fold_weights`
+    takes them (``gamma``/``beta`` None for ``affine=False``)."""
+    mean, var = running_statistics(bn)
+    return mean, var, bn.eps, getattr(bn, "weight", None), getattr(bn, "bias", None)
 
 
 __all__ = ["LAYERS", "GraphFolder"]

@@ -1,46 +1,6 @@
-"""The arithmetic of folding batch norm into a neighbouring convolution or linear layer.
-
-In eval mode a BN layer normalizes with fixed statistics, so it is a per-channel affine map
-(the lecture's notation, PyTorch's names in brackets)::
-
-    z_tilde = gamma * (z - mu) / sqrt(var + eps) + beta
-            = scale * z + shift
-    scale   = gamma / sqrt(var + eps)         gamma = weight, mu = running_mean,
-    shift   = beta - mu * scale               var = running_var, beta = bias
-
-A convolution or linear layer ``y = W * x + b`` next to it absorbs that map (Ioffe & Szegedy
-2015, section 3.2; Jacob et al. 2018, section 3.2):
-
-- BN AFTER the layer (:func:`fold_weights`, ``position="after"``), per OUTPUT channel ``o``::
-
-      W'[o] = W[o] * scale[o]
-      b'[o] = (b[o] - mu[o]) * scale[o] + beta[o]  =  b[o] * scale[o] + shift[o]
-
-- BN BEFORE the layer (``position="before"``), per INPUT channel ``c``::
-
-      W'[:, c] = W[:, c] * scale[c]
-      b'[o]    = b[o] + sum over c and the kernel of W[o, c, ...] * shift[c]
-
-  exact only if every output position sums the same, unpadded, inputs (see ``_folder.py``).
-
-- BN BESIDE the layer, ``layer(x) + BN(x)`` (``position="beside"``; ``_beside.py``), per
-  channel ``c``, for a layer with as many input as output channels, ``centre`` the middle of
-  the kernel::
-
-      W'[c, c, centre] = W[c, c, centre] + scale[c]
-      b'[c]            = b[c] + shift[c]
-
-Everything is computed in float64 (on the CPU, which every backend can reach) and cast back
-to the layer's dtype; a result that would not be finite in that dtype raises
-:class:`FoldOverflowError` instead of silently becoming ``inf``. ``bias=None`` means a layer
-without bias (``b = 0``), ``gamma=None`` / ``beta=None`` a BN with ``affine=False``
-(``gamma = 1``, ``beta = 0``).
-
-Weight layouts (``groups`` as in ``nn.Conv*d``):
-
-- Linear ``(out, in)``; Conv ``(out, in / groups, *kernel)``;
-- ConvTranspose ``(in, out / groups, *kernel)``: input channel ``i`` belongs to group
-  ``g = i // (in / groups)`` and ``weight[i, j]`` feeds output channel ``g * out / groups + j``.
+"""The arithmetic of folding batch norm into a neighbouring convolution or linear layer:
+:func:`fold_weights` (its docstring holds the formulas), which :func:`bnstats.torch.fold`
+calls for every BN it folds, as torch's ``fuse_conv_bn_eval`` calls ``fuse_conv_bn_weights``.
 """
 
 from __future__ import annotations
@@ -49,6 +9,7 @@ import math
 from typing import Literal
 
 import torch
+from torch import nn
 
 Tensor = torch.Tensor
 Pair = tuple[Tensor, Tensor]
@@ -70,22 +31,17 @@ def bn_scale_shift(
     gamma: Tensor | None = None,
     beta: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The BN layer as ``z_tilde = scale * z + shift``, in float64 on the CPU::
-
-        scale = gamma / sqrt(running_var + eps)
-        shift = beta - running_mean * scale
-
-    ``gamma=None`` means 1 and ``beta=None`` means 0 (``affine=False``).
-    """
-    mu = _as64(running_mean)
-    var = _as64(running_var)
+    """The BN layer as ``z_tilde = scale * z + shift``, in float64 on the CPU (the formula:
+    :func:`fold_weights`); ``gamma=None`` means 1 and ``beta=None`` means 0."""
+    mu = as_float64(running_mean)
+    var = as_float64(running_var)
     if mu.dim() != 1 or var.shape != mu.shape:
         raise ValueError(
             f"running_mean and running_var must be vectors of one length, got shapes "
             f"{tuple(running_mean.shape)} and {tuple(running_var.shape)}"
         )
-    gamma64 = torch.ones_like(mu) if gamma is None else _as64(gamma)
-    beta64 = torch.zeros_like(mu) if beta is None else _as64(beta)
+    gamma64 = torch.ones_like(mu) if gamma is None else as_float64(gamma)
+    beta64 = torch.zeros_like(mu) if beta is None else as_float64(beta)
     for name, value in (("gamma", gamma64), ("beta", beta64)):
         if value.shape != mu.shape:
             raise ValueError(
@@ -110,24 +66,52 @@ def fold_weights(
 ) -> tuple[Tensor, Tensor]:
     """Weights of the one layer that computes the layer and its BN together.
 
-    With ``scale = gamma / sqrt(running_var + eps)`` and ``shift = beta - running_mean * scale``:
+    In eval mode a BN layer normalizes with fixed statistics, so it is a per-channel affine
+    map (the lecture's notation, PyTorch's names in brackets)::
 
-    - ``position="after"``, ``BN(layer(x))``, per output channel ``o``:
-      ``W'[o] = W[o] * scale[o]``, ``b'[o] = b[o] * scale[o] + shift[o]``;
-      ``transposed=True`` for ConvTranspose weights ``(in, out / groups, *kernel)``;
-    - ``position="before"``, ``layer(BN(x))``, per input channel ``c``:
-      ``W'[:, c] = W[:, c] * scale[c]``, ``b'[o] = b[o] + sum over c, kernel of
-      W[o, c, ...] * shift[c]``; for Linear and Conv weights only, and equal to
-      ``layer(BN(x))`` only where the layer adds no zero padding (``fold`` checks it);
-    - ``position="beside"``, ``layer(x) + BN(x)``, per channel ``c``:
-      ``W'[c, c, centre] += scale[c]``, ``b'[c] = b[c] + shift[c]``; for Linear and Conv
-      weights with as many input as output channels, and equal to ``layer(x) + BN(x)`` only
-      for stride 1 and centred padding (``fold`` checks it).
+        z_tilde = gamma * (z - mu) / sqrt(var + eps) + beta
+                = scale * z + shift
+        scale   = gamma / sqrt(var + eps)         gamma = weight, mu = running_mean,
+        shift   = beta - mu * scale               var = running_var, beta = bias
 
-    Computed in float64 and returned in the dtypes of ``weight`` and ``bias`` (``weight``'s if
-    ``bias`` is None) on ``weight``'s device. Raises ``ValueError`` naming the shapes if the
-    BN's channels are not the layer's output (input) channels, :class:`FoldOverflowError` if a
-    result is not finite in its dtype.
+    A convolution or linear layer ``y = W * x + b`` next to it absorbs that map (Ioffe &
+    Szegedy 2015, section 3.2; Jacob et al. 2018, section 3.2):
+
+    - ``position="after"``, ``BN(layer(x))``, per OUTPUT channel ``o``::
+
+          W'[o] = W[o] * scale[o]
+          b'[o] = (b[o] - mu[o]) * scale[o] + beta[o]  =  b[o] * scale[o] + shift[o]
+
+    - ``position="before"``, ``layer(BN(x))``, per INPUT channel ``c``::
+
+          W'[:, c] = W[:, c] * scale[c]
+          b'[o]    = b[o] + sum over c and the kernel of W[o, c, ...] * shift[c]
+
+      for Linear and Conv weights only, and equal to ``layer(BN(x))`` only where every
+      output position sums the same, unpadded, inputs (``fold`` checks it);
+
+    - ``position="beside"``, ``layer(x) + BN(x)`` (RepVGG's identity branch), per channel
+      ``c``, ``centre`` the middle of the kernel::
+
+          W'[c, c, centre] = W[c, c, centre] + scale[c]
+          b'[c]            = b[c] + shift[c]
+
+      for Linear and Conv weights with as many input as output channels, and equal to
+      ``layer(x) + BN(x)`` only for stride 1 and centred padding (``fold`` checks it).
+
+    ``bias=None`` means a layer without bias (``b = 0``), ``gamma=None`` / ``beta=None`` a BN
+    with ``affine=False`` (``gamma = 1``, ``beta = 0``). Weight layouts (``groups`` as in
+    ``nn.Conv*d``): Linear ``(out, in)``; Conv ``(out, in / groups, *kernel)``;
+    ConvTranspose (``transposed=True``, ``position="after"`` only) ``(in, out / groups,
+    *kernel)``, where input channel ``i`` belongs to group ``g = i // (in / groups)`` and
+    ``weight[i, j]`` feeds output channel ``g * out / groups + j``.
+
+    Computed in float64 on the CPU (which every backend can reach) and cast back
+    (:func:`cast_back`) to the dtypes of ``weight`` and ``bias`` (``weight``'s if ``bias``
+    is None) on ``weight``'s device: float64 weights give the exact float64 result, which
+    ``fold`` keeps while a layer absorbs several BNs and rounds once. Raises ``ValueError``
+    naming the shapes if the BN's channels are not the layer's output (input) channels,
+    :class:`FoldOverflowError` if a result is not finite in its dtype.
     """
     if position not in ("after", "before", "beside"):
         raise ValueError(f"position must be 'after', 'before' or 'beside', got {position!r}")
@@ -137,34 +121,29 @@ def fold_weights(
             "numbers of inputs, so the BN's shift is not a constant bias"
         )
     scale, shift = bn_scale_shift(running_mean, running_var, eps, gamma, beta)
-    w64, b64 = fold64(
-        _as64(weight), _as64_or_none(bias), scale, shift, position, transposed, groups
-    )
-    return _cast_back(w64, weight), _cast_back(b64, weight if bias is None else bias)
-
-
-def fold64(
-    weight: Tensor,
-    bias: Tensor | None,
-    scale: Tensor,
-    shift: Tensor,
-    position: Position,
-    transposed: bool = False,
-    groups: int = 1,
-) -> Pair:
-    """:func:`fold_weights` on float64 tensors, from the BN's ``scale`` and ``shift``."""
+    w64 = as_float64(weight)
+    b64 = None if bias is None else as_float64(bias)
     if position == "after":
-        return _fold_after(weight, bias, scale, shift, transposed, groups)
-    if position == "before":
-        return _fold_before(weight, bias, scale, shift, groups)
-    return _fold_beside(weight, bias, scale, shift, groups)
+        w_new, b_new = _fold_after(w64, b64, scale, shift, transposed, groups)
+    elif position == "before":
+        w_new, b_new = _fold_before(w64, b64, scale, shift, groups)
+    else:
+        w_new, b_new = _fold_beside(w64, b64, scale, shift, groups)
+    bias_like = weight if bias is None else bias
+    return cast_back(w_new, weight, "weight"), cast_back(b_new, bias_like, "bias")
+
+
+def weight_layout(layer: nn.Module) -> tuple[bool, int]:
+    """``(transposed, groups)`` of a conv or linear layer's weight, as :func:`fold_weights`
+    takes them (a linear layer: ``(False, 1)``)."""
+    transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
+    return transposed, int(getattr(layer, "groups", 1))
 
 
 def _fold_after(
     weight: Tensor, bias: Bias, scale: Tensor, shift: Tensor, transposed: bool, groups: int
 ) -> Pair:
-    """``position="after"`` in float64: ``W' = W * scale`` per output channel,
-    ``b' = b * scale + shift``."""
+    """:func:`fold_weights`' ``position="after"`` in float64."""
     out_channels = _out_channels(weight, transposed, groups)
     _check_channels(scale, out_channels, "output", weight, transposed, groups)
     _check_bias(bias, out_channels, weight)
@@ -180,8 +159,7 @@ def _fold_after(
 
 
 def _fold_before(weight: Tensor, bias: Bias, scale: Tensor, shift: Tensor, groups: int) -> Pair:
-    """``position="before"`` in float64:
-    ``W'[:, c] = W[:, c] * scale[c]``, ``b' = b + sum W[:, c, ...] * shift[c]``."""
+    """:func:`fold_weights`' ``position="before"`` in float64."""
     if weight.dim() < 2 or weight.shape[0] % groups:
         raise ValueError(
             f"weight of shape {tuple(weight.shape)} cannot be a layer with groups={groups}"
@@ -205,8 +183,7 @@ def _fold_before(weight: Tensor, bias: Bias, scale: Tensor, shift: Tensor, group
 
 
 def _fold_beside(weight: Tensor, bias: Bias, scale: Tensor, shift: Tensor, groups: int) -> Pair:
-    """``position="beside"`` in float64:
-    ``W'[c, c, centre] = W[c, c, centre] + scale[c]``, ``b' = b + shift``."""
+    """:func:`fold_weights`' ``position="beside"`` in float64."""
     out_channels = _out_channels(weight, False, groups)
     per_group = weight.shape[1]
     if per_group * groups != out_channels:
@@ -224,7 +201,7 @@ def _fold_beside(weight: Tensor, bias: Bias, scale: Tensor, shift: Tensor, group
     return w_new, b_old + shift
 
 
-def overflow_problem(value: Tensor, dtype: torch.dtype) -> str | None:
+def _overflow_problem(value: Tensor, dtype: torch.dtype) -> str | None:
     """Why the float64 ``value`` cannot be stored in ``dtype`` (None if it can).
 
     Checks the cast itself, so rounding up past the largest finite number (65504 in float16)
@@ -245,11 +222,13 @@ def overflow_problem(value: Tensor, dtype: torch.dtype) -> str | None:
     )
 
 
-def _cast_back(value: Tensor, like: Tensor) -> Tensor:
-    problem = overflow_problem(value, like.dtype)
+def cast_back(value: Tensor, like: Tensor, what: str) -> Tensor:
+    """The float64 ``value`` in ``like``'s dtype and on its device; :class:`FoldOverflowError`
+    naming ``what`` (``"weight"``, ``"bias"``) if it is not finite there."""
+    problem = _overflow_problem(value, like.dtype)
     if problem is not None:
         raise FoldOverflowError(
-            f"the folded tensor of shape {tuple(value.shape)} {problem}; keep the BN layer "
+            f"the folded {what} of shape {tuple(value.shape)} {problem}: keep the BN layer "
             "or store the layer in a wider dtype"
         )
     return value.to(device=like.device, dtype=like.dtype)
@@ -282,12 +261,9 @@ def _check_bias(bias: Tensor | None, out_channels: int, weight: Tensor) -> None:
         )
 
 
-def _as64(t: Tensor) -> Tensor:
+def as_float64(t: Tensor) -> Tensor:
+    """A detached float64 copy on the CPU, where fold computes."""
     return t.detach().to(device="cpu", dtype=torch.float64)
-
-
-def _as64_or_none(t: Tensor | None) -> Tensor | None:
-    return None if t is None else _as64(t)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -296,9 +272,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 __all__ = [
     "FoldOverflowError",
-    "bn_scale_shift",
-    "fold64",
-    "fold_weights",
-    "overflow_problem",
     "Position",
+    "as_float64",
+    "bn_scale_shift",
+    "cast_back",
+    "fold_weights",
+    "weight_layout",
 ]

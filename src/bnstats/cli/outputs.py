@@ -1,0 +1,101 @@
+"""A command's output files: checked before any work, written all together or not at all.
+
+:func:`check_outputs` refuses, in one line, an output that is a folder, whose folder is
+missing or not writable, whose name the file system does not take, that two options share
+(``--out X --onnx X``) or that names an input (``--out mymodel.py`` for
+``--model mymodel.py:build``, ``--out`` equal to ``--data`` or ``--weights``): a file is
+created under each name and removed again, so that the work is not done for nothing.
+:func:`written_together` stages every file under a short hidden name beside its target and
+renames them all into place only once every one is complete; if anything fails before, the
+staged files are removed and no output changes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bnstats._files import file_mode
+
+STAGING_PREFIX = ".bnstats-"
+STAGING_SUFFIX = ".tmp"
+
+
+def check_outputs(outputs: Mapping[str, str | Path], inputs: Mapping[str, Path]) -> None:
+    """Raise ``ValueError`` naming the option if an output (by option, ``{"--out": path}``)
+    cannot be written, is shared by two options or is one of ``inputs`` (by option)."""
+    seen: dict[Path, str] = {}
+    for option, given in outputs.items():
+        path = Path(given)
+        _check_writable(option, path)
+        for other, earlier in seen.items():
+            if _same_file(path, other):
+                raise ValueError(f"{option} {given} is also {earlier}; give two different names")
+        for input_option, source in inputs.items():
+            if _same_file(path, source):
+                raise ValueError(
+                    f"{option} {given} is the {input_option} file {source}: writing it would "
+                    "replace an input; give another name"
+                )
+        seen[path] = option
+
+
+def saved_bytes(torch: Any, obj: Any) -> bytes:
+    """What ``torch.save(obj, file)`` writes."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def _check_writable(option: str, path: Path) -> None:
+    """The folder exists, ``path`` is no folder, and a file of that name can be made there."""
+    if not path.parent.is_dir():
+        raise ValueError(f"{option} {path}: directory {path.parent} does not exist")
+    try:
+        if path.is_dir():
+            raise ValueError(f"{option} {path} is a directory; give a file name")
+        if path.exists():
+            if not os.access(path.parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{option} {path}: cannot write in {path.parent}")
+            return
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as err:
+        raise ValueError(f"{option} {path}: cannot create it ({err.strerror})") from None
+    path.unlink()
+
+
+@contextmanager
+def written_together(paths: list[Path]) -> Iterator[dict[Path, Path]]:
+    """Yield, for each target, an empty staging file in its folder to write in full; when
+    the block ends without error, each becomes its target (with the mode ``open()`` would
+    give it). On error, or if staging fails, every staging file is removed."""
+    staging: dict[Path, Path] = {}
+    try:
+        for path in paths:
+            fd, name = tempfile.mkstemp(
+                dir=path.parent, prefix=STAGING_PREFIX, suffix=STAGING_SUFFIX
+            )
+            os.close(fd)
+            staging[path] = Path(name)
+        yield staging
+        for path, staged in staging.items():
+            os.chmod(staged, file_mode(path))
+        for path, staged in staging.items():
+            os.replace(staged, path)
+    finally:
+        for staged in staging.values():
+            staged.unlink(missing_ok=True)
+
+
+__all__ = ["check_outputs", "saved_bytes", "written_together"]

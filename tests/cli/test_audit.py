@@ -1,0 +1,38 @@
+"""``bnstats audit --strict`` (bnstats.cli.audit): exit status 1 when any layer is flagged,
+for CI pipelines; through the command's ``main``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bnstats.cli import main
+
+torch = pytest.importorskip("torch")
+
+from tests.cli.user_project import stale_weights  # noqa: E402
+
+AUDIT = ["audit", "--model", "usermodels.py:make", "--data", "data.npz"]
+
+
+def test_strict_exits_1_when_a_layer_is_flagged(project_here, capsys):
+    stale_weights(project_here)  # running statistics never updated: every layer is flagged
+    assert main([*AUDIT, "--weights", "weights.pt"]) == 0
+    capsys.readouterr()
+    assert main([*AUDIT, "--weights", "weights.pt", "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("--strict: 2 flagged: 1, 4")
+    assert main([*AUDIT, "--weights", "weights.pt", "--strict", "--json"]) == 1
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    assert all(layer["flags"] for layer in layers)
+
+
+def test_strict_exits_0_after_recalibrating(project_here, capsys):
+    stale_weights(project_here)
+    common = ["--model", "usermodels.py:make", "--weights", "weights.pt", "--data", "data.npz"]
+    assert main(["recalibrate", *common, "--out", "new.pt"]) == 0
+    capsys.readouterr()
+    assert main([*AUDIT, "--weights", "new.pt", "--strict", "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    assert [layer["flags"] for layer in layers] == [[], []]
