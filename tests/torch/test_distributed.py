@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import bnstats.torch as bt
+from tests.doc_examples import shown_output
 from tests.torch import distributed_scenarios as sc
 from tests.torch import reference as ref
 from tests.torch import timm_patterns as timm
@@ -371,3 +372,8 @@ def test_the_example_runs_under_torchrun_and_the_ranks_agree(tmp_path):
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     expected = "backend nccl on cuda" if gpus >= 2 else "backend gloo on cpu"
     assert expected in log.read_text()  # one GPU per rank only when there are enough
+    if expected.startswith("backend gloo"):  # what docs/distributed.md shows, line for line
+        shown = shown_output("distributed.md", "examples/distributed_recalibrate.py")
+        lines = log.read_text().splitlines()
+        printed = [line for line in lines if line.startswith(("rank", "all"))]
+        assert printed == [line for line in shown if not line.startswith("$ ")]
