@@ -178,7 +178,7 @@ def test_bad_input_is_named():
         port(stats, source="jax", target="torch")
     with pytest.raises(ValueError, match="keras state has no 'moving_variance'"):
         port({"moving_mean": stats["moving_mean"]}, source="keras", target="torch")
-    with pytest.raises(ValueError, match="moving_mean has shape \\(6,\\) but moving_variance"):
+    with pytest.raises(ValueError, match="moving_mean has 6, moving_variance has 5"):
         port({**stats, "moving_variance": np.ones(5)}, source="keras", target="torch")
     with pytest.raises(ValueError, match="gamma must be one value per channel"):
         port({**stats, "gamma": np.ones((2, C))}, source="keras", target="torch")
@@ -186,6 +186,76 @@ def test_bad_input_is_named():
         port(stats, source="keras", target="torch", count=1)
     with pytest.raises(ValueError, match="haiku state has no 'decay_rate'"):
         port({"mean_ema": np.zeros(C), "var_ema": np.ones(C)}, source="haiku", target="torch")
+
+
+_REFUSED = [
+    # (changed keys, what the error says): each would otherwise port a wrong number.
+    (
+        {"moving_variance": [1.0, np.nan, 1, 1, 1, 1]},
+        r"moving_variance is NaN or infinite in channel\(s\) \[1\]",
+    ),
+    (
+        {"moving_variance": [1.0, 1, 1, 1, 1, np.inf]},
+        r"moving_variance is NaN or infinite in channel\(s\) \[5\]",
+    ),
+    (
+        {"moving_mean": [-np.inf, 0, 0, 0, 0, 0]},
+        r"moving_mean is NaN or infinite in channel\(s\) \[0\]",
+    ),
+    ({"gamma": [np.nan] * C}, "gamma is NaN or infinite"),
+    (
+        {"moving_variance": [1.0, 1, -0.5, 1, 1, 1]},
+        r"moving_variance is negative in channel\(s\) \[2\]",
+    ),
+    ({"gamma": np.ones(C + 1)}, "gamma has 7, beta has 6, moving_mean has 6"),
+    ({"beta": np.ones(C - 2)}, "beta has 4"),
+    ({"epsilon": np.nan}, "epsilon must be a finite number >= 0, got nan"),
+    ({"epsilon": -1e-3}, "epsilon must be a finite number >= 0, got -0.001"),
+    ({"epsilon": np.inf}, "epsilon must be a finite number >= 0, got inf"),
+    ({"epsilon": None}, "epsilon must be a finite number >= 0, got None"),
+    ({"epsilon": "1e-3"}, "keras epsilon must hold real numbers, got dtype <U4"),
+    ({"momentum": "abc"}, "keras momentum must hold real numbers, got dtype <U3"),
+    ({"momentum": [0.9, 0.9]}, "keras momentum must be one number"),
+    ({"momentum": np.nan}, "keras momentum must lie in"),
+    (
+        {"moving_mean": np.array(["0.1"] * C)},
+        "keras moving_mean must hold real numbers, got dtype <U3",
+    ),
+    ({"beta": ["a"] * C}, "keras beta must hold real numbers"),
+    (
+        {"moving_mean": [0.0, None, 0, 0, 0, 0]},
+        "keras moving_mean must hold real numbers, got dtype object",
+    ),
+    (
+        {"moving_mean": np.ones(C) * (1 + 2j)},
+        r"keras moving_mean is complex \(complex128\): give real",
+    ),
+    ({"gamma": np.ones(C, dtype=bool)}, "keras gamma must hold real numbers, got dtype bool"),
+]
+
+
+@pytest.mark.parametrize(("changes", "message"), _REFUSED)
+def test_a_wrong_number_is_refused_with_its_key_named(changes, message):
+    with pytest.raises(ValueError, match=message):
+        port({**_stats(), **changes}, source="keras", target="torch")
+
+
+def test_a_state_that_is_not_a_mapping_is_a_type_error():
+    for state in (None, [1, 2], np.ones(3)):
+        with pytest.raises(TypeError, match="state must be a mapping of keras's names"):
+            port(state, source="keras", target="torch")
+
+
+def test_valid_edge_values_still_port():
+    """A zero variance, eps=0 and integer arrays are real numbers: ported as given."""
+    ported = port(
+        {**_stats(), "moving_variance": np.zeros(C), "epsilon": 0, "moving_mean": np.arange(C)},
+        source="keras",
+        target="torch",
+    )
+    np.testing.assert_array_equal(ported.state["running_var"], np.zeros(C))
+    np.testing.assert_array_equal(ported.state["running_mean"], np.arange(C, dtype=float))
+    assert ported.state["eps"] == 0.0
 
 
 def test_missing_parameters_stay_missing_and_defaults_are_noted():

@@ -72,3 +72,34 @@ def test_the_working_folder_is_refused(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="holds the working folder"):
             check_output_folder(out, ["a"])
     assert check_output_folder("run", ["a"]) == Path("run")
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """Every entry under ``folder`` (links not followed): what it is and what it holds."""
+    entries = {}
+    for path in sorted(folder.rglob("*")):
+        key = str(path.relative_to(folder))
+        if path.is_symlink():
+            entries[key] = "link to " + str(Path(path.readlink()))
+        elif path.is_dir():
+            entries[key] = "folder"
+        else:
+            entries[key] = path.read_text()
+    return entries
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_a_symlinked_output_is_refused_before_anything_is_touched(tmp_path, dangling):
+    """A link to a previous run (or to nothing) is refused by the check and by the swap
+    itself, and the link, the folder it points to and their parent are left as found."""
+    run = tmp_path / "run-1"
+    if not dangling:
+        _write(run, a="old")
+    link = tmp_path / "link"
+    link.symlink_to(run.name, target_is_directory=True)
+    before = _snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"--out .*link is a symbolic link \(to run-1\)"):
+        check_output_folder(link, ["a"])
+    with pytest.raises(ValueError, match="is a symbolic link"), one_generation(link) as staging:
+        _write(staging, a="new")
+    assert _snapshot(tmp_path) == before

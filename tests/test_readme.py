@@ -24,3 +24,15 @@ def test_ci_runs_the_readme_test_command():
     tests = _first_code_block()[1]
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert tests in [line.strip() for line in ci]
+
+
+def test_the_readme_s_inline_python_comparisons_hold():
+    """Inline code such as `bnstats.momentum_from_decay(0.99) == 0.01` is a claim: it is
+    evaluated and must be True (not merely close)."""
+    import bnstats
+
+    text = (ROOT / "README.md").read_text()
+    claims = re.findall(r"`(bnstats\.[\w.]+\([^`]*\) == [^`]+)`", text)
+    assert claims, "the README shows no inline comparison"
+    for claim in claims:
+        assert eval(claim, {"bnstats": bnstats}) is True, claim

@@ -231,6 +231,19 @@ def test_momentum_conventions():
             EMA(bad)
 
 
+@pytest.mark.parametrize("digits", [1, 2, 3, 4])
+def test_momentum_and_decay_compare_equal_to_the_decimal_a_user_writes(digits):
+    """``momentum_from_decay(0.99) == 0.01`` as the README shows: every decimal fraction of up
+    to 4 digits converts to exactly the float of the decimal ``1 - value`` (Python's own
+    parsing of that decimal is the reference)."""
+    for k in range(10**digits + 1):
+        value = float(f"{k / 10**digits:.{digits}f}")
+        expected = float(f"{(10**digits - k) / 10**digits:.{digits}f}")
+        assert momentum_from_decay(value) == expected, value
+        assert decay_from_momentum(value) == expected, value
+    assert momentum_from_decay(0.99) == 0.01 and decay_from_momentum(0.01) == 0.99
+
+
 def test_estimators_work_on_torch_tensors():
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(12, 4, generator=gen, dtype=torch.float32) * 2 + 1 for _ in range(5)]

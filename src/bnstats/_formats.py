@@ -7,8 +7,14 @@ line naming the file, a header that is not a JSON object, another format, or ano
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+ZIP_MAGIC = b"PK\x03\x04"
+"""The first bytes of every ``.npz`` archive (a zip file)."""
 
 
 class FileFormatError(ValueError):
@@ -21,11 +27,33 @@ def format_header(name: str, version: int) -> dict[str, Any]:
 
 
 def parse_header(text: str, path: Path, error: type[FileFormatError] = FileFormatError) -> Any:
-    """The JSON value in ``text``, or ``error`` naming ``path``."""
+    """The JSON value in ``text``, or ``error`` naming ``path`` (also for JSON nested too
+    deeply for Python's parser, which would otherwise raise a bare ``RecursionError``)."""
     try:
         return json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise error(f"{path}: unreadable header ({err})") from None
+    except RecursionError:
+        raise error(f"{path}: unreadable header (JSON nested too deeply)") from None
+
+
+def read_npz(
+    path: Path, what: str, error: type[FileFormatError] = FileFormatError
+) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` archive at ``path`` (nothing unpickled); ``error`` naming
+    ``path`` and ``what`` it should be (``"a bnstats history file (history.npz)"``) when it
+    is not a zip archive (a CSV, a pickle, a ``.npy``) or is damaged."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}")
+    with path.open("rb") as handle:
+        start = handle.read(len(ZIP_MAGIC))
+    if start != ZIP_MAGIC:
+        raise error(f"{path} is not a .npz archive (it starts with {start!r}); expected {what}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise error(f"{path} is not a readable .npz archive ({err}); expected {what}") from None
 
 
 def check_header(

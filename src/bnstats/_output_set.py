@@ -11,6 +11,12 @@ files) are removed by the next run.
 
 The folder is swapped as a whole, so it may hold only what the run writes: a folder holding
 other files is refused before any work is done.
+
+An output path that is a symbolic link is refused too, before anything is touched. It has
+two plausible meanings (replace the folder it points to, or point the link at the new run)
+and the swap above fits neither: it exchanges directory entries, so it would put a real
+folder where the user's link was. Guessing would change something the user owns; the error
+names the folder the link points to, which a run can replace.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ def check_output_folder(out: str | Path, names: Collection[str], option: str = "
     writable folder), or a folder holding only ``names`` and leftover ``.*.tmp`` files.
     Raises ``ValueError`` naming ``option`` otherwise; creates nothing."""
     out = Path(out)
+    refuse_symlink(out, option)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{option} {out} is a file, not a folder")
     here = Path.cwd().resolve()
@@ -58,6 +65,17 @@ def check_output_folder(out: str | Path, names: Collection[str], option: str = "
     return out
 
 
+def refuse_symlink(out: Path, option: str = "--out") -> None:
+    """``ValueError`` if ``out`` itself is a symbolic link (dangling or not); see the module's
+    docstring for why a link is not followed."""
+    if out.is_symlink():
+        target = os.readlink(out)
+        raise ValueError(
+            f"{option} {out} is a symbolic link (to {target}); give the folder itself "
+            f"({out.resolve()}) or a new path"
+        )
+
+
 def _ours(name: str, names: Collection[str]) -> bool:
     return name in names or (name.startswith(".") and name.endswith(".tmp"))
 
@@ -66,8 +84,10 @@ def _ours(name: str, names: Collection[str]) -> bool:
 def one_generation(out: str | Path) -> Iterator[Path]:
     """Yield an empty staging folder; when the block ends without error, the staging folder
     becomes ``out`` in one step and the previous ``out`` is removed. On error the staging
-    folder is removed and ``out`` stays as it was."""
+    folder is removed and ``out`` stays as it was. A symbolic link at ``out`` is refused
+    (``ValueError``) before anything is created or removed."""
     out = Path(out)
+    refuse_symlink(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=NEW_SUFFIX))

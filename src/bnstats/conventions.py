@@ -173,21 +173,36 @@ def port(
     Haiku's ``mean_ema``/``var_ema`` may be given as the average itself, as its state
     mapping with ``"average"``, or with ``"hidden"`` and ``"counter"`` (debiased with the
     decay); for a Haiku target they are the average (see :func:`zero_debiased_hidden`).
-    Raises ``ValueError`` naming the key or convention for unknown conventions, missing
-    statistics, shapes that disagree, or ``count <= 1``.
+
+    Nothing is ported that would be a silently wrong number. Raises ``ValueError`` naming the
+    key or convention for: unknown conventions; missing statistics; an array that is not real
+    numbers (strings, complex, objects), not one value per channel, or holds NaN or an
+    infinity; a negative variance; ``gamma``/``beta``/``mu``/``var`` of different lengths; a
+    momentum or eps that is not a number, an eps that is negative, NaN or infinite; or
+    ``count <= 1``. ``TypeError`` when ``state`` is not a mapping.
     """
     src, dst = convention(source), convention(target)
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            f"state must be a mapping of {src.name}'s names ({', '.join(src.keys)}) to "
+            f"arrays, got {type(state).__name__}"
+        )
     notes: list[str] = []
     momentum = _hyperparameter(state, src, src.momentum_key, src.default_momentum, notes)
     eps = _hyperparameter(state, src, src.eps_key, src.default_eps, notes)
+    if eps is None or not 0.0 <= eps < math.inf:
+        raise ValueError(f"{src.name} {src.eps_key} must be a finite number >= 0, got {eps!r}")
     ported = _parameters(state, src, dst)
     mean_key, var_key = src.keys[2], src.keys[3]
     mean = _statistic(state, src, mean_key, momentum)
     var = _statistic(state, src, var_key, momentum)
-    if mean.shape != var.shape:
-        raise ValueError(
-            f"{src.name} {mean_key} has shape {mean.shape} but {var_key} has {var.shape}"
-        )
+    if (var < 0).any():
+        channels = np.flatnonzero(var < 0).tolist()
+        raise ValueError(f"{src.name} {var_key} is negative in channel(s) {channels}")
+    present = {
+        key: ported[d] for key, d in zip(src.keys[:2], dst.keys[:2], strict=True) if d in ported
+    }
+    _check_lengths(src, {**present, mean_key: mean, var_key: var})
     ported[dst.keys[2]] = mean
     ported[dst.keys[3]] = _ported_variance(var, src, dst, count, notes)
     ported[dst.momentum_key] = convert_momentum(momentum, source=src.name, target=dst.name)
@@ -205,7 +220,12 @@ def _hyperparameter(
 ) -> float | None:
     if key in state:
         value = state[key]
-        return None if value is None else float(value)
+        if value is None:
+            return None
+        try:
+            return float(_numbers(value, src, key))
+        except TypeError:
+            raise ValueError(f"{src.name} {key} must be one number, got {value!r}") from None
     if default is None:
         raise ValueError(f"{src.name} state has no {key!r} and {src.name} has no default for it")
     notes.append(f"{src.name} {key} not given: its default {default:g} was assumed")
@@ -218,6 +238,14 @@ def _parameters(state: Mapping[str, Any], src: Convention, dst: Convention) -> d
         if source_key in state and state[source_key] is not None:
             ported[target_key] = _as_vector(state[source_key], src, source_key)
     return ported
+
+
+def _check_lengths(src: Convention, arrays: dict[str, np.ndarray]) -> None:
+    """Every array one value per channel of the same layer: one length for all."""
+    lengths = {key: array.shape[0] for key, array in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{key} has {n}" for key, n in lengths.items())
+        raise ValueError(f"{src.name} arrays disagree on the number of channels: {listed}")
 
 
 def _statistic(
@@ -237,17 +265,35 @@ def _haiku_average(
     if "average" in value:
         return value["average"]
     if "hidden" in value and "counter" in value and decay is not None:
-        return debiased_average(value["hidden"], decay=decay, steps=value["counter"])
+        hidden = _numbers(value["hidden"], src, f"{key}['hidden']")
+        return debiased_average(hidden, decay=decay, steps=value["counter"])
     raise ValueError(
         f"{src.name} {key} needs 'average', or 'hidden' and 'counter' with {src.momentum_key}"
     )
 
 
 def _as_vector(value: Any, src: Convention, key: str) -> np.ndarray:
-    array = np.asarray(value, dtype=np.float64)
+    array = _numbers(value, src, key)
     if array.ndim != 1:
         raise ValueError(f"{src.name} {key} must be one value per channel, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        channels = np.flatnonzero(~np.isfinite(array)).tolist()
+        raise ValueError(f"{src.name} {key} is NaN or infinite in channel(s) {channels}")
     return array.copy()
+
+
+def _numbers(value: Any, src: Convention, key: str) -> np.ndarray:
+    """``value`` as float64, refusing what would convert to a wrong number: strings (even
+    ``"0.1"``), booleans, objects, and complex values (whose imaginary part would be lost)."""
+    try:
+        raw = np.asarray(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{src.name} {key} is not an array of numbers: {error}") from None
+    if raw.dtype.kind == "c":
+        raise ValueError(f"{src.name} {key} is complex ({raw.dtype}): give real numbers")
+    if raw.dtype.kind not in "iuf":
+        raise ValueError(f"{src.name} {key} must hold real numbers, got dtype {raw.dtype}")
+    return raw.astype(np.float64)
 
 
 def _ported_variance(

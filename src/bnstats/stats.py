@@ -61,15 +61,30 @@ def momentum_from_decay(decay: float) -> float:
     The lecture writes ``v = beta * v + (1 - beta) * theta``: beta weighs the OLD value.
     PyTorch's momentum weighs the NEW batch, so ``momentum = 1 - beta``; Keras' default 0.99
     is PyTorch's 0.01.
+
+    The difference is rounded to 15 decimal places (:func:`_complement`), so the result
+    compares equal to the number a user writes: ``momentum_from_decay(0.99) == 0.01``
+    (plain ``1 - 0.99`` is ``0.010000000000000009``).
     """
     _check_fraction(decay, "decay")
-    return 1.0 - decay
+    return _complement(decay)
 
 
 def decay_from_momentum(momentum: float) -> float:
-    """The decay factor (lecture's beta, Keras/Flax ``momentum``) for a PyTorch ``momentum``."""
+    """The decay factor (lecture's beta, Keras/Flax ``momentum``) for a PyTorch ``momentum``:
+    ``1 - momentum``, rounded to 15 decimal places as in :func:`momentum_from_decay`."""
     _check_fraction(momentum, "momentum")
-    return 1.0 - momentum
+    return _complement(momentum)
+
+
+def _complement(value: float) -> float:
+    """``1 - value`` rounded to 15 decimal places: the float nearest to the decimal a user wrote.
+
+    A fraction in [0, 1] is stored to about 1e-16; ``1 - 0.99`` keeps that representation
+    error (``0.010000000000000009``). Rounding to 15 decimals drops it and moves any result by
+    at most 5e-16, below the precision the input itself carried.
+    """
+    return round(1.0 - float(value), 15)
 
 
 def _check_fraction(value: float, name: str) -> None:

@@ -113,3 +113,17 @@ def test_a_folder_holding_other_files_is_refused_before_training(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "holds files a run did not write (notes.txt)" in result.stderr
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and result.stdout == ""
+
+
+def test_a_symlinked_out_is_refused_and_nothing_is_left_behind(tmp_path, generations):
+    """``--out link`` where ``link`` points to a previous run: exit 2 with one line, before
+    training; the link, the run it points to and the parent folder are as they were."""
+    old, _, _ = generations
+    (tmp_path / "link").symlink_to("old", target_is_directory=True)
+    entries = sorted(p.name for p in tmp_path.iterdir())
+    result = run_cli(*_demo(tmp_path / "link", "1"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "is a symbolic link (to old); give the folder itself" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == entries and result.stdout == ""
+    assert (tmp_path / "link").is_symlink() and _snapshot(tmp_path / "old") == old
+    assert _leftovers(tmp_path) == []

@@ -162,7 +162,7 @@ def test_max_samples_counts_samples_of_tuple_batches(cli, project):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["samples"] == 7 and report["batches"] == 2
-    assert [layer["samples"] for layer in report["layers"]] == [7 * 36, 7 * 36]
+    assert [layer["values_per_channel"] for layer in report["layers"]] == [7 * 36, 7 * 36]
 
 
 def test_recalibrate_reports_the_audits_numbers(cli, project):

@@ -115,3 +115,97 @@ def test_estimator_arrays_of_the_wrong_length_are_refused_on_load(rng, tmp_path)
     np.savez(path, **arrays)
     with pytest.raises(CheckpointError, match=r"net\.npz.*EMA running_mean has shape \(4,\), not"):
         Network.load(path)
+
+
+def _arrays(path):
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+def _deep_json(depth: int = 100_000) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_deeply_nested_meta_gets_the_one_line_error(tmp_path):
+    path = tmp_path / "deep.npz"
+    np.savez(path, __meta__=np.array(_deep_json()))
+    with pytest.raises(CheckpointError, match=r"deep\.npz: unreadable header \(JSON nested"):
+        Network.load(path)
+
+
+def _wide_claim(path, width: int):
+    """A small file whose config asks for ``width``-wide layers but stores 5x7 arrays."""
+    net = Network.mlp([5, 7, 3], seed=0)
+    net.save(path)
+    arrays = _arrays(path)
+    meta = json.loads(str(arrays["__meta__"]))
+    for layer in meta["layers"]:
+        for key in ("in_features", "out_features", "num_features"):
+            if key in layer["config"]:
+                layer["config"][key] = width
+    arrays["__meta__"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("width", [6000, 10**7, 10**30])
+def test_declared_shapes_are_checked_before_any_layer_is_built(tmp_path, width, monkeypatch):
+    """A file declaring layers wider than its arrays is refused by its shapes, before a layer
+    is built (building a 6000-wide Linear would draw 36 million random weights)."""
+    from bnstats.engine import Linear
+
+    path = _wide_claim(tmp_path / "wide.npz", width)
+    built = []
+    original = Linear.__init__
+    monkeypatch.setattr(
+        Linear, "__init__", lambda self, *a, **k: built.append(a) or original(self, *a, **k)
+    )
+    with pytest.raises(CheckpointError, match=r"wide\.npz.*linear1/weight has shape \(7, 5\)"):
+        Network.load(path)
+    assert built == []
+
+
+def test_every_layer_kind_knows_its_parameter_shapes_without_being_built():
+    from bnstats.engine.kinds import LAYER_KINDS
+
+    net = Network.mlp([5, 7, 3], seed=0)
+    examples = {type(layer): layer for layer in net.layers}
+    examples.update(
+        {cls: cls(4, **extra) for cls, extra in _batchnorm_variants().items()},
+    )
+    assert set(examples) == set(LAYER_KINDS.values())
+    for layer in examples.values():
+        shapes = {key: value.shape for key, value in layer.params.items()}
+        assert type(layer).param_shapes(layer.config()) == shapes, layer
+
+
+def _batchnorm_variants():
+    from bnstats.engine import BatchRenorm, GhostBatchNorm
+
+    return {BatchRenorm: {}, GhostBatchNorm: {"ghost_size": 2}}
+
+
+@pytest.mark.parametrize("key", ["linear1/weight", "bn1/bias", "bn1/estimators/ema/running_var"])
+def test_complex_arrays_are_refused_not_truncated(rng, tmp_path, key):
+    net, _ = _trained(rng)
+    path = net.save(tmp_path / "net.npz")
+    arrays = _arrays(path)
+    arrays[key] = arrays[key] + 1j
+    np.savez(path, **arrays)
+    with pytest.raises(CheckpointError, match=rf"net\.npz.*{key} holds complex128 values"):
+        Network.load(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "start"),
+    [(b"loss,batch_size\n1.0,8\n", "b'loss'"), (b"\x80\x04\x95", r"b'\x80\x04\x95'")],
+)
+def test_a_file_that_is_no_npz_says_what_was_expected(tmp_path, content, start):
+    path = tmp_path / "net.csv"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as caught:
+        Network.load(path)
+    message = str(caught.value)
+    assert "net.csv is not a .npz archive" in message and start in message
+    assert "expected a bnstats network checkpoint (from Network.save)" in message
+    assert "pickle" not in message

@@ -81,3 +81,30 @@ def test_a_bad_summary_gets_one_error_naming_the_file(tmp_path, text, message):
     with pytest.raises(FileFormatError, match="summary.json") as caught:
         History.load_summary(tmp_path / "summary.json")
     assert message in str(caught.value)
+
+
+def _deep_json(depth: int = 100_000) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_deeply_nested_json_gets_the_one_line_error(saved):
+    folder, arrays = saved
+    arrays["__format__"] = np.array(_deep_json())
+    np.savez(folder / "history.npz", **arrays)
+    with pytest.raises(FileFormatError, match=r"history\.npz: unreadable header \(JSON nested"):
+        History.load(folder / "history.npz")
+    (folder / "summary.json").write_text(_deep_json())
+    with pytest.raises(FileFormatError, match=r"summary\.json: unreadable header \(JSON nested"):
+        History.load_summary(folder / "summary.json")
+
+
+def test_a_csv_history_gets_an_error_naming_the_file_and_the_format(saved):
+    folder, _ = saved
+    csv = folder / "history.csv"
+    csv.write_text("step,loss\n0,2.3\n1,2.1\n")
+    with pytest.raises(FileFormatError) as caught:
+        History.load(csv)
+    message = str(caught.value)
+    assert message.startswith(f"{csv} is not a .npz archive (it starts with b'step')")
+    assert "expected a bnstats history file (history.npz, from History.save)" in message
+    assert "pickle" not in message

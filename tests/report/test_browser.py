@@ -191,3 +191,77 @@ def test_momentum_slider_redraws_with_the_estimators_numbers(browser, quick_run,
     )
     assert [url for url in fetched if not url.startswith("data:")] == []
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+_LAYOUT = """
+const box = e => e.getBoundingClientRect();
+const scaleOf = t => t.ownerSVGElement.getScreenCTM().a;
+const texts = Array.from(document.querySelectorAll('.momentum svg text'));
+const chart = document.querySelector('#momentum-accuracy svg');
+const title = chart.querySelector('text');  // the first text is the chart's title
+const ticks = Array.from(chart.querySelectorAll('text')).slice(1);
+const drawn = Array.from(chart.querySelectorAll('polyline, circle, line'));
+return {
+  page: document.documentElement.scrollWidth, window: window.innerWidth,
+  fonts: texts.map(t => parseFloat(getComputedStyle(t).fontSize) * scaleOf(t)),
+  titleBottom: box(title).bottom,
+  below: [...ticks, ...drawn].map(e => box(e).top),
+  overlaps: ticks.filter(t => {
+    const a = box(title), b = box(t);
+    return a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+  }).map(t => t.textContent),
+  // the y ticks: left of the plot, above the row of x ticks (the lowest texts)
+  yTicks: ticks.filter(t => box(t).right < box(chart).left + 0.2 * box(chart).width
+    && box(t).top < Math.max(...ticks.map(u => box(u).top)) - 2).map(t => t.textContent),
+  panelTitles: Array.from(document.querySelectorAll('#momentum-panels svg'), svg => {
+    const [first, ...rest] = Array.from(svg.querySelectorAll('text'), t => box(t));
+    const a = first;
+    return rest
+      .some(b => a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom);
+  }),
+};
+"""
+
+
+def _with_accuracies(page: Path, low: float, high: float) -> Path:
+    """``page`` with its accuracy-against-momentum data replaced by values from ``low`` to
+    ``high`` (the data block is JSON, not script: the page's policy still allows it)."""
+    import json
+    import re
+
+    text = page.read_text()
+    pattern = r'(<script type="application/json" id="momentum-data">)(.*?)(</script>)'
+    block = re.search(pattern, text, re.S)
+    data = json.loads(block.group(2))
+    count = len(data["grid"])
+    for k, name in enumerate(data["accuracy"]):
+        data["accuracy"][name] = [
+            low + (high - low) * ((i + k) % count) / (count - 1) for i in range(count)
+        ]
+    changed = text[: block.start(2)] + json.dumps(data) + text[block.end(2) :]
+    out = page.with_name("accuracies.html")
+    out.write_text(changed)
+    return out
+
+
+@pytest.mark.parametrize("width", [400, 1280])
+def test_the_momentum_charts_are_readable_at_any_width(browser, quick_run, tmp_path, width):
+    """At 400 px and 1280 px wide: no sideways scroll of the page (a wide table scrolls in
+    its own box), chart text at 11 px or more, the accuracy axis title above the plot and
+    its ticks, each small panel's title clear of its tick labels, and an accuracy axis
+    fitted to accuracies between 0.85 and 0.98 (not 0 to 1)."""
+    page = _with_accuracies(write_demo_report(quick_run, tmp_path), 0.85, 0.98)
+    browser.set_window_size(width, 900)
+    try:
+        _, problems = load_problems(browser, page)
+        assert problems == []
+        layout = browser.execute_script(_LAYOUT)
+    finally:
+        browser.set_window_size(1280, 900)
+    assert layout["page"] <= layout["window"], layout
+    assert min(layout["fonts"]) >= 11, sorted(layout["fonts"])[:3]
+    assert layout["overlaps"] == [] and not any(layout["panelTitles"])
+    assert all(top >= layout["titleBottom"] for top in layout["below"])
+    ticks = [float(t) for t in layout["yTicks"]]
+    assert min(ticks) <= 0.85 and max(ticks) >= 0.98, ticks
+    assert max(ticks) - min(ticks) <= 0.3 and len(ticks) >= 3, ticks

@@ -107,7 +107,9 @@ def test_flags_for_broken_buffers_and_worst_layers_first():
     assert [layer.name for layer in report.worst_first()][0] == "1"  # NaN counts as worst
     assert layers["1"].kl.channel == 3
     text = str(report)
-    rows = [line.split()[0] for line in text.splitlines()[3:]]
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("layer"))
+    rows = [line.split()[0] for line in lines[header + 1 :]]
     assert rows == [layer.name for layer in report.worst_first()]
     assert "nonfinite_running_stats" in text and "KL(N(population) || N(running))" in text
     decoded = json.loads(json.dumps(report.to_dict(per_channel=True), allow_nan=False))

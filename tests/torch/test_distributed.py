@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import bnstats.torch as bt
+from tests.doc_examples import shown_output
 from tests.torch import distributed_scenarios as sc
 from tests.torch import reference as ref
 from tests.torch import timm_patterns as timm
@@ -286,7 +287,10 @@ def test_audit_in_a_group_measures_all_ranks_data(pair):
     got = first["report"]
     assert (got["batches"], got["samples"]) == (expected["batches"], expected["samples"])
     for layer, truth in zip(got["layers"], expected["layers"], strict=True):
-        assert layer["name"] == truth["name"] and layer["samples"] == truth["samples"]
+        assert (
+            layer["name"] == truth["name"]
+            and layer["values_per_channel"] == truth["values_per_channel"]
+        )
         for key in ("population_mean", "population_var", "running_var"):
             np.testing.assert_allclose(layer[key], truth[key], rtol=1e-12)
         assert layer["kl"]["mean"] == pytest.approx(truth["kl"]["mean"], rel=1e-9)
@@ -368,3 +372,8 @@ def test_the_example_runs_under_torchrun_and_the_ranks_agree(tmp_path):
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     expected = "backend nccl on cuda" if gpus >= 2 else "backend gloo on cpu"
     assert expected in log.read_text()  # one GPU per rank only when there are enough
+    if expected.startswith("backend gloo"):  # what docs/distributed.md shows, line for line
+        shown = shown_output("distributed.md", "examples/distributed_recalibrate.py")
+        lines = log.read_text().splitlines()
+        printed = [line for line in lines if line.startswith(("rank", "all"))]
+        assert printed == [line for line in shown if not line.startswith("$ ")]

@@ -8,7 +8,6 @@ name and constructor arguments, and each estimator's settings. Nothing is pickle
 from __future__ import annotations
 
 import json
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,13 @@ from typing import Any
 import numpy as np
 
 from bnstats._files import atomic_write_bytes, npz_bytes
-from bnstats._formats import FileFormatError, check_header, format_header, parse_header
+from bnstats._formats import (
+    FileFormatError,
+    check_header,
+    format_header,
+    parse_header,
+    read_npz,
+)
 from bnstats.engine.kinds import LAYER_KINDS
 from bnstats.engine.layers import BatchNorm, Layer
 from bnstats.stats import estimator_from_state
@@ -64,33 +69,47 @@ def load(path: str | Path) -> list[Layer]:
     """Read the layers written by :func:`save`; a foreign or damaged file raises
     :class:`CheckpointError` naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise CheckpointError(f"{path} is not a readable .npz checkpoint ({err})") from None
+    arrays = read_npz(path, "a bnstats network checkpoint (from Network.save)", CheckpointError)
     if "__meta__" not in arrays:
         raise CheckpointError(f"{path} is not a bnstats network checkpoint (no __meta__)")
-    header = parse_header(str(arrays["__meta__"]), path, CheckpointError)
+    header = parse_header(str(arrays.pop("__meta__")), path, CheckpointError)
     check_header(header, path, FORMAT, VERSION, CheckpointError)
     try:
         if not isinstance(header.get("layers"), list):
             raise ValueError("no list of layers")
+        _check_real(arrays)
+        for meta in header["layers"]:
+            _check_shapes(meta, arrays)
         return [_build_layer(meta, arrays) for meta in header["layers"]]
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
         raise CheckpointError(f"{path}: damaged checkpoint ({type(err).__name__}: {err})") from None
+
+
+def _check_real(arrays: dict[str, np.ndarray]) -> None:
+    """Every stored array holds real numbers: a complex one would lose its imaginary part."""
+    for key, array in arrays.items():
+        if array.dtype.kind not in "iuf":
+            raise ValueError(f"{key} holds {array.dtype} values, not real numbers")
+
+
+def _check_shapes(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """The stored parameters have the shapes the layer's declared config gives them, checked
+    before any layer is built: a small file cannot make the loader allocate a large layer."""
+    cls = LAYER_KINDS[meta["kind"]]
+    for key, shape in cls.param_shapes(meta["config"]).items():
+        stored = arrays[f"{meta['name']}/{key}"]
+        if stored.shape != shape:
+            raise ValueError(
+                f"{meta['name']}/{key} has shape {stored.shape}, but the layer's config "
+                f"declares {shape}"
+            )
 
 
 def _build_layer(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Layer:
     cls = LAYER_KINDS[meta["kind"]]
     layer = cls(**meta["config"], name=meta["name"])
     for key in list(layer.params):
-        stored = arrays[f"{layer.name}/{key}"]
-        if stored.shape != layer.params[key].shape:
-            raise ValueError(f"{layer.name}/{key} has shape {stored.shape}")
-        layer.params[key] = stored.astype(np.float64)
+        layer.params[key] = arrays[f"{layer.name}/{key}"].astype(np.float64)
     if isinstance(layer, BatchNorm):
         layer.estimators = {
             key: estimator_from_state(_join_state(state, arrays, layer.num_features))

@@ -45,6 +45,12 @@ class Layer:
         """The constructor arguments, for checkpoints."""
         return {}
 
+    @classmethod
+    def param_shapes(cls, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        """The shape of each of ``params`` for a layer built from ``config`` (as
+        :meth:`config` gives it), known without building the layer."""
+        return {}
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{self.kind}({args}) '{self.name}'"
@@ -100,6 +106,11 @@ class Linear(Layer):
             "out_features": self.out_features,
             "bias": "bias" in self.params,
         }
+
+    @classmethod
+    def param_shapes(cls, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        out, inputs = int(config["out_features"]), int(config["in_features"])
+        return {"weight": (out, inputs), **({"bias": (out,)} if config.get("bias", True) else {})}
 
 
 class ReLU(Layer):
@@ -242,3 +253,8 @@ class BatchNorm(Layer):
 
     def config(self) -> dict[str, Any]:
         return {"num_features": self.num_features, "eps": self.eps}
+
+    @classmethod
+    def param_shapes(cls, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        features = int(config["num_features"])
+        return {"weight": (features,), "bias": (features,)}

@@ -8,7 +8,6 @@ after the update: the lecture's picture of the running average tracing the batch
 from __future__ import annotations
 
 import json
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from bnstats._files import atomic_write_bytes, npz_bytes
-from bnstats._formats import FileFormatError, check_header, format_header, parse_header
+from bnstats._formats import (
+    FileFormatError,
+    check_header,
+    format_header,
+    parse_header,
+    read_npz,
+)
 from bnstats.engine.layers import BatchNorm
 from bnstats.engine.optim import Adam, Optimizer
 from bnstats.functional import Moments
@@ -119,7 +124,7 @@ class History:
         """Read the ``history.npz`` written by :meth:`save`; a foreign, damaged or
         inconsistent file raises :class:`~bnstats._formats.FileFormatError` naming it."""
         path = Path(path)
-        arrays = _read_npz(path)
+        arrays = read_npz(path, "a bnstats history file (history.npz, from History.save)")
         if FORMAT_KEY not in arrays:
             raise FileFormatError(f"{path} is not a bnstats history file (no {FORMAT_KEY})")
         header = parse_header(str(arrays.pop(FORMAT_KEY)), path)
@@ -157,16 +162,6 @@ SUMMARY_FORMAT = "bnstats.engine.History.summary"
 FORMAT_VERSION = 1
 FORMAT_KEY = "__format__"
 HISTORY_KEYS = ("loss", "batch_size", "epoch_loss")
-
-
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise FileNotFoundError(f"no history file at {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise FileFormatError(f"{path} is not a readable .npz file ({err})") from None
 
 
 def _check_history_arrays(arrays: dict[str, np.ndarray], path: Path) -> None:

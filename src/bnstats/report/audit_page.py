@@ -71,7 +71,7 @@ def audit_report_html(report: Any) -> str:
         "Running statistics against the data",
         audit_sentences(data, layers),
         image=figure,
-        widget=scrolling(render_table(layer_table(layers))),
+        widget=render_table(layer_table(layers)),
     )
     flags = Section("flags", "What the flags mean", flag_sentences(data, layers))
     return render_page(
@@ -212,12 +212,6 @@ def flag_sentences(data: dict[str, Any], layers: list[dict[str, Any]]) -> list[s
         f"{FLAG_MEANINGS.get(flag, 'a flag this page has no explanation for.')}"
         for flag in raised + quiet
     ]
-
-
-def scrolling(table: str) -> str:
-    """``table`` (markup built and escaped by :func:`render_table`) in a box that scrolls
-    sideways when the nine columns are wider than the screen, instead of running off it."""
-    return f'<div style="overflow-x: auto">{table}</div>'
 
 
 def format_number(value: float | None) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 from bnstats import __version__
 from bnstats._files import atomic_write_text
-from bnstats.report.audit_page import format_number, scrolling
+from bnstats.report.audit_page import format_number
 from bnstats.report.html import Section, Table, render_page, render_table
 
 DIAGNOSE_PAGE = "diagnose.html"
@@ -47,7 +47,7 @@ def diagnose_report_html(report: Any) -> str:
             "settings",
             "The settings side by side",
             setting_sentences(data),
-            widget=scrolling(render_table(settings_table(data))),
+            widget=render_table(settings_table(data)),
         ),
         Section(
             "layers",

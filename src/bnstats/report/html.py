@@ -30,6 +30,8 @@ nav ol { padding-left: 1.2em; }
 .row.text-only { grid-template-columns: minmax(0, 1fr); }
 @media (max-width: 55em) { .row { grid-template-columns: minmax(0, 1fr); } }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.95em; }
+table { display: block; max-width: 100%; overflow-x: auto; }  /* wider than the screen: the
+        table scrolls sideways in its own box, the page does not */
 caption { text-align: left; font-weight: 600; padding-bottom: 0.3em; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.8em; text-align: left; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -37,9 +39,11 @@ footer { margin-top: 3em; color: #777; font-size: 0.9em; }
 .momentum input[type=range] { width: 100%; max-width: 36em; display: block; }
 .momentum output { font-weight: 600; font-variant-numeric: tabular-nums; }
 .momentum .scale { color: #555; font-size: 0.9em; margin: 0.2em 0 0.8em; }
-.momentum svg.panel { width: 100%; max-width: 36em; height: auto; display: block;
+.momentum svg.panel { width: 100%; max-width: 30em; height: auto; display: block;
        border: 1px solid #eee; margin: 0.3em 0; }
-.momentum svg .tick { font-size: 10px; fill: #555; }
+.momentum svg.panel.small { max-width: none; }
+.momentum svg .tick { font-size: 13px; fill: #555; }
+.momentum svg .title { fill: #222; }
 #momentum-panels { display: grid; grid-template-columns: repeat(auto-fill, minmax(20em, 1fr));
        gap: 0.5em; }
 """

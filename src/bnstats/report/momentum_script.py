@@ -8,7 +8,11 @@ SCRIPT = r"""
   const slider = document.getElementById("momentum-slider");
   const shown = document.getElementById("momentum-value");
   const SVG = "http://www.w3.org/2000/svg";
-  const W = 520, H = 150, PAD = 44;
+  // Drawing units are CSS pixels at the width the page's style gives each chart (see
+  // bnstats.report.html.STYLE), so the 13-unit text reads at 11 px or more from a 400 px
+  // window up. Every chart: a title row on top, tick labels left of the plot, never inside.
+  const W = 360, H = 144, PAD = 52, TOP = 30, BOTTOM = 12;
+  const AW = 380, AH = 200, ABOTTOM = 26;
   const T = data.count.length;
 
   function ema(stat, unit, m, debias) {
@@ -44,13 +48,15 @@ SCRIPT = r"""
       const target = data.population[stat][i];
       const start = stat === "var" ? 1 : 0;
       const lo = Math.min(start, target, ...dots), hi = Math.max(start, target, ...dots);
-      const x = scale(1, Math.max(T, 2), PAD, W - 8), y = scale(lo, hi, H - 18, 8);
-      const svg = node("svg", {viewBox: `0 0 ${W} ${H}`, role: "img", class: "panel",
+      const x = scale(1, Math.max(T, 2), PAD, W - 8), y = scale(lo, hi, H - BOTTOM, TOP);
+      const svg = node("svg", {viewBox: `0 0 ${W} ${H}`, role: "img", class: "panel small",
         "aria-label": `${data.symbols[stat]} of unit ${unit}`});
-      node("text", {x: 4, y: 14, class: "tick"}, svg).textContent =
+      node("text", {x: 4, y: 15, class: "tick title"}, svg).textContent =
         `${data.symbols[stat]}, unit ${unit}`;
-      node("text", {x: 4, y: H - 4, class: "tick"}, svg).textContent = lo.toPrecision(3);
-      node("text", {x: 4, y: 28, class: "tick"}, svg).textContent = hi.toPrecision(3);
+      for (const v of [lo, hi]) {
+        node("text", {x: PAD - 6, y: y(v) + 4, class: "tick", "text-anchor": "end"},
+          svg).textContent = v.toPrecision(3);
+      }
       const g = node("g", {fill: "#8c8c8c"}, svg);
       dots.forEach((v, t) => node("circle", {cx: x(t + 1).toFixed(1), cy: y(v).toFixed(1),
         r: 1.2}, g));
@@ -66,20 +72,40 @@ SCRIPT = r"""
     });
   }
 
+  // The accuracy axis spans the measured accuracies with a margin, on round ticks
+  // (0.85-0.98 fills the chart instead of a sliver of 0-1).
+  function accuracyAxis(values) {
+    let lo = Math.min(...values), hi = Math.max(...values);
+    const margin = Math.max(0.1 * (hi - lo), 0.01);
+    lo = Math.max(0, lo - margin);
+    hi = Math.min(1, hi + margin);
+    const step = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5].find(s => (hi - lo) / s <= 6);
+    lo = Math.max(0, Math.floor(lo / step + 1e-9) * step);
+    hi = Math.min(1, Math.ceil(hi / step - 1e-9) * step);
+    const ticks = [];
+    for (let k = Math.round(lo / step); k * step <= hi + 1e-9; k++) ticks.push(k * step);
+    const digits = Math.max(0, -Math.floor(Math.log10(step) + 1e-9));
+    return {lo, hi, ticks, label: v => v.toFixed(digits + (step === 0.005 ? 1 : 0))};
+  }
+
   const acc = (() => {
-    const x = scale(-3, 0, PAD, W - 8), y = scale(0, 1, H - 18, 8);
-    const svg = node("svg", {viewBox: `0 0 ${W} ${H}`, role: "img", class: "panel",
+    const axis = accuracyAxis(Object.values(data.accuracy).flat());
+    const top = TOP + 4, bottom = AH - ABOTTOM;
+    const x = scale(-3, 0, PAD, AW - 14), y = scale(axis.lo, axis.hi, bottom, top);
+    const svg = node("svg", {viewBox: `0 0 ${AW} ${AH}`, role: "img", class: "panel",
       "aria-label": "test accuracy against momentum"});
-    node("text", {x: 4, y: 14, class: "tick"}, svg).textContent = "test accuracy";
-    for (const [v, label] of [[0, "0"], [1, "1"]]) {
-      node("text", {x: 20, y: y(v) + 4, class: "tick"}, svg).textContent = label;
-      node("line", {x1: PAD, x2: W - 8, y1: y(v), y2: y(v), stroke: "#ddd"}, svg);
+    node("text", {x: 4, y: 15, class: "tick title"}, svg).textContent = "test accuracy";
+    for (const v of axis.ticks) {
+      node("text", {x: PAD - 6, y: y(v) + 4, class: "tick", "text-anchor": "end"},
+        svg).textContent = axis.label(v);
+      node("line", {x1: PAD, x2: AW - 14, y1: y(v), y2: y(v), stroke: "#ddd"}, svg);
     }
     for (const e of [-3, -2, -1, 0]) {
-      node("text", {x: x(e) - 10, y: H - 4, class: "tick"}, svg).textContent = 10 ** e;
+      node("text", {x: x(e), y: AH - 6, class: "tick", "text-anchor": "middle"},
+        svg).textContent = 10 ** e;
     }
     node("line", {x1: x(Math.log10(data.momentum)), x2: x(Math.log10(data.momentum)),
-      y1: 8, y2: H - 18, stroke: "#8c8c8c", "stroke-dasharray": "3 3"}, svg);
+      y1: top, y2: bottom, stroke: "#8c8c8c", "stroke-dasharray": "3 3"}, svg);
     for (const [name, values] of Object.entries(data.accuracy)) {
       const pts = data.grid.map((m, k) => `${x(Math.log10(m)).toFixed(1)},` +
         `${y(values[k]).toFixed(1)}`);
@@ -88,7 +114,7 @@ SCRIPT = r"""
       data.grid.forEach((m, k) => node("circle", {cx: x(Math.log10(m)).toFixed(1),
         cy: y(values[k]).toFixed(1), r: 2.5, fill: data.colors[name]}, svg));
     }
-    const mark = node("line", {y1: 8, y2: H - 18, stroke: "black", id: "momentum-mark"}, svg);
+    const mark = node("line", {y1: top, y2: bottom, stroke: "black", id: "momentum-mark"}, svg);
     document.getElementById("momentum-accuracy").appendChild(svg);
     return m => {
       const at = x(Math.log10(m)).toFixed(1);

@@ -25,6 +25,16 @@ Every tool leaves the model's modes, momenta and hooks as it found them, and wri
 buffers all at once or not at all.
 """
 
+try:  # one helpful line, not a traceback from deep inside, when the extra is missing
+    import torch as _torch  # noqa: F401
+except ModuleNotFoundError as _missing:
+    if _missing.name != "torch":
+        raise
+    raise ImportError(
+        "bnstats.torch needs PyTorch: pip install torch "
+        '(from a checkout of bnstats: pip install ".[torch]")'
+    ) from None
+
 from bnstats.torch._layers import find_batchnorm_layers, is_batchnorm, unwrap
 from bnstats.torch.adapt import adapt
 from bnstats.torch.audit import AuditReport, LayerAudit, audit

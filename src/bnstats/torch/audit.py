@@ -65,7 +65,12 @@ class ChannelSummary:
 
 @dataclass
 class LayerAudit:
-    """The audit of one BN layer (``name`` is its qualified module name)."""
+    """The audit of one BN layer (``name`` is its qualified module name).
+
+    ``samples`` is the values per channel the population statistics were measured on (rows
+    times spatial positions; ``"values_per_channel"`` in :meth:`to_dict`), where
+    :attr:`AuditReport.samples` counts rows. ``var_ratio.worst`` is the channel farthest
+    from 1 either way (largest ``|log(var_ratio)|``), so it may lie below the mean."""
 
     name: str
     kind: str
@@ -98,7 +103,7 @@ class LayerAudit:
             "kind": self.kind,
             "num_features": self.num_features,
             "num_batches_tracked": self.num_batches_tracked,
-            "samples": _json_number(self.samples),
+            "values_per_channel": _json_number(self.samples),
             "calls_per_forward": self.calls_per_forward,
             "flags": list(self.flags),
             "near_zero_var_channels": list(self.near_zero_var_channels),
@@ -348,6 +353,16 @@ _HEADER = (
 )
 
 
+_LEGEND = (
+    "  shift     = |running_mean - mu| / sqrt(var + eps): mean over channels / max",
+    "  var ratio = (running_var + eps) / (var + eps): mean over channels / worst, where worst is",
+    "              the channel farthest from 1 either way (so it may lie below the mean)",
+    f"  KL        = {KL_DIRECTION}: mean / max",
+    "  rel. s.e. = the population estimate's worst relative standard error (spread of batches)",
+)
+"""The lines under the title that say what each column holds, each under 100 characters."""
+
+
 def _number(value: float) -> str:
     return f"{value:.3g}"
 
@@ -371,9 +386,7 @@ def format_report(report: AuditReport) -> str:
     lines = [
         f"bnstats audit: {len(report.layers)} BN layers, {samples} samples in "
         f"{report.batches} batches; worst layers first",
-        f"shift = |running_mean - mu| / sqrt(var + eps); var ratio = (running_var + eps) / "
-        f"(var + eps); KL = {KL_DIRECTION}; rel. s.e. = the population estimate's worst "
-        "relative standard error (spread between batches)",
+        *_LEGEND,
     ]
     if report.flags:
         lines.append("model flags: " + ", ".join(report.flags))
