@@ -300,8 +300,7 @@ def accuracy_replayed(
     try:
         for layer in net.batchnorm_layers:
             estimator = method.estimator(momentum)
-            for moments in history.moments_seen(layer.name):
-                estimator.update(*moments)
+            estimator.update_sequence(*history.stacked_moments(layer.name))
             layer.estimators[key] = estimator
         return net.evaluate(dataset.X_test, dataset.y_test, stats=key)
     finally:
