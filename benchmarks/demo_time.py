@@ -3,9 +3,13 @@
     python benchmarks/demo_time.py                  # bnstats demo, and demo --out DIR
     python benchmarks/demo_time.py --runs 9
     python benchmarks/demo_time.py --json
+    python benchmarks/demo_time.py --baseline /tmp/old   # another checkout, interleaved
 
-Each command runs ``--runs`` times (default 5) as a fresh ``python -m bnstats`` process,
-commands alternating, stdout to a pipe (so no progress bar is drawn, as in CI). A run's cost
+Each command runs ``--runs`` times (default 5) as a fresh ``python -m bnstats`` process of
+this checkout (its ``src/`` first on ``PYTHONPATH``), commands alternating, stdout to a pipe
+(so no progress bar is drawn, as in CI). ``--baseline DIR`` runs another checkout's
+``src/`` (e.g. ``git archive`` of an older commit) in turn with this one, so that both meet
+the same load; its rows are marked ``(baseline)``. A run's cost
 is its user + system CPU time (``resource.getrusage(RUSAGE_CHILDREN)`` before and after),
 which is what the process itself used: time spent waiting for a core on a loaded machine is
 not in it, unlike wall time, which is printed beside it. The figure is the median over runs.
@@ -37,9 +41,11 @@ def child_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_once(args: list[str]) -> tuple[float, float]:
-    """``(cpu seconds, wall seconds)`` of one ``python -m bnstats ARGS`` process."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *_path_entries()])}
+def run_once(args: list[str], root: Path = ROOT) -> tuple[float, float]:
+    """``(cpu seconds, wall seconds)`` of one ``python -m bnstats ARGS`` process, with the
+    bnstats of the checkout at ``root``."""
+    path = os.pathsep.join([str(root / "src"), *_path_entries()])
+    env = {**os.environ, "PYTHONPATH": path}
     cpu, wall = child_cpu_seconds(), time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "bnstats", *args],
@@ -56,16 +62,20 @@ def _path_entries() -> list[str]:
     return [part for part in value.split(os.pathsep) if part]
 
 
-def measure(runs: int) -> dict[str, dict[str, list[float]]]:
-    """CPU and wall seconds of every run of each command, the commands alternating."""
-    times: dict[str, dict[str, list[float]]] = {c: {"cpu": [], "wall": []} for c in GOALS}
+def measure(runs: int, baseline: Path | None = None) -> dict[str, dict[str, list[float]]]:
+    """CPU and wall seconds of every run of each command (and each command of ``baseline``,
+    as ``"<command> (baseline)"``), all of them taking turns."""
+    roots = {"": ROOT} if baseline is None else {"": ROOT, " (baseline)": baseline}
+    times: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         commands = {"demo": ["demo"], "demo --out DIR": ["demo", "--out", f"{scratch}/out"]}
         for _ in range(runs):
             for name, args in commands.items():
-                cpu, wall = run_once(args)
-                times[name]["cpu"].append(cpu)
-                times[name]["wall"].append(wall)
+                for mark, root in roots.items():
+                    cpu, wall = run_once(args, root)
+                    measured = times.setdefault(name + mark, {"cpu": [], "wall": []})
+                    measured["cpu"].append(cpu)
+                    measured["wall"].append(wall)
     return times
 
 
@@ -78,8 +88,8 @@ def summary(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, obj
             "cpu_median_s": round(cpu, 3),
             "cpu_range_s": [round(min(measured["cpu"]), 3), round(max(measured["cpu"]), 3)],
             "wall_median_s": round(statistics.median(measured["wall"]), 3),
-            "goal_cpu_s": GOALS[name],
-            "passed": cpu <= GOALS[name],
+            "goal_cpu_s": GOALS[name.removesuffix(" (baseline)")],
+            "passed": cpu <= GOALS[name.removesuffix(" (baseline)")],
             "runs": len(measured["cpu"]),
         }
     return rows
@@ -87,14 +97,14 @@ def summary(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, obj
 
 def render(rows: dict[str, dict[str, object]]) -> str:
     lines = [
-        f"{'command':<22} {'cpu median s':>12} {'cpu range s':>13} {'wall median s':>14}  goal",
-        "-" * 74,
+        f"{'command':<33} {'cpu median s':>12} {'cpu range s':>13} {'wall median s':>14}  goal",
+        "-" * 85,
     ]
     for name, row in rows.items():
         low, high = row["cpu_range_s"]
         verdict = "PASS" if row["passed"] else "MISS"
         lines.append(
-            f"bnstats {name:<14} {row['cpu_median_s']:>12.2f} {f'{low:.2f}-{high:.2f}':>13} "
+            f"bnstats {name:<25} {row['cpu_median_s']:>12.2f} {f'{low:.2f}-{high:.2f}':>13} "
             f"{row['wall_median_s']:>14.2f}  <= {row['goal_cpu_s']} s cpu: {verdict}"
         )
     return "\n".join(lines)
@@ -104,10 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="runs per command (default 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--baseline", type=Path, metavar="DIR", help="another checkout to time in turn with this"
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    rows = summary(measure(args.runs))
+    if args.baseline is not None and not (args.baseline / "src" / "bnstats").is_dir():
+        parser.error(f"--baseline {args.baseline}: no src/bnstats there")
+    rows = summary(measure(args.runs, args.baseline))
     print(json.dumps(rows, indent=2) if args.json else render(rows))
     return 0
 
