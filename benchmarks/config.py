@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 RESNET18_WIDTHS = (64, 128, 256, 512)
+FULL_EPOCHS = 20
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Config:
     image_size: int = 64
     recalibration_batches: tuple[int, int] = (32, 32)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    epochs: int = 20
+    epochs: int = FULL_EPOCHS
     budget: float = 1.0
     device: str = "cpu"
     train_batch: int = 32
@@ -44,6 +45,18 @@ class Config:
     @property
     def quick(self) -> bool:
         return self.name != "full"
+
+    @property
+    def narrower_models(self) -> bool:
+        """Whether the ResNet-shaped models are narrower than the full run's (quick and tiny
+        on the CPU; on a GPU every run takes ResNet-18 itself): a fixed cost per layer then
+        weighs more in a time ratio."""
+        return tuple(self.resnet_widths) != RESNET18_WIDTHS
+
+    @property
+    def shorter_training(self) -> bool:
+        """Whether the digits models train for fewer epochs than the full run's."""
+        return self.epochs < FULL_EPOCHS
 
     @property
     def on_gpu(self) -> bool:

@@ -36,6 +36,10 @@ from benchmarks.digits_training import (
 from benchmarks.report import Goal, Result, Table
 
 POPULATION = "population"
+SLOW_EMA = (
+    "fewer training steps: EMA(0.01) still holds (1 - 0.01)^steps of its start (mean 0, variance 1)"
+)
+"""Why a short run misses the EMA(0.01) goal (the debiased EMA has no start to forget)."""
 
 
 def _errors(mean: Any, var: Any, pop_mean: Any, pop_var: Any) -> dict[str, float]:
@@ -142,7 +146,12 @@ def run(config: Config) -> Result:
                     f"{e['var_err'][0]:.4f} ± {e['var_err'][1]:.4f}",
                 )
     goals = [
-        Goal(f"{model}: |{est} accuracy - population's| (points)", abs(s["delta"][est][0]), 0.5)
+        Goal(
+            f"{model}: |{est} accuracy - population's| (points)",
+            abs(s["delta"][est][0]),
+            0.5,
+            full_size_only=SLOW_EMA if est == "EMA(0.01)" and config.shorter_training else "",
+        )
         for model, s in results.items()
         for est in ("EMA(0.01)", "EMA(0.1, debias)")
     ]

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
 import pytest
 
-from bnstats.data import DataError, load_csv, load_dataset, load_digits, load_npz, stratified_split
+from bnstats import data as data_module
+from bnstats.data import (
+    DataError,
+    digits_arrays,
+    load_csv,
+    load_dataset,
+    load_digits,
+    load_npz,
+    stratified_split,
+)
+from tests.optional import optional_import
 
 
 def test_digits_split_is_fixed_by_seed_and_stratified():
@@ -18,6 +30,42 @@ def test_digits_split_is_fixed_by_seed_and_stratified():
     assert a.X_train.min() >= 0.0 and a.X_train.max() <= 1.0
     shares = np.bincount(a.y_test) / len(a.y_test)
     assert shares.min() > 0.08 and shares.max() < 0.12
+
+
+def test_digits_read_from_the_bundled_file_equal_scikit_learns_loader():
+    sklearn_datasets = optional_import("sklearn.datasets")
+    X, y = digits_arrays()
+    bunch = sklearn_datasets.load_digits()
+    assert X.dtype == bunch.data.dtype and y.dtype == bunch.target.dtype
+    np.testing.assert_array_equal(X, bunch.data)
+    np.testing.assert_array_equal(y, bunch.target)
+
+
+def test_digits_load_without_importing_scikit_learn():
+    optional_import("sklearn")
+    code = (
+        "import sys; from bnstats.data import load_digits; load_digits(); "
+        "print('sklearn' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_digits_fall_back_to_scikit_learn_where_the_file_is_not_found(monkeypatch):
+    optional_import("sklearn")
+    expected = digits_arrays()
+    monkeypatch.setattr(data_module, "_bundled_digits_file", lambda: None)
+    X, y = digits_arrays()
+    np.testing.assert_array_equal(X, expected[0])
+    np.testing.assert_array_equal(y, expected[1])
+
+
+def test_digits_without_scikit_learn_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(data_module.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(DataError, match="needs scikit-learn: pip install scikit-learn"):
+        load_digits()
 
 
 def test_npz_round_trip(rng, tmp_path):

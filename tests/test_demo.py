@@ -71,3 +71,13 @@ def test_accuracy_by_momentum_is_that_of_estimators_trained_alongside():
     keys = [set(layer.estimators) for layer in net.batchnorm_layers]
     assert result.accuracy_by_momentum([0.03])["ema_debiased"] == [expected]
     assert [set(layer.estimators) for layer in net.batchnorm_layers] == keys, "left as found"
+
+
+def test_accuracy_by_batch_size_reuses_the_sizes_already_measured(default_run):
+    from bnstats.demo import accuracy_by_batch_size
+
+    sizes = (1, 2, 8, len(default_run.dataset.X_test))
+    fresh = accuracy_by_batch_size(default_run.net, default_run.dataset, sizes)
+    assert default_run.accuracy_by_batch_size(sizes) == fresh
+    assert fresh[1] == default_run.test_accuracy["batch@1"]
+    assert fresh[8] == default_run.test_accuracy["batch@8"]

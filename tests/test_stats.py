@@ -453,3 +453,107 @@ def test_batch_spread_needs_two_batches_and_merges_like_one(rng):
         strict=True,
     ):
         np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+# -- RunningAverage.update_sequence: many batches in order, bit for bit as update ------------
+
+RUNNING_AVERAGES = [
+    lambda: EMA(0.1),
+    lambda: EMA(0.003, debias=True),
+    lambda: EMA(1.0),
+    lambda: CumulativeAverage(),
+]
+
+
+def _stacked(batches):
+    counts = [len(b) for b in batches]
+    means = np.stack([b.mean(0) for b in batches])
+    variances = np.stack([b.var(0) for b in batches])
+    return counts, means, variances
+
+
+def _update_each(estimator, counts, means, variances):
+    for count, mean, var in zip(counts, means, variances, strict=True):
+        estimator.update(mean, var, count)
+
+
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        if key in ("running_mean", "running_var"):
+            assert type(sa[key]) is type(sb[key])
+            np.testing.assert_array_equal(np.asarray(sa[key]), np.asarray(sb[key]), strict=True)
+        else:
+            assert sa[key] == sb[key] and type(sa[key]) is type(sb[key]), key
+
+
+@pytest.mark.parametrize("make", RUNNING_AVERAGES)
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_update_sequence_is_bit_identical_to_update_one_at_a_time(rng, make, kind):
+    batches = _batches(rng, [16, 7, 32, 3, 16, 9, 64, 2], loc=-1e3, scale=0.5)
+    counts, means, variances = _stacked(batches)
+    if kind == "torch":
+        means, variances = torch.from_numpy(means), torch.from_numpy(variances)
+    one_by_one, sequence = make(), make()
+    _update_each(one_by_one, counts, means, variances)
+    sequence.update_sequence(counts[:3], means[:3], variances[:3])  # from the start
+    sequence.update_sequence(counts[3:], means[3:], variances[3:])  # then from a state
+    _same_state(one_by_one, sequence)
+    assert np.asarray(sequence.mean).tobytes() == np.asarray(one_by_one.mean).tobytes()
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_update_sequence_with_a_bad_batch_does_what_update_does(rng, nonfinite):
+    counts, means, variances = _stacked(_batches(rng, [8, 8, 8, 8]))
+    means[2, 1] = np.nan
+    one_by_one, sequence = EMA(0.1, nonfinite=nonfinite), EMA(0.1, nonfinite=nonfinite)
+    errors = []
+    for feed in (
+        lambda: _update_each(one_by_one, counts, means, variances),
+        lambda: sequence.update_sequence(counts, means, variances),
+    ):
+        try:
+            feed()
+        except NonFiniteStatisticsError as err:
+            errors.append(str(err))
+    assert len(errors) == (2 if nonfinite == "raise" else 0)
+    _same_state(one_by_one, sequence)
+    assert sequence.num_batches_tracked == (2 if nonfinite == "raise" else 3)
+
+
+def test_update_sequence_that_overflows_does_what_update_does():
+    counts = [4, 4, 4]
+    means = np.array([[1.0], [1e308], [1e308]])
+    variances = np.array([[1.0], [1.5e308], [1.0]])  # unbiased: 2e308, beyond float64
+    one_by_one, sequence = EMA(0.5, nonfinite="skip"), EMA(0.5, nonfinite="skip")
+    _update_each(one_by_one, counts, means, variances)
+    sequence.update_sequence(counts, means, variances)
+    _same_state(one_by_one, sequence)
+    assert sequence.num_batches_skipped == one_by_one.num_batches_skipped >= 1
+
+
+def test_update_sequence_refuses_what_update_refuses(rng):
+    counts, means, variances = _stacked(_batches(rng, [8, 8, 8]))
+    with pytest.raises(ValueError, match="3 counts for 2 means and 3 variances"):
+        EMA(0.1).update_sequence(counts, means[:2], variances)
+    with pytest.raises(ValueError, match="at least 2 values per channel, got count=1"):
+        EMA(0.1).update_sequence([8, 1, 8], means, variances)
+    estimator = EMA(0.1)
+    estimator.update(means[0, :3], variances[0, :3], 8)
+    with pytest.raises(ValueError, match=r"expected statistics of shape \(3,\), got \(5,\)"):
+        estimator.update_sequence(counts, means, variances)
+    assert estimator.num_batches_tracked == 1
+
+
+def test_update_sequence_of_no_batches_changes_nothing():
+    estimator = EMA(0.1)
+    estimator.update_sequence([], np.zeros((0, 3)), np.zeros((0, 3)))
+    assert estimator.mean is None and estimator.num_batches_tracked == 0
+
+
+def test_every_estimator_takes_a_sequence(rng):
+    batches = _batches(rng, [8, 5, 9])
+    one_by_one, sequence = _feed(Population(), batches), Population()
+    sequence.update_sequence(*_stacked(batches))
+    np.testing.assert_array_equal(sequence.var, one_by_one.var, strict=True)

@@ -7,6 +7,8 @@ raises :class:`DataError` with one line naming the file and what is wrong with i
 from __future__ import annotations
 
 import csv
+import gzip
+import importlib.util
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 DIGITS = "digits"
+DIGITS_FILE = ("datasets", "data", "digits.csv.gz")
+"""Where scikit-learn keeps the digits, inside its package folder."""
 NPZ_KEYS = ("X_train", "y_train", "X_test", "y_test")
 LARGEST_FEATURE = 1e150
 """Features larger in magnitude are refused: their squares (in a variance) overflow float64."""
@@ -60,17 +64,50 @@ def load_dataset(spec: str, *, seed: int = 0, test_fraction: float = 0.25) -> Da
 def load_digits(*, seed: int = 0, test_fraction: float = 0.25) -> Dataset:
     """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), pixels scaled
     to [0, 1], split with stratification by ``seed``. Needs the ``demo`` extra."""
-    try:
-        from sklearn.datasets import load_digits as sklearn_digits
-    except ImportError:
-        raise DataError(
-            "the digits dataset needs scikit-learn: pip install scikit-learn "
-            '(from a bnstats checkout: pip install ".[demo]")'
-        ) from None
-    bunch = sklearn_digits()
-    X, y = bunch.data / 16.0, bunch.target.astype(np.int64)
+    X, y = digits_arrays()
+    X, y = X / 16.0, y.astype(np.int64)
     train, test = stratified_split(y, test_fraction, seed)
     return Dataset(DIGITS, X[train], y[train], X[test], y[test])
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The digits' pixels (1797, 64) in 0..16 and labels (1797,), as
+    ``sklearn.datasets.load_digits`` returns them.
+
+    They are read from the file scikit-learn ships, ``sklearn/datasets/data/digits.csv.gz``
+    (one row per image: 64 pixels, then the label), the way scikit-learn reads it, without
+    importing scikit-learn: the import alone costs about a second of CPU, most of the demo's
+    start-up. Where that file is not found (a packaging that hides it), scikit-learn's own
+    loader is used.
+    """
+    path = _bundled_digits_file()
+    if path is None:
+        try:
+            from sklearn.datasets import load_digits as sklearn_digits
+        except ImportError:
+            raise DataError(
+                "the digits dataset needs scikit-learn: pip install scikit-learn "
+                '(from a bnstats checkout: pip install ".[demo]")'
+            ) from None
+        bunch = sklearn_digits()
+        return bunch.data, bunch.target
+    with gzip.open(path, mode="rt", encoding="utf-8") as text:
+        table = np.loadtxt(text, delimiter=",")
+    return table[:, :-1], table[:, -1].astype(int)
+
+
+def _bundled_digits_file() -> Path | None:
+    """scikit-learn's ``datasets/data/digits.csv.gz``, located without importing scikit-learn
+    (``find_spec`` of a top-level package runs none of its code); None if not there."""
+    try:
+        spec = importlib.util.find_spec("sklearn")
+    except (ImportError, ValueError):
+        return None
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root, *DIGITS_FILE)
+        if path.is_file():
+            return path
+    return None
 
 
 def stratified_split(

@@ -28,6 +28,7 @@ Conventions shared by all of them:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -140,6 +141,18 @@ class Estimator:
         self._shape = tuple(mean.shape)
         self.count += count
         self.num_batches_tracked += 1
+
+    def update_sequence(self, counts: Sequence[float], means: Array, variances: Array) -> None:
+        """Take ``B`` batches in order, as ``B`` calls of :meth:`update` would: ``means`` and
+        biased ``variances`` of shape (B, C), ``counts`` (B,) values per channel.
+        :class:`RunningAverage` does it faster, with the same result."""
+        if not len(counts) == len(means) == len(variances):
+            raise ValueError(
+                f"{type(self).__name__}.update_sequence: {len(counts)} counts for "
+                f"{len(means)} means and {len(variances)} variances"
+            )
+        for count, mean, var in zip(counts, means, variances, strict=True):
+            self.update(mean, var, count)
 
     def _skip_or_raise(self, problem: str) -> None:
         if self.nonfinite == "skip":
@@ -324,11 +337,75 @@ class RunningAverage(Estimator):
     def _update(self, mean: Array, var: Array, count: float) -> None:
         batch_var = _unbiased(var, count)
         if self._running_mean is None:
-            self._running_mean = mean * 0
-            self._running_var = var * 0 + (1 if self.starts_at_zero_one else 0)
+            self._running_mean, self._running_var = self._start(mean, var)
         w = self.weight(self.num_batches_tracked + 1)
         self._running_mean = (1 - w) * self._running_mean + w * mean
         self._running_var = (1 - w) * self._running_var + w * batch_var
+
+    def _start(self, mean: Array, var: Array) -> tuple[Array, Array]:
+        """The running ``(mean, var)`` before the first batch, shaped like it."""
+        return mean * 0, var * 0 + (1 if self.starts_at_zero_one else 0)
+
+    def update_sequence(self, counts: Sequence[float], means: Array, variances: Array) -> None:
+        """Take ``B`` batches in order: ``means`` and biased ``variances`` of shape (B, C),
+        ``counts`` (B,) values per channel. Ends exactly, bit for bit, where ``B`` calls of
+        :meth:`update` end, at a fraction of their cost: what does not depend on the running
+        state is computed for all batches at once, which leaves, per batch ``t``, ::
+
+            running = (1 - w_t) * running + w_t * [mean_t, var_t * n_t / (n_t - 1)]
+
+        the same operations on the same numbers as :meth:`update`. If any batch is one that
+        :meth:`update` refuses or skips (a wrong shape, a count below 2, a negative, NaN or
+        Inf value), or an update overflows, the batches go through :meth:`update` one by one
+        instead, so that errors and ``nonfinite="skip"`` behave exactly as there.
+        """
+        means, variances = as_array(means), as_array(variances)
+        running = (
+            self._replayed(counts, means, variances)
+            if self._takes_all(counts, means, variances)
+            else None
+        )
+        if running is None:
+            super().update_sequence(counts, means, variances)
+            return
+        channels = means.shape[1]
+        self._running_mean, self._running_var = copy(running[:channels]), copy(running[channels:])
+        self._shape = tuple(means.shape[1:])
+        for count in counts:
+            self.count += count
+        self.num_batches_tracked += len(counts)
+
+    def _replayed(self, counts: Sequence[float], means: Array, variances: Array) -> Array | None:
+        """``[running_mean, running_var]`` after the batches (checked by :meth:`_takes_all`),
+        or None if an update overflows. Changes nothing."""
+        means, variances = widen(means), widen(variances)
+        first = self.num_batches_tracked + 1
+        w = [self.weight(t) for t in range(first, first + len(counts))]
+        keep, weights = [1 - w_t for w_t in w], column(w, means)
+        if self._running_mean is None:
+            running = concat(list(self._start(means[0], variances[0])))
+        else:
+            running = concat([self._running_mean, self._running_var])
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked just below
+            unbiased = column([n / (n - 1) for n in counts], variances) * variances
+            fresh = concat([weights * means, weights * unbiased], axis=1)
+            for t, keep_t in enumerate(keep):
+                running = keep_t * running + fresh[t]
+        return running if all_finite(running) else None
+
+    def _takes_all(self, counts: Sequence[float], means: Array, variances: Array) -> bool:
+        """Whether :meth:`update` would take every batch as it is, changing the estimate."""
+        shape = tuple(means.shape)
+        if len(shape) != 2 or tuple(variances.shape) != shape or not 0 < len(counts) == shape[0]:
+            return False
+        if self._shape is not None and shape[1:] != self._shape:
+            return False
+        held = self._state_arrays()
+        if held and is_torch(held[0]) != is_torch(means):
+            return False
+        if any(isinstance(n, bool) or not 2 <= float(n) < math.inf for n in counts):
+            return False
+        return all_finite(means) and all_finite(variances) and not bool((variances < 0).any())
 
     @property
     def mean(self) -> Array | None:

@@ -85,6 +85,15 @@ class History:
         counts = self.batch_count.get(layer, self.batch_size)  # files without batch_count
         return list(zip(trace["batch_mean"], trace["batch_var"], counts, strict=True))
 
+    def stacked_moments(self, layer: str) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """:meth:`moments_seen` as ``(counts, means, variances)``, the arrays of shape
+        (updates, features): what :meth:`~bnstats.stats.Estimator.update_sequence` takes."""
+        seen = self.moments_seen(layer)
+        if not seen:
+            raise ValueError(f"the training history holds no batch of layer {layer!r}")
+        means, variances, counts = zip(*seen, strict=True)
+        return list(counts), np.stack(means), np.stack(variances)
+
     def arrays(self) -> dict[str, np.ndarray]:
         """Flat arrays: ``loss``, ``batch_size``, ``epoch_loss`` and ``<layer>/<key>`` of shape
         (steps, features)."""
