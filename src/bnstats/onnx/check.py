@@ -163,8 +163,10 @@ def check_export(
     nodes = check_batchnorm_nodes(proto, model)
     in_nodes = {n.layer for n in nodes.nodes if n.layer}
     tensors = _weights(list(walk(proto.graph)))
+    # A BN node matched to no layer may be any layer's: its conv then holds the bare weight.
+    bare_is_ambiguous = any(n.layer is None for n in nodes.nodes)
     layers = [
-        _locate(entry, model, tensors)
+        _locate(entry, model, tensors, bare_is_ambiguous)
         for entry in report.folded
         if entry.name not in in_nodes and entry.position == "after"
     ]
@@ -203,9 +205,10 @@ def _attribute(node: Any, name: str) -> Any:
     return None if attribute is None else require("onnx").helper.get_attribute_value(attribute)
 
 
-def _locate(entry: Any, model: Any, tensors: list[_Weight]) -> LayerStatus:
+def _locate(entry: Any, model: Any, tensors: list[_Weight], bare_is_ambiguous: bool) -> LayerStatus:
     """Is the BN layer ``entry.name`` in the graph, folded into ``entry.folded_into``, with the
-    statistics it has now?"""
+    statistics it has now? With ``bare_is_ambiguous``, the layer's own weight unscaled is not
+    taken for a fold (the BN may be one of the graph's unmatched nodes)."""
     modules = dict(_unwrap(model).named_modules())
     layer, bn = modules[entry.folded_into], modules[entry.name]
     weight = layer.weight.detach().cpu().double().numpy()
@@ -216,7 +219,8 @@ def _locate(entry: Any, model: Any, tensors: list[_Weight]) -> LayerStatus:
     for tensor in tensors:
         ratios = _channel_ratios(tensor.weight, weight)
         unscaled = ratios is not None and np.allclose(ratios, 1.0, rtol=0, atol=_SAME)
-        if ratios is None or (unscaled and not np.allclose(scale, 1.0, rtol=0, atol=_SAME)):
+        bare = unscaled and bare_is_ambiguous and not np.allclose(scale, 1, rtol=0, atol=_SAME)
+        if ratios is None or bare:
             continue  # another layer's weight, or this one with the BN left outside it
         off = float(np.max(np.abs(ratios / scale - 1.0), initial=0.0))
         status = _status(entry, off, tensor.bias, expected_bias)

@@ -72,7 +72,7 @@ class BatchNormNodes:
             else ""
         )
         if not self.nodes:
-            return f"no BatchNormalization node on activations in the graph{note}"
+            return f"no BatchNormalization node in the graph{note.replace(' more', '')}"
         head = f"{len(self.nodes)} BatchNormalization node(s){note}"
         return "\n".join(
             [f"{head}: {'all in inference mode' if self.ok else 'PROBLEMS'}"]
