@@ -15,6 +15,8 @@ forward in training and eval mode), so that the tools meet the same cases:
   ``weight``, ``bias``, ``running_mean``, ``running_var`` and an ``eps``, no training behaviour;
 - :class:`StdConv2d`: a weight-standardised conv (BiT / timm ResNetV2) that overrides
   ``_conv_forward``; :class:`StdConv2dOwnForward` overrides ``forward`` as timm's does;
+  :class:`BatchNormStdConv2d` and :class:`ScaledStdConv2d` are timm's own ``StdConv2d`` and
+  ``ScaledStdConv2d``: ``F.batch_norm`` on the weights (``BatchNormalization`` nodes in ONNX);
 - :class:`AuxHeadNet`: an auxiliary classifier reached only in training mode (googlenet,
   inception_v3);
 - :class:`DetectionNet`: a detection-style model taking a list of images (and, in training,
@@ -297,3 +299,85 @@ def scramble_frozen(model: nn.Module, seed: int = 0) -> nn.Module:
                 module.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
                 module.running_var.copy_(0.5 + torch.rand(n, generator=gen))
     return model
+
+
+def _timm_padding(kernel_size: int, stride: int = 1, dilation: int = 1) -> int:
+    """timm ``layers/padding.py`` ``get_padding``: 'same' padding for odd kernels."""
+    return ((stride - 1) + dilation * (kernel_size - 1)) // 2
+
+
+class BatchNormStdConv2d(nn.Conv2d):
+    """timm's ``StdConv2d`` (``layers/std_conv.py``) as it is: ``forward`` standardises the
+    weight with ``F.batch_norm`` in training mode over each output channel's filter (no running
+    statistics, ``momentum=0``), so exporters write a ``BatchNormalization`` node on weights."""
+
+    def __init__(
+        self,
+        in_channel: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int | None = None,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = False,
+        eps: float = 1e-6,
+    ) -> None:
+        if padding is None:
+            padding = _timm_padding(kernel_size, stride, dilation)
+        super().__init__(
+            in_channel, out_channels, kernel_size, stride=stride, padding=padding,
+            dilation=dilation, groups=groups, bias=bias,
+        )  # fmt: skip
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = _normalized_filters(self, None)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """timm's ``ScaledStdConv2d`` (NF-ResNets): ``F.batch_norm`` on the weights with a learned
+    per-channel gain times ``gamma / sqrt(fan_in)`` as the normalization's weight."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int | None = None,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+        gamma: float = 1.0,
+        eps: float = 1e-6,
+        gain_init: float = 1.0,
+    ) -> None:
+        if padding is None:
+            padding = _timm_padding(kernel_size, stride, dilation)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+            dilation=dilation, groups=groups, bias=bias,
+        )  # fmt: skip
+        self.scale = gamma * self.weight[0].numel() ** -0.5  # gamma * 1 / sqrt(fan-in)
+        self.eps = eps
+        self.gain = nn.Parameter(torch.full((self.out_channels, 1, 1, 1), gain_init))
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = _normalized_filters(self, (self.gain * self.scale).view(-1))
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _normalized_filters(conv: nn.Conv2d, scale: Tensor | None) -> Tensor:
+    """timm's weight standardisation: ``F.batch_norm`` in training mode over each output
+    channel's filter (no running statistics, ``momentum=0``), ``scale`` as its weight."""
+    return F.batch_norm(
+        conv.weight.reshape(1, conv.out_channels, -1),
+        None,  # running_mean
+        None,  # running_var
+        weight=scale,
+        training=True,
+        momentum=0.0,
+        eps=conv.eps,  # type: ignore[arg-type]
+    ).reshape_as(conv.weight)

@@ -15,7 +15,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bnstats.cli.arguments import add_max_samples, add_model_arguments, load_inputs, torch_tools
+from bnstats.cli.arguments import (
+    add_max_samples,
+    add_model_arguments,
+    first_input,
+    load_inputs,
+    torch_tools,
+)
 from bnstats.cli.loading import user_code_errors
 from bnstats.cli.onnx_commands import add_onnx_option, onnx_for_audit
 
@@ -44,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     report = bt.audit(
         model, batches, max_samples=args.max_samples, progress=False if args.json else None
     )
-    onnx_entry, onnx_lines, status = onnx_for_audit(args, model)
+    onnx_entry, onnx_lines, status = onnx_for_audit(args, model, first_input(batches))
     if page:
         _write_audit_page(report, page)
     flagged = flagged_layers(report)

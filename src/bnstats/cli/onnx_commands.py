@@ -51,11 +51,43 @@ def onnx_for_fold(
     return {"onnx": entry}, [str(result)]
 
 
-def onnx_for_audit(args: argparse.Namespace, model: Any) -> tuple[dict, list[str], int]:
-    """With ``--onnx``: check that graph's BN nodes; the JSON entry, text lines, exit status."""
+def onnx_for_audit(
+    args: argparse.Namespace, model: Any, example: Any = None
+) -> tuple[dict, list[str], int]:
+    """With ``--onnx``: check that graph against the model; the JSON entry, text lines, exit
+    status. With an ``example`` input (the first batch of ``--data``) the graph runs in
+    onnxruntime and its outputs are compared with the model's eval output
+    (:func:`bnstats.onnx.check_export`: it also sees statistics folded into the weights);
+    without one, only its BatchNormalization nodes are checked."""
     if not getattr(args, "onnx", None):
         return {}, [], 0
-    from bnstats.onnx import check_batchnorm_nodes
+    from bnstats.onnx import check_batchnorm_nodes, check_export
 
-    check = check_batchnorm_nodes(args.onnx, model)
-    return {"onnx": check.to_dict()}, [f"{args.onnx}: {check}"], 0 if check.ok else 1
+    example = _example_for_graph(args.onnx, example)
+    if example is None:
+        nodes = check_batchnorm_nodes(args.onnx, model)
+        return {"onnx": nodes.to_dict()}, [f"{args.onnx}: {nodes}"], 0 if nodes.ok else 1
+    check = check_export(args.onnx, model, example)  # its lines name the file
+    return {"onnx": check.to_dict()}, [str(check)], 0 if check.ok else 1
+
+
+def _example_for_graph(path: str, example: Any) -> Any:
+    """``example`` cut to the graph's fixed batch size when it has one (an export with a
+    static first dimension runs on that many rows only); None when the example has fewer rows
+    or there is none (then only the BN nodes are checked). A file that does not load is left
+    to the check, which names it."""
+    if example is None:
+        return None
+    try:
+        import onnx
+
+        graph = onnx.load(path, load_external_data=False).graph
+    except Exception:
+        return example
+    constants = {tensor.name for tensor in graph.initializer}
+    inputs = [value for value in graph.input if value.name not in constants]
+    dims = inputs[0].type.tensor_type.shape.dim if len(inputs) == 1 else ()
+    if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value == len(example):
+        return example
+    rows = dims[0].dim_value
+    return example[:rows] if rows <= len(example) else None
