@@ -41,13 +41,14 @@ def column(values: Any, like: Array) -> Array:
     return np.asarray(values, dtype=like.dtype).reshape(-1, 1)
 
 
-def concat(parts: list[Array]) -> Array:
-    """The 1-D ``parts`` end to end (``torch.cat`` for tensors, ``numpy.concatenate`` else)."""
+def concat(parts: list[Array], axis: int = 0) -> Array:
+    """``parts`` end to end along ``axis`` (``torch.cat`` for tensors, ``numpy.concatenate``
+    else)."""
     if is_torch(parts[0]):
         import torch  # present: parts[0] is a tensor
 
-        return torch.cat(parts)
-    return np.concatenate(parts)
+        return torch.cat(parts, dim=axis)
+    return np.concatenate(parts, axis=axis)
 
 
 def widen(x: Array) -> Array:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from bnstats._array import widen
+from bnstats._precision import relative_error, spread_rows, standard_errors
 from bnstats.stats import NonFiniteStatisticsError, Population
 from bnstats.torch._layers import (
     Forward,
@@ -223,49 +224,30 @@ class LayerPass:
     def _add_spread(self, counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor) -> None:
         """Merge the batches' ``[mean_k, u_k, mean_k + u_k]`` into :attr:`spread`."""
         center = 0.0 if self.center is None else self.center.to(means)
-        deviation = means - center
-        u = m2s / counts.clamp(min=1)[:, None] + deviation * deviation
-        values = torch.cat((means, u, means + u), dim=1)
+        values = spread_rows(counts, means, m2s, center)
         self.spread.update_batches(counts, values, torch.zeros_like(values))
 
     def standard_errors(self, finite_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per channel, the standard errors of the population ``mean`` and unbiased ``var``
-        from the spread between the ``B = finite_batches`` batches (each batch one draw of
-        ``n_k`` values, ``N = sum n_k``; the linearization of a ratio estimator, as in
-        cluster sampling)::
-
-            se_mean**2 = S_mm / (N * (B - 1))
-            se_var**2  = (S_uu - 4 a S_um + 4 a**2 S_mm) / (N * (B - 1)) * (N / (N - 1))**2
-
-        with ``a = mu - center``: ``u_k - 2 a mean_k`` is, up to a constant, batch k's mean
-        of ``(z - mu)**2``, whose spread gives the variance's; ``S_um`` comes from the
-        spread of ``mean_k + u_k``. Infinite with fewer than 2 batches."""
-        channels = int(self.layer.num_features)
-        population, spread = self.population, self.spread
-        if finite_batches < 2 or population.mean is None or spread.m2 is None:
+        from the spread between the ``finite_batches`` batches
+        (:func:`bnstats._precision.standard_errors` has the formulas); infinite with fewer
+        than 2 batches."""
+        population = self.population
+        center = 0.0
+        if self.center is not None and population.mean is not None:
+            center = self.center.to(population.mean)
+        errors = standard_errors(population, self.spread, center, finite_batches)
+        if errors is None:
             device = None if population.mean is None else population.mean.device
+            channels = int(self.layer.num_features)
             infinite = torch.full((channels,), math.inf, dtype=torch.float64, device=device)
             return infinite, infinite
-        count = population.count
-        s_mm, s_uu, s_sum = spread.m2.split(channels)
-        s_um = (s_sum - s_mm - s_uu) / 2
-        center = 0.0 if self.center is None else self.center.to(s_mm)
-        a = population.mean - center
-        scale = count * (finite_batches - 1)
-        se_mean = (s_mm / scale).clamp(min=0).sqrt()
-        var_spread = (s_uu - 4 * a * s_um + 4 * a * a * s_mm).clamp(min=0) / scale
-        se_var = var_spread.sqrt() * (count / (count - 1))
-        return se_mean, se_var
+        return errors
 
     def relative_error(self, finite_batches: int) -> torch.Tensor:
-        """The worst channel's relative standard error, on the device: the larger of
-        ``se_mean / sqrt(var)`` and ``se_var / var`` (the mean is judged against the spread
-        of the values, as it may be 0)."""
-        se_mean, se_var = self.standard_errors(finite_batches)
-        var = self.population.m2 / (self.population.count - 1)
-        tiny = torch.finfo(torch.float64).tiny
-        ratios = torch.stack((se_mean / var.clamp(min=tiny).sqrt(), se_var / var.clamp(min=tiny)))
-        return ratios.nan_to_num(nan=math.inf).max()
+        """The worst channel's relative standard error, on the device
+        (:func:`bnstats._precision.relative_error`)."""
+        return relative_error(self.population, *self.standard_errors(finite_batches))
 
     def take_kernel_moments(self) -> None:
         """Gather the mean and unbiased variance the kernel wrote at the layer's last call."""
