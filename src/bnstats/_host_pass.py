@@ -47,16 +47,18 @@ def batch_moments(xp: Any, x: Any, axes: tuple[int, ...], weights: Any = None) -
         mean = sum(w * x) / sum(w)
         m2   = sum(w * (x - mean)**2)
 
-    with ``w`` the broadcast ``weights`` (a mask), or 1. Centred: no ``E[x**2] - E[x]**2``."""
+    with ``w`` the broadcast ``weights`` (a mask), or 1. Centred: no ``E[x**2] - E[x]**2``.
+    Both flattened to one value per channel (several feature axes make one channel each
+    combination)."""
     if weights is None:
         mean = xp.mean(x, axis=axes, keepdims=True)
         m2 = xp.sum(xp.square(x - mean), axis=axes)
-        return xp.reshape(mean, (-1,)), m2
-    weights = xp.broadcast_to(weights, x.shape)
-    total = xp.sum(weights, axis=axes, keepdims=True)
-    mean = xp.sum(weights * x, axis=axes, keepdims=True) / total
-    m2 = xp.sum(weights * xp.square(x - mean), axis=axes)
-    return xp.reshape(mean, (-1,)), m2
+    else:
+        weights = xp.broadcast_to(weights, x.shape)
+        total = xp.sum(weights, axis=axes, keepdims=True)
+        mean = xp.sum(weights * x, axis=axes, keepdims=True) / total
+        m2 = xp.sum(weights * xp.square(x - mean), axis=axes)
+    return xp.reshape(mean, (-1,)), xp.reshape(m2, (-1,))
 
 
 @dataclass
