@@ -178,6 +178,72 @@ class HostMeasured:
         return [m for name, m in self.layers.items() if name not in self.unreached]
 
 
+# -- one forward, eager or compiled -------------------------------------------------------------
+
+Entry = tuple[HostLayer, Any, Any]
+"""One BN call's record: its layer, ``count`` and ``(2, C)`` ``mean``/``m2`` array."""
+
+
+@dataclass
+class Recorder:
+    """The BN calls of one forward, in call order (the layers' handlers record here)."""
+
+    entries: list[Entry] = field(default_factory=list)
+
+    def record(self, host: HostLayer, count: Any, mean_m2: Any) -> None:
+        self.entries.append((host, count, mean_m2))
+
+    def take(self) -> list[Entry]:
+        entries, self.entries = self.entries, []
+        return entries
+
+
+def forward_function(
+    recorder: Recorder,
+    run: Callable[..., Any],
+    jit: Callable[[Callable[..., Any]], Callable[..., Any]] | None,
+    signature: Callable[[tuple[Any, ...]], Any],
+) -> Callable[..., list[Entry]]:
+    """``forward(*args)``: ``run(*args)`` (one forward of the model), returning what its BN
+    calls recorded. With ``jit`` (``jax.jit``) the forward is compiled once per input
+    ``signature`` (shapes and dtypes): the handlers record while it is traced, the compiled
+    function returns their arrays, and the layers they belong to are remembered per
+    signature. Without, it runs eagerly."""
+    if jit is None:
+
+        def eager(*args: Any) -> list[Entry]:
+            recorder.take()
+            run(*args)
+            return recorder.take()
+
+        return eager
+    orders: dict[Any, list[HostLayer]] = {}
+    current: list[Any] = [None]  # the signature of the call being traced, taken outside
+
+    def traced(*args: Any) -> list[tuple[Any, Any]]:
+        recorder.take()
+        run(*args)
+        entries = recorder.take()
+        orders[current[0]] = [host for host, _, _ in entries]
+        return [(count, mean_m2) for _, count, mean_m2 in entries]
+
+    compiled = jit(traced)
+
+    def forward(*args: Any) -> list[Entry]:
+        current[0] = signature(args)
+        values = compiled(*args)
+        hosts = orders[current[0]]
+        return [(h, c, a) for h, (c, a) in zip(hosts, values, strict=True)]
+
+    return forward
+
+
+def deliver(entries: list[Entry], batch: int, to_numpy: ToNumpy) -> None:
+    """Hand one forward's records to their layers (batch index ``batch``)."""
+    for host, count, mean_m2 in entries:
+        host.add_batch(batch, count, mean_m2, to_numpy)
+
+
 # -- one pass ----------------------------------------------------------------------------------
 
 
@@ -325,6 +391,9 @@ def _settle_level(pending: list[HostLayer], nonfinite: str) -> list[HostLayer]:
 
 __all__ = [
     "HostLayer",
+    "Recorder",
+    "deliver",
+    "forward_function",
     "HostMeasured",
     "batch_moments",
     "finish_pass",

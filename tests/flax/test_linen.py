@@ -29,7 +29,7 @@ def _init(rng):
 def test_new_variables_hold_the_population_statistics_and_the_old_ones_are_unchanged(rng):
     module, variables = _init(rng)
     before = [np.array(leaf) for leaf in jax.tree.leaves(variables)]
-    data = batches(rng, [5, 17, 3, 11], (3, 6))
+    data = batches(rng, [5, 12, 5, 3], (3, 6))
     new = recalibrate_linen(module, variables, data, train=True)
     collected = [linen_inputs(variables, f64(x)) for x in data]
     for i, name in enumerate(["bn0", "bn1"]):

@@ -17,7 +17,7 @@ from tests.keras.models import (
     train_reference,
 )
 
-UNEVEN = [5, 17, 3, 11, 8]
+UNEVEN = [5, 12, 5, 3, 12]  # uneven, with few distinct shapes (one compilation each on JAX)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -40,7 +40,7 @@ def test_train_mode_gives_the_population_statistics_of_every_layer(name, rng):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_eval_mode_gives_the_statistics_inference_sees_with_batches_of_one(name, rng):
     case = CASES[name](rng)
-    batches = data_for(case, rng, [1, 4, 1, 9, 2])
+    batches = data_for(case, rng, [1, 4, 1, 4, 1])
     recalibrate(case.model, batches, mode="eval", progress=False)
     for bn, expected in zip(case.bns, eval_reference(case, batches), strict=True):
         assert_statistics(bn, expected)

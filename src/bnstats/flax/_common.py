@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnstats._host_pass import HostLayer, batch_moments
+from bnstats._host_pass import HostLayer, Recorder, batch_moments
 
 Forward = Callable[[Any, Any], Any]
 """``forward(model, batch)``: how to call the model on one batch (its output is ignored)."""
@@ -42,6 +42,14 @@ def first_samples(batch: Any, keep: int) -> Any:
     return jax.tree.map(lambda leaf: leaf[:keep] if getattr(leaf, "ndim", 0) else leaf, batch)
 
 
+def batch_signature(batch: Any) -> tuple[Any, ...]:
+    """The shapes and dtypes of a batch's arrays: what a compiled forward is specialised on."""
+    return tuple(
+        (tuple(getattr(leaf, "shape", ())), str(getattr(leaf, "dtype", type(leaf))))
+        for leaf in jax.tree.leaves(batch)
+    )
+
+
 def to_numpy(parts: list[Any]) -> np.ndarray:
     """Stacked on the device, brought to the host once, as float64."""
     return np.asarray(jnp.stack(parts), dtype=np.float64)
@@ -56,9 +64,9 @@ def feature_axes(axis: int | tuple[int, ...], ndim: int, name: str) -> tuple[int
 
 
 def record_moments(
-    host: HostLayer, x: Any, axis: Any, mask: Any, least: int, batch: int
+    recorder: Recorder, host: HostLayer, x: Any, axis: Any, mask: Any, least: int
 ) -> tuple[Any, Any]:
-    """Take the moments of the BN layer's input ``x`` (in float32 or wider) into ``host``;
+    """Record the moments of the BN layer's input ``x`` (in float32 or wider) for ``host``;
     returns the batch's ``mean`` and variance over all values, per channel (flat)."""
     x = jnp.asarray(x)
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -79,7 +87,7 @@ def record_moments(
             "pass mode='eval', which needs no batch statistics)"
         )
     mean, m2 = batch_moments(jnp, x, axes, weights)
-    host.add_batch(batch, count, jnp.stack([mean, m2]), to_numpy)
+    recorder.record(host, count, jnp.stack([mean, m2]))
     return mean, m2 / count
 
 

@@ -7,18 +7,23 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bnstats._host_pass import (
     HostLayer,
     HostMeasured,
+    Recorder,
     check_max_samples,
+    deliver,
     finish_pass,
+    forward_function,
     iterate_limited,
 )
 from bnstats._progress import pass_progress
 from bnstats.flax._common import (
+    batch_signature,
     batch_size_of,
     first_samples,
     model_input,
@@ -36,6 +41,7 @@ def recalibrate_linen(
     progress: bool | None = None,
     nonfinite: str = "raise",
     unreached: str = "raise",
+    jit: bool = True,
     **apply_kwargs: Any,
 ) -> dict[str, Any]:
     """New ``variables`` whose ``batch_stats`` hold, for every ``nn.BatchNorm``, the exact
@@ -52,7 +58,9 @@ def recalibrate_linen(
     Dropout is off for the pass (``nn.Dropout`` returns its input), so no rng is needed.
     ``variables`` and every param are left unchanged (JAX arrays are immutable; the
     returned dict shares every array but the new statistics). ``max_samples``,
-    ``nonfinite``, ``unreached``, ``progress``: as in :func:`bnstats.keras.recalibrate`.
+    ``nonfinite``, ``unreached``, ``progress``: as in :func:`bnstats.keras.recalibrate`;
+    ``jit``: compile each forward with ``jax.jit`` (once per batch shape; ``apply_kwargs``
+    are fixed for the pass), ``False`` runs it eagerly.
     """
     check_max_samples(max_samples)
     stats = variables.get("batch_stats")
@@ -63,7 +71,7 @@ def recalibrate_linen(
         path: HostLayer("/".join(path), 0, np.asarray(_at(stats, path)["mean"], np.float64).ravel())
         for path in paths
     }
-    position = [0]
+    recorder = Recorder()
 
     def interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
         target = context.module
@@ -77,17 +85,24 @@ def recalibrate_linen(
         if host is None:
             raise ValueError(f"BN layer {'/'.join(target.path)!r} has no entry in batch_stats")
         _require_training(target, args, kwargs, host.name)
-        record_moments(host, args[0], target.axis, kwargs.get("mask"), 2, position[0])
+        record_moments(recorder, host, args[0], target.axis, kwargs.get("mask"), 2)
         return next_fun(*args, **kwargs)
 
     measured = HostMeasured({host.name: host for host in hosts.values()}, [])
+
+    def run(variables: Any, batch: Any) -> None:
+        args, kwargs = model_input(batch)
+        with nn.intercept_methods(interceptor):
+            module.apply(variables, *args, **kwargs, **apply_kwargs, mutable=["batch_stats"])
+
+    forward = forward_function(
+        recorder, run, jax.jit if jit else None, lambda args: batch_signature(args[1])
+    )
     reached = 0
-    with nn.intercept_methods(interceptor), pass_progress(progress, "BN statistics") as advance:
+    with pass_progress(progress, "BN statistics") as advance:
         limited = iterate_limited(batches, max_samples, batch_size_of, first_samples)
         for index, (batch, size) in enumerate(limited):
-            position[0] = index
-            args, kwargs = model_input(batch)
-            module.apply(variables, *args, **kwargs, **apply_kwargs, mutable=["batch_stats"])
+            deliver(forward(variables, batch), index, to_numpy)
             for host in hosts.values():
                 if host.calls_this_forward and host.first_reached is None:
                     reached += 1

@@ -8,23 +8,28 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from bnstats._host_pass import (
+    Entry,
     Final,
     HostLayer,
     HostMeasured,
+    Recorder,
     check_choice,
     check_max_samples,
+    deliver,
     finish_pass,
+    forward_function,
     iterate_limited,
     measure_levels,
 )
 from bnstats._progress import pass_progress
 from bnstats.flax._common import (
     Forward,
+    batch_signature,
     batch_size_of,
     first_samples,
     model_input,
@@ -32,6 +37,7 @@ from bnstats.flax._common import (
     record_moments,
     to_numpy,
 )
+from flax import nnx
 
 Handler = Callable[..., Any]
 
@@ -61,6 +67,7 @@ def recalibrate_nnx(
     progress: bool | None = None,
     nonfinite: Literal["raise", "skip"] = "raise",
     unreached: Literal["raise", "keep"] = "raise",
+    jit: bool = True,
 ) -> Any:
     """Write every ``nnx.BatchNorm``'s ``mean`` and ``var`` in place as the exact population
     statistics of its input over ``batches``; returns ``model``.
@@ -83,6 +90,8 @@ def recalibrate_nnx(
       re-iterable; batches of one sample are fine).
     - ``max_samples``, ``nonfinite``, ``unreached``, ``progress``: as in
       :func:`bnstats.keras.recalibrate`.
+    - ``jit``: compile the forward with ``jax.jit`` (once per batch shape) on a copy of the
+      model's state; ``False`` runs it eagerly (a ``forward`` that cannot be traced).
 
     The model is left in the mode it found (every ``use_running_average`` and
     ``deterministic`` flag, ``momentum``, ``scale``, ``bias``, every other variable);
@@ -95,7 +104,7 @@ def recalibrate_nnx(
     layers = find_batchnorm_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} holds no nnx.BatchNorm layer")
-    run = _Runner(model, layers, forward, max_samples, progress, batches)
+    run = _Runner(model, layers, forward, max_samples, progress, batches, jit)
     with _preserved(model, layers):
         if mode == "train":
             measured = finish_pass(run.level(None), to_numpy, nonfinite, unreached, "batches")
@@ -124,6 +133,7 @@ class _Runner:
     max_samples: int | None
     progress: bool | None
     batches: Iterable[Any]
+    jit: bool
 
     def level(self, final: Final | None) -> HostMeasured:
         """One pass; ``final``: an eval-mode level (see :func:`bnstats._host_pass`)."""
@@ -131,29 +141,26 @@ class _Runner:
             name: HostLayer(name, 0, np.asarray(layer.mean[...], np.float64).reshape(-1))
             for name, layer in self.layers.items()
         }
-        position = [0]
-        handlers: dict[int, Handler] = {}
+        recorder = Recorder()
+        by_path: dict[str, Handler] = {}
         for name, layer in self.layers.items():
             if final is not None and name in final:
                 mean, var = final[name]
                 _assign(layer, mean, var)
-                handlers[id(layer)] = _settled
+                by_path[name] = _settled
             else:
-                handlers[id(layer)] = _measuring(hosts[name], final is not None, position)
+                by_path[name] = _measuring(hosts[name], final is not None, recorder)
+        handlers = _handlers_of(self.layers, by_path)
         measured = HostMeasured(hosts, [])
         label = "BN statistics" if final is None else f"eval mode, {len(final)} layers settled"
         reached = 0
         with ExitStack() as stack:
             stack.enter_context(_intercepted(handlers))
             advance = stack.enter_context(pass_progress(self.progress, label))
+            forward = self._forward(recorder, by_path, handlers)
             batches = iterate_limited(self.batches, self.max_samples, batch_size_of, first_samples)
             for index, (batch, size) in enumerate(batches):
-                position[0] = index
-                if self.forward is not None:
-                    self.forward(self.model, batch)
-                else:
-                    args, kwargs = model_input(batch)
-                    self.model(*args, **kwargs)
+                deliver(forward(batch), index, to_numpy)
                 for host in hosts.values():
                     if host.calls_this_forward and host.first_reached is None:
                         reached += 1
@@ -163,10 +170,38 @@ class _Runner:
                 advance(sum(measured.batch_sizes), math.inf)
         return measured
 
+    def _forward(
+        self, recorder: Recorder, by_path: dict[str, Handler], handlers: dict[int, Handler]
+    ) -> Callable[[Any], list[Entry]]:
+        """``forward(batch)`` compiled with ``jax.jit`` (``jit=True``) on a merged copy of
+        the model's state, so that the BN layers' own updates in the forward never reach
+        the model; eagerly on the model itself with ``jit=False``."""
+        call = self.forward or _default_forward
+        if not self.jit:
+            return forward_function(recorder, lambda b: call(self.model, b), None, batch_signature)
+        graphdef, state = nnx.split(self.model)
 
-def _measuring(host: HostLayer, eval_level: bool, position: list[int]) -> Handler:
+        def run(state: Any, batch: Any) -> None:
+            copy = nnx.merge(graphdef, state)  # new layer objects: handlers found by path
+            handlers.update(_handlers_of(find_batchnorm_layers(copy), by_path))
+            call(copy, batch)
+
+        compiled = forward_function(recorder, run, jax.jit, lambda args: batch_signature(args[1]))
+        return lambda batch: compiled(state, batch)
+
+
+def _handlers_of(layers: dict[str, Any], by_path: dict[str, Handler]) -> dict[int, Handler]:
+    return {id(layer): by_path[name] for name, layer in layers.items()}
+
+
+def _default_forward(model: Any, batch: Any) -> Any:
+    args, kwargs = model_input(batch)
+    return model(*args, **kwargs)
+
+
+def _measuring(host: HostLayer, eval_level: bool, recorder: Recorder) -> Handler:
     def call(original: Handler, layer: Any, x: Any, mask: Any) -> Any:
-        record_moments(host, x, layer.axis, mask, 1 if eval_level else 2, position[0])
+        record_moments(recorder, host, x, layer.axis, mask, 1 if eval_level else 2)
         if eval_level:
             return nan_like(x)
         return original(layer, x, use_running_average=False, mask=mask)

@@ -16,20 +16,25 @@ NaN. Nothing is assigned during a pass: no variable changes until the statistics
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import keras
 import numpy as np
 
+import keras
 from bnstats._host_pass import (
+    Entry,
     Final,
     HostLayer,
     HostMeasured,
+    Recorder,
     batch_moments,
     check_choice,
     check_max_samples,
+    deliver,
     finish_pass,
+    forward_function,
     iterate_limited,
     measure_levels,
 )
@@ -107,23 +112,23 @@ def _one_pass(
     final: Final | None,
 ) -> HostMeasured:
     hosts = {path: _host_layer(path, layer) for path, layer in layers.items()}
-    position = _Position()
+    recorder = Recorder()
     handlers = {}
     for path, layer in layers.items():
         if final is not None and path in final:
             handlers[id(layer)] = _settled_call(*final[path])
         else:
-            handlers[id(layer)] = _measuring_call(hosts[path], final is not None, position)
+            handlers[id(layer)] = _measuring_call(hosts[path], final is not None, recorder)
     measured = HostMeasured(hosts, [])
     label = "BN statistics" if final is None else f"eval mode, {len(final)} layers settled"
     reached = 0
     with intercepted_calls(handlers), pass_progress(options.progress, label) as advance:
+        forward = _forward(model, recorder, compiled=all(layer.built for layer in layers.values()))
         samples = 0
         for index, (x, size) in enumerate(
             iterate_limited(batches, options.max_samples, batch_size_of, first_samples)
         ):
-            position.batch = index
-            model(x, training=False)
+            deliver(forward(x), index, to_numpy)
             for host in hosts.values():
                 if host.calls_this_forward and host.first_reached is None:
                     reached += 1
@@ -135,18 +140,33 @@ def _one_pass(
     return measured
 
 
+def _forward(model: Any, recorder: Recorder, compiled: bool) -> Callable[[Any], list[Entry]]:
+    """``forward(x)``: one ``training=False`` forward, returning what the BN calls recorded.
+    On the JAX backend (and a built model) compiled with ``jax.jit`` through
+    ``model.stateless_call``, once per input shape; eagerly elsewhere."""
+    if keras.backend.backend() != "jax" or not compiled:
+        eager = forward_function(recorder, lambda x: model(x, training=False), None, _signature)
+        return eager
+    import jax
+
+    def run(trainable: Any, non_trainable: Any, x: Any) -> None:
+        model.stateless_call(trainable, non_trainable, x, training=False)
+
+    jitted = forward_function(recorder, run, jax.jit, lambda args: _signature(args[2:]))
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    return lambda x: jitted(trainable, non_trainable, x)
+
+
+def _signature(args: Any) -> tuple[Any, ...]:
+    return tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in keras.tree.flatten(args))
+
+
 def _host_layer(path: str, layer: Any) -> HostLayer:
     if layer.built:
         center = stored_statistics(layer)[0]
         return HostLayer(path, int(center.shape[0]), center)
     return HostLayer(path, 0, np.zeros(0))
-
-
-@dataclass
-class _Position:
-    """The index of the batch being fed (for the messages naming a NaN batch)."""
-
-    batch: int = 0
 
 
 def _compute(layer: Any, inputs: Any) -> Any:
@@ -155,7 +175,7 @@ def _compute(layer: Any, inputs: Any) -> Any:
     return keras.ops.cast(inputs, dtype)
 
 
-def _measuring_call(host: HostLayer, eval_level: bool, position: _Position) -> Any:
+def _measuring_call(host: HostLayer, eval_level: bool, recorder: Recorder) -> Any:
     least = 1 if eval_level else 2
 
     def call(layer: Any, inputs: Any, mask: Any) -> Any:
@@ -178,7 +198,7 @@ def _measuring_call(host: HostLayer, eval_level: bool, position: _Position) -> A
                 "or pass mode='eval', which needs no batch statistics)"
             )
         mean, m2 = batch_moments(keras.ops, x, axes, weights)
-        host.add_batch(position.batch, count, keras.ops.stack([mean, m2]), to_numpy)
+        recorder.record(host, count, keras.ops.stack([mean, m2]))
         if eval_level:
             return keras.ops.cast(keras.ops.full_like(x, math.nan), layer.compute_dtype)
         return _normalize(layer, x, mean, m2 / count)
