@@ -11,6 +11,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from bnstats._host_pass import (
     Entry,
@@ -37,7 +38,6 @@ from bnstats.flax._common import (
     record_moments,
     to_numpy,
 )
-from flax import nnx
 
 Handler = Callable[..., Any]
 

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import keras
 import numpy as np
 
-import keras
 from bnstats._host_pass import (
     Entry,
     Final,
