@@ -5,8 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bnstats.flax import recalibrate_linen
-from tests.flax.models import (
+from tests.optional import optional_import
+
+optional_import("flax")  # skipped without it (fails under BNSTATS_REQUIRE_EXTRAS=1)
+
+from bnstats.flax import recalibrate_linen  # noqa: E402
+from tests.flax.models import (  # noqa: E402
     LinenNet,
     assert_close,
     batches,

@@ -5,8 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bnstats.flax import recalibrate_nnx
-from tests.flax.models import assert_close, batches, f64, net, nnx, population
+from tests.optional import optional_import
+
+optional_import("flax")  # skipped without it (fails under BNSTATS_REQUIRE_EXTRAS=1)
+
+from bnstats.flax import recalibrate_nnx  # noqa: E402
+from tests.flax.models import assert_close, batches, f64, net, nnx, population  # noqa: E402
 
 UNEVEN = [5, 12, 5, 3, 12]  # uneven, with few distinct shapes (one compilation each on JAX)
 

@@ -6,8 +6,12 @@ import json
 
 import numpy as np
 
-from bnstats.keras import audit, recalibrate
-from tests.keras.models import CASES, data_for, keras, snapshot
+from tests.optional import optional_import
+
+optional_import("keras")  # skipped without it (fails under BNSTATS_REQUIRE_EXTRAS=1)
+
+from bnstats.keras import audit, recalibrate  # noqa: E402
+from tests.keras.models import CASES, data_for, keras, snapshot  # noqa: E402
 
 
 def test_audit_ranks_a_corrupted_layer_first_and_writes_nothing(rng):

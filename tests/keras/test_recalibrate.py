@@ -6,8 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bnstats.keras import recalibrate  # noqa: E402  (after keras: skipped without it)
-from tests.keras.models import (
+from tests.optional import optional_import
+
+optional_import("keras")  # skipped without it (fails under BNSTATS_REQUIRE_EXTRAS=1)
+
+from bnstats.keras import recalibrate  # noqa: E402
+from tests.keras.models import (  # noqa: E402
     CASES,
     assert_statistics,
     data_for,
