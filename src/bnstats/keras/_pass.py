@@ -11,6 +11,11 @@ float32 or wider) and normalizes with them, as in training::
 ``mode="eval"``: one pass per depth level (:func:`bnstats._host_pass.measure_levels`); the
 settled layers normalize with their final statistics, the others are measured and output
 NaN. Nothing is assigned during a pass: no variable changes until the statistics are written.
+
+On the JAX backend each forward is compiled with ``jax.jit`` through ``model.stateless_call``
+(once per batch shape; the handlers record while it is traced and the compiled function
+returns the moments, see :func:`bnstats._host_pass.forward_function`); elsewhere, and for a
+model not built yet, it runs eagerly.
 """
 
 from __future__ import annotations
