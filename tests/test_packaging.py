@@ -17,6 +17,8 @@ PUBLIC_MODULES = (
     "bnstats.torch",
     "bnstats.lightning",
     "bnstats.onnx",
+    "bnstats.keras",
+    "bnstats.flax",
 )
 
 

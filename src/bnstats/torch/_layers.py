@@ -22,15 +22,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from bnstats._progress import Advance, pass_progress  # noqa: F401  (shared with the passes)
 from bnstats.torch.kinds import has_fixed_statistics as has_fixed_statistics
 from bnstats.torch.kinds import is_batchnorm as is_batchnorm
 from bnstats.torch.kinds import keeps_running_statistics
@@ -357,51 +356,3 @@ def iterate_batches(
         taken += size or 0
         if max_samples is not None and taken >= max_samples:
             return
-
-
-# -- a progress bar for long passes ------------------------------------------------------------
-
-
-Advance = Callable[[int, float], None]
-"""``advance(samples, worst)``: samples seen so far and the worst relative standard error
-(inf while unknown)."""
-
-
-def _ignore(samples: int, worst: float) -> None:
-    return None
-
-
-@contextmanager
-def pass_progress(enabled: bool | None, label: str) -> Iterator[Advance]:
-    """A context giving an :data:`Advance` callback that drives the bar (or does nothing)."""
-    console = _console(enabled)
-    if console is None:
-        yield _ignore
-        return
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    columns = (
-        SpinnerColumn(),
-        TextColumn(label),
-        TextColumn("{task.fields[samples]} samples  {task.fields[worst]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(label, total=None, samples=0, worst="")
-
-        def advance(samples: int, worst: float) -> None:
-            shown = "" if math.isinf(worst) else f"worst rel. s.e. {worst:.3g}"
-            bar.update(task, samples=samples, worst=shown)
-
-        yield advance
-
-
-def _console(enabled: bool | None) -> Any:
-    if enabled is False:
-        return None
-    try:
-        from rich.console import Console
-    except ImportError:
-        return None
-    console = Console(stderr=True)
-    return console if enabled or console.is_terminal else None

@@ -1,0 +1,264 @@
+"""Exact population statistics for every ``flax.nnx.BatchNorm`` of an NNX model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bnstats._host_pass import (
+    Entry,
+    Final,
+    HostLayer,
+    HostMeasured,
+    Recorder,
+    check_choice,
+    check_max_samples,
+    deliver,
+    finish_pass,
+    forward_function,
+    iterate_limited,
+    measure_levels,
+)
+from bnstats._progress import pass_progress
+from bnstats.flax._common import (
+    Forward,
+    batch_signature,
+    batch_size_of,
+    first_samples,
+    model_input,
+    nan_like,
+    record_moments,
+    to_numpy,
+)
+
+Handler = Callable[..., Any]
+
+
+def find_batchnorm_layers(model: Any) -> dict[str, Any]:
+    """Every ``nnx.BatchNorm`` (subclasses too) under ``model`` by dotted path, each once."""
+    found: dict[str, Any] = {}
+    for path, module in _iter_modules(model):
+        if isinstance(module, nnx.BatchNorm) and all(m is not module for m in found.values()):
+            found[".".join(str(part) for part in path) or "<model>"] = module
+    return found
+
+
+def _iter_modules(model: Any) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    if hasattr(nnx, "iter_modules"):
+        return nnx.iter_modules(model)
+    return model.iter_modules()  # flax before 0.12
+
+
+def recalibrate_nnx(
+    model: Any,
+    batches: Iterable[Any],
+    *,
+    forward: Forward | None = None,
+    mode: Literal["train", "eval"] = "train",
+    max_samples: int | None = None,
+    progress: bool | None = None,
+    nonfinite: Literal["raise", "skip"] = "raise",
+    unreached: Literal["raise", "keep"] = "raise",
+    jit: bool = True,
+) -> Any:
+    """Write every ``nnx.BatchNorm``'s ``mean`` and ``var`` in place as the exact population
+    statistics of its input over ``batches``; returns ``model``.
+
+    Per layer, over all N values per channel of its input (every sample and position)::
+
+        mean = mu  = sum(z) / N
+        var        = sum((z - mu)**2) / N
+
+    merged in float64 (:class:`bnstats.Population`) and cast to the variables' dtype. The
+    variance is over all N values: Flax normalizes with ``var`` as stored and trains on
+    biased batch variances (``bnstats.conventions.CONVENTIONS["flax"].variance``).
+
+    - ``batches``: an iterable of ``x``, ``(x, y, ...)`` (``model(x)``) or dicts
+      (``model(**batch)``); ``forward(model, batch)`` calls the model otherwise.
+    - ``mode="train"``: each layer's input with every BN layer normalizing with its batch's
+      statistics (Flax's own training computation) and every other module in eval mode
+      (``deterministic=True``: dropout off). ``mode="eval"``: as inference sees it, every
+      BN layer before it using its final statistics (one pass per depth level; ``batches``
+      re-iterable; batches of one sample are fine).
+    - ``max_samples``, ``nonfinite``, ``unreached``, ``progress``: as in
+      :func:`bnstats.keras.recalibrate`.
+    - ``jit``: compile the forward with ``jax.jit`` (once per batch shape) on a copy of the
+      model's state; ``False`` runs it eagerly (a ``forward`` that cannot be traced).
+
+    The model is left in the mode it found (every ``use_running_average`` and
+    ``deterministic`` flag, ``momentum``, ``scale``, ``bias``, every other variable);
+    nothing is written unless the whole pass succeeds.
+    """
+    check_choice("mode", mode, ("train", "eval"))
+    check_choice("nonfinite", nonfinite, ("raise", "skip"))
+    check_choice("unreached", unreached, ("raise", "keep"))
+    check_max_samples(max_samples)
+    layers = find_batchnorm_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} holds no nnx.BatchNorm layer")
+    run = _Runner(model, layers, forward, max_samples, progress, batches, jit)
+    with _preserved(model, layers):
+        if mode == "train":
+            measured = finish_pass(run.level(None), to_numpy, nonfinite, unreached, "batches")
+        else:
+            if iter(batches) is batches:
+                raise TypeError(
+                    "mode='eval' passes over batches once per depth level and needs an "
+                    "iterable it can go over again (a list), not a one-shot iterator"
+                )
+            measured = measure_levels(
+                lambda final: finish_pass(run.level(final), to_numpy, "skip", "keep", "batches"),
+                nonfinite,
+                unreached,
+            )
+        values = {m.name: m.statistics() for m in measured.reached()}
+    for name, (mean, var) in values.items():
+        _assign(layers[name], mean, var)
+    return model
+
+
+@dataclass
+class _Runner:
+    model: Any
+    layers: dict[str, Any]
+    forward: Forward | None
+    max_samples: int | None
+    progress: bool | None
+    batches: Iterable[Any]
+    jit: bool
+
+    def level(self, final: Final | None) -> HostMeasured:
+        """One pass; ``final``: an eval-mode level (see :func:`bnstats._host_pass`)."""
+        hosts = {
+            name: HostLayer(name, 0, np.asarray(layer.mean[...], np.float64).reshape(-1))
+            for name, layer in self.layers.items()
+        }
+        recorder = Recorder()
+        by_path: dict[str, Handler] = {}
+        for name, layer in self.layers.items():
+            if final is not None and name in final:
+                mean, var = final[name]
+                _assign(layer, mean, var)
+                by_path[name] = _settled
+            else:
+                by_path[name] = _measuring(hosts[name], final is not None, recorder)
+        handlers = _handlers_of(self.layers, by_path)
+        measured = HostMeasured(hosts, [])
+        label = "BN statistics" if final is None else f"eval mode, {len(final)} layers settled"
+        reached = 0
+        with ExitStack() as stack:
+            stack.enter_context(_intercepted(handlers))
+            advance = stack.enter_context(pass_progress(self.progress, label))
+            forward = self._forward(recorder, by_path, handlers)
+            batches = iterate_limited(self.batches, self.max_samples, batch_size_of, first_samples)
+            for index, (batch, size) in enumerate(batches):
+                deliver(forward(batch), index, to_numpy)
+                for host in hosts.values():
+                    if host.calls_this_forward and host.first_reached is None:
+                        reached += 1
+                        host.first_reached = reached
+                    host.end_forward()
+                measured.batch_sizes.append(size)
+                advance(sum(measured.batch_sizes), math.inf)
+        return measured
+
+    def _forward(
+        self, recorder: Recorder, by_path: dict[str, Handler], handlers: dict[int, Handler]
+    ) -> Callable[[Any], list[Entry]]:
+        """``forward(batch)`` compiled with ``jax.jit`` (``jit=True``) on a merged copy of
+        the model's state, so that the BN layers' own updates in the forward never reach
+        the model; eagerly on the model itself with ``jit=False``."""
+        call = self.forward or _default_forward
+        if not self.jit:
+            return forward_function(recorder, lambda b: call(self.model, b), None, batch_signature)
+        graphdef, state = nnx.split(self.model)
+
+        def run(state: Any, batch: Any) -> None:
+            copy = nnx.merge(graphdef, state)  # new layer objects: handlers found by path
+            handlers.update(_handlers_of(find_batchnorm_layers(copy), by_path))
+            call(copy, batch)
+
+        compiled = forward_function(recorder, run, jax.jit, lambda args: batch_signature(args[1]))
+        return lambda batch: compiled(state, batch)
+
+
+def _handlers_of(layers: dict[str, Any], by_path: dict[str, Handler]) -> dict[int, Handler]:
+    return {id(layer): by_path[name] for name, layer in layers.items()}
+
+
+def _default_forward(model: Any, batch: Any) -> Any:
+    args, kwargs = model_input(batch)
+    return model(*args, **kwargs)
+
+
+def _measuring(host: HostLayer, eval_level: bool, recorder: Recorder) -> Handler:
+    def call(original: Handler, layer: Any, x: Any, mask: Any) -> Any:
+        record_moments(recorder, host, x, layer.axis, mask, 1 if eval_level else 2)
+        if eval_level:
+            return nan_like(x)
+        return original(layer, x, use_running_average=False, mask=mask)
+
+    return call
+
+
+def _settled(original: Handler, layer: Any, x: Any, mask: Any) -> Any:
+    return original(layer, x, use_running_average=True, mask=mask)
+
+
+@contextmanager
+def _intercepted(handlers: dict[int, Handler]) -> Iterator[None]:
+    """Within the block, ``nnx.BatchNorm.__call__`` of the layers in ``handlers`` runs
+    ``handlers[id(layer)](original, layer, x, mask)``; a subclass overriding ``__call__``
+    keeps its own computation (reached through ``super().__call__``)."""
+    cls = nnx.BatchNorm
+    original = cls.__dict__["__call__"]
+
+    def call(self: Any, x: Any, use_running_average: Any = None, *, mask: Any = None) -> Any:
+        handler = handlers.get(id(self))
+        if handler is None:
+            return original(self, x, use_running_average, mask=mask)
+        return handler(original, self, x, mask)
+
+    cls.__call__ = call
+    try:
+        yield
+    finally:
+        cls.__call__ = original
+
+
+@contextmanager
+def _preserved(model: Any, layers: dict[str, Any]) -> Iterator[None]:
+    """Every module's ``deterministic`` set to True for the block (dropout off); afterwards,
+    also on error, every flag and every BN layer's ``mean``/``var`` put back."""
+    flags = [
+        (module, key, getattr(module, key))
+        for _, module in _iter_modules(model)
+        for key in ("deterministic", "use_running_average")
+        if hasattr(module, key)
+    ]
+    saved = [(layer, layer.mean[...], layer.var[...]) for layer in layers.values()]
+    try:
+        for module, key, _ in flags:
+            if key == "deterministic":
+                setattr(module, key, True)
+        yield
+    finally:
+        for module, key, value in flags:
+            setattr(module, key, value)
+        for layer, mean, var in saved:
+            layer.mean[...] = mean
+            layer.var[...] = var
+
+
+def _assign(layer: Any, mean: np.ndarray, var: np.ndarray) -> None:
+    for variable, value in ((layer.mean, mean), (layer.var, var)):
+        current = variable[...]
+        variable[...] = jnp.asarray(np.reshape(value, current.shape), dtype=current.dtype)

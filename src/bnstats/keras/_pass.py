@@ -1,0 +1,231 @@
+"""The Keras pass: every BN layer's exact population moments, on any Keras 3 backend.
+
+``mode="train"``: the model runs with ``training=False`` (dropout off, every layer in
+inference behaviour) while each measured BN layer's call is replaced for the pass (see
+:func:`bnstats.keras._layers.intercepted_calls`): it takes the batch's per-channel ``mean``
+and ``m2`` (:func:`bnstats._host_pass.batch_moments`, centred, in the layer's compute dtype,
+float32 or wider) and normalizes with them, as in training::
+
+    z_tilde = gamma * (z - mean) / sqrt(m2 / count + epsilon) + beta
+
+``mode="eval"``: one pass per depth level (:func:`bnstats._host_pass.measure_levels`); the
+settled layers normalize with their final statistics, the others are measured and output
+NaN. Nothing is assigned during a pass: no variable changes until the statistics are written.
+
+On the JAX backend each forward is compiled with ``jax.jit`` through ``model.stateless_call``
+(once per batch shape; the handlers record while it is traced and the compiled function
+returns the moments, see :func:`bnstats._host_pass.forward_function`); elsewhere, and for a
+model not built yet, it runs eagerly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import keras
+import numpy as np
+
+from bnstats._host_pass import (
+    Entry,
+    Final,
+    HostLayer,
+    HostMeasured,
+    Recorder,
+    batch_moments,
+    check_choice,
+    check_max_samples,
+    deliver,
+    finish_pass,
+    forward_function,
+    iterate_limited,
+    measure_levels,
+)
+from bnstats._progress import pass_progress
+from bnstats.keras._data import batch_size_of, first_samples, input_batches, one_shot
+from bnstats.keras._layers import (
+    channel_axis,
+    intercepted_calls,
+    recalibrated_layers,
+    stored_statistics,
+)
+
+
+@dataclass(frozen=True)
+class KerasPassOptions:
+    """The keyword options of :func:`bnstats.keras.recalibrate` and :func:`bnstats.keras.audit`
+    (see there)."""
+
+    mode: Literal["train", "eval"] = "train"
+    max_samples: int | None = None
+    batch_size: int | None = None
+    nonfinite: Literal["raise", "skip"] = "raise"
+    unreached: Literal["raise", "keep"] = "raise"
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("mode", self.mode, ("train", "eval"))
+        check_choice("nonfinite", self.nonfinite, ("raise", "skip"))
+        check_choice("unreached", self.unreached, ("raise", "keep"))
+        check_max_samples(self.max_samples)
+
+
+@dataclass
+class KerasMeasured:
+    """A pass's measurements (:class:`bnstats._host_pass.HostMeasured`), the measured layers
+    by path and the paths of the layers with fixed statistics."""
+
+    measured: HostMeasured
+    layers: dict[str, Any]
+    fixed: list[str]
+
+
+def to_numpy(parts: list[Any]) -> np.ndarray:
+    """Stacked on the device, brought to the host once, as float64."""
+    return np.asarray(keras.ops.convert_to_numpy(keras.ops.stack(parts)), dtype=np.float64)
+
+
+def measure(model: Any, data: Any, options: KerasPassOptions) -> KerasMeasured:
+    """Every measured BN layer's population moments over ``data`` (nothing is written)."""
+    layers, fixed = recalibrated_layers(model)
+    batches = input_batches(data, options.batch_size)
+    if options.mode == "train":
+        measured = _one_pass(model, batches, layers, options, final=None)
+        measured = finish_pass(measured, to_numpy, options.nonfinite, options.unreached, "data")
+        return KerasMeasured(measured, layers, fixed)
+    if one_shot(batches):
+        raise TypeError(
+            "mode='eval' passes over the data once per depth level and needs data it can go "
+            "over again (a list, a PyDataset, an array with batch_size=), not a generator"
+        )
+
+    def run_level(final: Final) -> HostMeasured:
+        level = _one_pass(model, batches, layers, options, final=final)
+        return finish_pass(level, to_numpy, "skip", "keep", "data")
+
+    measured = measure_levels(run_level, options.nonfinite, options.unreached)
+    return KerasMeasured(measured, layers, fixed)
+
+
+def _one_pass(
+    model: Any,
+    batches: Any,
+    layers: dict[str, Any],
+    options: KerasPassOptions,
+    final: Final | None,
+) -> HostMeasured:
+    hosts = {path: _host_layer(path, layer) for path, layer in layers.items()}
+    recorder = Recorder()
+    handlers = {}
+    for path, layer in layers.items():
+        if final is not None and path in final:
+            handlers[id(layer)] = _settled_call(*final[path])
+        else:
+            handlers[id(layer)] = _measuring_call(hosts[path], final is not None, recorder)
+    measured = HostMeasured(hosts, [])
+    label = "BN statistics" if final is None else f"eval mode, {len(final)} layers settled"
+    reached = 0
+    with intercepted_calls(handlers), pass_progress(options.progress, label) as advance:
+        forward = _forward(model, recorder, compiled=all(layer.built for layer in layers.values()))
+        samples = 0
+        for index, (x, size) in enumerate(
+            iterate_limited(batches, options.max_samples, batch_size_of, first_samples)
+        ):
+            deliver(forward(x), index, to_numpy)
+            for host in hosts.values():
+                if host.calls_this_forward and host.first_reached is None:
+                    reached += 1
+                    host.first_reached = reached
+                host.end_forward()
+            measured.batch_sizes.append(size)
+            samples += size
+            advance(samples, math.inf)
+    return measured
+
+
+def _forward(model: Any, recorder: Recorder, compiled: bool) -> Callable[[Any], list[Entry]]:
+    """``forward(x)``: one ``training=False`` forward, returning what the BN calls recorded.
+    On the JAX backend (and a built model) compiled with ``jax.jit`` through
+    ``model.stateless_call``, once per input shape; eagerly elsewhere."""
+    if keras.backend.backend() != "jax" or not compiled:
+        eager = forward_function(recorder, lambda x: model(x, training=False), None, _signature)
+        return eager
+    import jax
+
+    def run(trainable: Any, non_trainable: Any, x: Any) -> None:
+        model.stateless_call(trainable, non_trainable, x, training=False)
+
+    jitted = forward_function(recorder, run, jax.jit, lambda args: _signature(args[2:]))
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    return lambda x: jitted(trainable, non_trainable, x)
+
+
+def _signature(args: Any) -> tuple[Any, ...]:
+    return tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in keras.tree.flatten(args))
+
+
+def _host_layer(path: str, layer: Any) -> HostLayer:
+    if layer.built:
+        center = stored_statistics(layer)[0]
+        return HostLayer(path, int(center.shape[0]), center)
+    return HostLayer(path, 0, np.zeros(0))
+
+
+def _compute(layer: Any, inputs: Any) -> Any:
+    """The input in the dtype the layer computes in (float32 or wider), as its call does."""
+    dtype = keras.backend.result_type(inputs.dtype, "float32")
+    return keras.ops.cast(inputs, dtype)
+
+
+def _measuring_call(host: HostLayer, eval_level: bool, recorder: Recorder) -> Any:
+    least = 1 if eval_level else 2
+
+    def call(layer: Any, inputs: Any, mask: Any) -> Any:
+        x = _compute(layer, inputs)
+        axis = channel_axis(layer, len(x.shape))
+        axes = tuple(i for i in range(len(x.shape)) if i != axis)
+        channels = int(x.shape[axis])
+        if not host.num_features:  # built during this call
+            host.num_features = channels
+            host.center = stored_statistics(layer)[0]
+        weights = None
+        count: Any = int(np.prod([x.shape[i] for i in axes]))
+        if mask is not None:
+            weights = keras.ops.expand_dims(keras.ops.cast(mask, x.dtype), axis=-1)
+            count = keras.ops.sum(keras.ops.broadcast_to(weights, x.shape)) / channels
+        elif count < least:
+            raise ValueError(
+                f"BN layer {host.name!r}: input of shape {tuple(x.shape)} has {count} value per "
+                "channel; training normalization needs 2 or more (drop batches of one sample, "
+                "or pass mode='eval', which needs no batch statistics)"
+            )
+        mean, m2 = batch_moments(keras.ops, x, axes, weights)
+        recorder.record(host, count, keras.ops.stack([mean, m2]))
+        if eval_level:
+            return keras.ops.cast(keras.ops.full_like(x, math.nan), layer.compute_dtype)
+        return _normalize(layer, x, mean, m2 / count)
+
+    return call
+
+
+def _settled_call(mean: np.ndarray, var: np.ndarray) -> Any:
+    def call(layer: Any, inputs: Any, mask: Any) -> Any:
+        x = _compute(layer, inputs)
+        as_tensor = keras.ops.convert_to_tensor
+        return _normalize(layer, x, as_tensor(mean, x.dtype), as_tensor(var, x.dtype))
+
+    return call
+
+
+def _normalize(layer: Any, x: Any, mean: Any, var: Any) -> Any:
+    """The layer's own normalization (``keras.ops.batch_normalization``) with these
+    statistics, cast to its compute dtype as its call does."""
+    gamma = None if layer.gamma is None else keras.ops.cast(layer.gamma, x.dtype)
+    beta = None if layer.beta is None else keras.ops.cast(layer.beta, x.dtype)
+    out = keras.ops.batch_normalization(
+        x, mean, var, axis=layer.axis, offset=beta, scale=gamma, epsilon=layer.epsilon
+    )
+    return keras.ops.cast(out, layer.compute_dtype)

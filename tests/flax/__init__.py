@@ -1,0 +1,1 @@
+"""Tests of bnstats.flax (run only in processes without torch: see conftest)."""

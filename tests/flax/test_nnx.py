@@ -1,0 +1,76 @@
+"""bnstats.flax.recalibrate_nnx against an independent float64 computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.optional import optional_import
+
+optional_import("flax")  # skipped without it (fails under BNSTATS_REQUIRE_EXTRAS=1)
+
+from bnstats.flax import recalibrate_nnx  # noqa: E402
+from tests.flax.models import assert_close, batches, f64, net, nnx, population  # noqa: E402
+
+UNEVEN = [5, 12, 5, 3, 12]  # uneven, with few distinct shapes (one compilation each on JAX)
+
+
+def _leaves(tree):
+    """Every parameter and statistic of a model or state (the rng keys left out)."""
+    import jax
+
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree, nnx.Any(nnx.Param, nnx.BatchStat))
+    return [np.array(leaf) for leaf in jax.tree.leaves(tree)]
+
+
+def test_train_mode_gives_the_population_statistics_and_keeps_the_mode(rng):
+    model = net(rng)
+    model.eval()
+    data = batches(rng, UNEVEN, (6,))
+    recalibrate_nnx(model, data, progress=False)
+    collected = [model.inputs(f64(x), None) for x in data]
+    for i, bn in enumerate(model.batchnorms()):
+        assert_close(bn.mean[...], bn.var[...], population([c[i] for c in collected]))
+        assert bn.use_running_average is True
+    assert model.drop.deterministic is True
+    model.train()
+    recalibrate_nnx(model, [(x, np.zeros(len(x))) for x in data])
+    assert model.bn.use_running_average is False and model.drop.deterministic is False
+    for i, bn in enumerate(model.batchnorms()):
+        assert_close(bn.mean[...], bn.var[...], population([c[i] for c in collected]))
+
+
+def test_eval_mode_with_batches_of_one(rng):
+    model = net(rng)
+    data = batches(rng, [1, 3, 1, 3], (6,))
+    recalibrate_nnx(model, data, mode="eval")
+    x = np.concatenate(data).astype(np.float64)
+    stats: list = [None, None, None]
+    for i, bn in enumerate(model.batchnorms()):
+        stats[i] = population([model.inputs(x, [s or (np.nan, np.nan) for s in stats])[i]])
+        assert_close(bn.mean[...], bn.var[...], stats[i])
+
+
+def test_a_data_source_that_raises_midway_writes_nothing(rng):
+    model = net(rng)
+    before = _leaves(model)
+
+    def failing():
+        yield from batches(rng, [4, 4], (6,))
+        raise RuntimeError("the data source failed")
+
+    with pytest.raises(RuntimeError, match="the data source failed"):
+        recalibrate_nnx(model, failing())
+    for a, b in zip(before, _leaves(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_only_the_statistics_change(rng):
+    model = net(rng)
+    bns = model.batchnorms()
+    params = _leaves(nnx.state(model, nnx.Param))
+    recalibrate_nnx(model, batches(rng, [8, 8], (6,)), forward=lambda m, x: m(x))
+    for a, b in zip(params, _leaves(nnx.state(model, nnx.Param)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [bn.momentum for bn in bns] == [0.99, 0.9, 0.99]

@@ -1,0 +1,1 @@
+"""Tests of bnstats.keras (run only in processes without torch: see conftest)."""

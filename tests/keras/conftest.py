@@ -1,0 +1,12 @@
+"""bnstats.keras is tested in processes without torch, on the backend KERAS_BACKEND names."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.torch_free import torch_free
+
+
+@pytest.fixture(autouse=True)
+def _torch_free():
+    yield from torch_free()

@@ -1,0 +1,149 @@
+"""bnstats.keras.recalibrate against an independent float64 computation of every BN layer's
+input, on the backend KERAS_BACKEND names (JAX and NumPy in CI)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.optional import optional_import
+
+optional_import("keras")  # skipped without it (fails under BNSTATS_REQUIRE_EXTRAS=1)
+
+from bnstats.keras import recalibrate  # noqa: E402
+from tests.keras.models import (  # noqa: E402
+    CASES,
+    assert_statistics,
+    data_for,
+    eval_reference,
+    keras,
+    snapshot,
+    train_reference,
+)
+
+UNEVEN = [5, 12, 5, 3, 12]  # uneven, with few distinct shapes (one compilation each on JAX)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_train_mode_gives_the_population_statistics_of_every_layer(name, rng):
+    case = CASES[name](rng)
+    batches = data_for(case, rng, UNEVEN)
+    momenta = [bn.momentum for bn in case.bns]
+    before = snapshot(case.model)
+    assert recalibrate(case.model, batches, progress=False) is case.model
+    for bn, expected in zip(case.bns, train_reference(case, batches), strict=True):
+        assert_statistics(bn, expected)
+    changed = {id(v) for bn in case.bns for v in (bn.moving_mean, bn.moving_variance)}
+    for variable, old in zip(case.model.weights, before, strict=True):
+        if id(variable) not in changed:
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), old)
+    assert [bn.momentum for bn in case.bns] == momenta
+    assert all(bn.trainable for bn in case.bns)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_eval_mode_gives_the_statistics_inference_sees_with_batches_of_one(name, rng):
+    case = CASES[name](rng)
+    batches = data_for(case, rng, [1, 4, 1, 4, 1])
+    recalibrate(case.model, batches, mode="eval", progress=False)
+    for bn, expected in zip(case.bns, eval_reference(case, batches), strict=True):
+        assert_statistics(bn, expected)
+
+
+def test_an_array_with_batch_size_and_tuples_with_targets_give_the_same_numbers(rng):
+    case = CASES["mlp"](rng)
+    x = data_for(case, rng, [50])[0]
+    recalibrate(case.model, x, batch_size=16)
+    from_array = snapshot(case.model)
+    y = np.zeros(len(x))
+    recalibrate(case.model, [(x[i : i + 16], y[i : i + 16]) for i in range(0, 50, 16)])
+    for a, b in zip(from_array, snapshot(case.model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    batches = [x[i : i + 16] for i in range(0, 50, 16)]
+    for bn, expected in zip(case.bns, train_reference(case, batches), strict=True):
+        assert_statistics(bn, expected)
+
+
+def test_a_py_dataset_and_max_samples(rng):
+    case = CASES["mlp"](rng)
+    x = data_for(case, rng, [40])[0]
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return x[index * 10 : (index + 1) * 10], np.zeros(10)
+
+    recalibrate(case.model, Batches(), max_samples=25)  # 10, 10, then 5 of the third
+    batches = [x[:10], x[10:20], x[20:25]]
+    for bn, expected in zip(case.bns, train_reference(case, batches), strict=True):
+        assert_statistics(bn, expected)
+
+
+def _failing(batches, after):
+    for index, batch in enumerate(batches):
+        if index == after:
+            raise RuntimeError("the data source failed")
+        yield batch
+
+
+def test_a_data_source_that_raises_midway_writes_nothing(rng):
+    case = CASES["subclassed"](rng)
+    before = snapshot(case.model)
+    with pytest.raises(RuntimeError, match="the data source failed"):
+        recalibrate(case.model, _failing(data_for(case, rng, UNEVEN), after=3))
+    for variable, old in zip(case.model.weights, before, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), old)
+
+
+def test_a_model_that_raises_midway_writes_nothing_and_keeps_working(rng):
+    case = CASES["mlp"](rng)
+    batches = data_for(case, rng, UNEVEN)
+    batches[2] = batches[2][:, :4]  # the wrong width: the model raises on the third batch
+    before = snapshot(case.model)
+    outputs = keras.ops.convert_to_numpy(case.model(batches[0], training=False))
+    with pytest.raises(ValueError):
+        recalibrate(case.model, batches)
+    for variable, old in zip(case.model.weights, before, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), old)
+    after = keras.ops.convert_to_numpy(case.model(batches[0], training=False))
+    np.testing.assert_array_equal(after, outputs)
+
+
+def bn_stats(bn):
+    convert = keras.ops.convert_to_numpy
+    return tuple(np.asarray(convert(v), np.float64) for v in (bn.moving_mean, bn.moving_variance))
+
+
+def test_a_training_batch_of_one_names_the_layer(rng):
+    case = CASES["mlp"](rng)
+    with pytest.raises(ValueError, match=r"batch_normalization.*1 value per channel"):
+        recalibrate(case.model, data_for(case, rng, [4, 1]))
+
+
+def test_a_frozen_layer_keeps_its_statistics(rng):
+    case = CASES["mlp"](rng)
+    case.bns[0].trainable = False
+    frozen = bn_stats(case.bns[0])
+    batches = data_for(case, rng, UNEVEN)
+    recalibrate(case.model, batches)
+    for a, b in zip(frozen, bn_stats(case.bns[0]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not case.bns[0].trainable
+    collected = [case.inputs(x.astype(np.float64), [frozen])[1] for x in batches]
+    values = np.concatenate(collected)
+    assert_statistics(case.bns[1], (values.mean(0), values.var(0)))
+
+
+def test_bad_arguments_get_one_clear_error(rng):
+    case = CASES["mlp"](rng)
+    x = data_for(case, rng, [10])[0]
+    with pytest.raises(TypeError, match="batch_size"):
+        recalibrate(case.model, x)
+    with pytest.raises(ValueError, match="no batch"):
+        recalibrate(case.model, [])
+    with pytest.raises(ValueError, match="mode"):
+        recalibrate(case.model, [x], mode="inference")
+    with pytest.raises(TypeError, match="again"):
+        recalibrate(case.model, iter([x]), mode="eval")
