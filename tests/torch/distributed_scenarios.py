@@ -253,6 +253,14 @@ def audit_in_group(rank: int) -> dict[str, Any]:
     return {"report": report.to_dict(per_channel=True), "unchanged": ref.same_state(model, before)}
 
 
+def diagnose_in_group(rank: int) -> dict[str, Any]:
+    """Both ranks diagnose on their own batches: one report over all ranks' data."""
+    model = zoo.build("resnet").eval()
+    before = ref.snapshot(model)
+    report = bt.diagnose(model, rank_batches("resnet", rank), progress=False)
+    return {"report": report.to_dict(), "unchanged": ref.same_state(model, before)}
+
+
 def adapt_in_group(rank: int) -> dict[str, Any]:
     model = zoo.build("resnet")
     bt.adapt(model, rank_batches("resnet", rank, ADAPT_SIZES[rank]), prior=16)
@@ -319,6 +327,7 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "different_models": different_models,
     "audit_in_group": audit_in_group,
     "adapt_in_group": adapt_in_group,
+    "diagnose_in_group": diagnose_in_group,
     "explicit_group": explicit_group,
     "sync_stats": sync_stats,
     "sync_stats_weighted": sync_stats_weighted,

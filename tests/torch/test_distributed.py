@@ -296,6 +296,21 @@ def test_audit_in_a_group_measures_all_ranks_data(pair):
         assert layer["kl"]["mean"] == pytest.approx(truth["kl"]["mean"], rel=1e-9)
 
 
+def test_diagnose_in_a_group_is_one_report_over_all_ranks_data(pair):
+    first, second = pair.results("diagnose_in_group")
+    assert first["unchanged"] and second["unchanged"]
+    assert first["report"] == second["report"]
+    expected = bt.diagnose(
+        zoo.build("resnet").eval(), concatenated("resnet"), progress=False
+    ).to_dict()
+    got = first["report"]
+    assert got["settings"].keys() == expected["settings"].keys()
+    for name, truth in expected["settings"].items():
+        change = got["settings"][name]["output_change"]
+        assert change == pytest.approx(truth["output_change"], rel=1e-6, abs=1e-9), name
+    assert [f["kind"] for f in got["findings"]] == [f["kind"] for f in expected["findings"]]
+
+
 def test_adapt_in_a_group_mixes_with_the_statistics_of_all_ranks(pair):
     model = zoo.build("resnet")
     batches = [x for r in (0, 1) for x in sc.rank_batches("resnet", r, sc.ADAPT_SIZES[r])]

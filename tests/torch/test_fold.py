@@ -654,17 +654,6 @@ def test_report_is_readable_and_plain_data():
         report["nonexistent"]
 
 
-def test_docs_example_runs_and_prints_what_the_docs_show(capsys):
-    text = (Path(__file__).parents[2] / "docs" / "fold.md").read_text()
-    section = text[text.index("## Folding a model") :]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    shown = section.split("prints\n\n```\n", 1)[1].split("```", 1)[0].splitlines()
-    exec(compile(code, "docs/fold.md", "exec"), {})
-    printed = capsys.readouterr().out.splitlines()
-    assert printed[:-1] == shown[:-1]  # the report; the last line is a float
-    assert float(printed[-1]) <= 1e-5
-
-
 def test_a_folded_model_survives_torch_save_and_load(tmp_path):
     import io
 
