@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from bnstats.report.demo_report import load_figures
-from bnstats.report.html import FOOTER, Image, Section, Table, render_page, render_table, write_page
+from bnstats.report.html import (
+    FOOTER,
+    Image,
+    Section,
+    Table,
+    render_page,
+    render_table,
+    report_data,
+    write_page,
+)
 
 AUDIT_PAGE = "audit.html"
 
@@ -53,7 +62,7 @@ def write_audit_report(report: Any, directory: str | Path) -> Path:
 
 def audit_report_html(report: Any) -> str:
     """The audit page as one string."""
-    data = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    data = report_data(report)
     layers = ordered_layers(data["layers"])
     load_figures()  # a clear error without matplotlib, before any drawing
     from bnstats.report.audit_figure import audit_figure, png_data_uri

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from bnstats.report.audit_page import format_number
-from bnstats.report.html import FOOTER, Section, Table, render_page, render_table, write_page
+from bnstats.report.html import (
+    FOOTER,
+    Section,
+    Table,
+    render_page,
+    render_table,
+    report_data,
+    write_page,
+)
 
 DIAGNOSE_PAGE = "diagnose.html"
 BAR_WIDTH = 320
@@ -31,7 +39,7 @@ def write_diagnose_report(report: Any, directory: str | Path) -> Path:
 
 def diagnose_report_html(report: Any) -> str:
     """The diagnosis page as one string."""
-    data = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    data = report_data(report)
     sections = [
         Section(
             "findings",

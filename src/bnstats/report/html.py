@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
+from typing import Any
 
 from bnstats import __version__
 from bnstats._files import atomic_write_text
@@ -140,6 +141,11 @@ def render_page(
         "</html>",
     ]
     return "\n".join(part for part in parts if part) + "\n"
+
+
+def report_data(report: Any) -> dict[str, Any]:
+    """What a page reads: ``report.to_dict()``, or ``report`` itself when it is that dict."""
+    return report.to_dict() if hasattr(report, "to_dict") else dict(report)
 
 
 def write_page(page: str, directory: str | Path, name: str) -> Path:
