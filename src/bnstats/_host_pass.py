@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from bnstats._audit import LayerMeasurement
+from bnstats._progress import pass_progress
 from bnstats.stats import BatchSpread, NonFiniteStatisticsError, Population
 
 _GROUP = 64
@@ -268,6 +269,45 @@ def iterate_limited(
             return
 
 
+def measure_batches(
+    hosts: dict[str, HostLayer],
+    batches: Iterable[tuple[Any, int]],
+    forward: Callable[[Any], list[Entry]],
+    to_numpy: ToNumpy,
+    progress: bool | None,
+    label: str,
+) -> HostMeasured:
+    """One pass: ``forward(batch)`` for each ``(batch, size)`` of ``batches`` (from
+    :func:`iterate_limited`), its records handed to their layers; notes the order in which
+    forwards first reached the layers and the batch sizes, under a progress bar ``label``."""
+    measured = HostMeasured(hosts, [])
+    reached = 0
+    with pass_progress(progress, label) as advance:
+        for index, (batch, size) in enumerate(batches):
+            deliver(forward(batch), index, to_numpy)
+            for host in hosts.values():
+                if host.calls_this_forward and host.first_reached is None:
+                    reached += 1
+                    host.first_reached = reached
+                host.end_forward()
+            measured.batch_sizes.append(size)
+            advance(sum(measured.batch_sizes), math.inf)
+    return measured
+
+
+def pass_label(final: Final | None) -> str:
+    """The progress bar's label of a pass (``final``: the settled layers of an eval level)."""
+    return "BN statistics" if final is None else f"eval mode, {len(final)} layers settled"
+
+
+def check_pass_options(mode: str, nonfinite: str, unreached: str, max_samples: Any) -> None:
+    """``ValueError`` naming the first of the pass's options that is not one it takes."""
+    check_choice("mode", mode, ("train", "eval"))
+    check_choice("nonfinite", nonfinite, ("raise", "skip"))
+    check_choice("unreached", unreached, ("raise", "keep"))
+    check_max_samples(max_samples)
+
+
 def check_max_samples(max_samples: Any) -> None:
     if max_samples is not None and (
         isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
@@ -399,5 +439,6 @@ __all__ = [
     "batch_moments",
     "finish_pass",
     "iterate_limited",
+    "measure_batches",
     "measure_levels",
 ]

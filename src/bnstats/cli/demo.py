@@ -119,8 +119,6 @@ def config_from(args: argparse.Namespace) -> DemoConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)
-    if args.report_layer is not None and not args.out:
-        raise ValueError("--report-layer needs --out DIR, where report.html is written")
     if args.out:
         check_output_folder(args.out, OUT_FILES)  # fail before training, not after
     dataset = load_dataset(config.data, seed=config.seed, test_fraction=config.test_fraction)

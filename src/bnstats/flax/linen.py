@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -13,15 +12,13 @@ import numpy as np
 
 from bnstats._host_pass import (
     HostLayer,
-    HostMeasured,
     Recorder,
     check_max_samples,
-    deliver,
     finish_pass,
     forward_function,
     iterate_limited,
+    measure_batches,
 )
-from bnstats._progress import pass_progress
 from bnstats.flax._common import (
     batch_signature,
     batch_size_of,
@@ -88,8 +85,6 @@ def recalibrate_linen(
         record_moments(recorder, host, args[0], target.axis, kwargs.get("mask"), 2)
         return next_fun(*args, **kwargs)
 
-    measured = HostMeasured({host.name: host for host in hosts.values()}, [])
-
     def run(variables: Any, batch: Any) -> None:
         args, kwargs = model_input(batch)
         with nn.intercept_methods(interceptor):
@@ -98,18 +93,15 @@ def recalibrate_linen(
     forward = forward_function(
         recorder, run, jax.jit if jit else None, lambda args: batch_signature(args[1])
     )
-    reached = 0
-    with pass_progress(progress, "BN statistics") as advance:
-        limited = iterate_limited(batches, max_samples, batch_size_of, first_samples)
-        for index, (batch, size) in enumerate(limited):
-            deliver(forward(variables, batch), index, to_numpy)
-            for host in hosts.values():
-                if host.calls_this_forward and host.first_reached is None:
-                    reached += 1
-                    host.first_reached = reached
-                host.end_forward()
-            measured.batch_sizes.append(size)
-            advance(sum(measured.batch_sizes), math.inf)
+    limited = iterate_limited(batches, max_samples, batch_size_of, first_samples)
+    measured = measure_batches(
+        {host.name: host for host in hosts.values()},
+        limited,
+        lambda batch: forward(variables, batch),
+        to_numpy,
+        progress,
+        "BN statistics",
+    )
     finish_pass(measured, to_numpy, nonfinite, unreached, "batches")
     new_stats = _thawed(stats)
     for path, host in hosts.items():

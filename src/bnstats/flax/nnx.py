@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,15 +18,14 @@ from bnstats._host_pass import (
     HostLayer,
     HostMeasured,
     Recorder,
-    check_choice,
-    check_max_samples,
-    deliver,
+    check_pass_options,
     finish_pass,
     forward_function,
     iterate_limited,
+    measure_batches,
     measure_levels,
+    pass_label,
 )
-from bnstats._progress import pass_progress
 from bnstats.flax._common import (
     Forward,
     batch_signature,
@@ -97,10 +95,7 @@ def recalibrate_nnx(
     ``deterministic`` flag, ``momentum``, ``scale``, ``bias``, every other variable);
     nothing is written unless the whole pass succeeds.
     """
-    check_choice("mode", mode, ("train", "eval"))
-    check_choice("nonfinite", nonfinite, ("raise", "skip"))
-    check_choice("unreached", unreached, ("raise", "keep"))
-    check_max_samples(max_samples)
+    check_pass_options(mode, nonfinite, unreached, max_samples)
     layers = find_batchnorm_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} holds no nnx.BatchNorm layer")
@@ -151,24 +146,12 @@ class _Runner:
             else:
                 by_path[name] = _measuring(hosts[name], final is not None, recorder)
         handlers = _handlers_of(self.layers, by_path)
-        measured = HostMeasured(hosts, [])
-        label = "BN statistics" if final is None else f"eval mode, {len(final)} layers settled"
-        reached = 0
-        with ExitStack() as stack:
-            stack.enter_context(_intercepted(handlers))
-            advance = stack.enter_context(pass_progress(self.progress, label))
+        limited = iterate_limited(self.batches, self.max_samples, batch_size_of, first_samples)
+        with _intercepted(handlers):
             forward = self._forward(recorder, by_path, handlers)
-            batches = iterate_limited(self.batches, self.max_samples, batch_size_of, first_samples)
-            for index, (batch, size) in enumerate(batches):
-                deliver(forward(batch), index, to_numpy)
-                for host in hosts.values():
-                    if host.calls_this_forward and host.first_reached is None:
-                        reached += 1
-                        host.first_reached = reached
-                    host.end_forward()
-                measured.batch_sizes.append(size)
-                advance(sum(measured.batch_sizes), math.inf)
-        return measured
+            return measure_batches(
+                hosts, limited, forward, to_numpy, self.progress, pass_label(final)
+            )
 
     def _forward(
         self, recorder: Recorder, by_path: dict[str, Handler], handlers: dict[int, Handler]

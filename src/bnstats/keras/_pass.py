@@ -35,15 +35,14 @@ from bnstats._host_pass import (
     HostMeasured,
     Recorder,
     batch_moments,
-    check_choice,
-    check_max_samples,
-    deliver,
+    check_pass_options,
     finish_pass,
     forward_function,
     iterate_limited,
+    measure_batches,
     measure_levels,
+    pass_label,
 )
-from bnstats._progress import pass_progress
 from bnstats.keras._data import batch_size_of, first_samples, input_batches, one_shot
 from bnstats.keras._layers import (
     channel_axis,
@@ -66,10 +65,7 @@ class KerasPassOptions:
     progress: bool | None = None
 
     def __post_init__(self) -> None:
-        check_choice("mode", self.mode, ("train", "eval"))
-        check_choice("nonfinite", self.nonfinite, ("raise", "skip"))
-        check_choice("unreached", self.unreached, ("raise", "keep"))
-        check_max_samples(self.max_samples)
+        check_pass_options(self.mode, self.nonfinite, self.unreached, self.max_samples)
 
 
 @dataclass
@@ -124,25 +120,12 @@ def _one_pass(
             handlers[id(layer)] = _settled_call(*final[path])
         else:
             handlers[id(layer)] = _measuring_call(hosts[path], final is not None, recorder)
-    measured = HostMeasured(hosts, [])
-    label = "BN statistics" if final is None else f"eval mode, {len(final)} layers settled"
-    reached = 0
-    with intercepted_calls(handlers), pass_progress(options.progress, label) as advance:
+    limited = iterate_limited(batches, options.max_samples, batch_size_of, first_samples)
+    with intercepted_calls(handlers):
         forward = _forward(model, recorder, compiled=all(layer.built for layer in layers.values()))
-        samples = 0
-        for index, (x, size) in enumerate(
-            iterate_limited(batches, options.max_samples, batch_size_of, first_samples)
-        ):
-            deliver(forward(x), index, to_numpy)
-            for host in hosts.values():
-                if host.calls_this_forward and host.first_reached is None:
-                    reached += 1
-                    host.first_reached = reached
-                host.end_forward()
-            measured.batch_sizes.append(size)
-            samples += size
-            advance(samples, math.inf)
-    return measured
+        return measure_batches(
+            hosts, limited, forward, to_numpy, options.progress, pass_label(final)
+        )
 
 
 def _forward(model: Any, recorder: Recorder, compiled: bool) -> Callable[[Any], list[Entry]]:

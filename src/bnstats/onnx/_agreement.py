@@ -111,6 +111,30 @@ def float64_outputs(model: Any, args: tuple) -> tuple[list[np.ndarray] | None, s
         return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
+def positional(example_inputs: Any) -> tuple:
+    """``example_inputs`` as positional arguments: a tuple as it is, anything else alone."""
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a graph is judged against: the model's own eval ``outputs`` on the example
+    (:func:`model_outputs`) and a float64 run of it (``truth``, :func:`float64_outputs`)."""
+
+    outputs: list[np.ndarray]
+    truth: tuple[list[np.ndarray] | None, str]
+
+    def agreement(self, got: list[np.ndarray], rtol: float, factor: float) -> Agreement:
+        """:func:`measure` of the graph's outputs ``got`` against this reference."""
+        return measure(got, self.outputs, self.truth, rtol, factor)
+
+
+def reference_outputs(model: Any, args: tuple) -> Reference:
+    """The :class:`Reference` of ``model`` (in eval mode) on ``args``; the model is not
+    touched."""
+    return Reference(model_outputs(model, args), float64_outputs(model, args))
+
+
 def _float64(arg: Any, torch: Any) -> Any:
     if isinstance(arg, torch.Tensor) and arg.is_floating_point():
         return arg.detach().to(device="cpu", dtype=torch.float64)

@@ -34,9 +34,8 @@ from bnstats.onnx._agreement import (
     Agreement,
     OnnxExportError,
     check_tolerances,
-    float64_outputs,
-    measure,
-    model_outputs,
+    positional,
+    reference_outputs,
     run_onnxruntime,
 )
 from bnstats.onnx._graph import ScopedNode, is_standard, load, walk
@@ -151,13 +150,12 @@ def check_export(
 
     check_tolerances(rtol, factor)
     proto, label = load(path)
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    args = positional(example_inputs)
     with in_eval_mode(model):
-        expected = model_outputs(model, args)
-        truth = float64_outputs(model, args)
+        reference = reference_outputs(model, args)
         report = bt.fold(model, args).fold_report
     source = label if label != "<ModelProto>" else proto.SerializeToString()
-    agreement = measure(run_onnxruntime(source, args), expected, truth, rtol, factor)
+    agreement = reference.agreement(run_onnxruntime(source, args), rtol, factor)
     nodes = check_batchnorm_nodes(proto, model)
     in_nodes = {n.layer for n in nodes.nodes if n.layer}
     tensors = _weights(list(walk(proto.graph)))

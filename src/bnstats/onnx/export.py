@@ -18,9 +18,8 @@ from bnstats.onnx._agreement import (
     Agreement,
     OnnxExportError,
     check_tolerances,
-    float64_outputs,
-    measure,
-    model_outputs,
+    positional,
+    reference_outputs,
     run_onnxruntime,
 )
 from bnstats.onnx._graph import require
@@ -125,19 +124,18 @@ def export_folded(
     target = Path(path)
     if not target.parent.is_dir():
         raise FileNotFoundError(f"cannot write {target}: directory {target.parent} does not exist")
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    args = positional(example_inputs)
     require("onnxruntime")
     onnx = require("onnx")
     with quiet_exporter() as caught:
         with in_eval_mode(model):  # fold copies the model in eval mode
-            expected = model_outputs(model, args)
+            reference = reference_outputs(model, args)
             folded = bt.fold(model, args)
-            truth = float64_outputs(model, args)
-        data = _exported_bytes(torch, folded, args, options, len(expected))
+        data = _exported_bytes(torch, folded, args, options, len(reference.outputs))
         nodes = check_batchnorm_nodes(onnx.load_from_string(data), folded)
         if not nodes.ok:
             raise OnnxExportError("the exported graph's BN nodes:\n" + "\n".join(nodes.problems()))
-        agreement = measure(run_onnxruntime(data, args), expected, truth, rtol, factor)
+        agreement = reference.agreement(run_onnxruntime(data, args), rtol, factor)
     if not agreement.ok:
         raise OnnxExportError(
             f"the graph does not compute the model's eval output: {agreement}; nothing was written"

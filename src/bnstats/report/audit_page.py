@@ -14,10 +14,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bnstats import __version__
-from bnstats._files import atomic_write_text
 from bnstats.report.demo_report import load_figures
-from bnstats.report.html import Image, Section, Table, render_page, render_table
+from bnstats.report.html import (
+    FOOTER,
+    Image,
+    Section,
+    Table,
+    render_page,
+    render_table,
+    report_data,
+    write_page,
+)
 
 AUDIT_PAGE = "audit.html"
 
@@ -50,14 +57,12 @@ def write_audit_report(report: Any, directory: str | Path) -> Path:
     """Write ``audit.html`` for ``report`` (an ``AuditReport`` or its ``to_dict()``) into
     ``directory`` (created if missing), atomically; returns its path."""
     page = audit_report_html(report)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(directory / AUDIT_PAGE, page)
+    return write_page(page, directory, AUDIT_PAGE)
 
 
 def audit_report_html(report: Any) -> str:
     """The audit page as one string."""
-    data = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    data = report_data(report)
     layers = ordered_layers(data["layers"])
     load_figures()  # a clear error without matplotlib, before any drawing
     from bnstats.report.audit_figure import audit_figure, png_data_uri
@@ -78,7 +83,7 @@ def audit_report_html(report: Any) -> str:
         "bnstats audit: running statistics against the truth",
         intro_sentences(data),
         [section, flags],
-        footer=f"Written by bnstats {__version__}. The page is self-contained: it loads nothing.",
+        footer=FOOTER,
     )
 
 

@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bnstats import __version__
-from bnstats._files import atomic_write_text
 from bnstats.engine import BATCH, BatchNorm, BatchRenorm, GhostBatchNorm
 from bnstats.methods import METHODS, POPULATION, RUNNING_EMA
 from bnstats.report.captions import (
@@ -28,7 +26,7 @@ from bnstats.report.captions import (
     batch_size_sentences,
     lecture_sentences,
 )
-from bnstats.report.html import Image, Section, Table, render_page
+from bnstats.report.html import FOOTER, Image, Section, Table, render_page, write_page
 from bnstats.report.lecture import LectureTrace, lecture_traces
 from bnstats.report.momentum import GRID, momentum_section
 from bnstats.report.momentum_script import SCRIPT
@@ -61,9 +59,7 @@ def write_demo_report(
     """Write ``report.html`` for ``result`` into ``directory`` (created if missing),
     atomically; returns its path. See :func:`demo_report_html` for ``layer`` and ``units``."""
     page = demo_report_html(result, layer=layer, units=units)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(directory / REPORT_NAME, page)
+    return write_page(page, directory, REPORT_NAME)
 
 
 def demo_report_html(
@@ -86,7 +82,7 @@ def demo_report_html(
         "bnstats demo: batch norm's test-time statistics",
         intro_sentences(result),
         sections,
-        footer=f"Written by bnstats {__version__}. The page is self-contained: it loads nothing.",
+        footer=FOOTER,
         scripts=(SCRIPT,),
     )
 

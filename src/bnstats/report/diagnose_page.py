@@ -13,10 +13,16 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from bnstats import __version__
-from bnstats._files import atomic_write_text
 from bnstats.report.audit_page import format_number
-from bnstats.report.html import Section, Table, render_page, render_table
+from bnstats.report.html import (
+    FOOTER,
+    Section,
+    Table,
+    render_page,
+    render_table,
+    report_data,
+    write_page,
+)
 
 DIAGNOSE_PAGE = "diagnose.html"
 BAR_WIDTH = 320
@@ -28,14 +34,12 @@ def write_diagnose_report(report: Any, directory: str | Path) -> Path:
     """Write ``diagnose.html`` for ``report`` (a ``DiagnoseReport`` or its ``to_dict()``) into
     ``directory`` (created if missing), atomically; returns its path."""
     page = diagnose_report_html(report)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(directory / DIAGNOSE_PAGE, page)
+    return write_page(page, directory, DIAGNOSE_PAGE)
 
 
 def diagnose_report_html(report: Any) -> str:
     """The diagnosis page as one string."""
-    data = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    data = report_data(report)
     sections = [
         Section(
             "findings",
@@ -60,7 +64,7 @@ def diagnose_report_html(report: Any) -> str:
         "bnstats diagnose: why eval mode differs from training",
         intro_sentences(data),
         sections,
-        footer=f"Written by bnstats {__version__}. The page is self-contained: it loads nothing.",
+        footer=FOOTER,
     )
 
 

@@ -14,6 +14,14 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from html import escape
+from pathlib import Path
+from typing import Any
+
+from bnstats import __version__
+from bnstats._files import atomic_write_text
+
+FOOTER = f"Written by bnstats {__version__}. The page is self-contained: it loads nothing."
+"""The footer of every page bnstats writes."""
 
 CONTENT_SECURITY_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -133,6 +141,19 @@ def render_page(
         "</html>",
     ]
     return "\n".join(part for part in parts if part) + "\n"
+
+
+def report_data(report: Any) -> dict[str, Any]:
+    """What a page reads: ``report.to_dict()``, or ``report`` itself when it is that dict."""
+    return report.to_dict() if hasattr(report, "to_dict") else dict(report)
+
+
+def write_page(page: str, directory: str | Path, name: str) -> Path:
+    """Write ``page`` as ``directory/name`` (the directory created if missing), atomically;
+    returns its path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(directory / name, page)
 
 
 def render_section(section: Section) -> str:
