@@ -73,19 +73,41 @@ _GROUP = 64
 """Batches gathered per layer before they are merged into its Population."""
 
 
+Statistics = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+"""Per BN layer (qualified name) a per-channel ``(mean, var)`` to normalize with in eval mode."""
+
+
 @dataclass(frozen=True)
 class Level:
     """What one pass measures, and how the model runs in it.
 
     :data:`TRAIN`, the pass of ``mode="train"``: every BN layer in training mode, measured.
-    An eval-mode level (``training=False``, see :func:`bnstats.torch._measure.measure_eval_mode`):
-    every module in eval mode; the ``settled`` layers normalize with their final populations'
-    ``mean`` and unbiased ``var``; every other BN layer is measured and outputs NaN, so that
-    each layer computed from it sees NaN and waits for a later level.
+    Every other level runs every module in eval mode and measures the input of each BN layer,
+    which normalizes, by ``rule``:
+
+    - ``"exact"`` (a level of ``mode="eval_exact"``, see
+      :func:`bnstats.torch._measure.measure_eval_exact`): the ``settled`` layers with their
+      final populations' ``mean`` and unbiased ``var``; every other BN layer is measured and
+      outputs NaN, so that each layer computed from it sees NaN and waits for a later level.
+    - ``"batch"``: each call with its input's own ``mean`` and biased ``var``, as in training
+      (with its buffers where the input has fewer than 2 values per channel);
+    - ``"fixed"``: with ``statistics`` (a layer without an entry with its buffers);
+    - ``"tracked"``: each batch runs twice. First with ``statistics`` (the reference; each
+      call's input moments ``m_r, v_r`` are kept), then each call with ``base`` (the
+      population of the reference run's input) moved as the input moved (``m_t, v_t``)::
+
+          mean = m_t + a * (base_mean - m_r),   var = base_var * a**2,   a**2 = v_t / v_r
+
+      the statistics the population would have if the change of the input from the
+      reference were affine per channel (exact for such changes; ``a = 1`` where
+      ``v_r = 0``). The second run is measured.
     """
 
     training: bool = True
     settled: Mapping[str, Population] = field(default_factory=dict)
+    rule: str = "exact"
+    statistics: Statistics = field(default_factory=dict)
+    base: Statistics = field(default_factory=dict)
 
     def measures(self, name: str) -> bool:
         return name not in self.settled
@@ -98,9 +120,11 @@ class Level:
 
     @property
     def label(self) -> str:
-        return (
-            "BN statistics" if self.training else f"eval mode, {len(self.settled)} layers settled"
-        )
+        if self.training:
+            return "BN statistics"
+        if self.rule == "exact":
+            return f"eval mode, {len(self.settled)} layers settled"
+        return f"eval mode ({self.rule})"
 
 
 TRAIN = Level()
@@ -125,6 +149,7 @@ class LayerPass:
     _pending: list[tuple[int, int, torch.Tensor]] = field(default_factory=list, repr=False)
     _awaiting: tuple[int, int] | None = field(default=None, repr=False)
     _verdict: torch.Tensor | None = field(default=None, repr=False)
+    _reference: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.spread.center is None and not is_lazy_uninitialized(self.layer):
@@ -208,6 +233,8 @@ class Measured:
     skipped: dict[str, int] = field(default_factory=dict)
     first_bad: tuple[str, int] | None = None
     passes: int = 1
+    moved: dict[str, float] = field(default_factory=dict)
+    converged: bool | None = None
 
     def finite_batches(self, moments: LayerPass) -> int:
         """Batches of ``moments`` that entered its population (none with NaN or Inf)."""
@@ -314,11 +341,20 @@ def pass_mode(
                 layer._pass_weight = 1.0 if name in kernel else 0.0
         else:
             model.eval()
-            settled = level.settled.items()
-            write_buffers(
-                {layers[n]: {"running_mean": p.mean, "running_var": p.var} for n, p in settled}
-            )
+            settled = {name: (p.mean, p.var) for name, p in level.settled.items()}
+            normalize_with(layers, settled if level.rule == "exact" else level.statistics)
         yield state
+
+
+def normalize_with(layers: Mapping[str, nn.Module], statistics: Statistics) -> None:
+    """Write ``statistics`` into the running buffers of ``layers`` (those present)."""
+    write_buffers(
+        {
+            layers[name]: {"running_mean": mean, "running_var": var}
+            for name, (mean, var) in statistics.items()
+            if name in layers and not is_lazy_uninitialized(layers[name])
+        }
+    )
 
 
 @contextmanager
@@ -392,7 +428,8 @@ def check_layer_input(moments: LayerPass, x: Any, least: int = 2) -> int:
 class _Recorder:
     """The hooks of one pass and its batch count: per call of a measured layer, gather what
     the kernel wrote at the layer's previous call (one hook per layer, not two), check the
-    input, then leave this call's moments to the kernel or take them here."""
+    input, then leave this call's moments to the kernel or take them here; in an eval-mode
+    level, set the statistics the call normalizes with by the level's rule."""
 
     def __init__(
         self, state: PreservedState, kernel: set[str], options: PassOptions, level: Level
@@ -401,19 +438,30 @@ class _Recorder:
         self.watched: list[LayerPass] = []
         self.batch_index = 0
         self.reached = 0
+        self.reference_run = False
+        self.original: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def watch(self, moments: LayerPass) -> None:
-        """Measure ``moments.layer`` at each call (in an eval level its output becomes NaN)."""
+        """Measure ``moments.layer`` at each call (in an exact level its output becomes NaN)."""
         self.watched.append(moments)
         layer = moments.layer
         self.state.add_hook(layer.register_forward_pre_hook(self._hook(moments), with_kwargs=True))
-        if not self.level.training:
+        if not self.level.training and self.level.rule == "exact":
             self.state.add_hook(layer.register_forward_hook(_unsettled_output))
 
     def run(self, forward: Callable[[nn.Module, Any], Any], model: nn.Module, batch: Any) -> None:
-        """``forward(model, batch)`` on the next batch, counting each layer's calls in it."""
+        """``forward(model, batch)`` on the next batch, counting each layer's calls in it (in a
+        tracked level after the reference run, see :class:`Level`)."""
         for moments in self.watched:
             moments.calls_this_forward = 0
+            moments._reference.clear()
+        if not self.level.training and self.level.rule == "tracked":
+            normalize_with({m.name: m.layer for m in self.watched}, self.level.statistics)
+            self.reference_run = True
+            try:
+                forward(model, batch)
+            finally:
+                self.reference_run = False
         forward(model, batch)
         for moments in self.watched:
             moments.max_calls_per_forward = max(
@@ -430,13 +478,17 @@ class _Recorder:
 
     def _hook(self, moments: LayerPass) -> Callable[..., None]:
         def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else kwargs.get("input")
+            if self.reference_run:
+                if isinstance(x, torch.Tensor) and x.dim() >= 2:
+                    moments._reference.append(batch_moments(x.detach()))
+                return
             if moments._awaiting is not None:
                 moments.take_kernel_moments()
                 if self.options.nonfinite == "skip":  # 0 * NaN would persist into the next
                     module.running_mean.nan_to_num_(0.0, 0.0, 0.0)
                     module.running_var.nan_to_num_(1.0, 1.0, 1.0)
             self.state.record_buffers(moments.name)  # a LazyBatchNorm is initialized by now
-            x = args[0] if args else kwargs.get("input")
             count = check_layer_input(moments, x, self.level.least_values)
             if moments.spread.center is None:
                 moments.spread.center = widen(module.running_mean.detach()).clone()
@@ -445,12 +497,58 @@ class _Recorder:
             else:
                 mean, var = batch_moments(x.detach(), self.options.float64_moments)
                 moments.add_batch(self.batch_index, count, torch.stack((mean, var * count)))
+                if not self.level.training:
+                    self._normalize_call(moments, module, mean, var, count)
             moments.calls_this_forward += 1
             if moments.first_reached is None:
                 self.reached += 1
                 moments.first_reached = self.reached
 
         return pre_hook
+
+    def _normalize_call(
+        self,
+        moments: LayerPass,
+        module: nn.Module,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        count: int,
+    ) -> None:
+        """The statistics this call normalizes with, by the level's rule (:class:`Level`)."""
+        rule = self.level.rule
+        if rule == "batch":
+            if moments.name not in self.original:  # for inputs of one value per channel
+                self.original[moments.name] = (
+                    module.running_mean.detach().clone(),
+                    module.running_var.detach().clone(),
+                )
+            statistics = (mean, var) if count >= 2 else self.original[moments.name]
+        elif rule == "tracked":
+            call, base = moments.calls_this_forward, self.level.base.get(moments.name)
+            if base is None or call >= len(moments._reference):
+                return
+            statistics = transported(base, moments._reference[call], (mean, var))
+        else:
+            return
+        module.running_mean.copy_(statistics[0])
+        module.running_var.copy_(statistics[1])
+
+
+def transported(
+    base: tuple[torch.Tensor, torch.Tensor],
+    reference: tuple[torch.Tensor, torch.Tensor],
+    now: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``base`` (a population's ``mean``, ``var``) moved by the per-channel affine map that
+    takes a batch's moments from ``reference`` to ``now`` (each ``mean``, biased ``var``)::
+
+        a**2 = v_t / v_r  (1 where v_r = 0),   mean = m_t + a * (base_mean - m_r),
+        var = base_var * a**2
+    """
+    (base_mean, base_var), (m_r, v_r), (m_t, v_t) = base, reference, now
+    base_mean, base_var = base_mean.to(m_t), base_var.to(m_t)
+    ratio = torch.where(v_r > 0, v_t / torch.where(v_r > 0, v_r, 1.0), 1.0)
+    return m_t + ratio.sqrt() * (base_mean - m_r), base_var * ratio
 
 
 def _unsettled_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:

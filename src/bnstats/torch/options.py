@@ -26,7 +26,7 @@ MIN_BATCHES = 16
 _CHOICES = {
     "nonfinite": ("raise", "skip"),
     "unreached": ("raise", "keep"),
-    "mode": ("train", "eval"),
+    "mode": ("train", "eval", "eval_exact"),
 }
 
 
@@ -49,8 +49,10 @@ class PassOptions:
       ``"keep"`` (such layers, auxiliary heads for instance, keep their statistics and are
       listed).
     - ``mode``: ``"train"`` (each BN layer's input with every BN layer normalizing with its
-      batch's statistics, one pass) or ``"eval"`` (each BN layer's input with every BN layer
-      before it normalizing with its own final statistics, as at inference: one pass per
+      batch's statistics, one pass), ``"eval"`` (each BN layer's input with every BN layer
+      normalizing with its own final statistics, as at inference: four whole-model passes
+      that converge to within 1e-4 of the exact result, or, where they do not, a warning and
+      ``"eval_exact"``) or ``"eval_exact"`` (the same statistics exactly, one pass per
       depth level of the BN layers).
     - ``tolerance``: stop drawing batches once every measured layer's relative standard
       error (:meth:`bnstats.stats.BatchSpread.relative_error`) is below it, judged every
@@ -66,7 +68,7 @@ class PassOptions:
     group: Group = None
     nonfinite: Literal["raise", "skip"] = "raise"
     unreached: Literal["raise", "keep"] = "raise"
-    mode: Literal["train", "eval"] = "train"
+    mode: Literal["train", "eval", "eval_exact"] = "train"
     tolerance: float | None = None
     progress: bool | None = None
 

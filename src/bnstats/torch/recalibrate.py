@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -31,10 +31,15 @@ _LOG = logging.getLogger("bnstats")
 class Recalibration:
     """What :func:`recalibrate_report` did: the ``model`` (recalibrated in place), the
     ``mode``, the ``samples`` and ``batches`` used (``samples`` None for batches without a
-    tensor), the ``passes`` over the data (1 in train mode, one per depth level in eval mode),
-    the ``tolerance`` asked for, and per layer the worst channel's relative standard error
-    of the new statistics (``relative_errors``, see
-    :meth:`bnstats.stats.BatchSpread.relative_error`; inf with fewer than 2 batches)."""
+    tensor), the ``passes`` over the data (1 in train mode, 4 in eval mode, one per depth
+    level in ``"eval_exact"``), the ``tolerance`` asked for, and per layer the worst
+    channel's relative standard error of the new statistics (``relative_errors``, see
+    :meth:`bnstats.stats.BatchSpread.relative_error`; inf with fewer than 2 batches).
+
+    In ``mode="eval"``: ``moved``, per layer how far the last pass moved its statistics
+    (worst channel, ``|d mean| / sqrt(var + eps)`` or ``|d var| / (var + eps)``), and
+    ``converged``, whether every layer moved at most 1e-4 (if not, the statistics were
+    measured level by level after the four passes, and ``passes`` counts those too)."""
 
     model: nn.Module
     mode: str
@@ -43,6 +48,8 @@ class Recalibration:
     passes: int
     tolerance: float | None
     relative_errors: dict[str, float]
+    moved: dict[str, float] = field(default_factory=dict)
+    converged: bool | None = None
 
     @property
     def worst(self) -> tuple[str | None, float]:
@@ -60,10 +67,14 @@ class Recalibration:
     def __str__(self) -> str:
         name, worst = self.worst
         where = "" if name is None else f" ({display_name(name)})"
-        return (
+        text = (
             f"recalibrated ({self.mode} mode) on {self.samples} samples in {self.batches} "
             f"batches, {self.passes} pass(es); worst relative standard error {worst:.3g}{where}"
         )
+        if self.moved:
+            state = "converged" if self.converged else "not converged, measured level by level"
+            text += f"; last pass moved the statistics by {max(self.moved.values()):.3g} ({state})"
+        return text
 
 
 def recalibrate(
@@ -76,7 +87,7 @@ def recalibrate(
     group: Group = None,
     nonfinite: Literal["raise", "skip"] = "raise",
     unreached: Literal["raise", "keep"] = "raise",
-    mode: Literal["train", "eval"] = "train",
+    mode: Literal["train", "eval", "eval_exact"] = "train",
     tolerance: float | None = None,
     progress: bool | None = None,
 ) -> nn.Module:
@@ -98,11 +109,14 @@ def recalibrate(
     BN layers included, is in eval mode.
 
     ``mode="eval"``: each layer gets the mean and unbiased variance of the input it receives
-    when every BN layer before it normalizes with its own final statistics, as at inference
-    (the fixed point of eval-mode inference; Wu & Johnson 2021 on the train-test
-    inconsistency of the single pass). It takes one pass over ``batches`` per depth level of
-    the BN layers (layers side by side share a pass), so ``batches`` must be iterable again;
-    any batch size works, one included, and images of varying size. Layers with fixed statistics
+    when every BN layer normalizes with its own final statistics, as at inference (the fixed
+    point of eval-mode inference; Wu & Johnson 2021 on the train-test inconsistency of the
+    single pass). It takes four whole-model eval-mode passes over ``batches`` (so they must
+    be iterable again) that reach the fixed point to within 1e-4 of the layers' output
+    scale; if the last pass still moved a layer more, a warning says so and the statistics
+    are measured level by level (``mode="eval_exact"``: exact, one pass per depth level of
+    the BN layers; layers side by side share a pass). Any batch size works, one included,
+    and images of varying size. Layers with fixed statistics
     (``FrozenBatchNorm2d``) are left as they are, with a warning naming them.
 
     Args:
@@ -140,7 +154,7 @@ def recalibrate_report(
     group: Group = None,
     nonfinite: Literal["raise", "skip"] = "raise",
     unreached: Literal["raise", "keep"] = "raise",
-    mode: Literal["train", "eval"] = "train",
+    mode: Literal["train", "eval", "eval_exact"] = "train",
     tolerance: float | None = None,
     progress: bool | None = None,
 ) -> Recalibration:
@@ -188,6 +202,8 @@ def _summary(model: nn.Module, measured: Measured, options: PassOptions) -> Reca
         passes=measured.passes,
         tolerance=options.tolerance,
         relative_errors=errors,
+        moved=dict(measured.moved),
+        converged=measured.converged,
     )
 
 
