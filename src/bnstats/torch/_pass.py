@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from bnstats._array import widen
-from bnstats.stats import BatchSpread, NonFiniteStatisticsError, Population
+from bnstats.stats import BatchSpread, NonFiniteStatisticsError, Population, simultaneous_z
 from bnstats.torch._layers import (
     PreservedState,
     batchnorm_train_mode,
@@ -202,12 +202,19 @@ class LayerPass:
         (:meth:`bnstats.stats.BatchSpread.relative_error`)."""
         return self.spread.relative_error(self.population, finite_batches)
 
-    def take_kernel_moments(self) -> None:
-        """Gather the mean and unbiased variance the kernel wrote at the layer's last call."""
+    def take_kernel_moments(self, nonfinite: str) -> None:
+        """Gather the mean and unbiased variance the kernel wrote at the layer's last call
+        (if not gathered yet); under ``nonfinite="skip"`` clear NaN from the buffers, as
+        ``0 * NaN`` would persist into the next call's update."""
+        if self._awaiting is None:
+            return
         (index, count), self._awaiting = self._awaiting, None
         layer = self.layer
         mean_m2 = torch.stack((layer.running_mean, layer.running_var * (count - 1)))
         self.add_batch(index, count, mean_m2)
+        if nonfinite == "skip":
+            layer.running_mean.nan_to_num_(0.0, 0.0, 0.0)
+            layer.running_var.nan_to_num_(1.0, 1.0, 1.0)
 
 
 def _on_device(values: list[float], like: torch.Tensor) -> torch.Tensor:
@@ -472,8 +479,7 @@ class _Recorder:
     def finish(self) -> None:
         """Take what the kernel wrote at each layer's last call, and merge what is gathered."""
         for moments in self.watched:
-            if moments._awaiting is not None:
-                moments.take_kernel_moments()
+            moments.take_kernel_moments(self.options.nonfinite)
             moments.flush()
 
     def _hook(self, moments: LayerPass) -> Callable[..., None]:
@@ -484,10 +490,7 @@ class _Recorder:
                     moments._reference.append(batch_moments(x.detach()))
                 return
             if moments._awaiting is not None:
-                moments.take_kernel_moments()
-                if self.options.nonfinite == "skip":  # 0 * NaN would persist into the next
-                    module.running_mean.nan_to_num_(0.0, 0.0, 0.0)
-                    module.running_var.nan_to_num_(1.0, 1.0, 1.0)
+                moments.take_kernel_moments(self.options.nonfinite)
             self.state.record_buffers(moments.name)  # a LazyBatchNorm is initialized by now
             count = check_layer_input(moments, x, self.level.least_values)
             if moments.spread.center is None:
@@ -586,15 +589,18 @@ def collect_moments(
         recorder = _Recorder(state, kernel, options, level)
         for name in filter(level.measures, layers):
             recorder.watch(moments[name])
-        worst, samples = math.inf, 0
+        worst, samples, met = math.inf, 0, False
         for batch, size in iterate_batches(batches, options.max_samples):
             recorder.run(forward, model, move_to_device(batch, device))
             sizes.append(size)
             samples += size or 0
             if _time_to_check(options.tolerance, len(sizes)):
+                for layer_pass in moments.values():  # the batch just run counts too
+                    layer_pass.take_kernel_moments(options.nonfinite)
                 worst = worst_relative_error(moments.values())[0]
+                met = worst * tolerance_z(moments.values()) < options.tolerance
             advance(samples, worst)
-            if options.tolerance is not None and worst < options.tolerance:
+            if met:
                 break
         recorder.finish()
     measured = Measured(moments, sizes, fixed=list(fixed_statistics_layers(model)))
@@ -609,6 +615,14 @@ def _time_to_check(tolerance: float | None, batches: int) -> bool:
     """With ``tolerance``, every ``CHECK_EVERY`` batches from ``MIN_BATCHES`` on: time to
     read the worst relative standard error (two host reads per check, none between)."""
     return tolerance is not None and batches >= MIN_BATCHES and not batches % CHECK_EVERY
+
+
+def tolerance_z(layers: Iterable[LayerPass]) -> float:
+    """The ``z`` of ``tolerance=``: every channel's mean and variance of ``layers`` (two per
+    channel) within ``z`` standard errors of the full-data values together with 95 %
+    confidence (:func:`bnstats.stats.simultaneous_z`)."""
+    channels = sum(int(m.layer.num_features) for m in layers)
+    return simultaneous_z(max(2 * channels, 1))
 
 
 def worst_relative_error(layers: Iterable[LayerPass]) -> tuple[float, str | None]:

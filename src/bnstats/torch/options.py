@@ -54,9 +54,12 @@ class PassOptions:
       that converge to within 1e-4 of the exact result, or, where they do not, a warning and
       ``"eval_exact"``) or ``"eval_exact"`` (the same statistics exactly, one pass per
       depth level of the BN layers).
-    - ``tolerance``: stop drawing batches once every measured layer's relative standard
-      error (:meth:`bnstats.stats.BatchSpread.relative_error`) is below it, judged every
-      ``CHECK_EVERY`` batches from ``MIN_BATCHES`` batches on. Not in a group.
+    - ``tolerance``: stop drawing batches once every channel's mean and variance, over all
+      measured layers, is within ``tolerance`` of the full-data values with 95 % confidence:
+      the worst relative standard error (:meth:`bnstats.stats.BatchSpread.relative_error`)
+      times ``z = Phi^-1(1 - 0.05 / (4 * channels))`` (Bonferroni over two estimates per
+      channel, :func:`bnstats.stats.simultaneous_z`) below it, judged every ``CHECK_EVERY``
+      batches from ``MIN_BATCHES`` batches on. Not in a group.
     - ``progress``: a rich progress bar on stderr with the samples seen (and the worst
       relative standard error with ``tolerance``): ``None`` when stderr is a terminal,
       ``True`` always, ``False`` never.

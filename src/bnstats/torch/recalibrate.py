@@ -20,7 +20,7 @@ from torch import nn
 
 from bnstats.torch._layers import cast_buffer, display_name, write_buffers
 from bnstats.torch._measure import measure
-from bnstats.torch._pass import LayerPass, Measured
+from bnstats.torch._pass import LayerPass, Measured, tolerance_z
 from bnstats.torch._ranks import Group
 from bnstats.torch.options import Forward, PassOptions
 
@@ -34,7 +34,9 @@ class Recalibration:
     tensor), the ``passes`` over the data (1 in train mode, 4 in eval mode, one per depth
     level in ``"eval_exact"``), the ``tolerance`` asked for, and per layer the worst
     channel's relative standard error of the new statistics (``relative_errors``, see
-    :meth:`bnstats.stats.BatchSpread.relative_error`; inf with fewer than 2 batches).
+    :meth:`bnstats.stats.BatchSpread.relative_error`; inf with fewer than 2 batches), and
+    ``confidence_z``, the standard errors that ``tolerance`` allows for all channels together
+    (:func:`bnstats.stats.simultaneous_z` of two estimates per channel).
 
     In ``mode="eval"``: ``moved``, per layer how far the last pass moved its statistics
     (worst channel, ``|d mean| / sqrt(var + eps)`` or ``|d var| / (var + eps)``), and
@@ -50,6 +52,7 @@ class Recalibration:
     relative_errors: dict[str, float]
     moved: dict[str, float] = field(default_factory=dict)
     converged: bool | None = None
+    confidence_z: float = 1.0
 
     @property
     def worst(self) -> tuple[str | None, float]:
@@ -61,8 +64,9 @@ class Recalibration:
 
     @property
     def met(self) -> bool:
-        """True when a ``tolerance`` was given and every layer is below it."""
-        return self.tolerance is not None and self.worst[1] < self.tolerance
+        """True when a ``tolerance`` was given and every channel is within it with 95 %
+        confidence: the worst relative standard error times ``confidence_z`` below it."""
+        return self.tolerance is not None and self.worst[1] * self.confidence_z < self.tolerance
 
     def __str__(self) -> str:
         name, worst = self.worst
@@ -129,8 +133,9 @@ def recalibrate(
             tolerance, progress: the options of every pass, keyword-only, as
             :class:`bnstats.torch.PassOptions` says. ``group``: torch.distributed, every rank
             passes its own batches and ends with the same buffers, bit for bit;
-            ``tolerance``: stop drawing batches once every layer's relative standard error
-            is below it (the samples it took are logged to the ``bnstats`` logger, and
+            ``tolerance``: stop drawing batches once every channel's mean and variance is
+            within ``tolerance`` (relative) of the full-data values with 95 % confidence
+            (the samples it took are logged to the ``bnstats`` logger, and
             :func:`recalibrate_report` returns them).
 
     All or nothing: the model's modes, momenta and hooks are left as found, and if anything
@@ -161,10 +166,11 @@ def recalibrate_report(
     """:func:`recalibrate`, returning a :class:`Recalibration` (the model is its ``model``):
     how many samples and passes it took and how precise each layer's new statistics are.
 
-    With ``tolerance=1e-2`` the pass stops drawing batches once every layer's relative
-    standard error is below 1e-2 (checked every ``CHECK_EVERY`` batches from
-    ``MIN_BATCHES`` on, see :class:`bnstats.torch.PassOptions`); if the data runs out first,
-    a warning says so.
+    With ``tolerance=1e-2`` the pass stops drawing batches once every channel's mean and
+    variance is within 1e-2 of the full-data values with 95 % confidence: the worst relative
+    standard error times ``confidence_z`` below 1e-2 (checked every ``CHECK_EVERY`` batches
+    from ``MIN_BATCHES`` on, see :class:`bnstats.torch.PassOptions`); if the data runs out
+    first, a warning says so.
     """
     return _recalibrate(model, batches, PassOptions.pick(locals()))
 
@@ -204,6 +210,7 @@ def _summary(model: nn.Module, measured: Measured, options: PassOptions) -> Reca
         relative_errors=errors,
         moved=dict(measured.moved),
         converged=measured.converged,
+        confidence_z=tolerance_z(measured.layers.values()),
     )
 
 
