@@ -71,6 +71,8 @@ from bnstats.torch.options import CHECK_EVERY, MIN_BATCHES, PassOptions
 _NARROW = (torch.float16, torch.bfloat16)
 _GROUP = 64
 """Batches gathered per layer before they are merged into its Population."""
+_SWAPPED = ("running_mean", "running_var", "num_batches_tracked")
+_TORCH_FORWARD = nn.modules.batchnorm._BatchNorm.forward
 
 
 Statistics = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -150,6 +152,9 @@ class LayerPass:
     _awaiting: tuple[int, int] | None = field(default=None, repr=False)
     _verdict: torch.Tensor | None = field(default=None, repr=False)
     _reference: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+    _block: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _slot_batches: list[tuple[int, int]] = field(default_factory=list, repr=False)
+    _own_buffers: dict[str, torch.Tensor | None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.spread.center is None and not is_lazy_uninitialized(self.layer):
@@ -167,16 +172,53 @@ class LayerPass:
         if len(self._pending) >= _GROUP:
             self.flush()
 
+    def kernel_slot(self, index: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pair of tensors the kernel writes batch ``index``'s mean and unbiased variance
+        into (``count`` values per channel; they become the layer's running buffers for the
+        call): a row each of two blocks of ``_GROUP`` zeroed rows made once per group (zero,
+        as ``momentum = 1`` still weighs the old value by 0, and ``0 * NaN`` is NaN)."""
+        row = len(self._slot_batches)
+        if self._block is None or row == _GROUP:
+            self.flush()
+            like, row = self._own_buffers["running_var"], 0
+            means = torch.zeros((_GROUP, like.shape[0]), dtype=like.dtype, device=like.device)
+            self._block = (means, torch.zeros_like(means))
+        self._slot_batches.append((index, count))
+        self.batches += 1
+        means, variances = self._block
+        return means.select(0, row), variances.select(0, row)
+
+    def _gathered(self) -> tuple[torch.Tensor, list[int], list[int]] | None:
+        """Every gathered batch as ``(stacked (batches, 2, C) float64, indices, counts)``: those
+        of :meth:`add_batch` and those the kernel wrote into the block (``m2 = var * (count -
+        1)``; the block's unused rows are dropped); None if there is none."""
+        parts, indices, counts = [], [], []
+        if self._pending:
+            parts.append(torch.stack([part for _, _, part in self._pending]))
+            indices += [index for index, _, _ in self._pending]
+            counts += [count for _, count, _ in self._pending]
+        used = self._slot_batches
+        if used and self._block is not None:
+            means, variances = (rows[: len(used)] for rows in self._block)
+            weights = _on_device([count - 1 for _, count in used], variances)
+            parts.append(torch.stack((means, variances * weights[:, None]), dim=1))
+            indices += [index for index, _ in used]
+            counts += [count for _, count in used]
+        self._pending, self._slot_batches, self._block = [], [], None
+        if not parts:
+            return None
+        return widen(parts[0] if len(parts) == 1 else torch.cat(parts)), indices, counts
+
     def flush(self) -> None:
         """Merge the gathered batches at once; a batch with NaN or Inf weighs nothing, and the
         verdict ``[first bad batch index or inf, batches skipped]`` stays on the device."""
-        if not self._pending:
+        gathered = self._gathered()
+        if gathered is None:
             return
-        pending, self._pending = self._pending, []
-        stacked = widen(torch.stack([part for _, _, part in pending]))  # (batches, 2, C)
+        stacked, batch_indices, batch_counts = gathered  # (batches, 2, C)
         finite = torch.isfinite(stacked).flatten(1).all(dim=1)
-        counts = _on_device([count for _, count, _ in pending], stacked) * finite
-        indices = _on_device([index for index, _, _ in pending], stacked)
+        counts = _on_device(batch_counts, stacked) * finite
+        indices = _on_device(batch_indices, stacked)
         clean = torch.where(finite[:, None, None], stacked, torch.zeros_like(stacked))
         self.population.update_batches(counts, clean[:, 0], clean[:, 1])
         self.spread.update_batches(counts, clean[:, 0], clean[:, 1])
@@ -417,12 +459,9 @@ def channels_last_on_cpu(x: torch.Tensor) -> bool:
     """True for a channels-last CPU tensor (N, C, ...), whose moments torch's CPU kernel sums
     value by value in float32 (9e-6 off on 32x64x28x28 with mean 5, std 3; the contiguous
     kernel 8e-8); :func:`batch_moments` takes them by :func:`_channels_last_moments`."""
-    return (
-        x.device.type == "cpu"
-        and x.dim() in (4, 5)
-        and not x.is_contiguous()
-        and x.movedim(1, -1).is_contiguous()
-    )
+    if x.is_contiguous() or x.dim() not in (4, 5) or x.device.type != "cpu":
+        return False
+    return x.movedim(1, -1).is_contiguous()
 
 
 _ROWS_PER_COLUMN = 32
@@ -550,7 +589,10 @@ class _Recorder:
                 and x.dtype == module.running_var.dtype
                 and not channels_last_on_cpu(x)
             ):
-                moments._awaiting = (self.batch_index, count)
+                if isinstance(module, EstimatorBatchNorm):
+                    moments._awaiting = (self.batch_index, count)
+                else:
+                    self._lend_slot(moments, module, count)
             else:
                 mean, var = batch_moments(x.detach(), self.options.float64_moments)
                 moments.add_batch(self.batch_index, count, torch.stack((mean, var * count)))
@@ -562,6 +604,29 @@ class _Recorder:
                 moments.first_reached = self.reached
 
         return pre_hook
+
+    def _lend_slot(self, moments: LayerPass, module: nn.Module, count: int) -> None:
+        """Point the layer's running buffers at this batch's slot (:meth:`LayerPass.kernel_slot`),
+        and hide ``num_batches_tracked`` from torch's own forward (with ``momentum = 1`` it
+        reads nothing else): the call costs the kernel's operations and no more. The layer's
+        own buffers come back in :meth:`return_buffers`."""
+        buffers = module._buffers
+        if moments._own_buffers is None:
+            moments._own_buffers = {key: buffers.get(key) for key in _SWAPPED}
+            if type(module).forward is _TORCH_FORWARD:
+                buffers["num_batches_tracked"] = None
+        buffers["running_mean"], buffers["running_var"] = moments.kernel_slot(
+            self.batch_index, count
+        )
+
+    def return_buffers(self) -> None:
+        """Give every layer its own running buffers back (after the pass, also on error)."""
+        for moments in self.watched:
+            own, moments._own_buffers = moments._own_buffers, None
+            if own is not None:
+                for key, buffer in own.items():
+                    if key in moments.layer._buffers:
+                        moments.layer._buffers[key] = buffer
 
     def _normalize_call(
         self,
@@ -635,7 +700,7 @@ def collect_moments(
     kernel = set()
     if level.training and not options.float64_moments:
         kernel = {name for name, layer in layers.items() if kernel_writes_moments(layer)}
-    forward, device, sizes = options.forward or default_forward, model_device(model), []
+    forward, sizes = options.forward or default_forward, []
     with (
         pass_mode(model, layers, level, kernel) as state,
         pass_progress(options.progress, level.label) as advance,
@@ -643,26 +708,45 @@ def collect_moments(
         recorder = _Recorder(state, kernel, options, level)
         for name in filter(level.measures, layers):
             recorder.watch(moments[name])
-        worst, samples, met = math.inf, 0, False
-        for batch, size in iterate_batches(batches, options.max_samples):
-            recorder.run(forward, model, move_to_device(batch, device))
-            sizes.append(size)
-            samples += size or 0
-            if _time_to_check(options.tolerance, len(sizes)):
-                for layer_pass in moments.values():  # the batch just run counts too
-                    layer_pass.take_kernel_moments(options.nonfinite)
-                worst = worst_relative_error(moments.values())[0]
-                met = worst * tolerance_z(moments.values()) < options.tolerance
-            advance(samples, worst)
-            if met:
-                break
-        recorder.finish()
+        try:
+            _run_batches(recorder, model, batches, options, forward, moments, sizes, advance)
+            recorder.finish()
+        finally:
+            recorder.return_buffers()
     measured = Measured(moments, sizes, fixed=list(fixed_statistics_layers(model)))
     measured.read_verdicts()
     if check_coverage:
         raise_if_bad(measured.first_bad, options)
         measured.check_coverage(options)
     return measured
+
+
+def _run_batches(
+    recorder: _Recorder,
+    model: nn.Module,
+    batches: Any,
+    options: PassOptions,
+    forward: Callable[[nn.Module, Any], Any],
+    moments: dict[str, LayerPass],
+    sizes: list[int | None],
+    advance: Callable[[int, float], None],
+) -> None:
+    """The loop of a pass: each batch through the model, its size into ``sizes``, and with
+    ``tolerance`` the stop once every channel is within it (:func:`tolerance_z`)."""
+    worst, samples, device = math.inf, 0, model_device(model)
+    for batch, size in iterate_batches(batches, options.max_samples):
+        recorder.run(forward, model, move_to_device(batch, device))
+        sizes.append(size)
+        samples += size or 0
+        met = False
+        if _time_to_check(options.tolerance, len(sizes)):
+            for layer_pass in moments.values():  # the batch just run counts too
+                layer_pass.take_kernel_moments(options.nonfinite)
+            worst = worst_relative_error(moments.values())[0]
+            met = worst * tolerance_z(moments.values()) < options.tolerance
+        advance(samples, worst)
+        if met:
+            return
 
 
 def _time_to_check(tolerance: float | None, batches: int) -> bool:
