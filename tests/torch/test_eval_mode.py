@@ -1,4 +1,4 @@
-"""recalibrate(mode="eval"): each BN layer's input as eval-mode inference produces it."""
+"""recalibrate(mode="eval_exact"): each BN layer's input as eval-mode inference produces it."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_eval_mode_matches_layer_by_layer_float64_truth(build, data):
     truth = eval_mode_truth(model, batches)
     train = bt.recalibrate(copy.deepcopy(model), batches)
 
-    assert bt.recalibrate(model, batches, mode="eval") is model
+    assert bt.recalibrate(model, batches, mode="eval_exact") is model
 
     got, train_got = ref.buffers(model), ref.buffers(train)
     assert set(got) == set(truth)
@@ -93,9 +93,9 @@ def test_batches_of_one_give_the_statistics_of_the_same_samples_batched():
     model = deep_mlp()
     batched = mlp_batches((8, 8, 8))
     ones = [row[None] for x in batched for row in x]
-    whole = bt.recalibrate(copy.deepcopy(model), batched, mode="eval")
+    whole = bt.recalibrate(copy.deepcopy(model), batched, mode="eval_exact")
 
-    bt.recalibrate(model, ones, mode="eval")
+    bt.recalibrate(model, ones, mode="eval_exact")
 
     for name, buffers in ref.buffers(model).items():
         np.testing.assert_allclose(buffers["mean"], ref.buffers(whole)[name]["mean"], atol=1e-6)
@@ -108,7 +108,7 @@ def test_batches_of_one_image_of_varying_size():
     images = [torch.randn(1, 3, 8 + 2 * k, 10, generator=gen) for k in range(5)]
     truth = eval_mode_truth(model, images)
 
-    bt.recalibrate(model, images, mode="eval")
+    bt.recalibrate(model, images, mode="eval_exact")
 
     for name, (_, var) in truth.items():
         np.testing.assert_allclose(ref.buffers(model)[name]["var"], var, rtol=2e-5)
@@ -125,39 +125,43 @@ def test_levels_side_by_side_settle_in_one_pass():
     from bnstats.torch.options import PassOptions
 
     model = small_cnn()
-    measured = measure(model, image_batches(), PassOptions(mode="eval"), tool="recalibrate")
+    measured = measure(model, image_batches(), PassOptions(mode="eval_exact"), tool="recalibrate")
     layers = len(measured.layers)
     assert measured.passes < layers
-    chain = measure(deep_mlp(), mlp_batches(), PassOptions(mode="eval"), tool="recalibrate")
+    chain = measure(deep_mlp(), mlp_batches(), PassOptions(mode="eval_exact"), tool="recalibrate")
     assert chain.passes == len(chain.layers)
 
 
-def test_eval_mode_is_all_or_nothing_and_needs_reiterable_batches():
+@pytest.mark.parametrize("mode", ["eval", "eval_exact"])
+def test_eval_mode_is_all_or_nothing_and_needs_reiterable_batches(mode):
     model = deep_mlp()
     saved = ref.snapshot(model)
     modes = ref.modes(model)
     bad = mlp_batches() + [torch.randn(4, 7)]
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-        bt.recalibrate(model, bad, mode="eval")
+        bt.recalibrate(model, bad, mode=mode)
     with pytest.raises(TypeError, match="one-shot"):
-        bt.recalibrate(model, iter(mlp_batches()), mode="eval")
+        bt.recalibrate(model, iter(mlp_batches()), mode=mode)
     assert ref.same_state(model, saved)
     assert ref.modes(model) == modes
 
 
-def test_nan_in_some_batches_raises_or_is_skipped_in_eval_mode():
+@pytest.mark.parametrize(
+    "mode, message", [("eval", "batch 1 \\(counting from 0\\)"), ("eval_exact", "1 of 4 batches")]
+)
+def test_nan_in_some_batches_raises_or_is_skipped_in_eval_mode(mode, message):
     batches = mlp_batches()
     batches[1] = batches[1].clone()
     batches[1][0, 0] = float("nan")
     model = deep_mlp()
     saved = ref.snapshot(model)
-    with pytest.raises(bnstats.NonFiniteStatisticsError, match="1 of 4 batches"):
-        bt.recalibrate(model, batches, mode="eval")
+    with pytest.raises(bnstats.NonFiniteStatisticsError, match=message):
+        bt.recalibrate(model, batches, mode=mode)
     assert ref.same_state(model, saved)
     with pytest.warns(UserWarning, match="left out for NaN"):
-        bt.recalibrate(model, batches, mode="eval", nonfinite="skip")
+        bt.recalibrate(model, batches, mode=mode, nonfinite="skip")
     clean = [x for i, x in enumerate(batches) if i != 1]
-    expected = bt.recalibrate(deep_mlp(), clean, mode="eval")
+    expected = bt.recalibrate(deep_mlp(), clean, mode="eval_exact")
     for name, buffers in ref.buffers(model).items():
         np.testing.assert_allclose(buffers["var"], ref.buffers(expected)[name]["var"], rtol=1e-5)
 
@@ -167,7 +171,7 @@ def test_forward_option_and_dropout_before_bn():
     batches = [{"x": x} for x in mlp_batches()]
     truth = eval_mode_truth(model, [b["x"] for b in batches])
 
-    bt.recalibrate(model, batches, mode="eval", forward=lambda m, b: m(b["x"]))
+    bt.recalibrate(model, batches, mode="eval_exact", forward=lambda m, b: m(b["x"]))
 
     for name, (_, var) in truth.items():
         np.testing.assert_allclose(ref.buffers(model)[name]["var"], var, rtol=2e-5)
@@ -187,7 +191,7 @@ def test_a_layer_fed_by_its_own_output_fails_clearly_and_writes_nothing():
     model = _FedByItself()
     saved = ref.snapshot(model)
     with pytest.raises(ValueError, match="called 2 times per forward"):
-        bt.recalibrate(model, [torch.randn(4, 5) for _ in range(3)], mode="eval")
+        bt.recalibrate(model, [torch.randn(4, 5) for _ in range(3)], mode="eval_exact")
     assert ref.same_state(model, saved)
 
 
@@ -198,5 +202,5 @@ def test_a_layer_used_twice_on_independent_inputs_pools_both_as_in_train_mode():
     model = SharedBatchNorm()
     data = image_batches(sizes=[5, 8, 6], shape=(6,))
     train = bt.recalibrate(copy.deepcopy(model), data)
-    bt.recalibrate(model, data, mode="eval")
+    bt.recalibrate(model, data, mode="eval_exact")
     np.testing.assert_allclose(model.bn.running_var, train.bn.running_var, rtol=1e-6)

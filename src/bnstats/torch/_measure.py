@@ -1,22 +1,34 @@
 """What recalibrate, audit and adapt measure: the statistics of the mode they are asked for.
 
 ``mode="train"``: one pass (:func:`bnstats.torch._pass.measure_pass`), the BN layers
-normalizing with each batch's statistics. ``mode="eval"``: one pass per depth level of the
-BN layers (:func:`measure_eval_mode`), until every layer's input is the one eval-mode
-inference gives it.
+normalizing with each batch's statistics. ``mode="eval"``: every layer's input as eval-mode
+inference gives it, by whole-model eval passes that converge in four
+(:func:`measure_eval_mode`); ``mode="eval_exact"``: the same statistics level by level, one
+pass per depth level of the BN layers (:func:`measure_eval_exact`).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+import warnings
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from bnstats.stats import NonFiniteStatisticsError
-from bnstats.torch._layers import display_name
-from bnstats.torch._pass import Check, LayerPass, Level, Measured, measure_pass
+from bnstats.torch._layers import display_name, find_batchnorm_layers, unwrap
+from bnstats.torch._pass import Check, LayerPass, Level, Measured, Statistics, measure_pass
 from bnstats.torch.options import PassOptions
+
+EVAL_PASSES = 4
+"""Passes of ``mode="eval"`` over the batches before it falls back to level by level."""
+EVAL_TARGET = 1e-4
+"""``mode="eval"`` has converged when its last pass moved no layer's statistics by more
+than this (see :func:`movement`)."""
 
 
 def measure(
@@ -25,14 +37,144 @@ def measure(
     """Every BN layer's population moments over all ranks' ``batches``, in ``options.mode``."""
     if options.mode == "eval":
         return measure_eval_mode(model, batches, options, tool=tool, check=check)
+    if options.mode == "eval_exact":
+        return measure_eval_exact(model, batches, options, tool=tool, check=check)
     return measure_pass(model, batches, options, tool=tool, check=check)
 
 
 def measure_eval_mode(
     model: nn.Module, batches: Any, options: PassOptions, *, tool: str, check: Check | None = None
 ) -> Measured:
+    """Every BN layer's population moments with every BN layer normalizing with its own
+    final statistics (the fixed point of eval-mode inference), in four whole-model passes.
+
+    Every pass runs the whole model in eval mode (so data-dependent control flow goes where
+    inference goes) and measures every BN layer's input (:class:`bnstats.torch._pass.Level`):
+
+    1. ``"batch"``: each layer normalizes with its batch's statistics, as in training: the
+       start ``s0``;
+    2. ``"fixed"`` at ``s0``: the populations ``F(s0)`` with every layer normalizing with ``s0``;
+    3. ``"tracked"``: each batch runs at ``s0`` again, then with ``F(s0)`` moved as each
+       layer's input moved from that run (exact where the change is affine per channel, as
+       BN makes it): the estimate ``t``;
+    4. ``"fixed"`` at ``t``: the populations ``F(t)``, written.
+
+    :func:`movement` of pass 4 (``F(t)`` against ``t``) says how far the last pass moved
+    each layer; when it is at most :data:`EVAL_TARGET` for every layer the result is taken
+    (``converged``). Otherwise a warning says so and :func:`measure_eval_exact` measures the
+    statistics level by level (``passes`` counts all). ``batches`` must be iterable again.
+    """
+    _require_reiterable(batches)
+    keep = replace(options, unreached="keep")
+
+    def run(level: Level, data: Any = batches, chosen: PassOptions = keep) -> Measured:
+        return measure_pass(model, data, chosen, tool=tool, check=check, level=level)
+
+    start = run(Level(training=False, rule="batch"))
+    again = replace(keep, tolerance=None)
+    data = _FirstBatches(batches, len(start.batch_sizes))
+    start_statistics = statistics_of(start)
+    base = run(Level(training=False, rule="fixed", statistics=start_statistics), data, again)
+    reference = {**buffer_statistics(model), **start_statistics}
+    tracked = run(
+        Level(training=False, rule="tracked", statistics=reference, base=statistics_of(base)),
+        data,
+        again,
+    )
+    estimate = statistics_of(tracked)
+    final = run(Level(training=False, rule="fixed", statistics=estimate), data, again)
+    final.passes = EVAL_PASSES
+    final.moved = movement(estimate, final)
+    final.converged = bool(final.moved) and max(final.moved.values()) <= EVAL_TARGET
+    if final.converged:
+        final.batch_sizes = start.batch_sizes
+        final.check_coverage(options)
+        return final
+    worst = max(final.moved, key=lambda name: final.moved[name], default=None)
+    warnings.warn(
+        f"bnstats: mode='eval' did not converge in {EVAL_PASSES} passes (the last pass moved "
+        f"{display_name(worst) if worst is not None else 'no layer'} by "
+        f"{final.moved.get(worst, math.inf):.3g}, more than {EVAL_TARGET:g}); measuring level "
+        "by level instead (mode='eval_exact': one more pass per depth level of the BN layers)",
+        stacklevel=4,
+    )
+    exact = measure_eval_exact(model, batches, options, tool=tool, check=check)
+    exact.passes += EVAL_PASSES
+    exact.moved, exact.converged = final.moved, False
+    return exact
+
+
+class _FirstBatches:
+    """The first ``count`` batches of ``batches``, iterable again (the later passes of
+    ``mode="eval"`` use the batches the first one drew, also when ``tolerance`` stopped it)."""
+
+    def __init__(self, batches: Any, count: int) -> None:
+        self.batches, self.count = batches, count
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.batches), self.count)
+
+
+def _require_reiterable(batches: Any) -> None:
+    if iter(batches) is batches:
+        raise TypeError(
+            "mode='eval' passes over batches several times and needs an iterable it can go "
+            "over again (a list, a DataLoader), not a one-shot iterator or generator"
+        )
+
+
+def statistics_of(measured: Measured) -> Statistics:
+    """Every reached layer's population ``(mean, unbiased var)``; NonFiniteStatisticsError
+    naming a layer whose statistics are NaN or Inf."""
+    statistics = {}
+    for moments in measured.reached():
+        population = measured.population(moments)
+        statistics[moments.name] = (population.mean, population.var)
+    return statistics
+
+
+def buffer_statistics(model: nn.Module) -> Statistics:
+    """Every initialized BN layer's running ``(mean, var)`` now, copied."""
+    layers = find_batchnorm_layers(unwrap(model))
+    return {
+        name: (layer.running_mean.detach().clone(), layer.running_var.detach().clone())
+        for name, layer in layers.items()
+        if not isinstance(layer.running_mean, nn.parameter.UninitializedTensorMixin)
+    }
+
+
+def movement(estimate: Statistics, final: Measured) -> dict[str, float]:
+    """Per reached layer, how far ``final``'s population moved from ``estimate`` (the
+    statistics that pass normalized with), in units of the layer's output::
+
+        max over channels of  |mean - mean_e| / sqrt(var + eps),  |var - var_e| / (var + eps)
+
+    inf for a layer without an estimate. One host read."""
+    names, values = [], []
+    for moments in final.reached():
+        population = final.population(moments)
+        if moments.name not in estimate:
+            names.append(moments.name)
+            values.append(torch.tensor(math.inf, dtype=torch.float64))
+            continue
+        mean, var = (v.to(population.mean) for v in estimate[moments.name])
+        scale = population.var + float(moments.layer.eps)
+        moved = torch.maximum(
+            ((population.mean - mean).abs() / scale.sqrt()).max(),
+            ((population.var - var).abs() / scale).max(),
+        )
+        names.append(moments.name)
+        values.append(torch.nan_to_num(moved, nan=math.inf).cpu())
+    if not values:
+        return {}
+    return dict(zip(names, torch.stack(values).tolist(), strict=True))
+
+
+def measure_eval_exact(
+    model: nn.Module, batches: Any, options: PassOptions, *, tool: str, check: Check | None = None
+) -> Measured:
     """Every BN layer's population moments with every BN layer before it normalizing with
-    its own final statistics: the fixed point of eval-mode inference.
+    its own final statistics: the fixed point of eval-mode inference, exactly.
 
     Level by level (:class:`bnstats.torch._pass.Level`): each pass runs the model in eval
     mode; the layers already settled normalize with their population ``mean`` and unbiased
@@ -51,11 +193,7 @@ def measure_eval_mode(
     from it arrives (an input chosen by ``argmax`` of one, say, is not seen as dependent).
     In a group every rank makes the same levels: the decisions use the merged counts.
     """
-    if iter(batches) is batches:
-        raise TypeError(
-            "mode='eval' passes over batches once per depth level and needs an iterable it "
-            "can go over again (a list, a DataLoader), not a one-shot iterator or generator"
-        )
+    _require_reiterable(batches)
     level_options = replace(options, nonfinite="skip", unreached="keep")
     settled: dict[str, LayerPass] = {}
     skipped: dict[str, int] = {}
@@ -70,6 +208,7 @@ def measure_eval_mode(
         sizes = max(sizes, measured.batch_sizes, key=len)
         if first is None:
             first = measured
+            _refuse_new_layers(model, first)
             first.check_coverage(options)
         pending = [
             m
@@ -92,6 +231,27 @@ def measure_eval_mode(
         fixed=first.fixed,
         skipped=skipped,
         passes=passes,
+    )
+
+
+def _refuse_new_layers(model: nn.Module, first: Measured) -> None:
+    """Level by level needs the same BN layers in every pass: one made by a forward (``self.bn
+    = nn.BatchNorm1d(4)`` on the first call) ran on the first level's NaN; its buffers are
+    reset to a fresh layer's and the pass fails, naming it."""
+    new = {
+        name: layer
+        for name, layer in find_batchnorm_layers(unwrap(model)).items()
+        if name not in first.layers
+    }
+    if not new:
+        return
+    for layer in new.values():
+        layer.reset_running_stats()
+    names = ", ".join(map(display_name, new))
+    raise ValueError(
+        f"mode='eval_exact': BN layer(s) {names} were created during a forward of the pass; "
+        "level by level needs every BN layer to exist before it (run one forward first), or "
+        "pass mode='eval', which measures such layers; nothing was written"
     )
 
 

@@ -42,7 +42,7 @@ def adapt(
     group: Group = None,
     nonfinite: Literal["raise", "skip"] = "raise",
     unreached: Literal["raise", "keep"] = "raise",
-    mode: Literal["train", "eval"] = "train",
+    mode: Literal["train", "eval", "eval_exact"] = "train",
     tolerance: float | None = None,
     progress: bool | None = None,
 ) -> nn.Module:

@@ -65,7 +65,7 @@ def audit(
     group: Group = None,
     nonfinite: Literal["raise", "skip"] = "skip",
     unreached: Literal["raise", "keep"] = "raise",
-    mode: Literal["train", "eval"] = "train",
+    mode: Literal["train", "eval", "eval_exact"] = "train",
     tolerance: float | None = None,
     progress: bool | None = None,
 ) -> AuditReport:

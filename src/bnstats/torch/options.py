@@ -26,7 +26,7 @@ MIN_BATCHES = 16
 _CHOICES = {
     "nonfinite": ("raise", "skip"),
     "unreached": ("raise", "keep"),
-    "mode": ("train", "eval"),
+    "mode": ("train", "eval", "eval_exact"),
 }
 
 
@@ -49,12 +49,17 @@ class PassOptions:
       ``"keep"`` (such layers, auxiliary heads for instance, keep their statistics and are
       listed).
     - ``mode``: ``"train"`` (each BN layer's input with every BN layer normalizing with its
-      batch's statistics, one pass) or ``"eval"`` (each BN layer's input with every BN layer
-      before it normalizing with its own final statistics, as at inference: one pass per
+      batch's statistics, one pass), ``"eval"`` (each BN layer's input with every BN layer
+      normalizing with its own final statistics, as at inference: four whole-model passes
+      that converge to within 1e-4 of the exact result, or, where they do not, a warning and
+      ``"eval_exact"``) or ``"eval_exact"`` (the same statistics exactly, one pass per
       depth level of the BN layers).
-    - ``tolerance``: stop drawing batches once every measured layer's relative standard
-      error (:meth:`bnstats.stats.BatchSpread.relative_error`) is below it, judged every
-      ``CHECK_EVERY`` batches from ``MIN_BATCHES`` batches on. Not in a group.
+    - ``tolerance``: stop drawing batches once every channel's mean and variance, over all
+      measured layers, is within ``tolerance`` of the full-data values with 95 % confidence:
+      the worst relative standard error (:meth:`bnstats.stats.BatchSpread.relative_error`)
+      times ``z = Phi^-1(1 - 0.05 / (4 * channels))`` (Bonferroni over two estimates per
+      channel, :func:`bnstats.stats.simultaneous_z`) below it, judged every ``CHECK_EVERY``
+      batches from ``MIN_BATCHES`` batches on. Not in a group.
     - ``progress``: a rich progress bar on stderr with the samples seen (and the worst
       relative standard error with ``tolerance``): ``None`` when stderr is a terminal,
       ``True`` always, ``False`` never.
@@ -66,7 +71,7 @@ class PassOptions:
     group: Group = None
     nonfinite: Literal["raise", "skip"] = "raise"
     unreached: Literal["raise", "keep"] = "raise"
-    mode: Literal["train", "eval"] = "train"
+    mode: Literal["train", "eval", "eval_exact"] = "train"
     tolerance: float | None = None
     progress: bool | None = None
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -20,7 +20,7 @@ from torch import nn
 
 from bnstats.torch._layers import cast_buffer, display_name, write_buffers
 from bnstats.torch._measure import measure
-from bnstats.torch._pass import LayerPass, Measured
+from bnstats.torch._pass import LayerPass, Measured, tolerance_z
 from bnstats.torch._ranks import Group
 from bnstats.torch.options import Forward, PassOptions
 
@@ -31,10 +31,17 @@ _LOG = logging.getLogger("bnstats")
 class Recalibration:
     """What :func:`recalibrate_report` did: the ``model`` (recalibrated in place), the
     ``mode``, the ``samples`` and ``batches`` used (``samples`` None for batches without a
-    tensor), the ``passes`` over the data (1 in train mode, one per depth level in eval mode),
-    the ``tolerance`` asked for, and per layer the worst channel's relative standard error
-    of the new statistics (``relative_errors``, see
-    :meth:`bnstats.stats.BatchSpread.relative_error`; inf with fewer than 2 batches)."""
+    tensor), the ``passes`` over the data (1 in train mode, 4 in eval mode, one per depth
+    level in ``"eval_exact"``), the ``tolerance`` asked for, and per layer the worst
+    channel's relative standard error of the new statistics (``relative_errors``, see
+    :meth:`bnstats.stats.BatchSpread.relative_error`; inf with fewer than 2 batches), and
+    ``confidence_z``, the standard errors that ``tolerance`` allows for all channels together
+    (:func:`bnstats.stats.simultaneous_z` of two estimates per channel).
+
+    In ``mode="eval"``: ``moved``, per layer how far the last pass moved its statistics
+    (worst channel, ``|d mean| / sqrt(var + eps)`` or ``|d var| / (var + eps)``), and
+    ``converged``, whether every layer moved at most 1e-4 (if not, the statistics were
+    measured level by level after the four passes, and ``passes`` counts those too)."""
 
     model: nn.Module
     mode: str
@@ -43,6 +50,9 @@ class Recalibration:
     passes: int
     tolerance: float | None
     relative_errors: dict[str, float]
+    moved: dict[str, float] = field(default_factory=dict)
+    converged: bool | None = None
+    confidence_z: float = 1.0
 
     @property
     def worst(self) -> tuple[str | None, float]:
@@ -54,16 +64,21 @@ class Recalibration:
 
     @property
     def met(self) -> bool:
-        """True when a ``tolerance`` was given and every layer is below it."""
-        return self.tolerance is not None and self.worst[1] < self.tolerance
+        """True when a ``tolerance`` was given and every channel is within it with 95 %
+        confidence: the worst relative standard error times ``confidence_z`` below it."""
+        return self.tolerance is not None and self.worst[1] * self.confidence_z < self.tolerance
 
     def __str__(self) -> str:
         name, worst = self.worst
         where = "" if name is None else f" ({display_name(name)})"
-        return (
+        text = (
             f"recalibrated ({self.mode} mode) on {self.samples} samples in {self.batches} "
             f"batches, {self.passes} pass(es); worst relative standard error {worst:.3g}{where}"
         )
+        if self.moved:
+            state = "converged" if self.converged else "not converged, measured level by level"
+            text += f"; last pass moved the statistics by {max(self.moved.values()):.3g} ({state})"
+        return text
 
 
 def recalibrate(
@@ -76,7 +91,7 @@ def recalibrate(
     group: Group = None,
     nonfinite: Literal["raise", "skip"] = "raise",
     unreached: Literal["raise", "keep"] = "raise",
-    mode: Literal["train", "eval"] = "train",
+    mode: Literal["train", "eval", "eval_exact"] = "train",
     tolerance: float | None = None,
     progress: bool | None = None,
 ) -> nn.Module:
@@ -98,11 +113,14 @@ def recalibrate(
     BN layers included, is in eval mode.
 
     ``mode="eval"``: each layer gets the mean and unbiased variance of the input it receives
-    when every BN layer before it normalizes with its own final statistics, as at inference
-    (the fixed point of eval-mode inference; Wu & Johnson 2021 on the train-test
-    inconsistency of the single pass). It takes one pass over ``batches`` per depth level of
-    the BN layers (layers side by side share a pass), so ``batches`` must be iterable again;
-    any batch size works, one included, and images of varying size. Layers with fixed statistics
+    when every BN layer normalizes with its own final statistics, as at inference (the fixed
+    point of eval-mode inference; Wu & Johnson 2021 on the train-test inconsistency of the
+    single pass). It takes four whole-model eval-mode passes over ``batches`` (so they must
+    be iterable again) that reach the fixed point to within 1e-4 of the layers' output
+    scale; if the last pass still moved a layer more, a warning says so and the statistics
+    are measured level by level (``mode="eval_exact"``: exact, one pass per depth level of
+    the BN layers; layers side by side share a pass). Any batch size works, one included,
+    and images of varying size. Layers with fixed statistics
     (``FrozenBatchNorm2d``) are left as they are, with a warning naming them.
 
     Args:
@@ -115,8 +133,9 @@ def recalibrate(
             tolerance, progress: the options of every pass, keyword-only, as
             :class:`bnstats.torch.PassOptions` says. ``group``: torch.distributed, every rank
             passes its own batches and ends with the same buffers, bit for bit;
-            ``tolerance``: stop drawing batches once every layer's relative standard error
-            is below it (the samples it took are logged to the ``bnstats`` logger, and
+            ``tolerance``: stop drawing batches once every channel's mean and variance is
+            within ``tolerance`` (relative) of the full-data values with 95 % confidence
+            (the samples it took are logged to the ``bnstats`` logger, and
             :func:`recalibrate_report` returns them).
 
     All or nothing: the model's modes, momenta and hooks are left as found, and if anything
@@ -140,17 +159,18 @@ def recalibrate_report(
     group: Group = None,
     nonfinite: Literal["raise", "skip"] = "raise",
     unreached: Literal["raise", "keep"] = "raise",
-    mode: Literal["train", "eval"] = "train",
+    mode: Literal["train", "eval", "eval_exact"] = "train",
     tolerance: float | None = None,
     progress: bool | None = None,
 ) -> Recalibration:
     """:func:`recalibrate`, returning a :class:`Recalibration` (the model is its ``model``):
     how many samples and passes it took and how precise each layer's new statistics are.
 
-    With ``tolerance=1e-2`` the pass stops drawing batches once every layer's relative
-    standard error is below 1e-2 (checked every ``CHECK_EVERY`` batches from
-    ``MIN_BATCHES`` on, see :class:`bnstats.torch.PassOptions`); if the data runs out first,
-    a warning says so.
+    With ``tolerance=1e-2`` the pass stops drawing batches once every channel's mean and
+    variance is within 1e-2 of the full-data values with 95 % confidence: the worst relative
+    standard error times ``confidence_z`` below 1e-2 (checked every ``CHECK_EVERY`` batches
+    from ``MIN_BATCHES`` on, see :class:`bnstats.torch.PassOptions`); if the data runs out
+    first, a warning says so.
     """
     return _recalibrate(model, batches, PassOptions.pick(locals()))
 
@@ -188,6 +208,9 @@ def _summary(model: nn.Module, measured: Measured, options: PassOptions) -> Reca
         passes=measured.passes,
         tolerance=options.tolerance,
         relative_errors=errors,
+        moved=dict(measured.moved),
+        converged=measured.converged,
+        confidence_z=tolerance_z(measured.layers.values()),
     )
 
 

@@ -1,0 +1,157 @@
+"""mode="eval" in four whole-model passes against the exact level-by-level statistics
+(mode="eval_exact"), and what the whole-model passes reach that level by level cannot."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bnstats.torch as bt
+from tests.torch import eval_models
+from tests.torch import reference as ref
+
+
+def worst_difference(model: nn.Module, exact: nn.Module) -> float:
+    """Worst channel over all layers: |d var| / var and |d mean| / sqrt(var)."""
+    got, want = ref.buffers(model), ref.buffers(exact)
+    worst = 0.0
+    for name, buffers in want.items():
+        var = buffers["var"].astype(np.float64)
+        d_var = np.abs(got[name]["var"] - var) / var
+        d_mean = np.abs(got[name]["mean"] - buffers["mean"]) / np.sqrt(var)
+        worst = max(worst, float(d_var.max()), float(d_mean.max()))
+    return worst
+
+
+@pytest.mark.parametrize("name", ["residual", "dense"])
+def test_four_passes_reach_the_exact_statistics(name):
+    model, data = eval_models.build(name), eval_models.batches(name)
+    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    train = bt.recalibrate(copy.deepcopy(model), data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = bt.recalibrate_report(model, data, mode="eval")
+
+    assert exact.passes > 4 and result.passes == 4 and result.converged
+    assert set(result.moved) == set(ref.buffers(model)) and max(result.moved.values()) <= 1e-4
+    assert worst_difference(model, exact.model) < 1e-4
+    assert worst_difference(train, exact.model) > 1e-3  # the modes differ on these batches
+    assert "converged" in str(result)
+
+
+def test_a_deep_chain_that_does_not_converge_warns_and_is_measured_level_by_level():
+    """A 30-deep MLP chain at random weights: the eval-mode statistics are chaotic functions
+    of the earlier layers' (train mode is 0.75 away); four passes do not converge, a warning
+    says so and the result is the exact one."""
+    model, data = eval_models.build("chain"), eval_models.batches("chain", count=16, size=64)
+    exact = bt.recalibrate(copy.deepcopy(model), data, mode="eval_exact")
+    with pytest.warns(UserWarning, match="did not converge in 4 passes"):
+        result = bt.recalibrate_report(model, data, mode="eval")
+    assert result.converged is False and result.passes == 4 + 30
+    assert worst_difference(model, exact) < 1e-6
+    assert "not converged" in str(result)
+
+
+class _Branching(nn.Module):
+    """Data-dependent control flow after a BN layer (issue 23.13)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 4)
+        self.bn1, self.bn2, self.bn3 = nn.BatchNorm1d(4), nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+        with torch.no_grad():
+            self.bn1.bias.fill_(1.0)  # at eval mode the output's mean is about 1: bn2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn1(self.linear(x))
+        return self.bn2(y) if y.mean() > 0 else self.bn3(-y)
+
+
+def eval_inputs(model: nn.Module, layer: nn.Module, data: list[torch.Tensor]) -> torch.Tensor:
+    """What ``layer`` receives in eval-mode inference of ``model`` over ``data``."""
+    seen: list[torch.Tensor] = []
+    hook = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    model.eval()
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    hook.remove()
+    return torch.cat(seen)
+
+
+def test_data_dependent_control_flow_reaches_what_inference_reaches():
+    torch.manual_seed(0)
+    model = _Branching()
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn(16, 5, generator=gen) for _ in range(6)]
+    saved_bn3 = ref.snapshot(model.bn3)
+    with pytest.raises(ValueError, match="no forward reached BN layer\\(s\\) 'bn3'"):
+        bt.recalibrate(copy.deepcopy(model), data, mode="eval")
+
+    bt.recalibrate(model, data, mode="eval", unreached="keep")
+
+    seen = eval_inputs(model, model.bn2, data)  # with the new statistics of bn1
+    np.testing.assert_allclose(model.bn2.running_mean, seen.mean(0), atol=1e-6)
+    np.testing.assert_allclose(model.bn2.running_var, seen.var(0), rtol=1e-5)
+    first = eval_inputs(model, model.bn1, data)
+    np.testing.assert_allclose(model.bn1.running_var, first.var(0), rtol=1e-5)
+    assert ref.same_state(model.bn3, saved_bn3)
+
+
+class _MadeLate(nn.Module):
+    """A BN layer created by the first forward (issue 23.4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "late"):
+            self.late = nn.BatchNorm1d(4)
+        return self.late(torch.relu(self.bn(self.linear(x))) * 2.0 + 1.0)
+
+
+def test_a_layer_made_by_the_first_forward_is_measured_in_eval_mode():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(2)
+    data = [torch.randn(16, 5, generator=gen) for _ in range(5)]
+    model = _MadeLate()
+
+    bt.recalibrate(model, data, mode="eval")
+
+    assert torch.isfinite(model.late.running_mean).all()
+    seen = eval_inputs(model, model.late, data)
+    np.testing.assert_allclose(model.late.running_mean, seen.mean(0), atol=1e-6)
+    np.testing.assert_allclose(model.late.running_var, seen.var(0), rtol=1e-5)
+
+
+def test_a_layer_made_by_the_first_forward_is_refused_level_by_level():
+    gen = torch.Generator().manual_seed(2)
+    data = [torch.randn(16, 5, generator=gen) for _ in range(5)]
+    model = _MadeLate()
+    saved = ref.snapshot(model)
+    with pytest.raises(ValueError, match="'late' were created during a forward"):
+        bt.recalibrate(model, data, mode="eval_exact")
+    state = model.state_dict()
+    assert all(torch.equal(ref.bits(state[key]), ref.bits(value)) for key, value in saved.items())
+    assert torch.isfinite(model.late.running_mean).all() and not model.late.running_mean.any()
+
+
+def test_tolerance_stops_the_first_pass_and_the_others_use_the_same_batches():
+    model, data = eval_models.build("dense"), eval_models.batches("dense", count=64, size=8)
+    seen: list[int] = []
+
+    def forward(m, x):
+        seen.append(id(x))
+        return m(x)
+
+    result = bt.recalibrate_report(model, data, mode="eval", tolerance=0.5, forward=forward)
+    assert result.batches < 64
+    assert len(seen) == 5 * result.batches  # four passes, the third one runs each batch twice
+    assert set(seen) == {id(x) for x in data[: result.batches]}
