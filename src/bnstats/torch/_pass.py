@@ -220,7 +220,14 @@ class Measured:
 
     def population(self, moments: LayerPass) -> Population:
         """``moments.population``, with :class:`NonFiniteStatisticsError` naming the layer if
-        its statistics are NaN or Inf (a finite batch too large for float64, say)."""
+        every batch it received was left out for NaN or Inf, or if its statistics are NaN or
+        Inf (a finite batch too large for float64, say)."""
+        if moments.batches and not self.finite_batches(moments):
+            raise NonFiniteStatisticsError(
+                f"{moments.label}: all {moments.batches} batches it received brought NaN or "
+                "Inf statistics and were left out, so there is nothing to measure; nothing "
+                "was written"
+            )
         population = moments.population
         if not bool(torch.isfinite(population.m2).all() & torch.isfinite(population.mean).all()):
             raise NonFiniteStatisticsError(

@@ -225,8 +225,10 @@ def _audit_layer(moments: LayerPass, skipped: int, finite_batches: int) -> Layer
     population = moments.population
     running_mean = to_numpy(layer.running_mean)
     running_var = to_numpy(layer.running_var)
-    mu = to_numpy(population.mean)
-    var = to_numpy(population.var)
+    if finite_batches:
+        mu, var = to_numpy(population.mean), to_numpy(population.var)
+    else:  # every batch left out for NaN or Inf: no population to compare with
+        mu = var = np.full(int(layer.num_features), np.nan)
     with np.errstate(all="ignore"):
         mean_shift = np.abs(running_mean - mu) / np.sqrt(var + eps)
         var_ratio = (running_var + eps) / (var + eps)

@@ -90,6 +90,8 @@ class PassOptions:
             or not 0 < tolerance < math.inf
         ):
             raise ValueError(f"tolerance must be a positive number or None, got {tolerance!r}")
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise TypeError(f"progress must be True, False or None, got {self.progress!r}")
 
     @classmethod
     def pick(cls, arguments: Mapping[str, Any]) -> PassOptions:
