@@ -8,6 +8,7 @@ inference gives it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -15,21 +16,31 @@ from torch import nn
 
 from bnstats.stats import NonFiniteStatisticsError
 from bnstats.torch._layers import display_name
-from bnstats.torch._pass import Check, LayerPass, Level, Measured, measure_pass
+from bnstats.torch._pass import Call, Check, LayerPass, Level, Measured, measure_pass
 from bnstats.torch.options import PassOptions
 
 
 def measure(
-    model: nn.Module, batches: Any, options: PassOptions, *, tool: str, check: Check | None = None
+    model: nn.Module,
+    batches: Any,
+    options: PassOptions,
+    *,
+    tool: str,
+    check: Check | None = None,
+    arguments: Mapping[str, Any] | None = None,
 ) -> Measured:
-    """Every BN layer's population moments over all ranks' ``batches``, in ``options.mode``."""
+    """Every BN layer's population moments over all ranks' ``batches``, in ``options.mode``.
+
+    In a group the ranks compare ``tool``, ``options`` as given and the tool's other
+    ``arguments`` that change the result (adapt's ``prior``, say) before anything else."""
+    call = {"tool": tool, **options.call(), **(arguments or {})}
     if options.mode == "eval":
-        return measure_eval_mode(model, batches, options, tool=tool, check=check)
-    return measure_pass(model, batches, options, tool=tool, check=check)
+        return measure_eval_mode(model, batches, options, tool=call, check=check)
+    return measure_pass(model, batches, options, tool=call, check=check)
 
 
 def measure_eval_mode(
-    model: nn.Module, batches: Any, options: PassOptions, *, tool: str, check: Check | None = None
+    model: nn.Module, batches: Any, options: PassOptions, *, tool: Call, check: Check | None = None
 ) -> Measured:
     """Every BN layer's population moments with every BN layer before it normalizing with
     its own final statistics: the fixed point of eval-mode inference.
@@ -51,11 +62,7 @@ def measure_eval_mode(
     from it arrives (an input chosen by ``argmax`` of one, say, is not seen as dependent).
     In a group every rank makes the same levels: the decisions use the merged counts.
     """
-    if iter(batches) is batches:
-        raise TypeError(
-            "mode='eval' passes over batches once per depth level and needs an iterable it "
-            "can go over again (a list, a DataLoader), not a one-shot iterator or generator"
-        )
+    check = _reusable_batches_first(batches, check)  # in a group: refused on every rank
     level_options = replace(options, nonfinite="skip", unreached="keep")
     settled: dict[str, LayerPass] = {}
     skipped: dict[str, int] = {}
@@ -93,6 +100,21 @@ def measure_eval_mode(
         skipped=skipped,
         passes=passes,
     )
+
+
+def _reusable_batches_first(batches: Any, check: Check | None) -> Check:
+    """``check``, after refusing a one-shot iterator for ``batches``."""
+
+    def checked(model: nn.Module) -> None:
+        if iter(batches) is batches:
+            raise TypeError(
+                "mode='eval' passes over batches once per depth level and needs an iterable it "
+                "can go over again (a list, a DataLoader), not a one-shot iterator or generator"
+            )
+        if check is not None:
+            check(model)
+
+    return checked
 
 
 def _settle_level(

@@ -546,6 +546,9 @@ def worst_relative_error(layers: Iterable[LayerPass]) -> tuple[float, str | None
 
 Check = Callable[[nn.Module], None]
 """``check(model)``: validation run before the pass, on every rank inside the protocol."""
+Call = str | Mapping[str, Any]
+"""What the ranks compare before a pass: the tool's name (its options added from the
+:class:`PassOptions`), or the whole record (:func:`bnstats.torch._measure.measure`)."""
 
 
 def measure_pass(
@@ -553,7 +556,7 @@ def measure_pass(
     batches: Any,
     options: PassOptions,
     *,
-    tool: str,
+    tool: Call,
     check: Check | None = None,
     level: Level = TRAIN,
 ) -> Measured:
@@ -561,8 +564,9 @@ def measure_pass(
 
     Without a group (see :func:`bnstats.torch._ranks.resolve_group`) this is
     :func:`collect_moments` on the unwrapped model. In a group each rank runs the pass on its
-    batches; one status exchange (which also checks that every rank runs the same ``tool``
-    with the same options); one ``all_gather`` of every layer's Populations; every rank
+    batches; one status exchange (which also checks that every rank makes the same call:
+    ``tool`` with the same options; a refusal of the options too reaches every rank); one
+    ``all_gather`` of every layer's Populations; every rank
     merges them in rank order with :meth:`Population.merge`: the numbers of one process over
     all ranks' batches, rank 0's first, bit-identical on every rank. ``check(model)`` runs
     first on every rank.
@@ -573,13 +577,13 @@ def measure_pass(
         if check is not None:
             check(inner)
         return collect_moments(inner, batches, options, level=level)
-    if options.tolerance is not None:
-        raise ValueError(
-            "tolerance cannot be used across torch.distributed ranks (they would have to "
-            "agree on when to stop); pass max_samples, or group=False"
-        )
 
     def local() -> tuple[Measured, dict[str, Any]]:
+        if options.tolerance is not None:
+            raise ValueError(
+                "tolerance cannot be used across torch.distributed ranks (they would have to "
+                "agree on when to stop); pass max_samples, or group=False"
+            )
         if check is not None:
             check(inner)
         measured = collect_moments(inner, batches, options, level=level, check_coverage=False)
@@ -593,7 +597,8 @@ def measure_pass(
         }
         return measured, summary
 
-    measured, summaries = run_and_exchange(chosen, local, {"tool": tool, **options.call()})
+    call = {"tool": tool, **options.call()} if isinstance(tool, str) else dict(tool)
+    measured, summaries = run_and_exchange(chosen, local, call)
     check_same_layers(chosen, [summary["layers"] for summary in summaries])
     for rank, summary in enumerate(summaries):  # the same verdict on every rank
         raise_if_bad(summary["first_bad"], options, where=f" on rank {rank}")

@@ -100,13 +100,15 @@ class PassOptions:
         return cls(**{option.name: arguments[option.name] for option in fields(cls)})
 
     def call(self) -> dict[str, Any]:
-        """What the ranks must agree on (everything but the callable and the group)."""
+        """What the ranks must agree on: every option that changes the result, as the user
+        gave it (all but the callable, the group and the progress bar)."""
         return {
             "max_samples": self.max_samples,
             "float64_moments": self.float64_moments,
             "nonfinite": self.nonfinite,
             "unreached": self.unreached,
             "mode": self.mode,
+            "tolerance": self.tolerance,
         }
 
 
