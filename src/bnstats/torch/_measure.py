@@ -71,8 +71,12 @@ def measure_eval_mode(
     passes = 0
     while True:
         final = {name: moments.population for name, moments in settled.items()}
-        level = Level(training=False, settled=final)
-        measured = measure_pass(model, batches, level_options, tool=tool, check=check, level=level)
+        if first is None:  # a tolerance stop waits for every layer under unreached="raise"
+            level, kept = Level(False), replace(level_options, unreached=options.unreached)
+        else:  # and then for those the first level reached
+            reached = frozenset(first.layers) - set(first.unreached)
+            level, kept = Level(False, settled=final, awaited=reached), level_options
+        measured = measure_pass(model, batches, kept, tool=tool, check=check, level=level)
         passes += 1
         sizes = max(sizes, measured.batch_sizes, key=len)
         if first is None:

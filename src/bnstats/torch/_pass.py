@@ -86,6 +86,14 @@ class Level:
 
     training: bool = True
     settled: Mapping[str, Population] = field(default_factory=dict)
+    awaited: frozenset[str] = frozenset()
+    """Layers a ``tolerance`` stop waits for until a forward reaches them, beside every
+    layer under ``unreached="raise"`` (an eval-mode level: those an earlier one reached)."""
+
+    def all_awaited_reached(self, watched: Iterable[LayerPass], options: PassOptions) -> bool:
+        """True when each watched layer the tolerance stop waits for has had a batch."""
+        waits = options.unreached == "raise"
+        return all(m.batches for m in watched if waits or m.name in self.awaited)
 
     def measures(self, name: str) -> bool:
         return name not in self.settled
@@ -503,7 +511,8 @@ def collect_moments(
             if _time_to_check(options.tolerance, len(sizes)):
                 worst = worst_relative_error(moments.values())[0]
             advance(samples, worst)
-            if options.tolerance is not None and worst < options.tolerance:
+            met = options.tolerance is not None and worst < options.tolerance
+            if met and level.all_awaited_reached(recorder.watched, options):
                 break
         recorder.finish()
     measured = Measured(moments, sizes, fixed=list(fixed_statistics_layers(model)))

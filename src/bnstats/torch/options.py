@@ -54,7 +54,10 @@ class PassOptions:
       depth level of the BN layers).
     - ``tolerance``: stop drawing batches once every measured layer's relative standard
       error (:meth:`bnstats.stats.BatchSpread.relative_error`) is below it, judged every
-      ``CHECK_EVERY`` batches from ``MIN_BATCHES`` batches on. Not in a group.
+      ``CHECK_EVERY`` batches from ``MIN_BATCHES`` batches on. Not in a group. Under
+      ``unreached="raise"`` a layer no forward has reached yet holds the stop back (a
+      layer used in few batches is drawn until it is measured too); under ``"keep"`` it is
+      kept as it was and listed, as at the end of the data.
     - ``progress``: a rich progress bar on stderr with the samples seen (and the worst
       relative standard error with ``tolerance``): ``None`` when stderr is a terminal,
       ``True`` always, ``False`` never.
