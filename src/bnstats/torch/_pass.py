@@ -305,18 +305,13 @@ def pass_mode(
     statistics (ghost batches, renorm's ``r, d``) and leave their buffers alone
     (``_pass_weight = 0``): the pass measures them itself. An eval-mode level: every module
     in eval mode, the settled layers' buffers holding their populations. Modes, momenta,
-    buffers and hooks come back through the :class:`PreservedState` this yields.
+    buffers, hooks and the ``_pass_weight`` switches come back through the
+    :class:`PreservedState` this yields, also on Ctrl-C.
     """
     ours = [(name, m) for name, m in layers.items() if isinstance(m, EstimatorBatchNorm)]
-
-    def clear_pass_weights() -> None:
-        for _, layer in ours:
-            layer.__dict__.pop("_pass_weight", None)
-
     with ExitStack() as stack:
-        state = stack.enter_context(PreservedState(model, layers))
+        state = stack.enter_context(PreservedState(model, layers, transient=("_pass_weight",)))
         stack.enter_context(torch.no_grad())
-        stack.callback(clear_pass_weights)
         if level.training:
             batchnorm_train_mode(model, layers)
             stack.enter_context(local_batch_statistics(model))
