@@ -307,3 +307,23 @@ def test_revert_sync_batchnorm_whose_second_replacement_fails_replaces_none(monk
         sync_batchnorm.revert_sync_batchnorm(model)
     monkeypatch.undo()
     assert _kinds(model) == ["Conv2d", "SyncBatchNorm", "Conv2d", "SyncBatchNorm"]
+
+
+def test_a_programs_own_sigint_handler_is_called_and_the_pass_goes_on():
+    """A handler that only notes the Ctrl-C (a graceful stop) must not see the model put
+    back in the middle of the pass: at any line, the pass goes on to the uninterrupted
+    result."""
+    _, new = _outcomes("recalibrate_eval")
+    _, lines = _interrupted("recalibrate_eval", lambda: _ctrl_c_at_line(10**9, CRITICAL))
+    noted = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    try:
+        for line in range(1, lines + 1):
+            model = _model("recalibrate_eval")
+            with _ctrl_c_at_line(line, CRITICAL), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                TOOLS["recalibrate_eval"](model)
+            assert ref.same_state(model, new), line
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert noted == [signal.SIGINT] * lines

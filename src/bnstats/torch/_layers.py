@@ -139,8 +139,9 @@ def cast_buffer(name: str, key: str, value: torch.Tensor, layer: nn.Module) -> t
 class SigintGuard:
     """Ctrl-C (SIGINT) around steps that must not stop half-way.
 
-    Once :meth:`arm`-ed, a Ctrl-C first runs ``undo`` (putting back what the steps so far
-    changed) and then reaches the previous handler, a ``KeyboardInterrupt`` as usual; after
+    Once :meth:`arm`-ed, a Ctrl-C that would stop the program (Python's default handler:
+    a ``KeyboardInterrupt``) first runs ``undo``, putting back what the steps so far
+    changed; a program's own handler is called as it is (it may only set a flag); after
     :meth:`hold` (a plain attribute store, so no signal can land between it and the steps
     that follow) it is only noted, and :meth:`release` delivers it once the steps are done.
     Outside the main thread (where Python delivers no signal) this does nothing.
@@ -183,14 +184,20 @@ class SigintGuard:
         if self.holding:
             self.held = True
             return
-        try:
+        previous = self._previous
+        if previous == signal.SIG_IGN:
+            return
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(signum, frame)  # the program's own handler decides (it may not stop)
+            return
+        try:  # a KeyboardInterrupt (or the end of the process) follows: undo first
             if self.undo is not None:
                 self.undo()
         finally:
-            previous = self._disarm()
-            if callable(previous):
+            self._disarm()
+            if previous is signal.default_int_handler:
                 previous(signum, frame)
-            elif previous == signal.SIG_DFL:
+            else:
                 signal.raise_signal(signum)
 
 
