@@ -274,3 +274,87 @@ def test_the_recalibration_shows_in_lightnings_own_progress_bar(kind, capsys, mo
     reference.load_state_dict(before.states[0])
     bt.recalibrate(reference, train, max_samples=200)
     _assert_same_buffers(model.validated_with[0], reference)
+
+
+# -- what a user may hand the callback -------------------------------------------------------
+
+
+class CountingSteps(Classifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = 0
+
+    def training_step(self, batch, batch_idx):
+        self.steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+class NoBatchNorm(CountingSteps):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def test_a_model_without_batch_norm_is_refused_before_any_training():
+    train, val = _loaders(shuffle=False)
+    model = NoBatchNorm()
+    with pytest.raises(ValueError, match="BatchNormRecalibration: NoBatchNorm has no batch-norm"):
+        _fit(model, [BatchNormRecalibration(max_samples=64)], train, val)
+    assert model.steps == 0
+
+
+def test_a_list_of_batches_is_one_dataloader():
+    torch.manual_seed(0)
+    train, val = _loaders(shuffle=False)
+    batches = _first_samples(train, 150)
+    model = Classifier()
+    callback = BatchNormRecalibration(max_samples=None, dataloader=batches)
+    _fit(model, [callback], train, val)
+    assert [entry["when"] for entry in callback.history] == ["validation", "validation", "fit_end"]
+    final = copy.deepcopy(model)
+    bt.recalibrate(final, batches)
+    _assert_same_buffers(model.state_dict(), final)
+
+
+class AuxiliaryLoss(Classifier):
+    """A BN layer in an auxiliary head that only the training step uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = nn.Sequential(nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        main = nn.functional.cross_entropy(self(x), y)
+        return main + 0.1 * nn.functional.cross_entropy(self.aux(x), y)
+
+
+def test_unreached_keep_passes_through_for_a_training_only_head():
+    torch.manual_seed(0)
+    train, val = _loaders(shuffle=False)
+    with pytest.raises(ValueError, match=r"no forward reached BN layer\(s\) 'aux.1'"):
+        _fit(AuxiliaryLoss(), [BatchNormRecalibration(max_samples=64)], train, val)
+    model = AuxiliaryLoss()
+    callback = BatchNormRecalibration(max_samples=64, unreached="keep", at_fit_end=False)
+    with pytest.warns(UserWarning, match="no forward reached, kept as they were: 'aux.1'"):
+        _fit(model, [callback], train, val)
+    assert [entry["when"] for entry in callback.history] == ["validation", "validation"]
+    assert {row["name"] for row in callback.history[0]["layers"]} == {"net.1", "net.4", "aux.1"}
+    kept = next(row for row in callback.history[0]["layers"] if row["name"] == "aux.1")
+    assert kept["mean_shift"] == 0 and kept["var_ratio"] == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"max_samples": 1.5}, ValueError, "max_samples must be a positive integer"),
+        ({"max_samples": True}, ValueError, "max_samples must be a positive integer"),
+        ({"unreached": "ignore"}, ValueError, "unreached must be one of"),
+        ({"nonfinite": "drop"}, ValueError, "nonfinite must be one of"),
+        ({"tolerance": 0}, ValueError, "tolerance must be a positive number"),
+        ({"forward": "model(x)"}, TypeError, "forward must be callable"),
+    ],
+)
+def test_the_pass_options_are_checked_when_the_callback_is_made(options, error, match):
+    with pytest.raises(error, match=match):
+        BatchNormRecalibration(**options)

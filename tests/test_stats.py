@@ -557,3 +557,76 @@ def test_every_estimator_takes_a_sequence(rng):
     one_by_one, sequence = _feed(Population(), batches), Population()
     sequence.update_sequence(*_stacked(batches))
     np.testing.assert_array_equal(sequence.var, one_by_one.var, strict=True)
+
+
+# -- groups of batches that all weigh nothing leave the accumulators as they were ------------
+
+
+def _torch_moments(batches):
+    counts = torch.tensor([float(len(b)) for b in batches], dtype=torch.float64)
+    means = torch.from_numpy(np.stack([b.mean(0) for b in batches]))
+    m2s = torch.from_numpy(np.stack([b.var(0) * len(b) for b in batches]))
+    return counts, means, m2s
+
+
+@pytest.mark.parametrize("empty_at", ["first", "middle", "last"])
+def test_a_group_of_batches_of_count_zero_changes_nothing(rng, empty_at):
+    """The NaN batches of a pass weigh 0 (whatever their moments hold, NaN included); a whole
+    group of them must not turn the Population or the spread into NaN."""
+    good = _batches(rng, [8, 5, 12, 9, 7, 6], loc=3.0, scale=2.0)
+    nan_group = (
+        torch.zeros(4, dtype=torch.float64),
+        torch.full((4, 5), float("nan"), dtype=torch.float64),
+        torch.full((4, 5), float("nan"), dtype=torch.float64),
+    )
+    groups = [_torch_moments(good[:3]), _torch_moments(good[3:])]
+    groups.insert({"first": 0, "middle": 1, "last": 2}[empty_at], nan_group)
+    center = torch.full((5,), 2.5, dtype=torch.float64)
+    population, spread = Population(), BatchSpread(center)
+    for counts, means, m2s in groups:
+        population.update_batches(counts, means, m2s)
+        spread.update_batches(counts, means, m2s)
+    whole = np.concatenate(good)
+    np.testing.assert_allclose(population.mean.numpy(), whole.mean(0), rtol=1e-13)
+    np.testing.assert_allclose(population.var.numpy(), whole.var(0, ddof=1), rtol=1e-12)
+    assert float(population.count) == len(whole)
+    reference, reference_spread = _spread_of(good, "numpy", center.numpy())
+    for got, expected in zip(
+        spread.standard_errors(population, len(good)),
+        reference_spread.standard_errors(reference, len(good)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10)
+
+
+def test_groups_of_count_zero_only_keep_the_population_empty_and_mergeable(rng):
+    empty = Population()
+    for _ in range(2):
+        empty.update_batches(
+            torch.zeros(3, dtype=torch.float64),
+            torch.full((3, 2), float("nan"), dtype=torch.float64),
+            torch.zeros(3, 2, dtype=torch.float64),
+        )
+    assert float(empty.count) == 0
+    assert bool(torch.isfinite(empty.to_flat(2)).all())
+    assert Population.from_flat(empty.to_flat(2)).mean is None
+    batches = _batches(rng, [6, 9], features=2)
+    filled = Population()
+    filled.update_batches(*_torch_moments(batches))
+    whole = np.concatenate(batches)
+    for merged in (empty.merge(filled), filled.merge(empty), empty.merge(empty).merge(filled)):
+        np.testing.assert_allclose(merged.mean.numpy(), whole.mean(0), rtol=1e-13)
+        np.testing.assert_allclose(merged.var.numpy(), whole.var(0, ddof=1), rtol=1e-12)
+
+
+def test_chan_merge_of_two_empty_sets_is_not_nan():
+    zero = torch.zeros(3, dtype=torch.float64)
+    mean, m2 = chan_merge(torch.tensor(0.0, dtype=torch.float64), zero, zero, 0.0, zero, zero)
+    assert bool(torch.isfinite(mean).all() & torch.isfinite(m2).all())
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_relative_error_of_one_batch_is_infinite_not_the_largest_float(rng, kind):
+    batches = _batches(rng, [8])
+    population, spread = _spread_of(batches, kind, center=np.zeros(5))
+    assert float(spread.relative_error(population, 1)) == float("inf")

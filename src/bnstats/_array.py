@@ -8,6 +8,7 @@ as einops does with its lazy backends.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -68,11 +69,10 @@ def like(x: Array, other: Array) -> Array:
 
 def largest(x: Array) -> Array:
     """The largest element of ``x`` as a 0-d value of ``x``'s kind (no host read for tensors)
-    after ``nan_to_num(nan=inf)``: NaN counts as infinite, and an infinity as the largest
-    finite float."""
+    with NaN counted as infinite (an infinity stays infinite)."""
     if is_torch(x):
-        return x.nan_to_num(nan=float("inf")).max()
-    return np.nan_to_num(x, nan=np.inf).max()
+        return x.nan_to_num(nan=math.inf, posinf=math.inf).max()
+    return np.nan_to_num(x, nan=np.inf, posinf=np.inf).max()
 
 
 def widen(x: Array) -> Array:
@@ -95,12 +95,14 @@ def copy(x: Array) -> Array:
 
 def where(condition: Any, chosen: Any, otherwise: Any) -> Any:
     """``chosen`` where ``condition`` holds, else ``otherwise``: a Python choice for a Python
-    or NumPy condition, ``torch.where`` for a tensor one (also a traced one, never read on the
-    host)."""
+    or NumPy scalar condition, ``numpy.where`` for an array one, ``torch.where`` for a tensor
+    one (also a traced one, never read on the host)."""
     if is_torch(condition):
         import torch  # present: condition is a tensor
 
         return torch.where(condition, chosen, otherwise)
+    if isinstance(condition, np.ndarray) and condition.ndim:
+        return np.where(condition, chosen, otherwise)
     return chosen if condition else otherwise
 
 

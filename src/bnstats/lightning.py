@@ -32,7 +32,7 @@ except ImportError as error:  # the optional extra is missing
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
 import bnstats.torch as bt
-from bnstats.torch.options import Forward
+from bnstats.torch.options import Forward, PassOptions
 
 MODES = ("train", "eval")
 """The ``mode`` values of :func:`bnstats.torch.recalibrate`: ``"train"``, the BN layers in
@@ -72,10 +72,18 @@ class BatchNormRecalibration(pl.Callback):
             ...; the validations in between use the statistics as they are.
         mode: ``"train"`` (default) or ``"eval"``, as for :func:`bnstats.torch.recalibrate`
             (anything else raises ``ValueError``).
-        dataloader: the batches to recalibrate on, instead of the train dataloader.
+        dataloader: the batches to recalibrate on, instead of the train dataloader: a
+            DataLoader or any iterable of batches (a list of batches is one loader).
         forward: ``forward(model, batch)``, how to call the model on one batch (default:
             ``model(batch[0])`` for the ``(input, target)`` tuples of a labelled dataset).
         at_fit_end: also recalibrate the final weights when ``fit`` ends.
+        float64_moments, group, nonfinite, unreached, tolerance: passed on to
+            :func:`bnstats.torch.recalibrate`, as :class:`bnstats.torch.PassOptions` says
+            (``unreached="keep"`` for a BN layer only training uses, an auxiliary head).
+            Every option is checked here, when the callback is made.
+
+    A model without any BN layer with running statistics is refused when ``fit`` starts
+    (``setup``), with a ``ValueError``: there would be nothing to recalibrate.
     """
 
     def __init__(
@@ -86,13 +94,28 @@ class BatchNormRecalibration(pl.Callback):
         dataloader: Any = None,
         forward: Forward | None = None,
         at_fit_end: bool = True,
+        *,
+        float64_moments: bool = False,
+        group: Any = None,
+        nonfinite: str = "raise",
+        unreached: str = "raise",
+        tolerance: float | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not supported; choose one of {MODES}")
         if isinstance(every_n_epochs, bool) or int(every_n_epochs) < 1:
             raise ValueError(f"every_n_epochs must be a positive integer, got {every_n_epochs!r}")
-        if max_samples is not None and (isinstance(max_samples, bool) or int(max_samples) < 1):
-            raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
+        self.options = PassOptions(
+            forward=forward,
+            max_samples=max_samples,
+            float64_moments=float64_moments,
+            group=group,
+            nonfinite=nonfinite,
+            unreached=unreached,
+            mode=mode,
+            tolerance=tolerance,
+            progress=False,  # the bar is Lightning's (see recalibrate), not bnstats' own
+        )
         self.max_samples = max_samples
         self.every_n_epochs = int(every_n_epochs)
         self.mode = mode
@@ -101,6 +124,17 @@ class BatchNormRecalibration(pl.Callback):
         self.at_fit_end = at_fit_end
         self.history: list[dict[str, Any]] = []
         self._pending = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse a model without BN layers before any training."""
+        if stage == "fit":
+            try:
+                bt.find_batchnorm_layers(bt.unwrap(pl_module))
+            except ValueError as error:
+                raise ValueError(
+                    f"BatchNormRecalibration: {error}; there is nothing to recalibrate, "
+                    "remove the callback"
+                ) from error
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         due = (trainer.current_epoch + 1) % self.every_n_epochs == 0
@@ -129,14 +163,7 @@ class BatchNormRecalibration(pl.Callback):
             return
         before = _running_statistics(pl_module)
         with torch.inference_mode(False), _lightning_bar(trainer, self.max_samples) as advance:
-            bt.recalibrate(
-                pl_module,
-                _Counted(batches, advance),
-                max_samples=self.max_samples,
-                forward=self.forward,
-                mode=self.mode,
-                progress=False,  # the bar is Lightning's (below), not bnstats' own
-            )
+            bt.recalibrate(pl_module, _Counted(batches, advance), **vars(self.options))
         layers = _moved(before, pl_module)
         entry = {
             "epoch": trainer.current_epoch,
@@ -152,7 +179,9 @@ class BatchNormRecalibration(pl.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
     def _batches(self, trainer: pl.Trainer) -> Any:
-        batches = self.dataloader if self.dataloader is not None else trainer.train_dataloader
+        if self.dataloader is not None:
+            return self.dataloader  # the user's own: any iterable of batches
+        batches = trainer.train_dataloader
         if batches is None:
             warnings.warn(
                 "BatchNormRecalibration: no train dataloader to recalibrate on; pass "

@@ -51,6 +51,7 @@ from bnstats._array import (
 )
 
 NonFinitePolicy = Literal["raise", "skip"]
+_TINY = float(np.finfo(np.float64).tiny)
 
 
 class NonFiniteStatisticsError(ValueError):
@@ -547,15 +548,19 @@ class Population(Estimator):
         (B, C), pooled into one group (see the class docstring), then merged in.
 
         Vectorised and free of host reads: ``counts`` may be a list of numbers or an array or
-        tensor beside ``means`` (a batch of count 0 weighs nothing). No finiteness check: a
-        NaN batch makes the result NaN, for the caller to test once at the end.
+        tensor beside ``means`` (a batch of count 0 weighs nothing, whatever its ``means`` and
+        ``m2s`` hold, NaN included; batches that all have count 0 leave the Population as it
+        was). No other finiteness check: a NaN batch of positive count makes the result NaN,
+        for the caller to test once at the end.
         """
         means, m2s = widen(means), widen(m2s)
         weights = column(counts, means)
         total = weights.sum()
         if not is_torch(weights) and not total > 0:
             return
-        mean = (weights * means).sum(axis=0) / total
+        weighed = weights > 0
+        means, m2s = where(weighed, means, 0.0), where(weighed, m2s, 0.0)
+        mean = (weights * means).sum(axis=0) / clamp_min(total, _TINY)  # 0 for an empty group
         deviation = means - mean
         m2 = m2s.sum(axis=0) + (weights * deviation * deviation).sum(axis=0)
         if self._mean_acc is None:
@@ -734,11 +739,14 @@ def chan_merge(
 
     ``delta = mean_b - mean_a``; ``mean = mean_a + delta * count_b / count``;
     ``m2 = m2_a + m2_b + delta**2 * count_a * count_b / count``, ``count = count_a + count_b``.
+    Two empty sets (``count == 0``, tensors whose count is not read on the host) merge into
+    ``mean_a`` and ``m2_a + m2_b`` instead of NaN.
     """
     count = count_a + count_b
+    safe_count = clamp_min(count, _TINY)
     delta = mean_b - mean_a
-    mean = mean_a + delta * (count_b / count)
-    m2 = m2_a + m2_b + delta * delta * (count_a * count_b / count)
+    mean = mean_a + delta * (count_b / safe_count)
+    m2 = m2_a + m2_b + delta * delta * (count_a * count_b / safe_count)
     return mean, m2
 
 

@@ -36,3 +36,13 @@ def test_strict_exits_0_after_recalibrating(project_here, capsys):
     assert main([*AUDIT, "--weights", "new.pt", "--strict", "--json"]) == 0
     layers = json.loads(capsys.readouterr().out)["layers"]
     assert [layer["flags"] for layer in layers] == [[], []]
+
+
+def test_one_batch_gives_an_infinite_relative_error_printed_as_inf(project_here, capsys):
+    """With one batch there is no spread between batches: the error is inf, not 1.8e+308."""
+    assert main([*AUDIT, "--batch-size", "64"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("1 ", "4 "))]
+    assert len(rows) == 2 and all(" inf" in row and "e+308" not in row for row in rows)
+    assert main([*AUDIT, "--batch-size", "64", "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    assert [layer["relative_standard_error"] for layer in layers] == [None, None]

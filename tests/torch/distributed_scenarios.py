@@ -311,6 +311,81 @@ def stalled_rank(rank: int) -> dict[str, Any]:
     )
 
 
+def _same_case(name: str) -> None:
+    """Both ranks at case ``name`` (a case left early by one rank shows here, not later)."""
+    names: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(names, name)
+    if len(set(names)) != 1:
+        raise RuntimeError(f"ranks are at different cases: {names}")
+
+
+def _per_rank(first: Callable[..., Any], second: Callable[..., Any]) -> Callable[..., Any]:
+    """A call that is ``first`` on rank 0 and ``second`` on rank 1."""
+
+    def call(rank: int, model: nn.Module, batches: list[torch.Tensor]) -> Any:
+        return (first if rank == 0 else second)(model, batches)
+
+    return call
+
+
+MISMATCHES: dict[str, Callable[..., Any]] = {
+    "eval_against_train_skip_keep": _per_rank(
+        lambda m, b: bt.recalibrate(m, b, mode="eval"),
+        lambda m, b: bt.recalibrate(m, b, nonfinite="skip", unreached="keep"),
+    ),
+    "eval_nonfinite": _per_rank(
+        lambda m, b: bt.recalibrate(m, b, mode="eval"),
+        lambda m, b: bt.recalibrate(m, b, mode="eval", nonfinite="skip"),
+    ),
+    "eval_unreached": _per_rank(
+        lambda m, b: bt.audit(m, b, mode="eval"),
+        lambda m, b: bt.audit(m, b, mode="eval", unreached="keep"),
+    ),
+    "adapt_prior": _per_rank(
+        lambda m, b: bt.adapt(m, b, prior=4), lambda m, b: bt.adapt(m, b, prior=8)
+    ),
+    "adapt_batch_size": _per_rank(
+        lambda m, b: bt.adapt(m, b), lambda m, b: bt.adapt(m, b, batch_size=8)
+    ),
+    "adapt_never_updated": _per_rank(
+        lambda m, b: bt.adapt(m, b, never_updated="raise"), lambda m, b: bt.adapt(m, b)
+    ),
+    "max_samples": _per_rank(
+        lambda m, b: bt.recalibrate(m, b, max_samples=5), lambda m, b: bt.recalibrate(m, b)
+    ),
+    "tolerance_on_one_rank": _per_rank(
+        lambda m, b: bt.recalibrate(m, b, tolerance=0.1), lambda m, b: bt.recalibrate(m, b)
+    ),
+    "report_eval_on_one_rank": _per_rank(
+        lambda m, b: bt.recalibrate_report(m, b, mode="eval"),
+        lambda m, b: bt.recalibrate_report(m, b),
+    ),
+    "tolerance_on_both": _per_rank(
+        lambda m, b: bt.recalibrate(m, b, tolerance=0.1),
+        lambda m, b: bt.recalibrate(m, b, tolerance=0.1),
+    ),
+    "eval_one_shot_iterator_on_one_rank": _per_rank(
+        lambda m, b: bt.recalibrate(m, iter(b), mode="eval"),
+        lambda m, b: bt.recalibrate(m, b, mode="eval"),
+    ),
+    "never_updated_refused_on_one_rank": _per_rank(
+        lambda m, b: bt.adapt(m, b, never_updated="maybe"), lambda m, b: bt.adapt(m, b)
+    ),
+}
+"""Calls that differ between the ranks in an option that changes the result, or that one
+rank refuses: every rank must raise the same RankError at once, nothing written."""
+
+
+def mismatched_calls(rank: int) -> dict[str, Any]:
+    results = {}
+    for name, call in MISMATCHES.items():
+        _same_case(name)
+        model = zoo.build("mlp")
+        batches = rank_batches("mlp", rank)
+        results[name] = _expect_error(model, lambda: call(rank, model, batches))  # noqa: B023
+    return results
+
+
 SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     **{f"uneven_{name}": uneven(name) for name in zoo.NAMES},
     "eval_mode_resnet": eval_mode_resnet,
@@ -336,5 +411,6 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "recalibrate_and_sync": recalibrate_and_sync,
     "unprintable_error": unprintable_error,
     "stalled_rank": stalled_rank,
+    "mismatched_calls": mismatched_calls,
 }
 """Run in this order; the worker then runs ``dead_rank`` last (rank 1 exits outright)."""

@@ -225,6 +225,23 @@ def test_ranks_making_different_calls_refuse_together(pair, name):
     assert_same_refusal(pair.results(name), "RankError", "did not make the same call as rank 0")
 
 
+@pytest.mark.parametrize("case", list(sc.MISMATCHES))
+def test_options_that_differ_or_are_refused_on_one_rank_fail_every_rank_at_once(pair, case):
+    """Every option that changes the result is compared (eval mode's as the user gave them,
+    adapt's prior, batch_size and never_updated, tolerance), and a refusal of the options
+    reaches every rank: the same RankError everywhere, long before the group's timeout."""
+    first, second = (result[case] for result in pair.results("mismatched_calls"))
+    refusals = {
+        "tolerance_on_both": "ranks 0, 1 of 2 failed, so no rank changed its statistics. "
+        "rank 0: ValueError: tolerance cannot be used across torch.distributed ranks",
+        "eval_one_shot_iterator_on_one_rank": "rank 0 of 2 failed, so no rank changed its "
+        "statistics. rank 0: TypeError: mode='eval' passes over batches once per depth level",
+    }
+    text = refusals.get(case, "did not make the same call as rank 0")
+    assert_same_refusal((first, second), "RankError", text)
+    assert first["seconds"] < 10 and second["seconds"] < 10  # the group's timeout is 30 s
+
+
 def test_an_exception_whose_message_cannot_be_read_still_reaches_every_rank(pair):
     text = "rank 1: _Unprintable (its message could not be read)"
     assert_same_refusal(pair.results("unprintable_error"), "RankError", text)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,3 +93,18 @@ def test_the_tools_pass_their_options_through():
     report = bt.audit(model, data, max_samples=3, progress=False)
     assert report.samples == 3
     assert isinstance(bt.find_batchnorm_layers(bt.unwrap(torch.nn.DataParallel(model))), dict)
+
+
+@pytest.mark.parametrize("progress", ["yes", "False", 2, 0, 0.5, [], np.True_])
+def test_progress_is_true_false_or_none_only(progress):
+    with pytest.raises(TypeError, match="progress must be True, False or None"):
+        PassOptions(progress=progress)
+    with pytest.raises(TypeError, match="progress must be True, False or None"):
+        bt.recalibrate(zoo.build("mlp"), zoo.batches("mlp"), progress=progress)
+    assert [PassOptions(progress=p).progress for p in (True, False, None)] == [True, False, None]
+
+
+def test_relative_errors_of_one_batch_are_inf_as_documented():
+    report = bt.recalibrate_report(zoo.build("mlp"), zoo.batches("mlp")[:1])
+    assert report.relative_errors and all(e == math.inf for e in report.relative_errors.values())
+    assert "worst relative standard error inf" in str(report)

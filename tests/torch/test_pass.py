@@ -139,3 +139,72 @@ def test_after_a_pass_the_next_training_step_counts_from_the_written_buffers(est
     twin.train()(x)
     assert ref.same_state(layer, ref.snapshot(twin))
     assert layer.estimator.num_batches_tracked == 6
+
+
+# -- batches left out for NaN never spread into the statistics -------------------------------
+
+
+def _nan_batches(layout: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The batches and the finite ones among them: ``leading``, 64 NaN batches (one whole
+    group) then 10 finite ones; ``aligned``, 64 finite, 64 NaN, 3 finite; ``tolerance``, 16
+    NaN then 100 finite."""
+    gen = torch.Generator().manual_seed(3)
+
+    def good(count: int) -> list[torch.Tensor]:
+        return [torch.randn(8, 4, generator=gen) * 2 + 1 for _ in range(count)]
+
+    bad = [torch.full((8, 4), float("nan"))]
+    if layout == "leading":
+        return bad * 64 + good(10), []
+    if layout == "aligned":
+        first, last = good(64), good(3)
+        return first + bad * 64 + last, first + last
+    return bad * 16 + good(100), []
+
+
+@pytest.mark.parametrize(
+    ("layout", "options"),
+    [
+        ("leading", {}),
+        ("leading", {"float64_moments": True}),
+        ("leading", {"mode": "eval"}),
+        ("aligned", {}),
+        ("aligned", {"mode": "eval"}),
+        ("tolerance", {"tolerance": 0.2}),
+    ],
+)
+def test_whole_groups_of_nan_batches_are_left_out_under_skip(layout, options):
+    """A group of 64 batches with no finite one (the pass merges 64 at a time) weighs
+    nothing: the statistics are those of the finite batches alone, as torch computes them."""
+    model = scramble_batchnorm(
+        mlp((4, 6, 5, 3)) if options.get("mode") != "eval" else mlp((4, 6, 3))
+    )
+    batches, finite = _nan_batches(layout)
+    with pytest.warns(UserWarning, match="left out for NaN or Inf"):
+        report = bt.recalibrate_report(model, batches, nonfinite="skip", **options)
+    used = [x for x in batches[: report.batches] if bool(torch.isfinite(x).all())]
+    assert used == finite or not finite
+    assert _population_errors(model, ref.bn_inputs(model, used)) < 1e-6
+    assert int(model[1].num_batches_tracked) == report.batches
+    if "tolerance" in options:
+        assert report.met and report.batches < len(batches)
+
+
+def test_audit_compares_with_the_finite_batches_after_a_whole_group_of_nan():
+    model = scramble_batchnorm(mlp((4, 6, 5, 3)))
+    batches, _ = _nan_batches("leading")
+    report = bt.audit(model, batches)
+    seen = ref.bn_inputs(model, batches[64:])
+    for layer in report.layers:
+        mu, var = ref.population(seen[layer.name])
+        np.testing.assert_allclose(layer.population_mean, mu, rtol=0, atol=1e-6 * var.max() ** 0.5)
+        assert layer.mean_shift.worst is not None and np.isfinite(layer.mean_shift.worst)
+        assert "nonfinite_population_stats" in layer.flags
+
+
+def test_a_layer_whose_every_batch_is_nan_is_named_under_skip():
+    model = mlp((4, 6, 3))
+    saved = ref.snapshot(model)
+    with pytest.raises(bnstats.NonFiniteStatisticsError, match="BN layer '1': all 70 batches"):
+        bt.recalibrate(model, [torch.full((8, 4), float("nan"))] * 70, nonfinite="skip")
+    assert ref.same_state(model, saved)

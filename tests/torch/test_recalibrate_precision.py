@@ -193,7 +193,8 @@ def worst_against(model: nn.Module, truth: nn.Module) -> float:
 
 def test_channels_last_models_are_as_precise_as_contiguous_ones():
     """Against float64 moments of the same float32 activations: torch's channels-last CPU
-    kernel sums in float32 value by value (5e-5 off here); the pass is within 5e-7."""
+    kernel sums in float32 value by value (5e-5 off here); the pass is within 1e-6 (2e-7 to
+    8e-7 here, by the number of threads)."""
     model = _channels_last_model()
     gen = torch.Generator().manual_seed(1)
     data = [
@@ -208,7 +209,7 @@ def test_channels_last_models_are_as_precise_as_contiguous_ones():
 
     bt.recalibrate(model, data)
 
-    assert worst_against(model, truth) < 5e-7
+    assert worst_against(model, truth) < 1e-6
     assert worst_against(kernel, truth) > 1e-5  # the case is one where the kernel is off
 
 
@@ -226,3 +227,55 @@ def test_channels_last_moments_of_any_shape(shape):
     want_var, want_mean = torch.var_mean(x.double(), dim=axes, correction=0)
     np.testing.assert_allclose(mean, want_mean, rtol=0, atol=1e-6)
     np.testing.assert_allclose(var, want_var, rtol=1e-6)
+
+
+class RareBranch(nn.Module):
+    """A BN layer ``rare`` that only batches flagged ``use_rare`` reach."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn, self.rare = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor, use_rare: bool) -> torch.Tensor:
+        y = self.bn(self.lin(x))
+        return self.rare(y * 2 + 1) if use_rare else y
+
+
+def _rare_batches(first_rare: int = 30) -> list[tuple[torch.Tensor, bool]]:
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 4, generator=gen), i >= first_rare) for i in range(200)]
+
+
+def _call_rare(model, batch):
+    return model(*batch)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_tolerance_keeps_drawing_until_a_rarely_used_layer_is_measured(mode):
+    """A layer first reached at batch 30 holds the stop back (under unreached="raise"),
+    instead of failing "no forward reached 'rare' in 16 batches"."""
+    torch.manual_seed(0)
+    model, data = scramble_batchnorm(RareBranch(), seed=2), _rare_batches()
+    result = bt.recalibrate_report(model, data, forward=_call_rare, mode=mode, tolerance=0.2)
+    # eval mode judges the stop on its first pass; its report gives the last pass's errors
+    assert (result.met or mode == "eval") and 30 < result.batches < len(data)
+    assert set(result.relative_errors) == {"bn", "rare"}
+    assert int(model.rare.num_batches_tracked) > 0
+    if mode == "train":  # the same as recalibrating on the batches drawn
+        torch.manual_seed(0)
+        fresh = scramble_batchnorm(RareBranch(), seed=2)
+        bt.recalibrate(fresh, data[: result.batches], forward=_call_rare)
+        assert ref.same_state(model, ref.snapshot(fresh))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_tolerance_with_unreached_keep_keeps_a_layer_not_reached_yet_and_says_so(mode):
+    torch.manual_seed(0)
+    model, data = scramble_batchnorm(RareBranch(), seed=2), _rare_batches()
+    rare_before = ref.snapshot(model.rare)
+    with pytest.warns(UserWarning, match="no forward reached, kept as they were: 'rare'"):
+        result = bt.recalibrate_report(
+            model, data, forward=_call_rare, mode=mode, tolerance=0.6, unreached="keep"
+        )
+    assert result.met and result.batches < 30 and set(result.relative_errors) == {"bn"}
+    assert ref.same_state(model.rare, rare_before)

@@ -51,11 +51,11 @@ def add_pass_mode(parser: argparse.ArgumentParser) -> None:
     """``--mode`` and ``--tolerance``, the pass options of ``bnstats.torch.recalibrate``."""
     parser.add_argument(
         "--mode",
-        choices=("train", "eval"),
+        choices=("train", "eval", "eval_exact"),
         default="train",
         help="train: each BN layer's input with every BN normalizing by its batch (one pass); "
-        "eval: as inference sees it, every BN before it using its new statistics (one pass "
-        "per depth level of the BN layers)",
+        "eval: as inference sees it, every BN using its new statistics (four passes, or level "
+        "by level where they do not converge); eval_exact: the same, level by level",
     )
     parser.add_argument(
         "--tolerance",

@@ -15,14 +15,18 @@
   flag of every module, the ``momentum`` of every BN layer, the BN layers' running buffers
   (``running_mean``, ``running_var``, ``num_batches_tracked``) and removes the hooks it was
   given.
-- :func:`cast_buffer`, :func:`write_buffers`: new statistics checked, then written at once.
+- :func:`cast_buffer`, :func:`write_buffers`: new statistics checked, then written at once,
+  all or nothing (:func:`interrupts_deferred` holds Ctrl-C back while they are copied).
 - the wording of the errors several tools share (:func:`fewer_than_two_values`,
   :func:`uninitialized_lazy_error`).
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -132,16 +136,113 @@ def cast_buffer(name: str, key: str, value: torch.Tensor, layer: nn.Module) -> t
     return cast
 
 
+class SigintGuard:
+    """Ctrl-C (SIGINT) around steps that must not stop half-way.
+
+    Once :meth:`arm`-ed, a Ctrl-C that would stop the program (Python's default handler:
+    a ``KeyboardInterrupt``) first runs ``undo``, putting back what the steps so far
+    changed; a program's own handler is called as it is (it may only set a flag); after
+    :meth:`hold` (a plain attribute store, so no signal can land between it and the steps
+    that follow) it is only noted, and :meth:`release` delivers it once the steps are done.
+    Outside the main thread (where Python delivers no signal) this does nothing.
+    """
+
+    def __init__(self, undo: Callable[[], object] | None = None) -> None:
+        self.undo = undo
+        self.holding = False
+        self.held = False
+        self._previous: Any = None
+        self._armed = False
+
+    def arm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except (ValueError, TypeError):  # an embedded interpreter without signal support
+            return
+        self._armed = self._previous is not None
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def release(self) -> None:
+        """Put the previous handler back, and deliver a Ctrl-C noted meanwhile."""
+        self._disarm()
+        if self.held:
+            self.held = False
+            signal.raise_signal(signal.SIGINT)
+
+    def _disarm(self) -> Any:
+        previous, self._previous = self._previous, None
+        if self._armed and signal.getsignal(signal.SIGINT) == self._handle:
+            signal.signal(signal.SIGINT, previous)
+        self._armed = False
+        return previous
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.holding:
+            self.held = True
+            return
+        previous = self._previous
+        if previous == signal.SIG_IGN:
+            return
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(signum, frame)  # the program's own handler decides (it may not stop)
+            return
+        try:  # a KeyboardInterrupt (or the end of the process) follows: undo first
+            if self.undo is not None:
+                self.undo()
+        finally:
+            self._disarm()
+            if previous is signal.default_int_handler:
+                previous(signum, frame)
+            else:
+                signal.raise_signal(signum)
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Within the block a Ctrl-C is held back, and delivered as soon as it ends
+    (:class:`SigintGuard`): for the few steps that must not stop half-way (writing new
+    statistics into every layer, putting a model back as it was)."""
+    guard = SigintGuard()
+    guard.hold()
+    guard.arm()
+    try:
+        yield
+    finally:
+        guard.release()
+
+
 def write_buffers(updates: Mapping[nn.Module, Mapping[str, torch.Tensor]]) -> None:
-    """Copy the new values into the layers' buffers, in place; a ``num_batches_tracked`` of
-    None (torch allows it) stays None. bnstats' layers re-read their step counter."""
-    with torch.no_grad():
-        for layer, values in updates.items():
-            for key, value in values.items():
-                buffer = getattr(layer, key, None)
-                if buffer is not None:
-                    buffer.copy_(value)
-            _sync_counters(layer)
+    """Copy the new values into the layers' buffers, in place, all or nothing; a
+    ``num_batches_tracked`` of None (torch allows it) stays None. bnstats' layers re-read
+    their step counter.
+
+    Every value is first made ready in its buffer's dtype and device, beside a copy of the
+    buffer; then the copies run back to back with Ctrl-C held back
+    (:func:`interrupts_deferred`), and if one raises, every buffer gets its old value back.
+    """
+    planned = [
+        (layer, buffer, value.detach().to(dtype=buffer.dtype, device=buffer.device))
+        for layer, values in updates.items()
+        for key, value in values.items()
+        if (buffer := getattr(layer, key, None)) is not None
+    ]
+    saved = [buffer.detach().clone() for _, buffer, _ in planned]
+    with interrupts_deferred(), torch.no_grad():
+        try:
+            for _, buffer, value in planned:
+                buffer.copy_(value)
+            for layer in updates:
+                _sync_counters(layer)
+        except BaseException:
+            for (_, buffer, _), old in zip(planned, saved, strict=True):
+                buffer.copy_(old)
+            for layer in updates:
+                _sync_counters(layer)
+            raise
 
 
 def _sync_counters(layer: nn.Module) -> None:
@@ -180,31 +281,45 @@ def batchnorm_train_mode(model: nn.Module, layers: Mapping[str, nn.Module]) -> N
 
 
 class PreservedState:
-    """Put back what a pass over the model changes, on success and on error alike.
+    """Put back what a pass over the model changes, on success, on error and on Ctrl-C.
 
     On entry it records the training flag of every module, the ``momentum`` of every BN
-    layer and the running buffers of the initialized BN layers; on exit it removes the hooks
-    handed to :meth:`add_hook`, restores the flags and momenta, and copies the recorded
-    buffer values back in place (BN layers in training mode update their buffers at every
-    forward). A ``LazyBatchNorm*`` that the pass initialized is recorded by
-    :meth:`record_buffers` just before its first forward and restored to those fresh values
-    (zeros, ones, 0): its shapes stay inferred, as after any forward.
+    layer, the running buffers of the initialized BN layers (their values and the tensor
+    objects) and whether autograd is on; on exit it removes the hooks handed to
+    :meth:`add_hook`, removes the ``transient`` instance attributes set on the layers,
+    and restores the rest, copying the recorded buffer values back in place (BN layers in
+    training mode update their buffers at every forward). A ``LazyBatchNorm*`` that the
+    pass initialized is recorded by :meth:`record_buffers` just before its first forward
+    and restored to those fresh values (zeros, ones, 0): its shapes stay inferred, as after
+    any forward.
+
+    A Ctrl-C while it is entered puts everything back at once, before the
+    ``KeyboardInterrupt`` goes on (:class:`SigintGuard`), and one during the exit is held
+    back until the exit is done: a model is never left half restored.
     """
 
-    def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module]) -> None:
+    def __init__(
+        self, model: nn.Module, layers: Mapping[str, nn.Module], transient: tuple[str, ...] = ()
+    ) -> None:
         self.model = model
         self.layers = dict(layers)
+        self.transient = transient
         self._modes: list[tuple[nn.Module, bool]] = []
         self._momenta: dict[str, Any] = {}
         self._buffers: dict[str, dict[str, torch.Tensor]] = {}
+        self._buffer_objects: dict[str, dict[str, torch.Tensor | None]] = {}
+        self._grad_enabled = True
         self._handles: list[RemovableHandle] = []
+        self._guard = SigintGuard(self._restore)
 
     def __enter__(self) -> PreservedState:
         self._modes = [(module, module.training) for module in self.model.modules()]
         self._momenta = {name: layer.momentum for name, layer in self.layers.items()}
+        self._grad_enabled = torch.is_grad_enabled()
         for name, layer in self.layers.items():
             if not is_lazy_uninitialized(layer):
                 self.record_buffers(name)
+        self._guard.arm()
         return self
 
     def record_buffers(self, name: str) -> None:
@@ -212,6 +327,7 @@ class PreservedState:
         if name in self._buffers:
             return
         layer = self.layers[name]
+        self._buffer_objects[name] = {key: layer._buffers.get(key) for key in _BUFFER_NAMES}
         self._buffers[name] = {
             key: getattr(layer, key).detach().clone()
             for key in _BUFFER_NAMES
@@ -223,17 +339,61 @@ class PreservedState:
         self._handles.append(handle)
 
     def __exit__(self, *exc_info: object) -> None:
+        """Put everything back, a Ctrl-C held back meanwhile. Every step runs even if one
+        before it raised, and as each step can be repeated, a round that raised is run once
+        more; the first error is raised after."""
+        self._guard.hold()
+        try:
+            errors = self._restore()
+            if errors:
+                self._restore()
+        finally:
+            self._guard.release()
+        if errors:
+            raise errors[0]
+
+    def _restore(self) -> list[BaseException]:
+        errors: list[BaseException] = []
+        for step in (
+            self._remove_hooks,
+            self._restore_switches,
+            self._restore_modes,
+            self._restore_buffers,
+            self._restore_momenta,
+        ):
+            try:
+                step()
+            except BaseException as error:  # the other steps still run
+                errors.append(error)
+        return errors
+
+    def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def _restore_switches(self) -> None:
+        for layer in self.layers.values():
+            for key in self.transient:
+                layer.__dict__.pop(key, None)
+        torch.set_grad_enabled(self._grad_enabled)
+
+    def _restore_modes(self) -> None:
         for module, training in self._modes:
             module.training = training
+
+    def _restore_buffers(self) -> None:
         with torch.no_grad():
             for name, saved in self._buffers.items():
                 layer = self.layers[name]
+                for key, tensor in self._buffer_objects[name].items():
+                    if layer._buffers.get(key) is not tensor:
+                        layer._buffers[key] = tensor
                 for key, value in saved.items():
                     getattr(layer, key).copy_(value)
                 _sync_counters(layer)
+
+    def _restore_momenta(self) -> None:
         for name, momentum in self._momenta.items():
             if self.layers[name].momentum != momentum:
                 self.layers[name].momentum = momentum

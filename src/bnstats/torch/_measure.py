@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -21,7 +21,7 @@ from torch import nn
 
 from bnstats.stats import NonFiniteStatisticsError
 from bnstats.torch._layers import display_name, find_batchnorm_layers, unwrap
-from bnstats.torch._pass import Check, LayerPass, Level, Measured, Statistics, measure_pass
+from bnstats.torch._pass import Call, Check, LayerPass, Level, Measured, Statistics, measure_pass
 from bnstats.torch.options import PassOptions
 
 EVAL_PASSES = 4
@@ -32,18 +32,28 @@ than this (see :func:`movement`)."""
 
 
 def measure(
-    model: nn.Module, batches: Any, options: PassOptions, *, tool: str, check: Check | None = None
+    model: nn.Module,
+    batches: Any,
+    options: PassOptions,
+    *,
+    tool: str,
+    check: Check | None = None,
+    arguments: Mapping[str, Any] | None = None,
 ) -> Measured:
-    """Every BN layer's population moments over all ranks' ``batches``, in ``options.mode``."""
+    """Every BN layer's population moments over all ranks' ``batches``, in ``options.mode``.
+
+    In a group the ranks compare ``tool``, ``options`` as given and the tool's other
+    ``arguments`` that change the result (adapt's ``prior``, say) before anything else."""
+    call = {"tool": tool, **options.call(), **(arguments or {})}
     if options.mode == "eval":
-        return measure_eval_mode(model, batches, options, tool=tool, check=check)
+        return measure_eval_mode(model, batches, options, tool=call, check=check)
     if options.mode == "eval_exact":
-        return measure_eval_exact(model, batches, options, tool=tool, check=check)
-    return measure_pass(model, batches, options, tool=tool, check=check)
+        return measure_eval_exact(model, batches, options, tool=call, check=check)
+    return measure_pass(model, batches, options, tool=call, check=check)
 
 
 def measure_eval_mode(
-    model: nn.Module, batches: Any, options: PassOptions, *, tool: str, check: Check | None = None
+    model: nn.Module, batches: Any, options: PassOptions, *, tool: Call, check: Check | None = None
 ) -> Measured:
     """Every BN layer's population moments with every BN layer normalizing with its own
     final statistics (the fixed point of eval-mode inference), in four whole-model passes.
@@ -64,13 +74,15 @@ def measure_eval_mode(
     (``converged``). Otherwise a warning says so and :func:`measure_eval_exact` measures the
     statistics level by level (``passes`` counts all). ``batches`` must be iterable again.
     """
-    _require_reiterable(batches)
+    check = _reusable_batches_first(batches, check)  # in a group: refused on every rank
     keep = replace(options, unreached="keep")
 
     def run(level: Level, data: Any = batches, chosen: PassOptions = keep) -> Measured:
         return measure_pass(model, data, chosen, tool=tool, check=check, level=level)
 
-    start = run(Level(training=False, rule="batch"))
+    start = run(  # a tolerance stop waits for every layer under unreached="raise"
+        Level(training=False, rule="batch"), batches, replace(keep, unreached=options.unreached)
+    )
     again = replace(keep, tolerance=None)
     data = _FirstBatches(batches, len(start.batch_sizes))
     start_statistics = statistics_of(start)
@@ -113,14 +125,6 @@ class _FirstBatches:
 
     def __iter__(self) -> Iterator[Any]:
         return itertools.islice(iter(self.batches), self.count)
-
-
-def _require_reiterable(batches: Any) -> None:
-    if iter(batches) is batches:
-        raise TypeError(
-            "mode='eval' passes over batches several times and needs an iterable it can go "
-            "over again (a list, a DataLoader), not a one-shot iterator or generator"
-        )
 
 
 def statistics_of(measured: Measured) -> Statistics:
@@ -171,7 +175,7 @@ def movement(estimate: Statistics, final: Measured) -> dict[str, float]:
 
 
 def measure_eval_exact(
-    model: nn.Module, batches: Any, options: PassOptions, *, tool: str, check: Check | None = None
+    model: nn.Module, batches: Any, options: PassOptions, *, tool: Call, check: Check | None = None
 ) -> Measured:
     """Every BN layer's population moments with every BN layer before it normalizing with
     its own final statistics: the fixed point of eval-mode inference, exactly.
@@ -193,7 +197,7 @@ def measure_eval_exact(
     from it arrives (an input chosen by ``argmax`` of one, say, is not seen as dependent).
     In a group every rank makes the same levels: the decisions use the merged counts.
     """
-    _require_reiterable(batches)
+    check = _reusable_batches_first(batches, check)  # in a group: refused on every rank
     level_options = replace(options, nonfinite="skip", unreached="keep")
     settled: dict[str, LayerPass] = {}
     skipped: dict[str, int] = {}
@@ -202,8 +206,12 @@ def measure_eval_exact(
     passes = 0
     while True:
         final = {name: moments.population for name, moments in settled.items()}
-        level = Level(training=False, settled=final)
-        measured = measure_pass(model, batches, level_options, tool=tool, check=check, level=level)
+        if first is None:  # a tolerance stop waits for every layer under unreached="raise"
+            level, kept = Level(False), replace(level_options, unreached=options.unreached)
+        else:  # and then for those the first level reached
+            reached = frozenset(first.layers) - set(first.unreached)
+            level, kept = Level(False, settled=final, awaited=reached), level_options
+        measured = measure_pass(model, batches, kept, tool=tool, check=check, level=level)
         passes += 1
         sizes = max(sizes, measured.batch_sizes, key=len)
         if first is None:
@@ -253,6 +261,21 @@ def _refuse_new_layers(model: nn.Module, first: Measured) -> None:
         "level by level needs every BN layer to exist before it (run one forward first), or "
         "pass mode='eval', which measures such layers; nothing was written"
     )
+
+
+def _reusable_batches_first(batches: Any, check: Check | None) -> Check:
+    """``check``, after refusing a one-shot iterator for ``batches``."""
+
+    def checked(model: nn.Module) -> None:
+        if iter(batches) is batches:
+            raise TypeError(
+                "mode='eval' passes over batches several times and needs an iterable it can go "
+                "over again (a list, a DataLoader), not a one-shot iterator or generator"
+            )
+        if check is not None:
+            check(model)
+
+    return checked
 
 
 def _settle_level(

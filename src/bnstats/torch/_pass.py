@@ -110,6 +110,14 @@ class Level:
     rule: str = "exact"
     statistics: Statistics = field(default_factory=dict)
     base: Statistics = field(default_factory=dict)
+    awaited: frozenset[str] = frozenset()
+    """Layers a ``tolerance`` stop waits for until a forward reaches them, beside every
+    layer under ``unreached="raise"`` (an eval-mode level: those an earlier one reached)."""
+
+    def all_awaited_reached(self, watched: Iterable[LayerPass], options: PassOptions) -> bool:
+        """True when each watched layer the tolerance stop waits for has had a batch."""
+        waits = options.unreached == "raise"
+        return all(m.batches for m in watched if waits or m.name in self.awaited)
 
     def measures(self, name: str) -> bool:
         return name not in self.settled
@@ -296,7 +304,14 @@ class Measured:
 
     def population(self, moments: LayerPass) -> Population:
         """``moments.population``, with :class:`NonFiniteStatisticsError` naming the layer if
-        its statistics are NaN or Inf (a finite batch too large for float64, say)."""
+        every batch it received was left out for NaN or Inf, or if its statistics are NaN or
+        Inf (a finite batch too large for float64, say)."""
+        if moments.batches and not self.finite_batches(moments):
+            raise NonFiniteStatisticsError(
+                f"{moments.label}: all {moments.batches} batches it received brought NaN or "
+                "Inf statistics and were left out, so there is nothing to measure; nothing "
+                "was written"
+            )
         population = moments.population
         if not bool(torch.isfinite(population.m2).all() & torch.isfinite(population.mean).all()):
             raise NonFiniteStatisticsError(
@@ -366,18 +381,13 @@ def pass_mode(
     statistics (ghost batches, renorm's ``r, d``) and leave their buffers alone
     (``_pass_weight = 0``): the pass measures them itself. An eval-mode level: every module
     in eval mode, the settled layers' buffers holding their populations. Modes, momenta,
-    buffers and hooks come back through the :class:`PreservedState` this yields.
+    buffers, hooks and the ``_pass_weight`` switches come back through the
+    :class:`PreservedState` this yields, also on Ctrl-C.
     """
     ours = [(name, m) for name, m in layers.items() if isinstance(m, EstimatorBatchNorm)]
-
-    def clear_pass_weights() -> None:
-        for _, layer in ours:
-            layer.__dict__.pop("_pass_weight", None)
-
     with ExitStack() as stack:
-        state = stack.enter_context(PreservedState(model, layers))
+        state = stack.enter_context(PreservedState(model, layers, transient=("_pass_weight",)))
         stack.enter_context(torch.no_grad())
-        stack.callback(clear_pass_weights)
         if level.training:
             batchnorm_train_mode(model, layers)
             stack.enter_context(local_batch_statistics(model))
@@ -709,7 +719,7 @@ def collect_moments(
         for name in filter(level.measures, layers):
             recorder.watch(moments[name])
         try:
-            _run_batches(recorder, model, batches, options, forward, moments, sizes, advance)
+            _run_batches(recorder, model, batches, options, forward, moments, sizes, advance, level)
             recorder.finish()
         finally:
             recorder.return_buffers()
@@ -730,9 +740,11 @@ def _run_batches(
     moments: dict[str, LayerPass],
     sizes: list[int | None],
     advance: Callable[[int, float], None],
+    level: Level,
 ) -> None:
     """The loop of a pass: each batch through the model, its size into ``sizes``, and with
-    ``tolerance`` the stop once every channel is within it (:func:`tolerance_z`)."""
+    ``tolerance`` the stop once every channel is within it (:func:`tolerance_z`) and every
+    layer the stop waits for was reached (:meth:`Level.all_awaited_reached`)."""
     worst, samples, device = math.inf, 0, model_device(model)
     for batch, size in iterate_batches(batches, options.max_samples):
         recorder.run(forward, model, move_to_device(batch, device))
@@ -745,7 +757,7 @@ def _run_batches(
             worst = worst_relative_error(moments.values())[0]
             met = worst * tolerance_z(moments.values()) < options.tolerance
         advance(samples, worst)
-        if met:
+        if met and level.all_awaited_reached(recorder.watched, options):
             return
 
 
@@ -789,6 +801,9 @@ def worst_relative_error(layers: Iterable[LayerPass]) -> tuple[float, str | None
 
 Check = Callable[[nn.Module], None]
 """``check(model)``: validation run before the pass, on every rank inside the protocol."""
+Call = str | Mapping[str, Any]
+"""What the ranks compare before a pass: the tool's name (its options added from the
+:class:`PassOptions`), or the whole record (:func:`bnstats.torch._measure.measure`)."""
 
 
 def measure_pass(
@@ -796,7 +811,7 @@ def measure_pass(
     batches: Any,
     options: PassOptions,
     *,
-    tool: str,
+    tool: Call,
     check: Check | None = None,
     level: Level = TRAIN,
 ) -> Measured:
@@ -804,8 +819,9 @@ def measure_pass(
 
     Without a group (see :func:`bnstats.torch._ranks.resolve_group`) this is
     :func:`collect_moments` on the unwrapped model. In a group each rank runs the pass on its
-    batches; one status exchange (which also checks that every rank runs the same ``tool``
-    with the same options); one ``all_gather`` of every layer's Populations; every rank
+    batches; one status exchange (which also checks that every rank makes the same call:
+    ``tool`` with the same options; a refusal of the options too reaches every rank); one
+    ``all_gather`` of every layer's Populations; every rank
     merges them in rank order with :meth:`Population.merge`: the numbers of one process over
     all ranks' batches, rank 0's first, bit-identical on every rank. ``check(model)`` runs
     first on every rank.
@@ -816,13 +832,13 @@ def measure_pass(
         if check is not None:
             check(inner)
         return collect_moments(inner, batches, options, level=level)
-    if options.tolerance is not None:
-        raise ValueError(
-            "tolerance cannot be used across torch.distributed ranks (they would have to "
-            "agree on when to stop); pass max_samples, or group=False"
-        )
 
     def local() -> tuple[Measured, dict[str, Any]]:
+        if options.tolerance is not None:
+            raise ValueError(
+                "tolerance cannot be used across torch.distributed ranks (they would have to "
+                "agree on when to stop); pass max_samples, or group=False"
+            )
         if check is not None:
             check(inner)
         measured = collect_moments(inner, batches, options, level=level, check_coverage=False)
@@ -836,7 +852,8 @@ def measure_pass(
         }
         return measured, summary
 
-    measured, summaries = run_and_exchange(chosen, local, {"tool": tool, **options.call()})
+    call = {"tool": tool, **options.call()} if isinstance(tool, str) else dict(tool)
+    measured, summaries = run_and_exchange(chosen, local, call)
     check_same_layers(chosen, [summary["layers"] for summary in summaries])
     for rank, summary in enumerate(summaries):  # the same verdict on every rank
         raise_if_bad(summary["first_bad"], options, where=f" on rank {rank}")

@@ -78,14 +78,13 @@ def adapt(
     ``ValueError`` for a negative or non-finite ``prior``, a non-positive ``batch_size``,
     non-finite results (naming the layer), and the errors of ``recalibrate``.
     """
-    if never_updated not in ("warn", "raise"):
-        raise ValueError(f"never_updated must be 'warn' or 'raise', got {never_updated!r}")
     measured = measure(
         model,
         batches,
         PassOptions.pick(locals()),
         tool="adapt",
-        check=lambda _: _check_arguments(prior, batch_size),  # in a group: on every rank
+        check=lambda _: _check_arguments(prior, batch_size, never_updated),  # on every rank
+        arguments={"prior": prior, "batch_size": batch_size, "never_updated": never_updated},
     )
     prior = float(prior)
     n = _target_batch_size(measured) if batch_size is None else int(batch_size)
@@ -118,7 +117,9 @@ def _never_updated(layer: nn.Module) -> bool:
     return bool((layer.running_mean == 0).all() & (layer.running_var == 1).all())
 
 
-def _check_arguments(prior: Any, batch_size: Any) -> None:
+def _check_arguments(prior: Any, batch_size: Any, never_updated: Any) -> None:
+    if never_updated not in ("warn", "raise"):
+        raise ValueError(f"never_updated must be 'warn' or 'raise', got {never_updated!r}")
     if isinstance(prior, bool) or not isinstance(prior, (int, float)):
         raise TypeError(f"prior must be a number (pseudo-samples), got {type(prior).__name__}")
     if not math.isfinite(prior) or prior < 0:

@@ -25,8 +25,10 @@ stale or noisy running statistics cost accuracy; this names the layers where the
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
+import numpy as np
 from torch import nn
 
 from bnstats._array import to_numpy
@@ -130,6 +132,12 @@ def _audit_layer(moments: LayerPass, skipped: int, finite_batches: int) -> Layer
     population = moments.population
     tracked = None if layer.num_batches_tracked is None else int(layer.num_batches_tracked)
     se_mean, se_var = moments.standard_errors(finite_batches)
+    if finite_batches and population.mean is not None:
+        mu, var = to_numpy(population.mean), to_numpy(population.var)
+        relative_error = float(moments.relative_error(finite_batches))
+    else:  # every batch left out for NaN or Inf: no population to compare with
+        mu = var = np.full(int(layer.num_features), np.nan)
+        relative_error = math.inf
     measured = LayerMeasurement(
         name=moments.name,
         kind=type(layer).__name__,
@@ -138,11 +146,11 @@ def _audit_layer(moments: LayerPass, skipped: int, finite_batches: int) -> Layer
         samples=float(population.count),
         calls_per_forward=moments.max_calls_per_forward,
         eps=float(layer.eps),
-        population_mean=to_numpy(population.mean),
-        population_var=to_numpy(population.var),
+        population_mean=mu,
+        population_var=var,
         mean_standard_error=to_numpy(se_mean),
         var_standard_error=to_numpy(se_var),
-        relative_error=float(moments.relative_error(finite_batches)),
+        relative_error=relative_error,
         start_weight=_start_weight(layer, tracked),
         skipped=skipped,
     )

@@ -60,6 +60,9 @@ class PassOptions:
       times ``z = Phi^-1(1 - 0.05 / (4 * channels))`` (Bonferroni over two estimates per
       channel, :func:`bnstats.stats.simultaneous_z`) below it, judged every ``CHECK_EVERY``
       batches from ``MIN_BATCHES`` batches on. Not in a group.
+      Under ``unreached="raise"`` a layer no forward has reached yet holds the stop back (a
+      layer used in few batches is drawn until it is measured too); under ``"keep"`` it is
+      kept as it was and listed, as at the end of the data.
     - ``progress``: a rich progress bar on stderr with the samples seen (and the worst
       relative standard error with ``tolerance``): ``None`` when stderr is a terminal,
       ``True`` always, ``False`` never.
@@ -95,6 +98,8 @@ class PassOptions:
             or not 0 < tolerance < math.inf
         ):
             raise ValueError(f"tolerance must be a positive number or None, got {tolerance!r}")
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise TypeError(f"progress must be True, False or None, got {self.progress!r}")
 
     @classmethod
     def pick(cls, arguments: Mapping[str, Any]) -> PassOptions:
@@ -103,13 +108,15 @@ class PassOptions:
         return cls(**{option.name: arguments[option.name] for option in fields(cls)})
 
     def call(self) -> dict[str, Any]:
-        """What the ranks must agree on (everything but the callable and the group)."""
+        """What the ranks must agree on: every option that changes the result, as the user
+        gave it (all but the callable, the group and the progress bar)."""
         return {
             "max_samples": self.max_samples,
             "float64_moments": self.float64_moments,
             "nonfinite": self.nonfinite,
             "unreached": self.unreached,
             "mode": self.mode,
+            "tolerance": self.tolerance,
         }
 
 

@@ -176,8 +176,11 @@ def recalibrate_report(
 
 
 def _recalibrate(model: nn.Module, batches: Any, chosen: PassOptions) -> Recalibration:
+    """Measure, make every new buffer ready, summarize and warn, and only then write: a
+    warning turned into an error (``warnings.simplefilter("error")``) leaves the model as
+    it was, and nothing runs after the write."""
     measured = measure(model, batches, chosen, tool="recalibrate")
-    write_buffers(population_buffers(measured))
+    updates = population_buffers(measured)
     _warn_left_alone(measured)
     result = _summary(model, measured, chosen)
     if chosen.tolerance is not None:
@@ -189,6 +192,7 @@ def _recalibrate(model: nn.Module, batches: Any, chosen: PassOptions) -> Recalib
                 f"{result}",
                 stacklevel=3,
             )
+    write_buffers(updates)
     return result
 
 

@@ -21,6 +21,7 @@ from bnstats.torch._layers import (
     PreservedState,
     default_forward,
     display_name,
+    interrupts_deferred,
     model_device,
     move_to_device,
     unwrap,
@@ -188,8 +189,21 @@ def _reverted(layer: nn.SyncBatchNorm, cls: type) -> nn.Module:
 
 
 def _replace(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
-    for module in model.modules():
+    """Every replacement, all or nothing: each place a layer is registered is listed first,
+    then the layers are swapped back to back with Ctrl-C held back; if a swap raises, every
+    place gets its old layer back."""
+    places = [
+        (module, child_name, child, replacements[id(child)])
+        for module in model.modules()
         # _modules, not named_children(): a child registered under two names is listed twice
-        for child_name, child in list(module._modules.items()):
-            if id(child) in replacements:
-                setattr(module, child_name, replacements[id(child)])
+        for child_name, child in module._modules.items()
+        if id(child) in replacements
+    ]
+    with interrupts_deferred():
+        try:
+            for module, child_name, _, new in places:
+                setattr(module, child_name, new)
+        except BaseException:
+            for module, child_name, old, _ in places:
+                module._modules[child_name] = old
+            raise
