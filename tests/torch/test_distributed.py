@@ -235,7 +235,7 @@ def test_options_that_differ_or_are_refused_on_one_rank_fail_every_rank_at_once(
         "tolerance_on_both": "ranks 0, 1 of 2 failed, so no rank changed its statistics. "
         "rank 0: ValueError: tolerance cannot be used across torch.distributed ranks",
         "eval_one_shot_iterator_on_one_rank": "rank 0 of 2 failed, so no rank changed its "
-        "statistics. rank 0: TypeError: mode='eval' passes over batches once per depth level",
+        "statistics. rank 0: TypeError: mode='eval' passes over batches several times",
     }
     text = refusals.get(case, "did not make the same call as rank 0")
     assert_same_refusal((first, second), "RankError", text)
