@@ -77,10 +77,14 @@ class BatchNormRecalibration(pl.Callback):
         forward: ``forward(model, batch)``, how to call the model on one batch (default:
             ``model(batch[0])`` for the ``(input, target)`` tuples of a labelled dataset).
         at_fit_end: also recalibrate the final weights when ``fit`` ends.
-        float64_moments, group, nonfinite, unreached, tolerance: passed on to
-            :func:`bnstats.torch.recalibrate`, as :class:`bnstats.torch.PassOptions` says
-            (``unreached="keep"`` for a BN layer only training uses, an auxiliary head).
-            Every option is checked here, when the callback is made.
+        float64_moments: passed on to :func:`bnstats.torch.recalibrate`, as
+            :class:`bnstats.torch.PassOptions` says; like the four below, checked here,
+            when the callback is made.
+        group: passed on to :func:`bnstats.torch.recalibrate`.
+        nonfinite: passed on to :func:`bnstats.torch.recalibrate`.
+        unreached: passed on to :func:`bnstats.torch.recalibrate` (``"keep"`` for a BN
+            layer only training uses, an auxiliary head).
+        tolerance: passed on to :func:`bnstats.torch.recalibrate`.
 
     A model without any BN layer with running statistics is refused when ``fit`` starts
     (``setup``), with a ``ValueError``: there would be nothing to recalibrate.
