@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from bnstats._audit import LayerMeasurement
+from bnstats._levels import Pending, settle_level
 from bnstats._progress import pass_progress
 from bnstats.stats import BatchSpread, NonFiniteStatisticsError, Population
 
@@ -402,32 +403,19 @@ def measure_levels(
 
 
 def _settle_level(pending: list[HostLayer], nonfinite: str) -> list[HostLayer]:
-    ready = []
-    for layer in pending:
-        if layer.skipped >= layer.batches:
-            continue
-        if layer.skipped and layer.max_calls_per_forward > 1:
-            raise ValueError(
-                f"mode='eval': BN layer {layer.name!r} is called {layer.max_calls_per_forward} "
-                "times per forward and some calls received NaN: one call's input comes from "
-                "another call's output (no eval-mode order for it), or the data holds NaN; "
-                "nothing was written"
-            )
-        if layer.skipped and nonfinite == "raise":
-            raise NonFiniteStatisticsError(
-                f"BN layer {layer.name!r}: {layer.skipped} of {layer.batches} batches brought "
-                "NaN or Inf statistics in eval mode; nothing was written. Pass "
-                "nonfinite='skip' to leave such batches out"
-            )
-        ready.append(layer)
-    if not ready:
-        names = ", ".join(repr(m.name) for m in pending)
-        raise ValueError(
-            f"mode='eval': BN layer(s) {names} received NaN or Inf in every batch even with "
-            "every layer before them settled: NaN in the data, or a layer computed from its "
-            "own output (called more than once per forward); nothing was written"
+    """The layers of this level (:func:`bnstats._levels.settle_level`)."""
+    entries = [
+        Pending(
+            layer,
+            f"BN layer {layer.name!r}",
+            repr(layer.name),
+            layer.batches,
+            layer.skipped,
+            layer.max_calls_per_forward,
         )
-    return ready
+        for layer in pending
+    ]
+    return [entry.layer for entry in settle_level(entries, nonfinite)]
 
 
 __all__ = [

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnstats.stats import NonFiniteStatisticsError
+from bnstats._levels import Pending, settle_level
 from bnstats.torch._layers import display_name, find_batchnorm_layers, unwrap
 from bnstats.torch._pass import Call, Check, LayerPass, Level, Measured, Statistics, measure_pass
 from bnstats.torch.options import PassOptions
@@ -281,35 +281,19 @@ def _reusable_batches_first(batches: Any, check: Check | None) -> Check:
 def _settle_level(
     pending: list[LayerPass], measured: Measured, options: PassOptions, skipped: dict[str, int]
 ) -> list[LayerPass]:
-    """The layers of this level: those whose input was finite in some batch (NaN in every
-    batch: computed from an unsettled layer). A layer with NaN in some batches only got it
-    from the data: ``nonfinite="raise"`` fails, ``"skip"`` counts them into ``skipped``."""
-    ready = []
-    for moments in pending:
-        bad = measured.skipped.get(moments.name, 0)
-        if bad >= moments.batches:
-            continue
-        if bad and moments.max_calls_per_forward > 1:
-            raise ValueError(
-                f"mode='eval': {moments.label} is called {moments.max_calls_per_forward} times "
-                "per forward and some calls received NaN: one call's input comes from another "
-                "call's output (no eval-mode order for it), or the data holds NaN; nothing "
-                "was written"
-            )
-        if bad and options.nonfinite == "raise":
-            raise NonFiniteStatisticsError(
-                f"{moments.label}: {bad} of {moments.batches} batches brought NaN or Inf "
-                "statistics in eval mode; nothing was written. Pass nonfinite='skip' to leave "
-                "such batches out"
-            )
-        if bad:
-            skipped[moments.name] = bad
-        ready.append(moments)
-    if not ready:
-        names = ", ".join(display_name(m.name) for m in pending)
-        raise ValueError(
-            f"mode='eval': BN layer(s) {names} received NaN or Inf in every batch even with "
-            "every layer before them settled: NaN in the data, or a layer computed from its "
-            "own output (called more than once per forward); nothing was written"
+    """The layers of this level (:func:`bnstats._levels.settle_level`); the batches left out
+    for NaN or Inf (``nonfinite="skip"``) are counted into ``skipped``."""
+    entries = [
+        Pending(
+            m,
+            m.label,
+            display_name(m.name),
+            m.batches,
+            measured.skipped.get(m.name, 0),
+            m.max_calls_per_forward,
         )
-    return ready
+        for m in pending
+    ]
+    ready = settle_level(entries, options.nonfinite)
+    skipped.update({entry.layer.name: entry.bad for entry in ready if entry.bad})
+    return [entry.layer for entry in ready]

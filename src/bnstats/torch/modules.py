@@ -276,6 +276,7 @@ class EstimatorBatchNorm:
             return self._batch_norm(x, self._pass_weight > 0, True, self._pass_weight, affine), None
         if is_tracing(x):
             return self._traced_update(x, affine)
+        # the step is the host's own count: w_t is a Python number, no device value is read
         weight = float(self._schedule.weight(self._host_step + 1))
         self._host_step += 1
         if self.running_mean.device.type in self._host_checked_devices:

@@ -1,0 +1,60 @@
+"""Which BN layers settle at one level of an exact eval-mode pass, in every framework.
+
+Level by level, the layers already settled normalize with their final statistics and every
+other BN layer is measured and outputs NaN. A layer whose input was finite in some batch
+depends on settled layers only: it settles. One that saw NaN in every batch was computed
+from an unsettled layer and waits for the next level. NaN in some batches only came from the
+data: ``nonfinite="raise"`` fails, ``"skip"`` leaves those batches out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bnstats.stats import NonFiniteStatisticsError
+
+
+@dataclass(frozen=True)
+class Pending:
+    """One unsettled layer after a level's pass: ``layer`` (the caller's record), how its
+    messages name it (``label``, e.g. ``BN layer 'stem.bn'``, and ``shown``, ``'stem.bn'``),
+    its ``batches``, those with NaN or Inf (``bad``) and the most calls one forward made."""
+
+    layer: Any
+    label: str
+    shown: str
+    batches: int
+    bad: int
+    max_calls_per_forward: int
+
+
+def settle_level(pending: Sequence[Pending], nonfinite: str) -> list[Pending]:
+    """The layers of ``pending`` that settle at this level; errors say why none can."""
+    ready = []
+    for entry in pending:
+        if entry.bad >= entry.batches:
+            continue
+        if entry.bad and entry.max_calls_per_forward > 1:
+            raise ValueError(
+                f"mode='eval': {entry.label} is called {entry.max_calls_per_forward} times "
+                "per forward and some calls received NaN: one call's input comes from another "
+                "call's output (no eval-mode order for it), or the data holds NaN; nothing "
+                "was written"
+            )
+        if entry.bad and nonfinite == "raise":
+            raise NonFiniteStatisticsError(
+                f"{entry.label}: {entry.bad} of {entry.batches} batches brought NaN or Inf "
+                "statistics in eval mode; nothing was written. Pass nonfinite='skip' to leave "
+                "such batches out"
+            )
+        ready.append(entry)
+    if not ready:
+        names = ", ".join(entry.shown for entry in pending)
+        raise ValueError(
+            f"mode='eval': BN layer(s) {names} received NaN or Inf in every batch even with "
+            "every layer before them settled: NaN in the data, or a layer computed from its "
+            "own output (called more than once per forward); nothing was written"
+        )
+    return ready
