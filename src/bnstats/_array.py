@@ -34,12 +34,15 @@ def as_array(x: Any) -> Array:
 
 def column(values: Any, like: Array) -> Array:
     """``values`` (a sequence of numbers, or a 1-D array of ``like``'s kind) as a float64
-    column ``(len, 1)`` on ``like``'s device: per-row weights for a ``(rows, C)`` array."""
+    column ``(len, 1)`` on ``like``'s device: per-row weights for a ``(rows, C)`` array. A 2-D
+    array (per row and column weights) keeps its shape."""
     if is_torch(like):
         if is_torch(values):
-            return values.to(device=like.device, dtype=like.dtype).reshape(-1, 1)
+            values = values.to(device=like.device, dtype=like.dtype)
+            return values if values.dim() == 2 else values.reshape(-1, 1)
         return like.new_tensor(list(values)).reshape(-1, 1)
-    return np.asarray(values, dtype=like.dtype).reshape(-1, 1)
+    values = np.asarray(values, dtype=like.dtype)
+    return values if values.ndim == 2 else values.reshape(-1, 1)
 
 
 def concat(parts: list[Array], axis: int = 0) -> Array:
@@ -67,12 +70,13 @@ def like(x: Array, other: Array) -> Array:
     return x.to(other) if is_torch(x) else np.asarray(x, dtype=other.dtype)
 
 
-def largest(x: Array) -> Array:
-    """The largest element of ``x`` as a 0-d value of ``x``'s kind (no host read for tensors)
-    with NaN counted as infinite (an infinity stays infinite)."""
+def largest(x: Array, axis: int | None = None) -> Array:
+    """The largest element of ``x`` (along ``axis``; of all as a 0-d value of ``x``'s kind),
+    no host read for tensors, with NaN counted as infinite (an infinity stays infinite)."""
     if is_torch(x):
-        return x.nan_to_num(nan=math.inf, posinf=math.inf).max()
-    return np.nan_to_num(x, nan=np.inf, posinf=np.inf).max()
+        finite = x.nan_to_num(nan=math.inf, posinf=math.inf)
+        return finite.max() if axis is None else finite.amax(dim=axis)
+    return np.nan_to_num(x, nan=np.inf, posinf=np.inf).max(axis=axis)
 
 
 def widen(x: Array) -> Array:

@@ -558,16 +558,17 @@ class Population(Estimator):
         total = weights.sum()
         if not is_torch(weights) and not total > 0:
             return
-        weighed = weights > 0
-        means, m2s = where(weighed, means, 0.0), where(weighed, m2s, 0.0)
-        mean = (weights * means).sum(axis=0) / clamp_min(total, _TINY)  # 0 for an empty group
-        deviation = means - mean
-        m2 = m2s.sum(axis=0) + (weights * deviation * deviation).sum(axis=0)
+        mean, m2 = pooled_batches(weights, total, means, m2s)
+        self.absorb_pooled(total, mean, m2, len(weights))
+
+    def absorb_pooled(self, total: Any, mean: Array, m2: Array, batches: int) -> None:
+        """Merge in a group of ``batches`` batches already pooled (:func:`pooled_batches`):
+        ``total`` values per channel with this ``mean`` and ``m2``."""
         if self._mean_acc is None:
             self._shape = tuple(mean.shape)
         self._absorb(total, mean, m2)
         self.count = self.count + total
-        self.num_batches_tracked += len(weights)
+        self.num_batches_tracked += batches
 
     def merge(self, other: Population) -> Population:
         """A new Population over the values of both ``self`` and ``other``; neither changes."""
@@ -659,11 +660,16 @@ class BatchSpread:
     def update_batches(self, counts: Any, means: Array, m2s: Array) -> None:
         """Merge batches ``k``: ``counts`` (B,) values per channel, ``means`` and ``m2s`` (B, C),
         as :meth:`Population.update_batches` takes them (a batch of count 0 weighs nothing)."""
+        values = self.batch_values(counts, means, m2s)
+        self.values.update_batches(counts, values, zeros_like(values))
+
+    def batch_values(self, counts: Any, means: Array, m2s: Array) -> Array:
+        """Each batch's ``[mean_k, u_k, mean_k + u_k]`` (B, 3C), ``u_k = m2_k / n_k +
+        (mean_k - center)**2``; ``counts`` (B,) or per channel (B, C)."""
         center = 0.0 if self.center is None else like(self.center, means)
         deviation = means - center
         u = m2s / clamp_min(column(counts, means), 1) + deviation * deviation
-        values = concat([means, u, means + u], axis=1)
-        self.values.update_batches(counts, values, zeros_like(values))
+        return concat([means, u, means + u], axis=1)
 
     def merge(self, other: BatchSpread) -> BatchSpread:
         """The spread of the batches of both (``self``'s center); neither changes."""
@@ -695,7 +701,8 @@ class BatchSpread:
         ``mean_k + u_k``. Infinite with fewer than 2 batches. ``population`` must hold the
         same batches (not empty)."""
         mean, spread = population.mean, self.values.m2
-        if batches < 2 or spread is None:
+        one_number = isinstance(batches, (int, float))
+        if spread is None or (one_number and batches < 2):
             infinite = zeros_like(mean) + math.inf
             return infinite, infinite
         channels = mean.shape[0]
@@ -711,15 +718,40 @@ class BatchSpread:
         se_mean = clamp_min(s_mm / scale, 0) ** 0.5
         var_spread = clamp_min(s_uu - 4 * a * s_um + 4 * a * a * s_mm, 0) / scale
         se_var = var_spread**0.5 * (count / (count - 1))
+        if not one_number:  # per channel: infinite where fewer than 2 batches
+            se_mean, se_var = (
+                where(batches >= 2, se_mean, math.inf),
+                where(batches >= 2, se_var, math.inf),
+            )
         return se_mean, se_var
 
-    def relative_error(self, population: Population, batches: int) -> Array:
-        """The worst channel's relative standard error, 0-d (on the device for tensors): the
-        larger of ``se_mean / sqrt(var)`` and ``se_var / var`` (the mean is judged against the
-        spread of the values, as it may be 0); NaN counts as infinite."""
+    def relative_errors(self, population: Population, batches: Any) -> Array:
+        """Per channel, the relative standard error: the larger of ``se_mean / sqrt(var)``
+        and ``se_var / var`` (the mean is judged against the spread of the values, as it may
+        be 0); NaN counts as infinite. ``batches`` and ``population.count`` may be numbers
+        or per-channel arrays (the channels of many layers side by side)."""
         se_mean, se_var = self.standard_errors(population, batches)
         var = clamp_min(population.m2 / (population.count - 1), np.finfo(np.float64).tiny)
-        return largest(concat([se_mean / var**0.5, se_var / var]))
+        return largest(concat([se_mean / var**0.5, se_var / var]).reshape(2, -1), axis=0)
+
+    def relative_error(self, population: Population, batches: int) -> Array:
+        """The worst channel's :meth:`relative_errors`, 0-d (on the device for tensors)."""
+        return largest(self.relative_errors(population, batches))
+
+
+def pooled_batches(weights: Array, total: Any, means: Array, m2s: Array) -> tuple[Array, Array]:
+    """Batches ``k`` pooled into one group (:class:`Population`'s formula)::
+
+        mean_g = sum(w_k * mean_k) / total,   m2_g = sum(m2_k) + sum(w_k * (mean_k - mean_g)**2)
+
+    ``weights`` (B, 1), one count per batch, or (B, C), one per batch and channel, and
+    ``total`` their sum over the batches; a batch of weight 0 weighs nothing, whatever its
+    ``means`` and ``m2s`` hold (NaN included); an empty group has mean 0 and m2 0."""
+    weighed = weights > 0
+    means, m2s = where(weighed, means, 0.0), where(weighed, m2s, 0.0)
+    mean = (weights * means).sum(axis=0) / clamp_min(total, _TINY)
+    deviation = means - mean
+    return mean, m2s.sum(axis=0) + (weights * deviation * deviation).sum(axis=0)
 
 
 def simultaneous_z(quantities: int, confidence: float = 0.95) -> float:
@@ -780,5 +812,6 @@ __all__ = [
     "decay_from_momentum",
     "estimator_from_state",
     "momentum_from_decay",
+    "pooled_batches",
     "simultaneous_z",
 ]

@@ -253,6 +253,16 @@ def _sync_counters(layer: nn.Module) -> None:
         sync()
 
 
+def on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host numbers (a list, or a list of equal lists) as a ``dtype`` tensor on ``device``
+    without making the host wait: on a GPU through pinned memory and an asynchronous copy (a
+    plain copy would synchronize)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def display_name(name: str) -> str:
     """A qualified module name as error messages show it (the model itself is ``<model>``)."""
     return repr(name) if name else "<model>"

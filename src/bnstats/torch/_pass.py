@@ -52,12 +52,14 @@ from bnstats.torch._layers import (
     layer_label,
     model_device,
     move_to_device,
+    on_device,
     pass_progress,
     process_group_initialized,
     uninitialized_lazy_error,
     unwrap,
     write_buffers,
 )
+from bnstats.torch._many_layers import merge_rows, relative_errors
 from bnstats.torch._ranks import (
     check_same_layers,
     exchange,
@@ -188,7 +190,8 @@ class LayerPass:
         row = len(self._slot_batches)
         if self._block is None or row == _GROUP:
             self.flush()
-            like, row = self._own_buffers["running_var"], 0
+            own, row = self._own_buffers or self.layer._buffers, 0
+            like = own["running_var"]
             means = torch.zeros((_GROUP, like.shape[0]), dtype=like.dtype, device=like.device)
             self._block = (means, torch.zeros_like(means))
         self._slot_batches.append((index, count))
@@ -208,11 +211,11 @@ class LayerPass:
         used = self._slot_batches
         if used and self._block is not None:
             means, variances = (rows[: len(used)] for rows in self._block)
-            weights = _on_device([count - 1 for _, count in used], variances)
+            weights = on_device([count - 1 for _, count in used], variances.dtype, variances.device)
             parts.append(torch.stack((means, variances * weights[:, None]), dim=1))
             indices += [index for index, _ in used]
             counts += [count for _, count in used]
-        self._pending, self._slot_batches, self._block = [], [], None
+        self.clear_gathered()
         if not parts:
             return None
         return widen(parts[0] if len(parts) == 1 else torch.cat(parts)), indices, counts
@@ -225,19 +228,37 @@ class LayerPass:
             return
         stacked, batch_indices, batch_counts = gathered  # (batches, 2, C)
         finite = torch.isfinite(stacked).flatten(1).all(dim=1)
-        counts = _on_device(batch_counts, stacked) * finite
-        indices = _on_device(batch_indices, stacked)
+        counts = on_device(batch_counts, stacked.dtype, stacked.device) * finite
+        indices = on_device(batch_indices, stacked.dtype, stacked.device)
         clean = torch.where(finite[:, None, None], stacked, torch.zeros_like(stacked))
         self.population.update_batches(counts, clean[:, 0], clean[:, 1])
         self.spread.update_batches(counts, clean[:, 0], clean[:, 1])
-        verdict = torch.stack(
-            (torch.where(finite, math.inf, indices).min(), (~finite).sum(dtype=stacked.dtype))
+        self.merge_verdict(
+            torch.stack(
+                (torch.where(finite, math.inf, indices).min(), (~finite).sum(dtype=stacked.dtype))
+            )
         )
+
+    def merge_verdict(self, verdict: torch.Tensor) -> None:
+        """Add a flush's ``[first bad batch index or inf, batches skipped]`` to the layer's."""
         if self._verdict is not None:
             verdict = torch.stack(
                 (torch.minimum(self._verdict[0], verdict[0]), self._verdict[1] + verdict[1])
             )
         self._verdict = verdict
+
+    def clear_gathered(self) -> None:
+        """Forget the gathered batches (merged by now)."""
+        self._pending, self._slot_batches, self._block = [], [], None
+
+    def rows_key(self) -> tuple[Any, ...] | None:
+        """What layers whose gathered batches merge together (:func:`flush_together`) share:
+        the batches of their kernel rows, the rows' dtype and device; None for a layer that
+        gathered anything else, or nothing."""
+        if self._pending or not self._slot_batches or self._block is None:
+            return None
+        rows = self._block[0]
+        return tuple(index for index, _ in self._slot_batches), rows.dtype, rows.device
 
     def standard_errors(self, finite_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per channel, the standard errors of the population ``mean`` and unbiased ``var``
@@ -265,15 +286,6 @@ class LayerPass:
         if nonfinite == "skip":
             layer.running_mean.nan_to_num_(0.0, 0.0, 0.0)
             layer.running_var.nan_to_num_(1.0, 1.0, 1.0)
-
-
-def _on_device(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    """``values`` as a float64 tensor on ``like``'s device without making the host wait: on
-    a GPU through pinned memory and an asynchronous copy (a plain copy would synchronize)."""
-    host = torch.tensor(values, dtype=like.dtype)
-    if like.device.type == "cpu":
-        return host
-    return host.pin_memory().to(like.device, non_blocking=True)
 
 
 @dataclass
@@ -547,10 +559,16 @@ class _Recorder:
         self.reference_run = False
         self.original: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def watch(self, moments: LayerPass) -> None:
-        """Measure ``moments.layer`` at each call (in an exact level its output becomes NaN)."""
+    def watch(self, moments: LayerPass, own_forward: bool = False) -> None:
+        """Measure ``moments.layer`` at each call (in an exact level its output becomes NaN);
+        ``own_forward``: through the pass's own forward in place of torch's
+        (:func:`kernel_forward`), else through a forward pre-hook."""
         self.watched.append(moments)
         layer = moments.layer
+        if own_forward:
+            layer.__dict__["forward"] = kernel_forward(self, moments)
+            self.state.add_hook(_InstanceForward(layer))
+            return
         self.state.add_hook(layer.register_forward_pre_hook(self._hook(moments), with_kwargs=True))
         if not self.level.training and self.level.rule == "exact":
             self.state.add_hook(layer.register_forward_hook(_unsettled_output))
@@ -579,7 +597,7 @@ class _Recorder:
         """Take what the kernel wrote at each layer's last call, and merge what is gathered."""
         for moments in self.watched:
             moments.take_kernel_moments(self.options.nonfinite)
-            moments.flush()
+        flush_together(self.watched)
 
     def _hook(self, moments: LayerPass) -> Callable[..., None]:
         def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -608,12 +626,16 @@ class _Recorder:
                 moments.add_batch(self.batch_index, count, torch.stack((mean, var * count)))
                 if not self.level.training:
                     self._normalize_call(moments, module, mean, var, count)
-            moments.calls_this_forward += 1
-            if moments.first_reached is None:
-                self.reached += 1
-                moments.first_reached = self.reached
+            self.count_call(moments)
 
         return pre_hook
+
+    def count_call(self, moments: LayerPass) -> None:
+        """One more call of ``moments.layer`` in this forward (the first reach numbered)."""
+        moments.calls_this_forward += 1
+        if moments.first_reached is None:
+            self.reached += 1
+            moments.first_reached = self.reached
 
     def _lend_slot(self, moments: LayerPass, module: nn.Module, count: int) -> None:
         """Point the layer's running buffers at this batch's slot (:meth:`LayerPass.kernel_slot`),
@@ -666,6 +688,68 @@ class _Recorder:
         module.running_var.copy_(statistics[1])
 
 
+def takes_own_forward(layer: nn.Module) -> bool:
+    """True for a layer whose forward is torch's own ``_BatchNorm.forward`` (BatchNorm1d/2d/3d
+    and subclasses that keep it), not replaced on the instance and not bnstats' own: in a
+    train-mode pass it runs :func:`kernel_forward` instead, the same kernel call without
+    torch's bookkeeping around it."""
+    return (
+        type(layer).forward is _TORCH_FORWARD
+        and "forward" not in layer.__dict__
+        and not isinstance(layer, EstimatorBatchNorm)
+        and not is_lazy_uninitialized(layer)
+    )
+
+
+def kernel_forward(recorder: _Recorder, moments: LayerPass) -> Callable[[torch.Tensor], Any]:
+    """The forward of a :func:`takes_own_forward` layer during a train-mode pass: the call
+    torch's forward makes in training, ``torch.batch_norm(input, weight, bias, mean, var,
+    True, 1.0, eps)``, with ``mean, var`` this batch's row of the layer's block
+    (:meth:`LayerPass.kernel_slot`), where the kernel writes the batch's mean and unbiased
+    variance; the layer's own buffers and ``num_batches_tracked`` are not touched. An input
+    the kernel would not measure exactly (another dtype than the buffers, channels-last on
+    the CPU) is measured by :func:`batch_moments` and normalized without running buffers.
+    Same output as torch's forward; checks first, naming the layer (:func:`check_layer_input`,
+    then the layer's own dimension check)."""
+    layer = moments.layer
+
+    def forward(input: torch.Tensor) -> Any:  # noqa: A002 (torch's own name for it)
+        count = check_layer_input(moments, input)
+        layer._check_input_dim(input)
+        mean = var = None
+        if input.dtype == layer.running_var.dtype and not channels_last_on_cpu(input):
+            mean, var = moments.kernel_slot(recorder.batch_index, count)
+        else:
+            taken = batch_moments(input.detach(), recorder.options.float64_moments)
+            moments.add_batch(
+                recorder.batch_index, count, torch.stack((taken[0], taken[1] * count))
+            )
+        recorder.count_call(moments)
+        return torch.batch_norm(
+            input,
+            layer.weight,
+            layer.bias,
+            mean,
+            var,
+            True,
+            1.0,
+            layer.eps,
+            torch.backends.cudnn.enabled,
+        )
+
+    return forward
+
+
+class _InstanceForward:
+    """Removes a pass's :func:`kernel_forward` from its layer (as a hook handle would)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+
+    def remove(self) -> None:
+        self.layer.__dict__.pop("forward", None)
+
+
 def transported(
     base: tuple[torch.Tensor, torch.Tensor],
     reference: tuple[torch.Tensor, torch.Tensor],
@@ -681,6 +765,24 @@ def transported(
     base_mean, base_var = base_mean.to(m_t), base_var.to(m_t)
     ratio = torch.where(v_r > 0, v_t / torch.where(v_r > 0, v_r, 1.0), 1.0)
     return m_t + ratio.sqrt() * (base_mean - m_r), base_var * ratio
+
+
+def flush_together(layers: Iterable[LayerPass]) -> None:
+    """:meth:`LayerPass.flush` of every layer; those whose gathered batches are kernel rows of
+    the same batches (:meth:`LayerPass.rows_key`) merge in one set of operations
+    (:func:`bnstats.torch._many_layers.merge_rows`)."""
+    groups: dict[tuple[Any, ...], list[LayerPass]] = {}
+    for moments in layers:
+        key = moments.rows_key()
+        if key is None:
+            moments.flush()
+        else:
+            groups.setdefault(key, []).append(moments)
+    for group in groups.values():
+        if len(group) == 1:
+            group[0].flush()
+        else:
+            merge_rows(group)
 
 
 def _unsettled_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
@@ -710,6 +812,8 @@ def collect_moments(
     kernel = set()
     if level.training and not options.float64_moments:
         kernel = {name for name, layer in layers.items() if kernel_writes_moments(layer)}
+    own_forward = {name for name in kernel if takes_own_forward(layers[name])}
+    kernel -= own_forward
     forward, sizes = options.forward or default_forward, []
     with (
         pass_mode(model, layers, level, kernel) as state,
@@ -717,7 +821,7 @@ def collect_moments(
     ):
         recorder = _Recorder(state, kernel, options, level)
         for name in filter(level.measures, layers):
-            recorder.watch(moments[name])
+            recorder.watch(moments[name], own_forward=name in own_forward)
         try:
             _run_batches(recorder, model, batches, options, forward, moments, sizes, advance, level)
             recorder.finish()
@@ -778,11 +882,9 @@ def tolerance_z(layers: Iterable[LayerPass]) -> float:
 def worst_relative_error(layers: Iterable[LayerPass]) -> tuple[float, str | None]:
     """The largest :meth:`LayerPass.relative_error` over the layers that received a finite
     batch, and that layer's name (``(inf, None)`` if there is none)."""
-    live = []
-    for moments in layers:
-        moments.flush()
-        if moments._verdict is not None:
-            live.append(moments)
+    layers = list(layers)
+    flush_together(layers)
+    live = [moments for moments in layers if moments._verdict is not None]
     if not live:
         return math.inf, None
     skipped = torch.stack([m._verdict[1] for m in live]).cpu().tolist()
@@ -790,8 +892,7 @@ def worst_relative_error(layers: Iterable[LayerPass]) -> tuple[float, str | None
     judged = [(m, finite) for m, finite in judged if finite > 0]
     if not judged:
         return math.inf, None
-    on_device = [m.relative_error(finite) for m, finite in judged]
-    errors = torch.stack([e.to(on_device[0].device) for e in on_device]).cpu().tolist()
+    errors = relative_errors([m for m, _ in judged], [finite for _, finite in judged]).tolist()
     worst = max(range(len(errors)), key=lambda i: errors[i])
     return float(errors[worst]), judged[worst][0].name
 

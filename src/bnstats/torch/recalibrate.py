@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from bnstats.torch._layers import cast_buffer, display_name, write_buffers
+from bnstats.torch._many_layers import relative_errors
 from bnstats.torch._measure import measure
 from bnstats.torch._pass import LayerPass, Measured, tolerance_z
 from bnstats.torch._ranks import Group
@@ -200,8 +201,8 @@ def _summary(model: nn.Module, measured: Measured, options: PassOptions) -> Reca
     reached = measured.reached()
     errors: dict[str, float] = {}
     if reached:
-        values = [m.relative_error(measured.finite_batches(m)) for m in reached]
-        numbers = torch.stack([v.to(values[0].device) for v in values]).cpu().tolist()
+        finite = [measured.finite_batches(m) for m in reached]
+        numbers = relative_errors(reached, finite).tolist()
         errors = {m.name: float(e) for m, e in zip(reached, numbers, strict=True)}
     sizes = measured.batch_sizes
     return Recalibration(

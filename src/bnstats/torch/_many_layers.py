@@ -1,0 +1,163 @@
+"""The end of a pass for many BN layers in one set of operations.
+
+Layer by layer, merging a layer's gathered batches (:meth:`bnstats.torch._pass.LayerPass.flush`)
+or judging its precision costs some thirty tensor operations, whatever the layer's size: on a
+model of many small layers that is most of what a pass adds to the forward passes. Here the
+channels of the layers sit side by side (:class:`Channels`, ``K = sum of C_l``), each batch's
+count spread over its layer's channels, and each formula of :mod:`bnstats.stats` runs once for
+all of them: a few operations per layer remain (its slices of the results).
+
+The numbers are those of the layer-by-layer path, bit for bit where the formula's operations
+are the same (tested in ``tests/torch/test_many_layers.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from bnstats._array import widen
+from bnstats.stats import BatchSpread, Population, pooled_batches
+from bnstats.torch._layers import on_device
+
+if TYPE_CHECKING:
+    from bnstats.torch._pass import LayerPass
+
+
+@dataclass(frozen=True)
+class Channels:
+    """The channels of ``len(sizes)`` layers side by side: layer ``l`` has ``sizes[l]``
+    channels; ``layer_index`` (K,) names each channel's layer."""
+
+    sizes: list[int]
+    layer_index: torch.Tensor
+
+    @classmethod
+    def of(cls, sizes: Sequence[int], device: torch.device) -> Channels:
+        index = torch.repeat_interleave(
+            torch.arange(len(sizes), device=device),
+            torch.tensor(list(sizes), device=device),
+            output_size=sum(sizes),
+        )
+        return cls(list(sizes), index)
+
+    def per_channel(self, per_layer: torch.Tensor) -> torch.Tensor:
+        """``(..., L)`` values of each layer, repeated over its channels: ``(..., K)``."""
+        return per_layer.index_select(-1, self.layer_index)
+
+    def per_layer_sum(self, per_channel: torch.Tensor) -> torch.Tensor:
+        """``(B, K)`` summed over each layer's channels: ``(B, L)``."""
+        out = per_channel.new_zeros((per_channel.shape[0], len(self.sizes)))
+        return out.index_add_(1, self.layer_index, per_channel)
+
+    def per_layer_max(self, per_channel: torch.Tensor) -> torch.Tensor:
+        """``(K,)`` reduced to each layer's largest: ``(L,)``."""
+        out = per_channel.new_full((len(self.sizes),), -math.inf)
+        return out.scatter_reduce_(0, self.layer_index, per_channel, "amax")
+
+    def split(self, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(..., K)`` into each layer's ``(..., C_l)`` (views)."""
+        return values.split(self.sizes, dim=-1)
+
+
+def merge_rows(group: list[LayerPass]) -> None:
+    """:meth:`LayerPass.flush` for layers whose gathered batches are all rows the kernel
+    wrote into their blocks, the same batches for each (one call per forward, the common
+    case), on one device and of one dtype: the same merge, once for all of them.
+
+    With ``n_kl`` the count of batch ``k`` at layer ``l`` and ``w_kl = n_kl`` where every
+    channel of the batch at that layer is finite, else 0, each channel of layer ``l`` pools
+    its batches with weights ``w_kl`` (:func:`bnstats.stats.pooled_batches`) into its
+    Population and its BatchSpread; a layer's verdict is its first batch with NaN or Inf
+    and how many it left out."""
+    first = group[0]
+    rows = len(first._slot_batches)
+    device = first._block[0].device
+    channels = Channels.of([m._block[0].shape[1] for m in group], device)
+    means = torch.cat([m._block[0] for m in group], dim=1)[:rows]
+    variances = torch.cat([m._block[1] for m in group], dim=1)[:rows]
+    counts_per_layer = on_device(  # (B, L)
+        [[count for _, count in m._slot_batches] for m in group], torch.float64, device
+    ).T
+    counts = channels.per_channel(counts_per_layer)  # (B, K)
+    m2_k = variances * (counts - 1).to(variances.dtype)  # as LayerPass.flush rounds it
+    stacked = widen(torch.stack((means, m2_k)))  # (2, B, K)
+    bad = channels.per_layer_sum((~torch.isfinite(stacked).all(dim=0)).to(stacked.dtype))
+    finite = bad == 0  # (B, L)
+    weights = counts * channels.per_channel(finite)
+    mean_k, m2_k = stacked.unbind(0)
+    total = weights.sum(dim=0)
+    mean, m2 = pooled_batches(weights, total, mean_k, m2_k)
+    center = torch.cat([m.spread.center.to(stacked) for m in group])
+    values = BatchSpread(center).batch_values(weights, mean_k, m2_k)  # (B, 3K)
+    spread_mean, spread_m2 = pooled_batches(
+        weights.repeat(1, 3), total.repeat(3), values, torch.zeros_like(values)
+    )
+    indices = on_device([index for index, _ in first._slot_batches], torch.float64, device)
+    verdicts = torch.stack(
+        (
+            torch.where(finite, math.inf, indices[:, None]).amin(dim=0),
+            (~finite).sum(dim=0, dtype=stacked.dtype),
+        ),
+        dim=1,
+    )  # (L, 2)
+    totals = (counts_per_layer * finite).sum(dim=0)  # (L,)
+    _hand_out(group, channels, rows, totals, (mean, m2), (spread_mean, spread_m2), verdicts)
+
+
+def _hand_out(
+    group: list[LayerPass],
+    channels: Channels,
+    rows: int,
+    totals: torch.Tensor,
+    population: tuple[torch.Tensor, torch.Tensor],
+    spread: tuple[torch.Tensor, torch.Tensor],
+    verdicts: torch.Tensor,
+) -> None:
+    """Each layer's slice of the pooled results into its Population, BatchSpread and verdict."""
+    means, m2s = channels.split(population[0]), channels.split(population[1])
+    spread_means = channels.split(spread[0].view(3, -1))
+    spread_m2s = channels.split(spread[1].view(3, -1))
+    for index, moments in enumerate(group):
+        total = totals[index]
+        moments.population.absorb_pooled(total, means[index], m2s[index], rows)
+        moments.spread.values.absorb_pooled(
+            total, spread_means[index].reshape(-1), spread_m2s[index].reshape(-1), rows
+        )
+        moments.merge_verdict(verdicts[index])
+        moments.clear_gathered()
+
+
+def relative_errors(layers: Sequence[LayerPass], finite_batches: Sequence[int]) -> torch.Tensor:
+    """Each layer's worst channel's relative standard error (:meth:`LayerPass.relative_error`)
+    as one ``(L,)`` tensor on the first layer's device: one computation over all channels
+    (:meth:`bnstats.stats.BatchSpread.relative_errors` with per-channel counts and batches)."""
+    populations = [m.population for m in layers]
+    device = populations[0].mean.device
+    channels = Channels.of([int(p.mean.shape[0]) for p in populations], device)
+    together = Population()
+    counts = torch.stack([torch.as_tensor(p.count).to(populations[0].mean) for p in populations])
+    together.absorb_pooled(
+        channels.per_channel(counts),
+        torch.cat([p.mean.to(device) for p in populations]),
+        torch.cat([p.m2.to(device) for p in populations]),
+        0,
+    )
+    spread = BatchSpread(torch.cat([_center(m).to(together.mean) for m in layers]))
+    spread.values.absorb_pooled(
+        0.0,
+        torch.zeros(3 * len(together.mean), dtype=together.mean.dtype, device=device),
+        torch.cat([m.spread.values.m2.to(device).view(3, -1) for m in layers], dim=1).reshape(-1),
+        0,
+    )
+    batches = channels.per_channel(on_device(list(finite_batches), torch.float64, device))
+    return channels.per_layer_max(spread.relative_errors(together, batches.to(together.mean)))
+
+
+def _center(moments: LayerPass) -> torch.Tensor:
+    center = moments.spread.center
+    return torch.zeros_like(moments.population.mean) if center is None else center
