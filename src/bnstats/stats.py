@@ -563,11 +563,15 @@ class Population(Estimator):
 
     def absorb_pooled(self, total: Any, mean: Array, m2: Array, batches: int) -> None:
         """Merge in a group of ``batches`` batches already pooled (:func:`pooled_batches`):
-        ``total`` values per channel with this ``mean`` and ``m2``."""
+        ``total`` values per channel with this ``mean`` and ``m2``, which the Population
+        takes as they are (no copy: they are the caller's fresh results, not to be changed)."""
         if self._mean_acc is None:
             self._shape = tuple(mean.shape)
-        self._absorb(total, mean, m2)
-        self.count = self.count + total
+            self._mean_acc, self._m2 = mean, m2
+            self.count = total if not self.count else self.count + total
+        else:
+            self._absorb(total, mean, m2)
+            self.count = self.count + total
         self.num_batches_tracked += batches
 
     def merge(self, other: Population) -> Population:

@@ -198,7 +198,7 @@ def test_ctrl_c_at_any_line_of_writing_or_restoring_leaves_all_old_or_all_new(to
 @pytest.mark.parametrize("tool", list(TOOLS))
 def test_a_copy_failing_at_any_point_leaves_all_old(tool):
     _, calls = _interrupted(tool, lambda: _copy_fails_at(10**9))
-    assert calls > 4
+    assert calls >= 4  # the write's copies at least (the pass writes no buffer of torch's layers)
     for call in range(1, calls + 1):
         interrupted, _ = _interrupted(tool, lambda: _copy_fails_at(call))  # noqa: B023
         assert interrupted, call

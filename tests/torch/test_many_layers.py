@@ -58,10 +58,12 @@ def test_merging_rows_together_matches_layer_by_layer(bad, twice):
     if twice:  # a second group merges into the first (more than one block of rows)
         more = filled_layers(4)
         for moments, extra in zip(together, more, strict=True):
-            moments._block, moments._slot_batches = extra._block, extra._slot_batches
+            moments._block = extra._block
+            moments._slot_indices, moments._slot_counts = extra._slot_indices, extra._slot_counts
         apart_more = copy.deepcopy(more)
         for moments, extra in zip(apart, apart_more, strict=True):
-            moments._block, moments._slot_batches = extra._block, extra._slot_batches
+            moments._block = extra._block
+            moments._slot_indices, moments._slot_counts = extra._slot_indices, extra._slot_counts
         merge_rows(together)
         for moments in apart:
             moments.flush()
@@ -100,8 +102,8 @@ def test_layers_of_other_batches_or_dtypes_merge_apart():
         mean.fill_(float(batch))
         var.fill_(1.0)
     shifted = filled_layers(4)[0]
-    shifted._slot_batches = [(index + 1, count) for index, count in shifted._slot_batches]
+    shifted._slot_indices = [index + 1 for index in shifted._slot_indices]
     everything = [*layers, odd, shifted]
     flush_together(everything)
     assert odd.population.mean.tolist() == [2.0, 2.0]
-    assert all(m.rows_key() is None and not m._slot_batches for m in everything)
+    assert all(m.rows_key() is None and not m._slot_indices for m in everything)

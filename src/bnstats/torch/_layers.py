@@ -23,9 +23,10 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -121,6 +122,15 @@ def uninitialized_lazy_error(name: str, layer: nn.Module) -> str:
         f"{layer_label(name)} is an uninitialized {type(layer).__name__}: it has no running "
         "statistics yet (run one forward first)"
     )
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True when every value of the 1-D ``tensors`` is finite: one host read per device."""
+    per_device: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        per_device.setdefault(tensor.device, []).append(tensor)
+    flags = [torch.isfinite(torch.cat(parts)).all() for parts in per_device.values()]
+    return all(bool(flag) for flag in flags)
 
 
 def cast_buffer(name: str, key: str, value: torch.Tensor, layer: nn.Module) -> torch.Tensor:
@@ -270,7 +280,7 @@ def display_name(name: str) -> str:
 
 def model_device(model: nn.Module) -> torch.device | None:
     """The device of the model's first parameter or buffer (None for a model without any)."""
-    for tensor in (*model.parameters(), *model.buffers()):
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
         if not isinstance(tensor, nn.parameter.UninitializedTensorMixin):
             return tensor.device
     return None
@@ -297,6 +307,7 @@ class PreservedState:
     layer, the running buffers of the initialized BN layers (their values and the tensor
     objects) and whether autograd is on; on exit it removes the hooks handed to
     :meth:`add_hook`, removes the ``transient`` instance attributes set on the layers,
+    leaves the buffers of the ``unwritten`` layers (which the caller does not write) alone,
     and restores the rest, copying the recorded buffer values back in place (BN layers in
     training mode update their buffers at every forward). A ``LazyBatchNorm*`` that the
     pass initialized is recorded by :meth:`record_buffers` just before its first forward
@@ -309,11 +320,16 @@ class PreservedState:
     """
 
     def __init__(
-        self, model: nn.Module, layers: Mapping[str, nn.Module], transient: tuple[str, ...] = ()
+        self,
+        model: nn.Module,
+        layers: Mapping[str, nn.Module],
+        transient: tuple[str, ...] = (),
+        unwritten: Collection[str] = (),
     ) -> None:
         self.model = model
         self.layers = dict(layers)
         self.transient = transient
+        self.unwritten = frozenset(unwritten)
         self._modes: list[tuple[nn.Module, bool]] = []
         self._momenta: dict[str, Any] = {}
         self._buffers: dict[str, dict[str, torch.Tensor]] = {}
@@ -327,7 +343,7 @@ class PreservedState:
         self._momenta = {name: layer.momentum for name, layer in self.layers.items()}
         self._grad_enabled = torch.is_grad_enabled()
         for name, layer in self.layers.items():
-            if not is_lazy_uninitialized(layer):
+            if name not in self.unwritten and not is_lazy_uninitialized(layer):
                 self.record_buffers(name)
         self._guard.arm()
         return self

@@ -13,6 +13,7 @@ are the same (tested in ``tests/torch/test_many_layers.py``).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,12 +39,9 @@ class Channels:
 
     @classmethod
     def of(cls, sizes: Sequence[int], device: torch.device) -> Channels:
-        index = torch.repeat_interleave(
-            torch.arange(len(sizes), device=device),
-            torch.tensor(list(sizes), device=device),
-            output_size=sum(sizes),
-        )
-        return cls(list(sizes), index)
+        """The layout of layers of ``sizes`` channels on ``device`` (kept for the next pass
+        over the same layers: a pass builds the same one three times)."""
+        return _channels(tuple(sizes), device)
 
     def per_channel(self, per_layer: torch.Tensor) -> torch.Tensor:
         """``(..., L)`` values of each layer, repeated over its channels: ``(..., K)``."""
@@ -63,6 +61,35 @@ class Channels:
         """``(..., K)`` into each layer's ``(..., C_l)`` (views)."""
         return values.split(self.sizes, dim=-1)
 
+    @functools.cached_property
+    def spread_order(self) -> torch.Tensor:
+        """The permutation of a BatchSpread's ``3K`` values of all layers (``[means, u,
+        means + u]``, each ``K`` long) that puts each layer's ``3 C_l`` together, in its own
+        BatchSpread's order: the ``(3, K)`` array read column block by column block."""
+        device, channels = self.layer_index.device, int(self.layer_index.shape[0])
+        sizes = torch.tensor(self.sizes, device=device)
+        starts = torch.cumsum(sizes, 0) - sizes
+        start, size = starts[self.layer_index], sizes[self.layer_index]  # of each channel's layer
+        within = torch.arange(channels, device=device) - start
+        part = torch.arange(3, device=device)[:, None]
+        destination = (3 * start + part * size + within).reshape(-1)  # of value part * K + k
+        order = torch.empty_like(destination)
+        return order.scatter_(0, destination, torch.arange(3 * channels, device=device))
+
+    def split_spread(self, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``3K`` values in :meth:`spread_order` into each layer's ``3 C_l`` (views)."""
+        return values.split([3 * size for size in self.sizes])
+
+
+@functools.lru_cache(maxsize=32)
+def _channels(sizes: tuple[int, ...], device: torch.device) -> Channels:
+    index = torch.repeat_interleave(
+        torch.arange(len(sizes), device=device),
+        torch.tensor(sizes, device=device),
+        output_size=sum(sizes),
+    )
+    return Channels(list(sizes), index)
+
 
 def merge_rows(group: list[LayerPass]) -> None:
     """:meth:`LayerPass.flush` for layers whose gathered batches are all rows the kernel
@@ -75,14 +102,12 @@ def merge_rows(group: list[LayerPass]) -> None:
     Population and its BatchSpread; a layer's verdict is its first batch with NaN or Inf
     and how many it left out."""
     first = group[0]
-    rows = len(first._slot_batches)
+    rows = len(first._slot_indices)
     device = first._block[0].device
     channels = Channels.of([m._block[0].shape[1] for m in group], device)
     means = torch.cat([m._block[0] for m in group], dim=1)[:rows]
     variances = torch.cat([m._block[1] for m in group], dim=1)[:rows]
-    counts_per_layer = on_device(  # (B, L)
-        [[count for _, count in m._slot_batches] for m in group], torch.float64, device
-    ).T
+    counts_per_layer = on_device([m._slot_counts for m in group], torch.float64, device).T
     counts = channels.per_channel(counts_per_layer)  # (B, K)
     m2_k = variances * (counts - 1).to(variances.dtype)  # as LayerPass.flush rounds it
     stacked = widen(torch.stack((means, m2_k)))  # (2, B, K)
@@ -97,7 +122,7 @@ def merge_rows(group: list[LayerPass]) -> None:
     spread_mean, spread_m2 = pooled_batches(
         weights.repeat(1, 3), total.repeat(3), values, torch.zeros_like(values)
     )
-    indices = on_device([index for index, _ in first._slot_batches], torch.float64, device)
+    indices = on_device(first._slot_indices, torch.float64, device)
     verdicts = torch.stack(
         (
             torch.where(finite, math.inf, indices[:, None]).amin(dim=0),
@@ -120,15 +145,14 @@ def _hand_out(
 ) -> None:
     """Each layer's slice of the pooled results into its Population, BatchSpread and verdict."""
     means, m2s = channels.split(population[0]), channels.split(population[1])
-    spread_means = channels.split(spread[0].view(3, -1))
-    spread_m2s = channels.split(spread[1].view(3, -1))
-    for index, moments in enumerate(group):
-        total = totals[index]
+    by_layer = channels.spread_order
+    spread_means = channels.split_spread(spread[0].index_select(0, by_layer))
+    spread_m2s = channels.split_spread(spread[1].index_select(0, by_layer))
+    parts = zip(group, totals.unbind(), verdicts.unbind(), strict=True)
+    for index, (moments, total, verdict) in enumerate(parts):
         moments.population.absorb_pooled(total, means[index], m2s[index], rows)
-        moments.spread.values.absorb_pooled(
-            total, spread_means[index].reshape(-1), spread_m2s[index].reshape(-1), rows
-        )
-        moments.merge_verdict(verdicts[index])
+        moments.spread.values.absorb_pooled(total, spread_means[index], spread_m2s[index], rows)
+        moments.merge_verdict(verdict)
         moments.clear_gathered()
 
 
@@ -161,3 +185,28 @@ def relative_errors(layers: Sequence[LayerPass], finite_batches: Sequence[int]) 
 def _center(moments: LayerPass) -> torch.Tensor:
     center = moments.spread.center
     return torch.zeros_like(moments.population.mean) if center is None else center
+
+
+def population_statistics(
+    layers: Sequence[LayerPass],
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+    """Each layer's new ``running_mean = mean`` and ``running_var = m2 / (count - 1)`` in
+    its buffers' dtype and device, computed for the layers of each dtype and device at once;
+    and the tensors they are views of (to check for NaN and Inf at once). No host read."""
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for index, moments in enumerate(layers):
+        buffer, mean = moments.layer.running_var, moments.population.mean
+        groups.setdefault((buffer.dtype, buffer.device, mean.dtype), []).append(index)
+    results: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(layers)  # type: ignore[list-item]
+    together = []
+    for (dtype, device, _), indices in groups.items():
+        populations = [layers[index].population for index in indices]
+        channels = Channels.of([int(p.mean.shape[0]) for p in populations], device)
+        mean = torch.cat([p.mean.to(device) for p in populations])
+        m2 = torch.cat([p.m2.to(device) for p in populations])
+        counts = torch.stack([torch.as_tensor(p.count).to(mean) for p in populations])
+        values = torch.stack((mean, m2 / (channels.per_channel(counts) - 1))).to(dtype)
+        together.append(values.reshape(-1))
+        for index, part in zip(indices, channels.split(values), strict=True):
+            results[index] = (part[0], part[1])
+    return results, together

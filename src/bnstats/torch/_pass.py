@@ -29,7 +29,7 @@ The model is left exactly as found, also on error (:func:`pass_mode`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,7 +163,8 @@ class LayerPass:
     _verdict: torch.Tensor | None = field(default=None, repr=False)
     _reference: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
     _block: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-    _slot_batches: list[tuple[int, int]] = field(default_factory=list, repr=False)
+    _slot_indices: list[int] = field(default_factory=list, repr=False)
+    _slot_counts: list[int] = field(default_factory=list, repr=False)
     _own_buffers: dict[str, torch.Tensor | None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -187,14 +188,15 @@ class LayerPass:
         into (``count`` values per channel; they become the layer's running buffers for the
         call): a row each of two blocks of ``_GROUP`` zeroed rows made once per group (zero,
         as ``momentum = 1`` still weighs the old value by 0, and ``0 * NaN`` is NaN)."""
-        row = len(self._slot_batches)
+        row = len(self._slot_indices)
         if self._block is None or row == _GROUP:
             self.flush()
             own, row = self._own_buffers or self.layer._buffers, 0
             like = own["running_var"]
             means = torch.zeros((_GROUP, like.shape[0]), dtype=like.dtype, device=like.device)
             self._block = (means, torch.zeros_like(means))
-        self._slot_batches.append((index, count))
+        self._slot_indices.append(index)
+        self._slot_counts.append(count)
         self.batches += 1
         means, variances = self._block
         return means.select(0, row), variances.select(0, row)
@@ -208,13 +210,13 @@ class LayerPass:
             parts.append(torch.stack([part for _, _, part in self._pending]))
             indices += [index for index, _, _ in self._pending]
             counts += [count for _, count, _ in self._pending]
-        used = self._slot_batches
+        used = self._slot_counts
         if used and self._block is not None:
             means, variances = (rows[: len(used)] for rows in self._block)
-            weights = on_device([count - 1 for _, count in used], variances.dtype, variances.device)
+            weights = on_device([count - 1 for count in used], variances.dtype, variances.device)
             parts.append(torch.stack((means, variances * weights[:, None]), dim=1))
-            indices += [index for index, _ in used]
-            counts += [count for _, count in used]
+            indices += self._slot_indices
+            counts += used
         self.clear_gathered()
         if not parts:
             return None
@@ -249,16 +251,17 @@ class LayerPass:
 
     def clear_gathered(self) -> None:
         """Forget the gathered batches (merged by now)."""
-        self._pending, self._slot_batches, self._block = [], [], None
+        self._pending, self._block = [], None
+        self._slot_indices, self._slot_counts = [], []
 
     def rows_key(self) -> tuple[Any, ...] | None:
         """What layers whose gathered batches merge together (:func:`flush_together`) share:
         the batches of their kernel rows, the rows' dtype and device; None for a layer that
         gathered anything else, or nothing."""
-        if self._pending or not self._slot_batches or self._block is None:
+        if self._pending or not self._slot_indices or self._block is None:
             return None
         rows = self._block[0]
-        return tuple(index for index, _ in self._slot_batches), rows.dtype, rows.device
+        return tuple(self._slot_indices), rows.dtype, rows.device
 
     def standard_errors(self, finite_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per channel, the standard errors of the population ``mean`` and unbiased ``var``
@@ -318,12 +321,7 @@ class Measured:
         """``moments.population``, with :class:`NonFiniteStatisticsError` naming the layer if
         every batch it received was left out for NaN or Inf, or if its statistics are NaN or
         Inf (a finite batch too large for float64, say)."""
-        if moments.batches and not self.finite_batches(moments):
-            raise NonFiniteStatisticsError(
-                f"{moments.label}: all {moments.batches} batches it received brought NaN or "
-                "Inf statistics and were left out, so there is nothing to measure; nothing "
-                "was written"
-            )
+        self.require_finite_batches(moments)
         population = moments.population
         if not bool(torch.isfinite(population.m2).all() & torch.isfinite(population.mean).all()):
             raise NonFiniteStatisticsError(
@@ -331,6 +329,16 @@ class Measured:
                 f"{moments.batches} batches; nothing was written"
             )
         return population
+
+    def require_finite_batches(self, moments: LayerPass) -> None:
+        """:class:`NonFiniteStatisticsError` naming the layer if every batch it received was
+        left out for NaN or Inf (no host read)."""
+        if moments.batches and not self.finite_batches(moments):
+            raise NonFiniteStatisticsError(
+                f"{moments.label}: all {moments.batches} batches it received brought NaN or "
+                "Inf statistics and were left out, so there is nothing to measure; nothing "
+                "was written"
+            )
 
     def read_verdicts(self) -> None:
         """The one host read of the pass: per layer, the first batch with NaN or Inf and how
@@ -380,12 +388,18 @@ def raise_if_bad(first_bad: tuple[str, int] | None, options: PassOptions, where:
 
 @contextmanager
 def pass_mode(
-    model: nn.Module, layers: Mapping[str, nn.Module], level: Level, kernel: set[str]
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    level: Level,
+    kernel: set[str],
+    own_forward: Collection[str] = (),
 ) -> Iterator[PreservedState]:
     """Everything one pass sets on ``model`` (unwrapped; ``layers`` its BN layers), undone on
     exit, also on error; autograd is off within.
 
-    A training level: every BN layer in training mode, every other module in eval mode
+    The ``own_forward`` layers run :func:`kernel_forward`, which writes none of their buffers
+    (not recorded, nothing to put back). A training level: every BN layer in training mode,
+    every other module in eval mode
     (:func:`bnstats.torch._layers.batchnorm_train_mode`); every SyncBatchNorm local
     (:func:`local_batch_statistics`); the ``kernel`` layers update with weight 1 from finite
     buffers (``0 * NaN`` would persist): torch's through ``momentum = 1``, bnstats' through
@@ -398,7 +412,9 @@ def pass_mode(
     """
     ours = [(name, m) for name, m in layers.items() if isinstance(m, EstimatorBatchNorm)]
     with ExitStack() as stack:
-        state = stack.enter_context(PreservedState(model, layers, transient=("_pass_weight",)))
+        state = stack.enter_context(
+            PreservedState(model, layers, transient=("_pass_weight",), unwritten=own_forward)
+        )
         stack.enter_context(torch.no_grad())
         if level.training:
             batchnorm_train_mode(model, layers)
@@ -816,7 +832,7 @@ def collect_moments(
     kernel -= own_forward
     forward, sizes = options.forward or default_forward, []
     with (
-        pass_mode(model, layers, level, kernel) as state,
+        pass_mode(model, layers, level, kernel, own_forward) as state,
         pass_progress(options.progress, level.label) as advance,
     ):
         recorder = _Recorder(state, kernel, options, level)

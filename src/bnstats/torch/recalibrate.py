@@ -18,8 +18,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from bnstats.torch._layers import cast_buffer, display_name, write_buffers
-from bnstats.torch._many_layers import relative_errors
+from bnstats.torch._layers import all_finite, cast_buffer, display_name, write_buffers
+from bnstats.torch._many_layers import population_statistics, relative_errors
 from bnstats.torch._measure import measure
 from bnstats.torch._pass import LayerPass, Measured, tolerance_z
 from bnstats.torch._ranks import Group
@@ -220,8 +220,25 @@ def _summary(model: nn.Module, measured: Measured, options: PassOptions) -> Reca
 
 
 def population_buffers(measured: Measured) -> dict[nn.Module, dict[str, torch.Tensor]]:
-    """The new buffers of every reached layer, computed and checked before anything is written."""
-    return {m.layer: _population_buffers(measured, m) for m in measured.reached()}
+    """The new buffers of every reached layer, computed and checked before anything is
+    written: ``running_mean = mean``, ``running_var = m2 / (count - 1)`` in the buffers'
+    dtypes, every value finite (one host read for all layers; if any is not, the layer-by-
+    layer checks name the layer)."""
+    reached = measured.reached()
+    for moments in reached:
+        measured.require_finite_batches(moments)
+    statistics, together = population_statistics(reached)
+    if not all_finite(together):
+        for moments in reached:
+            _population_buffers(measured, moments)  # raises, naming the layer
+    return {
+        moments.layer: {
+            "running_mean": mean,
+            "running_var": var,
+            "num_batches_tracked": torch.tensor(moments.batches),
+        }
+        for moments, (mean, var) in zip(reached, statistics, strict=True)
+    }
 
 
 def _population_buffers(measured: Measured, moments: LayerPass) -> dict[str, torch.Tensor]:
