@@ -743,19 +743,28 @@ class BatchSpread:
         return largest(self.relative_errors(population, batches))
 
 
-def pooled_batches(weights: Array, total: Any, means: Array, m2s: Array) -> tuple[Array, Array]:
+def pooled_batches(
+    weights: Array, total: Any, means: Array, m2s: Array | None, finite: bool = False
+) -> tuple[Array, Array]:
     """Batches ``k`` pooled into one group (:class:`Population`'s formula)::
 
         mean_g = sum(w_k * mean_k) / total,   m2_g = sum(m2_k) + sum(w_k * (mean_k - mean_g)**2)
 
-    ``weights`` (B, 1), one count per batch, or (B, C), one per batch and channel, and
-    ``total`` their sum over the batches; a batch of weight 0 weighs nothing, whatever its
-    ``means`` and ``m2s`` hold (NaN included); an empty group has mean 0 and m2 0."""
-    weighed = weights > 0
-    means, m2s = where(weighed, means, 0.0), where(weighed, m2s, 0.0)
+    ``weights`` (B, 1), one count per batch, or (B, C), one per batch and channel (or any
+    shape that broadcasts against ``means``, the batches along the first axis), and ``total``
+    their sum over the batches; a batch of weight 0 weighs nothing, whatever its ``means`` and
+    ``m2s`` hold (NaN included; ``finite=True``: the caller has set them to 0 already);
+    ``m2s`` None: single values (``m2_k = 0``); an empty group has
+    mean 0 and m2 0."""
+    weighed = None if finite else weights > 0
+    if weighed is not None:
+        means = where(weighed, means, 0.0)
     mean = (weights * means).sum(axis=0) / clamp_min(total, _TINY)
     deviation = means - mean
-    return mean, m2s.sum(axis=0) + (weights * deviation * deviation).sum(axis=0)
+    m2 = (weights * deviation * deviation).sum(axis=0)
+    if m2s is None:
+        return mean, m2
+    return mean, m2 + (m2s if weighed is None else where(weighed, m2s, 0.0)).sum(axis=0)
 
 
 def simultaneous_z(quantities: int, confidence: float = 0.95) -> float:

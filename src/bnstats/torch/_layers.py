@@ -234,13 +234,14 @@ def write_buffers(updates: Mapping[nn.Module, Mapping[str, torch.Tensor]]) -> No
     buffer; then the copies run back to back with Ctrl-C held back
     (:func:`interrupts_deferred`), and if one raises, every buffer gets its old value back.
     """
-    planned = [
-        (layer, buffer, value.detach().to(dtype=buffer.dtype, device=buffer.device))
-        for layer, values in updates.items()
-        for key, value in values.items()
-        if (buffer := getattr(layer, key, None)) is not None
-    ]
-    saved = [buffer.detach().clone() for _, buffer, _ in planned]
+    with torch.no_grad():
+        planned = [
+            (layer, buffer, value.to(dtype=buffer.dtype, device=buffer.device))
+            for layer, values in updates.items()
+            for key, value in values.items()
+            if (buffer := getattr(layer, key, None)) is not None
+        ]
+        saved = [buffer.clone() for _, buffer, _ in planned]
     with interrupts_deferred(), torch.no_grad():
         try:
             for _, buffer, value in planned:

@@ -76,6 +76,15 @@ class Channels:
         order = torch.empty_like(destination)
         return order.scatter_(0, destination, torch.arange(3 * channels, device=device))
 
+    @functools.cached_property
+    def spread_gather(self) -> torch.Tensor:
+        """The inverse of :meth:`spread_order`: each layer's ``3 C_l`` values end to end back
+        to ``[means, u, means + u]`` of all layers."""
+        order = self.spread_order
+        return torch.empty_like(order).scatter_(
+            0, order, torch.arange(len(order), device=order.device)
+        )
+
     def split_spread(self, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``3K`` values in :meth:`spread_order` into each layer's ``3 C_l`` (views)."""
         return values.split([3 * size for size in self.sizes])
@@ -105,22 +114,24 @@ def merge_rows(group: list[LayerPass]) -> None:
     rows = len(first._slot_indices)
     device = first._block[0].device
     channels = Channels.of([m._block[0].shape[1] for m in group], device)
-    means = torch.cat([m._block[0] for m in group], dim=1)[:rows]
-    variances = torch.cat([m._block[1] for m in group], dim=1)[:rows]
+    means = torch.cat([m._block[0][:rows] for m in group], dim=1)
+    variances = torch.cat([m._block[1][:rows] for m in group], dim=1)
     counts_per_layer = on_device([m._slot_counts for m in group], torch.float64, device).T
     counts = channels.per_channel(counts_per_layer)  # (B, K)
     m2_k = variances * (counts - 1).to(variances.dtype)  # as LayerPass.flush rounds it
     stacked = widen(torch.stack((means, m2_k)))  # (2, B, K)
     bad = channels.per_layer_sum((~torch.isfinite(stacked).all(dim=0)).to(stacked.dtype))
     finite = bad == 0  # (B, L)
-    weights = counts * channels.per_channel(finite)
-    mean_k, m2_k = stacked.unbind(0)
+    kept = channels.per_channel(finite)
+    weights = counts * kept
+    mean_k, m2_k = torch.where(kept, stacked, 0.0).unbind(0)  # a batch left out: all 0
     total = weights.sum(dim=0)
-    mean, m2 = pooled_batches(weights, total, mean_k, m2_k)
+    mean, m2 = pooled_batches(weights, total, mean_k, m2_k, finite=True)
     center = torch.cat([m.spread.center.to(stacked) for m in group])
-    values = BatchSpread(center).batch_values(weights, mean_k, m2_k)  # (B, 3K)
-    spread_mean, spread_m2 = pooled_batches(
-        weights.repeat(1, 3), total.repeat(3), values, torch.zeros_like(values)
+    values = BatchSpread(center).batch_values(weights, mean_k, m2_k).view(rows, 3, -1)
+    spread_mean, spread_m2 = (
+        pooled.reshape(-1)
+        for pooled in pooled_batches(weights[:, None], total, values, None, finite=True)
     )
     indices = on_device(first._slot_indices, torch.float64, device)
     verdicts = torch.stack(
@@ -175,7 +186,9 @@ def relative_errors(layers: Sequence[LayerPass], finite_batches: Sequence[int]) 
     spread.values.absorb_pooled(
         0.0,
         torch.zeros(3 * len(together.mean), dtype=together.mean.dtype, device=device),
-        torch.cat([m.spread.values.m2.to(device).view(3, -1) for m in layers], dim=1).reshape(-1),
+        torch.cat([m.spread.values.m2.to(device) for m in layers]).index_select(
+            0, channels.spread_gather
+        ),
         0,
     )
     batches = channels.per_channel(on_device(list(finite_batches), torch.float64, device))
@@ -208,5 +221,5 @@ def population_statistics(
         values = torch.stack((mean, m2 / (channels.per_channel(counts) - 1))).to(dtype)
         together.append(values.reshape(-1))
         for index, part in zip(indices, channels.split(values), strict=True):
-            results[index] = (part[0], part[1])
+            results[index] = part.unbind(0)
     return results, together

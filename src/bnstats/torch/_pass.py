@@ -169,7 +169,7 @@ class LayerPass:
 
     def __post_init__(self) -> None:
         if self.spread.center is None and not is_lazy_uninitialized(self.layer):
-            self.spread.center = widen(self.layer.running_mean.detach()).clone()
+            self.spread.center = wide_copy(self.layer.running_mean)
 
     @property
     def label(self) -> str:
@@ -474,6 +474,12 @@ def local_batch_statistics(model: nn.Module) -> Iterator[None]:
 # -- the pass on this process -----------------------------------------------------------------
 
 
+def wide_copy(buffer: torch.Tensor) -> torch.Tensor:
+    """A copy of ``buffer`` in the precision statistics accumulate in (one operation)."""
+    wide = widen(buffer.detach() if buffer.requires_grad else buffer)
+    return wide.clone() if wide is buffer else wide
+
+
 def batch_moments(x: torch.Tensor, float64: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``mean`` and BIASED ``var`` of ``x`` (N, C, ...) over all axes but 1, widened.
 
@@ -627,7 +633,7 @@ class _Recorder:
             self.state.record_buffers(moments.name)  # a LazyBatchNorm is initialized by now
             count = check_layer_input(moments, x, self.level.least_values)
             if moments.spread.center is None:
-                moments.spread.center = widen(module.running_mean.detach()).clone()
+                moments.spread.center = wide_copy(module.running_mean)
             if (
                 moments.name in self.kernel
                 and x.dtype == module.running_var.dtype
