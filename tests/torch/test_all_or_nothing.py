@@ -147,6 +147,7 @@ def _copy_fails_at(call: int) -> Iterator[list[int]]:
 def _setup(model: nn.Module) -> dict[str, Any]:
     """Everything a pass changes and must put back, beside the state dict."""
     return {
+        "grad_enabled": torch.is_grad_enabled(),
         "modes": ref.modes(model),
         "momenta": {n: getattr(m, "momentum", None) for n, m in model.named_modules()},
         "hooks": [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()],

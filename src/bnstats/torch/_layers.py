@@ -230,11 +230,11 @@ def write_buffers(updates: Mapping[nn.Module, Mapping[str, torch.Tensor]]) -> No
     ``num_batches_tracked`` of None (torch allows it) stays None. bnstats' layers re-read
     their step counter.
 
-    Every value is first made ready in its buffer's dtype and device, beside a copy of the
-    buffer; then the copies run back to back with Ctrl-C held back
-    (:func:`interrupts_deferred`), and if one raises, every buffer gets its old value back.
+    With Ctrl-C held back (:func:`interrupts_deferred`) and autograd off, every value is
+    first made ready in its buffer's dtype and device, beside a copy of the buffer; then the
+    copies run back to back, and if one raises, every buffer gets its old value back.
     """
-    with torch.no_grad():
+    with interrupts_deferred(), torch.no_grad():  # one block: no line between them to stop at
         planned = [
             (layer, buffer, value.to(dtype=buffer.dtype, device=buffer.device))
             for layer, values in updates.items()
@@ -242,7 +242,6 @@ def write_buffers(updates: Mapping[nn.Module, Mapping[str, torch.Tensor]]) -> No
             if (buffer := getattr(layer, key, None)) is not None
         ]
         saved = [buffer.clone() for _, buffer, _ in planned]
-    with interrupts_deferred(), torch.no_grad():
         try:
             for _, buffer, value in planned:
                 buffer.copy_(value)

@@ -17,16 +17,30 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
+from torch import nn
 
 from bnstats._array import widen
 from bnstats.stats import BatchSpread, Population, pooled_batches
 from bnstats.torch._layers import on_device
 
-if TYPE_CHECKING:
-    from bnstats.torch._pass import LayerPass
+
+class GatheredLayer(Protocol):
+    """What this module reads and writes of :class:`bnstats.torch._pass.LayerPass` (not
+    imported: that module imports this one)."""
+
+    layer: nn.Module
+    population: Population
+    spread: BatchSpread
+    _block: tuple[torch.Tensor, torch.Tensor] | None
+    _slot_counts: list[int]
+    _slot_indices: list[int]
+
+    def merge_verdict(self, verdict: torch.Tensor) -> None: ...
+
+    def clear_gathered(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -100,10 +114,11 @@ def _channels(sizes: tuple[int, ...], device: torch.device) -> Channels:
     return Channels(list(sizes), index)
 
 
-def merge_rows(group: list[LayerPass]) -> None:
-    """:meth:`LayerPass.flush` for layers whose gathered batches are all rows the kernel
-    wrote into their blocks, the same batches for each (one call per forward, the common
-    case), on one device and of one dtype: the same merge, once for all of them.
+def merge_rows(group: list[GatheredLayer]) -> None:
+    """:meth:`bnstats.torch._pass.LayerPass.flush` for layers whose gathered batches are
+    all rows the kernel wrote into their blocks, the same batches for each (one call per
+    forward, the common case), on one device and of one dtype: the same merge, once for all
+    of them.
 
     With ``n_kl`` the count of batch ``k`` at layer ``l`` and ``w_kl = n_kl`` where every
     channel of the batch at that layer is finite, else 0, each channel of layer ``l`` pools
@@ -146,7 +161,7 @@ def merge_rows(group: list[LayerPass]) -> None:
 
 
 def _hand_out(
-    group: list[LayerPass],
+    group: list[GatheredLayer],
     channels: Channels,
     rows: int,
     totals: torch.Tensor,
@@ -167,7 +182,7 @@ def _hand_out(
         moments.clear_gathered()
 
 
-def relative_errors(layers: Sequence[LayerPass], finite_batches: Sequence[int]) -> torch.Tensor:
+def relative_errors(layers: Sequence[GatheredLayer], finite_batches: Sequence[int]) -> torch.Tensor:
     """Each layer's worst channel's relative standard error (:meth:`LayerPass.relative_error`)
     as one ``(L,)`` tensor on the first layer's device: one computation over all channels
     (:meth:`bnstats.stats.BatchSpread.relative_errors` with per-channel counts and batches)."""
@@ -195,13 +210,13 @@ def relative_errors(layers: Sequence[LayerPass], finite_batches: Sequence[int]) 
     return channels.per_layer_max(spread.relative_errors(together, batches.to(together.mean)))
 
 
-def _center(moments: LayerPass) -> torch.Tensor:
+def _center(moments: GatheredLayer) -> torch.Tensor:
     center = moments.spread.center
     return torch.zeros_like(moments.population.mean) if center is None else center
 
 
 def population_statistics(
-    layers: Sequence[LayerPass],
+    layers: Sequence[GatheredLayer],
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
     """Each layer's new ``running_mean = mean`` and ``running_var = m2 / (count - 1)`` in
     its buffers' dtype and device, computed for the layers of each dtype and device at once;
