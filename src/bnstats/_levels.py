@@ -5,11 +5,14 @@ other BN layer is measured and outputs NaN. A layer whose input was finite in so
 depends on settled layers only: it settles. One that saw NaN in every batch was computed
 from an unsettled layer and waits for the next level. NaN in some batches only came from the
 data: ``nonfinite="raise"`` fails, ``"skip"`` leaves those batches out.
+
+Making several passes needs data that can be gone over again: :func:`require_reusable` is
+the one refusal of a one-shot iterator, for every framework and every tool that needs it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,3 +61,26 @@ def settle_level(pending: Sequence[Pending], nonfinite: str) -> list[Pending]:
             "own output (called more than once per forward); nothing was written"
         )
     return ready
+
+
+def require_reusable(
+    batches: Iterable[Any],
+    *,
+    who: str = "mode='eval'",
+    argument: str = "batches",
+    examples: str = "a list",
+) -> None:
+    """``TypeError`` when ``batches`` can be gone over only once (``iter(batches) is batches``:
+    a generator, an iterator), worded the same wherever several passes are needed::
+
+        {who} passes over {argument} several times and needs an iterable it can go over
+        again ({examples}), not a one-shot iterator or generator
+
+    ``who`` is what needs the passes (``"mode='eval'"``, ``"diagnose"``), ``argument`` the
+    name the user passed the data as, ``examples`` what that framework takes instead
+    (``"a list, a DataLoader"``)."""
+    if iter(batches) is batches:
+        raise TypeError(
+            f"{who} passes over {argument} several times and needs an iterable it can go over "
+            f"again ({examples}), not a one-shot iterator or generator"
+        )

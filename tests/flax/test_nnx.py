@@ -52,6 +52,16 @@ def test_eval_mode_with_batches_of_one(rng):
         assert_close(bn.mean[...], bn.var[...], stats[i])
 
 
+def test_eval_mode_refuses_a_one_shot_iterator_before_any_pass(rng):
+    model = net(rng)
+    before = _leaves(model)
+    data = batches(rng, [4, 4], (6,))
+    with pytest.raises(TypeError, match="mode='eval' passes over batches several times"):
+        recalibrate_nnx(model, iter(data), mode="eval")
+    for a, b in zip(before, _leaves(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_data_source_that_raises_midway_writes_nothing(rng):
     model = net(rng)
     before = _leaves(model)

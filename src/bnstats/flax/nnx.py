@@ -26,6 +26,7 @@ from bnstats._host_pass import (
     measure_levels,
     pass_label,
 )
+from bnstats._levels import require_reusable
 from bnstats.flax._common import (
     Forward,
     batch_signature,
@@ -104,11 +105,7 @@ def recalibrate_nnx(
         if mode == "train":
             measured = finish_pass(run.level(None), to_numpy, nonfinite, unreached, "batches")
         else:
-            if iter(batches) is batches:
-                raise TypeError(
-                    "mode='eval' passes over batches once per depth level and needs an "
-                    "iterable it can go over again (a list), not a one-shot iterator"
-                )
+            require_reusable(batches)
             measured = measure_levels(
                 lambda final: finish_pass(run.level(final), to_numpy, "skip", "keep", "batches"),
                 nonfinite,

@@ -41,10 +41,10 @@ def input_batches(data: Any, batch_size: int | None) -> Iterable[Any]:
     return _Unpacked(data)
 
 
-def one_shot(batches: Iterable[Any]) -> bool:
-    """True when ``batches`` can be gone over only once (a generator, an iterator)."""
-    inner = batches.data if isinstance(batches, _Unpacked) else batches
-    return iter(inner) is inner
+def source_of(batches: Iterable[Any]) -> Iterable[Any]:
+    """What :func:`input_batches` goes over underneath: the user's iterable for an iterable
+    of batches (one-shot if that is), else ``batches`` itself (re-iterable)."""
+    return batches.data if isinstance(batches, _Unpacked) else batches
 
 
 def batch_size_of(x: Any) -> int:

@@ -43,7 +43,8 @@ from bnstats._host_pass import (
     measure_levels,
     pass_label,
 )
-from bnstats.keras._data import batch_size_of, first_samples, input_batches, one_shot
+from bnstats._levels import require_reusable
+from bnstats.keras._data import batch_size_of, first_samples, input_batches, source_of
 from bnstats.keras._layers import (
     channel_axis,
     intercepted_calls,
@@ -91,11 +92,11 @@ def measure(model: Any, data: Any, options: KerasPassOptions) -> KerasMeasured:
         measured = _one_pass(model, batches, layers, options, final=None)
         measured = finish_pass(measured, to_numpy, options.nonfinite, options.unreached, "data")
         return KerasMeasured(measured, layers, fixed)
-    if one_shot(batches):
-        raise TypeError(
-            "mode='eval' passes over the data once per depth level and needs data it can go "
-            "over again (a list, a PyDataset, an array with batch_size=), not a generator"
-        )
+    require_reusable(
+        source_of(batches),
+        argument="data",
+        examples="a list, a PyDataset, an array with batch_size=",
+    )
 
     def run_level(final: Final) -> HostMeasured:
         level = _one_pass(model, batches, layers, options, final=final)
