@@ -1,4 +1,5 @@
-"""Models for the eval-mode tests: a deep MLP chain, a residual CNN, a densenet-like CNN."""
+"""Models for the eval-mode tests: a deep MLP chain, a deep conv chain, a residual CNN, a
+densenet-like CNN."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ def mlp_chain(depth: int = 30, width: int = 32, inputs: int = 12) -> nn.Sequenti
     for _ in range(depth):
         layers += [nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, width)]
     return scramble_batchnorm(nn.Sequential(*layers), seed=1)
+
+
+def conv_chain(depth: int = 30, channels: int = 8) -> nn.Sequential:
+    """``depth`` blocks of BatchNorm2d, ReLU, 3x3 Conv2d after a first Conv2d: depth BN levels."""
+    layers: list[nn.Module] = [nn.Conv2d(3, channels, 3, padding=1)]
+    for _ in range(depth):
+        layers += [nn.BatchNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)]
+    return nn.Sequential(*layers)
 
 
 class _Residual(nn.Module):
@@ -65,8 +74,8 @@ def build(name: str) -> nn.Module:
     torch.manual_seed(0)
     if name == "chain":
         return mlp_chain()
-    model = ResidualCNN() if name == "residual" else DenseCNN()
-    return scramble_batchnorm(model, seed=1)
+    models = {"residual": ResidualCNN, "dense": DenseCNN, "convchain": conv_chain}
+    return scramble_batchnorm(models[name](), seed=1)
 
 
 def batches(name: str, count: int = 10, size: int = 16) -> list[torch.Tensor]:

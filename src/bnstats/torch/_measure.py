@@ -13,7 +13,7 @@ import itertools
 import math
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -73,6 +73,11 @@ def measure_eval_mode(
     each layer; when it is at most :data:`EVAL_TARGET` for every layer the result is taken
     (``converged``). Otherwise a warning says so and :func:`measure_eval_exact` measures the
     statistics level by level (``passes`` counts all). ``batches`` must be iterable again.
+
+    A ``tolerance`` stop is judged on pass 1 (the later passes use the batches it drew); a
+    converged result carries that pass as its ``judged`` (:class:`EvalMeasured`), so that
+    the relative standard errors reported are the ones the stop judged (after the fallback,
+    each layer's are those of the level it settled in, where that level's stop judged them).
     """
     check = _reusable_batches_first(batches, check)  # in a group: refused on every rank
     keep = replace(options, unreached="keep")
@@ -101,7 +106,9 @@ def measure_eval_mode(
     if final.converged:
         final.batch_sizes = start.batch_sizes
         final.check_coverage(options)
-        return final
+        return EvalMeasured(
+            **{f.name: getattr(final, f.name) for f in fields(Measured) if f.init}, judged=start
+        )
     worst = max(final.moved, key=lambda name: final.moved[name], default=None)
     warnings.warn(
         f"bnstats: mode='eval' did not converge in {EVAL_PASSES} passes (the last pass moved "
@@ -114,6 +121,14 @@ def measure_eval_mode(
     exact.passes += EVAL_PASSES
     exact.moved, exact.converged = final.moved, False
     return exact
+
+
+@dataclass
+class EvalMeasured(Measured):
+    """What ``mode="eval"`` measured: its last pass (written), and ``judged``, its first
+    pass, on which a ``tolerance`` stop was judged."""
+
+    judged: Measured | None = None
 
 
 class _FirstBatches:

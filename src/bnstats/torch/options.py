@@ -59,7 +59,8 @@ class PassOptions:
       the worst relative standard error (:meth:`bnstats.stats.BatchSpread.relative_error`)
       times ``z = Phi^-1(1 - 0.05 / (4 * channels))`` (Bonferroni over two estimates per
       channel, :func:`bnstats.stats.simultaneous_z`) below it, judged every ``CHECK_EVERY``
-      batches from ``MIN_BATCHES`` batches on. Not in a group.
+      batches from ``MIN_BATCHES`` batches on (in ``mode="eval"`` on its first pass, whose
+      batches the other passes reuse). Not in a group.
       Under ``unreached="raise"`` a layer no forward has reached yet holds the stop back (a
       layer used in few batches is drawn until it is measured too); under ``"keep"`` it is
       kept as it was and listed, as at the end of the data.

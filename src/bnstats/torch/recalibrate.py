@@ -20,7 +20,7 @@ from torch import nn
 
 from bnstats.torch._layers import all_finite, cast_buffer, display_name, write_buffers
 from bnstats.torch._many_layers import population_statistics, relative_errors
-from bnstats.torch._measure import measure
+from bnstats.torch._measure import EvalMeasured, measure
 from bnstats.torch._pass import LayerPass, Measured, tolerance_z
 from bnstats.torch._ranks import Group
 from bnstats.torch.options import Forward, PassOptions
@@ -42,7 +42,12 @@ class Recalibration:
     In ``mode="eval"``: ``moved``, per layer how far the last pass moved its statistics
     (worst channel, ``|d mean| / sqrt(var + eps)`` or ``|d var| / (var + eps)``), and
     ``converged``, whether every layer moved at most 1e-4 (if not, the statistics were
-    measured level by level after the four passes, and ``passes`` counts those too)."""
+    measured level by level after the four passes, and ``passes`` counts those too). Its
+    ``relative_errors`` and ``confidence_z`` are those of the first pass (each layer's input
+    with every BN layer normalizing with its batch's statistics), the one a ``tolerance``
+    stop judges; the other three pass over the same batches. So ``met`` says what the stop
+    decided (a layer the first pass did not reach: the last pass's error). After the level
+    by level fallback, each layer's error is that of the level it settled in."""
 
     model: nn.Module
     mode: str
@@ -171,7 +176,8 @@ def recalibrate_report(
     variance is within 1e-2 of the full-data values with 95 % confidence: the worst relative
     standard error times ``confidence_z`` below 1e-2 (checked every ``CHECK_EVERY`` batches
     from ``MIN_BATCHES`` on, see :class:`bnstats.torch.PassOptions`); if the data runs out
-    first, a warning says so.
+    first, a warning says so. In ``mode="eval"`` the stop is judged on the first pass and the
+    report gives that pass's errors (see :class:`Recalibration`).
     """
     return _recalibrate(model, batches, PassOptions.pick(locals()))
 
@@ -198,12 +204,12 @@ def _recalibrate(model: nn.Module, batches: Any, chosen: PassOptions) -> Recalib
 
 
 def _summary(model: nn.Module, measured: Measured, options: PassOptions) -> Recalibration:
-    reached = measured.reached()
-    errors: dict[str, float] = {}
-    if reached:
-        finite = [measured.finite_batches(m) for m in reached]
-        numbers = relative_errors(reached, finite).tolist()
-        errors = {m.name: float(e) for m, e in zip(reached, numbers, strict=True)}
+    """The :class:`Recalibration` of ``measured``: per written layer the relative standard
+    error of the pass a ``tolerance`` stop judged (:func:`_judged`; a layer that pass did not
+    reach, the written pass's), and the ``confidence_z`` that stop used."""
+    judged, written = _judged(measured), _relative_errors(measured)
+    judged_errors = written if judged is measured else _relative_errors(judged)
+    errors = {name: judged_errors.get(name, error) for name, error in written.items()}
     sizes = measured.batch_sizes
     return Recalibration(
         model=model,
@@ -215,8 +221,26 @@ def _summary(model: nn.Module, measured: Measured, options: PassOptions) -> Reca
         relative_errors=errors,
         moved=dict(measured.moved),
         converged=measured.converged,
-        confidence_z=tolerance_z(measured.layers.values()),
+        confidence_z=tolerance_z({**measured.layers, **judged.layers}.values()),
     )
+
+
+def _judged(measured: Measured) -> Measured:
+    """The pass on which a ``tolerance`` stop was judged: ``mode="eval"``'s first pass
+    (:class:`bnstats.torch._measure.EvalMeasured`), otherwise ``measured`` itself."""
+    judged = measured.judged if isinstance(measured, EvalMeasured) else None
+    return measured if judged is None else judged
+
+
+def _relative_errors(measured: Measured) -> dict[str, float]:
+    """Per reached layer, the worst channel's relative standard error, computed for all
+    layers at once (:func:`bnstats.torch._many_layers.relative_errors`; one host read)."""
+    reached = measured.reached()
+    if not reached:
+        return {}
+    finite = [measured.finite_batches(m) for m in reached]
+    numbers = relative_errors(reached, finite).tolist()
+    return {m.name: float(e) for m, e in zip(reached, numbers, strict=True)}
 
 
 def population_buffers(measured: Measured) -> dict[nn.Module, dict[str, torch.Tensor]]:
