@@ -119,11 +119,15 @@ def _ctrl_c_at_line(line: int, codes: set) -> Iterator[list[int]]:
     def calls(frame, event, arg):
         return local if frame.f_code in codes else None
 
+    previous = signal.getsignal(signal.SIGINT)
+    if previous in (signal.SIG_IGN, signal.SIG_DFL):  # a process started in the background
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.settrace(calls)
     try:
         yield seen
     finally:
         sys.settrace(None)
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnstats._levels import Pending, settle_level
+from bnstats._levels import Pending, require_reusable, settle_level
 from bnstats.torch._layers import display_name, find_batchnorm_layers, unwrap
 from bnstats.torch._pass import Call, Check, LayerPass, Level, Measured, Statistics, measure_pass
 from bnstats.torch.options import PassOptions
@@ -79,7 +79,7 @@ def measure_eval_mode(
     the relative standard errors reported are the ones the stop judged (after the fallback,
     each layer's are those of the level it settled in, where that level's stop judged them).
     """
-    check = _reusable_batches_first(batches, check)  # in a group: refused on every rank
+    check = _reusable_batches_first(batches, check, "mode='eval'")  # refused on every rank
     keep = replace(options, unreached="keep")
 
     def run(level: Level, data: Any = batches, chosen: PassOptions = keep) -> Measured:
@@ -212,7 +212,7 @@ def measure_eval_exact(
     from it arrives (an input chosen by ``argmax`` of one, say, is not seen as dependent).
     In a group every rank makes the same levels: the decisions use the merged counts.
     """
-    check = _reusable_batches_first(batches, check)  # in a group: refused on every rank
+    check = _reusable_batches_first(batches, check, "mode='eval_exact'")  # on every rank
     level_options = replace(options, nonfinite="skip", unreached="keep")
     settled: dict[str, LayerPass] = {}
     skipped: dict[str, int] = {}
@@ -278,15 +278,12 @@ def _refuse_new_layers(model: nn.Module, first: Measured) -> None:
     )
 
 
-def _reusable_batches_first(batches: Any, check: Check | None) -> Check:
-    """``check``, after refusing a one-shot iterator for ``batches``."""
+def _reusable_batches_first(batches: Any, check: Check | None, who: str) -> Check:
+    """``check``, after refusing a one-shot iterator for ``batches``
+    (:func:`bnstats._levels.require_reusable`)."""
 
     def checked(model: nn.Module) -> None:
-        if iter(batches) is batches:
-            raise TypeError(
-                "mode='eval' passes over batches several times and needs an iterable it can go "
-                "over again (a list, a DataLoader), not a one-shot iterator or generator"
-            )
+        require_reusable(batches, who=who, examples="a list, a DataLoader")
         if check is not None:
             check(model)
 

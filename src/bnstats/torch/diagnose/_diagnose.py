@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from bnstats._levels import require_reusable
 from bnstats.torch._layers import (
     Forward,
     PreservedState,
@@ -33,6 +34,8 @@ from bnstats.torch.diagnose._frozen import frozen_setting
 from bnstats.torch.diagnose._report import DiagnoseReport, LayerEffect
 from bnstats.torch.options import PassOptions
 from bnstats.torch.recalibrate import recalibrate_report
+
+_REUSABLE = "a list, a DataLoader"  # what torch users pass instead of a one-shot iterator
 
 MAX_LAYERS = 64
 """Per-layer attribution evaluates each BN layer alone up to this many layers; beyond, it
@@ -112,23 +115,15 @@ def diagnose(
     PassOptions(**options)  # the same checks and errors as recalibrate's, before any work
     if isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 1:
         raise ValueError(f"max_layers must be a positive integer, got {max_layers!r}")
-    _require_reiterable(batches, "batches")
+    require_reusable(batches, who="diagnose", examples=_REUSABLE)
     if test_batches is not None:
-        _require_reiterable(test_batches, "test_batches")
+        require_reusable(test_batches, who="diagnose", argument="test_batches", examples=_REUSABLE)
     inner = unwrap(model)
     layers = find_batchnorm_layers(inner)
     fixed = fixed_statistics_layers(inner)
     with PreservedState(inner, layers), _fixed_buffers_kept(fixed):
         call = _Call(options, resolve_group(group))
         return _Diagnosis(inner, layers, fixed, batches, test_batches, call, max_layers).run()
-
-
-def _require_reiterable(batches: Any, name: str) -> None:
-    if iter(batches) is batches:
-        raise TypeError(
-            f"diagnose goes over {name} several times and needs an iterable it can go over "
-            "again (a list, a DataLoader), not a one-shot iterator or generator"
-        )
 
 
 @contextmanager
