@@ -6,11 +6,15 @@ pass its BN layers in training mode, each normalizing with its batch's own ``mu`
 For each call of a measured BN layer, with ``count = numel / C`` values per channel, the
 batch's per-channel ``mean`` and ``m2 = var * count`` come from torch's own kernels:
 
-- a layer whose forward is torch's BN kernel call (see
-  :func:`bnstats.torch.modules.kernel_writes_moments`) updates with weight 1 for the pass,
-  so the kernel that normalizes the batch also leaves the batch's mean and unbiased
-  variance in its buffers; a forward pre-hook copies them at the layer's next call. No
-  extra pass over the activations.
+- torch's own layers (forward not replaced, :func:`takes_own_forward`) run
+  :func:`kernel_forward` for the pass: the call torch's forward makes in training,
+  ``torch.batch_norm(..., training=True, momentum=1.0, ...)``, with the batch's row of the
+  layer's block (:meth:`LayerPass.kernel_slot`) as running buffers, so the kernel that
+  normalizes the batch also writes its mean and unbiased variance there; the layer's own
+  buffers are not touched. No extra pass over the activations, no hook.
+- bnstats' layers whose forward is that kernel call
+  (:func:`bnstats.torch.modules.kernel_writes_moments`) update with weight 1 for the pass
+  and a forward pre-hook copies their buffers at the layer's next call.
 - any other layer (its own forward, half-precision buffers, ``float64_moments=True``, an
   eval-mode level): the pre-hook takes the moments with ``torch.batch_norm_update_stats``
   (``torch.var_mean`` in float64 with ``float64_moments``).
@@ -19,6 +23,9 @@ Per layer the batches gather on the device and are merged, 64 at a time, into a
 :class:`bnstats.Population` (Chan et al. 1979, in float64) and a
 :class:`bnstats.stats.BatchSpread` (the precision), with no host read: a batch with NaN or
 Inf weighs nothing and is remembered by index; the pass reads the verdict once, at the end.
+Layers whose gathered batches are kernel rows of the same batches merge side by side in one
+set of operations (:func:`flush_together`, :mod:`bnstats.torch._many_layers`), and so do
+their precision and their new buffers at the end of the pass.
 Across ``torch.distributed`` ranks each rank's Populations travel in one ``all_gather``
 (:func:`bnstats.torch._ranks.exchange`) and every rank merges them in rank order, so all
 ranks end with bit-identical numbers.
