@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from bnstats.torch import _pass
 from bnstats.torch._many_layers import merge_rows, relative_errors
 from bnstats.torch._pass import LayerPass, flush_together
 
@@ -107,3 +108,23 @@ def test_layers_of_other_batches_or_dtypes_merge_apart():
     flush_together(everything)
     assert odd.population.mean.tolist() == [2.0, 2.0]
     assert all(m.rows_key() is None and not m._slot_indices for m in everything)
+
+
+def test_a_group_too_wide_for_the_cache_merges_in_parts_to_the_same_numbers(monkeypatch):
+    """flush_together merges at most _MERGED_VALUES batches x channels at once: cut after
+    every layer or two, and with a wider layer alone, the numbers are those of one merge."""
+    whole = filled_layers(7, {1: 2})
+    parts = copy.deepcopy(whole)
+    merge_rows(whole)
+    merged: list[list[str]] = []
+    monkeypatch.setattr(_pass, "_MERGED_VALUES", 7 * 9)  # SIZES (3, 8, 1, 5): 3, 8+1, 5
+    monkeypatch.setattr(
+        _pass,
+        "merge_rows",
+        lambda group: merged.append([m.name for m in group]) or merge_rows(group),
+    )
+    flush_together(parts)
+    assert merged == [["layer1", "layer2"]]  # layer0 and layer3 alone: their own flush
+    for ours, theirs in zip(parts, whole, strict=True):
+        for got, want in zip(state(ours), state(theirs), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-12)

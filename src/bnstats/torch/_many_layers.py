@@ -134,8 +134,9 @@ def merge_rows(group: list[GatheredLayer]) -> None:
     counts_per_layer = on_device([m._slot_counts for m in group], torch.float64, device).T
     counts = channels.per_channel(counts_per_layer)  # (B, K)
     m2_k = variances * (counts - 1).to(variances.dtype)  # as LayerPass.flush rounds it
-    stacked = widen(torch.stack((means, m2_k)))  # (2, B, K)
-    bad = channels.per_layer_sum((~torch.isfinite(stacked).all(dim=0)).to(stacked.dtype))
+    narrow = torch.stack((means, m2_k))  # (2, B, K), finite exactly where its widening is
+    bad = channels.per_layer_sum((~torch.isfinite(narrow).all(dim=0)).to(narrow.dtype))
+    stacked = widen(narrow)
     finite = bad == 0  # (B, L)
     kept = channels.per_channel(finite)
     weights = counts * kept
