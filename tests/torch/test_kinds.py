@@ -18,6 +18,7 @@ import bnstats.torch as bt
 from bnstats.torch import kinds
 from tests.torch import reference as ref
 from tests.torch import timm_patterns as tp
+from tests.torch.models import scramble_batchnorm
 
 
 class NormAct(nn.Module):
@@ -205,6 +206,46 @@ def test_look_alikes_of_timm_layers_take_its_kind_with_hook_moments():
     assert kinds.synchronises(tp.SyncBatchNormAct(3))
 
 
+class NamedAsTimms(tp.BatchNormAct2d):
+    """timm's BatchNormAct2d as the registry meets it: under timm's own dotted name (the
+    forward is the faithful copy's, defined here so that it is this class's own)."""
+
+    forward = tp.BatchNormAct2d.forward
+
+
+NamedAsTimms.__module__, NamedAsTimms.__qualname__ = "timm.layers.norm_act", "BatchNormAct2d"
+
+
+def _bn_act_net(layer: type[nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    blocks = [nn.Conv2d(3, 6, 3), layer(6), nn.Conv2d(6, 5, 1), layer(5, act_layer=nn.SiLU)]
+    return scramble_batchnorm(nn.Sequential(*blocks))
+
+
+def test_timms_bn_act_layer_is_measured_by_the_pass_own_forward_as_by_its_forward():
+    """Its kind has a plain forward (kernel, then drop and act): a train-mode pass makes that
+    call itself, and ends with the buffers that the layer's own forward (the look-alike's,
+    measured through the hook) gives, bit for bit, and those of a float64 reference."""
+    from bnstats.torch._pass import takes_own_forward
+
+    named, alike = _bn_act_net(NamedAsTimms), _bn_act_net(tp.BatchNormAct2d)
+    assert kinds.kind_of(named[1]).plain_forward and takes_own_forward(named[1])
+    assert not kinds.kind_of(alike[1]).plain_forward and not takes_own_forward(alike[1])
+    batches = [torch.randn(4, 3, 7, 7) for _ in range(5)]
+    inputs = ref.bn_inputs(alike, batches)
+    before = ref.snapshot(named)
+    bt.recalibrate(named, batches)
+    bt.recalibrate(alike, batches)
+    for key, value in named.state_dict().items():
+        assert torch.equal(value, alike.state_dict()[key]), key
+    for name, per_batch in inputs.items():
+        mean, var = ref.population(per_batch)
+        layer = named.get_submodule(name)
+        np.testing.assert_allclose(layer.running_mean.double().numpy(), mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(layer.running_var.double().numpy(), var, rtol=1e-5)
+    assert not ref.same_state(named, before)
+
+
 class FrozenElsewhere(nn.Module):
     """A frozen BN of a library bnstats does not import, known by its dotted name."""
 
@@ -315,3 +356,15 @@ def test_timm_layer_names_appear_in_the_code_of_the_registry_only():
         )
     }
     assert holders == {"kinds.py"}
+
+
+def test_a_plain_forward_is_a_kernel_forward_of_one_process():
+    with pytest.raises(ValueError, match="plain_forward"):
+        kinds.BatchNormKind(plain_forward=True)
+    with pytest.raises(ValueError, match="plain_forward"):
+        kinds.BatchNormKind(moments="kernel", plain_forward=True, synced=True)
+    assert not kinds.kind_of(nn.SyncBatchNorm(3)).plain_forward
+    assert kinds.plain_forward_tail(nn.BatchNorm1d(3)) == ()
+    replaced = nn.BatchNorm2d(3)
+    replaced.forward = lambda x: x  # a forward of the instance's own: not the plain one
+    assert kinds.plain_forward_tail(replaced) is None

@@ -6,10 +6,11 @@ pass its BN layers in training mode, each normalizing with its batch's own ``mu`
 For each call of a measured BN layer, with ``count = numel / C`` values per channel, the
 batch's per-channel ``mean`` and ``m2 = var * count`` come from torch's own kernels:
 
-- torch's own layers (forward not replaced, :func:`takes_own_forward`) run
-  :func:`kernel_forward` for the pass: the call torch's forward makes in training,
-  ``torch.batch_norm(..., training=True, momentum=1.0, ...)``, with the batch's row of the
-  layer's block (:meth:`LayerPass.kernel_slot`) as running buffers, so the kernel that
+- torch's own layers and timm's ``BatchNormAct2d`` (forward not replaced,
+  :func:`takes_own_forward`) run :func:`kernel_forward` for the pass: the call their
+  forward makes in training, ``torch.batch_norm(..., training=True, momentum=1.0, ...)``,
+  then their tail modules, with the batch's row of the layer's block
+  (:meth:`LayerPass.kernel_slot`) as running buffers, so the kernel that
   normalizes the batch also writes its mean and unbiased variance there; the layer's own
   buffers are not touched. No extra pass over the activations, no hook.
 - bnstats' layers whose forward is that kernel call
@@ -74,6 +75,7 @@ from bnstats.torch._ranks import (
     resolve_group,
     run_and_exchange,
 )
+from bnstats.torch.kinds import plain_forward_tail
 from bnstats.torch.modules import EstimatorBatchNorm, kernel_writes_moments
 from bnstats.torch.options import CHECK_EVERY, MIN_BATCHES, PassOptions
 
@@ -717,13 +719,12 @@ class _Recorder:
 
 
 def takes_own_forward(layer: nn.Module) -> bool:
-    """True for a layer whose forward is torch's own ``_BatchNorm.forward`` (BatchNorm1d/2d/3d
-    and subclasses that keep it), not replaced on the instance and not bnstats' own: in a
-    train-mode pass it runs :func:`kernel_forward` instead, the same kernel call without
-    torch's bookkeeping around it."""
+    """True for a layer whose forward is its kind's plain one (:func:`bnstats.torch.kinds.
+    plain_forward_tail`: torch's BatchNorm1d/2d/3d and timm's BatchNormAct2d, subclasses that
+    keep it), not bnstats' own: in a train-mode pass it runs :func:`kernel_forward` instead,
+    the same kernel call and tail without the bookkeeping around them."""
     return (
-        type(layer).forward is _TORCH_FORWARD
-        and "forward" not in layer.__dict__
+        plain_forward_tail(layer) is not None
         and not isinstance(layer, EstimatorBatchNorm)
         and not is_lazy_uninitialized(layer)
     )
@@ -737,11 +738,17 @@ def kernel_forward(recorder: _Recorder, moments: LayerPass) -> Callable[[torch.T
     variance; the layer's own buffers and ``num_batches_tracked`` are not touched. An input
     the kernel would not measure exactly (another dtype than the buffers, channels-last on
     the CPU) is measured by :func:`batch_moments` and normalized without running buffers.
-    Same output as torch's forward; checks first, naming the layer (:func:`check_layer_input`,
-    then the layer's own dimension check)."""
+    Then the layer's tail modules, in order (timm's ``drop`` and ``act``; a missing one or
+    None skipped, as those forwards do). Same output as the layer's own forward; checks
+    first, naming the layer (:func:`check_layer_input`, then the layer's dimension check)."""
     layer = moments.layer
     kernel_dtype = layer.running_var.dtype  # the pass writes none of the layer's buffers
     cudnn = torch.backends.cudnn.enabled  # as torch's forward reads it, once per pass
+    tail = [
+        module
+        for name in plain_forward_tail(layer) or ()
+        if (module := layer._modules.get(name)) is not None
+    ]
 
     def forward(input: torch.Tensor) -> Any:  # noqa: A002 (torch's own name for it)
         count = check_layer_input(moments, input)
@@ -755,17 +762,12 @@ def kernel_forward(recorder: _Recorder, moments: LayerPass) -> Callable[[torch.T
                 recorder.batch_index, count, torch.stack((taken[0], taken[1] * count))
             )
         recorder.count_call(moments)
-        return torch.batch_norm(
-            input,
-            layer.weight,
-            layer.bias,
-            mean,
-            var,
-            True,
-            1.0,
-            layer.eps,
-            cudnn,
+        output = torch.batch_norm(
+            input, layer.weight, layer.bias, mean, var, True, 1.0, layer.eps, cudnn
         )
+        for module in tail:
+            output = module(output)
+        return output
 
     return forward
 

@@ -66,6 +66,12 @@ class BatchNormKind:
     - ``synced``: in training under a torch.distributed process group the layer
       synchronises batch statistics across ranks (``nn.SyncBatchNorm``): its kernel's
       moments would not be this rank's alone.
+    - ``plain_forward``: the class's training forward is known to be exactly one call
+      ``torch.batch_norm(input, weight, bias, running_mean, running_var, True, momentum,
+      eps)`` followed by its ``tail`` modules and nothing else (torch's BatchNorm1d/2d/3d,
+      timm's ``BatchNormAct2d``): a train-mode pass makes that call itself, into its own
+      storage (:func:`bnstats.torch._pass.kernel_forward`). Built-in kinds only; a kind
+      found through a look-alike class's name never has it.
     """
 
     moments: Moments = "hook"
@@ -74,6 +80,7 @@ class BatchNormKind:
     fixed: bool = False
     rank: int | None = None
     synced: bool = False
+    plain_forward: bool = False
 
     def __post_init__(self) -> None:
         if self.moments not in ("kernel", "hook"):
@@ -87,6 +94,8 @@ class BatchNormKind:
             )
         if self.tail and not self.fold:
             raise ValueError("tail only matters to fold: give fold=True with it")
+        if self.plain_forward and (self.moments != "kernel" or self.synced):
+            raise ValueError("plain_forward is a kernel forward of one process: moments='kernel'")
         if self.fixed and self.moments == "kernel":
             raise ValueError("a layer with fixed statistics is never measured: moments='hook'")
         if self.rank is not None and (
@@ -95,17 +104,18 @@ class BatchNormKind:
             raise ValueError(f"rank must be an input rank of 2 or more, or None, got {self.rank!r}")
 
 
-_TORCH = BatchNormKind(moments="kernel", fold=True)
+_TORCH = BatchNormKind(moments="kernel", fold=True, plain_forward=True)
+_SYNCED = replace(_TORCH, plain_forward=False, synced=True)
 _TIMM_TAIL = ("drop", "act")
 _BY_CLASS: dict[type, BatchNormKind] = {
     _BatchNorm: _TORCH,
     nn.BatchNorm2d: replace(_TORCH, rank=4),
     nn.BatchNorm3d: replace(_TORCH, rank=5),
-    nn.SyncBatchNorm: replace(_TORCH, synced=True),
+    nn.SyncBatchNorm: _SYNCED,
 }
 _BY_NAME: dict[str, BatchNormKind] = {
     "timm.layers.norm_act.BatchNormAct2d": replace(_TORCH, tail=_TIMM_TAIL, rank=4),
-    "timm.layers.norm_act.SyncBatchNormAct": replace(_TORCH, tail=_TIMM_TAIL, synced=True),
+    "timm.layers.norm_act.SyncBatchNormAct": replace(_SYNCED, tail=_TIMM_TAIL),
     "timm.layers.norm_act.FrozenBatchNormAct2d": BatchNormKind(
         fold=True, tail=_TIMM_TAIL, fixed=True
     ),
@@ -190,7 +200,7 @@ def _walk(cls: type) -> tuple[type, BatchNormKind] | None:
     if forward_owner is not None:
         for name, kind in _BY_NAME.items():
             if name.rsplit(".", 1)[1] == forward_owner.__name__ and kind.fixed != is_torch_bn:
-                return forward_owner, replace(kind, moments="hook")
+                return forward_owner, replace(kind, moments="hook", plain_forward=False)
         if not is_torch_bn and forward_owner.__name__.startswith(_FROZEN_PREFIX):
             return forward_owner, _FROZEN_BY_NAME
     if not is_torch_bn:
@@ -205,6 +215,16 @@ def _registered(cls: type) -> BatchNormKind | None:
     if kind is None:
         kind = vars(cls).get("batchnorm_kind")
     return kind
+
+
+def plain_forward_tail(module: nn.Module) -> tuple[str, ...] | None:
+    """The ``tail`` of a layer whose training forward is its kind's plain one
+    (:attr:`BatchNormKind.plain_forward`; not replaced on the instance), None for any other
+    module."""
+    kind = kind_of(module)
+    if kind is None or not kind.plain_forward or "forward" in module.__dict__:
+        return None
+    return kind.tail
 
 
 def is_batchnorm(module: nn.Module) -> bool:
