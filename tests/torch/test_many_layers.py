@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import bnstats.torch as bt
 from bnstats.torch import _pass
 from bnstats.torch._many_layers import merge_rows, relative_errors
 from bnstats.torch._pass import LayerPass, flush_together
@@ -128,3 +129,34 @@ def test_a_group_too_wide_for_the_cache_merges_in_parts_to_the_same_numbers(monk
     for ours, theirs in zip(parts, whole, strict=True):
         for got, want in zip(state(ours), state(theirs), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-12)
+
+
+def test_a_pass_without_precision_pools_the_same_populations_and_no_spread():
+    """recalibrate and adapt, which report no standard errors, skip the spread: the same
+    populations, bit for bit; the spread empty; relative errors infinite, not made up."""
+    precise = filled_layers(6, {2: 1})
+    plain = copy.deepcopy(precise)
+    for moments in plain:
+        moments.precise = False
+    flush_together(precise)
+    flush_together(plain)
+    for ours, theirs in zip(plain, precise, strict=True):
+        kept = [0, 1, 2, 5]  # count, mean, m2, verdict (3 and 4 are the spread's)
+        for got, want in zip(
+            [state(ours)[i] for i in kept], [state(theirs)[i] for i in kept], strict=True
+        ):
+            assert torch.equal(got, want)
+        assert ours.spread.values.mean is None
+    assert torch.isinf(relative_errors(plain, [6, 6, 5, 6])).all()
+
+
+def test_recalibrate_writes_what_recalibrate_report_writes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.BatchNorm1d(6))
+    batches = [torch.randn(9, 4) for _ in range(70)]  # more than one block of 64 rows
+    plain, reported = copy.deepcopy(model), copy.deepcopy(model)
+    bt.recalibrate(plain, batches)
+    result = bt.recalibrate_report(reported, batches)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, reported.state_dict()[key]), key
+    assert all(math.isfinite(error) for error in result.relative_errors.values())

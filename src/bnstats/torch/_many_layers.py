@@ -37,6 +37,7 @@ class GatheredLayer(Protocol):
     _block: tuple[torch.Tensor, torch.Tensor] | None
     _slot_counts: list[int]
     _slot_indices: list[int]
+    precise: bool
 
     def merge_verdict(self, verdict: torch.Tensor) -> None: ...
 
@@ -143,12 +144,7 @@ def merge_rows(group: list[GatheredLayer]) -> None:
     mean_k, m2_k = torch.where(kept, stacked, 0.0).unbind(0)  # a batch left out: all 0
     total = weights.sum(dim=0)
     mean, m2 = pooled_batches(weights, total, mean_k, m2_k, finite=True)
-    center = torch.cat([m.spread.center.to(stacked) for m in group])
-    values = BatchSpread(center).batch_values(weights, mean_k, m2_k).view(rows, 3, -1)
-    spread_mean, spread_m2 = (
-        pooled.reshape(-1)
-        for pooled in pooled_batches(weights[:, None], total, values, None, finite=True)
-    )
+    spread = _pooled_spread(group, weights, total, mean_k, m2_k) if first.precise else None
     indices = on_device(first._slot_indices, torch.float64, device)
     verdicts = torch.stack(
         (
@@ -158,7 +154,25 @@ def merge_rows(group: list[GatheredLayer]) -> None:
         dim=1,
     )  # (L, 2)
     totals = (counts_per_layer * finite).sum(dim=0)  # (L,)
-    _hand_out(group, channels, rows, totals, (mean, m2), (spread_mean, spread_m2), verdicts)
+    _hand_out(group, channels, rows, totals, (mean, m2), spread, verdicts)
+
+
+def _pooled_spread(
+    group: list[GatheredLayer],
+    weights: torch.Tensor,
+    total: torch.Tensor,
+    mean_k: torch.Tensor,
+    m2_k: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batches' ``[mean_k, u_k, mean_k + u_k]`` (:meth:`BatchSpread.batch_values`, all
+    layers' centers side by side) pooled over the batches: ``(mean, m2)``, each ``3K`` long."""
+    center = torch.cat([m.spread.center.to(mean_k) for m in group])
+    values = BatchSpread(center).batch_values(weights, mean_k, m2_k).view(len(weights), 3, -1)
+    spread_mean, spread_m2 = (
+        pooled.reshape(-1)
+        for pooled in pooled_batches(weights[:, None], total, values, None, finite=True)
+    )
+    return spread_mean, spread_m2
 
 
 def _hand_out(
@@ -167,18 +181,21 @@ def _hand_out(
     rows: int,
     totals: torch.Tensor,
     population: tuple[torch.Tensor, torch.Tensor],
-    spread: tuple[torch.Tensor, torch.Tensor],
+    spread: tuple[torch.Tensor, torch.Tensor] | None,
     verdicts: torch.Tensor,
 ) -> None:
-    """Each layer's slice of the pooled results into its Population, BatchSpread and verdict."""
+    """Each layer's slice of the pooled results into its Population, BatchSpread (unless
+    ``spread`` is None) and verdict."""
     means, m2s = channels.split(population[0]), channels.split(population[1])
-    by_layer = channels.spread_order
-    spread_means = channels.split_spread(spread[0].index_select(0, by_layer))
-    spread_m2s = channels.split_spread(spread[1].index_select(0, by_layer))
+    if spread is not None:
+        by_layer = channels.spread_order
+        spread_means = channels.split_spread(spread[0].index_select(0, by_layer))
+        spread_m2s = channels.split_spread(spread[1].index_select(0, by_layer))
     parts = zip(group, totals.unbind(), verdicts.unbind(), strict=True)
     for index, (moments, total, verdict) in enumerate(parts):
         moments.population.absorb_pooled(total, means[index], m2s[index], rows)
-        moments.spread.values.absorb_pooled(total, spread_means[index], spread_m2s[index], rows)
+        if spread is not None:
+            moments.spread.values.absorb_pooled(total, spread_means[index], spread_m2s[index], rows)
         moments.merge_verdict(verdict)
         moments.clear_gathered()
 
@@ -202,13 +219,25 @@ def relative_errors(layers: Sequence[GatheredLayer], finite_batches: Sequence[in
     spread.values.absorb_pooled(
         0.0,
         torch.zeros(3 * len(together.mean), dtype=together.mean.dtype, device=device),
-        torch.cat([m.spread.values.m2.to(device) for m in layers]).index_select(
+        torch.cat([_spread_m2(m).to(device) for m in layers]).index_select(
             0, channels.spread_gather
         ),
         0,
     )
-    batches = channels.per_channel(on_device(list(finite_batches), torch.float64, device))
+    measured = [
+        b if m.spread.values.m2 is not None else 0
+        for m, b in zip(layers, finite_batches, strict=True)
+    ]
+    batches = channels.per_channel(on_device(measured, torch.float64, device))
     return channels.per_layer_max(spread.relative_errors(together, batches.to(together.mean)))
+
+
+def _spread_m2(moments: GatheredLayer) -> torch.Tensor:
+    """The layer's spread ``m2`` (``3C``); zeros where the spread was not measured (such a
+    layer counts 0 batches, so its standard errors are infinite)."""
+    m2 = moments.spread.values.m2
+    mean = moments.population.mean
+    return mean.new_zeros(3 * mean.shape[0]) if m2 is None else m2
 
 
 def _center(moments: GatheredLayer) -> torch.Tensor:

@@ -39,21 +39,31 @@ def measure(
     tool: str,
     check: Check | None = None,
     arguments: Mapping[str, Any] | None = None,
+    precise: bool = True,
 ) -> Measured:
-    """Every BN layer's population moments over all ranks' ``batches``, in ``options.mode``.
+    """Every BN layer's population moments over all ranks' ``batches``, in ``options.mode``,
+    and their precision unless ``precise=False`` (a tolerance needs it: given one, the
+    precision is measured whatever ``precise`` says).
 
     In a group the ranks compare ``tool``, ``options`` as given and the tool's other
     ``arguments`` that change the result (adapt's ``prior``, say) before anything else."""
     call = {"tool": tool, **options.call(), **(arguments or {})}
+    precise = precise or options.tolerance is not None
     if options.mode == "eval":
-        return measure_eval_mode(model, batches, options, tool=call, check=check)
+        return measure_eval_mode(model, batches, options, tool=call, check=check, precise=precise)
     if options.mode == "eval_exact":
-        return measure_eval_exact(model, batches, options, tool=call, check=check)
-    return measure_pass(model, batches, options, tool=call, check=check)
+        return measure_eval_exact(model, batches, options, tool=call, check=check, precise=precise)
+    return measure_pass(model, batches, options, tool=call, check=check, precise=precise)
 
 
 def measure_eval_mode(
-    model: nn.Module, batches: Any, options: PassOptions, *, tool: Call, check: Check | None = None
+    model: nn.Module,
+    batches: Any,
+    options: PassOptions,
+    *,
+    tool: Call,
+    check: Check | None = None,
+    precise: bool = True,
 ) -> Measured:
     """Every BN layer's population moments with every BN layer normalizing with its own
     final statistics (the fixed point of eval-mode inference), in four whole-model passes.
@@ -83,7 +93,9 @@ def measure_eval_mode(
     keep = replace(options, unreached="keep")
 
     def run(level: Level, data: Any = batches, chosen: PassOptions = keep) -> Measured:
-        return measure_pass(model, data, chosen, tool=tool, check=check, level=level)
+        return measure_pass(
+            model, data, chosen, tool=tool, check=check, level=level, precise=precise
+        )
 
     start = run(  # a tolerance stop waits for every layer under unreached="raise"
         Level(training=False, rule="batch"), batches, replace(keep, unreached=options.unreached)
@@ -117,7 +129,7 @@ def measure_eval_mode(
         "by level instead (mode='eval_exact': one more pass per depth level of the BN layers)",
         stacklevel=4,
     )
-    exact = measure_eval_exact(model, batches, options, tool=tool, check=check)
+    exact = measure_eval_exact(model, batches, options, tool=tool, check=check, precise=precise)
     exact.passes += EVAL_PASSES
     exact.moved, exact.converged = final.moved, False
     return exact
@@ -190,7 +202,13 @@ def movement(estimate: Statistics, final: Measured) -> dict[str, float]:
 
 
 def measure_eval_exact(
-    model: nn.Module, batches: Any, options: PassOptions, *, tool: Call, check: Check | None = None
+    model: nn.Module,
+    batches: Any,
+    options: PassOptions,
+    *,
+    tool: Call,
+    check: Check | None = None,
+    precise: bool = True,
 ) -> Measured:
     """Every BN layer's population moments with every BN layer before it normalizing with
     its own final statistics: the fixed point of eval-mode inference, exactly.
@@ -226,7 +244,9 @@ def measure_eval_exact(
         else:  # and then for those the first level reached
             reached = frozenset(first.layers) - set(first.unreached)
             level, kept = Level(False, settled=final, awaited=reached), level_options
-        measured = measure_pass(model, batches, kept, tool=tool, check=check, level=level)
+        measured = measure_pass(
+            model, batches, kept, tool=tool, check=check, level=level, precise=precise
+        )
         passes += 1
         sizes = max(sizes, measured.batch_sizes, key=len)
         if first is None:

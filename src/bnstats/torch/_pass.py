@@ -157,7 +157,8 @@ class LayerPass:
     the ``spread`` between its batches (the precision of the population), how many batch
     statistics were merged (``batches``: one per call), the most calls one forward made
     (``max_calls_per_forward``) and when the first forward reached it. The spread's center
-    is the layer's ``running_mean`` when the pass began."""
+    is the layer's ``running_mean`` when the pass began. ``precise=False``: the spread is not
+    measured (a pass nobody asks the precision of: its relative errors are infinite)."""
 
     name: str
     layer: nn.Module
@@ -166,6 +167,7 @@ class LayerPass:
     batches: int = 0
     max_calls_per_forward: int = 0
     first_reached: int | None = None
+    precise: bool = True
     calls_this_forward: int = field(default=0, repr=False)
     _pending: list[tuple[int, int, torch.Tensor]] = field(default_factory=list, repr=False)
     _awaiting: tuple[int, int] | None = field(default=None, repr=False)
@@ -243,7 +245,8 @@ class LayerPass:
         indices = on_device(batch_indices, stacked.dtype, stacked.device)
         clean = torch.where(finite[:, None, None], stacked, torch.zeros_like(stacked))
         self.population.update_batches(counts, clean[:, 0], clean[:, 1])
-        self.spread.update_batches(counts, clean[:, 0], clean[:, 1])
+        if self.precise:
+            self.spread.update_batches(counts, clean[:, 0], clean[:, 1])
         self.merge_verdict(
             torch.stack(
                 (torch.where(finite, math.inf, indices).min(), (~finite).sum(dtype=stacked.dtype))
@@ -270,7 +273,7 @@ class LayerPass:
         if self._pending or not self._slot_indices or self._block is None:
             return None
         rows = self._block[0]
-        return tuple(self._slot_indices), rows.dtype, rows.device
+        return tuple(self._slot_indices), rows.dtype, rows.device, self.precise
 
     def standard_errors(self, finite_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per channel, the standard errors of the population ``mean`` and unbiased ``var``
@@ -854,6 +857,7 @@ def collect_moments(
     *,
     level: Level = TRAIN,
     check_coverage: bool = True,
+    precise: bool = True,
 ) -> Measured:
     """One pass of ``model`` (unwrapped) over ``batches`` at ``level``: every BN layer's
     population moments (the settled layers of an eval-mode level are not measured).
@@ -864,7 +868,7 @@ def collect_moments(
     ranks these are judged on all ranks' passes together).
     """
     layers = find_batchnorm_layers(model)
-    moments = {name: LayerPass(name, layer) for name, layer in layers.items()}
+    moments = {name: LayerPass(name, layer, precise=precise) for name, layer in layers.items()}
     kernel = set()
     if level.training and not options.float64_moments:
         kernel = {name for name, layer in layers.items() if kernel_writes_moments(layer)}
@@ -971,8 +975,10 @@ def measure_pass(
     tool: Call,
     check: Check | None = None,
     level: Level = TRAIN,
+    precise: bool = True,
 ) -> Measured:
-    """One pass at ``level``: every BN layer's population moments over all ranks' ``batches``.
+    """One pass at ``level``: every BN layer's population moments over all ranks' ``batches``
+    (and their precision, unless ``precise=False``).
 
     Without a group (see :func:`bnstats.torch._ranks.resolve_group`) this is
     :func:`collect_moments` on the unwrapped model. In a group each rank runs the pass on its
@@ -988,7 +994,7 @@ def measure_pass(
     if chosen is None:
         if check is not None:
             check(inner)
-        return collect_moments(inner, batches, options, level=level)
+        return collect_moments(inner, batches, options, level=level, precise=precise)
 
     def local() -> tuple[Measured, dict[str, Any]]:
         if options.tolerance is not None:
@@ -998,7 +1004,9 @@ def measure_pass(
             )
         if check is not None:
             check(inner)
-        measured = collect_moments(inner, batches, options, level=level, check_coverage=False)
+        measured = collect_moments(
+            inner, batches, options, level=level, check_coverage=False, precise=precise
+        )
         _require_initialized(measured)
         layers = {name: m.layer for name, m in measured.layers.items()}
         summary = {
@@ -1059,7 +1067,9 @@ def merge_ranks(measured: Measured, ranks: list[list[list[torch.Tensor]]]) -> di
     merged = {}
     order = len(measured.layers) + 1
     for index, (name, local) in enumerate(measured.layers.items()):
-        result = LayerPass(name, local.layer, spread=BatchSpread(local.spread.center))
+        result = LayerPass(
+            name, local.layer, spread=BatchSpread(local.spread.center), precise=local.precise
+        )
         for rank, records in enumerate(ranks):
             header, population, spread = records[index]
             batches, calls, first = (int(v) for v in header.tolist())

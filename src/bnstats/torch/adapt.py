@@ -85,6 +85,7 @@ def adapt(
         tool="adapt",
         check=lambda _: _check_arguments(prior, batch_size, never_updated),  # on every rank
         arguments={"prior": prior, "batch_size": batch_size, "never_updated": never_updated},
+        precise=False,  # adapt reports no standard errors
     )
     prior = float(prior)
     n = _target_batch_size(measured) if batch_size is None else int(batch_size)

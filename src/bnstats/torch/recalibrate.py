@@ -152,7 +152,7 @@ def recalibrate(
     ``TypeError`` for unusable arguments; in a group, :class:`bnstats.torch.RankError` on
     every rank if any rank failed or the ranks made different calls.
     """
-    return _recalibrate(model, batches, PassOptions.pick(locals())).model
+    return _recalibrate(model, batches, PassOptions.pick(locals()), precise=False).model
 
 
 def recalibrate_report(
@@ -182,11 +182,15 @@ def recalibrate_report(
     return _recalibrate(model, batches, PassOptions.pick(locals()))
 
 
-def _recalibrate(model: nn.Module, batches: Any, chosen: PassOptions) -> Recalibration:
+def _recalibrate(
+    model: nn.Module, batches: Any, chosen: PassOptions, precise: bool = True
+) -> Recalibration:
     """Measure, make every new buffer ready, summarize and warn, and only then write: a
     warning turned into an error (``warnings.simplefilter("error")``) leaves the model as
-    it was, and nothing runs after the write."""
-    measured = measure(model, batches, chosen, tool="recalibrate")
+    it was, and nothing runs after the write. ``precise=False`` (:func:`recalibrate`, which
+    returns the model only): the precision is measured only for a ``tolerance``, and the
+    summary's ``relative_errors`` are otherwise empty."""
+    measured = measure(model, batches, chosen, tool="recalibrate", precise=precise)
     updates = population_buffers(measured)
     _warn_left_alone(measured)
     result = _summary(model, measured, chosen)
@@ -235,7 +239,7 @@ def _judged(measured: Measured) -> Measured:
 def _relative_errors(measured: Measured) -> dict[str, float]:
     """Per reached layer, the worst channel's relative standard error, computed for all
     layers at once (:func:`bnstats.torch._many_layers.relative_errors`; one host read)."""
-    reached = measured.reached()
+    reached = [moments for moments in measured.reached() if moments.precise]
     if not reached:
         return {}
     finite = [measured.finite_batches(m) for m in reached]
