@@ -722,10 +722,11 @@ class _Recorder:
 
 
 def takes_own_forward(layer: nn.Module) -> bool:
-    """True for a layer whose forward is its kind's plain one (:func:`bnstats.torch.kinds.
-    plain_forward_tail`: torch's BatchNorm1d/2d/3d and timm's BatchNormAct2d, subclasses that
-    keep it), not bnstats' own: in a train-mode pass it runs :func:`kernel_forward` instead,
-    the same kernel call and tail without the bookkeeping around them."""
+    """True for a layer whose forward is its kind's plain one (torch's BatchNorm1d/2d/3d and
+    timm's BatchNormAct2d, subclasses that keep it; see
+    :func:`bnstats.torch.kinds.plain_forward_tail`), not bnstats' own: in a train-mode pass
+    it runs :func:`kernel_forward` instead, the same kernel call and tail without the
+    bookkeeping around them."""
     return (
         plain_forward_tail(layer) is not None
         and not isinstance(layer, EstimatorBatchNorm)
@@ -830,7 +831,11 @@ of a pass 15 ms in one part, about 11 in parts)."""
 
 def _parts_in_cache(group: list[LayerPass]) -> Iterator[list[LayerPass]]:
     """``group`` in consecutive parts of at most :data:`_MERGED_VALUES` gathered values (a
-    wider layer alone)."""
+    wider layer alone) on the CPU; elsewhere whole (on a GPU every part would cost its own
+    kernel launches)."""
+    if group[0]._block is None or group[0]._block[0].device.type != "cpu":
+        yield group
+        return
     part: list[LayerPass] = []
     values = 0
     for moments in group:
