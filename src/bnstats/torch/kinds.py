@@ -4,8 +4,10 @@ The one registry every tool asks (recalibrate, audit, adapt, fold, convert, the 
 
 - :class:`BatchNormKind`: what one class of BN layer is (how a pass takes its batch moments,
   whether and how it folds, whether its statistics are fixed, its input rank, whether it
-  synchronises across ranks);
-- :func:`kind_of`, :func:`is_batchnorm`, :func:`has_fixed_statistics`: the questions;
+  synchronises across ranks, whether a pass may make its training forward's kernel call
+  itself);
+- :func:`kind_of`, :func:`is_batchnorm`, :func:`has_fixed_statistics`,
+  :func:`plain_forward_tail`: the questions;
 - :func:`register_batchnorm`: teach bnstats a BN class of your own (or of a library);
 - :func:`unwrap`, :func:`register_wrapper`: the model inside ``DataParallel``,
   ``DistributedDataParallel``, ``torch.compile``, averaged models and the like.
