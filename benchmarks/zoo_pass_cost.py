@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from benchmarks.models import image_batches
+from benchmarks.onnx_zoo import build
 from benchmarks.timing import Contender, alternate
 
 OURS, REFERENCE = "bt.recalibrate", "update_bn"
@@ -115,22 +116,6 @@ class Result:
     skipped: str = ""
 
 
-def build(spec: str) -> nn.Module:
-    """``library:name`` with random weights, nothing downloaded."""
-    library, name = spec.split(":")
-    torch.manual_seed(0)
-    if library == "timm":
-        import timm
-
-        return timm.create_model(name, pretrained=False)
-    import torchvision
-
-    extra: dict[str, Any] = (
-        {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
-    )
-    return torchvision.models.get_model(name, weights=None, **extra)
-
-
 def _reason(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"[:160]
@@ -147,7 +132,7 @@ def measure(spec: str, repeats: int) -> Result:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = build(spec).eval()
+            model = build(spec)
     except Exception as error:  # noqa: BLE001 - reported, not raised
         result.skipped = f"does not build: {_reason(error)}"
         return result
