@@ -298,12 +298,17 @@ def _refuse_new_layers(model: nn.Module, first: Measured) -> None:
     )
 
 
+def require_reusable_batches(batches: Any, who: str, argument: str = "batches") -> None:
+    """:func:`bnstats._levels.require_reusable` worded for torch's tools (a list or a
+    DataLoader can be gone over again)."""
+    require_reusable(batches, who=who, argument=argument, examples="a list, a DataLoader")
+
+
 def _reusable_batches_first(batches: Any, check: Check | None, who: str) -> Check:
-    """``check``, after refusing a one-shot iterator for ``batches``
-    (:func:`bnstats._levels.require_reusable`)."""
+    """``check``, after refusing a one-shot iterator for ``batches``."""
 
     def checked(model: nn.Module) -> None:
-        require_reusable(batches, who=who, examples="a list, a DataLoader")
+        require_reusable_batches(batches, who)
         if check is not None:
             check(model)
 

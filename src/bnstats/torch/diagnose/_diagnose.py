@@ -12,7 +12,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from bnstats._levels import require_reusable
 from bnstats.torch._layers import (
     Forward,
     PreservedState,
@@ -21,6 +20,7 @@ from bnstats.torch._layers import (
     iterate_batches,
     unwrap,
 )
+from bnstats.torch._measure import require_reusable_batches
 from bnstats.torch._ranks import resolve_group
 from bnstats.torch.adapt import adapt
 from bnstats.torch.diagnose._evaluate import Buffers, Evaluator, Setting, load_buffers, read_buffers
@@ -34,8 +34,6 @@ from bnstats.torch.diagnose._frozen import frozen_setting
 from bnstats.torch.diagnose._report import DiagnoseReport, LayerEffect
 from bnstats.torch.options import PassOptions
 from bnstats.torch.recalibrate import recalibrate_report
-
-_REUSABLE = "a list, a DataLoader"  # what torch users pass instead of a one-shot iterator
 
 MAX_LAYERS = 64
 """Per-layer attribution evaluates each BN layer alone up to this many layers; beyond, it
@@ -115,9 +113,9 @@ def diagnose(
     PassOptions(**options)  # the same checks and errors as recalibrate's, before any work
     if isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 1:
         raise ValueError(f"max_layers must be a positive integer, got {max_layers!r}")
-    require_reusable(batches, who="diagnose", examples=_REUSABLE)
+    require_reusable_batches(batches, "diagnose")
     if test_batches is not None:
-        require_reusable(test_batches, who="diagnose", argument="test_batches", examples=_REUSABLE)
+        require_reusable_batches(test_batches, "diagnose", "test_batches")
     inner = unwrap(model)
     layers = find_batchnorm_layers(inner)
     fixed = fixed_statistics_layers(inner)
