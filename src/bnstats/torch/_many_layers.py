@@ -105,7 +105,7 @@ class Channels:
         return values.split([3 * size for size in self.sizes])
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=256)  # a wide model's parts each have a layout
 def _channels(sizes: tuple[int, ...], device: torch.device) -> Channels:
     index = torch.repeat_interleave(
         torch.arange(len(sizes), device=device),

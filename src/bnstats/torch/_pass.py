@@ -833,7 +833,7 @@ def _parts_in_cache(group: list[LayerPass]) -> Iterator[list[LayerPass]]:
     """``group`` in consecutive parts of at most :data:`_MERGED_VALUES` gathered values (a
     wider layer alone) on the CPU; elsewhere whole (on a GPU every part would cost its own
     kernel launches)."""
-    if group[0]._block is None or group[0]._block[0].device.type != "cpu":
+    if group[0]._block[0].device.type != "cpu":  # a group has kernel rows (rows_key)
         yield group
         return
     part: list[LayerPass] = []
