@@ -630,3 +630,26 @@ def test_relative_error_of_one_batch_is_infinite_not_the_largest_float(rng, kind
     batches = _batches(rng, [8])
     population, spread = _spread_of(batches, kind, center=np.zeros(5))
     assert float(spread.relative_error(population, 1)) == float("inf")
+
+
+def test_miss_probability_of_equal_errors_is_the_bonferroni_quantile():
+    """K estimates of one standard error ``r`` miss with probability at most 0.05 exactly
+    when ``r * Phi^-1(1 - 0.05 / (2 K))`` is the tolerance; NaN and inf count 1, 0 counts 0."""
+    from statistics import NormalDist
+
+    from bnstats.stats import miss_probability
+
+    z = NormalDist().inv_cdf(1 - 0.05 / 1120)
+    assert float(miss_probability(np.full((2, 280), 1e-2 / z), 1e-2)) == pytest.approx(0.05)
+    assert float(miss_probability(np.array([np.nan, np.inf, 0.0]), 1e-2)) == 2.0
+    one = float(miss_probability(np.array([1e-2]), 1e-2))
+    assert one == pytest.approx(0.3173105, abs=1e-7)  # P(|Z| > 1)
+
+
+def test_miss_probability_of_tensors_stays_a_tensor():
+    torch = pytest.importorskip("torch")
+    from bnstats.stats import miss_probability
+
+    errors = torch.tensor([[1e-2, float("nan")], [float("inf"), 0.0]], dtype=torch.float64)
+    miss = miss_probability(errors, 1e-2)
+    assert isinstance(miss, torch.Tensor) and miss.item() == pytest.approx(2.3173105)

@@ -79,6 +79,14 @@ def largest(x: Array, axis: int | None = None) -> Array:
     return np.nan_to_num(x, nan=np.inf, posinf=np.inf).max(axis=axis)
 
 
+def normal_tail(t: Array) -> Array:
+    """``P(|Z| > t)`` for a standard normal ``Z``, elementwise: ``erfc(t / sqrt(2))`` (on the
+    device for tensors)."""
+    if is_torch(t):
+        return (t / math.sqrt(2)).erfc()
+    return np.vectorize(math.erfc, otypes=[np.float64])(np.asarray(t) / math.sqrt(2))
+
+
 def widen(x: Array) -> Array:
     """Return ``x`` in the precision the statistics accumulate in.
 

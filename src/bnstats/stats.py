@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from statistics import NormalDist
 from typing import Any, Literal
 
 import numpy as np
@@ -45,6 +44,7 @@ from bnstats._array import (
     is_torch,
     largest,
     like,
+    normal_tail,
     where,
     widen,
     zeros_like,
@@ -729,14 +729,19 @@ class BatchSpread:
             )
         return se_mean, se_var
 
-    def relative_errors(self, population: Population, batches: Any) -> Array:
-        """Per channel, the relative standard error: the larger of ``se_mean / sqrt(var)``
-        and ``se_var / var`` (the mean is judged against the spread of the values, as it may
-        be 0); NaN counts as infinite. ``batches`` and ``population.count`` may be numbers
-        or per-channel arrays (the channels of many layers side by side)."""
+    def relative_standard_errors(self, population: Population, batches: Any) -> Array:
+        """Per channel, ``[se_mean / sqrt(var), se_var / var]`` (2, C): the standard errors
+        relative to the spread of the values (the mean may be 0) and to the variance.
+        ``batches`` and ``population.count`` may be numbers or per-channel arrays (the
+        channels of many layers side by side)."""
         se_mean, se_var = self.standard_errors(population, batches)
         var = clamp_min(population.m2 / (population.count - 1), np.finfo(np.float64).tiny)
-        return largest(concat([se_mean / var**0.5, se_var / var]).reshape(2, -1), axis=0)
+        return concat([se_mean / var**0.5, se_var / var]).reshape(2, -1)
+
+    def relative_errors(self, population: Population, batches: Any) -> Array:
+        """Per channel, the relative standard error: the larger of the two
+        :meth:`relative_standard_errors`; NaN counts as infinite."""
+        return largest(self.relative_standard_errors(population, batches), axis=0)
 
     def relative_error(self, population: Population, batches: int) -> Array:
         """The worst channel's :meth:`relative_errors`, 0-d (on the device for tensors)."""
@@ -767,14 +772,22 @@ def pooled_batches(
     return mean, m2 + (m2s if weighed is None else where(weighed, m2s, 0.0)).sum(axis=0)
 
 
-def simultaneous_z(quantities: int, confidence: float = 0.95) -> float:
-    """The normal quantile that bounds ``quantities`` estimates at once with ``confidence``
-    (Bonferroni, two-sided): ``z = Phi^-1(1 - (1 - confidence) / (2 * quantities))``; each
-    estimate within ``z`` standard errors of its truth, all of them together with probability
-    at least ``confidence``. 1.96 for one, 3.89 for 500, 4.42 for 5000."""
-    if quantities < 1:
-        raise ValueError(f"quantities must be at least 1, got {quantities}")
-    return NormalDist().inv_cdf(1 - (1 - confidence) / (2 * quantities))
+def miss_probability(relative_errors: Array, tolerance: float) -> Array:
+    """At most the probability that some estimate lies farther than ``tolerance`` from its
+    truth, each estimate normal around it with the standard error ``r`` in
+    ``relative_errors`` (any shape; relative, as ``tolerance``). The union bound over the
+    estimates (Bonferroni, each estimate with its own standard error)::
+
+        P(some |error| > tolerance)  <=  sum over estimates of  P(|Z| > tolerance / r)
+
+    An estimate with an infinite or NaN ``r`` counts 1; 0-d, on the device for tensors. With
+    ``K`` estimates of one standard error ``r`` it is at most 0.05 exactly when
+    ``r * Phi^-1(1 - 0.05 / (2 K))`` is at most ``tolerance``: 3.89 standard errors for 500
+    estimates; estimates with smaller errors count less."""
+    with np.errstate(divide="ignore", invalid="ignore"):  # r = 0 or inf: NumPy's 1/0
+        misses = normal_tail(tolerance / relative_errors)
+    misses = where(misses == misses, misses, 1.0)  # NaN: unknown, counted as a miss
+    return misses.sum()
 
 
 def chan_merge(
@@ -824,7 +837,7 @@ __all__ = [
     "chan_merge",
     "decay_from_momentum",
     "estimator_from_state",
+    "miss_probability",
     "momentum_from_decay",
     "pooled_batches",
-    "simultaneous_z",
 ]

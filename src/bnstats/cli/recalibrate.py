@@ -81,8 +81,9 @@ def _uninitialized(torch: Any, module: Any) -> bool:
 
 
 def _pass_summary(result: Any) -> dict[str, Any]:
-    """What the pass took: mode, samples, batches, passes, tolerance and whether it was met,
-    the worst layer's relative standard error (None when not finite)."""
+    """What the pass took: mode, samples, batches, passes, tolerance, whether it was met and
+    the probability, at most, that some channel lies outside it (capped at 1), the worst
+    layer's relative standard error (None when not finite)."""
     name, worst = result.worst
     return {
         "mode": result.mode,
@@ -91,9 +92,15 @@ def _pass_summary(result: Any) -> dict[str, Any]:
         "passes": result.passes,
         "tolerance": result.tolerance,
         "tolerance_met": result.met if result.tolerance is not None else None,
+        "miss_probability": _probability(result.miss_probability),
         "worst_relative_error": worst if math.isfinite(worst) else None,
         "worst_layer": name,
     }
+
+
+def _probability(bound: float | None) -> float | None:
+    """A union bound as a probability: at most 1; None without one."""
+    return None if bound is None else min(bound, 1.0)
 
 
 def _changes_table(changes: list[dict], lazy: list[str], result: Any, out: Path) -> str:

@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from bnstats._array import widen
+from bnstats._array import largest, widen
 from bnstats.stats import BatchSpread, Population, pooled_batches
 from bnstats.torch._layers import on_device
 
@@ -202,8 +202,18 @@ def _hand_out(
 
 def relative_errors(layers: Sequence[GatheredLayer], finite_batches: Sequence[int]) -> torch.Tensor:
     """Each layer's worst channel's relative standard error (:meth:`LayerPass.relative_error`)
-    as one ``(L,)`` tensor on the first layer's device: one computation over all channels
-    (:meth:`bnstats.stats.BatchSpread.relative_errors` with per-channel counts and batches)."""
+    as one ``(L,)`` tensor on the first layer's device (:func:`channel_relative_errors`)."""
+    per_channel, channels = channel_relative_errors(layers, finite_batches)
+    return channels.per_layer_max(largest(per_channel, axis=0))
+
+
+def channel_relative_errors(
+    layers: Sequence[GatheredLayer], finite_batches: Sequence[int]
+) -> tuple[torch.Tensor, Channels]:
+    """Every channel's relative standard errors of its mean and variance, all layers side
+    by side: ``(2, K)`` on the first layer's device, and the layout of the channels. One
+    computation over all channels (:meth:`bnstats.stats.BatchSpread.relative_standard_errors`
+    with per-channel counts and batches)."""
     populations = [m.population for m in layers]
     device = populations[0].mean.device
     channels = Channels.of([int(p.mean.shape[0]) for p in populations], device)
@@ -229,7 +239,8 @@ def relative_errors(layers: Sequence[GatheredLayer], finite_batches: Sequence[in
         for m, b in zip(layers, finite_batches, strict=True)
     ]
     batches = channels.per_channel(on_device(measured, torch.float64, device))
-    return channels.per_layer_max(spread.relative_errors(together, batches.to(together.mean)))
+    errors = spread.relative_standard_errors(together, batches.to(together.mean))
+    return errors, channels
 
 
 def _spread_m2(moments: GatheredLayer) -> torch.Tensor:

@@ -45,8 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnstats._array import widen
-from bnstats.stats import BatchSpread, NonFiniteStatisticsError, Population, simultaneous_z
+from bnstats._array import largest, widen
+from bnstats.stats import BatchSpread, NonFiniteStatisticsError, Population, miss_probability
 from bnstats.torch._layers import (
     PreservedState,
     batchnorm_train_mode,
@@ -67,7 +67,7 @@ from bnstats.torch._layers import (
     unwrap,
     write_buffers,
 )
-from bnstats.torch._many_layers import merge_rows, relative_errors
+from bnstats.torch._many_layers import channel_relative_errors, merge_rows
 from bnstats.torch._ranks import (
     check_same_layers,
     exchange,
@@ -912,54 +912,65 @@ def _run_batches(
     level: Level,
 ) -> None:
     """The loop of a pass: each batch through the model, its size into ``sizes``, and with
-    ``tolerance`` the stop once every channel is within it (:func:`tolerance_z`) and every
-    layer the stop waits for was reached (:meth:`Level.all_awaited_reached`)."""
+    ``tolerance`` the stop once every channel is within it with 95 % confidence
+    (:func:`judge_tolerance`) and every layer the stop waits for was reached
+    (:meth:`Level.all_awaited_reached`)."""
     worst, samples, device = math.inf, 0, model_device(model)
     for batch, size in iterate_batches(batches, options.max_samples):
         recorder.run(forward, model, move_to_device(batch, device))
         sizes.append(size)
         samples += size or 0
         met = False
-        if _time_to_check(options.tolerance, len(sizes)):
+        if options.tolerance is not None and _time_to_check(len(sizes)):
             for layer_pass in moments.values():  # the batch just run counts too
                 layer_pass.take_kernel_moments(options.nonfinite)
-            worst = worst_relative_error(moments.values())[0]
-            met = worst * tolerance_z(moments.values()) < options.tolerance
+            worst, miss = judge_tolerance(moments.values(), options.tolerance)
+            met = miss <= MISS_PROBABILITY
         advance(samples, worst)
         if met and level.all_awaited_reached(recorder.watched, options):
             return
 
 
-def _time_to_check(tolerance: float | None, batches: int) -> bool:
-    """With ``tolerance``, every ``CHECK_EVERY`` batches from ``MIN_BATCHES`` on: time to
-    read the worst relative standard error (two host reads per check, none between)."""
-    return tolerance is not None and batches >= MIN_BATCHES and not batches % CHECK_EVERY
+def _time_to_check(batches: int) -> bool:
+    """Every ``CHECK_EVERY`` batches from ``MIN_BATCHES`` on: time to judge a ``tolerance``
+    (two host reads per check, none between)."""
+    return batches >= MIN_BATCHES and not batches % CHECK_EVERY
 
 
-def tolerance_z(layers: Iterable[LayerPass]) -> float:
-    """The ``z`` of ``tolerance=``: every channel's mean and variance of ``layers`` (two per
-    channel) within ``z`` standard errors of the full-data values together with 95 %
-    confidence (:func:`bnstats.stats.simultaneous_z`)."""
-    channels = sum(int(m.layer.num_features) for m in layers)
-    return simultaneous_z(max(2 * channels, 1))
+MISS_PROBABILITY = 0.05
+"""A ``tolerance`` is met when the probability that some channel lies outside it is at most
+this (95 % confidence for all channels together)."""
 
 
-def worst_relative_error(layers: Iterable[LayerPass]) -> tuple[float, str | None]:
-    """The largest :meth:`LayerPass.relative_error` over the layers that received a finite
-    batch, and that layer's name (``(inf, None)`` if there is none)."""
+def judge_tolerance(layers: Iterable[LayerPass], tolerance: float) -> tuple[float, float]:
+    """Over the layers that received a finite batch: the worst channel's relative standard
+    error, and at most the probability that some channel's mean or variance lies farther
+    than ``tolerance`` from the truth (:func:`bnstats.stats.miss_probability` over every
+    channel's two :meth:`~bnstats.stats.BatchSpread.relative_standard_errors`). ``(inf, inf)``
+    while no layer has a finite batch."""
     layers = list(layers)
     flush_together(layers)
     live = [moments for moments in layers if moments._verdict is not None]
     if not live:
-        return math.inf, None
+        return math.inf, math.inf
     skipped = torch.stack([m._verdict[1] for m in live]).cpu().tolist()
     judged = [(m, m.batches - int(s)) for m, s in zip(live, skipped, strict=True)]
     judged = [(m, finite) for m, finite in judged if finite > 0]
     if not judged:
-        return math.inf, None
-    errors = relative_errors([m for m, _ in judged], [finite for _, finite in judged]).tolist()
-    worst = max(range(len(errors)), key=lambda i: errors[i])
-    return float(errors[worst]), judged[worst][0].name
+        return math.inf, math.inf
+    return channels_within([m for m, _ in judged], [finite for _, finite in judged], tolerance)
+
+
+def channels_within(
+    layers: list[LayerPass], finite_batches: list[int], tolerance: float
+) -> tuple[float, float]:
+    """The worst relative standard error of ``layers`` (each over its ``finite_batches``)
+    and the probability, at most, that some channel lies outside ``tolerance``: one host
+    read."""
+    errors, _ = channel_relative_errors(layers, finite_batches)
+    worst = largest(errors)
+    miss = miss_probability(errors, tolerance)
+    return tuple(torch.stack((worst, miss)).tolist())
 
 
 # -- one pass over all ranks' batches ---------------------------------------------------------

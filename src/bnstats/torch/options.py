@@ -55,12 +55,14 @@ class PassOptions:
       ``"eval_exact"``) or ``"eval_exact"`` (the same statistics exactly, one pass per
       depth level of the BN layers).
     - ``tolerance``: stop drawing batches once every channel's mean and variance, over all
-      measured layers, is within ``tolerance`` of the full-data values with 95 % confidence:
-      the worst relative standard error (:meth:`bnstats.stats.BatchSpread.relative_error`)
-      times ``z = Phi^-1(1 - 0.05 / (4 * channels))`` (Bonferroni over two estimates per
-      channel, :func:`bnstats.stats.simultaneous_z`) below it, judged every ``CHECK_EVERY``
-      batches from ``MIN_BATCHES`` batches on (in ``mode="eval"`` on its first pass, whose
-      batches the other passes reuse). Not in a group.
+      measured layers, is within ``tolerance`` (relative; the mean relative to the channel's
+      standard deviation) of the population the batches are drawn from with 95 %
+      confidence: the sum over all those estimates of ``P(|Z| > tolerance / r)``, ``r``
+      each one's relative standard error
+      (:meth:`bnstats.stats.BatchSpread.relative_standard_errors`), at most 0.05 (the union
+      bound, :func:`bnstats.stats.miss_probability`), judged every ``CHECK_EVERY`` batches
+      from ``MIN_BATCHES`` batches on (in ``mode="eval"`` on its first pass, whose batches
+      the other passes reuse). Not in a group.
       Under ``unreached="raise"`` a layer no forward has reached yet holds the stop back (a
       layer used in few batches is drawn until it is measured too); under ``"keep"`` it is
       kept as it was and listed, as at the end of the data.

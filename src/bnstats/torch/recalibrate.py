@@ -21,7 +21,7 @@ from torch import nn
 from bnstats.torch._layers import all_finite, cast_buffer, display_name, write_buffers
 from bnstats.torch._many_layers import population_statistics, relative_errors
 from bnstats.torch._measure import EvalMeasured, measure
-from bnstats.torch._pass import LayerPass, Measured, tolerance_z
+from bnstats.torch._pass import MISS_PROBABILITY, LayerPass, Measured, channels_within
 from bnstats.torch._ranks import Group
 from bnstats.torch.options import Forward, PassOptions
 
@@ -36,14 +36,16 @@ class Recalibration:
     level in ``"eval_exact"``), the ``tolerance`` asked for, and per layer the worst
     channel's relative standard error of the new statistics (``relative_errors``, see
     :meth:`bnstats.stats.BatchSpread.relative_error`; inf with fewer than 2 batches), and
-    ``confidence_z``, the standard errors that ``tolerance`` allows for all channels together
-    (:func:`bnstats.stats.simultaneous_z` of two estimates per channel).
+    with a ``tolerance``, ``miss_probability``: at most the probability that some channel's
+    mean or variance lies farther than ``tolerance`` from the truth
+    (:func:`bnstats.stats.miss_probability` over all channels, each with its own standard
+    errors); ``met`` when it is at most 0.05.
 
     In ``mode="eval"``: ``moved``, per layer how far the last pass moved its statistics
     (worst channel, ``|d mean| / sqrt(var + eps)`` or ``|d var| / (var + eps)``), and
     ``converged``, whether every layer moved at most 1e-4 (if not, the statistics were
     measured level by level after the four passes, and ``passes`` counts those too). Its
-    ``relative_errors`` and ``confidence_z`` are those of the first pass (each layer's input
+    ``relative_errors`` and ``miss_probability`` are those of the first pass (each layer's input
     with every BN layer normalizing with its batch's statistics), the one a ``tolerance``
     stop judges; the other three pass over the same batches. So ``met`` says what the stop
     decided (a layer the first pass did not reach: the last pass's error). After the level
@@ -58,7 +60,7 @@ class Recalibration:
     relative_errors: dict[str, float]
     moved: dict[str, float] = field(default_factory=dict)
     converged: bool | None = None
-    confidence_z: float = 1.0
+    miss_probability: float | None = None
 
     @property
     def worst(self) -> tuple[str | None, float]:
@@ -71,8 +73,9 @@ class Recalibration:
     @property
     def met(self) -> bool:
         """True when a ``tolerance`` was given and every channel is within it with 95 %
-        confidence: the worst relative standard error times ``confidence_z`` below it."""
-        return self.tolerance is not None and self.worst[1] * self.confidence_z < self.tolerance
+        confidence: ``miss_probability`` at most 0.05, as the stop judges it."""
+        miss = self.miss_probability
+        return self.tolerance is not None and miss is not None and miss <= MISS_PROBABILITY
 
     def __str__(self) -> str:
         name, worst = self.worst
@@ -81,6 +84,9 @@ class Recalibration:
             f"recalibrated ({self.mode} mode) on {self.samples} samples in {self.batches} "
             f"batches, {self.passes} pass(es); worst relative standard error {worst:.3g}{where}"
         )
+        if self.miss_probability is not None:
+            chance = min(self.miss_probability, 1.0)
+            text += f"; some channel outside {self.tolerance:g} with probability <= {chance:.2g}"
         if self.moved:
             state = "converged" if self.converged else "not converged, measured level by level"
             text += f"; last pass moved the statistics by {max(self.moved.values()):.3g} ({state})"
@@ -173,9 +179,10 @@ def recalibrate_report(
     how many samples and passes it took and how precise each layer's new statistics are.
 
     With ``tolerance=1e-2`` the pass stops drawing batches once every channel's mean and
-    variance is within 1e-2 of the full-data values with 95 % confidence: the worst relative
-    standard error times ``confidence_z`` below 1e-2 (checked every ``CHECK_EVERY`` batches
-    from ``MIN_BATCHES`` on, see :class:`bnstats.torch.PassOptions`); if the data runs out
+    variance is within 1e-2 of the population the batches are drawn from (so also of the
+    full-data values) with 95 % confidence: ``miss_probability`` at most 0.05 (checked every
+    ``CHECK_EVERY`` batches from ``MIN_BATCHES`` on, see :class:`bnstats.torch.PassOptions`);
+    if the data runs out
     first, a warning says so. In ``mode="eval"`` the stop is judged on the first pass and the
     report gives that pass's errors (see :class:`Recalibration`).
     """
@@ -210,7 +217,8 @@ def _recalibrate(
 def _summary(model: nn.Module, measured: Measured, options: PassOptions) -> Recalibration:
     """The :class:`Recalibration` of ``measured``: per written layer the relative standard
     error of the pass a ``tolerance`` stop judged (:func:`_judged`; a layer that pass did not
-    reach, the written pass's), and the ``confidence_z`` that stop used."""
+    reach, the written pass's), and with a ``tolerance`` the stop's ``miss_probability`` over
+    those layers' channels."""
     judged, written = _judged(measured), _relative_errors(measured)
     judged_errors = written if judged is measured else _relative_errors(judged)
     errors = {name: judged_errors.get(name, error) for name, error in written.items()}
@@ -225,7 +233,7 @@ def _summary(model: nn.Module, measured: Measured, options: PassOptions) -> Reca
         relative_errors=errors,
         moved=dict(measured.moved),
         converged=measured.converged,
-        confidence_z=tolerance_z({**measured.layers, **judged.layers}.values()),
+        miss_probability=_miss_probability(measured, judged, options.tolerance),
     )
 
 
@@ -234,6 +242,26 @@ def _judged(measured: Measured) -> Measured:
     (:class:`bnstats.torch._measure.EvalMeasured`), otherwise ``measured`` itself."""
     judged = measured.judged if isinstance(measured, EvalMeasured) else None
     return measured if judged is None else judged
+
+
+def _miss_probability(
+    measured: Measured, judged: Measured, tolerance: float | None
+) -> float | None:
+    """:func:`bnstats.torch._pass.channels_within` over the written layers, each as the pass
+    the stop judged measured it (``judged``; a layer it did not reach, ``measured``); None
+    without a ``tolerance``, inf without a layer."""
+    if tolerance is None:
+        return None
+    chosen = {}
+    for source in (measured, judged):  # the judged pass's own wherever it has the layer
+        for moments in source.reached():
+            if moments.precise:
+                chosen[moments.name] = (moments, source.finite_batches(moments))
+    written = [chosen[m.name] for m in measured.reached() if m.name in chosen]
+    if not written:
+        return math.inf
+    layers, finite = zip(*written, strict=True)
+    return channels_within(list(layers), list(finite), tolerance)[1]
 
 
 def _relative_errors(measured: Measured) -> dict[str, float]:
