@@ -54,8 +54,8 @@ def add_pass_mode(parser: argparse.ArgumentParser) -> None:
         choices=("train", "eval", "eval_exact"),
         default="train",
         help="train: each BN layer's input with every BN normalizing by its batch (one pass); "
-        "eval: as inference sees it, every BN using its new statistics (four passes, or level "
-        "by level where they do not converge); eval_exact: the same, level by level",
+        "eval: as inference sees it, every BN using its new statistics (whole-model passes "
+        "until they stop moving, 4 or more); eval_exact: the same, level by level",
     )
     parser.add_argument(
         "--tolerance",

@@ -2,9 +2,9 @@
 
 ``mode="train"``: one pass (:func:`bnstats.torch._pass.measure_pass`), the BN layers
 normalizing with each batch's statistics. ``mode="eval"``: every layer's input as eval-mode
-inference gives it, by whole-model eval passes that converge in four
-(:func:`measure_eval_mode`); ``mode="eval_exact"``: the same statistics level by level, one
-pass per depth level of the BN layers (:func:`measure_eval_exact`).
+inference gives it, by whole-model eval passes until they stop moving (four where they
+converge fast; :func:`measure_eval_mode`); ``mode="eval_exact"``: the same statistics level
+by level, one pass per depth level of the BN layers (:func:`measure_eval_exact`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from bnstats.torch._pass import Call, Check, LayerPass, Level, Measured, Statist
 from bnstats.torch.options import PassOptions
 
 EVAL_PASSES = 4
-"""Passes of ``mode="eval"`` over the batches before it falls back to level by level."""
+"""Passes of ``mode="eval"`` before it first judges convergence (:func:`measure_eval_mode`)."""
 EVAL_TARGET = 1e-4
 """``mode="eval"`` has converged when its last pass moved no layer's statistics by more
 than this (see :func:`movement`)."""
@@ -66,7 +66,7 @@ def measure_eval_mode(
     precise: bool = True,
 ) -> Measured:
     """Every BN layer's population moments with every BN layer normalizing with its own
-    final statistics (the fixed point of eval-mode inference), in four whole-model passes.
+    final statistics (the fixed point of eval-mode inference), by whole-model passes.
 
     Every pass runs the whole model in eval mode (so data-dependent control flow goes where
     inference goes) and measures every BN layer's input (:class:`bnstats.torch._pass.Level`):
@@ -77,12 +77,19 @@ def measure_eval_mode(
     3. ``"tracked"``: each batch runs at ``s0`` again, then with ``F(s0)`` moved as each
        layer's input moved from that run (exact where the change is affine per channel, as
        BN makes it): the estimate ``t``;
-    4. ``"fixed"`` at ``t``: the populations ``F(t)``, written.
+    4. ``"fixed"`` at ``t``: the populations ``F(t)``;
+    5. while the last pass moved some layer by more than :data:`EVAL_TARGET`
+       (:func:`movement` of its result against the statistics it normalized with):
+       ``"fixed"`` at the last pass's populations.
 
-    :func:`movement` of pass 4 (``F(t)`` against ``t``) says how far the last pass moved
-    each layer; when it is at most :data:`EVAL_TARGET` for every layer the result is taken
-    (``converged``). Otherwise a warning says so and :func:`measure_eval_exact` measures the
-    statistics level by level (``passes`` counts all). ``batches`` must be iterable again.
+    The result is taken once a pass moved no layer by more than :data:`EVAL_TARGET`
+    (``converged``). Each ``"fixed"`` pass makes one more depth level of the BN layers exact
+    (a layer's input depends only on the layers before it: after pass 4 the first three
+    levels are exact, after pass ``3 + d`` the first ``d``), so a model with ``D`` levels
+    converges in at most ``D + 2`` passes (the last one moving nothing), often sooner; a
+    model whose passes change it otherwise (a BN layer fed by its own output) is measured
+    level by level (:func:`measure_eval_exact`) after ``EVAL_PASSES + 1`` passes per BN
+    layer, with a warning. ``batches`` must be iterable again.
 
     A ``tolerance`` stop is judged on pass 1 (the later passes use the batches it drew); a
     converged result carries that pass as its ``judged`` (:class:`EvalMeasured`), so that
@@ -112,9 +119,13 @@ def measure_eval_mode(
     )
     estimate = statistics_of(tracked)
     final = run(Level(training=False, rule="fixed", statistics=estimate), data, again)
-    final.passes = EVAL_PASSES
-    final.moved = movement(estimate, final)
-    final.converged = bool(final.moved) and max(final.moved.values()) <= EVAL_TARGET
+    final.passes, final.moved = EVAL_PASSES, movement(estimate, final)
+    limit = EVAL_PASSES + len(start.layers) + 1
+    while not _converged(final.moved) and final.passes < limit:
+        estimate, passes = statistics_of(final), final.passes
+        final = run(Level(training=False, rule="fixed", statistics=estimate), data, again)
+        final.passes, final.moved = passes + 1, movement(estimate, final)
+    final.converged = _converged(final.moved)
     if final.converged:
         final.batch_sizes = start.batch_sizes
         final.check_coverage(options)
@@ -123,16 +134,22 @@ def measure_eval_mode(
         )
     worst = max(final.moved, key=lambda name: final.moved[name], default=None)
     warnings.warn(
-        f"bnstats: mode='eval' did not converge in {EVAL_PASSES} passes (the last pass moved "
+        f"bnstats: mode='eval' did not converge in {final.passes} passes (the last pass moved "
         f"{display_name(worst) if worst is not None else 'no layer'} by "
-        f"{final.moved.get(worst, math.inf):.3g}, more than {EVAL_TARGET:g}); measuring level "
-        "by level instead (mode='eval_exact': one more pass per depth level of the BN layers)",
+        f"{final.moved.get(worst, math.inf):.3g}, more than {EVAL_TARGET:g}; more passes than "
+        "BN layers: a layer's statistics depend on its own); measuring level by level instead "
+        "(mode='eval_exact': one more pass per depth level of the BN layers)",
         stacklevel=4,
     )
     exact = measure_eval_exact(model, batches, options, tool=tool, check=check, precise=precise)
-    exact.passes += EVAL_PASSES
+    exact.passes += final.passes
     exact.moved, exact.converged = final.moved, False
     return exact
+
+
+def _converged(moved: Mapping[str, float]) -> bool:
+    """True when a pass moved some layer and none by more than :data:`EVAL_TARGET`."""
+    return bool(moved) and max(moved.values()) <= EVAL_TARGET
 
 
 @dataclass

@@ -50,10 +50,10 @@ class PassOptions:
       listed).
     - ``mode``: ``"train"`` (each BN layer's input with every BN layer normalizing with its
       batch's statistics, one pass), ``"eval"`` (each BN layer's input with every BN layer
-      normalizing with its own final statistics, as at inference: four whole-model passes
-      that converge to within 1e-4 of the exact result, or, where they do not, a warning and
-      ``"eval_exact"``) or ``"eval_exact"`` (the same statistics exactly, one pass per
-      depth level of the BN layers).
+      normalizing with its own final statistics, as at inference: whole-model passes until
+      one moves no layer by more than 1e-4, four where they converge fast, at most one per
+      depth level of the BN layers and one more) or ``"eval_exact"`` (the same statistics
+      exactly, one pass per depth level of the BN layers).
     - ``tolerance``: stop drawing batches once every channel's mean and variance, over all
       measured layers, is within ``tolerance`` (relative; the mean relative to the channel's
       standard deviation) of the population the batches are drawn from with 95 %

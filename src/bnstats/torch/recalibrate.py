@@ -43,11 +43,12 @@ class Recalibration:
 
     In ``mode="eval"``: ``moved``, per layer how far the last pass moved its statistics
     (worst channel, ``|d mean| / sqrt(var + eps)`` or ``|d var| / (var + eps)``), and
-    ``converged``, whether every layer moved at most 1e-4 (if not, the statistics were
-    measured level by level after the four passes, and ``passes`` counts those too). Its
-    ``relative_errors`` and ``miss_probability`` are those of the first pass (each layer's input
-    with every BN layer normalizing with its batch's statistics), the one a ``tolerance``
-    stop judges; the other three pass over the same batches. So ``met`` says what the stop
+    ``converged``, whether every layer moved at most 1e-4 (the passes go on past four until
+    it is; only statistics that depend on themselves never converge, and are then measured
+    level by level, ``passes`` counting all). Its ``relative_errors`` and
+    ``miss_probability`` are those of the first pass (each layer's input with every BN layer
+    normalizing with its batch's statistics), the one a ``tolerance`` stop judges; the other
+    passes go over the same batches. So ``met`` says what the stop
     decided (a layer the first pass did not reach: the last pass's error). After the level
     by level fallback, each layer's error is that of the level it settled in."""
 
@@ -127,11 +128,12 @@ def recalibrate(
     ``mode="eval"``: each layer gets the mean and unbiased variance of the input it receives
     when every BN layer normalizes with its own final statistics, as at inference (the fixed
     point of eval-mode inference; Wu & Johnson 2021 on the train-test inconsistency of the
-    single pass). It takes four whole-model eval-mode passes over ``batches`` (so they must
-    be iterable again) that reach the fixed point to within 1e-4 of the layers' output
-    scale; if the last pass still moved a layer more, a warning says so and the statistics
-    are measured level by level (``mode="eval_exact"``: exact, one pass per depth level of
-    the BN layers; layers side by side share a pass). Any batch size works, one included,
+    single pass). It takes whole-model eval-mode passes over ``batches`` (so they must be
+    iterable again) until the last one moves no layer's statistics by more than 1e-4 of the
+    layer's output scale: four where they converge fast, at most one per depth level of the
+    BN layers and one more (each pass makes one more level exact; ``mode="eval_exact"``
+    measures the same statistics level by level, one pass per depth level; layers side by
+    side share a level). Any batch size works, one included,
     and images of varying size. Layers with fixed statistics
     (``FrozenBatchNorm2d``) are left as they are, with a warning naming them.
 

@@ -88,11 +88,11 @@ def diagnose(
     ``batch_dependence``, ``frozen_statistics``; thresholds in
     :mod:`bnstats.torch.diagnose._findings`.
 
-    Cost: 1 + 4 recalibration passes over ``batches`` (train mode, eval mode; one more per
-    depth level of the BN layers when eval mode falls back to level by level), one pass over
-    them with frozen layers (when there are any), 1 + 2 passes over ``test_batches`` when given
-    (their statistics, two adapt priors), and one evaluation over ``test_batches`` per setting
-    and per attributed layer (``report.passes`` counts them all).
+    Cost: 1 + 4 recalibration passes over ``batches`` (train mode, eval mode; more, up to
+    one per depth level of the BN layers and one, where eval mode's four do not converge),
+    one pass over them with frozen layers (when there are any), 1 + 2 passes over
+    ``test_batches`` when given (their statistics, two adapt priors), and one evaluation over
+    ``test_batches`` per setting and per attributed layer (``report.passes`` counts them all).
 
     The model is not changed: its buffers (bit for bit), modes, momenta and hooks are as
     found afterwards, also when anything raises. The pass options (``max_samples``, applied

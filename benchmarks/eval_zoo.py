@@ -1,0 +1,146 @@
+"""Does ``mode="eval"`` reach the exact eval-mode statistics in four passes on real architectures?
+
+For each architecture of :mod:`benchmarks.zoo_pass_cost` (timm and torchvision, random weights,
+nothing downloaded), 4 batches of 4x3x64x64 images (inception_v3 96x96):
+
+- ``recalibrate_report(mode="eval")``: its passes, whether the four whole-model passes
+  converged (the last one moved no layer by more than 1e-4 of its output scale; if not it
+  falls back to level by level) and how far that last pass moved the worst layer;
+- ``recalibrate_report(mode="eval_exact")``: the passes level by level takes (one per depth
+  level of the BN layers);
+- ``worst``: the largest difference between the two results over all channels of all
+  layers, ``|d var| / var`` and ``|d mean| / sqrt(var)`` (C.8's goal: 1e-4);
+- the CPU time of each call.
+
+Architectures without a BN layer, and those that fail to build or run, are listed with the
+reason. Run (needs timm and torchvision; about 10 minutes on 2 CPU cores)::
+
+    PYTHONPATH=src:. python -m benchmarks.eval_zoo [--only a,b] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from benchmarks.models import image_batches
+from benchmarks.onnx_zoo import build
+from benchmarks.zoo_pass_cost import LARGER_INPUT, MODELS, SIZE, _reason
+
+BATCHES, BATCH_SIZE = 4, 4
+
+
+@dataclass
+class Result:
+    """One architecture's measurement; ``skipped`` holds the reason it has none."""
+
+    model: str
+    bn_layers: int = 0
+    eval_passes: int = 0
+    converged: bool = False
+    moved: float = float("nan")
+    exact_passes: int = 0
+    worst: float = float("nan")
+    eval_s: float = float("nan")
+    exact_s: float = float("nan")
+    skipped: str = ""
+
+
+def worst_difference(a: nn.Module, b: nn.Module) -> float:
+    """The largest ``|d var| / var`` or ``|d mean| / sqrt(var)`` over every BN channel."""
+    import bnstats.torch as bt
+
+    worst = 0.0
+    layers_b = bt.find_batchnorm_layers(b)
+    for name, layer in bt.find_batchnorm_layers(a).items():
+        mean, var = layer.running_mean.double(), layer.running_var.double()
+        other = layers_b[name]
+        var_b, mean_b = other.running_var.double(), other.running_mean.double()
+        worst = max(worst, float(((var - var_b).abs() / var_b).max()))
+        worst = max(worst, float(((mean - mean_b).abs() / var_b.sqrt()).max()))
+    return worst
+
+
+def measure(spec: str) -> Result:
+    """Both modes on ``spec``; a model that fails is returned with ``skipped``."""
+    import bnstats.torch as bt
+
+    result = Result(spec)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = build(spec)
+        result.bn_layers = len(bt.find_batchnorm_layers(model))
+    except ValueError:  # find_batchnorm_layers, where there is none
+        result.skipped = "no BN layer with running statistics"
+        return result
+    except Exception as error:  # noqa: BLE001 - reported, not raised
+        result.skipped = f"does not build: {_reason(error)}"
+        return result
+    batches = image_batches(BATCHES, BATCH_SIZE, LARGER_INPUT.get(spec, SIZE))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback's warning: read from the report
+            start = time.process_time()
+            iterated = bt.recalibrate_report(copy.deepcopy(model), batches, mode="eval")
+            result.eval_s = time.process_time() - start
+            start = time.process_time()
+            exact = bt.recalibrate_report(copy.deepcopy(model), batches, mode="eval_exact")
+            result.exact_s = time.process_time() - start
+    except Exception as error:  # noqa: BLE001 - reported, not raised
+        result.skipped = f"does not run: {_reason(error)}"
+        return result
+    result.eval_passes, result.converged = iterated.passes, bool(iterated.converged)
+    result.moved = max(iterated.moved.values(), default=float("nan"))
+    result.exact_passes = exact.passes
+    result.worst = worst_difference(iterated.model, exact.model)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=None, help="comma-separated model specs")
+    parser.add_argument("--json", default=None, help="write the results as JSON to PATH")
+    args = parser.parse_args(argv)
+    specs = args.only.split(",") if args.only else list(MODELS)
+    results = []
+    print(
+        f"{'model':34s} {'BN':>4s} {'eval passes':>11s} {'converged':>9s} {'moved':>9s} "
+        f"{'exact passes':>12s} {'worst':>9s} {'eval s':>7s} {'exact s':>7s}"
+    )
+    for spec in specs:
+        r = measure(spec)
+        results.append(r)
+        if r.skipped:
+            print(f"{spec:34s} skipped: {r.skipped}", flush=True)
+            continue
+        print(
+            f"{spec:34s} {r.bn_layers:4d} {r.eval_passes:11d} {str(r.converged):>9s} "
+            f"{r.moved:9.2g} {r.exact_passes:12d} {r.worst:9.2g} {r.eval_s:7.1f} "
+            f"{r.exact_s:7.1f}",
+            flush=True,
+        )
+    measured = [r for r in results if not r.skipped]
+    converged = [r for r in measured if r.converged]
+    print(
+        f"\n{len(converged)} of {len(measured)} converged in 4 passes; worst difference from "
+        f"eval_exact where converged: {max((r.worst for r in converged), default=0.0):.2g}; "
+        f"passes level by level: median "
+        f"{sorted(r.exact_passes for r in measured)[len(measured) // 2] if measured else 0}"
+    )
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump([asdict(r) for r in results], handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    raise SystemExit(main())
