@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -104,6 +105,10 @@ def measure(spec: str) -> Result:
     return result
 
 
+def _median(values: list[int]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=None, help="comma-separated model specs")
@@ -129,11 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     measured = [r for r in results if not r.skipped]
     converged = [r for r in measured if r.converged]
+    in_four = [r for r in converged if r.eval_passes == 4]
+    fewer = [r for r in measured if r.eval_passes < r.exact_passes]
     print(
-        f"\n{len(converged)} of {len(measured)} converged in 4 passes; worst difference from "
-        f"eval_exact where converged: {max((r.worst for r in converged), default=0.0):.2g}; "
-        f"passes level by level: median "
-        f"{sorted(r.exact_passes for r in measured)[len(measured) // 2] if measured else 0}"
+        f"\n{len(converged)} of {len(measured)} converged ({len(in_four)} in 4 passes); "
+        f"{len(fewer)} in fewer passes than level by level; worst difference from eval_exact "
+        f"where converged: {max((r.worst for r in converged), default=0.0):.2g}; median passes "
+        f"eval {_median([r.eval_passes for r in measured])}, "
+        f"eval_exact {_median([r.exact_passes for r in measured])}"
     )
     if args.json:
         with open(args.json, "w") as handle:

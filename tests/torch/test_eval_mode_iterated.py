@@ -80,6 +80,32 @@ def test_passes_run_to_a_standstill_give_the_level_by_level_statistics_bit_for_b
     assert worst_difference(model, exact.model) == 0.0
 
 
+def test_passes_whose_deep_layers_overflow_on_the_way_still_converge():
+    """20 Linear+BN+ReLU layers with weights 3x torch's default and batches of 2: the
+    batch-statistics start is far off, and the passes that normalize with it overflow to
+    Inf beyond the levels already exact. Those batches are left out of those passes only;
+    the passes go on, and the converged one (finite, held to nonfinite="raise") is within
+    1e-4 of level by level."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(20):
+        linear = nn.Linear(8, 8)
+        with torch.no_grad():
+            linear.weight.mul_(3.0)
+        layers += [linear, nn.BatchNorm1d(8), nn.ReLU()]
+    model = nn.Sequential(*layers)
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(2, 8, generator=gen) for _ in range(4)]
+    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = bt.recalibrate_report(model, data, mode="eval")
+
+    assert result.converged and result.passes <= exact.passes + 1
+    assert worst_difference(model, exact.model) < 1e-4
+
+
 class _FedByItself(nn.Module):
     """One BN layer called twice, the second call's input computed from the first call's
     output: its statistics depend on themselves, no depth level settles them."""

@@ -20,8 +20,18 @@ import torch
 from torch import nn
 
 from bnstats._levels import Pending, require_reusable, settle_level
+from bnstats.stats import NonFiniteStatisticsError
 from bnstats.torch._layers import display_name, find_batchnorm_layers, unwrap
-from bnstats.torch._pass import Call, Check, LayerPass, Level, Measured, Statistics, measure_pass
+from bnstats.torch._pass import (
+    Call,
+    Check,
+    LayerPass,
+    Level,
+    Measured,
+    Statistics,
+    measure_pass,
+    raise_if_bad,
+)
 from bnstats.torch.options import PassOptions
 
 EVAL_PASSES = 4
@@ -107,26 +117,34 @@ def measure_eval_mode(
     start = run(  # a tolerance stop waits for every layer under unreached="raise"
         Level(training=False, rule="batch"), batches, replace(keep, unreached=options.unreached)
     )
-    again = replace(keep, tolerance=None)
+    # Beyond the levels already exact an iterate can overflow (normalizing with a variance
+    # far too small); the passes go on, and only the converged one is held to `nonfinite`.
+    again = replace(keep, tolerance=None, nonfinite="skip")
     data = _FirstBatches(batches, len(start.batch_sizes))
     start_statistics = statistics_of(start)
     base = run(Level(training=False, rule="fixed", statistics=start_statistics), data, again)
     reference = {**buffer_statistics(model), **start_statistics}
     tracked = run(
-        Level(training=False, rule="tracked", statistics=reference, base=statistics_of(base)),
+        Level(
+            training=False,
+            rule="tracked",
+            statistics=reference,
+            base=iterate_statistics(base, start_statistics),
+        ),
         data,
         again,
     )
-    estimate = statistics_of(tracked)
+    estimate = iterate_statistics(tracked, start_statistics)
     final = run(Level(training=False, rule="fixed", statistics=estimate), data, again)
     final.passes, final.moved = EVAL_PASSES, movement(estimate, final)
     limit = EVAL_PASSES + len(start.layers) + 1
     while not _converged(final.moved) and final.passes < limit:
-        estimate, passes = statistics_of(final), final.passes
+        estimate, passes = iterate_statistics(final, estimate), final.passes
         final = run(Level(training=False, rule="fixed", statistics=estimate), data, again)
         final.passes, final.moved = passes + 1, movement(estimate, final)
     final.converged = _converged(final.moved)
     if final.converged:
+        _require_finite_batches(final, options)
         final.batch_sizes = start.batch_sizes
         final.check_coverage(options)
         return EvalMeasured(
@@ -181,6 +199,37 @@ def statistics_of(measured: Measured) -> Statistics:
     return statistics
 
 
+def iterate_statistics(measured: Measured, previous: Statistics) -> Statistics:
+    """:func:`statistics_of` for the next pass of an iteration: a layer whose population is
+    NaN or Inf, or has no finite batch, keeps its ``previous`` statistics (its buffers where
+    it has none); it is not exact yet, and the pass that makes it exact sees finite inputs."""
+    statistics = {}
+    for moments in measured.reached():
+        try:
+            population = measured.population(moments)
+        except NonFiniteStatisticsError:
+            if moments.name in previous:
+                statistics[moments.name] = previous[moments.name]
+            continue
+        statistics[moments.name] = (population.mean, population.var)
+    return statistics
+
+
+def _require_finite_batches(measured: Measured, options: PassOptions) -> None:
+    """Under ``nonfinite="raise"``, fail on the first batch the converged pass left out for
+    NaN or Inf (the passes before it leave such batches out whatever ``nonfinite`` says)."""
+    if options.nonfinite != "raise" or not measured.skipped:
+        return
+    if measured.first_bad is not None:
+        raise_if_bad(measured.first_bad, options)
+    name = min(measured.skipped)
+    raise NonFiniteStatisticsError(
+        f"{measured.layers[name].label}: {measured.skipped[name]} batch(es) brought NaN or Inf "
+        "statistics in eval mode; nothing was written. Pass nonfinite='skip' to leave such "
+        "batches out"
+    )
+
+
 def buffer_statistics(model: nn.Module) -> Statistics:
     """Every initialized BN layer's running ``(mean, var)`` now, copied."""
     layers = find_batchnorm_layers(unwrap(model))
@@ -197,11 +246,14 @@ def movement(estimate: Statistics, final: Measured) -> dict[str, float]:
 
         max over channels of  |mean - mean_e| / sqrt(var + eps),  |var - var_e| / (var + eps)
 
-    inf for a layer without an estimate. One host read."""
+    inf for a layer without an estimate or without finite statistics. One host read."""
     names, values = [], []
     for moments in final.reached():
-        population = final.population(moments)
-        if moments.name not in estimate:
+        try:
+            population = final.population(moments)
+        except NonFiniteStatisticsError:
+            population = None
+        if population is None or moments.name not in estimate:
             names.append(moments.name)
             values.append(torch.tensor(math.inf, dtype=torch.float64))
             continue
