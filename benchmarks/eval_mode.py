@@ -4,7 +4,8 @@ and early stopping with tolerance.
 1. accuracy: the small-batch study's models (engine MLP and torch CNN on the digits, i.i.d.
    training batches of k = 2, 4, 8, 32, plain BN; the torch CNN also with Dropout(0.2)
    before each BN), then test accuracy with the population statistics of the training set
-   measured in train mode (batches of k, as in training) and in eval mode;
+   measured in train mode (batches of k, as in training) and in eval mode (for the torch
+   CNNs with the passes ``mode="eval"`` took, ``eval_passes``);
 2. batches of one: the recalibration benchmark's ResNet-18-shaped model, ``mode="eval"`` on
    one image per batch vs the same images in batches of 32 (worst relative difference);
 3. early stop: the same model at widths (8, 16, 16, 16) on 32x32 images, 8192 batches of 32
@@ -81,10 +82,12 @@ def torch_accuracy(data: Any, size: int, seed: int, epochs: int, dropout: bool) 
     usable = [x for x in X.split(size) if len(x) > 1]
     result = {}
     for mode in ("train", "eval"):
-        recalibrated = bt.recalibrate(copy.deepcopy(model), usable, mode=mode).eval()
+        report = bt.recalibrate_report(copy.deepcopy(model), usable, mode=mode)
         with torch.no_grad():
-            predicted = recalibrated(X_test).argmax(1).numpy()
+            predicted = report.model.eval()(X_test).argmax(1).numpy()
         result[mode] = float((predicted == data.y_test).mean())
+        if mode == "eval":
+            result["eval_passes"] = report.passes
     return result
 
 
