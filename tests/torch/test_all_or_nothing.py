@@ -29,7 +29,7 @@ from torch import nn
 
 import bnstats
 import bnstats.torch as bt
-from bnstats.torch import _layers, _pass
+from bnstats.torch import _layers, _level
 from tests.torch import reference as ref
 from tests.torch import zoo
 from tests.torch.extra_models import AuxiliaryHead
@@ -95,8 +95,8 @@ CRITICAL = _functions(
     _layers.PreservedState._restore_modes,
     _layers.PreservedState._restore_buffers,
     _layers.PreservedState._restore_momenta,
-    _pass.pass_mode,
-    _pass.local_batch_statistics,
+    _level.pass_mode,
+    _level.local_batch_statistics,
     recalibrate._recalibrate,
     adapt.adapt,
     sync_batchnorm._replace,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import bnstats.torch as bt
-from bnstats.torch._pass import local_batch_statistics
+from bnstats.torch._level import local_batch_statistics
 from bnstats.torch._ranks import RankError, resolve_group
 from bnstats.torch.distributed import pooled_moments, sync_running_stats
 from tests.torch import reference as ref

@@ -226,7 +226,7 @@ def test_timms_bn_act_layer_is_measured_by_the_pass_own_forward_as_by_its_forwar
     """Its kind has a plain forward (kernel, then drop and act): a train-mode pass makes that
     call itself, and ends with the buffers that the layer's own forward (the look-alike's,
     measured through the hook) gives, bit for bit, and those of a float64 reference."""
-    from bnstats.torch._pass import takes_own_forward
+    from bnstats.torch._recorder import takes_own_forward
 
     named, alike = _bn_act_net(NamedAsTimms), _bn_act_net(tp.BatchNormAct2d)
     assert kinds.kind_of(named[1]).plain_forward and takes_own_forward(named[1])

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import bnstats.torch as bt
-from bnstats.torch import _pass
+from bnstats.torch import _layer_pass
+from bnstats.torch._layer_pass import LayerPass, flush_together
 from bnstats.torch._many_layers import merge_rows, relative_errors
-from bnstats.torch._pass import LayerPass, flush_together
 
 SIZES = (3, 8, 1, 5)
 
@@ -118,9 +118,9 @@ def test_a_group_too_wide_for_the_cache_merges_in_parts_to_the_same_numbers(monk
     parts = copy.deepcopy(whole)
     merge_rows(whole)
     merged: list[list[str]] = []
-    monkeypatch.setattr(_pass, "_MERGED_VALUES", 7 * 9)  # SIZES (3, 8, 1, 5): 3, 8+1, 5
+    monkeypatch.setattr(_layer_pass, "_MERGED_VALUES", 7 * 9)  # SIZES (3, 8, 1, 5): 3, 8+1, 5
     monkeypatch.setattr(
-        _pass,
+        _layer_pass,
         "merge_rows",
         lambda group: merged.append([m.name for m in group]) or merge_rows(group),
     )

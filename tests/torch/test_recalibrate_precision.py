@@ -253,7 +253,7 @@ def test_channels_last_models_are_as_precise_as_contiguous_ones():
 
 @pytest.mark.parametrize("shape", [(37, 5, 1, 1), (1, 3, 7, 5), (8, 6, 16, 16), (2, 4, 3, 5, 7)])
 def test_channels_last_moments_of_any_shape(shape):
-    from bnstats.torch._pass import batch_moments, channels_last_on_cpu
+    from bnstats.torch._batch_moments import batch_moments, channels_last_on_cpu
 
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(*shape, generator=gen) * 3 + 5

@@ -1,7 +1,8 @@
 """The end of a pass for many BN layers in one set of operations.
 
-Layer by layer, merging a layer's gathered batches (:meth:`bnstats.torch._pass.LayerPass.flush`)
-or judging its precision costs some thirty tensor operations, whatever the layer's size: on a
+Layer by layer, merging a layer's gathered batches
+(:meth:`bnstats.torch._layer_pass.LayerPass.flush`) or judging its precision costs some
+thirty tensor operations, whatever the layer's size: on a
 model of many small layers that is most of what a pass adds to the forward passes. Here the
 channels of the layers sit side by side (:class:`Channels`, ``K = sum of C_l``), each batch's
 count spread over its layer's channels, and each formula of :mod:`bnstats.stats` runs once for
@@ -28,7 +29,7 @@ from bnstats.torch._layers import on_device
 
 
 class GatheredLayer(Protocol):
-    """What this module reads and writes of :class:`bnstats.torch._pass.LayerPass` (not
+    """What this module reads and writes of :class:`bnstats.torch._layer_pass.LayerPass` (not
     imported: that module imports this one)."""
 
     layer: nn.Module
@@ -116,7 +117,7 @@ def _channels(sizes: tuple[int, ...], device: torch.device) -> Channels:
 
 
 def merge_rows(group: list[GatheredLayer]) -> None:
-    """:meth:`bnstats.torch._pass.LayerPass.flush` for layers whose gathered batches are
+    """:meth:`bnstats.torch._layer_pass.LayerPass.flush` for layers whose gathered batches are
     all rows the kernel wrote into their blocks, the same batches for each (one call per
     forward, the common case), on one device and of one dtype: the same merge, once for all
     of them.

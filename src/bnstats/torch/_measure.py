@@ -21,17 +21,10 @@ from torch import nn
 
 from bnstats._levels import Pending, require_reusable, settle_level
 from bnstats.stats import NonFiniteStatisticsError
+from bnstats.torch._layer_pass import LayerPass, Measured, raise_if_bad
 from bnstats.torch._layers import display_name, find_batchnorm_layers, unwrap
-from bnstats.torch._pass import (
-    Call,
-    Check,
-    LayerPass,
-    Level,
-    Measured,
-    Statistics,
-    measure_pass,
-    raise_if_bad,
-)
+from bnstats.torch._level import Level, Statistics
+from bnstats.torch._pass import Call, Check, measure_pass
 from bnstats.torch.options import PassOptions
 
 EVAL_PASSES = 4
@@ -79,7 +72,7 @@ def measure_eval_mode(
     final statistics (the fixed point of eval-mode inference), by whole-model passes.
 
     Every pass runs the whole model in eval mode (so data-dependent control flow goes where
-    inference goes) and measures every BN layer's input (:class:`bnstats.torch._pass.Level`):
+    inference goes) and measures every BN layer's input (:class:`bnstats.torch._level.Level`):
 
     1. ``"batch"``: each layer normalizes with its batch's statistics, as in training: the
        start ``s0``;
@@ -282,7 +275,7 @@ def measure_eval_exact(
     """Every BN layer's population moments with every BN layer before it normalizing with
     its own final statistics: the fixed point of eval-mode inference, exactly.
 
-    Level by level (:class:`bnstats.torch._pass.Level`): each pass runs the model in eval
+    Level by level (:class:`bnstats.torch._level.Level`): each pass runs the model in eval
     mode; the layers already settled normalize with their population ``mean`` and unbiased
     ``var``, every other BN layer is measured and outputs NaN. A layer whose input was finite
     in every batch depends on settled layers only: its measurement is exact and it settles.

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from bnstats._array import widen
+from bnstats.torch._layer_pass import LayerPass, Measured
 from bnstats.torch._layers import cast_buffer, display_name, layer_label, write_buffers
 from bnstats.torch._measure import measure
-from bnstats.torch._pass import LayerPass, Measured
 from bnstats.torch._ranks import Group
 from bnstats.torch.options import Forward, PassOptions
 

@@ -50,9 +50,9 @@ from bnstats._audit import (  # noqa: F401  (the flags and the table are part of
     audit_layer,
     format_report,
 )
+from bnstats.torch._layer_pass import LayerPass
 from bnstats.torch._layers import is_batchnorm, is_lazy_uninitialized, uninitialized_lazy_error
 from bnstats.torch._measure import measure
-from bnstats.torch._pass import LayerPass
 from bnstats.torch._ranks import Group
 from bnstats.torch.options import Forward, PassOptions
 

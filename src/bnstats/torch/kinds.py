@@ -72,7 +72,7 @@ class BatchNormKind:
       ``torch.batch_norm(input, weight, bias, running_mean, running_var, True, momentum,
       eps)`` followed by its ``tail`` modules and nothing else (torch's BatchNorm1d/2d/3d,
       timm's ``BatchNormAct2d``): a train-mode pass makes that call itself, into its own
-      storage (:func:`bnstats.torch._pass.kernel_forward`). Built-in kinds only; a kind
+      storage (:func:`bnstats.torch._recorder.kernel_forward`). Built-in kinds only; a kind
       found through a look-alike class's name never has it.
     """
 

@@ -107,7 +107,7 @@ class EstimatorBatchNorm:
     call); one that overrides ``forward`` is a BN layer of unknown forward."""
     _pass_weight: float | None = None
     """Set while one of bnstats' passes measures this layer (see
-    :func:`bnstats.torch._pass.pass_mode`): each batch is normalized with its own statistics,
+    :func:`bnstats.torch._level.pass_mode`): each batch is normalized with its own statistics,
     which enter the buffers with this weight (1: the pass reads them there; 0: the buffers
     are left alone); nothing is counted or checked."""
     _host_checked_devices: tuple[str, ...] = ("cpu",)

@@ -18,10 +18,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from bnstats.torch._layer_pass import LayerPass, Measured
 from bnstats.torch._layers import all_finite, cast_buffer, display_name, write_buffers
 from bnstats.torch._many_layers import population_statistics, relative_errors
 from bnstats.torch._measure import EvalMeasured, measure
-from bnstats.torch._pass import MISS_PROBABILITY, LayerPass, Measured, channels_within
+from bnstats.torch._pass import MISS_PROBABILITY, channels_within
 from bnstats.torch._ranks import Group
 from bnstats.torch.options import Forward, PassOptions
 
