@@ -86,13 +86,14 @@ def measure_eval_mode(
        ``"fixed"`` at the last pass's populations.
 
     The result is taken once a pass moved no layer by more than :data:`EVAL_TARGET`
-    (``converged``). Each ``"fixed"`` pass makes one more depth level of the BN layers exact
-    (a layer's input depends only on the layers before it: after pass 4 the first three
-    levels are exact, after pass ``3 + d`` the first ``d``), so a model with ``D`` levels
-    converges in at most ``D + 2`` passes (the last one moving nothing), often sooner; a
-    model whose passes change it otherwise (a BN layer fed by its own output) is measured
-    level by level (:func:`measure_eval_exact`) after ``EVAL_PASSES + 1`` passes per BN
-    layer, with a warning. ``batches`` must be iterable again.
+    (``converged``). Each pass makes one more depth level of the BN layers exact (a layer's
+    input depends only on the layers before it, exact in the pass before: after pass ``d``
+    the first ``d`` levels are, up to rounding), so a model with ``D`` levels converges in
+    at most ``D + 1`` passes (the last one moving nothing), often sooner. A model whose
+    statistics depend on themselves (a BN layer fed by its own output) may never settle:
+    after ``EVAL_PASSES`` passes and one per BN layer and one more, a warning, and it is
+    measured level by level (:func:`measure_eval_exact`). ``batches`` must be iterable
+    again.
 
     A ``tolerance`` stop is judged on pass 1 (the later passes use the batches it drew); a
     converged result carries that pass as its ``judged`` (:class:`EvalMeasured`), so that
