@@ -83,3 +83,34 @@ def test_the_end_of_a_pass_costs_a_few_operations_per_layer_merged_for_all_at_on
     assert fixed[40] < fixed[10], fixed
     assert fixed[40] <= 20, fixed
     assert theirs <= fixed[40], (fixed, theirs)  # the count does see the work
+
+
+def test_an_eval_mode_pass_adds_a_few_operations_per_layer_and_batch_to_the_eval_forward():
+    """The passes of mode="eval" (each BN layer normalizing with given statistics, its input
+    measured by a pre-hook: torch.batch_norm_update_stats and the row kept) cost 6 aten
+    operations per layer and batch beyond the eval forward's 3 (issue 22.8 counted 68 in
+    bnstats 0.2's eval-mode passes)."""
+    from bnstats.torch._level import Level
+    from bnstats.torch._pass import measure_pass
+    from bnstats.torch.options import PassOptions
+
+    depth = 10
+    model = conv_bn_chain(depth)
+    statistics = {
+        name: (layer.running_mean.double(), layer.running_var.double())
+        for name, layer in bt.find_batchnorm_layers(model).items()
+    }
+    level = Level(training=False, rule="fixed", statistics=statistics)
+
+    def eval_pass(m: nn.Module, batches: list[torch.Tensor]) -> None:
+        measure_pass(m, batches, PassOptions(), tool="eval", level=level, precise=False)
+
+    def eval_forward(m: nn.Module, batches: list[torch.Tensor]) -> None:
+        m.eval()
+        with torch.no_grad():
+            for x in batches:
+                m(x)
+
+    ours = per_layer_and_batch(eval_pass, model, depth)
+    alone = per_layer_and_batch(eval_forward, model, depth)
+    assert alone == 3 and ours <= alone + 6, (ours, alone)
