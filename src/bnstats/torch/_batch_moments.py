@@ -12,8 +12,7 @@ from bnstats.torch._layer_pass import LayerPass
 from bnstats.torch._layers import (
     fewer_than_two_values,
 )
-
-_NARROW = (torch.float16, torch.bfloat16)
+from bnstats.torch.modules import NARROW_DTYPES
 
 
 def batch_moments(x: torch.Tensor, float64: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +26,7 @@ def batch_moments(x: torch.Tensor, float64: bool = False) -> tuple[torch.Tensor,
         axes = (0, *range(2, x.dim()))
         var, mean = torch.var_mean(widen(x), dim=axes, correction=0)
         return mean, var
-    if x.dtype in _NARROW and x.device.type != "cuda":
+    if x.dtype in NARROW_DTYPES and x.device.type != "cuda":
         x = x.float()
     if channels_last_on_cpu(x):
         return _channels_last_moments(x)

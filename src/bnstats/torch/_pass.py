@@ -18,9 +18,14 @@ batch's per-channel ``mean`` and ``m2 = var * count`` come from torch's own kern
 - bnstats' layers whose forward is that kernel call
   (:func:`bnstats.torch.modules.kernel_writes_moments`) update with weight 1 for the pass
   and a forward pre-hook copies their buffers at the layer's next call.
-- any other layer (its own forward, half-precision buffers, ``float64_moments=True``, an
-  eval-mode level): the pre-hook takes the moments with ``torch.batch_norm_update_stats``
-  (``torch.var_mean`` in float64 with ``float64_moments``).
+- in the ``"fixed"`` and ``"exact"`` eval-mode levels, a forward pre-hook runs
+  ``torch.batch_norm_update_stats`` with the batch's row of the layer's block as running
+  buffers (``momentum = 1``), so those layers too merge side by side
+  (:meth:`bnstats.torch._recorder.Recorder._into_block` says where the kernel takes the
+  input).
+- any other layer (its own forward, half-precision buffers, ``float64_moments=True``, the
+  other eval-mode levels): the pre-hook takes the moments with
+  ``torch.batch_norm_update_stats`` (``torch.var_mean`` in float64 with ``float64_moments``).
 
 Per layer the batches gather on the device and are merged, 64 at a time, into a
 :class:`bnstats.Population` (Chan et al. 1979, in float64) and a

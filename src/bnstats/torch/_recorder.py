@@ -11,7 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnstats.torch._batch_moments import batch_moments, channels_last_on_cpu, check_layer_input
+from bnstats.torch._batch_moments import (
+    batch_moments,
+    channels_last_on_cpu,
+    check_layer_input,
+)
 from bnstats.torch._layer_pass import LayerPass, flush_together, wide_copy
 from bnstats.torch._layers import (
     PreservedState,
@@ -19,7 +23,7 @@ from bnstats.torch._layers import (
 )
 from bnstats.torch._level import Level, normalize_with
 from bnstats.torch.kinds import plain_forward_tail
-from bnstats.torch.modules import EstimatorBatchNorm
+from bnstats.torch.modules import NARROW_DTYPES, EstimatorBatchNorm
 from bnstats.torch.options import PassOptions
 
 _SWAPPED = ("running_mean", "running_var", "num_batches_tracked")
@@ -101,6 +105,9 @@ class Recorder:
                     moments._awaiting = (self.batch_index, count)
                 else:
                     self._lend_slot(moments, module, count)
+            elif self._into_block(module, x, count):
+                slot_mean, slot_var = moments.kernel_slot(self.batch_index, count)
+                torch.batch_norm_update_stats(x.detach(), slot_mean, slot_var, 1.0)
             else:
                 mean, var = batch_moments(x.detach(), self.options.float64_moments)
                 moments.add_batch(self.batch_index, count, torch.stack((mean, var * count)))
@@ -109,6 +116,25 @@ class Recorder:
             self.count_call(moments)
 
         return pre_hook
+
+    def _into_block(self, module: nn.Module, x: torch.Tensor, count: int) -> bool:
+        """True where an eval-mode level measures the call into the layer's block of rows as
+        torch's kernel computes it (``torch.batch_norm_update_stats`` with the batch's row as
+        running buffers, ``momentum = 1``: the mean and unbiased variance, as training's kernel
+        writes them), so that the layers merge side by side (:func:`flush_together`): a
+        ``"fixed"`` or ``"exact"`` level (the call normalizes with statistics set before it,
+        nothing read back), 2 values per channel or more, the input in the buffers' dtype as
+        the kernel takes it (not channels-last on the CPU, not float16/bfloat16 off CUDA, not
+        ``float64_moments``)."""
+        return (
+            not self.level.training
+            and self.level.rule in ("fixed", "exact")
+            and count >= 2
+            and not self.options.float64_moments
+            and x.dtype == module.running_var.dtype
+            and (x.dtype not in NARROW_DTYPES or x.device.type == "cuda")
+            and not channels_last_on_cpu(x)
+        )
 
     def count_call(self, moments: LayerPass) -> None:
         """One more call of ``moments.layer`` in this forward (the first reach numbered)."""

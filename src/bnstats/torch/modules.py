@@ -52,7 +52,8 @@ from bnstats.torch.kinds import BatchNormKind, kind_of
 
 _UNSET: Any = object()
 _STATISTICS = ("running_mean", "running_var")
-_NARROW_DTYPES = (torch.float16, torch.bfloat16)
+NARROW_DTYPES = (torch.float16, torch.bfloat16)
+"""Half-precision dtypes: torch's CPU kernels return their moments in them (bnstats upcasts)."""
 _KERNEL_BUFFER_DTYPES = (torch.float32, torch.float64)
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked", "num_batches_skipped")
 
@@ -413,7 +414,7 @@ class EstimatorBatchNorm:
         super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
         for key in _STATISTICS:
             value = self._buffers.get(key)
-            if value is not None and value.dtype in _NARROW_DTYPES:
+            if value is not None and value.dtype in NARROW_DTYPES:
                 self._buffers[key] = value.detach().to(torch.float32)
         self.sync_counters()
 
@@ -427,7 +428,7 @@ class EstimatorBatchNorm:
         result = super()._apply(fn, recurse)  # type: ignore[misc]
         for key, old in before.items():
             new = self._buffers.get(key)
-            if old is not None and new is not None and new.dtype in _NARROW_DTYPES:
+            if old is not None and new is not None and new.dtype in NARROW_DTYPES:
                 self._buffers[key] = old.detach().to(device=new.device, dtype=torch.float32)
         return result
 
