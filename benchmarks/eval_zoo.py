@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from benchmarks.eval_iterations import buffers, worst
 from benchmarks.models import image_batches
 from benchmarks.onnx_zoo import build
 from benchmarks.zoo_pass_cost import LARGER_INPUT, MODELS, SIZE, _reason
@@ -58,18 +59,9 @@ class Result:
 
 
 def worst_difference(a: nn.Module, b: nn.Module) -> float:
-    """The largest ``|d var| / var`` or ``|d mean| / sqrt(var)`` over every BN channel."""
-    import bnstats.torch as bt
-
-    worst = 0.0
-    layers_b = bt.find_batchnorm_layers(b)
-    for name, layer in bt.find_batchnorm_layers(a).items():
-        mean, var = layer.running_mean.double(), layer.running_var.double()
-        other = layers_b[name]
-        var_b, mean_b = other.running_var.double(), other.running_mean.double()
-        worst = max(worst, float(((var - var_b).abs() / var_b).max()))
-        worst = max(worst, float(((mean - mean_b).abs() / var_b.sqrt()).max()))
-    return worst
+    """The largest ``|d var| / var`` or ``|d mean| / sqrt(var)`` over every BN channel, ``b``
+    the reference (:func:`benchmarks.eval_iterations.worst`)."""
+    return worst(buffers(a), buffers(b))
 
 
 def measure(spec: str) -> Result:

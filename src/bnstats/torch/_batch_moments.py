@@ -79,6 +79,18 @@ def _groups(rows: int) -> int:
     return groups
 
 
+def kernel_measures(x: torch.Tensor, buffers_dtype: torch.dtype) -> bool:
+    """True where torch's BN kernel, writing into running buffers of ``buffers_dtype``,
+    measures ``x`` as :func:`batch_moments` would: ``x`` in that dtype, not float16/bfloat16
+    off CUDA (the CPU kernel's moments would stay half precision), not channels-last on the
+    CPU (:func:`channels_last_on_cpu`)."""
+    return (
+        x.dtype == buffers_dtype
+        and (x.dtype not in NARROW_DTYPES or x.device.type == "cuda")
+        and not channels_last_on_cpu(x)
+    )
+
+
 def check_layer_input(moments: LayerPass, x: Any, least: int = 2) -> int:
     """Values per channel in ``x``; ``TypeError``/``ValueError`` naming the layer if unusable
     (fewer than ``least`` values per channel: 2 where the layer normalizes with the batch's

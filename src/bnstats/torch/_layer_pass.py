@@ -274,6 +274,14 @@ class Measured:
             )
         return population
 
+    def finite_population(self, moments: LayerPass) -> Population | None:
+        """:meth:`population`, or None where it would raise :class:`NonFiniteStatisticsError`
+        (an iterate of ``mode="eval"`` that overflowed, say)."""
+        try:
+            return self.population(moments)
+        except NonFiniteStatisticsError:
+            return None
+
     def require_finite_batches(self, moments: LayerPass) -> None:
         """:class:`NonFiniteStatisticsError` naming the layer if every batch it received was
         left out for NaN or Inf (no host read)."""

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from bnstats._array import largest, widen
-from bnstats.stats import BatchSpread, Population, pooled_batches
+from bnstats.stats import BatchSpread, Population, miss_probability, pooled_batches
 from bnstats.torch._layers import on_device
 
 
@@ -203,9 +203,20 @@ def _hand_out(
 
 def relative_errors(layers: Sequence[GatheredLayer], finite_batches: Sequence[int]) -> torch.Tensor:
     """Each layer's worst channel's relative standard error (:meth:`LayerPass.relative_error`)
-    as one ``(L,)`` tensor on the first layer's device (:func:`channel_relative_errors`)."""
+    as one ``(L,)`` tensor on the first layer's device (:func:`layer_precision`)."""
+    return layer_precision(layers, finite_batches)[0]
+
+
+def layer_precision(
+    layers: Sequence[GatheredLayer], finite_batches: Sequence[int], tolerance: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each layer's worst channel's relative standard error, ``(L,)``, and with a
+    ``tolerance`` the probability, at most, that some channel's mean or variance of any of
+    them lies outside it (:func:`bnstats.stats.miss_probability`, 0-d): both from one
+    :func:`channel_relative_errors`, on the first layer's device, no host read."""
     per_channel, channels = channel_relative_errors(layers, finite_batches)
-    return channels.per_layer_max(largest(per_channel, axis=0))
+    worst = channels.per_layer_max(largest(per_channel, axis=0))
+    return worst, None if tolerance is None else miss_probability(per_channel, tolerance)
 
 
 def channel_relative_errors(

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from bnstats._levels import Pending, require_reusable, settle_level
-from bnstats.stats import NonFiniteStatisticsError
 from bnstats.torch._layer_pass import LayerPass, Measured, raise_if_bad
 from bnstats.torch._layers import display_name, find_batchnorm_layers, unwrap
 from bnstats.torch._level import Level, Statistics
@@ -138,7 +137,7 @@ def measure_eval_mode(
         final.passes, final.moved = passes + 1, movement(estimate, final)
     final.converged = _converged(final.moved)
     if final.converged:
-        _require_finite_batches(final, options)
+        raise_if_bad(final.first_bad, options)  # the passes before it skip whatever it says
         final.batch_sizes = start.batch_sizes
         final.check_coverage(options)
         return EvalMeasured(
@@ -199,29 +198,12 @@ def iterate_statistics(measured: Measured, previous: Statistics) -> Statistics:
     it has none); it is not exact yet, and the pass that makes it exact sees finite inputs."""
     statistics = {}
     for moments in measured.reached():
-        try:
-            population = measured.population(moments)
-        except NonFiniteStatisticsError:
-            if moments.name in previous:
-                statistics[moments.name] = previous[moments.name]
-            continue
-        statistics[moments.name] = (population.mean, population.var)
+        population = measured.finite_population(moments)
+        if population is not None:
+            statistics[moments.name] = (population.mean, population.var)
+        elif moments.name in previous:
+            statistics[moments.name] = previous[moments.name]
     return statistics
-
-
-def _require_finite_batches(measured: Measured, options: PassOptions) -> None:
-    """Under ``nonfinite="raise"``, fail on the first batch the converged pass left out for
-    NaN or Inf (the passes before it leave such batches out whatever ``nonfinite`` says)."""
-    if options.nonfinite != "raise" or not measured.skipped:
-        return
-    if measured.first_bad is not None:
-        raise_if_bad(measured.first_bad, options)
-    name = min(measured.skipped)
-    raise NonFiniteStatisticsError(
-        f"{measured.layers[name].label}: {measured.skipped[name]} batch(es) brought NaN or Inf "
-        "statistics in eval mode; nothing was written. Pass nonfinite='skip' to leave such "
-        "batches out"
-    )
 
 
 def buffer_statistics(model: nn.Module) -> Statistics:
@@ -241,15 +223,12 @@ def movement(estimate: Statistics, final: Measured) -> dict[str, float]:
         max over channels of  |mean - mean_e| / sqrt(var + eps),  |var - var_e| / (var + eps)
 
     inf for a layer without an estimate or without finite statistics. One host read."""
-    names, values = [], []
+    result: dict[str, float] = {}
+    measured: dict[str, torch.Tensor] = {}
     for moments in final.reached():
-        try:
-            population = final.population(moments)
-        except NonFiniteStatisticsError:
-            population = None
+        result[moments.name] = math.inf
+        population = final.finite_population(moments)
         if population is None or moments.name not in estimate:
-            names.append(moments.name)
-            values.append(torch.tensor(math.inf, dtype=torch.float64))
             continue
         mean, var = (v.to(population.mean) for v in estimate[moments.name])
         scale = population.var + float(moments.layer.eps)
@@ -257,11 +236,12 @@ def movement(estimate: Statistics, final: Measured) -> dict[str, float]:
             ((population.mean - mean).abs() / scale.sqrt()).max(),
             ((population.var - var).abs() / scale).max(),
         )
-        names.append(moments.name)
-        values.append(torch.nan_to_num(moved, nan=math.inf).cpu())
-    if not values:
-        return {}
-    return dict(zip(names, torch.stack(values).tolist(), strict=True))
+        measured[moments.name] = torch.nan_to_num(moved, nan=math.inf)
+    if measured:
+        device = next(iter(measured.values())).device
+        numbers = torch.stack([v.to(device) for v in measured.values()]).tolist()
+        result.update(zip(measured, numbers, strict=True))
+    return result
 
 
 def measure_eval_exact(

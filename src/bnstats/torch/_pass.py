@@ -57,8 +57,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnstats._array import largest
-from bnstats.stats import BatchSpread, Population, miss_probability
+from bnstats.stats import BatchSpread, Population
 from bnstats.torch._layer_pass import (
     LayerPass,
     Measured,
@@ -78,7 +77,7 @@ from bnstats.torch._layers import (
     unwrap,
 )
 from bnstats.torch._level import TRAIN, Level, pass_mode
-from bnstats.torch._many_layers import channel_relative_errors
+from bnstats.torch._many_layers import layer_precision
 from bnstats.torch._ranks import (
     check_same_layers,
     exchange,
@@ -194,19 +193,10 @@ def judge_tolerance(layers: Iterable[LayerPass], tolerance: float) -> tuple[floa
     judged = [(m, finite) for m, finite in judged if finite > 0]
     if not judged:
         return math.inf, math.inf
-    return channels_within([m for m, _ in judged], [finite for _, finite in judged], tolerance)
-
-
-def channels_within(
-    layers: list[LayerPass], finite_batches: list[int], tolerance: float
-) -> tuple[float, float]:
-    """The worst relative standard error of ``layers`` (each over its ``finite_batches``)
-    and the probability, at most, that some channel lies outside ``tolerance``: one host
-    read."""
-    errors, _ = channel_relative_errors(layers, finite_batches)
-    worst = largest(errors)
-    miss = miss_probability(errors, tolerance)
-    return tuple(torch.stack((worst, miss)).tolist())
+    worst, miss = layer_precision(
+        [m for m, _ in judged], [finite for _, finite in judged], tolerance
+    )
+    return tuple(torch.stack((worst.max(), miss)).tolist())
 
 
 # -- one pass over all ranks' batches ---------------------------------------------------------
@@ -285,6 +275,7 @@ def measure_pass(
         [size for summary in summaries for size in summary["sizes"]],
         fixed=measured.fixed,
         skipped=skipped,
+        first_bad=next((s["first_bad"] for s in summaries if s["first_bad"] is not None), None),
     )
     merged.check_coverage(options, world_size=len(ranks))
     return merged

@@ -13,8 +13,8 @@ from torch import nn
 
 from bnstats.torch._batch_moments import (
     batch_moments,
-    channels_last_on_cpu,
     check_layer_input,
+    kernel_measures,
 )
 from bnstats.torch._layer_pass import LayerPass, flush_together, wide_copy
 from bnstats.torch._layers import (
@@ -23,7 +23,7 @@ from bnstats.torch._layers import (
 )
 from bnstats.torch._level import Level, normalize_with
 from bnstats.torch.kinds import plain_forward_tail
-from bnstats.torch.modules import NARROW_DTYPES, EstimatorBatchNorm
+from bnstats.torch.modules import EstimatorBatchNorm
 from bnstats.torch.options import PassOptions
 
 _SWAPPED = ("running_mean", "running_var", "num_batches_tracked")
@@ -96,11 +96,7 @@ class Recorder:
             count = check_layer_input(moments, x, self.level.least_values)
             if moments.spread.center is None:
                 moments.spread.center = wide_copy(module.running_mean)
-            if (
-                moments.name in self.kernel
-                and x.dtype == module.running_var.dtype
-                and not channels_last_on_cpu(x)
-            ):
+            if moments.name in self.kernel and kernel_measures(x, module.running_var.dtype):
                 if isinstance(module, EstimatorBatchNorm):
                     moments._awaiting = (self.batch_index, count)
                 else:
@@ -123,17 +119,14 @@ class Recorder:
         running buffers, ``momentum = 1``: the mean and unbiased variance, as training's kernel
         writes them), so that the layers merge side by side (:func:`flush_together`): a
         ``"fixed"`` or ``"exact"`` level (the call normalizes with statistics set before it,
-        nothing read back), 2 values per channel or more, the input in the buffers' dtype as
-        the kernel takes it (not channels-last on the CPU, not float16/bfloat16 off CUDA, not
-        ``float64_moments``)."""
+        nothing read back), 2 values per channel or more, an input the kernel measures as
+        the pass would (:func:`kernel_measures`; not ``float64_moments``)."""
         return (
             not self.level.training
             and self.level.rule in ("fixed", "exact")
             and count >= 2
             and not self.options.float64_moments
-            and x.dtype == module.running_var.dtype
-            and (x.dtype not in NARROW_DTYPES or x.device.type == "cuda")
-            and not channels_last_on_cpu(x)
+            and kernel_measures(x, module.running_var.dtype)
         )
 
     def count_call(self, moments: LayerPass) -> None:
@@ -233,7 +226,7 @@ def kernel_forward(recorder: Recorder, moments: LayerPass) -> Callable[[torch.Te
         count = check_layer_input(moments, input)
         layer._check_input_dim(input)
         mean = var = None
-        if input.dtype == kernel_dtype and not channels_last_on_cpu(input):
+        if kernel_measures(input, kernel_dtype):
             mean, var = moments.kernel_slot(recorder.batch_index, count)
         else:
             taken = batch_moments(input.detach(), recorder.options.float64_moments)

@@ -20,9 +20,9 @@ from torch import nn
 
 from bnstats.torch._layer_pass import LayerPass, Measured
 from bnstats.torch._layers import all_finite, cast_buffer, display_name, write_buffers
-from bnstats.torch._many_layers import population_statistics, relative_errors
+from bnstats.torch._many_layers import layer_precision, population_statistics
 from bnstats.torch._measure import EvalMeasured, measure
-from bnstats.torch._pass import MISS_PROBABILITY, channels_within
+from bnstats.torch._pass import MISS_PROBABILITY
 from bnstats.torch._ranks import Group
 from bnstats.torch.options import Forward, PassOptions
 
@@ -222,9 +222,7 @@ def _summary(model: nn.Module, measured: Measured, options: PassOptions) -> Reca
     error of the pass a ``tolerance`` stop judged (:func:`_judged`; a layer that pass did not
     reach, the written pass's), and with a ``tolerance`` the stop's ``miss_probability`` over
     those layers' channels."""
-    judged, written = _judged(measured), _relative_errors(measured)
-    judged_errors = written if judged is measured else _relative_errors(judged)
-    errors = {name: judged_errors.get(name, error) for name, error in written.items()}
+    errors, miss = _precision(measured, _judged(measured), options.tolerance)
     sizes = measured.batch_sizes
     return Recalibration(
         model=model,
@@ -236,7 +234,7 @@ def _summary(model: nn.Module, measured: Measured, options: PassOptions) -> Reca
         relative_errors=errors,
         moved=dict(measured.moved),
         converged=measured.converged,
-        miss_probability=_miss_probability(measured, judged, options.tolerance),
+        miss_probability=miss,
     )
 
 
@@ -247,35 +245,27 @@ def _judged(measured: Measured) -> Measured:
     return measured if judged is None else judged
 
 
-def _miss_probability(
+def _precision(
     measured: Measured, judged: Measured, tolerance: float | None
-) -> float | None:
-    """:func:`bnstats.torch._pass.channels_within` over the written layers, each as the pass
-    the stop judged measured it (``judged``; a layer it did not reach, ``measured``); None
-    without a ``tolerance``, inf without a layer."""
-    if tolerance is None:
-        return None
+) -> tuple[dict[str, float], float | None]:
+    """Per reached layer of ``measured`` (whose precision was measured), the worst channel's
+    relative standard error as the pass a ``tolerance`` stop judged measured it (``judged``;
+    a layer it did not reach, ``measured``), and with a ``tolerance`` the stop's
+    ``miss_probability`` over those layers' channels (inf without a layer): computed for all
+    layers at once (:func:`bnstats.torch._many_layers.layer_precision`; one host read)."""
     chosen = {}
     for source in (measured, judged):  # the judged pass's own wherever it has the layer
         for moments in source.reached():
             if moments.precise:
                 chosen[moments.name] = (moments, source.finite_batches(moments))
-    written = [chosen[m.name] for m in measured.reached() if m.name in chosen]
+    written = [chosen[m.name] for m in measured.reached() if m.precise]
     if not written:
-        return math.inf
-    layers, finite = zip(*written, strict=True)
-    return channels_within(list(layers), list(finite), tolerance)[1]
-
-
-def _relative_errors(measured: Measured) -> dict[str, float]:
-    """Per reached layer, the worst channel's relative standard error, computed for all
-    layers at once (:func:`bnstats.torch._many_layers.relative_errors`; one host read)."""
-    reached = [moments for moments in measured.reached() if moments.precise]
-    if not reached:
-        return {}
-    finite = [measured.finite_batches(m) for m in reached]
-    numbers = relative_errors(reached, finite).tolist()
-    return {m.name: float(e) for m, e in zip(reached, numbers, strict=True)}
+        return {}, None if tolerance is None else math.inf
+    layers, finite = (list(column) for column in zip(*written, strict=True))
+    worst, miss = layer_precision(layers, finite, tolerance)
+    numbers = (worst if miss is None else torch.cat((worst, miss[None]))).tolist()
+    errors = {m.name: float(e) for m, e in zip(layers, numbers[: len(layers)], strict=True)}
+    return errors, None if miss is None else numbers[-1]
 
 
 def population_buffers(measured: Measured) -> dict[nn.Module, dict[str, torch.Tensor]]:
