@@ -87,6 +87,13 @@ class HostLayer:
     def __post_init__(self) -> None:
         self.spread = BatchSpread(self.center)
 
+    def built(self, center: np.ndarray) -> None:
+        """The layer got its shape in the pass's first call: ``center`` (its stored mean,
+        C values) for the population and the spread alike."""
+        self.num_features = int(center.shape[0])
+        self.center = center
+        self.spread = BatchSpread(center)
+
     def add_batch(self, index: int, count: Any, mean_m2: Any, to_numpy: ToNumpy) -> None:
         """Gather batch ``index``: ``count`` values per channel (a number, or a framework
         scalar under a mask), its ``mean`` and ``m2`` stacked (2, C) on the device."""
@@ -351,8 +358,9 @@ def check_unreached(measured: HostMeasured, unreached: str) -> None:
         names = ", ".join(repr(name) for name in measured.unreached)
         raise ValueError(
             f"no forward reached BN layer(s) {names} in {len(measured.batch_sizes)} batches, "
-            "so their statistics cannot be measured; nothing was written. Pass forward=... "
-            "that calls them, or unreached='keep' to leave such layers as they are"
+            "so their statistics cannot be measured; nothing was written. Call the model so "
+            "that it reaches them (forward=, where the function takes one), or pass "
+            "unreached='keep' to leave such layers as they are"
         )
 
 

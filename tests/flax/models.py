@@ -77,12 +77,18 @@ def net(rng: np.random.Generator) -> Net:
 
 
 class LinenNet(nn.Module):
-    """Dense -> BN -> Dropout -> Dense -> BN over (N, T, D) inputs (BN over N*T values)."""
+    """Dense -> BN -> Dropout -> Dense -> BN over (N, T, D) inputs (BN over N*T values);
+    ``keywords``: the first BN and the Dropout are called with keyword arguments."""
+
+    keywords: bool = False
 
     @nn.compact
     def __call__(self, x: Any, train: bool) -> Any:
-        x = nn.BatchNorm(use_running_average=not train, name="bn0")(nn.Dense(8, name="d0")(x))
-        x = nn.Dropout(0.5, deterministic=not train)(nn.relu(x))
+        bn0 = nn.BatchNorm(use_running_average=not train, name="bn0")
+        drop = nn.Dropout(0.5, deterministic=not train)
+        x = nn.Dense(8, name="d0")(x)
+        x = bn0(x=x) if self.keywords else bn0(x)
+        x = drop(inputs=nn.relu(x)) if self.keywords else drop(nn.relu(x))
         return nn.BatchNorm(use_running_average=not train, name="bn1")(nn.Dense(5, name="d1")(x))
 
 

@@ -17,12 +17,13 @@ from tests.flax.models import (  # noqa: E402
     f64,
     jax,
     linen_inputs,
+    nn,
     population,
 )
 
 
-def _init(rng):
-    module = LinenNet()
+def _init(rng, keywords=False):
+    module = LinenNet(keywords=keywords)
     variables = module.init(jax.random.key(0), np.zeros((2, 3, 6), "float32"), train=False)
     stats = jax.tree.map(
         lambda a: np.asarray(rng.uniform(0.5, 2.0, a.shape), a.dtype), variables["batch_stats"]
@@ -30,8 +31,9 @@ def _init(rng):
     return module, {**variables, "batch_stats": stats}
 
 
-def test_new_variables_hold_the_population_statistics_and_the_old_ones_are_unchanged(rng):
-    module, variables = _init(rng)
+@pytest.mark.parametrize("keywords", [False, True])
+def test_new_variables_hold_the_population_statistics_and_the_old_ones_are_unchanged(rng, keywords):
+    module, variables = _init(rng, keywords)
     before = [np.array(leaf) for leaf in jax.tree.leaves(variables)]
     data = batches(rng, [5, 12, 5, 3], (3, 6))
     new = recalibrate_linen(module, variables, data, train=True)
@@ -59,3 +61,17 @@ def test_a_data_source_that_raises_midway_returns_nothing(rng):
 
     with pytest.raises(RuntimeError, match="the data source failed"):
         recalibrate_linen(module, variables, failing(), train=True)
+
+
+class _Rematerialized(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        return nn.remat(nn.BatchNorm)(use_running_average=not train)(nn.Dense(4)(x))
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_a_batch_norm_inside_a_lifted_transform_is_refused_by_name(rng, jit):
+    module = _Rematerialized()
+    variables = module.init(jax.random.key(0), np.zeros((2, 6), "float32"), train=False)
+    with pytest.raises(ValueError, match=r"lifted transforms \(nn.remat"):
+        recalibrate_linen(module, variables, batches(rng, [4, 4], (6,)), train=True, jit=jit)

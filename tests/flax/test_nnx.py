@@ -84,3 +84,21 @@ def test_only_the_statistics_change(rng):
     for a, b in zip(params, _leaves(nnx.state(model, nnx.Param)), strict=True):
         np.testing.assert_array_equal(a, b)
     assert [bn.momentum for bn in bns] == [0.99, 0.9, 0.99]
+
+
+class _Rematerialized(nnx.Module):
+    def __init__(self, rngs):
+        self.linear = nnx.Linear(6, 4, rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+
+    def __call__(self, x):
+        return nnx.remat(lambda model, h: model.bn(model.linear(h)))(self, x)
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_a_layer_copied_by_a_transform_is_refused_and_nothing_written(rng, jit):
+    model = _Rematerialized(nnx.Rngs(0))
+    mean = np.array(model.bn.mean[...])
+    with pytest.raises(ValueError, match=r"not one of the model's layers.*nnx.remat"):
+        recalibrate_nnx(model, batches(rng, [4, 4], (6,)), jit=jit, unreached="keep")
+    np.testing.assert_array_equal(np.array(model.bn.mean[...]), mean)

@@ -138,7 +138,36 @@ def nested(rng: np.random.Generator) -> Case:
     return Case(model, [bn1, inner_bn, bn3], inputs, (6,))
 
 
-CASES = {"mlp": mlp, "subclassed": subclassed, "nested": nested}
+class SameNames(keras.Model):
+    """Three ``Block(name="block")`` in a row, each with its BN named ``"bn"``: Keras allows
+    siblings of one name outside functional models."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = [Block(5, name="block") for _ in range(3)]
+
+    def call(self, x: Any, training: Any = None) -> Any:
+        for block in self.blocks:
+            x = block(x, training=training)
+        return x
+
+
+def same_names(rng: np.random.Generator) -> Case:
+    model = SameNames()
+    model(np.zeros((2, 6), "float32"))
+    randomize(model, rng)
+
+    def inputs(x: np.ndarray, stats: list | None) -> list[np.ndarray]:
+        found, h = [], x
+        for i, block in enumerate(model.blocks):
+            found.append(h @ _w(block.dense)[0] + _w(block.dense)[1])
+            h = np.maximum(bn_np(block.bn, found[-1], stats and stats[i]), 0)
+        return found
+
+    return Case(model, [block.bn for block in model.blocks], inputs, (6,))
+
+
+CASES = {"mlp": mlp, "subclassed": subclassed, "nested": nested, "same_names": same_names}
 
 
 def data_for(case: Case, rng: np.random.Generator, sizes: list[int]) -> list[np.ndarray]:

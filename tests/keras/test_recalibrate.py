@@ -11,6 +11,7 @@ from tests.optional import optional_import
 optional_import("keras")  # skipped without it (fails under BNSTATS_REQUIRE_EXTRAS=1)
 
 from bnstats.keras import recalibrate  # noqa: E402
+from bnstats.keras._layers import find_batchnorm_layers  # noqa: E402
 from tests.keras.models import (  # noqa: E402
     CASES,
     assert_statistics,
@@ -122,18 +123,45 @@ def test_a_training_batch_of_one_names_the_layer(rng):
         recalibrate(case.model, data_for(case, rng, [4, 1]))
 
 
+def test_layers_of_the_same_path_each_get_their_own_statistics(rng):
+    case = CASES["same_names"](rng)
+    paths = list(find_batchnorm_layers(case.model))
+    assert [path.split("/")[0] for path in paths] == ["block", "block#2", "block#3"]
+
+
+def test_a_model_not_built_yet_is_built_by_the_pass(rng):
+    dense, bn = keras.layers.Dense(4), keras.layers.BatchNormalization()
+    model = keras.Sequential([dense, bn])
+    batches = [rng.normal(2.0, 3.0, (n, 5)).astype("float32") for n in (8, 6, 8)]
+    recalibrate(model, batches)
+    kernel, bias = (np.asarray(keras.ops.convert_to_numpy(v), np.float64) for v in dense.weights)
+    z = np.concatenate([x.astype(np.float64) @ kernel + bias for x in batches])
+    assert_statistics(bn, (z.mean(0), z.var(0)))
+
+
 def test_a_frozen_layer_keeps_its_statistics(rng):
     case = CASES["mlp"](rng)
     case.bns[0].trainable = False
     frozen = bn_stats(case.bns[0])
     batches = data_for(case, rng, UNEVEN)
-    recalibrate(case.model, batches)
+    with pytest.warns(UserWarning, match=r"fixed statistics \(trainable=False\).*batch_norm"):
+        recalibrate(case.model, batches)
     for a, b in zip(frozen, bn_stats(case.bns[0]), strict=True):
         np.testing.assert_array_equal(a, b)
     assert not case.bns[0].trainable
     collected = [case.inputs(x.astype(np.float64), [frozen])[1] for x in batches]
     values = np.concatenate(collected)
     assert_statistics(case.bns[1], (values.mean(0), values.var(0)))
+
+
+def test_a_model_whose_layers_are_all_frozen_is_refused(rng):
+    case = CASES["mlp"](rng)
+    case.model.trainable = False
+    before = snapshot(case.model)
+    with pytest.raises(ValueError, match="every BN layer .* trainable=False"):
+        recalibrate(case.model, data_for(case, rng, UNEVEN))
+    for a, b in zip(before, snapshot(case.model), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_bad_arguments_get_one_clear_error(rng):

@@ -83,8 +83,8 @@ def record_moments(
     elif count < least:
         raise ValueError(
             f"BN layer {host.name!r}: input of shape {tuple(x.shape)} has {count} value per "
-            "channel; training normalization needs 2 or more (drop batches of one sample, or "
-            "pass mode='eval', which needs no batch statistics)"
+            "channel; training normalization needs 2 or more (drop batches of one sample; "
+            "recalibrate_nnx's mode='eval' needs no batch statistics)"
         )
     mean, m2 = batch_moments(jnp, x, axes, weights)
     recorder.record(host, count, jnp.stack([mean, m2]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -75,14 +76,15 @@ def recalibrate_linen(
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         if isinstance(target, nn.Dropout):
-            return args[0]
+            return _first_input(_call_arguments(target, args, kwargs))
         if not isinstance(target, nn.BatchNorm):
             return next_fun(*args, **kwargs)
         host = hosts.get(tuple(target.path))
         if host is None:
             raise ValueError(f"BN layer {'/'.join(target.path)!r} has no entry in batch_stats")
-        _require_training(target, args, kwargs, host.name)
-        record_moments(recorder, host, args[0], target.axis, kwargs.get("mask"), 2)
+        given = _call_arguments(target, args, kwargs)
+        _require_training(target, given.get("use_running_average"), host.name)
+        record_moments(recorder, host, _first_input(given), target.axis, given.get("mask"), 2)
         return next_fun(*args, **kwargs)
 
     def run(variables: Any, batch: Any) -> None:
@@ -94,15 +96,22 @@ def recalibrate_linen(
         recorder, run, jax.jit if jit else None, lambda args: batch_signature(args[1])
     )
     limited = iterate_limited(batches, max_samples, batch_size_of, first_samples)
-    measured = measure_batches(
-        {host.name: host for host in hosts.values()},
-        limited,
-        lambda batch: forward(variables, batch),
-        to_numpy,
-        progress,
-        "BN statistics",
-    )
-    finish_pass(measured, to_numpy, nonfinite, unreached, "batches")
+    try:
+        measured = measure_batches(
+            {host.name: host for host in hosts.values()},
+            limited,
+            lambda batch: forward(variables, batch),
+            to_numpy,
+            progress,
+            "BN statistics",
+        )
+        finish_pass(measured, to_numpy, nonfinite, unreached, "batches")
+    except jax.errors.UnexpectedTracerError as error:
+        raise ValueError(
+            "a BN layer's input could not be read out of a JAX transform: BN layers inside "
+            "Flax's lifted transforms (nn.remat, nn.scan, nn.vmap) are not supported; "
+            "nothing was written"
+        ) from error
     new_stats = _thawed(stats)
     for path, host in hosts.items():
         if host.name in measured.unreached:
@@ -136,9 +145,21 @@ def _thawed(tree: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _thawed(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
 
-def _require_training(layer: nn.BatchNorm, args: Any, kwargs: Any, name: str) -> None:
+def _call_arguments(layer: nn.Module, args: Any, kwargs: Any) -> dict[str, Any]:
+    """The arguments of a call of ``nn.BatchNorm`` or ``nn.Dropout`` (subclasses too) by
+    name (``x``, ``use_running_average``, ``mask``; ``inputs``, ...), given by position or
+    keyword; ``self`` left out."""
+    bound = inspect.signature(type(layer).__call__).bind(layer, *args, **kwargs)
+    return dict(list(bound.arguments.items())[1:])
+
+
+def _first_input(arguments: dict[str, Any]) -> Any:
+    """The array the layer is called on: its first argument."""
+    return next(iter(arguments.values()))
+
+
+def _require_training(layer: nn.BatchNorm, given: Any, name: str) -> None:
     """``ValueError`` if this call would normalize with the running average."""
-    given = args[1] if len(args) > 1 else kwargs.get("use_running_average")
     running = nn.merge_param("use_running_average", layer.use_running_average, given)
     if running:
         raise ValueError(

@@ -197,14 +197,21 @@ def _settled(original: Handler, layer: Any, x: Any, mask: Any) -> Any:
 def _intercepted(handlers: dict[int, Handler]) -> Iterator[None]:
     """Within the block, ``nnx.BatchNorm.__call__`` of the layers in ``handlers`` runs
     ``handlers[id(layer)](original, layer, x, mask)``; a subclass overriding ``__call__``
-    keeps its own computation (reached through ``super().__call__``)."""
+    keeps its own computation (reached through ``super().__call__``). Any other
+    ``nnx.BatchNorm`` called raises ``ValueError``: a transform's copy of a layer, whose
+    statistics would otherwise be left out unseen."""
     cls = nnx.BatchNorm
     original = cls.__dict__["__call__"]
 
     def call(self: Any, x: Any, use_running_average: Any = None, *, mask: Any = None) -> Any:
         handler = handlers.get(id(self))
         if handler is None:
-            return original(self, x, use_running_average, mask=mask)
+            raise ValueError(
+                "an nnx.BatchNorm that is not one of the model's layers ran in the pass: a "
+                "copy made by a transform inside the model (nnx.remat, nnx.scan, nnx.vmap) "
+                "or a layer of another model; bnstats cannot measure or write its "
+                "statistics, so such models are not supported; nothing was written"
+            )
         return handler(original, self, x, mask)
 
     cls.__call__ = call

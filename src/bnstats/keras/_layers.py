@@ -3,7 +3,7 @@ written.
 
 - :func:`find_batchnorm_layers`: every ``keras.layers.BatchNormalization`` (subclasses too)
   in a model, nested models and layers of subclassed models included, by path
-  (``"encoder/block_1/batch_normalization"``), each layer once.
+  (``"encoder/block_1/batch_normalization"``), each layer once, each path its own.
 - A layer with ``trainable=False`` normalizes with its moving statistics in training too
   (Keras' meaning of freezing a BN layer): its statistics are fixed, reported, never
   recalibrated. A layer with ``renorm=True`` is refused (its training output depends on its
@@ -30,16 +30,23 @@ Handler = Callable[[Any, Any, Any], Any]
 
 
 def find_batchnorm_layers(model: Any) -> dict[str, Any]:
-    """Every BN layer under ``model`` by path, in the order Keras tracks them."""
+    """Every BN layer under ``model`` by path, in the order Keras tracks them.
+
+    Keras lets siblings of a subclassed model share a name (three ``Block(name="block")``);
+    the second and later of them get ``#2``, ``#3`` in their path (``"block#2/bn"``), so that
+    every layer has a path of its own."""
     found: dict[str, Any] = {}
     seen: set[int] = set()
 
     def visit(layer: Any, prefix: str) -> None:
+        taken: dict[str, int] = {}
         for child in layer._flatten_layers(include_self=False, recursive=False):
             if id(child) in seen:
                 continue
             seen.add(id(child))
-            path = f"{prefix}{child.name}"
+            taken[child.name] = taken.get(child.name, 0) + 1
+            suffix = f"#{taken[child.name]}" if taken[child.name] > 1 else ""
+            path = f"{prefix}{child.name}{suffix}"
             if isinstance(child, keras.layers.BatchNormalization):
                 found[path] = child
             visit(child, path + "/")
@@ -52,8 +59,8 @@ def find_batchnorm_layers(model: Any) -> dict[str, Any]:
 
 def recalibrated_layers(model: Any) -> tuple[dict[str, Any], list[str]]:
     """The BN layers a pass measures (by path) and the paths of those with fixed statistics
-    (``trainable=False``); ``ValueError`` for a ``renorm=True`` layer or a model without
-    any BN layer."""
+    (``trainable=False``); ``ValueError`` for a ``renorm=True`` layer, a model without any
+    BN layer or one whose BN layers are all fixed."""
     layers = find_batchnorm_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} holds no keras.layers.BatchNormalization layer")
@@ -65,6 +72,12 @@ def recalibrated_layers(model: Any) -> tuple[dict[str, Any], list[str]]:
                 "not supported"
             )
     fixed = [path for path, layer in layers.items() if not layer.trainable]
+    if len(fixed) == len(layers):
+        raise ValueError(
+            f"every BN layer of {type(model).__name__} has trainable=False (Keras' frozen BN "
+            "normalizes with its moving statistics in training too), so no layer has "
+            "statistics to measure; set trainable=True on the layers to recalibrate"
+        )
     return {p: layer for p, layer in layers.items() if layer.trainable}, fixed
 
 

@@ -173,8 +173,7 @@ def _measuring_call(host: HostLayer, eval_level: bool, recorder: Recorder) -> An
         axes = tuple(i for i in range(len(x.shape)) if i != axis)
         channels = int(x.shape[axis])
         if not host.num_features:  # built during this call
-            host.num_features = channels
-            host.center = stored_statistics(layer)[0]
+            host.built(stored_statistics(layer)[0])
         weights = None
         count: Any = int(np.prod([x.shape[i] for i in axes]))
         if mask is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 from bnstats.keras._layers import write_statistics
@@ -52,8 +53,9 @@ def recalibrate(
     Nothing else changes: ``momentum``, ``gamma``, ``beta``, every other weight and
     ``trainable``. Nothing is written unless the whole pass succeeds (the data source or the
     model raising leaves every variable as it was). Layers with ``trainable=False`` normalize
-    with their moving statistics in training too (Keras' frozen BN): they are left alone.
-    ``ValueError`` for ``renorm=True`` layers, a training batch with one value per channel,
+    with their moving statistics in training too (Keras' frozen BN): they are left alone,
+    with a warning naming them. ``ValueError`` for ``renorm=True`` layers, a model whose BN
+    layers are all frozen, a training batch with one value per channel,
     an empty ``data`` or a layer never reached.
     """
     options = KerasPassOptions(
@@ -70,4 +72,10 @@ def recalibrate(
         mean, var = host.statistics()
         values[host.name] = (result.layers[host.name], mean, var)
     write_statistics(values)
+    if result.fixed:
+        names = ", ".join(repr(path) for path in result.fixed)
+        warnings.warn(
+            f"bnstats: layers with fixed statistics (trainable=False) left as they are: {names}",
+            stacklevel=2,
+        )
     return model
