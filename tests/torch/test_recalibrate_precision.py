@@ -318,3 +318,23 @@ def test_tolerance_with_unreached_keep_keeps_a_layer_not_reached_yet_and_says_so
         )
     assert result.met and result.batches < 30 and set(result.relative_errors) == {"bn"}
     assert ref.same_state(model.rare, rare_before)
+
+
+def test_tolerance_gives_up_on_a_layer_never_reached_on_an_endless_loader():
+    """Waiting for the rare layer ends as many batches after the tolerance was met as that
+    took: an endless loader with a training-only branch fails naming it, not hangs."""
+    torch.manual_seed(0)
+    model = scramble_batchnorm(RareBranch(), seed=2)
+    before = ref.snapshot(model)
+    drawn = []
+
+    def endless():
+        gen = torch.Generator().manual_seed(0)
+        while len(drawn) < 10_000:
+            drawn.append(1)
+            yield torch.randn(8, 4, generator=gen), False
+
+    with pytest.raises(ValueError, match="no forward reached BN layer.*'rare'"):
+        bt.recalibrate_report(model, endless(), forward=_call_rare, tolerance=0.2)
+    assert len(drawn) <= 200  # twice the batches the tolerance took (48 here), not 10,000
+    assert ref.same_state(model, before)

@@ -149,8 +149,11 @@ def _run_batches(
     """The loop of a pass: each batch through the model, its size into ``sizes``, and with
     ``tolerance`` the stop once every channel is within it with 95 % confidence
     (:func:`judge_tolerance`) and every layer the stop waits for was reached
-    (:meth:`Level.all_awaited_reached`)."""
+    (:meth:`Level.all_awaited_reached`). A layer still unreached when as many batches again
+    have gone by as the tolerance took is given up on (so an endless loader ends): the pass
+    stops, and the coverage check names it."""
     worst, samples, device = math.inf, 0, model_device(model)
+    met_at: int | None = None
     for batch, size in iterate_batches(batches, options.max_samples):
         recorder.run(forward, model, move_to_device(batch, device))
         sizes.append(size)
@@ -163,6 +166,10 @@ def _run_batches(
             met = miss <= MISS_PROBABILITY
         advance(samples, worst)
         if met and level.all_awaited_reached(recorder.watched, options):
+            return
+        if met and met_at is None:
+            met_at = len(sizes)
+        if met_at is not None and len(sizes) >= 2 * met_at:
             return
 
 
