@@ -33,15 +33,18 @@ class Pending:
     max_calls_per_forward: int
 
 
-def settle_level(pending: Sequence[Pending], nonfinite: str) -> list[Pending]:
-    """The layers of ``pending`` that settle at this level; errors say why none can."""
+def settle_level(
+    pending: Sequence[Pending], nonfinite: str, who: str = "mode='eval'"
+) -> list[Pending]:
+    """The layers of ``pending`` that settle at this level; errors, beginning with ``who``
+    (the option measuring level by level), say why none can."""
     ready = []
     for entry in pending:
         if entry.bad >= entry.batches:
             continue
         if entry.bad and entry.max_calls_per_forward > 1:
             raise ValueError(
-                f"mode='eval': {entry.label} is called {entry.max_calls_per_forward} times "
+                f"{who}: {entry.label} is called {entry.max_calls_per_forward} times "
                 "per forward and some calls received NaN: one call's input comes from another "
                 "call's output (no eval-mode order for it), or the data holds NaN; nothing "
                 "was written"
@@ -56,7 +59,7 @@ def settle_level(pending: Sequence[Pending], nonfinite: str) -> list[Pending]:
     if not ready:
         names = ", ".join(entry.shown for entry in pending)
         raise ValueError(
-            f"mode='eval': BN layer(s) {names} received NaN or Inf in every batch even with "
+            f"{who}: BN layer(s) {names} received NaN or Inf in every batch even with "
             "every layer before them settled: NaN in the data, or a layer computed from its "
             "own output (called more than once per forward); nothing was written"
         )

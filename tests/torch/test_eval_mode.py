@@ -126,10 +126,10 @@ def test_levels_side_by_side_settle_in_one_pass():
 
     model = small_cnn()
     measured = measure(model, image_batches(), PassOptions(mode="eval_exact"), tool="recalibrate")
-    layers = len(measured.layers)
-    assert measured.passes < layers
+    levels = measured.passes - 1  # one pass per level, then the check pass
+    assert levels < len(measured.layers)
     chain = measure(deep_mlp(), mlp_batches(), PassOptions(mode="eval_exact"), tool="recalibrate")
-    assert chain.passes == len(chain.layers)
+    assert chain.passes == len(chain.layers) + 1
 
 
 @pytest.mark.parametrize("mode", ["eval", "eval_exact"])
@@ -204,3 +204,41 @@ def test_a_layer_used_twice_on_independent_inputs_pools_both_as_in_train_mode():
     train = bt.recalibrate(copy.deepcopy(model), data)
     bt.recalibrate(model, data, mode="eval_exact")
     np.testing.assert_allclose(model.bn.running_var, train.bn.running_var, rtol=1e-6)
+
+
+def _nan_stopped(stop):
+    """Linear, BN, ``stop`` (an operation that turns NaN into numbers), Linear, BN."""
+    torch.manual_seed(0)
+    return scramble_batchnorm(
+        nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), stop, nn.Linear(5, 4), nn.BatchNorm1d(4)),
+        seed=3,
+    )
+
+
+class _Sign(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sign(x)
+
+
+class _NanToNum(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nan_to_num(x)
+
+
+@pytest.mark.parametrize("stop", [_Sign, _NanToNum])
+def test_a_dependence_no_nan_shows_fails_eval_exact_and_eval_mode_measures_it(stop):
+    """``sign`` or ``nan_to_num`` between two BN layers hides the second's dependence from the
+    NaN of eval_exact's first level; its check pass sees the statistics move and refuses,
+    writing nothing, and mode="eval" gets the level-by-level float64 truth."""
+    model = _nan_stopped(stop())
+    data = [torch.randn(8, 6) * 2 + 1 for _ in range(4)]
+    saved = ref.snapshot(model)
+    with pytest.raises(ValueError, match="eval_exact.*BN layer '4' moves by .*sign, nan_to_num"):
+        bt.recalibrate(model, data, mode="eval_exact")
+    assert ref.same_state(model, saved)
+    truth = eval_mode_truth(model, data)
+    bt.recalibrate(model, data, mode="eval")
+    for name, (mean, var) in truth.items():
+        layer = model.get_submodule(name)
+        np.testing.assert_allclose(layer.running_mean.numpy(), mean, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(layer.running_var.numpy(), var, rtol=1e-5)

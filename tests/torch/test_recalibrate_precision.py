@@ -181,7 +181,12 @@ def test_recalibrate_report_in_eval_mode_counts_passes():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         result = bt.recalibrate_report(model, data, mode="eval_exact")
-    assert (result.passes, result.samples, result.batches, result.mode) == (3, 20, 5, "eval_exact")
+    assert (result.passes, result.samples, result.batches, result.mode) == (
+        3 + 1,
+        20,
+        5,
+        "eval_exact",
+    )  # levels, check
     assert bt.recalibrate_report(model, data).passes == 1
 
 

@@ -272,6 +272,11 @@ def measure_eval_exact(
     flow is what is tracked: a layer is taken as independent of an unsettled one when no NaN
     from it arrives (an input chosen by ``argmax`` of one, say, is not seen as dependent).
     In a group every rank makes the same levels: the decisions use the merged counts.
+
+    NaN shows dependence only where it passes (``sign``, ``nan_to_num``, comparisons and
+    ``argmax`` stop it), so a last pass checks the result: every layer normalizing with the
+    statistics measured, none may move by more than :data:`EVAL_TARGET` (or the
+    ``tolerance``); else ``ValueError`` naming the layer (:func:`_require_standstill`).
     """
     check = _reusable_batches_first(batches, check, "mode='eval_exact'")  # on every rank
     level_options = replace(options, nonfinite="skip", unreached="keep")
@@ -310,13 +315,45 @@ def measure_eval_exact(
         if len(ready) == len(pending):
             break
     layers = {name: settled.get(name, moments) for name, moments in first.layers.items()}
-    return Measured(
+    result = Measured(
         layers,
         sizes,
         unreached=first.unreached,
         fixed=first.fixed,
         skipped=skipped,
-        passes=passes,
+        passes=passes + 1,
+    )
+    check_pass = measure_pass(
+        model,
+        _FirstBatches(batches, len(sizes)),
+        replace(level_options, tolerance=None),
+        tool=tool,
+        check=check,
+        level=Level(training=False, rule="fixed", statistics=statistics_of(result)),
+        precise=precise,
+    )
+    _require_standstill(movement(statistics_of(result), check_pass), options)
+    return result
+
+
+def _require_standstill(moved: Mapping[str, float], options: PassOptions) -> None:
+    """``ValueError`` when the check pass of ``mode="eval_exact"`` (every layer normalizing
+    with the statistics measured level by level) moved some layer by more than
+    :data:`EVAL_TARGET` (or the ``tolerance``, where the levels stopped early): a dependence
+    the NaN did not show."""
+    limit = max(EVAL_TARGET, options.tolerance or 0.0)
+    worst = max(moved, key=lambda name: moved[name], default=None)
+    if worst is None or moved[worst] <= limit:
+        return
+    raise ValueError(
+        f"mode='eval_exact': with every BN layer normalizing with the statistics measured "
+        f"level by level, BN layer {display_name(worst)} moves by {moved[worst]:.3g} (more "
+        f"than {limit:g}): either it depends on a layer measured in its level or later though "
+        "no NaN reached it (an operation between them turns NaN into numbers: sign, "
+        "nan_to_num, a comparison, argmax; pass mode='eval', which repeats passes until the "
+        "statistics stop moving), or the batches differ from pass to pass (random "
+        "augmentation, a shuffling loader cut by max_samples; give batches that repeat); "
+        "nothing was written"
     )
 
 
@@ -374,6 +411,6 @@ def _settle_level(
         )
         for m in pending
     ]
-    ready = settle_level(entries, options.nonfinite)
+    ready = settle_level(entries, options.nonfinite, "mode='eval_exact'")
     skipped.update({entry.layer.name: entry.bad for entry in ready if entry.bad})
     return [entry.layer for entry in ready]

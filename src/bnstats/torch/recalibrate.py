@@ -133,8 +133,8 @@ def recalibrate(
     iterable again) until the last one moves no layer's statistics by more than 1e-4 of the
     layer's output scale: four where they converge fast, at most one per depth level of the
     BN layers and one more (each pass makes one more level exact; ``mode="eval_exact"``
-    measures the same statistics level by level, one pass per depth level; layers side by
-    side share a level). Any batch size works, one included,
+    measures the same statistics level by level, one pass per depth level, then a pass
+    that checks them; layers side by side share a level). Any batch size works, one included,
     and images of varying size. Layers with fixed statistics
     (``FrozenBatchNorm2d``) are left as they are, with a warning naming them.
 
