@@ -553,6 +553,29 @@ def test_untraceable_model_raises_naming_the_class():
         fold(fm.Untraceable().eval())
 
 
+@pytest.mark.parametrize("bn", [nn.BatchNorm2d(3), nn.BatchNorm1d(3)])
+def test_a_bare_bn_as_the_model_is_refused_as_having_no_neighbour(bn):
+    with pytest.raises(FoldTraceError, match="itself one BatchNorm layer.*no neighbouring") as info:
+        fold(bn.eval())
+    assert "control flow" not in str(info.value)
+    fused = fold(nn.Sequential(bn))  # inside a model: traced, kept for want of a layer
+    assert fused.fold_report["0"].code == "no_layer"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+def test_a_model_that_cannot_be_copied_names_the_tensor():
+    """The old weight_norm leaves ``weight`` as a tensor with a grad_fn after a forward with
+    gradients, which copy.deepcopy refuses."""
+    model = fm.Chain(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    nn.utils.weight_norm(model.first)
+    model(torch.randn(1, 3, 5, 5))
+    with pytest.raises(RuntimeError, match=r"cannot copy Chain: first\.weight .*weight_norm"):
+        fold(model)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 5, 5))
+    assert fold(model).fold_report["second"].code == "layer_unsupported"  # its pre-hook
+
+
 def test_bad_arguments_raise_clearly():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         fold("not a model")

@@ -325,11 +325,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     :func:`register_wrapper`. Layer names are those of the unwrapped model. Any other module
     is returned as it is.
     """
-    while True:
-        inner = _wrapped(model)
-        if inner is None:
-            return model
-        model = inner
+    return wrapper_chain(model)[-1]
+
+
+def wrapper_chain(model: nn.Module) -> list[nn.Module]:
+    """``model``, the module it wraps, and so on down to the model inside every wrapper
+    (:func:`unwrap`); ``[model]`` for a model that is not wrapped."""
+    chain = [model]
+    while (inner := _wrapped(chain[-1])) is not None:
+        chain.append(inner)
+    return chain
 
 
 def _wrapped(model: nn.Module) -> nn.Module | None:
@@ -362,4 +367,5 @@ __all__ = [
     "register_wrapper",
     "synchronises",
     "unwrap",
+    "wrapper_chain",
 ]
