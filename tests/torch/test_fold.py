@@ -295,6 +295,29 @@ def test_fold_weights_rejects_mismatched_channels():
         fold_weights(torch.zeros(6, 2, 3), None, *stats, position="before", transposed=True)
 
 
+def test_fold_weights_names_statistics_that_are_no_affine_map():
+    weight = torch.ones(4, 3, 1, 1)
+    var = torch.tensor([1.0, -1.0, 0.5, -2.0])
+    with pytest.raises(
+        ValueError, match=r"running_var \+ eps is not positive in channel\(s\) 1, 3"
+    ):
+        fold_weights(weight, None, torch.zeros(4), var, 0.0)
+    with pytest.raises(ValueError, match=r"running_var \+ eps is not positive.*0, 1, 2, 3"):
+        fold_weights(weight, None, torch.zeros(4), torch.full((4,), -1.0), 1.0)
+    mean = torch.tensor([0.0, float("nan"), 0.0, 0.0])
+    with pytest.raises(ValueError, match=r"running_mean is NaN/Inf in channel\(s\) 1$"):
+        fold_weights(weight, None, mean, torch.ones(4), 1e-5)
+
+
+def test_a_bn_with_non_positive_variance_stays_naming_the_channels():
+    model = fm.Chain(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model.second.running_var[2] = -1.0
+    entry = fold(model).fold_report["second"]
+    assert entry.code == "bad_statistics"
+    assert entry.reason.startswith("running_var + eps is not positive in channel(s) 2 "), entry
+
+
 # -- every model of the zoo ---------------------------------------------------------------
 
 

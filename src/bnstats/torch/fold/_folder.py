@@ -26,9 +26,9 @@ from bnstats.torch.fold._weights import (
     FoldOverflowError,
     Position,
     as_float64,
-    bn_scale_shift,
     cast_back,
     fold_weights,
+    statistics_problem,
     weight_layout,
 )
 
@@ -87,10 +87,9 @@ class GraphFolder:
         problem = self._bn_problem(name, bn)
         if problem is not None:
             return _kept(entry, *problem)
-        scale, shift = bn_scale_shift(*_bn_arguments(bn))
-        if not bool(torch.isfinite(scale).all() and torch.isfinite(shift).all()):
-            reason = "running statistics are NaN/Inf or running_var + eps <= 0"
-            return _kept(entry, "bad_statistics", reason)
+        bad = statistics_problem(*_bn_arguments(bn))
+        if bad is not None:
+            return _kept(entry, "bad_statistics", bad)
         after = self._try_after(node, entry)
         if after.folded:
             return after
