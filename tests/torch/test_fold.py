@@ -295,6 +295,29 @@ def test_fold_weights_rejects_mismatched_channels():
         fold_weights(torch.zeros(6, 2, 3), None, *stats, position="before", transposed=True)
 
 
+def test_fold_weights_names_statistics_that_are_no_affine_map():
+    weight = torch.ones(4, 3, 1, 1)
+    var = torch.tensor([1.0, -1.0, 0.5, -2.0])
+    with pytest.raises(
+        ValueError, match=r"running_var \+ eps is not positive in channel\(s\) 1, 3"
+    ):
+        fold_weights(weight, None, torch.zeros(4), var, 0.0)
+    with pytest.raises(ValueError, match=r"running_var \+ eps is not positive.*0, 1, 2, 3"):
+        fold_weights(weight, None, torch.zeros(4), torch.full((4,), -1.0), 1.0)
+    mean = torch.tensor([0.0, float("nan"), 0.0, 0.0])
+    with pytest.raises(ValueError, match=r"running_mean is NaN/Inf in channel\(s\) 1$"):
+        fold_weights(weight, None, mean, torch.ones(4), 1e-5)
+
+
+def test_a_bn_with_non_positive_variance_stays_naming_the_channels():
+    model = fm.Chain(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model.second.running_var[2] = -1.0
+    entry = fold(model).fold_report["second"]
+    assert entry.code == "bad_statistics"
+    assert entry.reason.startswith("running_var + eps is not positive in channel(s) 2 "), entry
+
+
 # -- every model of the zoo ---------------------------------------------------------------
 
 
@@ -551,6 +574,29 @@ def test_bn_never_called_is_reported():
 def test_untraceable_model_raises_naming_the_class():
     with pytest.raises(FoldTraceError, match="Untraceable"):
         fold(fm.Untraceable().eval())
+
+
+@pytest.mark.parametrize("bn", [nn.BatchNorm2d(3), nn.BatchNorm1d(3)])
+def test_a_bare_bn_as_the_model_is_refused_as_having_no_neighbour(bn):
+    with pytest.raises(FoldTraceError, match="itself one BatchNorm layer.*no neighbouring") as info:
+        fold(bn.eval())
+    assert "control flow" not in str(info.value)
+    fused = fold(nn.Sequential(bn))  # inside a model: traced, kept for want of a layer
+    assert fused.fold_report["0"].code == "no_layer"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+def test_a_model_that_cannot_be_copied_names_the_tensor():
+    """The old weight_norm leaves ``weight`` as a tensor with a grad_fn after a forward with
+    gradients, which copy.deepcopy refuses."""
+    model = fm.Chain(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    nn.utils.weight_norm(model.first)
+    model(torch.randn(1, 3, 5, 5))
+    with pytest.raises(RuntimeError, match=r"cannot copy Chain: first\.weight .*weight_norm"):
+        fold(model)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 5, 5))
+    assert fold(model).fold_report["second"].code == "layer_unsupported"  # its pre-hook
 
 
 def test_bad_arguments_raise_clearly():

@@ -198,22 +198,54 @@ def test_subclasses_with_a_forward_of_their_own_are_bn_layers_of_unknown_forward
     assert kinds.input_rank(OwnCheck(3)) is None and kinds.input_rank(nn.BatchNorm2d(3)) == 4
 
 
-def test_look_alikes_of_timm_layers_take_its_kind_with_hook_moments():
-    kind = kinds.kind_of(tp.BatchNormAct2d(3))
-    assert kind == kinds.BatchNormKind(fold=True, tail=("drop", "act"), rank=4)
+def test_timm_and_torchvision_classes_are_known_by_their_dotted_names():
+    kind = kinds.kind_of(tp.BatchNormAct2d(3))  # the copy, under timm's module path
+    assert kind == kinds.BatchNormKind(
+        "kernel", fold=True, tail=("drop", "act"), rank=4, plain_forward=True
+    )
     assert kinds.has_fixed_statistics(tp.FrozenBatchNorm2d(3))
     assert not kinds.is_batchnorm(tp.FrozenBatchNorm2d(3))
+    assert kinds.kind_of(tp.FrozenBatchNorm2d(3)).fold
     assert kinds.synchronises(tp.SyncBatchNormAct(3))
 
 
-class NamedAsTimms(tp.BatchNormAct2d):
-    """timm's BatchNormAct2d as the registry meets it: under timm's own dotted name (the
-    forward is the faithful copy's, defined here so that it is this class's own)."""
+class BatchNormAct2d(nn.BatchNorm2d):
+    """A project's own class that shares timm's class name and computes something else."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(super().forward(x))
+
+
+class FrozenBatchNorm2d(tp.FrozenBatchNorm2d):
+    """A project's own frozen BN sharing torchvision's class name, with its own activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(super().forward(x))
+
+
+def test_a_class_that_only_shares_a_known_name_is_not_taken_for_it():
+    """The name says nothing of the forward: a BN subclass of unknown forward (measured by
+    the hook, not folded), and a frozen one that is reported but not folded."""
+    assert kinds.kind_of(BatchNormAct2d(3)) == kinds.BatchNormKind()
+    assert kinds.kind_of(FrozenBatchNorm2d(3)) == kinds.BatchNormKind(fixed=True)
+    assert kinds.has_fixed_statistics(FrozenBatchNorm2d(3))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    for norm in (BatchNormAct2d, FrozenBatchNorm2d):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), norm(4), nn.Conv2d(4, 2, 1))
+        model = tp.scramble_frozen(scramble_batchnorm(model)).eval()
+        fused = bt.fold(model, example_inputs=x)
+        entry = fused.fold_report["1"]
+        assert entry.code == "bn_unsupported", entry
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), model(x))
+
+
+class LookAlike(tp.BatchNormAct2d):
+    """The faithful copy of timm's BatchNormAct2d defined elsewhere: its forward is the same
+    but its own, so the registry does not take it for timm's."""
 
     forward = tp.BatchNormAct2d.forward
-
-
-NamedAsTimms.__module__, NamedAsTimms.__qualname__ = "timm.layers.norm_act", "BatchNormAct2d"
 
 
 def _bn_act_net(layer: type[nn.Module]) -> nn.Module:
@@ -228,9 +260,9 @@ def test_timms_bn_act_layer_is_measured_by_the_pass_own_forward_as_by_its_forwar
     measured through the hook) gives, bit for bit, and those of a float64 reference."""
     from bnstats.torch._recorder import takes_own_forward
 
-    named, alike = _bn_act_net(NamedAsTimms), _bn_act_net(tp.BatchNormAct2d)
+    named, alike = _bn_act_net(tp.BatchNormAct2d), _bn_act_net(LookAlike)
     assert kinds.kind_of(named[1]).plain_forward and takes_own_forward(named[1])
-    assert not kinds.kind_of(alike[1]).plain_forward and not takes_own_forward(alike[1])
+    assert kinds.kind_of(alike[1]).moments == "hook" and not takes_own_forward(alike[1])
     batches = [torch.randn(4, 3, 7, 7) for _ in range(5)]
     inputs = ref.bn_inputs(alike, batches)
     before = ref.snapshot(named)

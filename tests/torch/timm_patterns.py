@@ -21,6 +21,12 @@ forward in training and eval mode), so that the tools meet the same cases:
   inception_v3);
 - :class:`DetectionNet`: a detection-style model taking a list of images (and, in training,
   targets), with a frozen-BN backbone as torchvision's detection models have.
+
+bnstats knows timm's and torchvision's BN classes by where they are defined as well as by
+name (``bnstats.torch.kinds``), so :class:`BatchNormAct2d`, :class:`SyncBatchNormAct` and
+:class:`FrozenBatchNorm2d` carry their namesakes' module paths (``__module__``), as the
+registry meets the real classes. (Not picklable for that reason: pickle would look them up
+there.)
 """
 
 from __future__ import annotations
@@ -162,6 +168,10 @@ class FrozenBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+BatchNormAct2d.__module__ = SyncBatchNormAct.__module__ = "timm.layers.norm_act"
+FrozenBatchNorm2d.__module__ = "torchvision.ops.misc"
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -20,15 +20,18 @@ named by dotted path.
 
 How a module's kind is found (:func:`kind_of`): the classes of its MRO are visited from the
 module's own class on; the first one that is registered (as a class, or by its dotted name
-``module.QualName``) or declares ``batchnorm_kind`` gives the kind. A class that defines
-``forward`` without being known ends the walk: it computes something the kinds above it do
-not describe. Then, failing that:
+``module.QualName``: where it is defined as well as its name) or declares ``batchnorm_kind``
+gives the kind. A class that defines ``forward`` without being known ends the walk: it
+computes something the kinds above it do not describe. Then, failing that:
 
-- a class whose ``forward`` owner has the name (not the path) of a registered class, say a
-  vendored copy of timm's ``BatchNormAct2d``, is taken for that kind, its moments measured
-  by the pass's hook (right for any forward);
-- any other subclass of torch's ``_BatchNorm`` is a BN layer with a forward bnstats does not
-  know: moments by the hook, not folded;
+- any subclass of torch's ``_BatchNorm`` is a BN layer with a forward bnstats does not
+  know: moments by the pass's hook (right for any forward), not folded. A class that only
+  shares a registered class's name (a project's own ``BatchNormAct2d``, a vendored copy of
+  timm's) is one of these: its name says nothing of what its forward computes; register it
+  to have it folded;
+- a class outside that family whose ``forward`` owner is named ``FrozenBatchNorm*``
+  (detectron2's, a project's own copy) has fixed statistics: reported, never recalibrated,
+  and not folded (its computation is not known);
 - anything else is not a BN layer.
 """
 
@@ -72,8 +75,7 @@ class BatchNormKind:
       ``torch.batch_norm(input, weight, bias, running_mean, running_var, True, momentum,
       eps)`` followed by its ``tail`` modules and nothing else (torch's BatchNorm1d/2d/3d,
       timm's ``BatchNormAct2d``): a train-mode pass makes that call itself, into its own
-      storage (:func:`bnstats.torch._recorder.kernel_forward`). Built-in kinds only; a kind
-      found through a look-alike class's name never has it.
+      storage (:func:`bnstats.torch._recorder.kernel_forward`). Built-in kinds only.
     """
 
     moments: Moments = "hook"
@@ -198,14 +200,9 @@ def _walk(cls: type) -> tuple[type, BatchNormKind] | None:
         if "forward" in vars(base):
             forward_owner = base
             break
-    is_torch_bn = issubclass(cls, _BatchNorm)
-    if forward_owner is not None:
-        for name, kind in _BY_NAME.items():
-            if name.rsplit(".", 1)[1] == forward_owner.__name__ and kind.fixed != is_torch_bn:
-                return forward_owner, replace(kind, moments="hook", plain_forward=False)
-        if not is_torch_bn and forward_owner.__name__.startswith(_FROZEN_PREFIX):
+    if not issubclass(cls, _BatchNorm):
+        if forward_owner is not None and forward_owner.__name__.startswith(_FROZEN_PREFIX):
             return forward_owner, _FROZEN_BY_NAME
-    if not is_torch_bn:
         return None
     return cls, replace(_UNKNOWN_FORWARD, synced=issubclass(cls, nn.SyncBatchNorm))
 
@@ -328,11 +325,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     :func:`register_wrapper`. Layer names are those of the unwrapped model. Any other module
     is returned as it is.
     """
-    while True:
-        inner = _wrapped(model)
-        if inner is None:
-            return model
-        model = inner
+    return wrapper_chain(model)[-1]
+
+
+def wrapper_chain(model: nn.Module) -> list[nn.Module]:
+    """``model``, the module it wraps, and so on down to the model inside every wrapper
+    (:func:`unwrap`); ``[model]`` for a model that is not wrapped."""
+    chain = [model]
+    while (inner := _wrapped(chain[-1])) is not None:
+        chain.append(inner)
+    return chain
 
 
 def _wrapped(model: nn.Module) -> nn.Module | None:
@@ -365,4 +367,5 @@ __all__ = [
     "register_wrapper",
     "synchronises",
     "unwrap",
+    "wrapper_chain",
 ]

@@ -17,9 +17,11 @@ ConvTranspose1d/2d/3d or Linear with nothing in between and merges the two with
 The BN layers: torch's, bnstats' own, timm's ``BatchNormAct2d``/``SyncBatchNormAct`` (their
 drop and activation stay, as a module in the BN's place) and frozen BNs (torchvision, timm);
 see :mod:`bnstats.torch.fold._kinds`. A pair folds only if the tensor between them goes
-nowhere else, both modules are called once, have no hooks or parametrizations, the layer
-computes as torch's own (neither ``forward`` nor ``_conv_forward`` overridden), and the BN is
-in eval mode with running statistics. BN's dim 1 must be the layer's channel axis:
+nowhere else, both modules are called once, have no hooks (forward or backward) or
+parametrizations, the layer computes as torch's own (neither ``forward`` nor
+``_conv_forward`` overridden), and the BN is in eval mode with running statistics. Hooks
+fold's module would not run (on the model, a wrapper, or a submodule traced through) are
+refused with :class:`FoldTraceError`. BN's dim 1 must be the layer's channel axis:
 BatchNorm2d/3d force 4-D/5-D input, which proves it next to Conv2d/3d; BatchNorm1d accepts
 (N, C) and (N, C, L), so next to a Linear (which acts on the LAST dim) or a Conv1d (which also
 takes unbatched (C, L)) it folds only when ``example_inputs`` show the tensor between them to
@@ -35,12 +37,12 @@ from collections.abc import Sequence
 import torch
 from torch import fx, nn
 
-from bnstats.torch._layers import unwrap
 from bnstats.torch.fold._folder import GraphFolder
-from bnstats.torch.fold._kinds import is_leaf
+from bnstats.torch.fold._kinds import is_leaf, is_norm
 from bnstats.torch.fold._report import FoldEntry, FoldReport
-from bnstats.torch.fold._trace import FoldTraceError, record_shapes, trace
+from bnstats.torch.fold._trace import FoldTraceError, record_shapes, refuse_outer_hooks, trace
 from bnstats.torch.fold._weights import FoldOverflowError, fold_weights
+from bnstats.torch.kinds import wrapper_chain
 
 Tensor = torch.Tensor
 
@@ -69,13 +71,24 @@ def fold(
     also in ``meta["fold_report"]``, which survives ``copy.deepcopy``).
     Warns when BN layers stayed only because they were in training mode or because
     ``example_inputs`` were missing. Raises :class:`FoldTraceError` if the model cannot be
-    traced, ``TypeError``/``ValueError`` for a non-module or failing ``example_inputs``.
+    traced, if the model, a wrapper or a submodule that tracing goes through (not kept as one
+    call) has hooks the folded module would not run, or if the model is itself a BN layer;
+    ``RuntimeError`` naming the tensor if the model cannot be deep-copied (the old
+    ``weight_norm`` after a forward with gradients); ``TypeError``/``ValueError`` for a
+    non-module or failing ``example_inputs``. The model is left as it was found.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold expects a torch.nn.Module, got {type(model).__name__}")
-    model = unwrap(model)
+    chain = wrapper_chain(model)
+    model = chain[-1]
     name = type(model).__name__
-    work = copy.deepcopy(model)
+    if is_norm(model):
+        raise FoldTraceError(
+            f"fold: the model is itself one BatchNorm layer ({name}): there is no "
+            "neighbouring conv/linear layer to fold it into. Fold the model that contains it."
+        )
+    refuse_outer_hooks(chain)
+    work = _copy(model, name)
     gm = trace(work, name, is_leaf)
     if example_inputs is not None:
         record_shapes(gm, example_inputs, name)
@@ -85,6 +98,29 @@ def fold(
     gm.meta["fold_report"] = report  # GraphModule.meta survives copy.deepcopy
     _warn_if_avoidable(report)
     return gm
+
+
+def _copy(model: nn.Module, name: str) -> nn.Module:
+    """``copy.deepcopy(model)``; a clear ``RuntimeError`` for the known cause of its failing:
+    a tensor attribute computed with autograd, as the old ``torch.nn.utils.weight_norm``
+    leaves ``weight``."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as exc:
+        computed = [
+            f"{module_name}.{key}" if module_name else key
+            for module_name, module in model.named_modules()
+            for key, value in vars(module).items()
+            if isinstance(value, Tensor) and value.grad_fn is not None
+        ]
+        if not computed:
+            raise
+        raise RuntimeError(
+            f"fold: cannot copy {name}: {', '.join(computed)} is a tensor computed with "
+            "autograd, which torch cannot deep-copy (torch.nn.utils.weight_norm leaves "
+            "`weight` so after a forward pass with gradients). Run one forward pass under "
+            "torch.no_grad() before fold, or use torch.nn.utils.parametrizations.weight_norm."
+        ) from exc
 
 
 def _warn_if_avoidable(report: FoldReport) -> None:

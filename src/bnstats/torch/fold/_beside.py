@@ -40,20 +40,22 @@ def additive_layer(
     x: fx.Node,
     is_layer: Callable[[fx.Node], bool],
     is_identity: Callable[[fx.Node], bool],
-) -> fx.Node | None:
+) -> tuple[fx.Node, list[fx.Node]] | None:
     """A layer call reading ``x`` whose output reaches ``start`` only through sums and
-    identities, each used once (so it counts exactly once in ``start``); None if none."""
-    stack = [start]
+    identities, each used once (so it counts exactly once in ``start``), with the identity
+    calls on its way (whose hooks fold must check); None if there is none."""
+    stack: list[tuple[fx.Node, list[fx.Node]]] = [(start, [])]
     while stack:
-        node = stack.pop()
+        node, identities = stack.pop()
         if len(node.users) != 1:
             continue
         if is_layer(node) and node.args == (x,) and not node.kwargs:
-            return node
+            return node, identities
         if is_identity(node):
-            stack.extend(arg for arg in node.args if isinstance(arg, fx.Node))
+            through = [*identities, node]
+            stack.extend((arg, through) for arg in node.args if isinstance(arg, fx.Node))
         elif is_add(node):
-            stack.extend(node.args)
+            stack.extend((arg, identities) for arg in node.args)
     return None
 
 

@@ -13,6 +13,7 @@ from bnstats.torch._layers import is_batchnorm
 from bnstats.torch.fold._beside import additive_layer, beside_problem, is_add
 from bnstats.torch.fold._kinds import (
     LAYERS,
+    hooks_of,
     is_norm,
     known_norm_forward,
     layer_computation_problem,
@@ -25,9 +26,9 @@ from bnstats.torch.fold._weights import (
     FoldOverflowError,
     Position,
     as_float64,
-    bn_scale_shift,
     cast_back,
     fold_weights,
+    statistics_problem,
     weight_layout,
 )
 
@@ -86,10 +87,9 @@ class GraphFolder:
         problem = self._bn_problem(name, bn)
         if problem is not None:
             return _kept(entry, *problem)
-        scale, shift = bn_scale_shift(*_bn_arguments(bn))
-        if not bool(torch.isfinite(scale).all() and torch.isfinite(shift).all()):
-            reason = "running statistics are NaN/Inf or running_var + eps <= 0"
-            return _kept(entry, "bad_statistics", reason)
+        bad = statistics_problem(*_bn_arguments(bn))
+        if bad is not None:
+            return _kept(entry, "bad_statistics", bad)
         after = self._try_after(node, entry)
         if after.folded:
             return after
@@ -158,10 +158,13 @@ class GraphFolder:
         )
         if found is None:
             return entry
+        found, identities = found
         layer_name, bn = str(found.target), self.modules[str(node.target)]
         layer = self.modules[layer_name]
-        problem = self._layer_problem(layer_name, layer) or self._axis_problem(
-            x, layer_name, layer, bn
+        problem = (
+            self._layer_problem(layer_name, layer)
+            or self._identities_problem(identities)
+            or self._axis_problem(x, layer_name, layer, bn)
         )
         unlike = beside_problem(layer)
         if problem is None and unlike is not None:
@@ -294,10 +297,23 @@ class GraphFolder:
         problem = self._shared_problem(code, name, layer)
         return None if problem is None else (code, f"which {problem[1]}")
 
+    def _identities_problem(self, identities: list[fx.Node]) -> Problem | None:
+        """An ``nn.Identity`` between the layer and the sum whose hooks would be lost with
+        the sum: ``(code, "which reaches the sum through ...")`` or None."""
+        for identity in identities:
+            hooks = hooks_of(self.modules[str(identity.target)])
+            if hooks is not None:
+                return "layer_unsupported", (
+                    f"which reaches the sum through {self._describe(identity)}, which has {hooks}"
+                )
+        return None
+
     def _shared_problem(self, code: str, name: str, module: nn.Module) -> Problem | None:
-        """Hooks, several calls or direct reads would see the folded weights too."""
-        if module._forward_hooks or module._forward_pre_hooks:
-            return code, "has forward hooks"
+        """Hooks (forward or backward), several calls or direct reads would see the folded
+        weights, or a gone BN, too."""
+        hooks = hooks_of(module)
+        if hooks is not None:
+            return code, f"has {hooks}"
         calls = self.calls[id(module)]
         if calls != 1:
             return code, f"is called {calls} times in forward"

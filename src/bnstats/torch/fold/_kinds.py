@@ -36,6 +36,13 @@ LAYERS: tuple[type[nn.Module], ...] = (
 
 _LAYER_METHODS = ("forward", "_conv_forward")
 
+_HOOKS = (
+    ("_forward_pre_hooks", "forward pre-hooks"),
+    ("_forward_hooks", "forward hooks"),
+    ("_backward_pre_hooks", "backward pre-hooks"),
+    ("_backward_hooks", "backward hooks"),
+)
+
 
 def is_norm(module: nn.Module) -> bool:
     """A layer fold reports on: any BN layer of torch's family or a frozen BN."""
@@ -77,6 +84,15 @@ def running_statistics(module: nn.Module) -> tuple[Tensor | None, Tensor | None]
     return getattr(module, "running_mean", None), getattr(module, "running_var", None)
 
 
+def hooks_of(module: nn.Module) -> str | None:
+    """The hooks registered on ``module`` itself, as words (``"forward hooks and backward
+    hooks"``), None if it has none. Forward and backward hooks and pre-hooks count (those
+    of ``register_full_backward_hook`` and of the old ``register_backward_hook`` too);
+    global module hooks do not: they run on the folded module's layers as well."""
+    found = [words for attribute, words in _HOOKS if getattr(module, attribute, None)]
+    return " and ".join(found) or None
+
+
 def layer_computation_problem(layer: nn.Module) -> str | None:
     """Why the layer's output is not torch's ``W * x + b`` with its stored weight: the name
     of the method a subclass overrides (``"Conv2d._conv_forward"``), or None."""
@@ -89,6 +105,7 @@ def layer_computation_problem(layer: nn.Module) -> str | None:
 
 __all__ = [
     "LAYERS",
+    "hooks_of",
     "is_leaf",
     "is_norm",
     "known_norm_forward",

@@ -10,13 +10,15 @@ carries a short ``code`` and a sentence. The codes:
 ``training``                the BN is in training mode: its output depends on the batch
 ``no_running_stats``        ``track_running_stats=False``: it always uses the batch's statistics
 ``bad_statistics``          ``running_var + eps`` is not positive, or a statistic is NaN/Inf
-``bn_unsupported``          a forward fold does not know (a subclass overriding it), hooks, called
+``bn_unsupported``          a forward fold does not know (a subclass overriding it, a class that
+                            only shares a known class's name), forward or backward hooks, called
                             more than once, read elsewhere, lazy and never run
 ``not_called``              never called in ``forward``: tracing dropped it
 ``no_layer``                no conv/linear layer directly before or after it
 ``layer_unsupported``       the neighbour cannot absorb it (transposed conv after the BN, shared,
                             hooked or parametrized layer, overridden ``forward`` or
-                            ``_conv_forward`` as in weight-standardised convs)
+                            ``_conv_forward`` as in weight-standardised convs, a hooked
+                            ``nn.Identity`` between a layer and the sum it shares with the BN)
 ``norm_act``                the BN applies its own drop/activation (timm's ``BatchNormAct2d``):
                             only the layer before it can absorb it
 ``shared_tensor``           the tensor between them is also used elsewhere (residual branches)

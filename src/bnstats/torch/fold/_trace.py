@@ -11,15 +11,21 @@ Shapes, when wanted, come from torch.fx's ShapeProp on caller-given example inpu
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import fx, nn
+
+from bnstats.torch.fold._kinds import hooks_of
 
 Tensor = torch.Tensor
 
 
 class FoldTraceError(TypeError):
-    """The model could not be traced with torch.fx, so its BN layers cannot be located."""
+    """fold cannot work on the model as a whole: torch.fx cannot trace it (so its BN layers
+    cannot be located), the folded module would not run a hook registered on it (on the
+    model, a wrapper, or a submodule that tracing goes through), or the model is itself one
+    BN layer (with no neighbouring layer to fold into)."""
 
 
 class _LeafTracer(fx.Tracer):
@@ -38,14 +44,46 @@ class _LeafTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def call_module(
+        self,
+        m: nn.Module,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """A leaf becomes one node, called (with its hooks) by the traced module; any other
+        module is traced through, and its hooks would run once here, on proxies, and never
+        again: refused."""
+        hooks = hooks_of(m)
+        if hooks is not None:
+            name = self.path_of_module(m)
+            if not self.is_leaf_module(m, name):
+                raise _HookedSubmodule(name, type(m).__name__, hooks)
+        return super().call_module(m, forward, args, kwargs)
+
+
+class _HookedSubmodule(Exception):
+    """A module that tracing goes through has hooks (``name``, class name, which hooks)."""
+
 
 def trace(work: nn.Module, name: str, is_leaf: Callable[[nn.Module], bool]) -> fx.GraphModule:
     """``work`` as an ``fx.GraphModule`` (sharing its submodules) with the same qualified names
     and training flags, every module for which ``is_leaf`` is true kept as one node;
-    :class:`FoldTraceError` naming ``name`` if it cannot be traced."""
+    :class:`FoldTraceError` naming ``name`` if it cannot be traced, or naming the submodule
+    if tracing would go through one with hooks (they would not run in the traced module)."""
     tracer = _LeafTracer(is_leaf)
     try:
         graph = tracer.trace(work)
+    except _HookedSubmodule as exc:
+        path, cls, hooks = exc.args
+        raise FoldTraceError(
+            f"fold: cannot fold {name}: its submodule {path!r} ({cls}) has {hooks}. "
+            f"torch.fx traces through {path!r} (it is not one layer), so they would run once "
+            "while tracing and never in the folded module: its output, side effects or "
+            f"gradients would silently differ. Remove the hooks from {path!r} before fold "
+            "(a hook on a layer the folded module calls, such as torch's own modules, runs "
+            "there as before)."
+        ) from None
     except Exception as exc:  # any failure of symbolic tracing means: cannot locate the BNs
         raise FoldTraceError(
             f"fold: cannot trace {name} with torch.fx symbolic tracing "
@@ -60,6 +98,24 @@ def trace(work: nn.Module, name: str, is_leaf: Callable[[nn.Module], bool]) -> f
         if qualified in originals:  # containers rebuilt by GraphModule default to training
             module.training = originals[qualified].training
     return gm
+
+
+def refuse_outer_hooks(chain: list[nn.Module]) -> None:
+    """:class:`FoldTraceError` if the model (``chain[-1]``) or a wrapper around it has hooks:
+    the folded module is a new ``fx.GraphModule``, which would not run them."""
+    name = type(chain[-1]).__name__
+    for module in chain:
+        hooks = hooks_of(module)
+        if hooks is None:
+            continue
+        is_model = module is chain[-1]
+        where = "the model itself" if is_model else f"its wrapper {type(module).__name__}"
+        raise FoldTraceError(
+            f"fold: cannot fold {name}: {where} has {hooks}, which the folded module (a new "
+            "torch.fx GraphModule) would not run: its output or gradients would silently "
+            f"differ. Remove them from the {'model' if is_model else 'wrapper'} before fold, "
+            "and register them on the folded module if it needs them."
+        )
 
 
 def _drop_string_annotations(graph: fx.Graph) -> None:
@@ -100,4 +156,4 @@ def record_shapes(gm: fx.GraphModule, example_inputs: object, name: str) -> None
             module.training = training
 
 
-__all__ = ["FoldTraceError", "record_shapes", "trace"]
+__all__ = ["FoldTraceError", "record_shapes", "refuse_outer_hooks", "trace"]

@@ -51,6 +51,42 @@ def bn_scale_shift(
     return scale, beta64 - mu * scale
 
 
+def statistics_problem(
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    gamma: Tensor | None = None,
+    beta: Tensor | None = None,
+) -> str | None:
+    """Why a BN with these values is no affine map to fold (None if it is one): a value that
+    is NaN/Inf, or ``running_var + eps`` not positive (``sqrt`` of it is not a positive real
+    number), naming the channels."""
+    values = {"running_mean": running_mean, "running_var": running_var, "weight": gamma}
+    values["bias"] = beta
+    for name, value in values.items():
+        if value is not None:
+            bad = _channels(~torch.isfinite(as_float64(value)))
+            if bad is not None:
+                return f"{name} is NaN/Inf in channel(s) {bad}"
+    spread = as_float64(running_var) + float(eps)
+    bad = _channels(~(spread > 0))
+    if bad is not None:
+        return (
+            f"running_var + eps is not positive in channel(s) {bad} (smallest "
+            f"{float(spread.min()):.4g}): the BN divides by its square root"
+        )
+    return None
+
+
+def _channels(mask: Tensor) -> str | None:
+    """The indices where ``mask`` is true (the first 8), None if nowhere."""
+    where = torch.nonzero(mask.reshape(-1)).flatten().tolist()
+    if not where:
+        return None
+    shown = ", ".join(str(i) for i in where[:8])
+    return shown + (f", ... ({len(where)} in all)" if len(where) > 8 else "")
+
+
 def fold_weights(
     weight: Tensor,
     bias: Tensor | None,
@@ -110,8 +146,10 @@ def fold_weights(
     (:func:`cast_back`) to the dtypes of ``weight`` and ``bias`` (``weight``'s if ``bias``
     is None) on ``weight``'s device: float64 weights give the exact float64 result, which
     ``fold`` keeps while a layer absorbs several BNs and rounds once. Raises ``ValueError``
-    naming the shapes if the BN's channels are not the layer's output (input) channels,
-    :class:`FoldOverflowError` if a result is not finite in its dtype.
+    naming the shapes if the BN's channels are not the layer's output (input) channels, or
+    naming the channels where ``running_var + eps`` is not positive or a statistic, ``gamma``
+    or ``beta`` is NaN/Inf (:func:`statistics_problem`); :class:`FoldOverflowError` if a
+    result is not finite in its dtype.
     """
     if position not in ("after", "before", "beside"):
         raise ValueError(f"position must be 'after', 'before' or 'beside', got {position!r}")
@@ -121,6 +159,9 @@ def fold_weights(
             "numbers of inputs, so the BN's shift is not a constant bias"
         )
     scale, shift = bn_scale_shift(running_mean, running_var, eps, gamma, beta)
+    problem = statistics_problem(running_mean, running_var, eps, gamma, beta)
+    if problem is not None:
+        raise ValueError(f"the BN is no affine map to fold: {problem}")
     w64 = as_float64(weight)
     b64 = None if bias is None else as_float64(bias)
     if position == "after":
@@ -277,5 +318,6 @@ __all__ = [
     "bn_scale_shift",
     "cast_back",
     "fold_weights",
+    "statistics_problem",
     "weight_layout",
 ]
