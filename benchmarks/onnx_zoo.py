@@ -62,7 +62,7 @@ def judge(spec: str) -> dict:
     import torch
 
     import bnstats.torch as bt
-    from bnstats.onnx._agreement import float64_outputs, measure, model_outputs, run_onnxruntime
+    from bnstats.onnx._agreement import reference_outputs, run_onnxruntime
     from bnstats.onnx.export import _exported_bytes, quiet_exporter
     from bnstats.onnx.nodes import check_batchnorm_nodes
 
@@ -76,13 +76,12 @@ def judge(spec: str) -> dict:
     x = torch.randn(2, 3, 160, 160, generator=gen) * 2 + 0.5
     start = time.perf_counter()
     with quiet_exporter(), torch.no_grad():
-        expected = model_outputs(model, (x,))
+        reference = reference_outputs(model, (x,))
         folded = bt.fold(model, (x,))
-        truth = float64_outputs(model, (x,))
-        data = _exported_bytes(torch, folded, (x,), {}, len(expected))
+        data = _exported_bytes(torch, folded, (x,), {}, len(reference.outputs))
         nodes = check_batchnorm_nodes(onnx.load_from_string(data), folded)
-        agreement = measure(run_onnxruntime(data, (x,)), expected, truth, 1e-5, 4.0)
-    fixed_ok = agreement.torch_difference <= 1e-5 * float(np.abs(expected[0]).max())
+        agreement = reference.agreement(run_onnxruntime(data, (x,)), 1e-5, 4.0)
+    fixed_ok = agreement.torch_difference <= 1e-5 * float(np.abs(reference.outputs[0]).max())
     return {
         "model": spec,
         "new": nodes.ok and agreement.ok,

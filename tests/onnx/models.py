@@ -75,3 +75,36 @@ class ResNetish(nn.Module):
         y = torch.relu(self.bn2(self.conv2(x)))
         x = torch.relu(x + self.bn3(self.conv3(y)))
         return self.fc(x.mean(dim=(2, 3)))
+
+
+class TwoHeads(nn.Module):
+    """A large head (logits around 1e3) and a small one (around 1e-3, a box regression) on a
+    shared body; the small head's BN comes before its linear layer (``bt.fold`` folds it there,
+    ``BN -> layer``), and ``small`` is the last layer (its parameters are the model's last)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
+        self.big = nn.Linear(8, 10)
+        self.bn = nn.BatchNorm1d(8)
+        self.small = nn.Linear(8, 2)
+
+    def forward(self, x):
+        features = self.body(x)
+        return self.big(features) * 1000.0, self.small(self.bn(features)) * 0.001
+
+
+class Branching(nn.Module):
+    """conv -> BN behind a data-dependent branch: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.mean() > -100:  # always taken; torch.fx cannot know
+            x = x * 1.0
+        return self.bn(self.conv(x))

@@ -19,7 +19,7 @@ optional_import("onnxscript")  # torch's default (dynamo) exporter needs it
 from torch import nn  # noqa: E402
 
 from bnstats.onnx import OnnxExportError, export_folded  # noqa: E402
-from tests.onnx.models import DeepChain, Net, trained  # noqa: E402
+from tests.onnx.models import DeepChain, Net, TwoHeads, trained  # noqa: E402
 
 
 def _bn_op_types(path) -> list[str]:
@@ -174,3 +174,24 @@ def test_the_example_in_docs_integrations_md_runs(tmp_path, monkeypatch, capsys)
     assert "0 BatchNormalization node(s) left" in out
     assert "differs from the model's eval output" in out
     assert "statistics look stale in 2 BN layer(s): 1, 4" in out
+
+
+def test_a_wrong_small_output_is_refused_beside_a_large_one(tmp_path, monkeypatch):
+    """The small head (around 1e-3) exported 1 % off: far below 1e-5 of the logits (around
+    1e3), which judged every output against the largest one and accepted it."""
+    x = torch.randn(2, 3, 16, 16)
+    model = trained(TwoHeads(), x).eval()
+    stale_exports(monkeypatch, 1e-2)  # `small` is the model's last layer
+    with pytest.raises(
+        OnnxExportError, match=r"nothing was written: output 0: .*\noutput 1: REFUSED: "
+    ):
+        export_folded(model, x, tmp_path / "heads.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_float16_model_is_named_as_such(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    model = trained(model, torch.randn(16, 8)).eval().half()
+    result = export_folded(model, torch.randn(4, 8).half(), tmp_path / "half.onnx")
+    assert result.agreement.dtype == "float16"
+    assert "torch's float16 eval" in str(result) and "float32" not in str(result)

@@ -8,8 +8,8 @@ a recalibration keeps the old statistics, folded into its convolutions where no 
 them (torch's default exporter folds BN into the layer before it by itself).
 
 - :func:`export_folded` folds the model (:func:`bnstats.torch.fold`), exports it with
-  ``torch.onnx.export`` (quietly), checks the BN nodes left and that onnxruntime computes the
-  model's eval output about as exactly as torch's float32 does, then writes the file;
+  ``torch.onnx.export`` (quietly), checks the BN nodes left and that onnxruntime computes
+  each of the model's eval outputs about as exactly as torch itself does, then writes the file;
 - :func:`check_export` runs any exported file in onnxruntime against the model's current eval
   output and names the BN layers whose statistics look stale;
 - :func:`check_batchnorm_nodes` reads the ``BatchNormalization`` nodes of any graph (subgraphs
@@ -21,7 +21,7 @@ torch is imported only by the functions that take a PyTorch model.
 
 from __future__ import annotations
 
-from bnstats.onnx._agreement import Agreement, OnnxExportError
+from bnstats.onnx._agreement import Agreement, OnnxExportError, OutputAgreement
 from bnstats.onnx.check import ExportCheck, LayerStatus, check_export
 from bnstats.onnx.export import OnnxExport, export_folded
 from bnstats.onnx.nodes import BatchNormNode, BatchNormNodes, check_batchnorm_nodes
@@ -34,6 +34,7 @@ __all__ = [
     "LayerStatus",
     "OnnxExport",
     "OnnxExportError",
+    "OutputAgreement",
     "check_batchnorm_nodes",
     "check_export",
     "export_folded",

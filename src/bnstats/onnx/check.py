@@ -16,8 +16,13 @@ tolerance of :mod:`bnstats.onnx._agreement`), and says which BN layers look stal
   weight) changed since the export, another bias running_mean (or beta).
 
 What cannot be known: which values the statistics had at the export (the graph holds only
-their product with the weights), nor anything about BN layers the exporter folded in ways
-other than ``layer -> BN``; those are reported as not located, never as current.
+their product with the weights), nor anything about BN layers folded in ways other than
+``layer -> BN`` (``bt.fold``'s ``BN -> layer`` and ``layer(x) + BN(x)``); those are reported
+as not located, never as current. Which layer absorbs which BN comes from tracing the model
+with torch.fx (as ``bt.fold`` does): for a model that cannot be traced (data-dependent control
+flow) the outputs and the BN nodes are still compared, and the result says that folded layers
+were not looked for. When the outputs differ and no BN layer is found stale, the message says
+whether every BN layer was found current or the cause could not be located.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from bnstats.onnx._agreement import (
 )
 from bnstats.onnx._graph import ScopedNode, is_standard, load, walk
 from bnstats.onnx._modes import in_eval_mode
-from bnstats.onnx.nodes import BatchNormNodes, check_batchnorm_nodes
+from bnstats.onnx.nodes import BatchNormNodes, check_batchnorm_nodes, layer_label
 
 _SAME = 1e-4  # relative: the exporter's float32 folding is ~1e-7 from bnstats' float64 one
 _WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1}
@@ -48,30 +53,43 @@ _WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1}
 
 @dataclass(frozen=True)
 class LayerStatus:
-    """A BN layer absorbed by ``folded_into``: ``status`` is ``"current"``, ``"stale"`` or
-    ``"not located"`` (no tensor of the graph is that layer's weight, scaled), with why."""
+    """A BN layer of the model that is no ``BatchNormalization`` node of the graph, absorbed by
+    ``folded_into`` (``None``: ``bt.fold`` keeps it): ``status`` is ``"current"``, ``"stale"``
+    or ``"not located"`` (no tensor of the graph is that layer's weight, scaled, or it was not
+    looked for), with why."""
 
     layer: str
-    folded_into: str
+    folded_into: str | None
     status: str
     detail: str = ""
+
+    def __str__(self) -> str:
+        where = "" if self.folded_into is None else f" (folded into {self.folded_into})"
+        detail = f": {self.detail}" if self.detail else ""
+        return f"{layer_label(self.layer)}{where}: {self.status}{detail}"
 
 
 @dataclass
 class ExportCheck:
     """What :func:`check_export` found: ``ok`` when the graph's outputs agree with the model's
-    current eval output (``agreement``), its BN nodes are fine (``batchnorm_nodes``) and no
-    folded layer looks stale (``layers``). ``message`` is one line, ``str`` the details."""
+    current eval output (``agreement``, each output on its own), its BN nodes are fine
+    (``batchnorm_nodes``) and no folded layer looks stale (``layers``). ``not_traced``: why
+    the BN layers folded into weights were not looked for (the model cannot be traced by
+    torch.fx), empty when they were. ``message`` is one line, ``str`` the details."""
 
     path: str
     agreement: Agreement
     batchnorm_nodes: BatchNormNodes
     layers: list[LayerStatus] = field(default_factory=list)
+    not_traced: str = ""
 
     @property
     def stale(self) -> list[str]:
-        """The BN layers whose statistics look changed since the export, in model order."""
-        from_nodes = [n.layer for n in self.batchnorm_nodes.nodes if n.problems and n.layer]
+        """The BN layers whose statistics look changed since the export, in model order
+        (``""`` is the model itself, when it is one BN layer)."""
+        from_nodes = [
+            n.layer for n in self.batchnorm_nodes.nodes if n.problems and n.layer is not None
+        ]
         return list(
             dict.fromkeys(from_nodes + [s.layer for s in self.layers if s.status == "stale"])
         )
@@ -82,23 +100,40 @@ class ExportCheck:
 
     @property
     def message(self) -> str:
+        measured = f"({self.agreement.summary()})"
         if self.ok:
-            current = sum(s.status == "current" for s in self.layers)
-            return (
-                f"{self.path} computes the model's eval output ({self.agreement.graph_error:.3g} "
-                f"from a {self.agreement.reference} run, allowed {self.agreement.allowed:.3g}); "
-                f"{current} folded BN layer(s) found with their current statistics"
-            )
+            return f"{self.path} computes the model's eval output {measured}; {self._found()}"
         verdict = "agrees with" if self.agreement.ok else "differs from"
+        return f"{self.path} {verdict} the model's eval output {measured}; {self._cause()}"
+
+    def _found(self) -> str:
+        if self.not_traced:
+            return "BN layers folded into weights not looked for (torch.fx cannot trace the model)"
+        current = sum(s.status == "current" for s in self.layers)
+        return f"{current} folded BN layer(s) found with their current statistics"
+
+    def _cause(self) -> str:
+        """Why the check failed, as far as it can tell."""
         stale = self.stale
-        why = (
-            f"statistics look stale in {len(stale)} BN layer(s): {_first(stale)}"
-            if stale
-            else "no BN layer's statistics look stale (weights, the model or its code changed?)"
-        )
+        if stale:
+            return f"statistics look stale in {len(stale)} BN layer(s): {_first(stale)}"
+        if not self.batchnorm_nodes.ok:
+            problems = self.batchnorm_nodes.problems()
+            return f"{len(problems)} BatchNormalization node problem(s): {problems[0]}"
+        if self.not_traced:
+            return (
+                "the cause could not be located: torch.fx cannot trace the model, so BN layers "
+                "folded into weights were not looked for"
+            )
+        unlocated = [s.layer for s in self.layers if s.status == "not located"]
+        if unlocated:
+            return (
+                f"the cause could not be located: no BN layer found stale, {len(unlocated)} "
+                f"not located ({_first(unlocated)})"
+            )
         return (
-            f"{self.path} {verdict} the model's eval output ({self.agreement.graph_error:.3g} "
-            f"from a {self.agreement.reference} run, allowed {self.agreement.allowed:.3g}); {why}"
+            "every BN layer was found with its current statistics "
+            "(weights, the model or its code changed?)"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,25 +146,27 @@ class ExportCheck:
             "torch_error": a.torch_error,
             "allowed": a.allowed,
             "reference": a.reference,
+            "outputs": [
+                {"ok": o.ok, **{k: v for k, v in vars(o).items() if k not in ("rtol", "factor")}}
+                for o in a.outputs
+            ],
             "batchnorm_nodes": self.batchnorm_nodes.to_dict(),
             "layers": [vars(s) for s in self.layers],
+            "not_traced": self.not_traced,
         }
 
     def __str__(self) -> str:
-        lines = [self.message, f"  {self.agreement}"]
+        lines = [self.message] + [f"  {line}" for line in str(self.agreement).splitlines()]
         lines += [f"  {line}" for line in self.batchnorm_nodes.problems()]
-        lines += [
-            f"  {s.layer} (folded into {s.folded_into}): {s.status}{': ' if s.detail else ''}"
-            f"{s.detail}"
-            for s in self.layers
-            if s.status != "current"
-        ]
+        if self.not_traced:
+            lines.append(f"  BN layers folded into weights not looked for: {self.not_traced}")
+        lines += [f"  {s}" for s in self.layers if s.status != "current"]
         return "\n".join(lines)
 
 
 def _first(names: list[str], shown: int = 3) -> str:
     more = len(names) - shown
-    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+    return ", ".join(map(layer_label, names[:shown])) + (f" and {more} more" if more > 0 else "")
 
 
 def check_export(
@@ -146,27 +183,52 @@ def check_export(
     what cannot be known). The model is left as found. Returns :class:`ExportCheck`; a file
     that is no ONNX model, or outputs of other shapes, raise a ``ValueError``."""
 
-    import bnstats.torch as bt
-
     check_tolerances(rtol, factor)
     proto, label = load(path)
     args = positional(example_inputs)
     with in_eval_mode(model):
         reference = reference_outputs(model, args)
-        report = bt.fold(model, args).fold_report
+        entries, not_traced = _fold_entries(model, args)
     source = label if label != "<ModelProto>" else proto.SerializeToString()
     agreement = reference.agreement(run_onnxruntime(source, args), rtol, factor)
     nodes = check_batchnorm_nodes(proto, model)
-    in_nodes = {n.layer for n in nodes.nodes if n.layer}
+    in_nodes = {n.layer for n in nodes.nodes if n.layer is not None}
     tensors = _weights(list(walk(proto.graph)))
     # A BN node matched to no layer may be any layer's: its conv then holds the bare weight.
     bare_is_ambiguous = any(n.layer is None for n in nodes.nodes)
     layers = [
         _locate(entry, model, tensors, bare_is_ambiguous)
-        for entry in report.folded
-        if entry.name not in in_nodes and entry.position == "after"
+        if entry.position == "after"
+        else _not_looked_for(entry)
+        for entry in entries
+        if entry.name not in in_nodes
     ]
-    return ExportCheck(label, agreement, nodes, layers)
+    return ExportCheck(label, agreement, nodes, layers, not_traced)
+
+
+def _fold_entries(model: Any, args: tuple) -> tuple[list[Any], str]:
+    """What ``bt.fold`` would do with each BN layer (its report's entries, naming the layer
+    that absorbs each), or none and why that cannot be known: torch.fx cannot trace the model
+    (the first line of fold's :class:`~bnstats.torch.FoldTraceError`). A model that is itself
+    one BN layer has no layer to fold into."""
+    import bnstats.torch as bt
+
+    if bt.is_batchnorm(bt.unwrap(model)):
+        return [], ""
+    try:
+        return bt.fold(model, args).fold_report.entries, ""
+    except bt.FoldTraceError as error:
+        return [], str(error).splitlines()[0]
+
+
+def _not_looked_for(entry: Any) -> LayerStatus:
+    """A BN that ``bt.fold`` keeps or folds other than ``layer -> BN``, and no node of the
+    graph: its statistics are not read back from the graph."""
+    if not entry.folded:
+        detail = "no BatchNormalization node matches it and bt.fold keeps it: not looked for"
+    else:
+        detail = f"folded {entry.position} it (only a BN folded after its layer is read back)"
+    return LayerStatus(entry.name, entry.folded_into, "not located", detail)
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,11 @@ class OnnxExport:
     ``path``: the ONNX file; ``fold_report``: what fold did with each BN layer;
     ``batchnorm_nodes``: the ``BatchNormalization`` nodes left in the graph (none when every
     layer folded); ``agreement``: how close onnxruntime's outputs on ``example_inputs`` are to
-    a float64 run of the model, next to torch's float32 eval (:class:`Agreement`);
-    ``export_warnings``: what torch's exporter warned (kept here, not printed).
-    ``max_abs_error`` is ``max |onnxruntime - torch float32|``, ``output_scale`` the largest
-    output of the float64 run, ``rtol`` the floor of the tolerance.
+    a float64 run of the model, next to torch's own eval (:class:`Agreement`, each output on
+    its own); ``export_warnings``: what torch's exporter warned (kept here, not printed).
+    ``max_abs_error`` is ``max |onnxruntime - torch eval|`` and ``output_scale`` the largest
+    value of the float64 run, both of the output judged most severely (``agreement.index``);
+    ``rtol`` is the floor of the tolerance.
     """
 
     path: Path
@@ -103,11 +104,12 @@ def export_folded(
     3. :func:`check_batchnorm_nodes` on the graph against the folded model: BN layers that did
        not fold (see ``fold_report``) appear as nodes and must be in inference mode with the
        layer's eps (weight-standardisation nodes are left alone);
-    4. onnxruntime (CPU) runs the graph on ``example_inputs``; it must be about as close to a
-       float64 run of the ORIGINAL model as torch's float32 eval output is:
-       ``max |ort - float64| <= max(factor * max |torch - float64|, rtol * max |float64|)``
-       (see :class:`Agreement`; a model that cannot run in float64 is judged against its
-       float32 output with ``rtol`` alone, and the result says so).
+    4. onnxruntime (CPU) runs the graph on ``example_inputs``; each output tensor must be about
+       as close to a float64 run of the ORIGINAL model as torch's own eval output (in the
+       model's dtype) is: ``max |ort - float64| <= max(factor * max |torch - float64|, rtol *
+       max |float64|)``, every maximum over that one output (see :class:`Agreement`; a model
+       that cannot run in float64 is judged against its own output with ``rtol`` alone, and
+       the result says so).
 
     The model is folded and exported in eval mode (its own training flags are put back).
     ``example_inputs``: a tensor or a tuple of positional tensors. The file is written only if
@@ -138,7 +140,7 @@ def export_folded(
         agreement = reference.agreement(run_onnxruntime(data, args), rtol, factor)
     if not agreement.ok:
         raise OnnxExportError(
-            f"the graph does not compute the model's eval output: {agreement}; nothing was written"
+            f"the graph does not compute the model's eval output, nothing was written: {agreement}"
         )
     written = atomic_write_bytes(target, data)
     return OnnxExport(written, folded.fold_report, nodes, agreement, _messages(caught))

@@ -36,6 +36,12 @@ class BatchNormNode:
     training_mode: bool
     problems: tuple[str, ...] = ()
 
+    @property
+    def label(self) -> str:
+        """``node 'bn' (layer 'features.1')`` as messages name it."""
+        layer = "" if self.layer is None else f" (layer {layer_label(self.layer)!r})"
+        return f"node {self.node!r}{layer}"
+
 
 @dataclass
 class BatchNormNodes:
@@ -51,11 +57,7 @@ class BatchNormNodes:
 
     def problems(self) -> list[str]:
         """One line per problem: ``node 'bn' (layer 'features.1'): ...``."""
-        return [
-            f"node {node.node!r}{'' if node.layer is None else f' (layer {node.layer!r})'}: {p}"
-            for node in self.nodes
-            for p in node.problems
-        ]
+        return [f"{node.label}: {p}" for node in self.nodes for p in node.problems]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -150,12 +152,26 @@ def _number(scoped: ScopedNode, name: str, default: float, label: str) -> float:
 
 
 def _layer_name(node: onnx.NodeProto, layers: dict[str, Any]) -> str | None:
-    for index, suffix in ((3, ".running_mean"), (4, ".running_var"), (1, ".weight")):
-        if len(node.input) > index and node.input[index].endswith(suffix):
-            name = node.input[index][: -len(suffix)]
-            if name in layers:
-                return name
+    for index, attribute in ((3, "running_mean"), (4, "running_var"), (1, "weight")):
+        name = _owner(node.input[index], attribute) if len(node.input) > index else None
+        if name in layers:
+            return name
     return None
+
+
+def _owner(value: str, attribute: str) -> str | None:
+    """The module whose ``attribute`` the graph value ``value`` is, as ``torch.onnx.export``
+    names it: ``features.1`` for ``features.1.running_mean``, ``""`` (the model itself, a bare
+    BN layer) for ``running_mean``; None for another name."""
+    if value == attribute:
+        return ""
+    suffix = f".{attribute}"
+    return value[: -len(suffix)] if value.endswith(suffix) else None
+
+
+def layer_label(name: str) -> str:
+    """A layer's qualified name as messages show it (the model itself is ``<model>``)."""
+    return name or "<model>"
 
 
 def _compare_with_layer(scoped: ScopedNode, epsilon: float, layer: Any) -> list[str]:
@@ -175,4 +191,4 @@ def _compare_with_layer(scoped: ScopedNode, epsilon: float, layer: Any) -> list[
     return problems
 
 
-__all__ = ["BatchNormNode", "BatchNormNodes", "check_batchnorm_nodes"]
+__all__ = ["BatchNormNode", "BatchNormNodes", "check_batchnorm_nodes", "layer_label"]
