@@ -70,6 +70,28 @@ def test_the_plan_names_what_is_replaced_retuned_and_left():
     assert type(model[1]) is bt.BatchNorm2d and model[3].estimator.debias
 
 
+class _Aliased(nn.Module):
+    """A BN held by one parent under two names, the forward calling the alias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3, momentum=None)
+        self.norm = self.bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+def test_a_layer_under_two_names_of_one_parent_becomes_one_new_layer_under_both():
+    torch_model = _Aliased()
+    model = bt.convert(copy.deepcopy(torch_model), bnstats.CumulativeAverage())
+    assert type(model.bn) is bt.BatchNorm1d and model.norm is model.bn
+    for _ in range(3):
+        x = torch.randn(8, 3)
+        torch_model(x), model(x)
+    assert ref.same_state(model, ref.snapshot(torch_model))
+
+
 def test_keep_momentum_keeps_each_layers_own():
     model = nn.Sequential(nn.BatchNorm1d(3, momentum=0.0003), nn.BatchNorm1d(3, momentum=None))
     bt.convert(model, bnstats.EMA(0.1, debias=True), keep_momentum=True)

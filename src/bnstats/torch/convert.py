@@ -21,6 +21,7 @@ from bnstats.torch._layers import (
     display_name,
     is_batchnorm,
     is_lazy_uninitialized,
+    registered_children,
     uninitialized_lazy_error,
 )
 from bnstats.torch.modules import (
@@ -130,7 +131,7 @@ def _plan(
             raise ValueError(uninitialized_lazy_error(name, module) + "; then convert")
         plan.left[name] = f"{type(module).__name__} keeps its own forward"
     else:
-        for child_name, child in module.named_children():
+        for child_name, child in registered_children(module):
             full = f"{name}.{child_name}" if name else child_name
             planned = _plan(plan, child, full, estimator, keep_momentum, done)
             if planned is not child:
