@@ -102,6 +102,20 @@ def test_keep_momentum_keeps_each_layers_own():
     assert other[0].momentum == 0.1
 
 
+@pytest.mark.parametrize(
+    "estimator", [bnstats.EMA(0.1, nonfinite="skip"), bnstats.CumulativeAverage()]
+)
+def test_keep_momentum_keeps_statistics_that_never_move(estimator):
+    torch_model = nn.Sequential(nn.BatchNorm1d(3, momentum=0.2), nn.BatchNorm1d(3, momentum=0.0))
+    assert bt.plan_conversion(torch_model, estimator, keep_momentum=True).replaced == ["0", "1"]
+    model = bt.convert(copy.deepcopy(torch_model), estimator, keep_momentum=True)
+    assert model[1].momentum == 0.0 and model[1].estimator.nonfinite == estimator.nonfinite
+    for _ in range(3):
+        x = torch.randn(8, 3)
+        torch_model(x), model(x)
+    assert ref.same_state(model[1], ref.snapshot(torch_model[1]))
+
+
 def test_a_failed_float64_pass_leaves_no_skip_count_in_bnstats_layers():
     model = bt.convert(zoo.build("mlp"), bnstats.EMA(0.1, nonfinite="skip"))
     data = zoo.batches("mlp")

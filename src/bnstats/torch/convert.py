@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from bnstats.stats import EMA, CumulativeAverage, RunningAverage
+from bnstats.stats import EMA, RunningAverage
 from bnstats.torch._layers import (
     display_name,
     is_batchnorm,
@@ -30,6 +30,7 @@ from bnstats.torch.modules import (
     BatchNorm3d,
     EstimatorBatchNorm,
     check_estimator,
+    estimator_for_momentum,
 )
 
 _REPLACEMENTS: dict[type, type] = {
@@ -79,7 +80,8 @@ def convert(
     there (BatchNorm, BatchRenorm, GhostBatchNorm: they keep their ghost or renorm
     behaviour) get one too. ``keep_momentum=True``: each layer keeps its own momentum (an
     ``EMA`` estimator takes the layer's momentum, so mnasnet's 0.0003 stays 0.0003; a layer
-    with ``momentum=None`` keeps the cumulative average), the estimator giving the rest
+    with ``momentum=None`` keeps the cumulative average and one with ``momentum=0.0`` its
+    statistics that never move, whatever the estimator), the estimator giving the rest
     (``debias``, ``nonfinite``). A layer registered under several names stays one shared
     layer. Other BN subclasses are left as they are, named in a warning (see
     :class:`ConversionPlan`); the plan is also returned by :func:`plan_conversion`.
@@ -145,10 +147,9 @@ def _estimator_for(module: nn.Module, estimator: RunningAverage, keep_momentum: 
     if not keep_momentum or not is_batchnorm(module):
         return own
     momentum = module.momentum
-    if isinstance(own, EMA) and momentum is not None:
-        return EMA(momentum, debias=own.debias, nonfinite=own.nonfinite)
-    if momentum is None:
-        return CumulativeAverage(nonfinite=own.nonfinite)
+    if isinstance(own, EMA) or momentum is None or momentum == 0:
+        debias = getattr(own, "debias", False)
+        return estimator_for_momentum(momentum, debias=debias, nonfinite=own.nonfinite)
     return own
 
 

@@ -40,6 +40,7 @@ from bnstats.stats import (
     EMA,
     CumulativeAverage,
     FixedStatistics,
+    NonFinitePolicy,
     NonFiniteStatisticsError,
     RunningAverage,
 )
@@ -69,16 +70,26 @@ def check_estimator(estimator: Any) -> RunningAverage:
     return estimator
 
 
+def estimator_for_momentum(
+    momentum: float | None, *, debias: bool = False, nonfinite: NonFinitePolicy = "raise"
+) -> RunningAverage:
+    """The estimator torch's ``momentum`` describes: ``None`` the
+    :class:`~bnstats.CumulativeAverage`, ``0.0`` :class:`~bnstats.stats.FixedStatistics`
+    (statistics that never move), any other number an :class:`~bnstats.EMA` with ``debias``;
+    each with ``nonfinite``."""
+    if momentum is None:
+        return CumulativeAverage(nonfinite=nonfinite)
+    if momentum == 0:
+        return FixedStatistics(nonfinite=nonfinite)
+    return EMA(momentum, debias=debias, nonfinite=nonfinite)
+
+
 def _estimator_from(momentum: Any, estimator: RunningAverage | None) -> RunningAverage:
     if estimator is not None:
         if momentum is not _UNSET:
             raise ValueError("give momentum or estimator, not both")
         return check_estimator(estimator)
-    if momentum is _UNSET:
-        return EMA(0.1)
-    if momentum is None:
-        return CumulativeAverage()
-    return FixedStatistics() if momentum == 0 else EMA(momentum)
+    return EMA(0.1) if momentum is _UNSET else estimator_for_momentum(momentum)
 
 
 def is_tracing(x: Any) -> bool:
@@ -188,12 +199,9 @@ class EstimatorBatchNorm:
         if schedule is None:  # torch's __init__ sets momentum before the estimator exists
             return
         template = self.__dict__.get("_last_ema", EMA(0.1))
-        if value is None:
-            self._schedule = CumulativeAverage(nonfinite=schedule.nonfinite)
-        elif value == 0:
-            self._schedule = FixedStatistics(nonfinite=schedule.nonfinite)
-        else:
-            self._schedule = EMA(value, debias=template.debias, nonfinite=schedule.nonfinite)
+        self._schedule = estimator_for_momentum(
+            value, debias=template.debias, nonfinite=schedule.nonfinite
+        )
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "_schedule" and isinstance(value, EMA):
