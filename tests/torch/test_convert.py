@@ -116,6 +116,17 @@ def test_keep_momentum_keeps_statistics_that_never_move(estimator):
     assert ref.same_state(model[1], ref.snapshot(torch_model[1]))
 
 
+class _InverseSqrt(bnstats.stats.RunningAverage):
+    def weight(self, t):
+        return 1 / t**0.5
+
+
+def test_keep_momentum_keeps_a_bnstats_layers_own_schedule():
+    model = nn.Sequential(bt.BatchNorm1d(3, estimator=_InverseSqrt()), bt.BatchNorm1d(3))
+    bt.convert(model, bnstats.EMA(0.2), keep_momentum=True)
+    assert type(model[0].estimator) is _InverseSqrt and model[1].momentum == 0.1
+
+
 def test_a_failed_float64_pass_leaves_no_skip_count_in_bnstats_layers():
     model = bt.convert(zoo.build("mlp"), bnstats.EMA(0.1, nonfinite="skip"))
     data = zoo.batches("mlp")

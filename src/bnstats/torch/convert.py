@@ -29,6 +29,7 @@ from bnstats.torch.modules import (
     BatchNorm2d,
     BatchNorm3d,
     EstimatorBatchNorm,
+    EstimatorMomentum,
     check_estimator,
     estimator_for_momentum,
 )
@@ -81,10 +82,12 @@ def convert(
     behaviour) get one too. ``keep_momentum=True``: each layer keeps its own momentum (an
     ``EMA`` estimator takes the layer's momentum, so mnasnet's 0.0003 stays 0.0003; a layer
     with ``momentum=None`` keeps the cumulative average and one with ``momentum=0.0`` its
-    statistics that never move, whatever the estimator), the estimator giving the rest
-    (``debias``, ``nonfinite``). A layer registered under several names stays one shared
-    layer. Other BN subclasses are left as they are, named in a warning (see
-    :class:`ConversionPlan`); the plan is also returned by :func:`plan_conversion`.
+    statistics that never move, whatever the estimator, and a bnstats layer with a schedule
+    of its own keeps it), the estimator giving the rest (``debias``, ``nonfinite``). A layer
+    registered under several names (also twice in one parent: ``self.norm = self.bn``)
+    becomes one new layer under every name. Other BN subclasses are left as they are, named
+    in a warning (see :class:`ConversionPlan`); the plan is also returned by
+    :func:`plan_conversion`.
 
     Raises ``TypeError`` for an estimator that is not a running average and ``ValueError``
     for an uninitialized ``LazyBatchNorm*`` (run one forward first), before changing
@@ -147,7 +150,8 @@ def _estimator_for(module: nn.Module, estimator: RunningAverage, keep_momentum: 
     if not keep_momentum or not is_batchnorm(module):
         return own
     momentum = module.momentum
-    if isinstance(own, EMA) or momentum is None or momentum == 0:
+    names_its_own = momentum is None or momentum == 0 or isinstance(momentum, EstimatorMomentum)
+    if isinstance(own, EMA) or names_its_own:
         debias = getattr(own, "debias", False)
         return estimator_for_momentum(momentum, debias=debias, nonfinite=own.nonfinite)
     return own

@@ -29,6 +29,7 @@ the layer's next forward (a flag copied asynchronously). The same code traces wi
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Any
 
@@ -70,13 +71,34 @@ def check_estimator(estimator: Any) -> RunningAverage:
     return estimator
 
 
+class EstimatorMomentum(float):
+    """A BN module's ``momentum`` when no plain number describes its estimator (a schedule of
+    your own, a subclass): the weight ``w_t`` the next batch gets, as torch code reading
+    ``momentum`` as a number expects, carrying the estimator itself, so that setting the value
+    back restores it (``update_bn``, fvcore's precise BN and Lightning's SWA save
+    ``momentum``, set ``None`` or ``1.0``, and set the saved value back)."""
+
+    estimator: RunningAverage
+
+    def __new__(cls, value: float, estimator: RunningAverage) -> EstimatorMomentum:
+        momentum = super().__new__(cls, value)
+        momentum.estimator = estimator
+        return momentum
+
+    def __getnewargs__(self) -> tuple[float, RunningAverage]:  # type: ignore[override]
+        return float(self), self.estimator  # copy and pickle with the estimator
+
+
 def estimator_for_momentum(
     momentum: float | None, *, debias: bool = False, nonfinite: NonFinitePolicy = "raise"
 ) -> RunningAverage:
     """The estimator torch's ``momentum`` describes: ``None`` the
     :class:`~bnstats.CumulativeAverage`, ``0.0`` :class:`~bnstats.stats.FixedStatistics`
     (statistics that never move), any other number an :class:`~bnstats.EMA` with ``debias``;
-    each with ``nonfinite``."""
+    each with ``nonfinite``. An :class:`EstimatorMomentum` gives a copy of the estimator it
+    carries (``debias`` and ``nonfinite`` are its own)."""
+    if isinstance(momentum, EstimatorMomentum):
+        return copy.deepcopy(momentum.estimator)
     if momentum is None:
         return CumulativeAverage(nonfinite=nonfinite)
     if momentum == 0:
@@ -90,6 +112,13 @@ def _estimator_from(momentum: Any, estimator: RunningAverage | None) -> RunningA
             raise ValueError("give momentum or estimator, not both")
         return check_estimator(estimator)
     return EMA(0.1) if momentum is _UNSET else estimator_for_momentum(momentum)
+
+
+def _same_estimator(one: RunningAverage, other: RunningAverage) -> bool:
+    """Same class, same settings (``momentum``, ``debias``, ``nonfinite``...)."""
+    return type(one) is type(other) and all(
+        getattr(one, key) == getattr(other, key) for key in one._config_keys
+    )
 
 
 def is_tracing(x: Any) -> bool:
@@ -185,22 +214,36 @@ class EstimatorBatchNorm:
 
     @property
     def momentum(self) -> float | None:
-        """The estimator as torch's ``momentum``: the EMA's momentum, None when cumulative.
+        """The estimator as torch's ``momentum``: the EMA's momentum, None when cumulative,
+        0.0 for statistics that never move; for any other estimator (a schedule of your own)
+        an :class:`EstimatorMomentum`, a float equal to the weight the next batch gets that
+        carries the estimator. Whatever it reads, setting it back restores the estimator.
 
         Setting it chooses the estimator as torch would read the value: ``None`` a
-        :class:`~bnstats.CumulativeAverage`, a number an :class:`~bnstats.EMA` with that
-        momentum (keeping ``debias`` and ``nonfinite`` of the last EMA).
+        :class:`~bnstats.CumulativeAverage`, ``0.0`` :class:`~bnstats.stats.FixedStatistics`,
+        a number an :class:`~bnstats.EMA` with that momentum (keeping ``debias`` and
+        ``nonfinite`` of the last EMA), an :class:`EstimatorMomentum` its estimator.
         """
-        return getattr(self.__dict__.get("_schedule"), "momentum", None)
+        schedule = self.__dict__.get("_schedule")
+        if schedule is None:
+            return None
+        plain = getattr(schedule, "momentum", None)
+        if _same_estimator(self._estimator_for_momentum(plain), schedule):
+            return plain
+        weight = schedule.weight(self._host_step + 1) if plain is None else plain
+        return EstimatorMomentum(float(weight), schedule)
 
     @momentum.setter
     def momentum(self, value: float | None) -> None:
-        schedule = self.__dict__.get("_schedule")
-        if schedule is None:  # torch's __init__ sets momentum before the estimator exists
+        if self.__dict__.get("_schedule") is None:  # torch's __init__ sets momentum first
             return
+        self._schedule = self._estimator_for_momentum(value)
+
+    def _estimator_for_momentum(self, value: float | None) -> RunningAverage:
+        """The estimator setting ``momentum = value`` chooses."""
         template = self.__dict__.get("_last_ema", EMA(0.1))
-        self._schedule = estimator_for_momentum(
-            value, debias=template.debias, nonfinite=schedule.nonfinite
+        return estimator_for_momentum(
+            value, debias=template.debias, nonfinite=self._schedule.nonfinite
         )
 
     def __setattr__(self, name: str, value: Any) -> None:
