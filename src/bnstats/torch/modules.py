@@ -151,6 +151,11 @@ class EstimatorBatchNorm:
     :func:`bnstats.torch._level.pass_mode`): each batch is normalized with its own statistics,
     which enter the buffers with this weight (1: the pass reads them there; 0: the buffers
     are left alone); nothing is counted or checked."""
+    _counts_refused_batches = True
+    """torch's training forward counts a batch in ``num_batches_tracked`` before its kernel
+    refuses it (one value per channel, wrong channels): the drop-ins do the same. Ghost BN
+    (whose count is of virtual batches) and Batch Renorm (whose count is its schedule's
+    step) do not."""
     _host_checked_devices: tuple[str, ...] = ("cpu",)
     """Devices whose values the host reads without waiting (the CPU): there the update is
     checked on the host; everywhere else on the device (:meth:`_keep_if_finite`)."""
@@ -261,28 +266,62 @@ class EstimatorBatchNorm:
         return f"{type(self).__name__}({self.num_features}){name}"
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
-        shape = tuple(input.shape)
-        expected = self._layout.replace("C", str(self.num_features))
-        ranks = " or ".join(f"{rank}D" for rank in self._dims)
+        """The rank of ``input``, and its channels where a per-channel tensor must match them;
+        ``ValueError`` naming the module."""
+        self._check_rank(input)
+        problem = self._channel_problem(input)
+        if problem is not None:
+            raise ValueError(problem)
+
+    def _check_rank(self, input: torch.Tensor) -> None:
         if input.dim() not in self._dims:
+            ranks = " or ".join(f"{rank}D" for rank in self._dims)
             raise ValueError(
-                f"{self._label()}: expected {ranks} input of shape {expected}, got {shape}"
+                f"{self._label()}: expected {ranks} input of shape {self._expected_shape()}, "
+                f"got {tuple(input.shape)}"
             )
-        if shape[1] != self.num_features:
-            raise ValueError(
-                f"{self._label()} expects {self.num_features} channels on axis 1: expected "
-                f"input of shape {expected}, got {shape}"
-            )
+
+    def _channel_problem(self, input: torch.Tensor) -> str | None:
+        """Wrong channels on axis 1, if the kernel gets a per-channel tensor to check them
+        against: with none (``affine=False`` and no running statistics used) torch takes
+        any number of channels, and so does this module."""
+        if input.shape[1] == self.num_features:
+            return None
+        uses_buffers = not self.training or self.track_running_stats
+        buffers = (self.running_mean, self.running_var) if uses_buffers else ()
+        if all(tensor is None for tensor in (self.weight, self.bias, *buffers)):
+            return None
+        return (
+            f"{self._label()} expects {self.num_features} channels on axis 1: expected input "
+            f"of shape {self._expected_shape()}, got {tuple(input.shape)}"
+        )
+
+    def _expected_shape(self) -> str:
+        return self._layout.replace("C", str(self.num_features))
 
     def _check_input(self, input: torch.Tensor, batch_stats: bool) -> None:
         """The rank and channels of ``input`` and, when it is normalized by its own
         statistics, not exactly 1 value per channel; ``ValueError`` naming the module. An
         empty batch passes, as in torch: its output is empty, the statistics stay and the
-        batch is counted in ``num_batches_tracked``."""
-        self._check_input_dim(input)
-        if batch_stats and input.numel() // input.shape[1] == 1:
+        batch is counted in ``num_batches_tracked``. A training batch refused for its
+        channels or its single values is counted too (:attr:`_counts_refused_batches`)."""
+        self._check_rank(input)
+        problem = self._channel_problem(input)
+        if problem is None and batch_stats and input.numel() // input.shape[1] == 1:
             when = " in training" if self.training else ""
-            raise ValueError(fewer_than_two_values(self._label(), tuple(input.shape), when))
+            problem = fewer_than_two_values(self._label(), tuple(input.shape), when)
+        if problem is not None:
+            self._count_refused_batch()
+            raise ValueError(problem)
+
+    def _count_refused_batch(self) -> None:
+        """``num_batches_tracked`` (and the host step) one up, as torch's training forward
+        counts a batch before its kernel checks it; nothing is read on the host."""
+        tracked = self.num_batches_tracked
+        counts = self.training and self.track_running_stats and tracked is not None
+        if counts and self._counts_refused_batches and self._pass_weight is None:
+            tracked.add_(1)  # bnstats' passes (_pass_weight) count nothing
+            self._host_step += 1
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``z_tilde = weight * (z - mu) / sqrt(var + eps) + bias``: the batch's ``mu``, ``var``
