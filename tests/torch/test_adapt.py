@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -122,3 +123,29 @@ def test_non_finite_source_statistics_are_refused_unless_fully_adapting():
     assert ref.same_state(model, saved)
     bt.adapt(model, target, prior=0)
     assert torch.isfinite(model[1].running_mean).all()
+
+
+def test_never_updated_is_decided_by_the_statistics_not_the_count():
+    model, target = zoo.build("mlp"), _shifted("mlp")
+    with torch.no_grad():
+        model[1].num_batches_tracked.zero_()  # an old checkpoint without the key: real statistics
+    expected = copy.deepcopy(model)
+    with torch.no_grad():
+        expected[1].num_batches_tracked.fill_(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bt.adapt(model, target, prior=16)
+    bt.adapt(expected, target, prior=16)
+    for key in ("mean", "var"):
+        np.testing.assert_array_equal(ref.buffers(model)["1"][key], ref.buffers(expected)["1"][key])
+
+    fresh = zoo.build("mlp")
+    fresh[1].reset_running_stats()
+    with torch.no_grad():
+        fresh[1].num_batches_tracked.fill_(5)  # counted, but the statistics never moved
+    saved = ref.snapshot(fresh)
+    with pytest.raises(ValueError, match=r"'1' were never updated \(running statistics still 0"):
+        bt.adapt(fresh, target, prior=16, never_updated="raise")
+    assert ref.same_state(fresh, saved)
+    with pytest.warns(UserWarning, match=r"'1' were never updated \(running statistics still 0"):
+        bt.adapt(fresh, target, prior=16)

@@ -70,6 +70,28 @@ def test_the_plan_names_what_is_replaced_retuned_and_left():
     assert type(model[1]) is bt.BatchNorm2d and model[3].estimator.debias
 
 
+class _Aliased(nn.Module):
+    """A BN held by one parent under two names, the forward calling the alias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3, momentum=None)
+        self.norm = self.bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+def test_a_layer_under_two_names_of_one_parent_becomes_one_new_layer_under_both():
+    torch_model = _Aliased()
+    model = bt.convert(copy.deepcopy(torch_model), bnstats.CumulativeAverage())
+    assert type(model.bn) is bt.BatchNorm1d and model.norm is model.bn
+    for _ in range(3):
+        x = torch.randn(8, 3)
+        torch_model(x), model(x)
+    assert ref.same_state(model, ref.snapshot(torch_model))
+
+
 def test_keep_momentum_keeps_each_layers_own():
     model = nn.Sequential(nn.BatchNorm1d(3, momentum=0.0003), nn.BatchNorm1d(3, momentum=None))
     bt.convert(model, bnstats.EMA(0.1, debias=True), keep_momentum=True)
@@ -78,6 +100,31 @@ def test_keep_momentum_keeps_each_layers_own():
     other = nn.Sequential(nn.BatchNorm1d(3, momentum=0.0003))
     bt.convert(other, bnstats.EMA(0.1))
     assert other[0].momentum == 0.1
+
+
+@pytest.mark.parametrize(
+    "estimator", [bnstats.EMA(0.1, nonfinite="skip"), bnstats.CumulativeAverage()]
+)
+def test_keep_momentum_keeps_statistics_that_never_move(estimator):
+    torch_model = nn.Sequential(nn.BatchNorm1d(3, momentum=0.2), nn.BatchNorm1d(3, momentum=0.0))
+    assert bt.plan_conversion(torch_model, estimator, keep_momentum=True).replaced == ["0", "1"]
+    model = bt.convert(copy.deepcopy(torch_model), estimator, keep_momentum=True)
+    assert model[1].momentum == 0.0 and model[1].estimator.nonfinite == estimator.nonfinite
+    for _ in range(3):
+        x = torch.randn(8, 3)
+        torch_model(x), model(x)
+    assert ref.same_state(model[1], ref.snapshot(torch_model[1]))
+
+
+class _InverseSqrt(bnstats.stats.RunningAverage):
+    def weight(self, t):
+        return 1 / t**0.5
+
+
+def test_keep_momentum_keeps_a_bnstats_layers_own_schedule():
+    model = nn.Sequential(bt.BatchNorm1d(3, estimator=_InverseSqrt()), bt.BatchNorm1d(3))
+    bt.convert(model, bnstats.EMA(0.2), keep_momentum=True)
+    assert type(model[0].estimator) is _InverseSqrt and model[1].momentum == 0.1
 
 
 def test_a_failed_float64_pass_leaves_no_skip_count_in_bnstats_layers():

@@ -108,3 +108,4 @@ def test_bad_ghost_size_and_input_name_the_module():
         module(torch.randn(4, 5))
     with pytest.raises(ValueError, match=r"GhostBatchNorm1d\(3\).*\(1, 3\) in training"):
         module(torch.randn(1, 3))
+    assert int(module.num_batches_tracked) == 0  # no virtual batch was normalized

@@ -167,6 +167,53 @@ def test_update_bn_runs_on_converted_models_and_keeps_the_estimator():
     assert all(m.estimator.debias for m in ours.modules() if isinstance(m, bt.BatchNorm2d))
 
 
+class _InverseSqrt(bnstats.stats.RunningAverage):
+    def weight(self, t):
+        return 1 / t**0.5
+
+
+class _SlowerEMA(bnstats.EMA):
+    def weight(self, t):
+        return self.momentum / 2
+
+
+def _estimators():
+    return [
+        _InverseSqrt(nonfinite="skip"),
+        _SlowerEMA(0.2),
+        bnstats.EMA(0.1, debias=True, nonfinite="skip"),
+        bnstats.CumulativeAverage(nonfinite="skip"),
+        bnstats.stats.FixedStatistics(),
+    ]
+
+
+def _same_estimator(module, estimator):
+    fresh = bt.BatchNorm1d(module.num_features, estimator=estimator)
+    return type(module.estimator) is type(estimator) and module.extra_repr() == fresh.extra_repr()
+
+
+@pytest.mark.parametrize("estimator", _estimators(), ids=lambda e: type(e).__name__)
+def test_saving_momentum_and_setting_it_back_keeps_every_estimator(estimator):
+    model = nn.Sequential(nn.Linear(3, 4), bt.BatchNorm1d(4, estimator=copy.deepcopy(estimator)))
+    data = [torch.randn(8, 3) for _ in range(3)]
+    update_bn(data, model)  # saves momentum, sets None, sets the saved value back
+    assert _same_estimator(model[1], estimator)
+    for temporary in (1.0, None, 0.0):  # fvcore's precise BN sets 1.0, Lightning's SWA None
+        saved = model[1].momentum
+        model[1].momentum = temporary
+        model[1].momentum = copy.deepcopy(saved)
+        assert _same_estimator(model[1], estimator)
+
+
+def test_a_schedule_of_your_own_reads_as_the_weight_of_the_next_batch():
+    module = bt.BatchNorm1d(4, estimator=_InverseSqrt())
+    for _ in range(3):
+        module(torch.randn(8, 4))
+    assert module.momentum == 0.5  # w_4 = 1 / sqrt(4)
+    twin = bt.BatchNorm1d(4, momentum=module.momentum)
+    assert type(twin.estimator) is _InverseSqrt and twin.estimator is not module.estimator
+
+
 def _converted(name, estimator):
     original = zoo.build(name)
     return original, bt.convert(copy.deepcopy(original), estimator)

@@ -115,6 +115,55 @@ def test_a_batch_of_one_value_per_channel_is_refused_as_torch_refuses_it():
         bt.BatchNorm1d(3).train()(torch.randn(1, 3))
 
 
+def _refusal(module, x):
+    """The exception type ``module(x)`` raises (None if it runs)."""
+    try:
+        module(x)
+    except (ValueError, RuntimeError) as error:
+        return type(error)
+    return None
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize(
+    ("cls", "refused"),
+    [
+        (nn.BatchNorm1d, (1, 3)),  # one value per channel
+        (nn.BatchNorm2d, (1, 3, 1, 1)),
+        (nn.BatchNorm1d, (4, 5)),  # wrong channels
+        (nn.BatchNorm2d, (4, 5, 2, 2)),
+    ],
+)
+def test_a_refused_training_batch_is_counted_as_torch_counts_it(cls, refused, momentum):
+    """torch's forward counts a training batch before its kernel refuses it: the count, and
+    the cumulative average's next weight, move on as in torch; an eval batch is not counted."""
+    theirs = cls(3, momentum=momentum)
+    ours = OURS[cls](3, momentum=momentum)
+    shape = (4, 3, *refused[2:])
+    for mode in ("train", "train", "eval"):
+        theirs.train(mode == "train"), ours.train(mode == "train")
+        batch = torch.randn(refused)  # in eval mode one value per channel is fine
+        expected = None if _refusal(theirs, batch) is None else ValueError
+        assert _refusal(ours, batch) is expected and (mode == "eval" or expected)
+        x = torch.randn(*shape[:2], *(2 for _ in shape[2:]))
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=0, atol=0)
+    assert int(ours.num_batches_tracked) == 4
+
+
+@pytest.mark.parametrize("cls", list(OURS))
+@pytest.mark.parametrize("training", [True, False])
+def test_without_per_channel_tensors_any_channel_count_runs_as_in_torch(cls, training):
+    theirs = cls(3, affine=False, track_running_stats=False).train(training)
+    ours = OURS[cls](3, affine=False, track_running_stats=False).train(training)
+    rank = {nn.BatchNorm1d: 3, nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}[cls]
+    x = torch.randn(4, 7, *(3 for _ in range(rank - 2)))
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"BatchNorm\dd\(3\) expects 3 channels"):
+        OURS[cls](3, track_running_stats=False).train(training)(x)
+
+
 @pytest.mark.parametrize("how", ["compile", "fx"])
 def test_an_empty_batch_changes_no_statistics_when_traced(how):
     eager = bt.BatchNorm2d(3, momentum=None).train()

@@ -278,6 +278,14 @@ def display_name(name: str) -> str:
     return repr(name) if name else "<model>"
 
 
+def registered_children(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every ``(name, child)`` registered in ``module``, a child held under two names (an
+    alias, ``self.norm = self.bn``) once per name: ``named_children()`` lists it once."""
+    for name, child in module._modules.items():
+        if child is not None:
+            yield name, child
+
+
 def model_device(model: nn.Module) -> torch.device | None:
     """The device of the model's first parameter or buffer (None for a model without any)."""
     for tensor in itertools.chain(model.parameters(), model.buffers()):

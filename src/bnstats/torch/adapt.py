@@ -68,9 +68,11 @@ def adapt(
             same statistics as ``recalibrate`` on ``batches``).
         batch_size: ``n``; default: the largest batch's size (in a group, on any rank).
         never_updated: what to do with a layer whose source statistics were never updated
-            (``num_batches_tracked == 0``, or still exactly 0 and 1): mixing the target with
-            0 and 1 would be meaningless. ``"warn"`` (default): adapt fully there (as
-            ``prior=0``) and warn; ``"raise"``: ``ValueError`` naming the layers.
+            (``running_mean`` still exactly 0 and ``running_var`` 1, whatever
+            ``num_batches_tracked`` says: a checkpoint without that key has real statistics
+            and a count of 0): mixing the target with 0 and 1 would be meaningless.
+            ``"warn"`` (default): adapt fully there (as ``prior=0``) and warn; ``"raise"``:
+            ``ValueError`` naming the layers.
         forward, max_samples, float64_moments, group, nonfinite, unreached, mode,
             tolerance, progress: the options of every pass (:class:`bnstats.torch.PassOptions`).
 
@@ -99,8 +101,8 @@ def adapt(
                 "to adapt them fully; nothing was written"
             )
         warnings.warn(
-            f"bnstats.adapt: BN layer(s) {names} were never updated; their statistics are the "
-            "target's alone (prior 0 there)",
+            f"bnstats.adapt: BN layer(s) {names} were never updated (running statistics still "
+            "0 and 1); their statistics are the target's alone (prior 0 there)",
             stacklevel=2,
         )
     updates = {}
@@ -112,9 +114,9 @@ def adapt(
 
 
 def _never_updated(layer: nn.Module) -> bool:
-    tracked = layer.num_batches_tracked
-    if tracked is not None and int(tracked) == 0:
-        return True
+    """The running statistics are still torch's start, ``running_mean`` all 0 and
+    ``running_var`` all 1. ``num_batches_tracked`` does not decide: a checkpoint saved
+    without it loads real statistics with a count of 0."""
     return bool((layer.running_mean == 0).all() & (layer.running_var == 1).all())
 
 

@@ -159,9 +159,10 @@ def _audit_layer(moments: LayerPass, skipped: int, finite_batches: int) -> Layer
 
 def _start_weight(layer: nn.Module, tracked: int | None) -> float:
     """``(1 - momentum)**t``: what the initial 0 and 1 still weigh in an EMA's buffers after
-    ``t`` updates (0 for the cumulative average and the bias-corrected EMA, which drop them)."""
-    momentum = getattr(layer, "momentum", None)
+    ``t`` updates (0 for the cumulative average and the bias-corrected EMA, which drop them,
+    and for a schedule of the user's own, whose ``momentum`` is only its next weight)."""
     estimator = getattr(layer, "estimator", None)
+    momentum = getattr(layer if estimator is None else estimator, "momentum", None)
     if momentum is None or tracked is None or getattr(estimator, "debias", False):
         return 0.0
     return (1.0 - float(momentum)) ** tracked

@@ -16,11 +16,12 @@ from typing import Any
 
 from torch import nn
 
-from bnstats.stats import EMA, CumulativeAverage, RunningAverage
+from bnstats.stats import EMA, RunningAverage
 from bnstats.torch._layers import (
     display_name,
     is_batchnorm,
     is_lazy_uninitialized,
+    registered_children,
     uninitialized_lazy_error,
 )
 from bnstats.torch.modules import (
@@ -28,7 +29,9 @@ from bnstats.torch.modules import (
     BatchNorm2d,
     BatchNorm3d,
     EstimatorBatchNorm,
+    EstimatorMomentum,
     check_estimator,
+    estimator_for_momentum,
 )
 
 _REPLACEMENTS: dict[type, type] = {
@@ -78,10 +81,13 @@ def convert(
     there (BatchNorm, BatchRenorm, GhostBatchNorm: they keep their ghost or renorm
     behaviour) get one too. ``keep_momentum=True``: each layer keeps its own momentum (an
     ``EMA`` estimator takes the layer's momentum, so mnasnet's 0.0003 stays 0.0003; a layer
-    with ``momentum=None`` keeps the cumulative average), the estimator giving the rest
-    (``debias``, ``nonfinite``). A layer registered under several names stays one shared
-    layer. Other BN subclasses are left as they are, named in a warning (see
-    :class:`ConversionPlan`); the plan is also returned by :func:`plan_conversion`.
+    with ``momentum=None`` keeps the cumulative average and one with ``momentum=0.0`` its
+    statistics that never move, whatever the estimator, and a bnstats layer with a schedule
+    of its own keeps it), the estimator giving the rest (``debias``, ``nonfinite``). A layer
+    registered under several names (also twice in one parent: ``self.norm = self.bn``)
+    becomes one new layer under every name. Other BN subclasses are left as they are, named
+    in a warning (see :class:`ConversionPlan`); the plan is also returned by
+    :func:`plan_conversion`.
 
     Raises ``TypeError`` for an estimator that is not a running average and ``ValueError``
     for an uninitialized ``LazyBatchNorm*`` (run one forward first), before changing
@@ -130,7 +136,7 @@ def _plan(
             raise ValueError(uninitialized_lazy_error(name, module) + "; then convert")
         plan.left[name] = f"{type(module).__name__} keeps its own forward"
     else:
-        for child_name, child in module.named_children():
+        for child_name, child in registered_children(module):
             full = f"{name}.{child_name}" if name else child_name
             planned = _plan(plan, child, full, estimator, keep_momentum, done)
             if planned is not child:
@@ -144,10 +150,10 @@ def _estimator_for(module: nn.Module, estimator: RunningAverage, keep_momentum: 
     if not keep_momentum or not is_batchnorm(module):
         return own
     momentum = module.momentum
-    if isinstance(own, EMA) and momentum is not None:
-        return EMA(momentum, debias=own.debias, nonfinite=own.nonfinite)
-    if momentum is None:
-        return CumulativeAverage(nonfinite=own.nonfinite)
+    names_its_own = momentum is None or momentum == 0 or isinstance(momentum, EstimatorMomentum)
+    if isinstance(own, EMA) or names_its_own:
+        debias = getattr(own, "debias", False)
+        return estimator_for_momentum(momentum, debias=debias, nonfinite=own.nonfinite)
     return own
 
 

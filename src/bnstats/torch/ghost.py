@@ -26,6 +26,8 @@ from bnstats.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 class _GhostMixin:
     """Ghost batch norm's forward on bnstats' estimator-driven BN base."""
 
+    _counts_refused_batches = False
+
     def __init__(self, num_features: int, *args: Any, ghost_size: int, **kwargs: Any) -> None:
         super().__init__(num_features, *args, **kwargs)  # type: ignore[call-arg]
         self.ghost_size = check_ghost_size(ghost_size, f"{type(self).__name__}({num_features})")

@@ -29,6 +29,7 @@ the layer's next forward (a flag copied asynchronously). The same code traces wi
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Any
 
@@ -40,6 +41,7 @@ from bnstats.stats import (
     EMA,
     CumulativeAverage,
     FixedStatistics,
+    NonFinitePolicy,
     NonFiniteStatisticsError,
     RunningAverage,
 )
@@ -69,16 +71,54 @@ def check_estimator(estimator: Any) -> RunningAverage:
     return estimator
 
 
+class EstimatorMomentum(float):
+    """A BN module's ``momentum`` when no plain number describes its estimator (a schedule of
+    your own, a subclass): the weight ``w_t`` the next batch gets, as torch code reading
+    ``momentum`` as a number expects, carrying the estimator itself, so that setting the value
+    back restores it (``update_bn``, fvcore's precise BN and Lightning's SWA save
+    ``momentum``, set ``None`` or ``1.0``, and set the saved value back)."""
+
+    estimator: RunningAverage
+
+    def __new__(cls, value: float, estimator: RunningAverage) -> EstimatorMomentum:
+        momentum = super().__new__(cls, value)
+        momentum.estimator = estimator
+        return momentum
+
+    def __getnewargs__(self) -> tuple[float, RunningAverage]:  # type: ignore[override]
+        return float(self), self.estimator  # copy and pickle with the estimator
+
+
+def estimator_for_momentum(
+    momentum: float | None, *, debias: bool = False, nonfinite: NonFinitePolicy = "raise"
+) -> RunningAverage:
+    """The estimator torch's ``momentum`` describes: ``None`` the
+    :class:`~bnstats.CumulativeAverage`, ``0.0`` :class:`~bnstats.stats.FixedStatistics`
+    (statistics that never move), any other number an :class:`~bnstats.EMA` with ``debias``;
+    each with ``nonfinite``. An :class:`EstimatorMomentum` gives a copy of the estimator it
+    carries (``debias`` and ``nonfinite`` are its own)."""
+    if isinstance(momentum, EstimatorMomentum):
+        return copy.deepcopy(momentum.estimator)
+    if momentum is None:
+        return CumulativeAverage(nonfinite=nonfinite)
+    if momentum == 0:
+        return FixedStatistics(nonfinite=nonfinite)
+    return EMA(momentum, debias=debias, nonfinite=nonfinite)
+
+
 def _estimator_from(momentum: Any, estimator: RunningAverage | None) -> RunningAverage:
     if estimator is not None:
         if momentum is not _UNSET:
             raise ValueError("give momentum or estimator, not both")
         return check_estimator(estimator)
-    if momentum is _UNSET:
-        return EMA(0.1)
-    if momentum is None:
-        return CumulativeAverage()
-    return FixedStatistics() if momentum == 0 else EMA(momentum)
+    return EMA(0.1) if momentum is _UNSET else estimator_for_momentum(momentum)
+
+
+def _same_estimator(one: RunningAverage, other: RunningAverage) -> bool:
+    """Same class, same settings (``momentum``, ``debias``, ``nonfinite``...)."""
+    return type(one) is type(other) and all(
+        getattr(one, key) == getattr(other, key) for key in one._config_keys
+    )
 
 
 def is_tracing(x: Any) -> bool:
@@ -111,6 +151,11 @@ class EstimatorBatchNorm:
     :func:`bnstats.torch._level.pass_mode`): each batch is normalized with its own statistics,
     which enter the buffers with this weight (1: the pass reads them there; 0: the buffers
     are left alone); nothing is counted or checked."""
+    _counts_refused_batches = True
+    """torch's training forward counts a batch in ``num_batches_tracked`` before its kernel
+    refuses it (one value per channel, wrong channels): the drop-ins do the same. Ghost BN
+    (whose count is of virtual batches) and Batch Renorm (whose count is its schedule's
+    step) do not."""
     _host_checked_devices: tuple[str, ...] = ("cpu",)
     """Devices whose values the host reads without waiting (the CPU): there the update is
     checked on the host; everywhere else on the device (:meth:`_keep_if_finite`)."""
@@ -174,26 +219,37 @@ class EstimatorBatchNorm:
 
     @property
     def momentum(self) -> float | None:
-        """The estimator as torch's ``momentum``: the EMA's momentum, None when cumulative.
+        """The estimator as torch's ``momentum``: the EMA's momentum, None when cumulative,
+        0.0 for statistics that never move; for any other estimator (a schedule of your own)
+        an :class:`EstimatorMomentum`, a float equal to the weight the next batch gets that
+        carries the estimator. Whatever it reads, setting it back restores the estimator.
 
         Setting it chooses the estimator as torch would read the value: ``None`` a
-        :class:`~bnstats.CumulativeAverage`, a number an :class:`~bnstats.EMA` with that
-        momentum (keeping ``debias`` and ``nonfinite`` of the last EMA).
+        :class:`~bnstats.CumulativeAverage`, ``0.0`` :class:`~bnstats.stats.FixedStatistics`,
+        a number an :class:`~bnstats.EMA` with that momentum (keeping ``debias`` and
+        ``nonfinite`` of the last EMA), an :class:`EstimatorMomentum` its estimator.
         """
-        return getattr(self.__dict__.get("_schedule"), "momentum", None)
+        schedule = self.__dict__.get("_schedule")
+        if schedule is None:
+            return None
+        plain = getattr(schedule, "momentum", None)
+        if _same_estimator(self._estimator_for_momentum(plain), schedule):
+            return plain
+        weight = schedule.weight(self._host_step + 1) if plain is None else plain
+        return EstimatorMomentum(float(weight), schedule)
 
     @momentum.setter
     def momentum(self, value: float | None) -> None:
-        schedule = self.__dict__.get("_schedule")
-        if schedule is None:  # torch's __init__ sets momentum before the estimator exists
+        if self.__dict__.get("_schedule") is None:  # torch's __init__ sets momentum first
             return
+        self._schedule = self._estimator_for_momentum(value)
+
+    def _estimator_for_momentum(self, value: float | None) -> RunningAverage:
+        """The estimator setting ``momentum = value`` chooses."""
         template = self.__dict__.get("_last_ema", EMA(0.1))
-        if value is None:
-            self._schedule = CumulativeAverage(nonfinite=schedule.nonfinite)
-        elif value == 0:
-            self._schedule = FixedStatistics(nonfinite=schedule.nonfinite)
-        else:
-            self._schedule = EMA(value, debias=template.debias, nonfinite=schedule.nonfinite)
+        return estimator_for_momentum(
+            value, debias=template.debias, nonfinite=self._schedule.nonfinite
+        )
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "_schedule" and isinstance(value, EMA):
@@ -210,28 +266,62 @@ class EstimatorBatchNorm:
         return f"{type(self).__name__}({self.num_features}){name}"
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
-        shape = tuple(input.shape)
-        expected = self._layout.replace("C", str(self.num_features))
-        ranks = " or ".join(f"{rank}D" for rank in self._dims)
+        """The rank of ``input``, and its channels where a per-channel tensor must match them;
+        ``ValueError`` naming the module."""
+        self._check_rank(input)
+        problem = self._channel_problem(input)
+        if problem is not None:
+            raise ValueError(problem)
+
+    def _check_rank(self, input: torch.Tensor) -> None:
         if input.dim() not in self._dims:
+            ranks = " or ".join(f"{rank}D" for rank in self._dims)
             raise ValueError(
-                f"{self._label()}: expected {ranks} input of shape {expected}, got {shape}"
+                f"{self._label()}: expected {ranks} input of shape {self._expected_shape()}, "
+                f"got {tuple(input.shape)}"
             )
-        if shape[1] != self.num_features:
-            raise ValueError(
-                f"{self._label()} expects {self.num_features} channels on axis 1: expected "
-                f"input of shape {expected}, got {shape}"
-            )
+
+    def _channel_problem(self, input: torch.Tensor) -> str | None:
+        """Wrong channels on axis 1, if the kernel gets a per-channel tensor to check them
+        against: with none (``affine=False`` and no running statistics used) torch takes
+        any number of channels, and so does this module."""
+        if input.shape[1] == self.num_features:
+            return None
+        uses_buffers = not self.training or self.track_running_stats
+        buffers = (self.running_mean, self.running_var) if uses_buffers else ()
+        if all(tensor is None for tensor in (self.weight, self.bias, *buffers)):
+            return None
+        return (
+            f"{self._label()} expects {self.num_features} channels on axis 1: expected input "
+            f"of shape {self._expected_shape()}, got {tuple(input.shape)}"
+        )
+
+    def _expected_shape(self) -> str:
+        return self._layout.replace("C", str(self.num_features))
 
     def _check_input(self, input: torch.Tensor, batch_stats: bool) -> None:
         """The rank and channels of ``input`` and, when it is normalized by its own
         statistics, not exactly 1 value per channel; ``ValueError`` naming the module. An
         empty batch passes, as in torch: its output is empty, the statistics stay and the
-        batch is counted in ``num_batches_tracked``."""
-        self._check_input_dim(input)
-        if batch_stats and input.numel() // input.shape[1] == 1:
+        batch is counted in ``num_batches_tracked``. A training batch refused for its
+        channels or its single values is counted too (:attr:`_counts_refused_batches`)."""
+        self._check_rank(input)
+        problem = self._channel_problem(input)
+        if problem is None and batch_stats and input.numel() // input.shape[1] == 1:
             when = " in training" if self.training else ""
-            raise ValueError(fewer_than_two_values(self._label(), tuple(input.shape), when))
+            problem = fewer_than_two_values(self._label(), tuple(input.shape), when)
+        if problem is not None:
+            self._count_refused_batch()
+            raise ValueError(problem)
+
+    def _count_refused_batch(self) -> None:
+        """``num_batches_tracked`` (and the host step) one up, as torch's training forward
+        counts a batch before its kernel checks it; nothing is read on the host."""
+        tracked = self.num_batches_tracked
+        counts = self.training and self.track_running_stats and tracked is not None
+        if counts and self._counts_refused_batches and self._pass_weight is None:
+            tracked.add_(1)  # bnstats' passes (_pass_weight) count nothing
+            self._host_step += 1
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``z_tilde = weight * (z - mu) / sqrt(var + eps) + bias``: the batch's ``mu``, ``var``

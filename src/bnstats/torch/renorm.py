@@ -84,6 +84,8 @@ def schedule_limits(schedule: RenormSchedule, step: Tensor) -> tuple[Tensor, Ten
 class _RenormMixin:
     """Batch Renorm's training forward on bnstats' estimator-driven BN base."""
 
+    _counts_refused_batches = False
+
     def __init__(
         self,
         num_features: int,

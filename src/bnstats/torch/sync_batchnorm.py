@@ -24,6 +24,7 @@ from bnstats.torch._layers import (
     interrupts_deferred,
     model_device,
     move_to_device,
+    registered_children,
     unwrap,
 )
 from bnstats.torch.kinds import synchronises
@@ -195,8 +196,7 @@ def _replace(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
     places = [
         (module, child_name, child, replacements[id(child)])
         for module in model.modules()
-        # _modules, not named_children(): a child registered under two names is listed twice
-        for child_name, child in module._modules.items()
+        for child_name, child in registered_children(module)
         if id(child) in replacements
     ]
     with interrupts_deferred():
