@@ -41,3 +41,17 @@ def test_the_wording_names_who_needs_it_the_argument_and_what_to_pass():
         "diagnose passes over test_batches several times and needs an iterable it can go over "
         "again (a list, a DataLoader), not a one-shot iterator or generator"
     )
+
+
+def test_telling_reusable_data_apart_does_not_start_an_iteration():
+    """A DataLoader with workers starts them at each ``iter``: the check must not call it."""
+
+    class Counting:
+        started = 0
+
+        def __iter__(self):
+            Counting.started += 1
+            return iter([1, 2])
+
+    require_reusable(Counting())
+    assert Counting.started == 0

@@ -12,7 +12,7 @@ the one refusal of a one-shot iterator, for every framework and every tool that 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,8 +73,10 @@ def require_reusable(
     argument: str = "batches",
     examples: str = "a list",
 ) -> None:
-    """``TypeError`` when ``batches`` can be gone over only once (``iter(batches) is batches``:
-    a generator, an iterator), worded the same wherever several passes are needed::
+    """``TypeError`` when ``batches`` can be gone over only once (a generator, an iterator:
+    ``collections.abc.Iterator``, told without calling ``iter``, which would start a
+    DataLoader's worker processes for nothing), worded the same wherever several passes
+    are needed::
 
         {who} passes over {argument} several times and needs an iterable it can go over
         again ({examples}), not a one-shot iterator or generator
@@ -82,7 +84,7 @@ def require_reusable(
     ``who`` is what needs the passes (``"mode='eval'"``, ``"diagnose"``), ``argument`` the
     name the user passed the data as, ``examples`` what that framework takes instead
     (``"a list, a DataLoader"``)."""
-    if iter(batches) is batches:
+    if isinstance(batches, Iterator):
         raise TypeError(
             f"{who} passes over {argument} several times and needs an iterable it can go over "
             f"again ({examples}), not a one-shot iterator or generator"

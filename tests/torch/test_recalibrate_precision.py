@@ -343,3 +343,24 @@ def test_tolerance_gives_up_on_a_layer_never_reached_on_an_endless_loader():
         bt.recalibrate_report(model, endless(), forward=_call_rare, tolerance=0.2)
     assert len(drawn) <= 200  # twice the batches the tolerance took (48 here), not 10,000
     assert ref.same_state(model, before)
+
+
+def test_eval_exact_levels_share_the_miss_probability_so_the_tolerance_holds_for_all():
+    """Each level of eval_exact stops on its own layers; with each allowing 0.05 the union
+    over six levels reached 0.30 and warned "not met". Level k allows 0.05 * 6 / (pi k)**2."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(6):
+        layers += [nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU()]
+    model = nn.Sequential(*layers)
+
+    class Endless:
+        def __iter__(self):
+            gen = torch.Generator().manual_seed(0)
+            while True:
+                yield torch.randn(32, 4, generator=gen)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = bt.recalibrate_report(model, Endless(), tolerance=0.1, mode="eval_exact")
+    assert result.met and result.miss_probability <= 0.05 and result.passes == 6 + 1

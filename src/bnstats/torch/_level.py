@@ -22,6 +22,10 @@ from bnstats.torch._layers import (
 from bnstats.torch.modules import EstimatorBatchNorm
 from bnstats.torch.options import PassOptions
 
+MISS_PROBABILITY = 0.05
+"""A ``tolerance`` is met when the probability that some channel lies outside it is at most
+this (95 % confidence for all channels together)."""
+
 Statistics = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 """Per BN layer (qualified name) a per-channel ``(mean, var)`` to normalize with in eval mode."""
 
@@ -60,6 +64,10 @@ class Level:
     awaited: frozenset[str] = frozenset()
     """Layers a ``tolerance`` stop waits for until a forward reaches them, beside every
     layer under ``unreached="raise"`` (an eval-mode level: those an earlier one reached)."""
+    miss_budget: float = MISS_PROBABILITY
+    """The probability that some channel measured in this pass lies outside the
+    ``tolerance`` that its stop allows: :data:`MISS_PROBABILITY`, or a share of it where
+    several passes each stop on their own layers (``mode="eval_exact"``)."""
 
     def all_awaited_reached(self, watched: Iterable[LayerPass], options: PassOptions) -> bool:
         """True when each watched layer the tolerance stop waits for has had a batch."""

@@ -22,7 +22,7 @@ from torch import nn
 from bnstats._levels import Pending, require_reusable, settle_level
 from bnstats.torch._layer_pass import LayerPass, Measured, raise_if_bad
 from bnstats.torch._layers import display_name, find_batchnorm_layers, unwrap
-from bnstats.torch._level import Level, Statistics
+from bnstats.torch._level import MISS_PROBABILITY, Level, Statistics
 from bnstats.torch._pass import Call, Check, measure_pass
 from bnstats.torch.options import PassOptions
 
@@ -148,8 +148,10 @@ def measure_eval_mode(
         f"bnstats: mode='eval' did not converge in {final.passes} passes (the last pass moved "
         f"{display_name(worst) if worst is not None else 'no layer'} by "
         f"{final.moved.get(worst, math.inf):.3g}, more than {EVAL_TARGET:g}; more passes than "
-        "BN layers: a layer's statistics depend on its own); measuring level by level instead "
-        "(mode='eval_exact': one more pass per depth level of the BN layers)",
+        "BN layers: a layer's statistics depend on its own, or the batches differ from pass "
+        "to pass, as with random augmentation or a shuffling loader cut by max_samples); "
+        "measuring level by level instead (mode='eval_exact': one more pass per depth level "
+        "of the BN layers)",
         stacklevel=4,
     )
     exact = measure_eval_exact(model, batches, options, tool=tool, check=check, precise=precise)
@@ -287,11 +289,14 @@ def measure_eval_exact(
     passes = 0
     while True:
         final = {name: moments.population for name, moments in settled.items()}
+        budget = level_miss_budget(passes + 1)
         if first is None:  # a tolerance stop waits for every layer under unreached="raise"
-            level, kept = Level(False), replace(level_options, unreached=options.unreached)
+            level = Level(False, miss_budget=budget)
+            kept = replace(level_options, unreached=options.unreached)
         else:  # and then for those the first level reached
             reached = frozenset(first.layers) - set(first.unreached)
-            level, kept = Level(False, settled=final, awaited=reached), level_options
+            level = Level(False, settled=final, awaited=reached, miss_budget=budget)
+            kept = level_options
         measured = measure_pass(
             model, batches, kept, tool=tool, check=check, level=level, precise=precise
         )
@@ -336,12 +341,26 @@ def measure_eval_exact(
     return result
 
 
+def level_miss_budget(level: int) -> float:
+    """The share of :data:`MISS_PROBABILITY` the ``tolerance`` stop of level ``level`` (from
+    1) of ``mode="eval_exact"`` allows, each level stopping on its own layers::
+
+        MISS_PROBABILITY * 6 / (pi**2 * level**2)
+
+    summing to at most :data:`MISS_PROBABILITY` over any number of levels (the sum of
+    ``1 / k**2`` is ``pi**2 / 6``), so every channel of every level is within the tolerance
+    with 95 % confidence together."""
+    return MISS_PROBABILITY * 6 / (math.pi**2 * level**2)
+
+
 def _require_standstill(moved: Mapping[str, float], options: PassOptions) -> None:
     """``ValueError`` when the check pass of ``mode="eval_exact"`` (every layer normalizing
     with the statistics measured level by level) moved some layer by more than
-    :data:`EVAL_TARGET` (or the ``tolerance``, where the levels stopped early): a dependence
-    the NaN did not show."""
-    limit = max(EVAL_TARGET, options.tolerance or 0.0)
+    :data:`EVAL_TARGET`: a dependence the NaN did not show. Where a ``tolerance`` stopped
+    the levels early, the check pass draws as many batches as the longest level, so each
+    layer's two measurements differ by their sampling errors, each within the tolerance:
+    the limit is then twice the tolerance."""
+    limit = max(EVAL_TARGET, 2 * (options.tolerance or 0.0))
     worst = max(moved, key=lambda name: moved[name], default=None)
     if worst is None or moved[worst] <= limit:
         return

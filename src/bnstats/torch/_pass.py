@@ -163,7 +163,7 @@ def _run_batches(
             for layer_pass in moments.values():  # the batch just run counts too
                 layer_pass.take_kernel_moments(options.nonfinite)
             worst, miss = judge_tolerance(moments.values(), options.tolerance)
-            met = miss <= MISS_PROBABILITY
+            met = miss <= level.miss_budget
         advance(samples, worst)
         if met and level.all_awaited_reached(recorder.watched, options):
             return
@@ -177,11 +177,6 @@ def _time_to_check(batches: int) -> bool:
     """Every ``CHECK_EVERY`` batches from ``MIN_BATCHES`` on: time to judge a ``tolerance``
     (two host reads per check, none between)."""
     return batches >= MIN_BATCHES and not batches % CHECK_EVERY
-
-
-MISS_PROBABILITY = 0.05
-"""A ``tolerance`` is met when the probability that some channel lies outside it is at most
-this (95 % confidence for all channels together)."""
 
 
 def judge_tolerance(layers: Iterable[LayerPass], tolerance: float) -> tuple[float, float]:

@@ -20,9 +20,9 @@ from torch import nn
 
 from bnstats.torch._layer_pass import LayerPass, Measured
 from bnstats.torch._layers import all_finite, cast_buffer, display_name, write_buffers
+from bnstats.torch._level import MISS_PROBABILITY
 from bnstats.torch._many_layers import layer_precision, population_statistics
 from bnstats.torch._measure import EvalMeasured, measure
-from bnstats.torch._pass import MISS_PROBABILITY
 from bnstats.torch._ranks import Group
 from bnstats.torch.options import Forward, PassOptions
 
@@ -284,7 +284,7 @@ def population_buffers(measured: Measured) -> dict[nn.Module, dict[str, torch.Te
         moments.layer: {
             "running_mean": mean,
             "running_var": var,
-            "num_batches_tracked": torch.tensor(moments.batches),
+            "num_batches_tracked": torch.tensor(measured.finite_batches(moments)),
         }
         for moments, (mean, var) in zip(reached, statistics, strict=True)
     }
@@ -296,7 +296,7 @@ def _population_buffers(measured: Measured, moments: LayerPass) -> dict[str, tor
     return {
         "running_mean": cast_buffer(moments.name, "running_mean", population.mean, layer),
         "running_var": cast_buffer(moments.name, "running_var", population.var, layer),
-        "num_batches_tracked": torch.tensor(moments.batches),
+        "num_batches_tracked": torch.tensor(measured.finite_batches(moments)),
     }
 
 
