@@ -22,6 +22,7 @@ from bnstats.torch._layers import (
     is_lazy_uninitialized,
 )
 from bnstats.torch._level import Level, normalize_with
+from bnstats.torch._partial_input import has_own_forward, watch_partial_input
 from bnstats.torch.kinds import plain_forward_tail
 from bnstats.torch.modules import EstimatorBatchNorm
 from bnstats.torch.options import PassOptions
@@ -57,6 +58,9 @@ class Recorder:
             self.state.add_hook(_InstanceForward(layer))
             return
         self.state.add_hook(layer.register_forward_pre_hook(self._hook(moments), with_kwargs=True))
+        if self.level.training and has_own_forward(layer):
+            for handle in watch_partial_input(moments.name, layer):
+                self.state.add_hook(handle)
         if not self.level.training and self.level.rule == "exact":
             self.state.add_hook(layer.register_forward_hook(_unsettled_output))
 
