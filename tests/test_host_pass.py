@@ -120,7 +120,11 @@ def measuring(net: Net, host: HostLayer, eval_level: bool, recorder: Recorder) -
 
 
 def one_pass(
-    net: Net, batches: Iterable[np.ndarray], final: Final | None, options: dict[str, Any]
+    net: Net,
+    batches: Iterable[np.ndarray],
+    final: Final | None,
+    options: dict[str, Any],
+    measure_settled: bool = False,
 ) -> HostMeasured:
     """One pass over ``batches``, as bnstats.keras' ``_one_pass``."""
     hosts = {name: HostLayer(name, width, np.zeros(width)) for name, width in net.widths.items()}
@@ -129,7 +133,11 @@ def one_pass(
     for name, host in hosts.items():
         if final is not None and name in final:
             mean, var = final[name]
-            handlers[name] = lambda n, z, m=mean, v=var: normalize(net, n, z, m, v)
+            measure = measuring(net, host, True, recorder) if measure_settled else None
+            handlers[name] = lambda n, z, m=mean, v=var, measure=measure: (
+                measure and measure(n, z),
+                normalize(net, n, z, m, v),
+            )[1]
         else:
             handlers[name] = measuring(net, host, final is not None, recorder)
     forward = forward_function(
@@ -159,11 +167,11 @@ def recalibrate(
         return finish_pass(measured, to_numpy, nonfinite, unreached, "batches")
     require_reusable(batches)
 
-    def run_level(final: Final) -> HostMeasured:
-        measured = one_pass(net, batches, final, options)
+    def run_level(final: Final, measure_settled: bool) -> HostMeasured:
+        measured = one_pass(net, batches, final, options, measure_settled)
         return finish_pass(measured, to_numpy, "skip", "keep", "batches")
 
-    return measure_levels(run_level, nonfinite, unreached)
+    return measure_levels(run_level, nonfinite, unreached, dict.fromkeys(net.widths, EPS))
 
 
 def as_compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -352,7 +360,7 @@ def test_a_layer_no_forward_reached_is_refused_or_kept(rng):
     assert measured.unreached == ["c"]
     assert [layer.name for layer in measured.reached()] == ["a", "b"]
     evaluated = recalibrate(net, batches, mode="eval", unreached="keep")
-    assert evaluated.unreached == ["c"] and evaluated.passes == 2
+    assert evaluated.unreached == ["c"] and evaluated.passes == 2 + 1  # levels, check
     with pytest.raises(ValueError, match=r"no forward reached BN layer\(s\) 'c'"):
         recalibrate(net, batches, mode="eval")
 
@@ -363,7 +371,7 @@ def test_a_layer_no_forward_reached_is_refused_or_kept(rng):
 def test_eval_mode_settles_level_by_level_with_batches_of_one(rng):
     net, batches = chain(rng), data(rng, [1, 4, 1, 4, 1])
     measured = recalibrate(net, batches, mode="eval")
-    assert measured.passes == 2 and net.forwards == 2 * len(batches)
+    assert measured.passes == 2 + 1 and net.forwards == 3 * len(batches)  # levels, check
     for name, values in eval_reference(net, batches).items():
         assert_population(measured.layers[name], values)
     assert measured.batch_sizes == [1, 4, 1, 4, 1]
@@ -389,7 +397,7 @@ def test_layers_of_one_depth_settle_in_one_pass(rng):
     net.steps = [lambda x: kept.append(w1(x)) or kept[-1], "a", lambda _: kept[-1], "b"]
     batches = data(rng, UNEVEN)
     measured = recalibrate(net, batches, mode="eval")
-    assert measured.passes == 1
+    assert measured.passes == 1 + 1  # the level, the check
     for name, values in eval_reference(net, batches).items():
         assert_population(measured.layers[name], values)
     np.testing.assert_array_equal(
@@ -407,7 +415,7 @@ def test_eval_mode_with_a_bad_batch_raises_or_skips_it(rng, bad):
     for name, values in eval_reference(net, batches[:2] + batches[3:]).items():
         assert_population(measured.layers[name], values)
         assert measured.layers[name].skipped == 1
-    assert measured.passes == 2
+    assert measured.passes == 2 + 1
 
 
 def test_eval_mode_refuses_a_layer_computed_from_its_own_output(rng):
@@ -473,3 +481,13 @@ def test_one_batch_gives_infinite_standard_errors(rng):
     got = recalibrate(net, data(rng, [6])).layers["a"].measurement("BatchNormalization", EPS)
     assert np.isinf(got.mean_standard_error).all() and np.isinf(got.var_standard_error).all()
     assert got.relative_error == math.inf
+
+
+def test_eval_mode_checks_its_levels_and_names_a_dependence_no_nan_showed(rng):
+    """A comparison between the layers turns the first level's NaN into numbers, so ``b``
+    looks independent of ``a`` and both settle in one level, ``b`` measured on ``NaN > 0``:
+    the check pass, every layer normalizing with its statistics, moves ``b`` and fails."""
+    net = chain(rng)
+    net.steps.insert(2, lambda x: (x > 0).astype(np.float64))
+    with pytest.raises(ValueError, match=r"mode='eval'.*BN layer 'b' moves by .*sign, nan_to_num"):
+        recalibrate(net, data(rng, UNEVEN), mode="eval")

@@ -21,7 +21,7 @@ NumPy only: the framework passes in how to stack its arrays and bring them to Nu
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -371,24 +371,41 @@ Final = dict[str, tuple[np.ndarray, np.ndarray]]
 variance, over all N values)."""
 
 
+LevelRun = Callable[[Final, bool], HostMeasured]
+"""``run_level(final, measure_settled)``: one pass (``nonfinite="skip"``,
+``unreached="keep"``) in which the layers in ``final`` normalize with those statistics (and
+are measured too where ``measure_settled``) and every other BN layer is measured and
+outputs NaN."""
+
+CHECK_TARGET = 1e-4
+"""How far the check pass of :func:`measure_levels` may move a layer's statistics (in units
+of its output: ``|d mean| / sqrt(var + eps)``, ``|d var| / (var + eps)``)."""
+
+
 def measure_levels(
-    run_level: Callable[[Final], HostMeasured], nonfinite: str, unreached: str
+    run_level: LevelRun,
+    nonfinite: str,
+    unreached: str,
+    epsilons: Mapping[str, float],
 ) -> HostMeasured:
     """Every BN layer's population moments with every BN layer before it normalizing with its
     own final statistics: the fixed point of inference, one pass per depth level.
 
-    ``run_level(final)`` makes one pass (with ``nonfinite="skip"``, ``unreached="keep"``) in
-    which the layers in ``final`` normalize with those statistics and every other BN layer
-    is measured and outputs NaN. A layer whose input was finite in some batch settles; one
-    that saw NaN in every batch waits for the next level. NaN in some batches only came from
-    the data: ``nonfinite="raise"`` fails, ``"skip"`` leaves those batches out.
+    In each pass the settled layers normalize with their statistics and every other BN layer
+    is measured and outputs NaN (``run_level``). A layer whose input was finite in some batch
+    settles; one that saw NaN in every batch waits for the next level. NaN in some batches
+    only came from the data: ``nonfinite="raise"`` fails, ``"skip"`` leaves those batches
+    out. NaN shows a dependence only where it passes (``sign``, ``nan_to_num``, comparisons
+    and ``argmax`` stop it), so one more pass, every layer normalizing with its statistics
+    and measured, checks them: a layer moving by more than :data:`CHECK_TARGET` (with its
+    ``epsilons[name]``) fails the call, naming it.
     """
     settled: dict[str, HostLayer] = {}
     first: HostMeasured | None = None
     passes = 0
     while True:
         final = {name: layer.statistics() for name, layer in settled.items()}
-        measured = run_level(final)
+        measured = run_level(final, False)
         passes += 1
         if first is None:
             first = measured
@@ -407,7 +424,38 @@ def measure_levels(
         if len(ready) == len(pending):
             break
     layers = {name: settled.get(name, layer) for name, layer in first.layers.items()}
-    return HostMeasured(layers, first.batch_sizes, unreached=first.unreached, passes=passes)
+    result = HostMeasured(layers, first.batch_sizes, unreached=first.unreached, passes=passes + 1)
+    final = {layer.name: layer.statistics() for layer in result.reached()}
+    checked = run_level(final, True)
+    _require_standstill(final, checked, epsilons)
+    return result
+
+
+def _require_standstill(final: Final, checked: HostMeasured, epsilons: Mapping[str, float]) -> None:
+    """``ValueError`` naming the layer the check pass moved most, if by more than
+    :data:`CHECK_TARGET`."""
+    moved = {}
+    for name, (mean, var) in final.items():
+        new_mean, new_var = checked.layers[name].statistics()
+        scale = new_var + epsilons[name]
+        moved[name] = float(
+            max(
+                np.max(np.abs(new_mean - mean) / np.sqrt(scale)),
+                np.max(np.abs(new_var - var) / scale),
+            )
+        )
+    worst = max(moved, key=lambda name: moved[name], default=None)
+    if worst is None or moved[worst] <= CHECK_TARGET:
+        return
+    raise ValueError(
+        f"mode='eval': with every BN layer normalizing with the statistics measured level by "
+        f"level, BN layer {worst!r} moves by {moved[worst]:.3g} (more than {CHECK_TARGET:g}): "
+        "either it depends on a layer measured in its level or later though no NaN reached "
+        "it (an operation between them turns NaN into numbers: sign, nan_to_num, a "
+        "comparison, argmax; such a model cannot be measured level by level), or the "
+        "batches differ from pass to pass (random augmentation; give batches that repeat); "
+        "nothing was written"
+    )
 
 
 def _settle_level(pending: list[HostLayer], nonfinite: str) -> list[HostLayer]:

@@ -107,9 +107,12 @@ def recalibrate_nnx(
         else:
             require_reusable(batches)
             measured = measure_levels(
-                lambda final: finish_pass(run.level(final), to_numpy, "skip", "keep", "batches"),
+                lambda final, measure_settled: finish_pass(
+                    run.level(final, measure_settled), to_numpy, "skip", "keep", "batches"
+                ),
                 nonfinite,
                 unreached,
+                {name: float(layer.epsilon) for name, layer in layers.items()},
             )
         values = {m.name: m.statistics() for m in measured.reached()}
     for name, (mean, var) in values.items():
@@ -127,8 +130,9 @@ class _Runner:
     batches: Iterable[Any]
     jit: bool
 
-    def level(self, final: Final | None) -> HostMeasured:
-        """One pass; ``final``: an eval-mode level (see :func:`bnstats._host_pass`)."""
+    def level(self, final: Final | None, measure_settled: bool = False) -> HostMeasured:
+        """One pass; ``final``: an eval-mode level (see :func:`bnstats._host_pass`), its
+        settled layers measured too where ``measure_settled``."""
         hosts = {
             name: HostLayer(name, 0, np.asarray(layer.mean[...], np.float64).reshape(-1))
             for name, layer in self.layers.items()
@@ -139,7 +143,11 @@ class _Runner:
             if final is not None and name in final:
                 mean, var = final[name]
                 _assign(layer, mean, var)
-                by_path[name] = _settled
+                by_path[name] = (
+                    _measured_too(_measuring(hosts[name], True, recorder))
+                    if measure_settled
+                    else _settled
+                )
             else:
                 by_path[name] = _measuring(hosts[name], final is not None, recorder)
         handlers = _handlers_of(self.layers, by_path)
@@ -191,6 +199,16 @@ def _measuring(host: HostLayer, eval_level: bool, recorder: Recorder) -> Handler
 
 def _settled(original: Handler, layer: Any, x: Any, mask: Any) -> Any:
     return original(layer, x, use_running_average=True, mask=mask)
+
+
+def _measured_too(measure: Handler) -> Handler:
+    """A settled layer's call that also measures its input (the check pass of eval mode)."""
+
+    def call(original: Handler, layer: Any, x: Any, mask: Any) -> Any:
+        measure(original, layer, x, mask)
+        return _settled(original, layer, x, mask)
+
+    return call
 
 
 @contextmanager

@@ -98,11 +98,12 @@ def measure(model: Any, data: Any, options: KerasPassOptions) -> KerasMeasured:
         examples="a list, a PyDataset, an array with batch_size=",
     )
 
-    def run_level(final: Final) -> HostMeasured:
-        level = _one_pass(model, batches, layers, options, final=final)
+    def run_level(final: Final, measure_settled: bool) -> HostMeasured:
+        level = _one_pass(model, batches, layers, options, final, measure_settled)
         return finish_pass(level, to_numpy, "skip", "keep", "data")
 
-    measured = measure_levels(run_level, options.nonfinite, options.unreached)
+    epsilons = {path: float(layer.epsilon) for path, layer in layers.items()}
+    measured = measure_levels(run_level, options.nonfinite, options.unreached, epsilons)
     return KerasMeasured(measured, layers, fixed)
 
 
@@ -112,13 +113,17 @@ def _one_pass(
     layers: dict[str, Any],
     options: KerasPassOptions,
     final: Final | None,
+    measure_settled: bool = False,
 ) -> HostMeasured:
     hosts = {path: _host_layer(path, layer) for path, layer in layers.items()}
     recorder = Recorder()
     handlers = {}
     for path, layer in layers.items():
         if final is not None and path in final:
-            handlers[id(layer)] = _settled_call(*final[path])
+            settled = _settled_call(*final[path])
+            if measure_settled:
+                settled = _measured_too(_measuring_call(hosts[path], True, recorder), settled)
+            handlers[id(layer)] = settled
         else:
             handlers[id(layer)] = _measuring_call(hosts[path], final is not None, recorder)
     limited = iterate_limited(batches, options.max_samples, batch_size_of, first_samples)
@@ -190,6 +195,16 @@ def _measuring_call(host: HostLayer, eval_level: bool, recorder: Recorder) -> An
         if eval_level:
             return keras.ops.cast(keras.ops.full_like(x, math.nan), layer.compute_dtype)
         return _normalize(layer, x, mean, m2 / count)
+
+    return call
+
+
+def _measured_too(measure: Any, settled: Any) -> Any:
+    """A settled layer's call that also measures its input (the check pass of eval mode)."""
+
+    def call(layer: Any, inputs: Any, mask: Any) -> Any:
+        measure(layer, inputs, mask)
+        return settled(layer, inputs, mask)
 
     return call
 
