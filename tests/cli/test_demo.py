@@ -9,6 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from bnstats.data import NPZ_KEYS
 from bnstats.methods import METHODS
 
 QUICK = ["--epochs", "3", "--hidden", "32"]
@@ -157,7 +158,27 @@ def test_npz_members_that_are_not_arrays_exit_2(cli, tmp_path):
             archive.writestr(key, "hello")
     result = cli("demo", "--data", str(path))
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert "zipped.npz: ['X_train', 'y_train', 'X_test', 'y_test'] are not .npy" in result.stderr
+    assert "zipped.npz: X_train is not a .npy array" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (lambda p: np.save(p.open("wb"), np.zeros((10, 3))), "is not a .npz archive but a single"),
+        (lambda p: p.write_text("hello"), "is not a .npz archive (it starts with b'hell')"),
+        (lambda p: p.mkdir(), "is a directory, not a file"),
+        (
+            lambda p: np.savez(p, **{k: np.array([[1], [2, 3]], dtype=object) for k in NPZ_KEYS}),
+            "array X_train holds Python objects",
+        ),
+    ],
+)
+def test_files_that_are_no_npz_archive_exit_2_naming_the_file(cli, tmp_path, write, message):
+    path = tmp_path / "data.npz"
+    write(path)
+    result = cli("demo", "--data", str(path), "--epochs", "1")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{path} {message}" in result.stderr or f"{path}: {message}" in result.stderr
 
 
 def test_csv_with_a_byte_order_mark_runs(cli, tmp_path, rng):

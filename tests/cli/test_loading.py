@@ -116,3 +116,22 @@ def test_sys_exit_in_the_model_code_is_one_line_naming_the_file(cli, tmp_path, r
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     assert reference.partition(":")[0] + ":" in result.stderr  # file:line
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (lambda p: np.save(p.open("wb"), np.zeros((10, 3))), "is not a .npz archive but a single"),
+        (lambda p: p.write_text("hello"), r"is not a .npz archive \(it starts with b'hell'\)"),
+        (lambda p: p.mkdir(), "is a directory, not a .npz file"),
+        (
+            lambda p: np.savez(p, X=np.array([[1], [2, 3]], dtype=object)),
+            "array X holds Python objects",
+        ),
+    ],
+)
+def test_npz_that_numpy_cannot_read_safely_is_named(user_file, write, message):
+    """No allow_pickle advice from numpy, no TypeError: one line naming the file."""
+    write(user_file / "bad.npz")
+    with pytest.raises(ValueError, match=f"^bad.npz:? {message}"):
+        load_batches("bad.npz", 4)

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from bnstats._formats import npz_array, open_npz
+
 NPZ_INPUT_KEYS = ("X", "inputs", "X_train", "x")
 
 
@@ -120,6 +122,8 @@ def load_weights(model: Any, path: str) -> None:
     """Load a state dict saved with ``torch.save`` (bare, or under 'state_dict'/'model')."""
     torch = require_torch()
     file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"--weights {file} is a directory, not a checkpoint file")
     if not file.is_file():
         raise ValueError(f"--weights: no such file {file}")
     try:
@@ -178,40 +182,36 @@ def _few(items: list[str], shown: int = 3) -> str:
     )
 
 
-def load_batches(reference: str, batch_size: int, key: str | None = None) -> list[Any]:
+def load_batches(
+    reference: str, batch_size: int, key: str | None = None, option: str = "--data"
+) -> list[Any]:
     """The batches for a command: from an ``.npz`` file cut into ``batch_size`` rows, or from
-    ``module:batches`` (a callable returning an iterable, or an iterable)."""
+    ``module:batches`` (a callable returning an iterable, or an iterable). Errors name
+    ``option``, the option that gave ``reference``."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     if reference.lower().endswith(".npz"):
-        return _npz_batches(Path(reference), batch_size, key)
-    source = resolve(reference, "--data")
+        return _npz_batches(Path(reference), batch_size, key, option)
+    source = resolve(reference, option)
     batches = source() if callable(source) else source
     if not isinstance(batches, Iterable):
-        raise ValueError(f"--data {reference!r} gave a {type(batches).__name__}, not batches")
+        raise ValueError(f"{option} {reference!r} gave a {type(batches).__name__}, not batches")
     batches = list(batches)
     if not batches:
-        raise ValueError(f"--data {reference!r} gave no batches")
+        raise ValueError(f"{option} {reference!r} gave no batches")
     return batches
 
 
-def _npz_batches(path: Path, batch_size: int, key: str | None) -> list[Any]:
+def _npz_batches(path: Path, batch_size: int, key: str | None, option: str) -> list[Any]:
     torch = require_torch()
-    if not path.is_file():
-        raise ValueError(f"--data: no such file {path}")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            names = [key] if key else [k for k in NPZ_INPUT_KEYS if k in archive.files]
-            if not names or names[0] not in archive.files:
-                wanted = key or " or ".join(NPZ_INPUT_KEYS)
-                raise ValueError(f"{path}: no array {wanted}; it holds {archive.files}")
-            inputs = archive[names[0]]
-            if not isinstance(inputs, np.ndarray):
-                raise ValueError(f"{path}: {names[0]} is not a .npy array (save with numpy.savez)")
-    except ValueError:
-        raise
-    except (OSError, zipfile.BadZipFile, EOFError) as err:
-        raise ValueError(f"{path}: not a readable .npz file ({err})") from None
+    if not path.exists():
+        raise ValueError(f"{option}: no such file {path}")
+    wanted = key or " or ".join(NPZ_INPUT_KEYS)
+    with open_npz(path, f"{option} inputs (array {wanted})", ValueError) as archive:
+        names = [key] if key else [k for k in NPZ_INPUT_KEYS if k in archive.files]
+        if not names or names[0] not in archive.files:
+            raise ValueError(f"{path}: no array {wanted}; it holds {archive.files}")
+        inputs = npz_array(archive, names[0], path, ValueError)
     if inputs.ndim < 2 or len(inputs) == 0:
         raise ValueError(f"{path}: inputs must be (N, ...) with N > 0, got shape {inputs.shape}")
     if not np.issubdtype(inputs.dtype, np.number) or np.iscomplexobj(inputs):
