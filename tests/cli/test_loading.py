@@ -135,3 +135,19 @@ def test_npz_that_numpy_cannot_read_safely_is_named(user_file, write, message):
     write(user_file / "bad.npz")
     with pytest.raises(ValueError, match=f"^bad.npz:? {message}"):
         load_batches("bad.npz", 4)
+
+
+def test_weights_without_num_batches_tracked_load_as_torch_loads_them(user_file):
+    """A checkpoint from before torch 0.4.1 has no BN num_batches_tracked: torch's strict
+    load fills it in, so --weights does too; where torch refuses, the message names it."""
+    model = load_model("things:make")
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, user_file / "old.pt")
+    loaded = load_model("things:make", "old.pt")
+    assert int(loaded[1].num_batches_tracked) == 0
+    assert torch.equal(loaded[1].running_var, model[1].running_var)
+    current = model.state_dict()  # its metadata says version 2: torch wants the key
+    del current["1.num_batches_tracked"]
+    torch.save(current, user_file / "current.pt")
+    with pytest.raises(ValueError, match=r"current.pt does not fit .*1\.num_batches_tracked"):
+        load_model("things:make", "current.pt")

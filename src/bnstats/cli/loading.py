@@ -18,7 +18,7 @@ import pickle
 import sys
 import traceback
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -145,19 +145,36 @@ def load_weights(model: Any, path: str) -> None:
                 state = state[key]
     if not isinstance(state, dict):
         raise ValueError(f"{file}: expected a state dict, found a {type(state).__name__}")
-    differences = state_dict_differences(model.state_dict(), state)
+    differences = state_dict_differences(
+        model.state_dict(), state, optional=_filled_by_torch(torch, model)
+    )
     if differences:
         raise ValueError(f"{file} does not fit the model: {differences}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{file} does not fit the model: {_first_line(err)}") from None
+        raise ValueError(f"{file} does not fit the model: {' '.join(str(err).split())}") from None
 
 
-def state_dict_differences(expected: dict[str, Any], found: dict[str, Any]) -> str:
+def _filled_by_torch(torch: Any, model: Any) -> set[str]:
+    """The keys torch's strict ``load_state_dict`` may find missing: ``num_batches_tracked``
+    of normalization layers (checkpoints from before torch 0.4.1 lack it, and the layer's
+    ``_load_from_state_dict`` fills it in). Whether it does is torch's decision, made from
+    the file's metadata when loading."""
+    norm = torch.nn.modules.batchnorm._NormBase
+    return {
+        f"{name}.num_batches_tracked" if name else "num_batches_tracked"
+        for name, module in model.named_modules()
+        if isinstance(module, norm) and module.track_running_stats
+    }
+
+
+def state_dict_differences(
+    expected: dict[str, Any], found: dict[str, Any], optional: Collection[str] = ()
+) -> str:
     """The keys and shapes by which ``found`` (a file's) differs from ``expected`` (the
-    model's), in one line; empty if they agree."""
-    missing = [key for key in expected if key not in found]
+    model's), in one line; empty if they agree. Keys in ``optional`` may be missing."""
+    missing = [key for key in expected if key not in found and key not in optional]
     unexpected = [key for key in found if key not in expected]
     shapes = [
         f"{key} is {_shape(found[key])} in the file, {_shape(value)} in the model"
