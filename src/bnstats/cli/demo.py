@@ -100,7 +100,7 @@ def hidden_sizes(text: str) -> tuple[int, ...]:
 
 
 def config_from(args: argparse.Namespace) -> DemoConfig:
-    if args.report_layer is not None and not args.out:
+    if args.report_layer is not None and args.out is None:
         raise ValueError("--report-layer needs --out DIR, where report.html is written")
     return DemoConfig(
         data=args.data,
@@ -119,7 +119,7 @@ def config_from(args: argparse.Namespace) -> DemoConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)
-    if args.out:
+    if args.out is not None:
         check_output_folder(args.out, OUT_FILES)  # fail before training, not after
     dataset = load_dataset(config.data, seed=config.seed, test_fraction=config.test_fraction)
     check_config(config, dataset)  # every option first: the memory estimate divides by them
