@@ -33,7 +33,7 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bnstats._files import current_umask
+from bnstats._files import check_name_fits, current_umask
 
 NEW_SUFFIX = ".new.tmp"
 OLD_SUFFIX = ".old.tmp"
@@ -52,6 +52,7 @@ def check_output_folder(out: str | Path, names: Collection[str], option: str = "
     refuse_symlink(out, option)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{option} {out} is a file, not a folder")
+    check_name_fits(option, out, len(".") + len(".") + 8 + len(NEW_SUFFIX))
     here = Path.cwd().resolve()
     if out.resolve() == here or out.resolve() in here.parents:
         raise ValueError(f"{option} {out} holds the working folder; give a folder inside it")

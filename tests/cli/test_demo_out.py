@@ -160,3 +160,10 @@ def test_an_empty_out_is_refused(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr == "bnstats: error: --out is empty; give the folder to write in\n"
     assert list(tmp_path.iterdir()) == [] and result.stdout == ""
+
+
+def test_a_folder_name_without_room_for_the_staging_folder_is_refused(tmp_path):
+    result = run_cli("demo", *QUICK, "--out", "d" * 240, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "--out dddd" in result.stderr and "the name is 240 bytes" in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -49,7 +49,7 @@ def test_without_data_the_advice_is_to_give_data(project_here, capsys):
 def test_an_out_name_too_long_for_the_file_system_writes_nothing(project_here, capsys):
     long_name = "f" * 300 + ".pt"  # beyond the 255 bytes a name may have
     args = ["fold", *MODEL, "--data", "data.npz", "--out", long_name, "--onnx", "f.onnx"]
-    _refused(project_here, capsys, args, "cannot create it (File name too long)")
+    _refused(project_here, capsys, args, "the name is 303 bytes; at most 241 fit here")
     assert not (project_here / "f.onnx").exists()
 
 

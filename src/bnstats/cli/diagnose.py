@@ -19,8 +19,14 @@ from typing import Any
 import numpy as np
 
 from bnstats._formats import npz_array, open_npz
-from bnstats.cli.arguments import add_max_samples, add_model_arguments, torch_tools
+from bnstats.cli.arguments import (
+    add_max_samples,
+    add_model_arguments,
+    input_files,
+    torch_tools,
+)
 from bnstats.cli.loading import load_batches, load_model, require_torch, user_code_errors
+from bnstats.cli.outputs import check_page_folder
 
 NAME = "diagnose"
 HELP = "why eval mode does worse than training: the cause, the layers, the fix, measured"
@@ -37,12 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 @user_code_errors
 def run(args: argparse.Namespace) -> int:
     bt = torch_tools()
-    page = _page_path(args.out) if args.out else None
+    page = _page_path(args) if args.out is not None else None
     model = load_model(args.model, args.weights)
     batches = labelled_batches(args.data, args.batch_size, args.data_key)
     test = (
         labelled_batches(args.test, args.batch_size, args.data_key, "--test") if args.test else None
     )
+    if page:
+        _page_path(args)  # again: the modules --model and --data imported
     model.eval()
     check_labels(model, batches, args.data)
     if test is not None:
@@ -115,11 +123,11 @@ def check_labels(model: Any, batches: list[Any], reference: str) -> None:
         )
 
 
-def _page_path(directory: str) -> Path:
-    """``directory/diagnose.html``, checked before any work."""
+def _page_path(args: argparse.Namespace) -> Path:
+    """``--out``'s ``diagnose.html``, checked before any work."""
     from bnstats.report.diagnose_page import DIAGNOSE_PAGE
 
-    folder = Path(directory)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--out {folder} is a file; give the folder to write {DIAGNOSE_PAGE} in")
-    return folder / DIAGNOSE_PAGE
+    inputs = input_files(args)
+    if args.test and args.test.lower().endswith(".npz"):
+        inputs["--test"] = Path(args.test)
+    return check_page_folder("--out", args.out, DIAGNOSE_PAGE, inputs)

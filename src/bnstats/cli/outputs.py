@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bnstats._files import file_mode
+from bnstats._files import check_name_fits, file_mode
 
 STAGING_PREFIX = ".bnstats-"
 STAGING_SUFFIX = ".tmp"
@@ -31,6 +31,8 @@ def check_outputs(outputs: Mapping[str, str | Path], inputs: Mapping[str, Path])
     cannot be written, is shared by two options or is one of ``inputs`` (by option)."""
     seen: dict[Path, str] = {}
     for option, given in outputs.items():
+        if str(given) == "":
+            raise ValueError(f"{option} is empty; give a file name")
         path = Path(given)
         _check_writable(option, path)
         for other, earlier in seen.items():
@@ -43,6 +45,23 @@ def check_outputs(outputs: Mapping[str, str | Path], inputs: Mapping[str, Path])
                     "replace an input; give another name"
                 )
         seen[path] = option
+
+
+def check_page_folder(option: str, directory: str, page: str, inputs: Mapping[str, Path]) -> Path:
+    """``directory/page``, for a command writing one page into the folder ``option`` names
+    (``audit --out DIR``), checked as :func:`check_outputs` checks a file: ``directory`` is a
+    folder where ``page`` can be written, or is missing and can be created in an existing
+    folder (it is made, its parents are not)."""
+    folder = Path(directory)
+    if directory == "":
+        raise ValueError(f"{option} is empty; give the folder to write {page} in")
+    if folder.is_dir():
+        check_outputs({option: folder / page}, inputs)
+    elif folder.exists():
+        raise ValueError(f"{option} {folder} is a file; give the folder to write {page} in")
+    else:
+        check_outputs({option: folder}, inputs)
+    return folder / page
 
 
 def saved_bytes(torch: Any, obj: Any) -> bytes:
@@ -59,9 +78,11 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _check_writable(option: str, path: Path) -> None:
-    """The folder exists, ``path`` is no folder, and a file of that name can be made there."""
+    """The folder exists, ``path`` is no folder, its name leaves room for a staging name, and
+    a file of that name can be made there."""
     if not path.parent.is_dir():
         raise ValueError(f"{option} {path}: directory {path.parent} does not exist")
+    check_name_fits(option, path)
     try:
         if path.is_dir():
             raise ValueError(f"{option} {path} is a directory; give a file name")
@@ -98,4 +119,4 @@ def written_together(paths: list[Path]) -> Iterator[dict[Path, Path]]:
             staged.unlink(missing_ok=True)
 
 
-__all__ = ["check_outputs", "saved_bytes", "written_together"]
+__all__ = ["check_outputs", "check_page_folder", "saved_bytes", "written_together"]
