@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -151,3 +153,26 @@ def test_weights_without_num_batches_tracked_load_as_torch_loads_them(user_file)
     torch.save(current, user_file / "current.pt")
     with pytest.raises(ValueError, match=r"current.pt does not fit .*1\.num_batches_tracked"):
         load_model("things:make", "current.pt")
+
+
+def test_a_factory_may_import_sibling_modules_when_called(tmp_path, monkeypatch, capsys):
+    """The file's folder stays on sys.path while the command runs (factory, batches,
+    forward), as for ``python sub/model.py``, and is taken off afterwards."""
+    from bnstats.cli import main
+
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "helpers.py").write_text(
+        "from torch import nn\n"
+        "def make():\n    return nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))\n"
+    )
+    (sub / "model_lazy.py").write_text(
+        "def build():\n    from helpers import make\n    return make()\n"
+    )
+    np.savez(tmp_path / "d.npz", X=np.random.default_rng(0).normal(size=(10, 3)))
+    monkeypatch.chdir(tmp_path)
+    assert main(["audit", "--model", "sub/model_lazy.py:build", "--data", "d.npz"]) == 0, (
+        capsys.readouterr().err
+    )
+    assert str(sub) not in sys.path and "helpers" in sys.modules
+    sys.modules.pop("helpers")

@@ -14,6 +14,7 @@ import argparse
 import functools
 import importlib
 import importlib.util
+import keyword
 import pickle
 import sys
 import traceback
@@ -62,23 +63,7 @@ def resolve(reference: str, what: str) -> Any:
 
 def _import(module_name: str, what: str) -> Any:
     if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            raise ValueError(f"{what}: no such file {path}")
-        spec = importlib.util.spec_from_file_location(f"bnstats_user_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.path.insert(0, str(path.parent.resolve()))
-        try:
-            spec.loader.exec_module(module)
-        except SystemExit as err:
-            raise ValueError(f"{what}: importing {path} failed: {exit_called(err)}") from None
-        except Exception as err:
-            raise ValueError(
-                f"{what}: importing {path} failed: {type(err).__name__}: {err}"
-            ) from None
-        finally:
-            sys.path.remove(str(path.parent.resolve()))
-        return module
+        return _import_file(Path(module_name), what)
     if "" not in sys.path and "." not in sys.path:
         sys.path.insert(0, "")  # like `python -m`: modules in the working directory
     try:
@@ -91,6 +76,52 @@ def _import(module_name: str, what: str) -> Any:
         raise ValueError(
             f"{what}: importing {module_name} failed: {type(err).__name__}: {err}"
         ) from None
+
+
+_ADDED: list[tuple[str, str]] = []
+"""What loading files added to ``sys.path`` and ``sys.modules``, undone after the command."""
+
+
+def _import_file(path: Path, what: str) -> Any:
+    """The module of ``path``, imported as ``python path`` would see it: its folder on
+    ``sys.path`` (until the command ends, so that the factory, the batches and the forward
+    may import sibling modules when called), under its stem as module name when that is a
+    valid identifier no other module has (so that ``torch.save`` of a model whose classes
+    it defines refers to ``stem.Class``, as ``--model stem:factory`` would)."""
+    if not path.is_file():
+        raise ValueError(f"{what}: no such file {path}")
+    folder = str(path.parent.resolve())
+    name = path.stem if _free_module_name(path.stem) else f"bnstats_user_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+        _ADDED.append(("path", folder))
+    if name == path.stem:  # as an import does: pickle looks classes up there
+        sys.modules[name] = module
+        _ADDED.append(("module", name))
+    try:
+        spec.loader.exec_module(module)
+    except SystemExit as err:
+        raise ValueError(f"{what}: importing {path} failed: {exit_called(err)}") from None
+    except Exception as err:
+        raise ValueError(f"{what}: importing {path} failed: {type(err).__name__}: {err}") from None
+    return module
+
+
+def _free_module_name(stem: str) -> bool:
+    return stem.isidentifier() and not keyword.iskeyword(stem) and stem not in sys.modules
+
+
+def release_user_files() -> None:
+    """Take the folders of loaded files off ``sys.path`` and their modules out of
+    ``sys.modules`` again."""
+    while _ADDED:
+        kind, entry = _ADDED.pop()
+        if kind == "path" and entry in sys.path:
+            sys.path.remove(entry)
+        elif kind == "module":
+            sys.modules.pop(entry, None)
 
 
 def load_model(reference: str, weights: str | None = None) -> Any:
@@ -269,6 +300,8 @@ def user_code_errors(run: Callable[[argparse.Namespace], int]) -> Callable:
         except Exception as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ValueError(f"{args.command}: {type(err).__name__}: {first}") from err
+        finally:
+            release_user_files()
 
     return wrapped
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -64,10 +65,19 @@ def check_page_folder(option: str, directory: str, page: str, inputs: Mapping[st
     return folder / page
 
 
-def saved_bytes(torch: Any, obj: Any) -> bytes:
-    """What ``torch.save(obj, file)`` writes."""
+def saved_bytes(torch: Any, obj: Any, option: str = "--out") -> bytes:
+    """What ``torch.save(obj, file)`` writes; ``ValueError`` naming ``option`` when ``obj``
+    cannot be pickled (a class not importable by its module's name)."""
     buffer = io.BytesIO()
-    torch.save(obj, buffer)
+    try:
+        torch.save(obj, buffer)
+    except (pickle.PicklingError, AttributeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(
+            f"{option}: torch.save cannot pickle the model ({first}); every class it keeps "
+            "must be importable by its module's name: name the file as a module "
+            "(--model module:factory) or rename it to a valid, unused module name"
+        ) from None
     return buffer.getvalue()
 
 
