@@ -7,7 +7,8 @@ missing or not writable, whose name the file system does not take, that two opti
 created under each name and removed again, so that the work is not done for nothing.
 :func:`written_together` stages every file under a short hidden name beside its target and
 renames them all into place only once every one is complete; if anything fails before, the
-staged files are removed and no output changes.
+staged files are removed and no output changes. An interruption during the renames can
+leave later outputs missing, never an old output beside a new one.
 """
 
 from __future__ import annotations
@@ -110,7 +111,14 @@ def _check_writable(option: str, path: Path) -> None:
 def written_together(paths: list[Path]) -> Iterator[dict[Path, Path]]:
     """Yield, for each target, an empty staging file in its folder to write in full; when
     the block ends without error, each becomes its target (with the mode ``open()`` would
-    give it). On error, or if staging fails, every staging file is removed."""
+    give it). On error, or if staging fails, every staging file is removed and no target
+    changes.
+
+    The renames are one after the other, so to make a mix of old and new files impossible
+    the targets after the first are removed before the first rename. Interrupted there (a
+    signal, a full disk), the targets are all old, or the first old and some later ones
+    missing, or the first new and some later ones missing; never an old file beside a new
+    one."""
     staging: dict[Path, Path] = {}
     try:
         for path in paths:
@@ -122,6 +130,8 @@ def written_together(paths: list[Path]) -> Iterator[dict[Path, Path]]:
         yield staging
         for path, staged in staging.items():
             os.chmod(staged, file_mode(path))
+        for path in paths[1:]:  # no old file may stay beside a new first one
+            path.unlink(missing_ok=True)
         for path, staged in staging.items():
             os.replace(staged, path)
     finally:
