@@ -234,6 +234,8 @@ def _labels(y: np.ndarray, n: int, path: Path, key: str) -> np.ndarray:
     if np.issubdtype(y.dtype, np.floating):
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
             raise DataError(f"{path}: {key} must hold whole-number class labels")
+        if len(y) and np.abs(y).max() >= 2.0**63:  # beyond int64: the cast would wrap
+            raise DataError(f"{path}: {key} has label {y.max():g}; labels must be 0, 1, 2, ...")
     elif not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{path}: {key} must hold integer class labels, got dtype {y.dtype}")
     y = y.astype(np.int64)

@@ -73,6 +73,9 @@ def test_user_npz_and_csv(cli, tmp_path, rng):
         (["--batch-size", "5000"], "too few for --batch-size 5000"),
         (["--momentum", "1.5"], "--momentum must lie in"),
         (["--hidden", "12,x"], "expected widths"),
+        (["--hidden", "128,,64"], "expected widths like 128,64, got '128,,64'"),
+        (["--epochs", "1000000000"], "steps: choose fewer --epochs"),
+        (["--data", "digits.npz", "--test-fraction", "0.5"], "--test-fraction does not apply"),
         (["--nonsense"], "unrecognized arguments"),
         (["--seed", "-1"], "argument --seed: expected an integer >= 0, got '-1'"),
         (["--lr", "inf"], "argument --lr: expected a finite number > 0, got 'inf'"),
@@ -125,6 +128,7 @@ def _npz(path, rng, **changes):
         ({"X_train": np.full((40, 3), np.nan)}, "X_train holds 120 NaN/Inf values"),
         ({"y_test": np.arange(10) % 3}, "labels [2] that never occur in y_train"),
         ({"y_train": -(np.arange(40) % 2)}, "labels must be 0, 1, 2"),
+        ({"y_train": np.r_[np.arange(39) % 2, 1e300]}, "y_train has label 1e+300"),
         ({"X_test": np.zeros((10, 4))}, "X_train has 3 columns but X_test has 4"),
         ({"X_train": np.full((40, 3), 1e300)}, "X_train holds 120 values beyond ±1e+150"),
         (

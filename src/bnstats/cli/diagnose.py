@@ -45,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
     bt = torch_tools()
     page = _page_path(args) if args.out is not None else None
     model = load_model(args.model, args.weights)
-    batches = labelled_batches(args.data, args.batch_size, args.data_key)
+    batches = labelled_batches(args.data, *_npz_options(args, args.data))
     test = (
-        labelled_batches(args.test, args.batch_size, args.data_key, "--test") if args.test else None
+        labelled_batches(args.test, *_npz_options(args, args.test), "--test") if args.test else None
     )
     if page:
         _page_path(args)  # again: the modules --model and --data imported
@@ -73,8 +73,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _npz_options(args: argparse.Namespace, reference: str) -> tuple[int | None, str | None]:
+    """``--batch-size`` and ``--data-key`` for ``reference``: they apply to the ``.npz`` files
+    of ``--data`` and ``--test``; given with no such file, they are refused."""
+    npz = [r for r in (args.data, args.test) if r and r.lower().endswith(".npz")]
+    if npz and not reference.lower().endswith(".npz"):
+        return None, None
+    return args.batch_size, args.data_key
+
+
 def labelled_batches(
-    reference: str, batch_size: int, key: str | None, option: str = "--data"
+    reference: str, batch_size: int | None, key: str | None, option: str = "--data"
 ) -> list[Any]:
     """The batches of ``reference`` (given as ``option``); for an ``.npz`` file with a ``y``
     array, ``(x, y)`` batches with ``y`` as int64 labels (0, 1, 2, ...)."""
@@ -97,7 +106,7 @@ def labelled_batches(
             f"{reference}: {LABEL_KEY} must hold integer class labels, got dtype {labels.dtype}"
         )
     torch = require_torch()
-    parts = torch.from_numpy(labels.astype(np.int64)).split(batch_size)
+    parts = torch.from_numpy(labels.astype(np.int64)).split([len(b) for b in batches])
     return list(zip(batches, parts, strict=True))
 
 

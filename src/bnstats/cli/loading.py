@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import keyword
 import pickle
+import re
 import sys
 import traceback
 import zipfile
@@ -28,6 +29,8 @@ import numpy as np
 from bnstats._formats import npz_array, open_npz
 
 NPZ_INPUT_KEYS = ("X", "inputs", "X_train", "x")
+NPZ_BATCH_SIZE = 64
+"""Rows per batch of ``.npz`` data without ``--batch-size``."""
 
 
 TORCH_HINT = (
@@ -167,9 +170,7 @@ def load_weights(model: Any, path: str) -> None:
         ValueError,
         pickle.UnpicklingError,
     ) as err:
-        raise ValueError(
-            f"{file}: not a readable PyTorch checkpoint ({_first_line(err)})"
-        ) from None
+        raise ValueError(f"{file}: {_checkpoint_problem(err)}") from None
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if key in state and isinstance(state[key], dict):
@@ -185,6 +186,24 @@ def load_weights(model: Any, path: str) -> None:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(f"{file} does not fit the model: {' '.join(str(err).split())}") from None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _checkpoint_problem(err: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in one line: the object it
+    would not unpickle when it says which (without its terminal escape codes)."""
+    text = _ANSI.sub("", str(err))
+    unsupported = _UNSUPPORTED.search(text)
+    if unsupported:
+        return (
+            f"it holds an object of class {unsupported.group(1)}, which bnstats does not unpickle "
+            "(torch.load with weights_only=True); save a state dict of tensors"
+        )
+    first = (text.strip().splitlines() or [type(err).__name__])[0]
+    return f"not a readable PyTorch checkpoint ({first.strip()})"
 
 
 def _filled_by_torch(torch: Any, model: Any) -> set[str]:
@@ -231,15 +250,25 @@ def _few(items: list[str], shown: int = 3) -> str:
 
 
 def load_batches(
-    reference: str, batch_size: int, key: str | None = None, option: str = "--data"
+    reference: str,
+    batch_size: int | None = None,
+    key: str | None = None,
+    option: str = "--data",
 ) -> list[Any]:
-    """The batches for a command: from an ``.npz`` file cut into ``batch_size`` rows, or from
-    ``module:batches`` (a callable returning an iterable, or an iterable). Errors name
+    """The batches for a command: from an ``.npz`` file cut into ``batch_size`` rows
+    (:data:`NPZ_BATCH_SIZE` when None), or from ``module:batches`` (a callable returning an
+    iterable, or an iterable), which takes neither ``batch_size`` nor ``key``. Errors name
     ``option``, the option that gave ``reference``."""
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     if reference.lower().endswith(".npz"):
-        return _npz_batches(Path(reference), batch_size, key, option)
+        return _npz_batches(Path(reference), batch_size or NPZ_BATCH_SIZE, key, option)
+    given = [name for name, value in (("--batch-size", batch_size), ("--data-key", key)) if value]
+    if given:
+        raise ValueError(
+            f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to .npz data "
+            f"only; {option} {reference} gives its own batches"
+        )
     source = resolve(reference, option)
     batches = source() if callable(source) else source
     if not isinstance(batches, Iterable):
