@@ -50,8 +50,8 @@ MODEL = ["--model", "usermodels.py:make"]
 
 
 def _odd_files(folder):
-    """data65.npz (65 rows of 7, for ``broken``: 64 + a last batch of one), a checkpoint holding a numpy scalar,
-    an empty .onnx."""
+    """data65.npz (65 rows of 7, for ``broken``: 64 + a last batch of one), a checkpoint
+    holding a numpy scalar, an empty .onnx."""
     np = pytest.importorskip("numpy")
     torch = pytest.importorskip("torch")
     np.savez(folder / "data65.npz", X=np.random.default_rng(0).normal(size=(65, 7)))

@@ -50,7 +50,7 @@ def test_batches_from_npz_and_from_a_callable(user_file):
     np.savez(user_file / "d.npz", inputs=np.arange(30, dtype=np.float64).reshape(10, 3))
     batches = load_batches("d.npz", 4)
     assert [len(b) for b in batches] == [4, 4, 2] and batches[0].dtype == torch.float32
-    assert [len(b) for b in load_batches("things:batches", 99)] == [4, 2]
+    assert [len(b) for b in load_batches("things:batches")] == [4, 2]
 
 
 @pytest.mark.parametrize(
@@ -60,8 +60,8 @@ def test_batches_from_npz_and_from_a_callable(user_file):
         (lambda: load_model("things:batches"), "gave a list, not a torch.nn.Module"),
         (lambda: load_model("things:fails"), "raised RuntimeError: boom"),
         (lambda: load_model("missing.py:make"), "no such file"),
-        (lambda: load_batches("things:empty", 4), "gave no batches"),
-        (lambda: load_batches("things:number", 4), "gave a int, not batches"),
+        (lambda: load_batches("things:empty"), "gave no batches"),
+        (lambda: load_batches("things:number"), "gave a int, not batches"),
         (lambda: load_batches("d.npz", 0), "--batch-size must be at least 1"),
     ],
 )
