@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from bnstats._files import atomic_write_bytes
+from bnstats._files import STAGING_AFFIXES, atomic_write_bytes, check_name_fits
 
 
 def _mode(path) -> int:
@@ -41,3 +41,17 @@ def test_an_existing_file_keeps_its_mode(tmp_path, umask):
     atomic_write_bytes(target, b"new")
     assert _mode(target) == 0o644 and target.read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["kept.bin"]
+
+
+def test_a_name_too_long_for_its_staging_name_is_refused(tmp_path):
+    """A name that fits the file system but not with ``.<name>.<random>.tmp`` around it would
+    fail only when the file is written, after the work: refused up front, naming the option."""
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    fits = tmp_path / ("a" * (limit - STAGING_AFFIXES))
+    check_name_fits("--out", fits)
+    atomic_write_bytes(fits, b"data")  # what the check promises
+    long = tmp_path / ("b" * (limit - STAGING_AFFIXES + 1))
+    with pytest.raises(ValueError, match=rf"^--out bbbb.*: the name is {limit - 13} bytes"):
+        check_name_fits("--out", long)
+    with pytest.raises(OSError):
+        atomic_write_bytes(long, b"data")

@@ -103,3 +103,46 @@ def test_a_symlinked_output_is_refused_before_anything_is_touched(tmp_path, dang
     with pytest.raises(ValueError, match="is a symbolic link"), one_generation(link) as staging:
         _write(staging, a="new")
     assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("setup", "shown"),
+    [
+        (lambda out: _write(out / "a", thesis="mine"), "a"),  # a folder named like an output
+        (lambda out: (out / "a").symlink_to("../elsewhere"), "a"),
+        (lambda out: _write(out / ".backup.tmp", d="mine"), ".backup.tmp"),
+        (lambda out: (out / ".notes.tmp").write_text("mine"), ".notes.tmp"),
+        (lambda out: _write(out / ".a.x1.tmp", d="mine"), ".a.x1.tmp"),  # a folder, not staging
+    ],
+)
+def test_only_regular_files_a_run_writes_count_as_its_own(tmp_path, setup, shown):
+    """The swap deletes the old folder: anything a run did not write there is refused."""
+    out = tmp_path / "out"
+    out.mkdir()
+    setup(out)
+    before = _snapshot(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(f"holds files a run did not write ({shown})")):
+        check_output_folder(out, ["a"])
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_read_only_folder_and_an_empty_name_are_refused(tmp_path):
+    out = tmp_path / "out"
+    _write(out, a="old")
+    out.chmod(0o555)
+    try:
+        with pytest.raises(ValueError, match=r"--out .*out: the folder is read-only"):
+            check_output_folder(out, ["a"])
+    finally:
+        out.chmod(0o755)
+    with pytest.raises(ValueError, match="--out is empty"):
+        check_output_folder("", ["a"])
+
+
+def test_leftovers_are_only_the_runs_own_staging_folders(tmp_path):
+    """A user's hidden sibling ``.out.backup.tmp`` is not a staging folder of a run."""
+    out = tmp_path / "out"
+    _write(tmp_path / ".out.backup.tmp", d="mine")
+    _write(tmp_path / ".out.k4.new.tmp", a="half")
+    remove_leftovers(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.backup.tmp"]

@@ -37,6 +37,29 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+STAGING_AFFIXES = len(".") + len(".") + 8 + len(".tmp")
+"""What :func:`atomic_write_bytes` adds to a name for its staging file:
+``.<name>.<8 random characters>.tmp``."""
+
+
+def check_name_fits(option: str, path: Path, affixes: int = STAGING_AFFIXES) -> None:
+    """``ValueError`` naming ``option`` if ``path``'s name, with the ``affixes`` bytes a
+    staging name adds, is longer than its file system takes (``PC_NAME_MAX``, else 255): the
+    staging file would fail only once the work is done."""
+    folder = next((p for p in (path.parent, *path.parent.parents) if p.is_dir()), Path("."))
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # not POSIX, or no limit to report
+        limit = 255
+    length = len(os.fsencode(path.name))
+    if length + affixes > limit:
+        raise ValueError(
+            f"{option} {path.name[:20]}...: the name is {length} bytes; at most "
+            f"{limit - affixes} fit here (the file system takes {limit}, and the hidden "
+            f"staging name written first adds {affixes})"
+        )
+
+
 def file_mode(path: Path) -> int:
     """The permission bits ``open(path, "w")`` leaves: the existing file's, else ``0o666``
     less the process's umask."""

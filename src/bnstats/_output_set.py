@@ -6,11 +6,15 @@ into a fresh hidden sibling folder, ``.<name>.<random>.new.tmp``, and only when 
 there swaps it with the output folder in one step: ``renameat2(RENAME_EXCHANGE)`` on Linux;
 elsewhere two renames, old folder aside then new folder in (a run killed between them leaves
 the old folder aside, and the next run puts it back). A failed run removes its folder and
-leaves the old set as it was. Leftovers of killed runs (the sibling folders, ``.*.tmp``
-files) are removed by the next run.
+leaves the old set as it was. Leftovers of killed runs (the sibling folders
+``.<name>.<random>.new.tmp`` and ``.old.tmp``, staging files in the folder) are removed by
+the next run.
 
-The folder is swapped as a whole, so it may hold only what the run writes: a folder holding
-other files is refused before any work is done.
+The folder is swapped as a whole, so it may hold only what the run writes: regular files with
+the names a run writes and their staging names (``.<name>.<random>.tmp``). A folder holding
+anything else (another file, a folder or a link even if named like an output, any other
+hidden ``.tmp``) is refused before any work is done, and so is a folder that is not
+writable: the swap would put a writable one in its place.
 
 An output path that is a symbolic link is refused too, before anything is touched. It has
 two plausible meanings (replace the folder it points to, or point the link at the new run)
@@ -29,7 +33,7 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bnstats._files import current_umask
+from bnstats._files import check_name_fits, current_umask
 
 NEW_SUFFIX = ".new.tmp"
 OLD_SUFFIX = ".old.tmp"
@@ -39,22 +43,31 @@ _RENAME_EXCHANGE = 2
 
 def check_output_folder(out: str | Path, names: Collection[str], option: str = "--out") -> Path:
     """``out`` as a Path if a run may replace it: missing (its nearest existing ancestor a
-    writable folder), or a folder holding only ``names`` and leftover ``.*.tmp`` files.
-    Raises ``ValueError`` naming ``option`` otherwise; creates nothing."""
+    writable folder), or a writable folder holding only regular files named as in ``names``
+    and the staging files of killed runs writing them (``.<name>.<random>.tmp``). Raises
+    ``ValueError`` naming ``option`` otherwise (an empty name too); creates nothing."""
+    if str(out) == "":
+        raise ValueError(f"{option} is empty; give the folder to write in")
     out = Path(out)
     refuse_symlink(out, option)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{option} {out} is a file, not a folder")
+    check_name_fits(option, out, len(".") + len(".") + 8 + len(NEW_SUFFIX))
     here = Path.cwd().resolve()
     if out.resolve() == here or out.resolve() in here.parents:
         raise ValueError(f"{option} {out} holds the working folder; give a folder inside it")
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name, names))
+        foreign = sorted(p.name for p in out.iterdir() if not _ours(p, names))
         if foreign:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise ValueError(
                 f"{option} {out} holds files a run did not write ({shown}); it is replaced "
                 "as a whole, so give a new or empty folder"
+            )
+        if _read_only(out):
+            raise ValueError(
+                f"{option} {out}: the folder is read-only; a run would replace it, so make "
+                "it writable or give another folder"
             )
     ancestor = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
     if not ancestor.is_dir():
@@ -63,6 +76,13 @@ def check_output_folder(out: str | Path, names: Collection[str], option: str = "
     if not os.access(writable, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {out}: cannot write in {writable}")
     return out
+
+
+def _read_only(folder: Path) -> bool:
+    """Not writable by this process, or by nobody at all (mode 555: root could still write,
+    but the owner made it read-only)."""
+    no_write_bits = folder.stat().st_mode & 0o222 == 0
+    return no_write_bits or not os.access(folder, os.W_OK | os.X_OK)
 
 
 def refuse_symlink(out: Path, option: str = "--out") -> None:
@@ -76,8 +96,14 @@ def refuse_symlink(out: Path, option: str = "--out") -> None:
         )
 
 
-def _ours(name: str, names: Collection[str]) -> bool:
-    return name in names or (name.startswith(".") and name.endswith(".tmp"))
+def _ours(path: Path, names: Collection[str]) -> bool:
+    """Whether ``path`` is a regular file a run writes: one of ``names``, or the staging file
+    of one (``.<name>.<random>.tmp``, from :func:`bnstats._files.atomic_write_bytes`)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    name = path.name
+    staging = name.endswith(".tmp") and any(name.startswith(f".{n}.") for n in names)
+    return name in names or staging
 
 
 @contextmanager
@@ -148,9 +174,11 @@ def remove_leftovers(out: Path) -> None:
         p for p in out.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")
     )
     for path in leftovers:
+        if not path.is_dir() or path.is_symlink():
+            continue
         if path.name.endswith(OLD_SUFFIX) and not out.exists() and any(path.iterdir()):
             os.rename(path, out)
-        elif path.is_dir():
+        elif path.name.endswith((NEW_SUFFIX, OLD_SUFFIX)):
             shutil.rmtree(path, ignore_errors=True)
     if out.is_dir():
         for path in out.glob(".*.tmp"):

@@ -9,11 +9,12 @@ from __future__ import annotations
 import csv
 import gzip
 import importlib.util
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from bnstats._formats import npz_array, open_npz
 
 DIGITS = "digits"
 DIGITS_FILE = ("datasets", "data", "digits.csv.gz")
@@ -54,6 +55,8 @@ def load_dataset(spec: str, *, seed: int = 0, test_fraction: float = 0.25) -> Da
     suffix = path.suffix.lower()
     if suffix not in (".npz", ".csv"):
         raise DataError(f"unknown dataset {spec!r}: give 'digits', a .npz file or a .csv file")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, not a file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if suffix == ".npz":
@@ -131,19 +134,12 @@ def stratified_split(
 def load_npz(path: str | Path) -> Dataset:
     """An ``.npz`` with ``X_train``, ``y_train``, ``X_test``, ``y_test``."""
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = [key for key in NPZ_KEYS if key not in archive.files]
-            if missing:
-                raise DataError(f"{path}: missing arrays {missing}; expected {list(NPZ_KEYS)}")
-            arrays = {key: archive[key] for key in NPZ_KEYS}
-        not_arrays = [key for key, value in arrays.items() if not isinstance(value, np.ndarray)]
-        if not_arrays:
-            raise DataError(f"{path}: {not_arrays} are not .npy arrays (save with numpy.savez)")
-    except DataError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise DataError(f"{path}: not a readable .npz file ({err})") from None
+    what = f"a dataset with arrays {', '.join(NPZ_KEYS)}"
+    with open_npz(path, what, DataError) as archive:
+        missing = [key for key in NPZ_KEYS if key not in archive.files]
+        if missing:
+            raise DataError(f"{path}: missing arrays {missing}; expected {list(NPZ_KEYS)}")
+        arrays = {key: npz_array(archive, key, path, DataError) for key in NPZ_KEYS}
     X_train = _features(arrays["X_train"], path, "X_train")
     X_test = _features(arrays["X_test"], path, "X_test")
     if X_test.shape[1] != X_train.shape[1]:
@@ -238,6 +234,8 @@ def _labels(y: np.ndarray, n: int, path: Path, key: str) -> np.ndarray:
     if np.issubdtype(y.dtype, np.floating):
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
             raise DataError(f"{path}: {key} must hold whole-number class labels")
+        if len(y) and np.abs(y).max() >= 2.0**63:  # beyond int64: the cast would wrap
+            raise DataError(f"{path}: {key} has label {y.max():g}; labels must be 0, 1, 2, ...")
     elif not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{path}: {key} must hold integer class labels, got dtype {y.dtype}")
     y = y.astype(np.int64)

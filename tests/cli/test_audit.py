@@ -46,3 +46,26 @@ def test_one_batch_gives_an_infinite_relative_error_printed_as_inf(project_here,
     assert main([*AUDIT, "--batch-size", "64", "--json"]) == 0
     layers = json.loads(capsys.readouterr().out)["layers"]
     assert [layer["relative_standard_error"] for layer in layers] == [None, None]
+
+
+@pytest.mark.parametrize("command", ["audit", "diagnose"])
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("data.npz/sub", "--out data.npz/sub: directory data.npz does not exist"),
+        ("missing/sub", "--out missing/sub: directory missing does not exist"),
+        ("", "--out is empty"),
+    ],
+)
+def test_out_is_checked_before_any_work_as_recalibrate_checks_it(
+    project_here, capsys, command, out, message
+):
+    """A folder that cannot be made (under a file, or whose parent is missing) is refused
+    before the data are read (this data source raises when called), and nothing is made."""
+    before = sorted(p.name for p in project_here.iterdir())
+    args = [command, "--model", "usermodels.py:make", "--data", "usermodels.py:failing_batches"]
+    assert main([*args, "--out", out]) == 2
+    assert capsys.readouterr().err == f"bnstats: error: {message}" + (
+        f"; give the folder to write {command}.html in\n" if not out else "\n"
+    )
+    assert sorted(p.name for p in project_here.iterdir()) == before

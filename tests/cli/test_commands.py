@@ -24,7 +24,7 @@ def test_a_bare_bnstats_is_one_line_pointing_at_help(cli):
     result = cli()
     assert result.returncode == 2 and result.stdout == ""
     names = ", ".join(command.COMMANDS)
-    assert result.stderr == f"bnstats: error: bnstats: give a command: {names} (see --help)\n"
+    assert result.stderr == f"bnstats: error: give a command: {names} (see --help)\n"
 
 
 @pytest.mark.parametrize(
@@ -44,3 +44,54 @@ def test_help_shows_the_defaults(capsys, name, shown):
     for words in shown:
         assert words in text, text
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+MODEL = ["--model", "usermodels.py:make"]
+
+
+def _odd_files(folder):
+    """data65.npz (65 rows of 7, for ``broken``: 64 + a last batch of one), a checkpoint
+    holding a numpy scalar, an empty .onnx."""
+    np = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    np.savez(folder / "data65.npz", X=np.random.default_rng(0).normal(size=(65, 7)))
+    torch.save({"epoch": np.float64(3.0)}, folder / "numpy.pt")
+    (folder / "empty.onnx").write_bytes(b"")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["audit", "--model", "usermodels.py:broken", "--data", "data65.npz"],
+            "choose another --batch-size (or --max-samples) so that no batch has one sample, "
+            "or recalibrate with --mode eval",
+        ),
+        (
+            ["audit", *MODEL, "--data", "data.npz", "--weights", "numpy.pt"],
+            "numpy.pt: it holds an object of class numpy.",
+        ),
+        (["audit", *MODEL, "--data", "data.npz", "--onnx", "empty.onnx"], "empty.onnx is empty"),
+        (
+            ["audit", *MODEL, "--data", "data.npz", "--batch-size", "1" + "0" * 22],
+            "--batch-size: expected an integer from 1 to 9223372036854775807",
+        ),
+        (
+            ["audit", *MODEL, "--data", "usermodels.py:batches", "--batch-size", "3"],
+            "--batch-size applies to .npz data only; --data usermodels.py:batches gives its own",
+        ),
+        (
+            ["audit", *MODEL, "--data", "usermodels.py:batches", "--data-key", "X"],
+            "--data-key applies to .npz data only",
+        ),
+        (["--nonsense"], "bnstats: error: unrecognized arguments: --nonsense"),
+    ],
+)
+def test_messages_name_the_command_lines_options(project_here, capsys, args, message):
+    """One line, no escape codes, no doubled 'bnstats:', advice in the options' words."""
+    _odd_files(project_here)
+    assert command.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert "\x1b" not in err and "bnstats: bnstats" not in err and "error: bnstats:" not in err
+    assert "max_samples" not in err and "mode='eval'" not in err

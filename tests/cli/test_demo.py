@@ -9,6 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from bnstats.data import NPZ_KEYS
 from bnstats.methods import METHODS
 
 QUICK = ["--epochs", "3", "--hidden", "32"]
@@ -72,6 +73,9 @@ def test_user_npz_and_csv(cli, tmp_path, rng):
         (["--batch-size", "5000"], "too few for --batch-size 5000"),
         (["--momentum", "1.5"], "--momentum must lie in"),
         (["--hidden", "12,x"], "expected widths"),
+        (["--hidden", "128,,64"], "expected widths like 128,64, got '128,,64'"),
+        (["--epochs", "1000000000"], "steps: choose fewer --epochs"),
+        (["--data", "digits.npz", "--test-fraction", "0.5"], "--test-fraction does not apply"),
         (["--nonsense"], "unrecognized arguments"),
         (["--seed", "-1"], "argument --seed: expected an integer >= 0, got '-1'"),
         (["--lr", "inf"], "argument --lr: expected a finite number > 0, got 'inf'"),
@@ -124,6 +128,7 @@ def _npz(path, rng, **changes):
         ({"X_train": np.full((40, 3), np.nan)}, "X_train holds 120 NaN/Inf values"),
         ({"y_test": np.arange(10) % 3}, "labels [2] that never occur in y_train"),
         ({"y_train": -(np.arange(40) % 2)}, "labels must be 0, 1, 2"),
+        ({"y_train": np.r_[np.arange(39) % 2, 1e300]}, "y_train has label 1e+300"),
         ({"X_test": np.zeros((10, 4))}, "X_train has 3 columns but X_test has 4"),
         ({"X_train": np.full((40, 3), 1e300)}, "X_train holds 120 values beyond ±1e+150"),
         (
@@ -157,7 +162,27 @@ def test_npz_members_that_are_not_arrays_exit_2(cli, tmp_path):
             archive.writestr(key, "hello")
     result = cli("demo", "--data", str(path))
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert "zipped.npz: ['X_train', 'y_train', 'X_test', 'y_test'] are not .npy" in result.stderr
+    assert "zipped.npz: X_train is not a .npy array" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (lambda p: np.save(p.open("wb"), np.zeros((10, 3))), "is not a .npz archive but a single"),
+        (lambda p: p.write_text("hello"), "is not a .npz archive (it starts with b'hell')"),
+        (lambda p: p.mkdir(), "is a directory, not a file"),
+        (
+            lambda p: np.savez(p, **{k: np.array([[1], [2, 3]], dtype=object) for k in NPZ_KEYS}),
+            "array X_train holds Python objects",
+        ),
+    ],
+)
+def test_files_that_are_no_npz_archive_exit_2_naming_the_file(cli, tmp_path, write, message):
+    path = tmp_path / "data.npz"
+    write(path)
+    result = cli("demo", "--data", str(path), "--epochs", "1")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{path} {message}" in result.stderr or f"{path}: {message}" in result.stderr
 
 
 def test_csv_with_a_byte_order_mark_runs(cli, tmp_path, rng):

@@ -127,3 +127,43 @@ def test_a_symlinked_out_is_refused_and_nothing_is_left_behind(tmp_path, generat
     assert sorted(p.name for p in tmp_path.iterdir()) == entries and result.stdout == ""
     assert (tmp_path / "link").is_symlink() and _snapshot(tmp_path / "old") == old
     assert _leftovers(tmp_path) == []
+
+
+def test_user_entries_named_like_outputs_are_refused_and_kept(tmp_path):
+    """A folder of the user's called history.npz, or a hidden .backup.tmp, is not a file the
+    run wrote: the swap would delete it, so the run is refused before training."""
+    out = tmp_path / "out"
+    (out / "history.npz").mkdir(parents=True)
+    (out / "history.npz" / "thesis.tex").write_text("precious")
+    (out / ".backup.tmp").mkdir()
+    result = run_cli(*_demo(out, "0"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "holds files a run did not write (.backup.tmp, history.npz)" in result.stderr
+    assert (out / "history.npz" / "thesis.tex").read_text() == "precious"
+    assert (out / ".backup.tmp").is_dir() and result.stdout == ""
+
+
+def test_a_read_only_out_folder_is_refused_before_training(tmp_path, generations):
+    old, _, _ = generations
+    (tmp_path / "old").chmod(0o555)
+    try:
+        result = run_cli(*_demo(tmp_path / "old", "1"))
+    finally:
+        (tmp_path / "old").chmod(0o755)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "old: the folder is read-only" in result.stderr and result.stdout == ""
+    assert _snapshot(tmp_path / "old") == old
+
+
+def test_an_empty_out_is_refused(tmp_path):
+    result = run_cli("demo", *QUICK, "--out", "", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == "bnstats: error: --out is empty; give the folder to write in\n"
+    assert list(tmp_path.iterdir()) == [] and result.stdout == ""
+
+
+def test_a_folder_name_without_room_for_the_staging_folder_is_refused(tmp_path):
+    result = run_cli("demo", *QUICK, "--out", "d" * 240, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "--out dddd" in result.stderr and "the name is 240 bytes" in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -99,7 +99,7 @@ def test_without_labels_it_compares_outputs(cli, project):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--test", "missing.npz"), "missing.npz"),
+        (("--test", "missing.npz"), "--test: no such file missing.npz"),
         (("--data", "floaty.npz"), "integer class labels"),
         (("--out", "train.npz"), "is a file"),
     ],
@@ -112,3 +112,24 @@ def test_bad_input_exits_2_with_one_line(cli, project, args, message):
     result = cli(*base, *args, cwd=project)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("label", "option"), [(-1, "--test"), (3, "--test"), (7, "--data")])
+def test_labels_outside_the_models_classes_are_refused(cli, project, label, option):
+    """A label the model's 3 outputs cannot predict would score 0% in every setting and
+    find nothing: refused, naming the file, y, the label and the output width."""
+    x, y = _data(np.random.default_rng(1), 64)
+    y[5] = label
+    np.savez(project / f"label{label}.npz", X=x, y=y)
+    base = list(ARGS)
+    if option == "--data":
+        base[-1] = f"label{label}.npz"
+        args = ()
+    else:
+        args = ("--test", f"label{label}.npz")
+    result = cli(*base, *args, cwd=project)
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.strip() == (
+        f"bnstats: error: label{label}.npz: y holds label {label}, but the model's output has "
+        "3 columns (classes 0 to 2)"
+    )

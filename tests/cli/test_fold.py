@@ -3,6 +3,8 @@ checked before any work, and the ``.pt`` and ``.onnx`` written together or not a
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from bnstats.cli import main
@@ -49,7 +51,7 @@ def test_without_data_the_advice_is_to_give_data(project_here, capsys):
 def test_an_out_name_too_long_for_the_file_system_writes_nothing(project_here, capsys):
     long_name = "f" * 300 + ".pt"  # beyond the 255 bytes a name may have
     args = ["fold", *MODEL, "--data", "data.npz", "--out", long_name, "--onnx", "f.onnx"]
-    _refused(project_here, capsys, args, "cannot create it (File name too long)")
+    _refused(project_here, capsys, args, "the name is 303 bytes; at most 241 fit here")
     assert not (project_here / "f.onnx").exists()
 
 
@@ -130,3 +132,42 @@ def test_both_files_replace_older_ones_together(project_here, capsys, onnx_insta
     assert "wrote f.onnx:" in out and ".tmp" not in out
     assert (project_here / "f.pt").read_bytes() != b"old" != (project_here / "f.onnx").read_bytes()
     assert not any(p.name.startswith(".") for p in project_here.iterdir())
+
+
+CUSTOM = """
+import torch
+from torch import nn
+
+class MyBN(nn.BatchNorm1d):
+    pass
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), MyBN(16), nn.ReLU(), nn.Linear(16, 4))
+"""
+
+
+@pytest.mark.parametrize("file", ["custom.py", "my-model.py"])
+def test_a_kept_class_defined_in_the_model_file_is_saved_by_its_module_name(
+    tmp_path, monkeypatch, capsys, file
+):
+    """``--model custom.py:build`` loads the file as module ``custom``, so the folded model's
+    kept ``MyBN`` pickles as ``custom.MyBN``, as with ``--model custom:build``; a file whose
+    stem is no module name gives one line saying what to do."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / file).write_text(CUSTOM)
+    np = pytest.importorskip("numpy")
+    np.savez(tmp_path / "data.npz", X=np.random.default_rng(0).normal(size=(20, 8)))
+    status = main(["fold", "--model", f"{file}:build", "--data", "data.npz", "--out", "f.pt"])
+    err = capsys.readouterr().err
+    if file == "my-model.py":
+        assert status == 2 and err.count("\n") == 1 and "torch.save cannot pickle" in err
+        assert "--model module:factory" in err and not (tmp_path / "f.pt").exists()
+        return
+    assert status == 0, err
+    assert "custom" not in sys.modules and str(tmp_path) not in sys.path  # as before the call
+    monkeypatch.syspath_prepend(str(tmp_path))
+    folded = torch.load(tmp_path / "f.pt", weights_only=False)
+    assert [type(m).__module__ for m in folded.modules() if "MyBN" in type(m).__name__] == [
+        "custom"
+    ]

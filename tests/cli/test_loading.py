@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -48,7 +50,7 @@ def test_batches_from_npz_and_from_a_callable(user_file):
     np.savez(user_file / "d.npz", inputs=np.arange(30, dtype=np.float64).reshape(10, 3))
     batches = load_batches("d.npz", 4)
     assert [len(b) for b in batches] == [4, 4, 2] and batches[0].dtype == torch.float32
-    assert [len(b) for b in load_batches("things:batches", 99)] == [4, 2]
+    assert [len(b) for b in load_batches("things:batches")] == [4, 2]
 
 
 @pytest.mark.parametrize(
@@ -58,8 +60,8 @@ def test_batches_from_npz_and_from_a_callable(user_file):
         (lambda: load_model("things:batches"), "gave a list, not a torch.nn.Module"),
         (lambda: load_model("things:fails"), "raised RuntimeError: boom"),
         (lambda: load_model("missing.py:make"), "no such file"),
-        (lambda: load_batches("things:empty", 4), "gave no batches"),
-        (lambda: load_batches("things:number", 4), "gave a int, not batches"),
+        (lambda: load_batches("things:empty"), "gave no batches"),
+        (lambda: load_batches("things:number"), "gave a int, not batches"),
         (lambda: load_batches("d.npz", 0), "--batch-size must be at least 1"),
     ],
 )
@@ -116,3 +118,61 @@ def test_sys_exit_in_the_model_code_is_one_line_naming_the_file(cli, tmp_path, r
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     assert reference.partition(":")[0] + ":" in result.stderr  # file:line
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (lambda p: np.save(p.open("wb"), np.zeros((10, 3))), "is not a .npz archive but a single"),
+        (lambda p: p.write_text("hello"), r"is not a .npz archive \(it starts with b'hell'\)"),
+        (lambda p: p.mkdir(), "is a directory, not a .npz file"),
+        (
+            lambda p: np.savez(p, X=np.array([[1], [2, 3]], dtype=object)),
+            "array X holds Python objects",
+        ),
+    ],
+)
+def test_npz_that_numpy_cannot_read_safely_is_named(user_file, write, message):
+    """No allow_pickle advice from numpy, no TypeError: one line naming the file."""
+    write(user_file / "bad.npz")
+    with pytest.raises(ValueError, match=f"^bad.npz:? {message}"):
+        load_batches("bad.npz", 4)
+
+
+def test_weights_without_num_batches_tracked_load_as_torch_loads_them(user_file):
+    """A checkpoint from before torch 0.4.1 has no BN num_batches_tracked: torch's strict
+    load fills it in, so --weights does too; where torch refuses, the message names it."""
+    model = load_model("things:make")
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, user_file / "old.pt")
+    loaded = load_model("things:make", "old.pt")
+    assert int(loaded[1].num_batches_tracked) == 0
+    assert torch.equal(loaded[1].running_var, model[1].running_var)
+    current = model.state_dict()  # its metadata says version 2: torch wants the key
+    del current["1.num_batches_tracked"]
+    torch.save(current, user_file / "current.pt")
+    with pytest.raises(ValueError, match=r"current.pt does not fit .*1\.num_batches_tracked"):
+        load_model("things:make", "current.pt")
+
+
+def test_a_factory_may_import_sibling_modules_when_called(tmp_path, monkeypatch, capsys):
+    """The file's folder stays on sys.path while the command runs (factory, batches,
+    forward), as for ``python sub/model.py``, and is taken off afterwards."""
+    from bnstats.cli import main
+
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "helpers.py").write_text(
+        "from torch import nn\n"
+        "def make():\n    return nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))\n"
+    )
+    (sub / "model_lazy.py").write_text(
+        "def build():\n    from helpers import make\n    return make()\n"
+    )
+    np.savez(tmp_path / "d.npz", X=np.random.default_rng(0).normal(size=(10, 3)))
+    monkeypatch.chdir(tmp_path)
+    assert main(["audit", "--model", "sub/model_lazy.py:build", "--data", "d.npz"]) == 0, (
+        capsys.readouterr().err
+    )
+    assert str(sub) not in sys.path and "helpers" in sys.modules
+    sys.modules.pop("helpers")

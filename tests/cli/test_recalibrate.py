@@ -86,3 +86,19 @@ def test_bad_pass_options_are_one_line(project_here, capsys, option, message):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert not (project_here / "new.pt").exists()
+
+
+@pytest.mark.parametrize(("command", "option"), [("recalibrate", "--out"), ("fold", "--onnx")])
+def test_a_name_without_room_for_its_staging_name_is_refused_before_any_work(
+    project_here, capsys, command, option
+):
+    name = "b" * 250 + ".pt"  # the file system takes it; '.<name>.<random>.tmp' it does not
+    args = [command, *MODEL, "--data", "usermodels.py:failing_batches", "--out", "x.pt"]
+    if option == "--out":
+        args[-1] = name
+    else:
+        args += ["--onnx", name]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bnstats: error: {option} bbbb") and "the name is 253 bytes" in err
+    assert "x.pt" not in [p.name for p in project_here.iterdir()]

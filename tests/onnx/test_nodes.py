@@ -84,7 +84,10 @@ def test_bad_files_are_named(tmp_path):
 def test_an_empty_or_garbage_file_is_refused_naming_it(tmp_path, data):
     path = tmp_path / "model.onnx"
     path.write_bytes(data)
-    with pytest.raises(ValueError, match=r"model.onnx is not an ONNX model: it has no .*a node"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.onnx is (empty, not an ONNX model|not an ONNX model: it has no .*node)",
+    ):
         check_batchnorm_nodes(path)
     with pytest.raises(ValueError, match=r"<ModelProto> is not an ONNX model"):
         check_batchnorm_nodes(onnx.load_from_string(data))

@@ -132,11 +132,36 @@ def _discard_stdout() -> None:
     os.close(devnull)
 
 
+_TENSORS = "give --data batches of torch tensors or (x, y) tuples of them"
+CLI_WORDS = (
+    (
+        "drop batches of one sample, choose max_samples so that the last batch keeps 2 or "
+        "more, or pass mode='eval', which needs no batch statistics",
+        "choose another --batch-size (or --max-samples) so that no batch has one sample, or "
+        "recalibrate with --mode eval, which needs no batch statistics",
+    ),
+    ("pass forward=lambda model, batch: model(...) to say how to call it", _TENSORS),
+    ("pass forward=lambda model, batch: model(...) to say how", _TENSORS),
+    ("pass mode='eval'", "use --mode eval"),
+    ("mode='eval_exact'", "--mode eval_exact"),
+    ("mode='eval'", "--mode eval"),
+    ("max_samples=", "--max-samples "),
+)
+"""Advice in the Python API's terms, and what it is on the command line."""
+
+
+def in_cli_words(text: str) -> str:
+    """``text`` with the Python API's advice (``mode='eval'``) named by the options."""
+    for api, cli in CLI_WORDS:
+        text = text.replace(api, cli)
+    return text
+
+
 def one_line(err: BaseException) -> str:
-    """The error's message on a single line."""
-    text = str(err) or type(err).__name__
+    """The error's message on a single line, advice in the command line's words."""
+    text = (str(err) or type(err).__name__).removeprefix("bnstats: ")
     if isinstance(err, MemoryError):
         text = f"out of memory ({text})"
     if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
         text = f"{err.filename}: {text}"
-    return " ".join(text.split())
+    return in_cli_words(" ".join(text.split()))

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bnstats.cli.loading import load_batches, load_model, require_torch
+from bnstats.cli.loading import NPZ_BATCH_SIZE, load_batches, load_model, require_torch
 from bnstats.cli.values import positive_float, positive_int
 
 
@@ -36,9 +36,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, data_required: bool 
         required=data_required,
         help="FILE.npz (array X, inputs or X_train) or pkg.module:batches",
     )
-    parser.add_argument("--data-key", help="the npz array holding the inputs")
+    parser.add_argument("--data-key", help="the npz array holding the inputs (npz data only)")
     parser.add_argument(
-        "--batch-size", type=positive_int, default=64, help="rows per batch for npz data"
+        "--batch-size",
+        type=positive_int,
+        help=f"rows per batch for npz data (default: {NPZ_BATCH_SIZE})",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 

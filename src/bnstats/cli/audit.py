@@ -19,11 +19,13 @@ from bnstats.cli.arguments import (
     add_max_samples,
     add_model_arguments,
     first_input,
+    input_files,
     load_inputs,
     torch_tools,
 )
 from bnstats.cli.loading import user_code_errors
 from bnstats.cli.onnx_commands import add_onnx_option, onnx_for_audit
+from bnstats.cli.outputs import check_page_folder
 
 NAME = "audit"
 HELP = "compare a model's running statistics with the truth measured on data"
@@ -44,8 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 @user_code_errors
 def run(args: argparse.Namespace) -> int:
     bt = torch_tools()
-    page = _audit_page_path(args.out) if args.out else None
+    page = _audit_page_path(args) if args.out is not None else None
     model, batches = load_inputs(args)
+    if page:
+        _audit_page_path(args)  # again: the modules --model and --data imported
     model.eval()  # as deployed: a freshly built model is in training mode, not the user's doing
     report = bt.audit(
         model, batches, max_samples=args.max_samples, progress=False if args.json else None
@@ -74,15 +78,11 @@ def flagged_layers(report: Any) -> list[str]:
     return [*names, *(["the model"] if report.flags else [])]
 
 
-def _audit_page_path(directory: str) -> Path:
-    """``directory/audit.html``, checked before any work: ``directory`` must be a folder or
-    not exist yet."""
+def _audit_page_path(args: argparse.Namespace) -> Path:
+    """``--out``'s ``audit.html``, checked before any work."""
     from bnstats.report.audit_page import AUDIT_PAGE
 
-    folder = Path(directory)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--out {folder} is a file; give the folder to write {AUDIT_PAGE} in")
-    return folder / AUDIT_PAGE
+    return check_page_folder("--out", args.out, AUDIT_PAGE, input_files(args))
 
 
 def _write_audit_page(report: Any, page: Path) -> None:

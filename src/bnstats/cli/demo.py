@@ -62,8 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--test-fraction",
         type=float,
-        default=defaults.test_fraction,
-        help="share of a CSV file held out for testing",
+        help="share of the digits or a CSV file held out for testing (an .npz file has its "
+        f"own split; default: {defaults.test_fraction})",
     )
     p.add_argument(
         "--norm",
@@ -91,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def hidden_sizes(text: str) -> tuple[int, ...]:
     try:
-        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+        sizes = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected widths like 128,64, got {text!r}") from None
     if not sizes or min(sizes) < 1:
@@ -100,8 +100,13 @@ def hidden_sizes(text: str) -> tuple[int, ...]:
 
 
 def config_from(args: argparse.Namespace) -> DemoConfig:
-    if args.report_layer is not None and not args.out:
+    if args.report_layer is not None and args.out is None:
         raise ValueError("--report-layer needs --out DIR, where report.html is written")
+    if args.test_fraction is not None and args.data.lower().endswith(".npz"):
+        raise ValueError(
+            f"--test-fraction does not apply to {args.data}: an .npz file has its own test "
+            "split (X_test, y_test)"
+        )
     return DemoConfig(
         data=args.data,
         epochs=args.epochs,
@@ -110,7 +115,9 @@ def config_from(args: argparse.Namespace) -> DemoConfig:
         lr=args.lr,
         seed=args.seed,
         hidden=tuple(args.hidden),
-        test_fraction=args.test_fraction,
+        test_fraction=DemoConfig().test_fraction
+        if args.test_fraction is None
+        else args.test_fraction,
         norm=args.norm,
         ghost_size=args.ghost_size,
         report_layer=args.report_layer,
@@ -119,7 +126,7 @@ def config_from(args: argparse.Namespace) -> DemoConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)
-    if args.out:
+    if args.out is not None:
         check_output_folder(args.out, OUT_FILES)  # fail before training, not after
     dataset = load_dataset(config.data, seed=config.seed, test_fraction=config.test_fraction)
     check_config(config, dataset)  # every option first: the memory estimate divides by them

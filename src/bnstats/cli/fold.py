@@ -5,7 +5,8 @@ folded module (``torch.save``), and with ``--onnx`` also its ONNX export.
                  --out folded.pt [--onnx folded.onnx]
 
 Every output path is checked before any work; the ``.pt`` and the ``.onnx`` are written
-together, each complete, or neither.
+together, each complete, or neither (an interruption during the final renames can leave the
+``.onnx`` missing, never the old one beside the new ``.pt``).
 """
 
 from __future__ import annotations

@@ -14,17 +14,23 @@ import argparse
 import functools
 import importlib
 import importlib.util
+import keyword
 import pickle
+import re
 import sys
 import traceback
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bnstats._formats import npz_array, open_npz
+
 NPZ_INPUT_KEYS = ("X", "inputs", "X_train", "x")
+NPZ_BATCH_SIZE = 64
+"""Rows per batch of ``.npz`` data without ``--batch-size``."""
 
 
 TORCH_HINT = (
@@ -60,23 +66,7 @@ def resolve(reference: str, what: str) -> Any:
 
 def _import(module_name: str, what: str) -> Any:
     if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            raise ValueError(f"{what}: no such file {path}")
-        spec = importlib.util.spec_from_file_location(f"bnstats_user_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.path.insert(0, str(path.parent.resolve()))
-        try:
-            spec.loader.exec_module(module)
-        except SystemExit as err:
-            raise ValueError(f"{what}: importing {path} failed: {exit_called(err)}") from None
-        except Exception as err:
-            raise ValueError(
-                f"{what}: importing {path} failed: {type(err).__name__}: {err}"
-            ) from None
-        finally:
-            sys.path.remove(str(path.parent.resolve()))
-        return module
+        return _import_file(Path(module_name), what)
     if "" not in sys.path and "." not in sys.path:
         sys.path.insert(0, "")  # like `python -m`: modules in the working directory
     try:
@@ -89,6 +79,52 @@ def _import(module_name: str, what: str) -> Any:
         raise ValueError(
             f"{what}: importing {module_name} failed: {type(err).__name__}: {err}"
         ) from None
+
+
+_ADDED: list[tuple[str, str]] = []
+"""What loading files added to ``sys.path`` and ``sys.modules``, undone after the command."""
+
+
+def _import_file(path: Path, what: str) -> Any:
+    """The module of ``path``, imported as ``python path`` would see it: its folder on
+    ``sys.path`` (until the command ends, so that the factory, the batches and the forward
+    may import sibling modules when called), under its stem as module name when that is a
+    valid identifier no other module has (so that ``torch.save`` of a model whose classes
+    it defines refers to ``stem.Class``, as ``--model stem:factory`` would)."""
+    if not path.is_file():
+        raise ValueError(f"{what}: no such file {path}")
+    folder = str(path.parent.resolve())
+    name = path.stem if _free_module_name(path.stem) else f"bnstats_user_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+        _ADDED.append(("path", folder))
+    if name == path.stem:  # as an import does: pickle looks classes up there
+        sys.modules[name] = module
+        _ADDED.append(("module", name))
+    try:
+        spec.loader.exec_module(module)
+    except SystemExit as err:
+        raise ValueError(f"{what}: importing {path} failed: {exit_called(err)}") from None
+    except Exception as err:
+        raise ValueError(f"{what}: importing {path} failed: {type(err).__name__}: {err}") from None
+    return module
+
+
+def _free_module_name(stem: str) -> bool:
+    return stem.isidentifier() and not keyword.iskeyword(stem) and stem not in sys.modules
+
+
+def release_user_files() -> None:
+    """Take the folders of loaded files off ``sys.path`` and their modules out of
+    ``sys.modules`` again."""
+    while _ADDED:
+        kind, entry = _ADDED.pop()
+        if kind == "path" and entry in sys.path:
+            sys.path.remove(entry)
+        elif kind == "module":
+            sys.modules.pop(entry, None)
 
 
 def load_model(reference: str, weights: str | None = None) -> Any:
@@ -120,6 +156,8 @@ def load_weights(model: Any, path: str) -> None:
     """Load a state dict saved with ``torch.save`` (bare, or under 'state_dict'/'model')."""
     torch = require_torch()
     file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"--weights {file} is a directory, not a checkpoint file")
     if not file.is_file():
         raise ValueError(f"--weights: no such file {file}")
     try:
@@ -132,28 +170,61 @@ def load_weights(model: Any, path: str) -> None:
         ValueError,
         pickle.UnpicklingError,
     ) as err:
-        raise ValueError(
-            f"{file}: not a readable PyTorch checkpoint ({_first_line(err)})"
-        ) from None
+        raise ValueError(f"{file}: {_checkpoint_problem(err)}") from None
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if key in state and isinstance(state[key], dict):
                 state = state[key]
     if not isinstance(state, dict):
         raise ValueError(f"{file}: expected a state dict, found a {type(state).__name__}")
-    differences = state_dict_differences(model.state_dict(), state)
+    differences = state_dict_differences(
+        model.state_dict(), state, optional=_filled_by_torch(torch, model)
+    )
     if differences:
         raise ValueError(f"{file} does not fit the model: {differences}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{file} does not fit the model: {_first_line(err)}") from None
+        raise ValueError(f"{file} does not fit the model: {' '.join(str(err).split())}") from None
 
 
-def state_dict_differences(expected: dict[str, Any], found: dict[str, Any]) -> str:
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _checkpoint_problem(err: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in one line: the object it
+    would not unpickle when it says which (without its terminal escape codes)."""
+    text = _ANSI.sub("", str(err))
+    unsupported = _UNSUPPORTED.search(text)
+    if unsupported:
+        return (
+            f"it holds an object of class {unsupported.group(1)}, which bnstats does not unpickle "
+            "(torch.load with weights_only=True); save a state dict of tensors"
+        )
+    first = (text.strip().splitlines() or [type(err).__name__])[0]
+    return f"not a readable PyTorch checkpoint ({first.strip()})"
+
+
+def _filled_by_torch(torch: Any, model: Any) -> set[str]:
+    """The keys torch's strict ``load_state_dict`` may find missing: ``num_batches_tracked``
+    of normalization layers (checkpoints from before torch 0.4.1 lack it, and the layer's
+    ``_load_from_state_dict`` fills it in). Whether it does is torch's decision, made from
+    the file's metadata when loading."""
+    norm = torch.nn.modules.batchnorm._NormBase
+    return {
+        f"{name}.num_batches_tracked" if name else "num_batches_tracked"
+        for name, module in model.named_modules()
+        if isinstance(module, norm) and module.track_running_stats
+    }
+
+
+def state_dict_differences(
+    expected: dict[str, Any], found: dict[str, Any], optional: Collection[str] = ()
+) -> str:
     """The keys and shapes by which ``found`` (a file's) differs from ``expected`` (the
-    model's), in one line; empty if they agree."""
-    missing = [key for key in expected if key not in found]
+    model's), in one line; empty if they agree. Keys in ``optional`` may be missing."""
+    missing = [key for key in expected if key not in found and key not in optional]
     unexpected = [key for key in found if key not in expected]
     shapes = [
         f"{key} is {_shape(found[key])} in the file, {_shape(value)} in the model"
@@ -178,40 +249,46 @@ def _few(items: list[str], shown: int = 3) -> str:
     )
 
 
-def load_batches(reference: str, batch_size: int, key: str | None = None) -> list[Any]:
-    """The batches for a command: from an ``.npz`` file cut into ``batch_size`` rows, or from
-    ``module:batches`` (a callable returning an iterable, or an iterable)."""
-    if batch_size < 1:
+def load_batches(
+    reference: str,
+    batch_size: int | None = None,
+    key: str | None = None,
+    option: str = "--data",
+) -> list[Any]:
+    """The batches for a command: from an ``.npz`` file cut into ``batch_size`` rows
+    (:data:`NPZ_BATCH_SIZE` when None), or from ``module:batches`` (a callable returning an
+    iterable, or an iterable), which takes neither ``batch_size`` nor ``key``. Errors name
+    ``option``, the option that gave ``reference``."""
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     if reference.lower().endswith(".npz"):
-        return _npz_batches(Path(reference), batch_size, key)
-    source = resolve(reference, "--data")
+        return _npz_batches(Path(reference), batch_size or NPZ_BATCH_SIZE, key, option)
+    given = [name for name, value in (("--batch-size", batch_size), ("--data-key", key)) if value]
+    if given:
+        raise ValueError(
+            f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to .npz data "
+            f"only; {option} {reference} gives its own batches"
+        )
+    source = resolve(reference, option)
     batches = source() if callable(source) else source
     if not isinstance(batches, Iterable):
-        raise ValueError(f"--data {reference!r} gave a {type(batches).__name__}, not batches")
+        raise ValueError(f"{option} {reference!r} gave a {type(batches).__name__}, not batches")
     batches = list(batches)
     if not batches:
-        raise ValueError(f"--data {reference!r} gave no batches")
+        raise ValueError(f"{option} {reference!r} gave no batches")
     return batches
 
 
-def _npz_batches(path: Path, batch_size: int, key: str | None) -> list[Any]:
+def _npz_batches(path: Path, batch_size: int, key: str | None, option: str) -> list[Any]:
     torch = require_torch()
-    if not path.is_file():
-        raise ValueError(f"--data: no such file {path}")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            names = [key] if key else [k for k in NPZ_INPUT_KEYS if k in archive.files]
-            if not names or names[0] not in archive.files:
-                wanted = key or " or ".join(NPZ_INPUT_KEYS)
-                raise ValueError(f"{path}: no array {wanted}; it holds {archive.files}")
-            inputs = archive[names[0]]
-            if not isinstance(inputs, np.ndarray):
-                raise ValueError(f"{path}: {names[0]} is not a .npy array (save with numpy.savez)")
-    except ValueError:
-        raise
-    except (OSError, zipfile.BadZipFile, EOFError) as err:
-        raise ValueError(f"{path}: not a readable .npz file ({err})") from None
+    if not path.exists():
+        raise ValueError(f"{option}: no such file {path}")
+    wanted = key or " or ".join(NPZ_INPUT_KEYS)
+    with open_npz(path, f"{option} inputs (array {wanted})", ValueError) as archive:
+        names = [key] if key else [k for k in NPZ_INPUT_KEYS if k in archive.files]
+        if not names or names[0] not in archive.files:
+            raise ValueError(f"{path}: no array {wanted}; it holds {archive.files}")
+        inputs = npz_array(archive, names[0], path, ValueError)
     if inputs.ndim < 2 or len(inputs) == 0:
         raise ValueError(f"{path}: inputs must be (N, ...) with N > 0, got shape {inputs.shape}")
     if not np.issubdtype(inputs.dtype, np.number) or np.iscomplexobj(inputs):
@@ -252,6 +329,8 @@ def user_code_errors(run: Callable[[argparse.Namespace], int]) -> Callable:
         except Exception as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ValueError(f"{args.command}: {type(err).__name__}: {first}") from err
+        finally:
+            release_user_files()
 
     return wrapped
 

@@ -23,7 +23,13 @@ def check_memory(config: DemoConfig, dataset: Dataset) -> None:
     if available is None or needed <= available:
         return
     widths = [dataset.features, *config.hidden, dataset.classes]
-    if dataset.classes > max(config.hidden):
+    steps = _steps(config, dataset)
+    if BYTES_PER_FLOAT * VECTORS_PER_STEP * steps * sum(config.hidden) > needed / 2:
+        fix = (
+            f"the history records every one of its {steps:,} steps: choose fewer --epochs "
+            "(or a larger --batch-size)"
+        )
+    elif dataset.classes > max(config.hidden):
         fix = (
             f"{dataset.name} has labels up to {dataset.classes - 1}, one output unit each: "
             "number the classes 0, 1, 2, ..."
@@ -36,13 +42,17 @@ def check_memory(config: DemoConfig, dataset: Dataset) -> None:
     )
 
 
+def _steps(config: DemoConfig, dataset: Dataset) -> int:
+    return config.epochs * math.ceil(len(dataset.X_train) / config.batch_size)
+
+
 def bytes_needed(config: DemoConfig, dataset: Dataset) -> int:
     """Parameters (with gradients and Adam's moments), one batch's activations and the
     recorded history, in float64."""
     widths = [dataset.features, *config.hidden, dataset.classes]
     parameters = sum((a + 1) * b for a, b in zip(widths, widths[1:], strict=False))
     rows = max(config.batch_size, len(dataset.X_test))
-    steps = config.epochs * math.ceil(len(dataset.X_train) / config.batch_size)
+    steps = _steps(config, dataset)
     floats = (
         COPIES_PER_PARAMETER * parameters
         + VECTORS_PER_ROW * rows * sum(widths)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 
 def non_negative_int(text: str) -> int:
@@ -22,6 +23,10 @@ def _int_at_least(text: str, least: int) -> int:
         value = None
     if value is None or value < least:
         raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
+    if value > sys.maxsize:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer from {least} to {sys.maxsize}, got {text!r}"
+        )
     return value
 
 

@@ -41,6 +41,8 @@ def load(graph: Any) -> tuple[onnx.ModelProto, str]:
         if not path.is_file():
             raise FileNotFoundError(f"ONNX file {path} does not exist")
         label = str(path)
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path} is empty, not an ONNX model")
         try:
             proto = onnx.load(label)
         except Exception as error:  # onnx raises DecodeError and others for a broken file
@@ -48,10 +50,10 @@ def load(graph: Any) -> tuple[onnx.ModelProto, str]:
     missing = [
         what
         for what, absent in (
-            ("an IR version", proto.ir_version <= 0),
-            ("an opset", not proto.opset_import),
-            ("a node", not proto.graph.node),
-            ("an output", not proto.graph.output),
+            ("IR version", proto.ir_version <= 0),
+            ("opset", not proto.opset_import),
+            ("node", not proto.graph.node),
+            ("output", not proto.graph.output),
         )
         if absent
     ]
