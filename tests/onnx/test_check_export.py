@@ -93,7 +93,7 @@ def test_a_file_that_is_no_model_is_refused(tmp_path, exported):
     model, _, x = exported
     empty = tmp_path / "empty.onnx"
     empty.write_bytes(b"")
-    with pytest.raises(ValueError, match="empty.onnx is not an ONNX model"):
+    with pytest.raises(ValueError, match="empty.onnx is empty, not an ONNX model"):
         check_export(empty, model, x)
 
 

@@ -155,6 +155,9 @@ def test_uninitialized_lazy_layers_are_refused():
     with pytest.raises(ValueError, match="'1' is an uninitialized LazyBatchNorm2d"):
         bt.audit(model, [torch.randn(2, 3, 4, 4)])
     assert type(model[1]) is nn.LazyBatchNorm2d
+    other = nn.Sequential(nn.LazyLinear(4), nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match="module '0' is an uninitialized LazyLinear: it has no"):
+        bt.audit(other, [torch.randn(2, 3)])
 
 
 def test_an_ema_whose_start_still_weighs_is_flagged_and_a_recalibrated_layer_is_not():

@@ -51,7 +51,12 @@ from bnstats._audit import (  # noqa: F401  (the flags and the table are part of
     format_report,
 )
 from bnstats.torch._layer_pass import LayerPass
-from bnstats.torch._layers import is_batchnorm, is_lazy_uninitialized, uninitialized_lazy_error
+from bnstats.torch._layers import (
+    display_name,
+    is_batchnorm,
+    is_lazy_uninitialized,
+    uninitialized_lazy_error,
+)
 from bnstats.torch._measure import measure
 from bnstats.torch._ranks import Group
 from bnstats.torch.options import Forward, PassOptions
@@ -118,9 +123,17 @@ def audit(
 
 
 def _check_initialized(model: nn.Module) -> None:
+    """``ValueError`` naming a lazy module with no shape yet: audit's forwards would
+    initialize it, and audit changes nothing."""
     for name, module in model.named_modules():
-        if is_lazy_uninitialized(module):
+        if not is_lazy_uninitialized(module):
+            continue
+        if is_batchnorm(module):
             raise ValueError(uninitialized_lazy_error(name, module) + " or recalibrate first")
+        raise ValueError(
+            f"module {display_name(name)} is an uninitialized {type(module).__name__}: it has "
+            "no weights yet, and audit changes nothing in the model (run one forward first)"
+        )
 
 
 def _in_training_mode(model: nn.Module) -> bool:
