@@ -242,3 +242,12 @@ def test_a_dependence_no_nan_shows_fails_eval_exact_and_eval_mode_measures_it(st
         layer = model.get_submodule(name)
         np.testing.assert_allclose(layer.running_mean.numpy(), mean, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(layer.running_var.numpy(), var, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["eval", "eval_exact"])
+def test_one_value_per_channel_over_all_the_data_names_the_layer(mode):
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    saved = ref.snapshot(model)
+    with pytest.raises(ValueError, match="BN layer '1' received 1 value per channel over all"):
+        bt.recalibrate(model, [torch.randn(1, 3)], mode=mode)
+    assert ref.same_state(model, saved)

@@ -190,6 +190,12 @@ def statistics_of(measured: Measured) -> Statistics:
     statistics = {}
     for moments in measured.reached():
         population = measured.population(moments)
+        if population.count < 2:
+            raise ValueError(
+                f"BN layer {display_name(moments.name)} received {population.count:g} value "
+                "per channel over all the batches; its unbiased variance needs 2 or more "
+                "(more samples, or a larger max_samples); nothing was written"
+            )
         statistics[moments.name] = (population.mean, population.var)
     return statistics
 
