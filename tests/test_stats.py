@@ -445,7 +445,9 @@ def test_batch_spread_needs_two_batches_and_merges_like_one(rng):
     assert np.isinf(spread.standard_errors(population, 1)).all()
     whole_population, whole = _spread_of(batches, "numpy", center=np.zeros(5))
     parts = [_spread_of(batches[:2], "numpy", np.zeros(5)), _spread_of(batches[2:], "numpy", None)]
-    merged = parts[0][1].merge(BatchSpread.from_flat(parts[1][1].to_flat(5)))
+    second = parts[1][1]  # centered on its own first batch's mean: merge moves it
+    merged = parts[0][1].merge(BatchSpread.from_flat(second.to_flat(5), second.center))
+    assert not np.allclose(second.center, parts[0][1].center)
     merged_population = parts[0][0].merge(parts[1][0])
     for got, expected in zip(
         merged.standard_errors(merged_population, 4),
@@ -453,6 +455,25 @@ def test_batch_spread_needs_two_batches_and_merges_like_one(rng):
         strict=True,
     ):
         np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_a_center_far_from_the_data_does_not_cost_the_standard_errors(rng, kind):
+    """Data at 1e5 standard deviations from a fresh layer's running mean of 0: the
+    standard errors cancelled to nothing (a quarter of them clamped to 0 at 1e4). The first
+    batches now set the center, whatever center was given, and moving the spread to another
+    center near the data (as merging another rank's does) keeps its standard errors."""
+    batches = _batches(rng, [32] * 40, loc=1e5, scale=1.0)
+    near, reference = _spread_of(batches, kind, center=np.full(5, 1e5 + 0.5))
+    _, far = _spread_of(batches, kind, center=np.zeros(5))
+    np.testing.assert_allclose(np.asarray(far.center), np.concatenate(batches).mean(0), rtol=1e-12)
+    expected = [np.asarray(x) for x in reference.standard_errors(near, 40)]
+    for got, want in zip(far.standard_errors(near, 40), expected, strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+    for center in (np.full(5, 1e5 - 3.0), np.full(5, 1e5 + 2.0)):
+        moved = reference.recentered(torch.from_numpy(center) if kind == "torch" else center)
+        for got, want in zip(moved.standard_errors(near, 40), expected, strict=True):
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
 
 
 # -- RunningAverage.update_sequence: many batches in order, bit for bit as update ------------

@@ -595,6 +595,13 @@ class Population(Estimator):
         self.count = self.count + other.count
         self.num_batches_tracked += other.num_batches_tracked
 
+    def _replaced(self, mean: Array, m2: Array) -> Population:
+        """A Population of the same count and batches holding this ``mean`` and ``m2``."""
+        pop = Population(nonfinite=self.nonfinite)
+        pop._mean_acc, pop._m2, pop._shape = mean, m2, tuple(mean.shape)
+        pop.count, pop.num_batches_tracked = self.count, self.num_batches_tracked
+        return pop
+
     def to_flat(self, channels: int) -> Array:
         """``[count, batches, mean (C), m2 (C)]`` as one float64 vector of the state's kind
         (a NumPy vector of zeros for an empty Population; ``channels`` fixes its length)."""
@@ -651,8 +658,12 @@ class BatchSpread:
         [mean_k,  u_k,  mean_k + u_k],    u_k = m2_k / n_k + (mean_k - center)**2
 
     ``u_k`` is batch k's mean of ``(z - center)**2``; ``center`` is any fixed per-channel
-    value (a close one, a layer's ``running_mean`` before the batches, keeps the sums well
-    conditioned; None is 0). ``values.m2`` then holds ``S_mm = sum n_k (mean_k - mu)**2``,
+    value, as long as it is close to the data: :meth:`standard_errors` subtracts terms that
+    grow as ``(mu - center)**2``, so a center 1e4 standard deviations off loses the variance's
+    standard error to rounding. So the first batches merged (:meth:`update_batches`) move the
+    center to their mean (where finite; None is 0 until then), and :meth:`merge` moves the
+    other side's values to this side's center. ``values.m2`` then holds
+    ``S_mm = sum n_k (mean_k - mu)**2``,
     ``S_uu`` and ``S_mm + S_uu + 2 S_um`` (:meth:`standard_errors` has the formulas). Plain
     arithmetic: NumPy arrays and torch tensors alike, without host reads for tensors.
     """
@@ -663,9 +674,27 @@ class BatchSpread:
 
     def update_batches(self, counts: Any, means: Array, m2s: Array) -> None:
         """Merge batches ``k``: ``counts`` (B,) values per channel, ``means`` and ``m2s`` (B, C),
-        as :meth:`Population.update_batches` takes them (a batch of count 0 weighs nothing)."""
+        as :meth:`Population.update_batches` takes them (a batch of count 0 weighs nothing).
+        The first batches merged set the center (:meth:`center_on` their mean)."""
+        if self.values.mean is None:
+            means = widen(means)
+            weights = column(counts, means)
+            total = weights.sum()
+            if not is_torch(weights) and not total > 0:
+                return
+            self.center_on((weights * means).sum(0) / total)
         values = self.batch_values(counts, means, m2s)
         self.values.update_batches(counts, values, zeros_like(values))
+
+    def center_on(self, block_mean: Array) -> None:
+        """Before any batch is merged: the center becomes ``block_mean`` (the mean of the first
+        batches, per channel) where it is finite, and stays where it is not."""
+        if self.values.mean is not None:
+            return
+        block_mean = widen(block_mean)
+        kept = zeros_like(block_mean) if self.center is None else like(self.center, block_mean)
+        finite = block_mean.isfinite() if is_torch(block_mean) else np.isfinite(block_mean)
+        self.center = where(finite, block_mean, kept)
 
     def batch_values(self, counts: Any, means: Array, m2s: Array) -> Array:
         """Each batch's ``[mean_k, u_k, mean_k + u_k]`` (B, 3C), ``u_k = m2_k / n_k +
@@ -676,10 +705,48 @@ class BatchSpread:
         return concat([means, u, means + u], axis=1)
 
     def merge(self, other: BatchSpread) -> BatchSpread:
-        """The spread of the batches of both (``self``'s center); neither changes."""
+        """The spread of the batches of both (``self``'s center, ``other``'s values moved to
+        it: :meth:`recentered`); neither changes."""
+        if self.values.mean is None:
+            return other.recentered(other.center)
         merged = BatchSpread(self.center)
-        merged.values = self.values.merge(other.values)
+        merged.values = self.values.merge(other.recentered(self.center).values)
         return merged
+
+    def recentered(self, center: Array | None) -> BatchSpread:
+        """The same batches' spread around ``center``: each batch's ``u_k`` moves exactly, by
+        ``(mean_k - center)**2 - (mean_k - old)**2 = 2 d mean_k - d (center + old)`` with
+        ``d = old - center``, so the pooled values and spreads move as::
+
+            U' = U + 2 d M + k,   S' = S + 2 d M + k,     k = -d (center + old)
+            S_uu' = S_uu + 4 d S_um + 4 d**2 S_mm,   S_ss' = S_ss + 4 d (S_mm + S_um) + 4 d**2 S_mm
+
+        (``M``, ``U``, ``S`` the pooled ``mean_k``, ``u_k``, ``mean_k + u_k``)."""
+        moved = BatchSpread(center)
+        values = self.values
+        if values.mean is None:
+            moved.values = values
+            return moved
+        mean, m2 = values.mean, values.m2
+        c = mean.shape[0] // 3
+        old = zeros_like(mean[:c]) if self.center is None else like(self.center, mean)
+        new = zeros_like(mean[:c]) if center is None else like(center, mean)
+        d = old - new
+        m_mean, u_mean, s_mean = mean[:c], mean[c : 2 * c], mean[2 * c :]
+        s_mm, s_uu, s_ss = m2[:c], m2[c : 2 * c], m2[2 * c :]
+        s_um = (s_ss - s_mm - s_uu) / 2
+        shift = 2 * d * m_mean - d * (new + old)
+        moved.values = values._replaced(
+            concat([m_mean, u_mean + shift, s_mean + shift]),
+            concat(
+                [
+                    s_mm,
+                    s_uu + 4 * d * s_um + 4 * d * d * s_mm,
+                    s_ss + 4 * d * (s_mm + s_um) + 4 * d * d * s_mm,
+                ]
+            ),
+        )
+        return moved
 
     def to_flat(self, channels: int) -> Array:
         """:meth:`Population.to_flat` of ``values`` (``2 + 6 * channels`` numbers)."""

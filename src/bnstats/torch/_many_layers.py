@@ -145,7 +145,11 @@ def merge_rows(group: list[GatheredLayer]) -> None:
     mean_k, m2_k = torch.where(kept, stacked, 0.0).unbind(0)  # a batch left out: all 0
     total = weights.sum(dim=0)
     mean, m2 = pooled_batches(weights, total, mean_k, m2_k, finite=True)
-    spread = _pooled_spread(group, weights, total, mean_k, m2_k) if first.precise else None
+    spread = None
+    if first.precise:
+        for moments, block_mean in zip(group, channels.split(mean), strict=True):
+            moments.spread.center_on(block_mean)  # before a layer's first batches
+        spread = _pooled_spread(group, weights, total, mean_k, m2_k)
     indices = on_device(first._slot_indices, torch.float64, device)
     verdicts = torch.stack(
         (

@@ -293,16 +293,18 @@ def _require_initialized(measured: Measured) -> None:
             )
 
 
-def rank_records(measured: Measured) -> tuple[list[Any], list[tuple[int, int, int]]]:
+def rank_records(measured: Measured) -> tuple[list[Any], list[tuple[int, int, int, int]]]:
     """Per layer, what a rank sends: ``[[batches, calls, first reached], population flat,
-    spread flat]`` (:meth:`Population.to_flat`), and the sizes of those parts."""
+    spread flat, spread center]`` (:meth:`Population.to_flat`; each rank's spread has its
+    own center), and the sizes of those parts."""
     records, sizes = [], []
     for moments in measured.layers.values():
         channels = int(moments.layer.num_features)
         header = [moments.batches, moments.max_calls_per_forward, moments.first_reached or 0]
         flats = [moments.population.to_flat(channels), moments.spread.to_flat(channels)]
-        records.append([header, *flats])
-        sizes.append((3, 2 + 2 * channels, 2 + 6 * channels))
+        center = moments.spread.center
+        records.append([header, *flats, torch.zeros(channels) if center is None else center])
+        sizes.append((3, 2 + 2 * channels, 2 + 6 * channels, channels))
     return records, sizes
 
 
@@ -316,12 +318,12 @@ def merge_ranks(measured: Measured, ranks: list[list[list[torch.Tensor]]]) -> di
             name, local.layer, spread=BatchSpread(local.spread.center), precise=local.precise
         )
         for rank, records in enumerate(ranks):
-            header, population, spread = records[index]
+            header, population, spread, center = records[index]
             batches, calls, first = (int(v) for v in header.tolist())
             part = Population.from_flat(population)
             if part.mean is not None:
                 result.population = result.population.merge(part)
-                result.spread = result.spread.merge(BatchSpread.from_flat(spread))
+                result.spread = result.spread.merge(BatchSpread.from_flat(spread, center))
                 if result.first_reached is None:
                     result.first_reached = rank * order + first
             result.batches += batches
