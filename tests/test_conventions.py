@@ -170,6 +170,11 @@ def test_momentum_meanings():
         convert_momentum(None, source="torch", target="onnx")
     with pytest.raises(ValueError, match="momentum must lie in"):
         convert_momentum(1.5, source="keras", target="torch")
+    with pytest.raises(ValueError, match="momentum=None .* is PyTorch's alone; keras has no"):
+        convert_momentum(None, source="keras", target="torch")
+    assert EMA.from_decay(0.99).momentum == 0.01
+    with pytest.raises(ValueError, match="decay 0.9999999999999996 is 1 to 15 decimals"):
+        EMA.from_decay(0.9999999999999996)
 
 
 def test_bad_input_is_named():

@@ -94,6 +94,7 @@ def test_csv_with_named_labels(tmp_path):
         ("a,label\n1,0\nx,1\n3,0\n", r"line 3, column 'a': 'x' is not a number"),
         ("a,label\n1,0\nnan,1\n3,0\n", "NaN"),
         ("a,label\n1,0\n2,-1\n3,0\n", "negative"),
+        ("a,label\n1,0\n2,1e20\n3,0\n", "label 1e\\+20 is too large"),
         ("a,label\n1,0\n", "at least 2"),
         ("", "empty file"),
         ("a,label\n1,0\n2\n3,1\n", "line 3 has 1 fields"),

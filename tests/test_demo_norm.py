@@ -39,3 +39,5 @@ def test_ghost_and_bad_settings(small):
         run_demo(DemoConfig(norm="batch"), dataset=small)
     with pytest.raises(ValueError, match="--ghost-size must lie between 2 and --batch-size 64"):
         run_demo(DemoConfig(norm="ghost", ghost_size=100), dataset=small)
+    with pytest.raises(ValueError, match="and --batch-size 4, got 16 \\(the default\\)"):
+        run_demo(DemoConfig(norm="ghost", batch_size=4), dataset=small)

@@ -134,6 +134,11 @@ def convert_momentum(momentum: float | None, *, source: str, target: str) -> flo
     if momentum is None:
         if src.name == "torch" and dst.name == "torch":
             return None
+        if src.name != "torch":
+            raise ValueError(
+                f"momentum=None (a cumulative average) is PyTorch's alone; {src.name} has no "
+                f"such setting: give its {src.momentum_key}"
+            )
         raise ValueError(
             f"{src.name} momentum=None is a cumulative average (every batch weighted equally); "
             f"{dst.name} has no equivalent: choose a momentum for the ported layer"

@@ -260,4 +260,6 @@ def _encode_labels(raw: list[str], path: Path) -> np.ndarray:
         raise DataError(f"{path}: numeric labels must be whole numbers")
     if numbers.min() < 0:
         raise DataError(f"{path}: label {numbers.min():g} is negative; labels must be 0, 1, ...")
+    if numbers.max() >= 2**63:
+        raise DataError(f"{path}: label {numbers.max():g} is too large; labels must be 0, 1, ...")
     return numbers.astype(np.int64)

@@ -222,9 +222,10 @@ def _check_norm(config: DemoConfig) -> None:
     if config.ghost_size is not None and config.norm != "ghost":
         raise ValueError(f"--ghost-size applies to --norm ghost only, not --norm {config.norm}")
     if config.norm == "ghost" and not 2 <= config.virtual_batch <= config.batch_size:
+        given = "" if config.ghost_size is not None else " (the default)"
         raise ValueError(
             f"--ghost-size must lie between 2 and --batch-size {config.batch_size}, "
-            f"got {config.virtual_batch}"
+            f"got {config.virtual_batch}{given}"
         )
 
 

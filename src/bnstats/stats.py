@@ -129,6 +129,8 @@ class Estimator:
         for torch statistics fed to an estimator holding NumPy ones, or the reverse.
         """
         mean, var = as_array(mean), as_array(var)
+        if isinstance(count, np.generic):
+            count = count.item()  # a NumPy scalar: a Python number in the state (saved as JSON)
         self._check_batch(mean, var, count)
         state = self._state_arrays()
         if not (all_finite(mean) and all_finite(var)):
@@ -451,8 +453,15 @@ class EMA(RunningAverage):
 
     @classmethod
     def from_decay(cls, decay: float, debias: bool = False) -> EMA:
-        """An EMA from the lecture's beta (Keras/Flax ``momentum``): ``momentum = 1 - decay``."""
-        return cls(momentum_from_decay(decay), debias=debias)
+        """An EMA from the lecture's beta (Keras/Flax ``momentum``): ``momentum = 1 - decay``;
+        ``ValueError`` for a decay of 1 (to 15 decimals: the statistics would never move)."""
+        momentum = momentum_from_decay(decay)
+        if momentum == 0:
+            raise ValueError(
+                f"EMA.from_decay: decay {decay!r} is 1 to 15 decimals, so the average would "
+                "never move; an EMA needs decay < 1 (FixedStatistics keeps statistics fixed)"
+            )
+        return cls(momentum, debias=debias)
 
     @property
     def starts_at_zero_one(self) -> bool:  # type: ignore[override]

@@ -34,6 +34,16 @@ def test_round_trip_keeps_every_number(rng, tmp_path):
     assert [p[0] for p in loaded.parameters()] == [p[0] for p in net.parameters()]
 
 
+def test_an_estimator_fed_numpy_integer_counts_saves(rng, tmp_path):
+    """Counts from NumPy (``np.int64(8)``) went into the JSON state as they were."""
+    net, X = _trained(rng)
+    layer = net.batchnorm_layers[0]
+    layer.estimators["cum"].update(np.zeros(7), np.ones(7), np.int64(8))
+    loaded = Network.load(net.save(tmp_path / "net.npz"))
+    saved = loaded.batchnorm_layers[0].estimators["cum"]
+    assert saved.count == layer.estimators["cum"].count and type(saved.count) is not np.int64
+
+
 def test_save_is_atomic_and_leaves_no_temporary_file(rng, tmp_path):
     net, _ = _trained(rng)
     target = tmp_path / "net.npz"

@@ -156,6 +156,13 @@ def test_non_finite_virtual_batch_updates_no_estimator(rng):
     ):
         layer.forward(x, training=True)
     assert layer.estimators["ema"].num_batches_tracked == 0
+    skipping = GhostBatchNorm(
+        3, ghost_size=2, estimators={"ema": bnstats.EMA(0.1, nonfinite="skip")}
+    )
+    with np.errstate(invalid="ignore"):
+        skipping.forward(x, training=True)
+    ema = skipping.estimators["ema"]
+    assert (ema.num_batches_tracked, ema.num_batches_skipped) == (2, 1)  # the other two taken
 
 
 def test_network_with_ghosts_round_trips(rng, tmp_path):

@@ -4,12 +4,13 @@ naming it."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
 
 from bnstats._formats import FileFormatError
-from bnstats.engine import Network
+from bnstats.engine import GhostBatchNorm, Network
 from bnstats.engine.training import History
 
 
@@ -108,3 +109,16 @@ def test_a_csv_history_gets_an_error_naming_the_file_and_the_format(saved):
     assert message.startswith(f"{csv} is not a .npz archive (it starts with b'step')")
     assert "expected a bnstats history file (history.npz, from History.save)" in message
     assert "pickle" not in message
+
+
+def test_a_ghost_batch_norm_history_loads_with_its_several_updates_per_step(rng, tmp_path):
+    """Ghost BN updates its estimators once per virtual batch: ``batch_mean`` has more rows
+    than there are steps, the estimators' trajectories one per step; both load back."""
+    net = Network.mlp([4, 6, 2], seed=0, norm=partial(GhostBatchNorm, ghost_size=4))
+    X, y = rng.normal(size=(24, 4)), rng.integers(0, 2, size=24)
+    history = net.fit(X, y, epochs=2, batch_size=12)
+    history.save(tmp_path, summary={"note": "x"})
+    loaded = History.load(tmp_path / "history.npz")
+    layer = next(iter(history.layers))
+    assert len(loaded.layers[layer]["batch_mean"]) == 3 * history.steps
+    assert len(loaded.layers[layer]["ema_mean"]) == history.steps

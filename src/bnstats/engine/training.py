@@ -196,17 +196,20 @@ def _expected_shape(
     steps: int,
     widths: dict[str, int],
 ) -> str | None:
-    """None if ``value`` fits ``key``, else the shape it should have: a layer's arrays hold
-    one row per update its estimators took (``batch_count/<layer>`` long, else one per step)."""
+    """None if ``value`` fits ``key``, else the shape it should have: a layer's
+    ``batch_mean``/``batch_var`` hold one row per update its estimators took
+    (``batch_count/<layer>`` long, several per step with Ghost Batch Norm), its estimators'
+    ``<estimator>_mean``/``_var`` one row per step."""
     if key in ("loss", "batch_size"):
         return None if value.shape == (steps,) else f"({steps},)"
     if key == "epoch_loss" or key.startswith(COUNT_PREFIX):
         return None if value.ndim == 1 else "(n,)"
     if "/" not in key:
         return "none: it is not a history array"
-    layer = key.split("/", 1)[0]
+    layer, stat = key.split("/", 1)
     counts = arrays.get(COUNT_PREFIX + layer)
-    rows = steps if counts is None else len(counts)
+    per_update = stat in ("batch_mean", "batch_var") and counts is not None
+    rows = len(counts) if per_update else steps
     width = widths.setdefault(layer, value.shape[-1] if value.ndim else -1)
     return None if value.shape == (rows, width) else f"({rows}, {width})"
 
