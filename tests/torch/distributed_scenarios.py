@@ -261,6 +261,32 @@ def diagnose_in_group(rank: int) -> dict[str, Any]:
     return {"report": report.to_dict(), "unchanged": ref.same_state(model, before)}
 
 
+TEST_SIZES = ([3, 3], [5, 4, 5])
+"""Test batches of diagnose_with_uneven_test_batches: the largest batch is rank 1's."""
+
+
+def test_batches(rank: int) -> list[torch.Tensor]:
+    return zoo.batches("resnet", sizes=TEST_SIZES[rank], seed=40 + rank)
+
+
+def diagnose_with_uneven_test_batches(rank: int) -> dict[str, Any]:
+    """Test batches of other sizes on each rank: the adapt priors come from the largest test
+    batch of all ranks (each rank's own made the ranks call adapt differently)."""
+    model = zoo.build("resnet").eval()
+    report = bt.diagnose(model, rank_batches("resnet", rank), test_batches(rank), progress=False)
+    return {"report": report.to_dict()}
+
+
+def diagnose_with_no_test_batch_on_one_rank(rank: int) -> dict[str, Any]:
+    """Rank 0 has no test batch: every rank gets a RankError naming it (rank 1 hung on the
+    evaluation's sums, then got the group's raw error)."""
+    model = zoo.build("resnet").eval()
+    tests = [] if rank == 0 else test_batches(rank)
+    return _expect_error(
+        model, lambda: bt.diagnose(model, rank_batches("resnet", rank), tests, progress=False)
+    )
+
+
 def adapt_in_group(rank: int) -> dict[str, Any]:
     model = zoo.build("resnet")
     bt.adapt(model, rank_batches("resnet", rank, ADAPT_SIZES[rank]), prior=16)
@@ -403,6 +429,8 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "audit_in_group": audit_in_group,
     "adapt_in_group": adapt_in_group,
     "diagnose_in_group": diagnose_in_group,
+    "diagnose_with_uneven_test_batches": diagnose_with_uneven_test_batches,
+    "diagnose_with_no_test_batch_on_one_rank": diagnose_with_no_test_batch_on_one_rank,
     "explicit_group": explicit_group,
     "sync_stats": sync_stats,
     "sync_stats_weighted": sync_stats_weighted,

@@ -310,6 +310,22 @@ def test_without_labels_and_grouped_layers():
     assert "output change" in str(report)
 
 
+def test_without_labels_test_data_like_the_training_data_is_no_shift():
+    """Stale statistics, test data from the training distribution, no labels: the test data's
+    own statistics change the outputs about as much as recalibrating does, so no
+    distribution_shift (it was judged against as_is, which changes nothing)."""
+    from tests.torch.models import mlp, scramble_batchnorm
+
+    model = scramble_batchnorm(mlp((16, 12, 10, 3)), seed=1, tracked=1000).eval()
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(32, 16, generator=generator) for _ in range(4)]
+    test_batches = [torch.randn(32, 16, generator=generator) for _ in range(4)]
+    report = bt.diagnose(model, batches, test_batches, progress=False)
+    settings = report.settings
+    assert settings["test_statistics"].output_change > 0.05  # far from as_is
+    assert [finding.kind for finding in report.findings] == ["stale_statistics"]
+
+
 def test_one_shot_iterators_are_refused(trained, data):
     with pytest.raises(TypeError, match="iterable it can go over again"):
         bt.diagnose(trained[0], iter(data[0]), progress=False)

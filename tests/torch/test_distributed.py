@@ -328,6 +328,30 @@ def test_diagnose_in_a_group_is_one_report_over_all_ranks_data(pair):
     assert [f["kind"] for f in got["findings"]] == [f["kind"] for f in expected["findings"]]
 
 
+def test_diagnose_with_uneven_test_batches_is_the_report_over_all_ranks_data(pair):
+    first, second = pair.results("diagnose_with_uneven_test_batches")
+    assert first["report"] == second["report"]
+    expected = bt.diagnose(
+        zoo.build("resnet").eval(),
+        concatenated("resnet"),
+        sc.test_batches(0) + sc.test_batches(1),
+        progress=False,
+    ).to_dict()
+    got = first["report"]
+    assert got["settings"].keys() == expected["settings"].keys()  # the same adapt priors
+    for name, truth in expected["settings"].items():
+        change = got["settings"][name]["output_change"]
+        assert change == pytest.approx(truth["output_change"], rel=1e-6, abs=1e-9), name
+
+
+def test_diagnose_with_no_test_batch_on_one_rank_fails_every_rank(pair):
+    for result in pair.results("diagnose_with_no_test_batch_on_one_rank"):
+        assert result["type"] == "RankError" and result["unchanged"]
+        assert result["failures"] == {
+            0: "ValueError: test_batches yielded no batch; there is nothing to evaluate"
+        }
+
+
 def test_adapt_in_a_group_mixes_with_the_statistics_of_all_ranks(pair):
     model = zoo.build("resnet")
     batches = [x for r in (0, 1) for x in sc.rank_batches("resnet", r, sc.ADAPT_SIZES[r])]

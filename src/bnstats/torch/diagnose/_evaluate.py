@@ -36,6 +36,7 @@ from bnstats.torch._layers import (
     pass_progress,
     write_buffers,
 )
+from bnstats.torch._ranks import run_and_exchange
 
 Buffers = dict[str, dict[str, torch.Tensor]]
 """Per BN layer (qualified name): its ``running_mean``, ``running_var`` and
@@ -117,7 +118,30 @@ class Evaluator:
 
     def run(self, name: str, *, batch_statistics: bool = False) -> Setting:
         """The model in eval mode (``batch_statistics``: its BN layers in training mode,
-        normalizing each test batch by itself) over the test batches."""
+        normalizing each test batch by itself) over the test batches. In a group every rank
+        evaluates its own batches, and the ranks exchange their sums and outcomes
+        (:func:`bnstats.torch._ranks.run_and_exchange`): a rank failing fails every rank with
+        :class:`~bnstats.torch.RankError`, and the largest test batch is the largest of all."""
+
+        def local() -> tuple[torch.Tensor | None, tuple[list[float], int]]:
+            return self._local_run(name, batch_statistics)
+
+        if self.group is None:
+            right, summary = local()
+            summaries = [summary]
+        else:
+            call = {"tool": "diagnose", "evaluation": name}
+            right, summaries = run_and_exchange(self.group, local, call)
+        totals = [math.fsum(parts) for parts in zip(*(s[0] for s in summaries), strict=True)]
+        self.largest_batch = max(s[1] for s in summaries)
+        self.passes += 1
+        return self._setting(name, totals, right)
+
+    def _local_run(
+        self, name: str, batch_statistics: bool
+    ) -> tuple[torch.Tensor | None, tuple[list[float], int]]:
+        """This rank's pass: its hits, and ``([correct, squared_diff, squared_ref, samples],
+        largest batch)``."""
         self.model.eval()
         if batch_statistics:
             batchnorm_train_mode(self.model, self.layers)
@@ -127,7 +151,7 @@ class Evaluator:
         sums: torch.Tensor | None = None
         device = model_device(self.model)
         with torch.no_grad(), pass_progress(self.progress, f"bnstats diagnose: {name}") as bar:
-            seen = 0
+            seen, largest = 0, 0
             for index, (batch, size) in enumerate(
                 iterate_batches(self.test_batches, self.max_samples)
             ):
@@ -144,15 +168,16 @@ class Evaluator:
                 part = _sums(output, reference, hit)
                 sums = part if sums is None else sums + part
                 seen += output.shape[0]
-                self.largest_batch = max(self.largest_batch, output.shape[0])
+                largest = max(largest, output.shape[0])
                 bar(seen, math.inf)
+        if sums is None:
+            raise ValueError("test_batches yielded no batch; there is nothing to evaluate")
         if first:
             self.reference = outputs
         elif self.reference is not None and len(self.reference) != index + 1:
             raise ValueError(_different_batches())
-        self.passes += 1
         right = torch.cat(hits).cpu() if self.labelled and hits else None
-        return self._setting(name, sums, seen, right)
+        return right, ([*sums.double().cpu().tolist(), float(seen)], largest)
 
     def _output(self, batch: Any, size: int | None) -> torch.Tensor:
         result = first_tensor(self.forward(self.model, batch))
@@ -191,17 +216,9 @@ class Evaluator:
         fixed, broken = counts.cpu().tolist()
         return int(fixed), int(broken)
 
-    def _setting(
-        self, name: str, sums: torch.Tensor | None, seen: int, hits: torch.Tensor | None
-    ) -> Setting:
-        if sums is None:
-            raise ValueError("test_batches yielded no batch; there is nothing to evaluate")
-        totals = sums.double()
-        count = torch.tensor([float(seen)], dtype=torch.float64, device=totals.device)
-        totals = torch.cat((totals, count))
-        if self.group is not None:
-            torch.distributed.all_reduce(totals, group=self.group)
-        correct, squared_diff, squared_ref, samples = totals.cpu().tolist()
+    def _setting(self, name: str, totals: list[float], hits: torch.Tensor | None) -> Setting:
+        """The setting from ``[correct, squared_diff, squared_ref, samples]`` over all ranks."""
+        correct, squared_diff, squared_ref, samples = totals
         change = math.sqrt(squared_diff / squared_ref) if squared_ref > 0 else math.inf
         if squared_diff == 0:
             change = 0.0

@@ -172,15 +172,18 @@ def stale_statistics(measured: Measurements) -> Finding | None:
 
 
 def distribution_shift(measured: Measurements) -> Finding | None:
-    """The test data's own statistics do better than the training population's."""
+    """The test data's own statistics do better than the training population's. Without
+    labels "better" cannot be judged: the test data's own statistics (prior 0) must change
+    the outputs by :data:`MIN_OUTPUT_CHANGE` more than recalibrating does (the output change
+    is no score to maximize there: ``as_is`` changes nothing)."""
     if "test_statistics" not in measured.settings:
         return None
-    base = max(
-        (measured.settings["as_is"], best_recalibration(measured)),
-        key=score,
-    )
     candidates = {0.0: measured.settings["test_statistics"], **measured.adapted}
-    prior = max(candidates, key=lambda p: (score(candidates[p]), p))
+    if measured.labelled:
+        base = max((measured.settings["as_is"], best_recalibration(measured)), key=score)
+        prior = max(candidates, key=lambda p: (score(candidates[p]), p))
+    else:
+        base, prior = best_recalibration(measured), 0.0
     best = candidates[prior]
     if not worth(best, base, measured):
         return None

@@ -20,6 +20,7 @@ from torch import nn
 
 from bnstats.stats import Population
 from bnstats.torch._layers import cast_buffer, iterate_batches, model_device, move_to_device
+from bnstats.torch._ranks import run_and_exchange
 from bnstats.torch.diagnose._evaluate import Evaluator, Setting
 
 
@@ -49,6 +50,37 @@ def frozen_setting(
 
 
 def _populations(
+    model: nn.Module,
+    fixed: Mapping[str, nn.Module],
+    batches: Any,
+    evaluator: Evaluator,
+    max_samples: int | None,
+) -> dict[str, Population]:
+    """Each reached frozen layer's Population; in a group, over every rank's batches (the
+    ranks exchange them, in rank order, with their outcomes: a rank failing fails all)."""
+
+    def local() -> tuple[dict[str, Population], dict[str, list[float]]]:
+        found = _local_populations(model, fixed, batches, evaluator, max_samples)
+        flats = {
+            name: population.to_flat(fixed[name].running_mean.numel()).tolist()
+            for name, population in found.items()
+        }
+        return found, flats
+
+    if evaluator.group is None:
+        return local()[0]
+    call = {"tool": "diagnose", "evaluation": "frozen layers"}
+    _, summaries = run_and_exchange(evaluator.group, local, call)
+    device = model_device(model)
+    merged: dict[str, Population] = {}
+    for flats in summaries:
+        for name, flat in flats.items():
+            part = Population.from_flat(torch.tensor(flat, dtype=torch.float64, device=device))
+            merged[name] = part if name not in merged else merged[name].merge(part)
+    return {name: merged[name] for name in fixed if name in merged}
+
+
+def _local_populations(
     model: nn.Module,
     fixed: Mapping[str, nn.Module],
     batches: Any,
