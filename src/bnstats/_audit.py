@@ -236,9 +236,9 @@ def _layer_flags(
     running_var: np.ndarray,
     near_zero: list[int],
 ) -> list[str]:
-    mu, var, tracked = measured.population_mean, measured.population_var, measured.tracked
+    mu, var = measured.population_mean, measured.population_var
     flags = []
-    if tracked == 0 or (np.all(running_mean == 0) and np.all(running_var == 1)):
+    if np.all(running_mean == 0) and np.all(running_var == 1):  # the count may be missing
         flags.append(NEVER_UPDATED)
     elif (weight := measured.start_weight) > START_WEIGHT_LIMIT and _start_shows(
         running_mean, running_var, mu, var, measured.eps, weight

@@ -123,6 +123,18 @@ def test_never_updated_when_no_batch_was_tracked():
     assert all(NEVER_UPDATED in layer.flags for layer in report.layers)
 
 
+def test_an_old_checkpoint_without_a_count_is_not_never_updated():
+    """Checkpoints from before torch 0.4.1 load with num_batches_tracked 0 and real
+    statistics: the statistics decide, as in adapt."""
+    model = mlp()
+    bt.recalibrate(model, [torch.randn(6, 16), torch.randn(6, 16)])
+    for layer in model.modules():
+        if isinstance(layer, nn.BatchNorm1d):
+            layer.num_batches_tracked.zero_()
+    report = bt.audit(model, [torch.randn(6, 16)])
+    assert not any(NEVER_UPDATED in layer.flags for layer in report.layers)
+
+
 def test_near_zero_variance_channels_shared_modules_and_training_mode():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))

@@ -88,8 +88,8 @@ def audit(
     its own final statistics; see :func:`bnstats.torch.recalibrate`), ``mode="train"`` (the
     default) against those of the single pass.
 
-    Flags per layer: ``never_updated`` (``num_batches_tracked == 0``, or the buffers still
-    exactly 0 and 1), ``start_still_weighs`` (an EMA whose initial 0 and 1 still weigh
+    Flags per layer: ``never_updated`` (the buffers still exactly 0 and 1, whatever
+    ``num_batches_tracked`` says), ``start_still_weighs`` (an EMA whose initial 0 and 1 still weigh
     ``(1 - momentum)**num_batches_tracked`` > 1 % and the statistics sit closer to that blend
     of 0, 1 and the population than to the population itself),
     ``nonfinite_running_stats``,
