@@ -109,3 +109,27 @@ def test_bad_ghost_size_and_input_name_the_module():
     with pytest.raises(ValueError, match=r"GhostBatchNorm1d\(3\).*\(1, 3\) in training"):
         module(torch.randn(1, 3))
     assert int(module.num_batches_tracked) == 0  # no virtual batch was normalized
+
+
+@pytest.mark.parametrize("device_path", [False, True])
+def test_bad_virtual_batches_under_skip_leave_the_weights_of_the_others_exact(device_path):
+    """Two NaN virtual batches in one step under a step-dependent weight (the cumulative
+    average): the host step went back once per step, not per virtual batch, so the later
+    virtual batches were weighted wrongly (0.15 off) and the step count stayed ahead."""
+    import bnstats
+
+    layer = GhostBatchNorm1d(3, ghost_size=2, estimator=bnstats.CumulativeAverage(nonfinite="skip"))
+    layer = layer.double()
+    if device_path:
+        layer._host_checked_devices = ()  # the GPU code path, on the CPU
+    torch.manual_seed(0)
+    x, later = torch.randn(8, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    x[0, 0] = x[2, 1] = float("nan")  # virtual batches 0 and 1
+    layer(x)
+    layer(later)
+    good = [x[4:6], x[6:8], later[0:2], later[2:4]]
+    assert layer._host_step == int(layer.num_batches_tracked) == 4
+    expected_mean = torch.stack([chunk.mean(0) for chunk in good]).mean(0)
+    expected_var = torch.stack([chunk.var(0) for chunk in good]).mean(0)
+    torch.testing.assert_close(layer.running_mean, expected_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.running_var, expected_var, rtol=1e-12, atol=1e-12)

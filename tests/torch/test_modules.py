@@ -313,3 +313,22 @@ def test_statistics_stay_float32_when_the_model_is_cast_to_half(dtype):
     plain = nn.BatchNorm2d(3)
     plain.load_state_dict({k.removeprefix("0."): v for k, v in state.items()})
     assert torch.isfinite(plain.running_var).all()
+
+
+def test_a_batch_skipped_for_nan_leaves_earlier_forwards_differentiable():
+    """The CPU path put the buffers back in place after a NaN batch, bumping their version:
+    the backward of an earlier forward (gradient accumulation, shared layers) then failed
+    with "modified by an inplace operation"."""
+    torch.manual_seed(0)
+    layer = bt.BatchNorm1d(3, estimator=bnstats.EMA(0.1, nonfinite="skip"))
+    reference = nn.BatchNorm1d(3)
+    x = torch.randn(6, 3, requires_grad=True)
+    bad = torch.randn(6, 3)
+    bad[0, 0] = float("inf")
+    out, expected = layer(x), reference(x)
+    layer(bad)
+    upstream = torch.randn(6, 3)
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    (expected_grad,) = torch.autograd.grad(expected, x, upstream)
+    torch.testing.assert_close(grad, expected_grad)
+    assert int(layer.num_batches_skipped) == 1

@@ -39,17 +39,12 @@ class _GhostMixin:
         return super().forward(input)
 
     def _train_forward(self, input: Tensor) -> Tensor:
-        flags = []
-
         def one(chunk: Tensor) -> Tensor:
             output, bad = self._normalize_and_update(chunk)
-            flags.append(bad)
+            self._defer_raise(chunk, bad)  # each virtual batch its own step of the host count
             return output
 
-        output = self._in_ghosts(input, one)
-        if flags[0] is not None:
-            self._defer_raise(input, torch.stack(flags).any())
-        return output
+        return self._in_ghosts(input, one)
 
     def _in_ghosts(self, input: Tensor, normalize: Any) -> Tensor:
         outputs = [

@@ -389,10 +389,9 @@ class EstimatorBatchNorm:
         finite = torch.isfinite(self.running_mean).all() & torch.isfinite(self.running_var).all()
         if finite:  # a CPU tensor: no device to wait for
             self.num_batches_tracked.add_(1)
-        else:
-            with torch.no_grad():
-                self.running_mean.copy_(before[0])
-                self.running_var.copy_(before[1])
+        else:  # through .data: autograd's saved buffers of earlier forwards stay valid
+            self.running_mean.data.copy_(before[0])
+            self.running_var.data.copy_(before[1])
             self.num_batches_skipped.add_(1)
         return output, finite.logical_not()
 
