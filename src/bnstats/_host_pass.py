@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from bnstats._audit import LayerMeasurement
-from bnstats._levels import Pending, settle_level
+from bnstats._levels import Pending, require_standstill, settle_level
 from bnstats._progress import pass_progress
 from bnstats.stats import BatchSpread, NonFiniteStatisticsError, Population
 
@@ -444,17 +444,12 @@ def _require_standstill(final: Final, checked: HostMeasured, epsilons: Mapping[s
                 np.max(np.abs(new_var - var) / scale),
             )
         )
-    worst = max(moved, key=lambda name: moved[name], default=None)
-    if worst is None or moved[worst] <= CHECK_TARGET:
-        return
-    raise ValueError(
-        f"mode='eval': with every BN layer normalizing with the statistics measured level by "
-        f"level, BN layer {worst!r} moves by {moved[worst]:.3g} (more than {CHECK_TARGET:g}): "
-        "either it depends on a layer measured in its level or later though no NaN reached "
-        "it (an operation between them turns NaN into numbers: sign, nan_to_num, a "
-        "comparison, argmax; such a model cannot be measured level by level), or the "
-        "batches differ from pass to pass (random augmentation; give batches that repeat); "
-        "nothing was written"
+    require_standstill(
+        moved,
+        CHECK_TARGET,
+        "mode='eval'",
+        repr,
+        "such a model cannot be measured level by level",
     )
 
 

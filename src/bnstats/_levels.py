@@ -12,7 +12,7 @@ the one refusal of a one-shot iterator, for every framework and every tool that 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,32 @@ def settle_level(
             "own output (called more than once per forward); nothing was written"
         )
     return ready
+
+
+def require_standstill(
+    moved: Mapping[str, float],
+    limit: float,
+    who: str,
+    shown: Callable[[str], str],
+    remedy: str,
+) -> None:
+    """``ValueError`` naming the layer a check pass moved most (every layer normalizing with
+    the statistics measured level by level), if by more than ``limit``: a dependence the NaN
+    did not show, or batches that differ between passes. ``who`` the option measuring level
+    by level, ``shown(name)`` a layer's name as the framework quotes it, ``remedy`` what a
+    user can do about the first cause."""
+    worst = max(moved, key=lambda name: moved[name], default=None)
+    if worst is None or moved[worst] <= limit:
+        return
+    raise ValueError(
+        f"{who}: with every BN layer normalizing with the statistics measured level by level, "
+        f"BN layer {shown(worst)} moves by {moved[worst]:.3g} (more than {limit:g}): either it "
+        "depends on a layer measured in its level or later though no NaN reached it (an "
+        "operation between them turns NaN into numbers: sign, nan_to_num, a comparison, "
+        f"argmax; {remedy}), or the batches differ from pass to pass (random augmentation, "
+        "a shuffling loader cut by max_samples; give batches that repeat); nothing was "
+        "written"
+    )
 
 
 def require_reusable(

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnstats._levels import Pending, require_reusable, settle_level
+from bnstats._levels import Pending, require_reusable, require_standstill, settle_level
 from bnstats.torch._layer_pass import LayerPass, Measured, raise_if_bad
 from bnstats.torch._layers import display_name, find_batchnorm_layers, unwrap
 from bnstats.torch._level import MISS_PROBABILITY, Level, Statistics
@@ -367,19 +367,8 @@ def _require_standstill(moved: Mapping[str, float], options: PassOptions) -> Non
     layer's two measurements differ by their sampling errors, each within the tolerance:
     the limit is then twice the tolerance."""
     limit = max(EVAL_TARGET, 2 * (options.tolerance or 0.0))
-    worst = max(moved, key=lambda name: moved[name], default=None)
-    if worst is None or moved[worst] <= limit:
-        return
-    raise ValueError(
-        f"mode='eval_exact': with every BN layer normalizing with the statistics measured "
-        f"level by level, BN layer {display_name(worst)} moves by {moved[worst]:.3g} (more "
-        f"than {limit:g}): either it depends on a layer measured in its level or later though "
-        "no NaN reached it (an operation between them turns NaN into numbers: sign, "
-        "nan_to_num, a comparison, argmax; pass mode='eval', which repeats passes until the "
-        "statistics stop moving), or the batches differ from pass to pass (random "
-        "augmentation, a shuffling loader cut by max_samples; give batches that repeat); "
-        "nothing was written"
-    )
+    remedy = "pass mode='eval', which repeats passes until the statistics stop moving"
+    require_standstill(moved, limit, "mode='eval_exact'", display_name, remedy)
 
 
 def _refuse_new_layers(model: nn.Module, first: Measured) -> None:
