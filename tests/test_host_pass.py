@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bnstats._host_levels import measure_levels
 from bnstats._host_pass import (
     Final,
     HostLayer,
@@ -42,7 +43,6 @@ from bnstats._host_pass import (
     forward_function,
     iterate_limited,
     measure_batches,
-    measure_levels,
     pass_label,
 )
 from bnstats._levels import require_reusable

@@ -9,11 +9,7 @@ layer, where they merge into a :class:`bnstats.Population` (Chan et al. 1979, fl
 batch with NaN or Inf weighs nothing and is remembered. Beside it a
 :class:`bnstats.stats.BatchSpread` gives the estimate's standard errors.
 
-:func:`measure_levels` makes the eval-mode passes, level by level, as
-:func:`bnstats.torch._measure.measure_eval_mode` does for torch: each pass, the layers already
-settled normalize with their final statistics and every other BN layer is measured and
-outputs NaN; a layer whose input was finite in every batch depends on settled layers only
-and settles.
+The eval-mode passes, level by level, are in :mod:`bnstats._host_levels`.
 
 NumPy only: the framework passes in how to stack its arrays and bring them to NumPy.
 """
@@ -21,14 +17,13 @@ NumPy only: the framework passes in how to stack its arrays and bring them to Nu
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
 from bnstats._audit import LayerMeasurement
-from bnstats._levels import Pending, require_standstill, settle_level
 from bnstats._progress import pass_progress
 from bnstats.stats import BatchSpread, NonFiniteStatisticsError, Population
 
@@ -37,6 +32,10 @@ _GROUP = 64
 
 ToNumpy = Callable[[list[Any]], np.ndarray]
 """``to_numpy(parts)``: the framework's (2, C) arrays stacked to one float64 (B, 2, C)."""
+
+Final = dict[str, tuple[np.ndarray, np.ndarray]]
+"""Settled layers: name -> the ``(mean, var)`` they normalize with (the framework's stored
+variance, over all N values)."""
 
 Mode = Literal["train", "eval"]
 
@@ -364,111 +363,6 @@ def check_unreached(measured: HostMeasured, unreached: str) -> None:
         )
 
 
-# -- eval mode: one pass per depth level -------------------------------------------------------
-
-Final = dict[str, tuple[np.ndarray, np.ndarray]]
-"""Settled layers: name -> the ``(mean, var)`` they normalize with (the framework's stored
-variance, over all N values)."""
-
-
-LevelRun = Callable[[Final, bool], HostMeasured]
-"""``run_level(final, measure_settled)``: one pass (``nonfinite="skip"``,
-``unreached="keep"``) in which the layers in ``final`` normalize with those statistics (and
-are measured too where ``measure_settled``) and every other BN layer is measured and
-outputs NaN."""
-
-CHECK_TARGET = 1e-4
-"""How far the check pass of :func:`measure_levels` may move a layer's statistics (in units
-of its output: ``|d mean| / sqrt(var + eps)``, ``|d var| / (var + eps)``)."""
-
-
-def measure_levels(
-    run_level: LevelRun,
-    nonfinite: str,
-    unreached: str,
-    epsilons: Mapping[str, float],
-) -> HostMeasured:
-    """Every BN layer's population moments with every BN layer before it normalizing with its
-    own final statistics: the fixed point of inference, one pass per depth level.
-
-    In each pass the settled layers normalize with their statistics and every other BN layer
-    is measured and outputs NaN (``run_level``). A layer whose input was finite in some batch
-    settles; one that saw NaN in every batch waits for the next level. NaN in some batches
-    only came from the data: ``nonfinite="raise"`` fails, ``"skip"`` leaves those batches
-    out. NaN shows a dependence only where it passes (``sign``, ``nan_to_num``, comparisons
-    and ``argmax`` stop it), so one more pass, every layer normalizing with its statistics
-    and measured, checks them: a layer moving by more than :data:`CHECK_TARGET` (with its
-    ``epsilons[name]``) fails the call, naming it.
-    """
-    settled: dict[str, HostLayer] = {}
-    first: HostMeasured | None = None
-    passes = 0
-    while True:
-        final = {name: layer.statistics() for name, layer in settled.items()}
-        measured = run_level(final, False)
-        passes += 1
-        if first is None:
-            first = measured
-            check_unreached(first, unreached)
-        pending = [
-            m
-            for name, m in measured.layers.items()
-            if name not in settled and name not in first.unreached
-        ]
-        if not pending:
-            break
-        ready = _settle_level(pending, nonfinite)
-        for layer in ready:
-            layer.first_reached = first.layers[layer.name].first_reached
-            settled[layer.name] = layer
-        if len(ready) == len(pending):
-            break
-    layers = {name: settled.get(name, layer) for name, layer in first.layers.items()}
-    result = HostMeasured(layers, first.batch_sizes, unreached=first.unreached, passes=passes + 1)
-    final = {layer.name: layer.statistics() for layer in result.reached()}
-    checked = run_level(final, True)
-    _require_standstill(final, checked, epsilons)
-    return result
-
-
-def _require_standstill(final: Final, checked: HostMeasured, epsilons: Mapping[str, float]) -> None:
-    """``ValueError`` naming the layer the check pass moved most, if by more than
-    :data:`CHECK_TARGET`."""
-    moved = {}
-    for name, (mean, var) in final.items():
-        new_mean, new_var = checked.layers[name].statistics()
-        scale = new_var + epsilons[name]
-        moved[name] = float(
-            max(
-                np.max(np.abs(new_mean - mean) / np.sqrt(scale)),
-                np.max(np.abs(new_var - var) / scale),
-            )
-        )
-    require_standstill(
-        moved,
-        CHECK_TARGET,
-        "mode='eval'",
-        repr,
-        "such a model cannot be measured level by level",
-    )
-
-
-def _settle_level(pending: list[HostLayer], nonfinite: str) -> list[HostLayer]:
-    """The layers of this level (:func:`bnstats._levels.settle_level`)."""
-    entries = [
-        Pending(
-            layer,
-            f"BN layer {layer.name!r}",
-            repr(layer.name),
-            layer.batches,
-            layer.skipped,
-            layer.max_calls_per_forward,
-        )
-        for layer in pending
-    ]
-    return [entry.layer for entry in settle_level(entries, nonfinite)]
-
-
 __all__ = [
     "HostLayer",
     "Recorder",
@@ -479,5 +373,4 @@ __all__ = [
     "finish_pass",
     "iterate_limited",
     "measure_batches",
-    "measure_levels",
 ]

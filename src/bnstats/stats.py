@@ -716,8 +716,10 @@ class BatchSpread:
     def merge(self, other: BatchSpread) -> BatchSpread:
         """The spread of the batches of both (``self``'s center, ``other``'s values moved to
         it: :meth:`recentered`); neither changes."""
-        if self.values.mean is None:
-            return other.recentered(other.center)
+        if self.values.mean is None:  # nothing here yet: other's batches around its center
+            merged = BatchSpread(other.center)
+            merged.values = self.values.merge(other.values)
+            return merged
         merged = BatchSpread(self.center)
         merged.values = self.values.merge(other.recentered(self.center).values)
         return merged

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bnstats._host_levels import measure_levels
 from bnstats._host_pass import (
     Entry,
     Final,
@@ -23,7 +24,6 @@ from bnstats._host_pass import (
     forward_function,
     iterate_limited,
     measure_batches,
-    measure_levels,
     pass_label,
 )
 from bnstats._levels import require_reusable

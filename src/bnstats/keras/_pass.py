@@ -28,6 +28,7 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
+from bnstats._host_levels import measure_levels
 from bnstats._host_pass import (
     Entry,
     Final,
@@ -40,7 +41,6 @@ from bnstats._host_pass import (
     forward_function,
     iterate_limited,
     measure_batches,
-    measure_levels,
     pass_label,
 )
 from bnstats._levels import require_reusable

@@ -334,16 +334,17 @@ def measure_eval_exact(
         skipped=skipped,
         passes=passes + 1,
     )
+    measured_statistics = statistics_of(result)
     check_pass = measure_pass(
         model,
         _FirstBatches(batches, len(sizes)),
         replace(level_options, tolerance=None),
         tool=tool,
         check=check,
-        level=Level(training=False, rule="fixed", statistics=statistics_of(result)),
+        level=Level(training=False, rule="fixed", statistics=measured_statistics),
         precise=precise,
     )
-    _require_standstill(movement(statistics_of(result), check_pass), options)
+    _require_standstill(movement(measured_statistics, check_pass), options)
     return result
 
 
