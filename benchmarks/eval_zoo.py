@@ -103,17 +103,23 @@ def measure(spec: str) -> Result:
 TRAINED = ("resnet18", "mobilenet_v2", "densenet121")
 
 
-def trained(name: str, epochs: int = 3) -> str:
-    """One line: ``name`` trained on the digits, then its passes in both modes."""
-    import torchvision
-
-    import bnstats.torch as bt
+def digit_images() -> torch.Tensor:
+    """The digits' training images, upscaled to 3x32x32."""
     from bnstats.data import load_digits
 
     digits = load_digits()
     images = torch.tensor(digits.X_train, dtype=torch.float32).view(-1, 1, 8, 8)
-    images = nn.functional.interpolate(images, size=32, mode="bilinear").repeat(1, 3, 1, 1)
-    labels = torch.tensor(digits.y_train)
+    return nn.functional.interpolate(images, size=32, mode="bilinear").repeat(1, 3, 1, 1)
+
+
+def trained_model(name: str, epochs: int = 3) -> nn.Module:
+    """torchvision's ``name`` trained for ``epochs`` on :func:`digit_images` (batches of 32,
+    Adam 1e-3)."""
+    import torchvision
+
+    from bnstats.data import load_digits
+
+    images, labels = digit_images(), torch.tensor(load_digits().y_train)
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None, num_classes=10).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -124,6 +130,14 @@ def trained(name: str, epochs: int = 3) -> str:
                 optimizer.zero_grad()
                 nn.functional.cross_entropy(model(images[rows]), labels[rows]).backward()
                 optimizer.step()
+    return model
+
+
+def trained(name: str, epochs: int = 3) -> str:
+    """One line: ``name`` trained on the digits, then its passes in both modes."""
+    import bnstats.torch as bt
+
+    model, images = trained_model(name, epochs), digit_images()
     batches = list(images[:640].split(32))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

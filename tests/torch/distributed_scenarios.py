@@ -103,6 +103,24 @@ def eval_mode_resnet(rank: int) -> dict[str, Any]:
     return {"state": _state(model)}
 
 
+def eval_mode_subset_resnet(rank: int) -> dict[str, Any]:
+    """mode="eval" through the subset iteration: subsets of 1 sample, so that the 45 samples
+    hold more than 32 (each rank's first batch is its part of the subset)."""
+    from bnstats.torch import _subset_iteration
+
+    model, samples = zoo.build("resnet"), _subset_iteration.SUBSET_SAMPLES
+    _subset_iteration.SUBSET_SAMPLES = 1
+    try:
+        result = bt.recalibrate_report(model, rank_batches("resnet", rank), mode="eval")
+    finally:  # the worker runs the other scenarios after this one
+        _subset_iteration.SUBSET_SAMPLES = samples
+    return {
+        "state": _state(model),
+        "passes": result.passes,
+        "subset": (result.subset_passes, result.subset_batches),
+    }
+
+
 def empty_rank(empty: int) -> Callable[[int], dict[str, Any]]:
     def scenario(rank: int) -> dict[str, Any]:
         model = zoo.build("resnet")
@@ -415,6 +433,7 @@ def mismatched_calls(rank: int) -> dict[str, Any]:
 SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     **{f"uneven_{name}": uneven(name) for name in zoo.NAMES},
     "eval_mode_resnet": eval_mode_resnet,
+    "eval_mode_subset_resnet": eval_mode_subset_resnet,
     "empty_rank0": empty_rank(0),
     "empty_rank1": empty_rank(1),
     "all_empty": all_empty,

@@ -146,6 +146,18 @@ def test_eval_mode_in_a_group_equals_one_process_on_the_concatenated_batches(pai
     assert max_relative_difference(results[0]["state"], train, integers=False) > 1e-3
 
 
+def test_eval_mode_through_a_subset_in_a_group_reaches_the_level_by_level_statistics(pair):
+    """The subset iteration in a group: each rank's first batch is its part of the subset,
+    every rank makes the same passes and ends bit-identical, within 1e-4 of level by level
+    over the concatenated batches."""
+    first, second = pair.results("eval_mode_subset_resnet")
+    assert first["passes"] == second["passes"] and first["subset"] == second["subset"]
+    assert first["subset"][0] > 0 and first["subset"][1] == 2  # one batch on each rank
+    assert_bit_identical(first["state"], second["state"])
+    exact = single_process(zoo.build("resnet"), concatenated("resnet"), mode="eval_exact")
+    assert max_relative_difference(first["state"], exact, integers=False) < 1e-4
+
+
 @pytest.mark.parametrize("empty", [0, 1])
 def test_an_empty_rank_is_fine_when_another_has_batches(pair, empty):
     other = 1 - empty

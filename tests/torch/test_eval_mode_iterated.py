@@ -69,7 +69,7 @@ def test_passes_run_to_a_standstill_give_the_level_by_level_statistics_bit_for_b
     """Each fixed pass makes one more depth level of the BN layers exact: asked to go on
     until a pass moves nothing at all, the passes end with mode="eval_exact"'s statistics,
     bit for bit, after at most one pass more than it takes."""
-    monkeypatch.setattr("bnstats.torch._measure.EVAL_TARGET", 0.0)
+    monkeypatch.setattr("bnstats.torch._eval_statistics.EVAL_TARGET", 0.0)
     model, data = eval_models.build(name), eval_models.batches(name, count=8, size=16)
     exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
 

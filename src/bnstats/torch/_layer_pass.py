@@ -251,6 +251,8 @@ class Measured:
     passes: int = 1
     moved: dict[str, float] = field(default_factory=dict)
     converged: bool | None = None
+    subset_passes: int = 0
+    subset_batches: int = 0
 
     def finite_batches(self, moments: LayerPass) -> int:
         """Batches of ``moments`` that entered its population (none with NaN or Inf)."""

@@ -9,10 +9,9 @@ by level, one pass per depth level of the BN layers (:func:`measure_eval_exact`)
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -20,17 +19,25 @@ import torch
 from torch import nn
 
 from bnstats._levels import Pending, require_reusable, require_standstill, settle_level
+from bnstats.torch._eval_statistics import (
+    EVAL_TARGET,
+    FirstBatches,
+    buffer_statistics,
+    converged,
+    iterate_statistics,
+    movement,
+    statistics_of,
+)
 from bnstats.torch._layer_pass import LayerPass, Measured, raise_if_bad
 from bnstats.torch._layers import display_name, find_batchnorm_layers, unwrap
 from bnstats.torch._level import MISS_PROBABILITY, Level, Statistics
 from bnstats.torch._pass import Call, Check, measure_pass
+from bnstats.torch._ranks import resolve_group
+from bnstats.torch._subset_iteration import Run, iterate_with_subset, subset_batches
 from bnstats.torch.options import PassOptions
 
 EVAL_PASSES = 4
 """Passes of ``mode="eval"`` before it first judges convergence (:func:`measure_eval_mode`)."""
-EVAL_TARGET = 1e-4
-"""``mode="eval"`` has converged when its last pass moved no layer's statistics by more
-than this (see :func:`movement`)."""
 
 
 def measure(
@@ -80,6 +87,12 @@ def measure_eval_mode(
        layer's input moved from that run (exact where the change is affine per channel, as
        BN makes it): the estimate ``t``;
     4. ``"fixed"`` at ``t``: the populations ``F(t)``;
+
+    (on data of :data:`~bnstats.torch._subset_iteration.SUBSET_SHARE` subsets or more,
+    passes 2-4 are the subset iteration instead, :mod:`bnstats.torch._subset_iteration`:
+    whole fixed passes corrected by passes over the first batches, until one converges or
+    stops shrinking the movement), then
+
     5. while the last pass moved some layer by more than :data:`EVAL_TARGET`
        (:func:`movement` of its result against the statistics it normalized with):
        ``"fixed"`` at the last pass's populations.
@@ -113,29 +126,27 @@ def measure_eval_mode(
     # Beyond the levels already exact an iterate can overflow (normalizing with a variance
     # far too small); the passes go on, and only the converged one is held to `nonfinite`.
     again = replace(keep, tolerance=None, nonfinite="skip")
-    data = _FirstBatches(batches, len(start.batch_sizes))
+    data = FirstBatches(batches, len(start.batch_sizes))
     start_statistics = statistics_of(start)
-    base = run(Level(training=False, rule="fixed", statistics=start_statistics), data, again)
-    reference = {**buffer_statistics(model), **start_statistics}
-    tracked = run(
-        Level(
-            training=False,
-            rule="tracked",
-            statistics=reference,
-            base=iterate_statistics(base, start_statistics),
-        ),
-        data,
-        again,
-    )
-    estimate = iterate_statistics(tracked, start_statistics)
-    final = run(Level(training=False, rule="fixed", statistics=estimate), data, again)
-    final.passes, final.moved = EVAL_PASSES, movement(estimate, final)
-    limit = EVAL_PASSES + len(start.layers) + 1
-    while not _converged(final.moved) and final.passes < limit:
+
+    def again_run(level: Level, batches: Any) -> Measured:
+        return run(level, batches, again)
+
+    count = subset_batches(start.batch_sizes, _rank_count(options))
+    if count is None:
+        final, estimate = _four_passes(model, again_run, data, start_statistics)
+    else:
+        final, estimate = iterate_with_subset(
+            again_run, data, count, start_statistics, len(start.layers) + 2
+        )
+    limit = final.passes + len(start.layers) + 1
+    subset = final.subset_passes, final.subset_batches
+    while not converged(final.moved) and final.passes < limit:
         estimate, passes = iterate_statistics(final, estimate), final.passes
-        final = run(Level(training=False, rule="fixed", statistics=estimate), data, again)
+        final = again_run(Level(training=False, rule="fixed", statistics=estimate), data)
         final.passes, final.moved = passes + 1, movement(estimate, final)
-    final.converged = _converged(final.moved)
+        final.subset_passes, final.subset_batches = subset
+    final.converged = converged(final.moved)
     if final.converged:
         raise_if_bad(final.first_bad, options)  # the passes before it skip whatever it says
         final.batch_sizes = start.batch_sizes
@@ -157,12 +168,37 @@ def measure_eval_mode(
     exact = measure_eval_exact(model, batches, options, tool=tool, check=check, precise=precise)
     exact.passes += final.passes
     exact.moved, exact.converged = final.moved, False
+    exact.subset_passes, exact.subset_batches = final.subset_passes, final.subset_batches
     return exact
 
 
-def _converged(moved: Mapping[str, float]) -> bool:
-    """True when a pass moved some layer and none by more than :data:`EVAL_TARGET`."""
-    return bool(moved) and max(moved.values()) <= EVAL_TARGET
+def _four_passes(
+    model: nn.Module, run: Run, data: Any, start: Statistics
+) -> tuple[Measured, Statistics]:
+    """Passes 2-4 of :func:`measure_eval_mode` from ``start``, the batch-statistics pass's
+    populations: fixed at ``start``, tracked, fixed at the tracked estimate. Returns the last
+    pass (``passes`` 4, ``moved`` set) and the statistics it normalized with."""
+    base = run(Level(training=False, rule="fixed", statistics=start), data)
+    reference = {**buffer_statistics(model), **start}
+    tracked = run(
+        Level(
+            training=False,
+            rule="tracked",
+            statistics=reference,
+            base=iterate_statistics(base, start),
+        ),
+        data,
+    )
+    estimate = iterate_statistics(tracked, start)
+    final = run(Level(training=False, rule="fixed", statistics=estimate), data)
+    final.passes, final.moved = EVAL_PASSES, movement(estimate, final)
+    return final, estimate
+
+
+def _rank_count(options: PassOptions) -> int:
+    """The ranks whose batches together are the data: 1 without a group."""
+    group = resolve_group(options.group)
+    return 1 if group is None else torch.distributed.get_world_size(group)
 
 
 @dataclass
@@ -171,85 +207,6 @@ class EvalMeasured(Measured):
     pass, on which a ``tolerance`` stop was judged."""
 
     judged: Measured | None = None
-
-
-class _FirstBatches:
-    """The first ``count`` batches of ``batches``, iterable again (the later passes of
-    ``mode="eval"`` use the batches the first one drew, also when ``tolerance`` stopped it)."""
-
-    def __init__(self, batches: Any, count: int) -> None:
-        self.batches, self.count = batches, count
-
-    def __iter__(self) -> Iterator[Any]:
-        return itertools.islice(iter(self.batches), self.count)
-
-
-def statistics_of(measured: Measured) -> Statistics:
-    """Every reached layer's population ``(mean, unbiased var)``; NonFiniteStatisticsError
-    naming a layer whose statistics are NaN or Inf."""
-    statistics = {}
-    for moments in measured.reached():
-        population = measured.population(moments)
-        if population.count < 2:
-            raise ValueError(
-                f"BN layer {display_name(moments.name)} received {population.count:g} value "
-                "per channel over all the batches; its unbiased variance needs 2 or more "
-                "(more samples, or a larger max_samples); nothing was written"
-            )
-        statistics[moments.name] = (population.mean, population.var)
-    return statistics
-
-
-def iterate_statistics(measured: Measured, previous: Statistics) -> Statistics:
-    """:func:`statistics_of` for the next pass of an iteration: a layer whose population is
-    NaN or Inf, or has no finite batch, keeps its ``previous`` statistics (its buffers where
-    it has none); it is not exact yet, and the pass that makes it exact sees finite inputs."""
-    statistics = {}
-    for moments in measured.reached():
-        population = measured.finite_population(moments)
-        if population is not None:
-            statistics[moments.name] = (population.mean, population.var)
-        elif moments.name in previous:
-            statistics[moments.name] = previous[moments.name]
-    return statistics
-
-
-def buffer_statistics(model: nn.Module) -> Statistics:
-    """Every initialized BN layer's running ``(mean, var)`` now, copied."""
-    layers = find_batchnorm_layers(unwrap(model))
-    return {
-        name: (layer.running_mean.detach().clone(), layer.running_var.detach().clone())
-        for name, layer in layers.items()
-        if not isinstance(layer.running_mean, nn.parameter.UninitializedTensorMixin)
-    }
-
-
-def movement(estimate: Statistics, final: Measured) -> dict[str, float]:
-    """Per reached layer, how far ``final``'s population moved from ``estimate`` (the
-    statistics that pass normalized with), in units of the layer's output::
-
-        max over channels of  |mean - mean_e| / sqrt(var + eps),  |var - var_e| / (var + eps)
-
-    inf for a layer without an estimate or without finite statistics. One host read."""
-    result: dict[str, float] = {}
-    measured: dict[str, torch.Tensor] = {}
-    for moments in final.reached():
-        result[moments.name] = math.inf
-        population = final.finite_population(moments)
-        if population is None or moments.name not in estimate:
-            continue
-        mean, var = (v.to(population.mean) for v in estimate[moments.name])
-        scale = population.var + float(moments.layer.eps)
-        moved = torch.maximum(
-            ((population.mean - mean).abs() / scale.sqrt()).max(),
-            ((population.var - var).abs() / scale).max(),
-        )
-        measured[moments.name] = torch.nan_to_num(moved, nan=math.inf)
-    if measured:
-        device = next(iter(measured.values())).device
-        numbers = torch.stack([v.to(device) for v in measured.values()]).tolist()
-        result.update(zip(measured, numbers, strict=True))
-    return result
 
 
 def measure_eval_exact(
@@ -337,7 +294,7 @@ def measure_eval_exact(
     measured_statistics = statistics_of(result)
     check_pass = measure_pass(
         model,
-        _FirstBatches(batches, len(sizes)),
+        FirstBatches(batches, len(sizes)),
         replace(level_options, tolerance=None),
         tool=tool,
         check=check,

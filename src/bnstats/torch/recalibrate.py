@@ -33,10 +33,11 @@ _LOG = logging.getLogger("bnstats")
 class Recalibration:
     """What :func:`recalibrate_report` did: the ``model`` (recalibrated in place), the
     ``mode``, the ``samples`` and ``batches`` used (``samples`` None for batches without a
-    tensor), the ``passes`` over the data (1 in train mode, 4 in eval mode, one per depth
-    level in ``"eval_exact"``), the ``tolerance`` asked for, and per layer the worst
-    channel's relative standard error of the new statistics (``relative_errors``, see
-    :meth:`bnstats.stats.BatchSpread.relative_error`; inf with fewer than 2 batches), and
+    tensor), the ``passes`` over the data (1 in train mode, 4 or more in eval mode, one per
+    depth level and one more in ``"eval_exact"``), the ``tolerance`` asked for, and per
+    layer the worst channel's relative standard error of the new statistics
+    (``relative_errors``, see :meth:`bnstats.stats.BatchSpread.relative_error`; inf with
+    fewer than 2 batches), and
     with a ``tolerance``, ``miss_probability``: at most the probability that some channel's
     mean or variance lies farther than ``tolerance`` from the truth
     (:func:`bnstats.stats.miss_probability` over all channels, each with its own standard
@@ -51,7 +52,10 @@ class Recalibration:
     normalizing with its batch's statistics), the one a ``tolerance`` stop judges; the other
     passes go over the same batches. So ``met`` says what the stop
     decided (a layer the first pass did not reach: the last pass's error). After the level
-    by level fallback, each layer's error is that of the level it settled in."""
+    by level fallback, each layer's error is that of the level it settled in. On data of
+    at least 16 times 2,048 samples eval mode solves on a subset, the first batches holding
+    2,048 samples (:mod:`bnstats.torch._subset_iteration`): ``subset_passes`` over those
+    ``subset_batches`` batches beside the ``passes`` over all (both 0 elsewhere)."""
 
     model: nn.Module
     mode: str
@@ -63,6 +67,8 @@ class Recalibration:
     moved: dict[str, float] = field(default_factory=dict)
     converged: bool | None = None
     miss_probability: float | None = None
+    subset_passes: int = 0
+    subset_batches: int = 0
 
     @property
     def worst(self) -> tuple[str | None, float]:
@@ -79,12 +85,19 @@ class Recalibration:
         miss = self.miss_probability
         return self.tolerance is not None and miss is not None and miss <= MISS_PROBABILITY
 
+    @property
+    def _subset_text(self) -> str:
+        if not self.subset_passes:
+            return ""
+        return f" and {self.subset_passes} over the first {self.subset_batches} batches"
+
     def __str__(self) -> str:
         name, worst = self.worst
         where = "" if name is None else f" ({display_name(name)})"
         text = (
             f"recalibrated ({self.mode} mode) on {self.samples} samples in {self.batches} "
-            f"batches, {self.passes} pass(es); worst relative standard error {worst:.3g}{where}"
+            f"batches, {self.passes} pass(es){self._subset_text}; worst relative standard "
+            f"error {worst:.3g}{where}"
         )
         if self.miss_probability is not None:
             chance = min(self.miss_probability, 1.0)
@@ -235,6 +248,8 @@ def _summary(model: nn.Module, measured: Measured, options: PassOptions) -> Reca
         moved=dict(measured.moved),
         converged=measured.converged,
         miss_probability=miss,
+        subset_passes=measured.subset_passes,
+        subset_batches=measured.subset_batches,
     )
 
 

@@ -1,0 +1,118 @@
+"""``mode="eval"`` on large data: the subset iteration against whole passes alone.
+
+On data of 32 subsets (1,024 samples each) or more, ``mode="eval"`` solves the fixed point of
+eval-mode inference on the first batches and corrects it by whole passes
+(:mod:`bnstats.torch._subset_iteration`). For each model: ``mode="eval_exact"`` (level by
+level, the reference), ``mode="eval"`` with whole passes alone (the subset iteration switched
+off) and ``mode="eval"`` as it runs: passes over all the data, passes over the subset, CPU
+seconds, and the worst difference from ``eval_exact`` over every channel of every layer
+(``|d var| / var``, ``|d mean| / sqrt(var)``).
+
+- default: the four eval-mode test models (``tests/torch/eval_models.py``: a 30-deep conv
+  chain, a residual CNN, a densenet-like CNN, a 30-deep MLP chain with scrambled BN) on
+  2,048 batches of 16 (32,768 samples: the subset is the first 64 batches);
+- ``--trained``: torchvision's mobilenet_v2 trained 3 epochs on the digits
+  (:func:`benchmarks.eval_zoo.trained_model`), on 128 batches of 32 digits shifted at random
+  (4,096 samples), with subsets of 256 samples and a share of 16 (``--subset-samples``,
+  ``--share``) so that data this small take the subset path.
+
+Run: ``PYTHONPATH=src:. python -m benchmarks.eval_subset [--trained] [--count N --size K]``
+(about 25 minutes on 2 CPU cores; ``--trained`` needs torchvision, about 15).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from tests.torch import eval_models
+from tests.torch.test_eval_mode_iterated import worst_difference
+from torch import nn
+
+import bnstats.torch as bt
+from bnstats.torch import _subset_iteration
+
+
+def timed(call: Callable[[], bt.Recalibration]) -> tuple[bt.Recalibration, float]:
+    start = time.process_time()
+    result = call()
+    return result, time.process_time() - start
+
+
+def compare(name: str, model: nn.Module, data: list[torch.Tensor]) -> str:
+    """One line: eval_exact, whole passes alone, the subset iteration on ``data``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exact, exact_s = timed(
+            lambda: bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+        )
+        share = _subset_iteration.SUBSET_SHARE
+        _subset_iteration.SUBSET_SHARE = math.inf
+        try:
+            whole, whole_s = timed(
+                lambda: bt.recalibrate_report(copy.deepcopy(model), data, mode="eval")
+            )
+        finally:
+            _subset_iteration.SUBSET_SHARE = share
+        subset, subset_s = timed(
+            lambda: bt.recalibrate_report(copy.deepcopy(model), data, mode="eval")
+        )
+    return (
+        f"{name:10s} eval_exact {exact.passes:3d} passes {exact_s:6.1f} s | whole passes "
+        f"{whole.passes:3d} {whole_s:6.1f} s, {worst_difference(whole.model, exact.model):.2g} "
+        f"| subset {subset.passes:2d} + {subset.subset_passes:3d} over "
+        f"{subset.subset_batches} batches {subset_s:6.1f} s, "
+        f"{worst_difference(subset.model, exact.model):.2g} | {whole_s / subset_s:.2f}x faster"
+    )
+
+
+def shifted_digits(count: int, size: int) -> list[torch.Tensor]:
+    """``count`` batches of ``size`` training digits (3x32x32, as the model was trained on),
+    each shifted by up to 2 pixels at random: more samples than the 1,437 digits."""
+    from benchmarks.eval_zoo import digit_images
+
+    images = digit_images()
+    gen = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(count):
+        rows = torch.randint(len(images), (size,), generator=gen)
+        dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
+        batches.append(torch.roll(images[rows], shifts=(dy, dx), dims=(2, 3)))
+    return batches
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trained", action="store_true")
+    parser.add_argument("--count", type=int, default=None, help="batches")
+    parser.add_argument("--size", type=int, default=None, help="samples per batch")
+    parser.add_argument("--subset-samples", type=int, default=None)
+    parser.add_argument("--share", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.subset_samples is not None:
+        _subset_iteration.SUBSET_SAMPLES = args.subset_samples
+    if args.share is not None:
+        _subset_iteration.SUBSET_SHARE = args.share
+    if args.trained:
+        from benchmarks.eval_zoo import trained_model
+
+        _subset_iteration.SUBSET_SAMPLES = args.subset_samples or 256
+        _subset_iteration.SUBSET_SHARE = args.share or 16
+        data = shifted_digits(args.count or 128, args.size or 32)
+        print(compare("mobilenet_v2", trained_model("mobilenet_v2"), data), flush=True)
+        return 0
+    for name in ("convchain", "residual", "dense", "chain"):
+        model = eval_models.build(name)
+        data = eval_models.batches(name, args.count or 2048, args.size or 16)
+        print(compare(name, model, data), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""mode="eval" on large data: the fixed point solved on the first batches and corrected by
+whole passes (bnstats.torch._subset_iteration), against level by level (mode="eval_exact").
+
+The subset is 1,024 samples and runs on data of 32 subsets or more; the tests shrink the
+subset to 64 samples and the share to 16 (``small_subset``), so that data of 1,024 samples
+take that path (a subset that small converges more slowly than 1,024 samples do)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import bnstats.torch as bt
+from bnstats.torch import _subset_iteration
+from bnstats.torch._subset_iteration import Correction, subset_batches
+from tests.torch import eval_models
+from tests.torch.test_eval_mode_iterated import worst_difference
+
+
+@pytest.fixture
+def small_subset(monkeypatch):
+    """Subsets of 64 samples: data of 1,024 samples or more take the subset path."""
+    monkeypatch.setattr(_subset_iteration, "SUBSET_SAMPLES", 64)
+    monkeypatch.setattr(_subset_iteration, "SUBSET_SHARE", 16)
+
+
+def test_the_subset_is_the_first_batches_holding_its_samples_over_all_ranks():
+    assert subset_batches([32] * 31, ranks=1) is None  # 992 samples: fewer than 32 subsets
+    assert subset_batches([32] * 1024, ranks=1) == 32  # 1,024 samples in 32 batches
+    assert subset_batches([32] * 1024, ranks=2) == 16  # 16 batches on each rank
+    assert subset_batches([100] * 400, ranks=1) == 11  # at least 1,024 samples
+    assert subset_batches([None] * 2047, ranks=1) is None  # sizes unknown: 64 batches
+    assert subset_batches([None] * 2048, ranks=2) == 32
+
+
+def test_the_correction_maps_the_subsets_statistics_onto_the_whole_datas():
+    gen = torch.Generator().manual_seed(0)
+    mean_s, var_s = torch.randn(5, generator=gen), torch.rand(5, generator=gen) + 0.5
+    mean_w, var_w = torch.randn(5, generator=gen), torch.rand(5, generator=gen) + 0.5
+    var_s[2] = 0.0  # a channel constant over the subset: shifted
+    correct = Correction({"bn": (mean_s, var_s)}, {"bn": (mean_w, var_w), "other": (mean_w, var_w)})
+
+    mean, var = correct({"bn": (mean_s, var_s)})["bn"]
+    torch.testing.assert_close(mean, mean_w)
+    torch.testing.assert_close(var, var_w)
+    # an affine change of the subset's input (scale 3, shift 1) moves the whole data's alike
+    scale = torch.tensor(3.0)
+    mean, var = correct({"bn": (3 * mean_s + 1, 9 * var_s)})["bn"]
+    keep = torch.arange(5) != 2
+    a = (var_w / var_s).sqrt()
+    torch.testing.assert_close(mean[keep], (mean_w + a * (2 * mean_s + 1))[keep])
+    torch.testing.assert_close(var[keep], (scale**2 * var_w)[keep])
+    assert var[2] == var_w[2]
+    untouched = (torch.zeros(5), torch.ones(5))
+    assert correct({"unseen": untouched})["unseen"] is untouched
+
+
+@pytest.mark.parametrize(("name", "most"), [("convchain", 6), ("residual", 5), ("dense", 5)])
+def test_large_data_reach_the_level_by_level_statistics_in_few_whole_passes(
+    name, most, small_subset
+):
+    """1,024 samples in batches of 16: the batch-statistics start is far off, and whole
+    passes alone take nearly one per depth level on the 30-deep conv chain (27 at 256
+    samples, ``test_eval_mode_iterated.py``); the subset iteration takes a few whole passes,
+    and its result is within 1e-4 of level by level."""
+    model, data = eval_models.build(name), eval_models.batches(name, count=64, size=16)
+    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = bt.recalibrate_report(model, data, mode="eval")
+
+    assert result.converged and result.passes <= most < exact.passes
+    assert result.subset_batches == 4 and result.subset_passes > 0
+    assert max(result.moved.values()) <= 1e-4
+    assert worst_difference(model, exact.model) < 1e-4
+    assert "and " + str(result.subset_passes) + " over the first 4 batches" in str(result)
+
+
+def test_a_chaotic_chain_leaves_the_subset_for_whole_passes(small_subset):
+    """The 30-deep MLP chain with scrambled BN: its statistics are chaotic functions of the
+    earlier layers', a subset's response is no guide to the whole data's, and the second
+    whole pass moves them more than half as much as the first: whole passes take over, and
+    end within 1e-4 of level by level."""
+    model, data = eval_models.build("chain"), eval_models.batches("chain", count=16, size=64)
+    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    result = bt.recalibrate_report(model, data, mode="eval")
+    assert result.converged and result.subset_passes > 0 and result.passes > 4
+    assert worst_difference(model, exact.model) < 1e-4
+
+
+def test_a_layer_the_subset_never_reaches_takes_the_whole_passes_statistics(small_subset):
+    """Batches after the subset take a branch with its own BN layer: the subset iteration
+    leaves it to the whole passes, and it ends as level by level has it."""
+
+    class Branching(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = eval_models.ResidualCNN(channels=4, blocks=2)
+            self.rare = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.trunk(x)
+            return self.rare(y) if x.shape[0] == 15 else y
+
+    torch.manual_seed(0)
+    model = Branching()
+    data = eval_models.batches("residual", count=66, size=16)
+    data[50] = data[50][:15]
+    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    result = bt.recalibrate_report(model, data, mode="eval")
+    assert result.converged and result.subset_passes > 0
+    assert worst_difference(model, exact.model) < 1e-4
