@@ -113,3 +113,19 @@ def test_a_layer_the_subset_never_reaches_takes_the_whole_passes_statistics(smal
     result = bt.recalibrate_report(model, data, mode="eval")
     assert result.converged and result.subset_passes > 0
     assert worst_difference(model, exact.model) < 1e-4
+
+
+def test_a_tolerance_stop_leaves_the_subset_iteration_the_batches_it_drew(small_subset):
+    """The first pass stops at the tolerance; the subset is the first of the batches it
+    drew, and the whole passes go over those batches only: the result is level by level's
+    on them."""
+    model, data = eval_models.build("residual"), eval_models.batches("residual", 256, 16)
+    result = bt.recalibrate_report(model, data, mode="eval", tolerance=0.02)
+
+    assert result.met and result.converged and result.subset_passes > 0
+    assert 64 <= result.batches < 256
+    drawn = data[: result.batches]
+    exact = bt.recalibrate_report(
+        copy.deepcopy(eval_models.build("residual")), drawn, mode="eval_exact"
+    )
+    assert worst_difference(model, exact.model) < 1e-4
