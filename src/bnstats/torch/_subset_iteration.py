@@ -20,7 +20,7 @@ train-mode start ``s0 = F_batch``:
    ``F(s)`` and ``F_sub(s)`` (one more pass over the subset), and back to 2.
 
 Each round shrinks the distance to ``s*`` by about the subset's relative sampling error of
-how the layers respond to the statistics before them (0.04-0.1 at 1,000-2,000 samples on
+how the layers respond to the statistics before them (about 0.1 at 1,024 samples on
 the test models), not by one depth level; a round costs one whole pass and up to one
 subset pass per depth level. A layer the subset never reaches takes the last whole pass's
 statistics. Where a whole pass moved the statistics by more than half as much as the one

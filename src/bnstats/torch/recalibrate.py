@@ -53,8 +53,8 @@ class Recalibration:
     passes go over the same batches. So ``met`` says what the stop
     decided (a layer the first pass did not reach: the last pass's error). After the level
     by level fallback, each layer's error is that of the level it settled in. On data of
-    at least 16 times 2,048 samples eval mode solves on a subset, the first batches holding
-    2,048 samples (:mod:`bnstats.torch._subset_iteration`): ``subset_passes`` over those
+    at least 32 times 1,024 samples eval mode solves on a subset, the first batches holding
+    1,024 samples (:mod:`bnstats.torch._subset_iteration`): ``subset_passes`` over those
     ``subset_batches`` batches beside the ``passes`` over all (both 0 elsewhere)."""
 
     model: nn.Module
