@@ -23,10 +23,13 @@ Each round shrinks the distance to ``s*`` by about the subset's relative samplin
 how the layers respond to the statistics before them (about 0.1 at 1,024 samples on
 the test models), not by one depth level; a round costs one whole pass and up to one
 subset pass per depth level. A layer the subset never reaches takes the last whole pass's
-statistics. Where a whole pass moved the statistics by more than half as much as the one
-before (a chaotic model, where the subset's response is no guide to the whole data's), or a
-subset solve does not settle, plain fixed passes over the whole data take over
-(:func:`bnstats.torch._measure.measure_eval_mode`).
+statistics. The subset's batches are drawn once and kept, as the loader gives them (a
+shuffling loader gives other first batches in every pass, and a subset that changes between
+passes never settles; the whole passes see the same samples in another order, which eval
+mode does not mind). Where a whole pass moved the statistics by more than half as much as
+the one before (a chaotic model, where the subset's response is no guide to the whole
+data's), or a subset solve does not settle, plain fixed passes over the whole data take
+over (:func:`bnstats.torch._measure.measure_eval_mode`).
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ def iterate_with_subset(
     batches of ``data`` as the subset; subset solves of at most ``limit`` passes. Returns
     the last whole pass (``passes`` counting ``start``, ``moved``, ``subset_passes``,
     ``subset_batches`` set) and the statistics it normalized with."""
-    subset = FirstBatches(data, count)
+    subset = list(FirstBatches(data, count))  # the same batches in every subset pass
     whole = start
     subset_start = run(Level(training=False, rule="batch"), subset)
     correct = Correction(iterate_statistics(subset_start, {}), whole)
@@ -137,7 +140,7 @@ def iterate_with_subset(
 
 def _solve_on_subset(
     run: Run,
-    subset: FirstBatches,
+    subset: list[Any],
     estimate: Statistics,
     correct: Correction,
     whole: Statistics,
