@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from bnstats._host_pass import Final, HostLayer, HostMeasured, check_unreached
-from bnstats._levels import Pending, require_standstill, settle_level
+from bnstats._levels import Pending, require_standstill, settle_level, settle_next
 
 LevelRun = Callable[[Final, bool], HostMeasured]
 """``run_level(final, measure_settled)``: one pass (``nonfinite="skip"``,
@@ -53,18 +53,13 @@ def measure_levels(
         if first is None:
             first = measured
             check_unreached(first, unreached)
-        pending = [
-            m
-            for name, m in measured.layers.items()
-            if name not in settled and name not in first.unreached
-        ]
-        if not pending:
-            break
-        ready = _settle_level(pending, nonfinite)
-        for layer in ready:
-            layer.first_reached = first.layers[layer.name].first_reached
-            settled[layer.name] = layer
-        if len(ready) == len(pending):
+        if settle_next(
+            measured.layers,
+            settled,
+            first.layers,
+            first.unreached,
+            lambda pending: _settle_level(pending, nonfinite),
+        ):
             break
     layers = {name: settled.get(name, layer) for name, layer in first.layers.items()}
     result = HostMeasured(layers, first.batch_sizes, unreached=first.unreached, passes=passes + 1)

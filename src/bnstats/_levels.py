@@ -12,7 +12,7 @@ the one refusal of a one-shot iterator, for every framework and every tool that 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,28 @@ def settle_level(
             "own output (called more than once per forward); nothing was written"
         )
     return ready
+
+
+def settle_next(
+    measured: Mapping[str, Any],
+    settled: dict[str, Any],
+    first: Mapping[str, Any],
+    unreached: Collection[str],
+    settle: Callable[[list[Any]], list[Any]],
+) -> bool:
+    """One level's bookkeeping, in every framework: the layers of this pass (``measured``,
+    each with a ``name`` and ``first_reached``) neither settled nor ``unreached`` are
+    pending; ``settle`` picks those of this level (:func:`settle_level`), which take their
+    order from the first level's records (``first``) and join ``settled``. True when the
+    levels are done: nothing was pending, or everything pending settled."""
+    pending = [m for name, m in measured.items() if name not in settled and name not in unreached]
+    if not pending:
+        return True
+    ready = settle(pending)
+    for layer in ready:
+        layer.first_reached = first[layer.name].first_reached
+        settled[layer.name] = layer
+    return len(ready) == len(pending)
 
 
 def require_standstill(

@@ -69,6 +69,11 @@ class Level:
     ``tolerance`` that its stop allows: :data:`MISS_PROBABILITY`, or a share of it where
     several passes each stop on their own layers (``mode="eval_exact"``)."""
 
+    @classmethod
+    def fixed(cls, statistics: Statistics) -> Level:
+        """An eval-mode level in which every BN layer normalizes with ``statistics``."""
+        return cls(training=False, rule="fixed", statistics=statistics)
+
     def all_awaited_reached(self, watched: Iterable[LayerPass], options: PassOptions) -> bool:
         """True when each watched layer the tolerance stop waits for has had a batch."""
         waits = options.unreached == "raise"

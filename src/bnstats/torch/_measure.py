@@ -13,12 +13,18 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import Any
 
-import torch
 from torch import nn
 
-from bnstats._levels import Pending, require_reusable, require_standstill, settle_level
+from bnstats._levels import (
+    Pending,
+    require_reusable,
+    require_standstill,
+    settle_level,
+    settle_next,
+)
 from bnstats.torch._eval_statistics import (
     EVAL_TARGET,
     FirstBatches,
@@ -32,7 +38,7 @@ from bnstats.torch._layer_pass import LayerPass, Measured, raise_if_bad
 from bnstats.torch._layers import display_name, find_batchnorm_layers, unwrap
 from bnstats.torch._level import MISS_PROBABILITY, Level, Statistics
 from bnstats.torch._pass import Call, Check, measure_pass
-from bnstats.torch._ranks import resolve_group
+from bnstats.torch._ranks import rank_count
 from bnstats.torch._subset_iteration import Run, iterate_with_subset, subset_batches
 from bnstats.torch.options import PassOptions
 
@@ -132,7 +138,7 @@ def measure_eval_mode(
     def again_run(level: Level, batches: Any) -> Measured:
         return run(level, batches, again)
 
-    count = subset_batches(start.batch_sizes, _rank_count(options))
+    count = subset_batches(start.batch_sizes, rank_count(options.group))
     if count is None:
         final, estimate = _four_passes(model, again_run, data, start_statistics)
     else:
@@ -143,9 +149,9 @@ def measure_eval_mode(
     subset = final.subset_passes, final.subset_batches
     while not converged(final.moved) and final.passes < limit:
         estimate, passes = iterate_statistics(final, estimate), final.passes
-        final = again_run(Level(training=False, rule="fixed", statistics=estimate), data)
+        final = again_run(Level.fixed(estimate), data)
         final.passes, final.moved = passes + 1, movement(estimate, final)
-        final.subset_passes, final.subset_batches = subset
+    final.subset_passes, final.subset_batches = subset
     final.converged = converged(final.moved)
     if final.converged:
         raise_if_bad(final.first_bad, options)  # the passes before it skip whatever it says
@@ -178,7 +184,7 @@ def _four_passes(
     """Passes 2-4 of :func:`measure_eval_mode` from ``start``, the batch-statistics pass's
     populations: fixed at ``start``, tracked, fixed at the tracked estimate. Returns the last
     pass (``passes`` 4, ``moved`` set) and the statistics it normalized with."""
-    base = run(Level(training=False, rule="fixed", statistics=start), data)
+    base = run(Level.fixed(start), data)
     reference = {**buffer_statistics(model), **start}
     tracked = run(
         Level(
@@ -190,15 +196,9 @@ def _four_passes(
         data,
     )
     estimate = iterate_statistics(tracked, start)
-    final = run(Level(training=False, rule="fixed", statistics=estimate), data)
+    final = run(Level.fixed(estimate), data)
     final.passes, final.moved = EVAL_PASSES, movement(estimate, final)
     return final, estimate
-
-
-def _rank_count(options: PassOptions) -> int:
-    """The ranks whose batches together are the data: 1 without a group."""
-    group = resolve_group(options.group)
-    return 1 if group is None else torch.distributed.get_world_size(group)
 
 
 @dataclass
@@ -269,18 +269,13 @@ def measure_eval_exact(
             first = measured
             _refuse_new_layers(model, first)
             first.check_coverage(options)
-        pending = [
-            m
-            for name, m in measured.layers.items()
-            if name not in settled and name not in first.unreached
-        ]
-        if not pending:
-            break
-        ready = _settle_level(pending, measured, options, skipped)
-        for moments in ready:
-            moments.first_reached = first.layers[moments.name].first_reached
-            settled[moments.name] = moments
-        if len(ready) == len(pending):
+        if settle_next(
+            measured.layers,
+            settled,
+            first.layers,
+            first.unreached,
+            partial(_settle_level, measured=measured, options=options, skipped=skipped),
+        ):
             break
     layers = {name: settled.get(name, moments) for name, moments in first.layers.items()}
     result = Measured(
@@ -298,7 +293,7 @@ def measure_eval_exact(
         replace(level_options, tolerance=None),
         tool=tool,
         check=check,
-        level=Level(training=False, rule="fixed", statistics=measured_statistics),
+        level=Level.fixed(measured_statistics),
         precise=precise,
     )
     _require_standstill(movement(measured_statistics, check_pass), options)

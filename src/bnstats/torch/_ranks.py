@@ -93,6 +93,13 @@ def resolve_group(group: Group) -> Any:
     return group if torch.distributed.get_world_size(group) > 1 else None
 
 
+def rank_count(group: Group) -> int:
+    """The ranks whose batches together are the data under ``group``
+    (:func:`resolve_group`): 1 without one."""
+    chosen = resolve_group(group)
+    return 1 if chosen is None else torch.distributed.get_world_size(chosen)
+
+
 def _left_out(group: Any) -> bool:
     """True for what ``new_group`` returns on a rank outside the group (an int marker)."""
     marker = torch.distributed.GroupMember.NON_GROUP_MEMBER

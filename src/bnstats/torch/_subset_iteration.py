@@ -88,19 +88,19 @@ class Correction:
             mean_s, var_s = (v.to(mean_w) for v in subset[name])
             spread = var_s > 0
             squared = torch.where(spread, var_w / torch.where(spread, var_s, 1.0), 1.0)
-            self.maps[name] = (mean_s, var_s, mean_w, var_w, squared, spread)
+            self.maps[name] = (mean_s, mean_w, var_w, squared, spread)
 
     def __call__(self, statistics: Statistics) -> Statistics:
         """``statistics`` mapped; a layer without a map as it is. A channel constant over
         the subset (``var_s = 0``) is shifted: ``var -> var + var_w``."""
         result = dict(statistics)
-        for name, (mean_s, var_s, mean_w, var_w, squared, spread) in self.maps.items():
+        for name, (mean_s, mean_w, var_w, squared, spread) in self.maps.items():
             if name not in statistics:
                 continue
             mean, var = (v.to(mean_w) for v in statistics[name])
             result[name] = (
                 mean_w + squared.sqrt() * (mean - mean_s),
-                torch.where(spread, var * squared, var - var_s + var_w),
+                torch.where(spread, var * squared, var + var_w),
             )
         return result
 
@@ -123,7 +123,7 @@ def iterate_with_subset(
             run, subset, estimate, correct, whole, limit
         )
         subset_passes += solve_passes
-        final = run(_fixed(estimate), data)
+        final = run(Level.fixed(estimate), data)
         passes += 1
         final.passes, final.moved = passes, movement(estimate, final)
         final.subset_passes = subset_passes
@@ -133,7 +133,7 @@ def iterate_with_subset(
             return final, estimate
         last_moved = moved
         whole = iterate_statistics(final, estimate)
-        at_estimate = run(_fixed(estimate), subset)
+        at_estimate = run(Level.fixed(estimate), subset)
         subset_passes += 1
         correct = Correction(iterate_statistics(at_estimate, estimate), whole)
 
@@ -151,7 +151,7 @@ def _solve_on_subset(
     whether it settled within ``limit`` passes."""
     target = _eval_statistics.EVAL_TARGET / 10
     for passes in range(1, limit + 1):
-        measured = run(_fixed(estimate), subset)
+        measured = run(Level.fixed(estimate), subset)
         moved_to = {**whole, **correct(iterate_statistics(measured, estimate))}
         eps = {name: float(m.layer.eps) for name, m in measured.layers.items()}
         moved = statistics_movement(estimate, _common(moved_to, estimate), eps)
@@ -164,7 +164,3 @@ def _solve_on_subset(
 def _common(statistics: Statistics, reference: Statistics) -> Statistics:
     """The layers of ``statistics`` that ``reference`` also holds."""
     return {name: value for name, value in statistics.items() if name in reference}
-
-
-def _fixed(statistics: Statistics) -> Level:
-    return Level(training=False, rule="fixed", statistics=statistics)
