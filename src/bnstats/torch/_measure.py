@@ -39,7 +39,13 @@ from bnstats.torch._layers import display_name, find_batchnorm_layers, unwrap
 from bnstats.torch._level import MISS_PROBABILITY, Level, Statistics
 from bnstats.torch._pass import Call, Check, measure_pass
 from bnstats.torch._ranks import rank_count
-from bnstats.torch._subset_iteration import Run, iterate_with_subset, subset_batches
+from bnstats.torch._subset_iteration import (
+    Run,
+    iterate_from_subset,
+    iterate_with_subset,
+    subset_batches,
+    subset_before_passes,
+)
 from bnstats.torch.options import PassOptions
 
 EVAL_PASSES = 4
@@ -97,7 +103,10 @@ def measure_eval_mode(
     (on data of :data:`~bnstats.torch._subset_iteration.SUBSET_SHARE` subsets or more,
     passes 2-4 are the subset iteration instead, :mod:`bnstats.torch._subset_iteration`:
     whole fixed passes corrected by passes over the first batches, until one converges or
-    stops shrinking the movement), then
+    stops shrinking the movement; where that can be decided before any pass, batches with
+    a length in one process without ``tolerance``, the subset is solved first and there is
+    no batch-statistics pass: :func:`~bnstats.torch._subset_iteration.iterate_from_subset`),
+    then
 
     5. while the last pass moved some layer by more than :data:`EVAL_TARGET`
        (:func:`movement` of its result against the statistics it normalized with):
@@ -126,24 +135,26 @@ def measure_eval_mode(
             model, data, chosen, tool=tool, check=check, level=level, precise=precise
         )
 
-    start = run(  # a tolerance stop waits for every layer under unreached="raise"
-        Level(training=False, rule="batch"), batches, replace(keep, unreached=options.unreached)
-    )
     # Beyond the levels already exact an iterate can overflow (normalizing with a variance
     # far too small); the passes go on, and only the converged one is held to `nonfinite`.
     again = replace(keep, tolerance=None, nonfinite="skip")
-    data = FirstBatches(batches, len(start.batch_sizes))
-    start_statistics = statistics_of(start)
 
     def again_run(level: Level, batches: Any) -> Measured:
         return run(level, batches, again)
 
-    count = subset_batches(start.batch_sizes, rank_count(options.group))
-    if count is None:
-        final, estimate = _four_passes(model, again_run, data, start_statistics)
+    def first_run(level: Level, batches: Any) -> Measured:  # under the user's `unreached`
+        return run(level, batches, replace(again, unreached=options.unreached))
+
+    subset = subset_before_passes(batches, options)
+    if subset is not None:
+        layers = len(find_batchnorm_layers(unwrap(model)))
+        final, estimate, start = iterate_from_subset(
+            again_run, first_run, batches, subset, layers + 2
+        )
+        data = FirstBatches(batches, len(start.batch_sizes))
     else:
-        final, estimate = iterate_with_subset(
-            again_run, data, count, start_statistics, len(start.layers) + 2
+        final, estimate, start, data = _batch_statistics_first(
+            model, run, again_run, batches, options
         )
     limit = final.passes + len(start.layers) + 1
     subset = final.subset_passes, final.subset_batches
@@ -176,6 +187,27 @@ def measure_eval_mode(
     exact.moved, exact.converged = final.moved, False
     exact.subset_passes, exact.subset_batches = final.subset_passes, final.subset_batches
     return exact
+
+
+def _batch_statistics_first(
+    model: nn.Module, run: Any, again_run: Run, batches: Any, options: PassOptions
+) -> tuple[Measured, Statistics, Measured, FirstBatches]:
+    """Pass 1 with batch statistics over ``batches`` (where a ``tolerance`` stop is judged),
+    then passes 2-4 (:func:`_four_passes`) or, on data of enough subsets, the subset
+    iteration. Returns the last pass, the statistics it normalized with, pass 1, and the
+    batches pass 1 drew."""
+    # a tolerance stop waits for every layer under unreached="raise"
+    start = run(Level(training=False, rule="batch"), batches, options)
+    data = FirstBatches(batches, len(start.batch_sizes))
+    start_statistics = statistics_of(start)
+    count = subset_batches(start.batch_sizes, rank_count(options.group))
+    if count is None:
+        final, estimate = _four_passes(model, again_run, data, start_statistics)
+    else:
+        final, estimate = iterate_with_subset(
+            again_run, data, count, start_statistics, len(start.layers) + 2
+        )
+    return final, estimate, start, data
 
 
 def _four_passes(

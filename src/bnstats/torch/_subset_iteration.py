@@ -6,7 +6,8 @@ every BN layer normalizes with ``s``; eval mode looks for ``s* = F(s*)``. Passes
 whole data make one depth level exact each, so deep chains need nearly one pass per level.
 ``F_sub``, the same over the subset (the first batches, :data:`SUBSET_SAMPLES` samples),
 differs from ``F`` by sampling, and that difference changes little with ``s``. So, from the
-train-mode start ``s0 = F_batch``:
+train-mode start ``s0 = F_batch`` (or, where the subset is chosen before any whole pass,
+:func:`iterate_from_subset`, from the subset's own fixed point, ``C`` the identity):
 
 1. ``C``: per layer and channel the affine map taking the subset's populations to the whole
    data's, both measured with the same statistics (the batch-statistics rule for the first)::
@@ -26,7 +27,7 @@ subset pass per depth level. A layer the subset never reaches takes the last who
 statistics. The subset's batches are drawn once and kept, as the loader gives them (a
 shuffling loader gives other first batches in every pass, and a subset that changes between
 passes never settles; the whole passes see the same samples in another order, which eval
-mode does not mind). Where a whole pass moved the statistics by more than half as much as
+mode does not mind). Where a whole pass moved the statistics by more than three quarters as much as
 the one before (a chaotic model, where the subset's response is no guide to the whole
 data's), or a subset solve does not settle, plain fixed passes over the whole data take
 over (:func:`bnstats.torch._measure.measure_eval_mode`).
@@ -49,7 +50,10 @@ from bnstats.torch._eval_statistics import (
     statistics_movement,
 )
 from bnstats.torch._layer_pass import Measured
+from bnstats.torch._layers import iterate_batches
 from bnstats.torch._level import Level, Statistics
+from bnstats.torch._ranks import resolve_group
+from bnstats.torch.options import PassOptions
 
 SUBSET_SAMPLES = 1024
 """Samples (over all ranks) in the subset: the first batches holding at least this many."""
@@ -57,6 +61,9 @@ SUBSET_BATCHES = 64
 """Batches (over all ranks) in the subset where the batch sizes are unknown."""
 SUBSET_SHARE = 32
 """The subset iteration runs where the data hold at least this many subsets."""
+SHRINK = 0.75
+"""A round goes on only where its whole pass moved the statistics by less than this share of
+the one before (else the subset is no guide: plain whole passes take over)."""
 
 Run = Callable[[Level, Any], Measured]
 """``run(level, batches)``: one pass of the model at ``level`` over ``batches``."""
@@ -105,6 +112,55 @@ class Correction:
         return result
 
 
+def subset_before_passes(batches: Any, options: PassOptions) -> list[Any] | None:
+    """The subset, drawn before any whole pass, where that can be decided up front: one
+    process, no ``tolerance``, ``batches`` with a length, and (at the first batches' mean
+    size, within ``max_samples``) at least :data:`SUBSET_SHARE` subsets of data; None
+    otherwise (then the batch-statistics pass comes first, :func:`iterate_with_subset`)."""
+    if options.tolerance is not None or resolve_group(options.group) is not None:
+        return None
+    try:
+        count = len(batches)
+    except TypeError:
+        return None
+    subset: list[Any] = []
+    samples = 0
+    for batch, size in iterate_batches(batches, options.max_samples):
+        if size is None:
+            return None
+        subset.append(batch)
+        samples += size
+        if samples >= SUBSET_SAMPLES:
+            break
+    if not subset:
+        return None
+    total = min(count * samples / len(subset), options.max_samples or math.inf)
+    return subset if total >= SUBSET_SHARE * SUBSET_SAMPLES else None
+
+
+def iterate_from_subset(
+    run: Run, first: Run, batches: Any, subset: list[Any], limit: int
+) -> tuple[Measured, Statistics, Measured]:
+    """The subset iteration with the subset solved first (no batch-statistics pass over the
+    whole data): the subset's batch statistics, the subset solve from them (no correction
+    yet), then whole pass 1 at its solution (``first``: the pass whose options hold the
+    user's ``unreached``), then rounds as in :func:`iterate_with_subset`. Returns the last
+    whole pass, the statistics it normalized with, and whole pass 1."""
+    subset_start = run(Level(training=False, rule="batch"), subset)
+    estimate, solve_passes, settled = _solve_on_subset(
+        run, subset, iterate_statistics(subset_start, {}), Correction({}, {}), {}, limit
+    )
+    start = first(Level.fixed(estimate), batches)
+    start.passes, start.moved = 1, movement(estimate, start)
+    start.subset_passes = 1 + solve_passes
+    start.subset_batches = len(subset_start.batch_sizes)
+    data = FirstBatches(batches, len(start.batch_sizes))
+    if not settled or converged(start.moved):
+        return start, estimate, start
+    final, estimate = _rounds(run, data, subset, estimate, start, limit)
+    return final, estimate, start
+
+
 def iterate_with_subset(
     run: Run, data: Any, count: int, start: Statistics, limit: int
 ) -> tuple[Measured, Statistics]:
@@ -114,28 +170,41 @@ def iterate_with_subset(
     the last whole pass (``passes`` counting ``start``, ``moved``, ``subset_passes``,
     ``subset_batches`` set) and the statistics it normalized with."""
     subset = list(FirstBatches(data, count))  # the same batches in every subset pass
-    whole = start
     subset_start = run(Level(training=False, rule="batch"), subset)
-    correct = Correction(iterate_statistics(subset_start, {}), whole)
-    estimate, passes, subset_passes, last_moved = whole, 1, 1, math.inf
+    correct = Correction(iterate_statistics(subset_start, {}), start)
+    estimate, solve_passes, settled = _solve_on_subset(run, subset, start, correct, start, limit)
+    final = run(Level.fixed(estimate), data)
+    final.passes, final.moved = 2, movement(estimate, final)
+    final.subset_passes = 1 + solve_passes
+    final.subset_batches = len(subset_start.batch_sizes)  # over all ranks
+    if not settled or converged(final.moved):
+        return final, estimate
+    return _rounds(run, data, subset, estimate, final, limit)
+
+
+def _rounds(
+    run: Run, data: Any, subset: list[Any], estimate: Statistics, last: Measured, limit: int
+) -> tuple[Measured, Statistics]:
+    """Rounds after the whole pass ``last`` (``passes``, ``moved``, subset counts set) at
+    ``estimate``: ``C`` measured at ``estimate``, the subset solve, a whole pass; until one
+    converges, does not shrink the movement of the one before by a quarter
+    (:data:`SHRINK`), or a solve does not settle."""
+    final = last
     while True:
+        last_moved = max(final.moved.values(), default=math.inf)
+        whole = iterate_statistics(final, estimate)
+        at_estimate = run(Level.fixed(estimate), subset)
+        correct = Correction(iterate_statistics(at_estimate, estimate), whole)
         estimate, solve_passes, settled = _solve_on_subset(
             run, subset, estimate, correct, whole, limit
         )
-        subset_passes += solve_passes
+        passes, subset_passes = final.passes + 1, final.subset_passes + 1 + solve_passes
         final = run(Level.fixed(estimate), data)
-        passes += 1
         final.passes, final.moved = passes, movement(estimate, final)
-        final.subset_passes = subset_passes
-        final.subset_batches = len(subset_start.batch_sizes)
+        final.subset_passes, final.subset_batches = subset_passes, last.subset_batches
         moved = max(final.moved.values(), default=math.inf)
-        if not settled or converged(final.moved) or not moved < last_moved / 2:
+        if not settled or converged(final.moved) or not moved < SHRINK * last_moved:
             return final, estimate
-        last_moved = moved
-        whole = iterate_statistics(final, estimate)
-        at_estimate = run(Level.fixed(estimate), subset)
-        subset_passes += 1
-        correct = Correction(iterate_statistics(at_estimate, estimate), whole)
 
 
 def _solve_on_subset(
