@@ -27,10 +27,11 @@ subset pass per depth level. A layer the subset never reaches takes the last who
 statistics. The subset's batches are drawn once and kept, as the loader gives them (a
 shuffling loader gives other first batches in every pass, and a subset that changes between
 passes never settles; the whole passes see the same samples in another order, which eval
-mode does not mind). Where a whole pass moved the statistics by more than three quarters as much as
+mode does not mind). Where a whole pass moved the statistics by more than half as much as
 the one before (a chaotic model, where the subset's response is no guide to the whole
-data's), or a subset solve does not settle, plain fixed passes over the whole data take
-over (:func:`bnstats.torch._measure.measure_eval_mode`).
+data's; the first round after the subset's own, uncorrected fixed point is not judged), or a
+subset solve does not settle, plain fixed passes over the whole data take over
+(:func:`bnstats.torch._measure.measure_eval_mode`).
 """
 
 from __future__ import annotations
@@ -61,9 +62,11 @@ SUBSET_BATCHES = 64
 """Batches (over all ranks) in the subset where the batch sizes are unknown."""
 SUBSET_SHARE = 32
 """The subset iteration runs where the data hold at least this many subsets."""
-SHRINK = 0.75
+SHRINK = 0.5
 """A round goes on only where its whole pass moved the statistics by less than this share of
-the one before (else the subset is no guide: plain whole passes take over)."""
+what the round before moved them (else the subset is no guide: plain whole passes take over).
+The first round after the subset's own fixed point is not judged: that point had no
+correction, and how far its whole pass moved says nothing of how well the subset guides."""
 
 Run = Callable[[Level, Any], Measured]
 """``run(level, batches)``: one pass of the model at ``level`` over ``batches``."""
@@ -157,7 +160,9 @@ def iterate_from_subset(
     data = FirstBatches(batches, len(start.batch_sizes))
     if not settled or converged(start.moved):
         return start, estimate, start
-    final, estimate = _rounds(run, data, subset, estimate, start, limit)
+    # ``start`` normalized with an estimate no whole pass corrected: the next round, the first
+    # with a correction, has no movement of a corrected round to shrink
+    final, estimate = _rounds(run, data, subset, estimate, start, limit, math.inf)
     return final, estimate, start
 
 
@@ -179,19 +184,25 @@ def iterate_with_subset(
     final.subset_batches = len(subset_start.batch_sizes)  # over all ranks
     if not settled or converged(final.moved):
         return final, estimate
-    return _rounds(run, data, subset, estimate, final, limit)
+    moved = max(final.moved.values(), default=math.inf)
+    return _rounds(run, data, subset, estimate, final, limit, moved)
 
 
 def _rounds(
-    run: Run, data: Any, subset: list[Any], estimate: Statistics, last: Measured, limit: int
+    run: Run,
+    data: Any,
+    subset: list[Any],
+    estimate: Statistics,
+    last: Measured,
+    limit: int,
+    last_moved: float,
 ) -> tuple[Measured, Statistics]:
     """Rounds after the whole pass ``last`` (``passes``, ``moved``, subset counts set) at
     ``estimate``: ``C`` measured at ``estimate``, the subset solve, a whole pass; until one
-    converges, does not shrink the movement of the one before by a quarter
-    (:data:`SHRINK`), or a solve does not settle."""
+    converges, moves the statistics by :data:`SHRINK` or more of what the round before moved
+    them (the first: ``last_moved``), or a solve does not settle."""
     final = last
     while True:
-        last_moved = max(final.moved.values(), default=math.inf)
         whole = iterate_statistics(final, estimate)
         at_estimate = run(Level.fixed(estimate), subset)
         correct = Correction(iterate_statistics(at_estimate, estimate), whole)
@@ -205,6 +216,7 @@ def _rounds(
         moved = max(final.moved.values(), default=math.inf)
         if not settled or converged(final.moved) or not moved < SHRINK * last_moved:
             return final, estimate
+        last_moved = moved
 
 
 def _solve_on_subset(
