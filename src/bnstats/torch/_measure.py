@@ -145,11 +145,11 @@ def measure_eval_mode(
     def first_run(level: Level, batches: Any) -> Measured:  # under the user's `unreached`
         return run(level, batches, replace(again, unreached=options.unreached))
 
-    subset = subset_before_passes(batches, options)
-    if subset is not None:
+    drawn = subset_before_passes(batches, options)
+    if drawn is not None:
         layers = len(find_batchnorm_layers(unwrap(model)))
         final, estimate, start = iterate_from_subset(
-            again_run, first_run, batches, subset, layers + 2
+            again_run, first_run, batches, drawn, layers + 2
         )
         data = FirstBatches(batches, len(start.batch_sizes))
     else:
@@ -157,12 +157,12 @@ def measure_eval_mode(
             model, run, again_run, batches, options
         )
     limit = final.passes + len(start.layers) + 1
-    subset = final.subset_passes, final.subset_batches
+    counts = final.subset_passes, final.subset_batches
     while not converged(final.moved) and final.passes < limit:
         estimate, passes = iterate_statistics(final, estimate), final.passes
         final = again_run(Level.fixed(estimate), data)
         final.passes, final.moved = passes + 1, movement(estimate, final)
-    final.subset_passes, final.subset_batches = subset
+    final.subset_passes, final.subset_batches = counts
     final.converged = converged(final.moved)
     if final.converged:
         raise_if_bad(final.first_bad, options)  # the passes before it skip whatever it says

@@ -81,7 +81,7 @@ def subset_batches(sizes: list[int | None], ranks: int) -> int | None:
         per_rank = max(1, math.ceil(SUBSET_BATCHES / ranks))
         return per_rank if len(sizes) >= SUBSET_SHARE * per_rank * ranks else None
     samples = sum(size or 0 for size in sizes)
-    if samples < SUBSET_SHARE * SUBSET_SAMPLES:
+    if not _holds_enough_subsets(samples):
         return None
     return max(1, math.ceil(SUBSET_SAMPLES / ranks / (samples / len(sizes))))
 
@@ -138,7 +138,13 @@ def subset_before_passes(batches: Any, options: PassOptions) -> list[Any] | None
     if not subset:
         return None
     total = min(count * samples / len(subset), options.max_samples or math.inf)
-    return subset if total >= SUBSET_SHARE * SUBSET_SAMPLES else None
+    return subset if _holds_enough_subsets(total) else None
+
+
+def _holds_enough_subsets(samples: float) -> bool:
+    """True where data of ``samples`` samples (over all ranks) hold :data:`SUBSET_SHARE`
+    subsets: the subset iteration then costs less than eval mode's plain passes."""
+    return samples >= SUBSET_SHARE * SUBSET_SAMPLES
 
 
 def iterate_from_subset(
@@ -153,10 +159,9 @@ def iterate_from_subset(
     estimate, solve_passes, settled = _solve_on_subset(
         run, subset, iterate_statistics(subset_start, {}), Correction({}, {}), {}, limit
     )
-    start = first(Level.fixed(estimate), batches)
-    start.passes, start.moved = 1, movement(estimate, start)
-    start.subset_passes = 1 + solve_passes
-    start.subset_batches = len(subset_start.batch_sizes)
+    start = _whole_pass(
+        first, batches, estimate, 1, 1 + solve_passes, len(subset_start.batch_sizes)
+    )
     data = FirstBatches(batches, len(start.batch_sizes))
     if not settled or converged(start.moved):
         return start, estimate, start
@@ -178,10 +183,7 @@ def iterate_with_subset(
     subset_start = run(Level(training=False, rule="batch"), subset)
     correct = Correction(iterate_statistics(subset_start, {}), start)
     estimate, solve_passes, settled = _solve_on_subset(run, subset, start, correct, start, limit)
-    final = run(Level.fixed(estimate), data)
-    final.passes, final.moved = 2, movement(estimate, final)
-    final.subset_passes = 1 + solve_passes
-    final.subset_batches = len(subset_start.batch_sizes)  # over all ranks
+    final = _whole_pass(run, data, estimate, 2, 1 + solve_passes, len(subset_start.batch_sizes))
     if not settled or converged(final.moved):
         return final, estimate
     moved = max(final.moved.values(), default=math.inf)
@@ -209,14 +211,31 @@ def _rounds(
         estimate, solve_passes, settled = _solve_on_subset(
             run, subset, estimate, correct, whole, limit
         )
-        passes, subset_passes = final.passes + 1, final.subset_passes + 1 + solve_passes
-        final = run(Level.fixed(estimate), data)
-        final.passes, final.moved = passes, movement(estimate, final)
-        final.subset_passes, final.subset_batches = subset_passes, last.subset_batches
+        subset_passes = final.subset_passes + 1 + solve_passes
+        final = _whole_pass(
+            run, data, estimate, final.passes + 1, subset_passes, last.subset_batches
+        )
         moved = max(final.moved.values(), default=math.inf)
         if not settled or converged(final.moved) or not moved < SHRINK * last_moved:
             return final, estimate
         last_moved = moved
+
+
+def _whole_pass(
+    run: Run,
+    data: Any,
+    estimate: Statistics,
+    passes: int,
+    subset_passes: int,
+    subset_batches: int,
+) -> Measured:
+    """A fixed pass over all of ``data`` at ``estimate``, carrying the counts so far: its
+    ``passes``, how far it ``moved``, ``subset_passes`` and ``subset_batches`` (over all
+    ranks)."""
+    whole = run(Level.fixed(estimate), data)
+    whole.passes, whole.moved = passes, movement(estimate, whole)
+    whole.subset_passes, whole.subset_batches = subset_passes, subset_batches
+    return whole
 
 
 def _solve_on_subset(
