@@ -11,13 +11,18 @@ seconds, and the worst difference from ``eval_exact`` over every channel of ever
 - default: the four eval-mode test models (``tests/torch/eval_models.py``: a 30-deep conv
   chain, a residual CNN, a densenet-like CNN, a 30-deep MLP chain with scrambled BN) on
   2,048 batches of 16 (32,768 samples: the subset is the first 64 batches);
+- ``--late``: the same models on 64 batches of 16 (1,024 samples, under 32 subsets): four
+  whole passes, then, where they did not converge, rounds with the first 4 batches as a late
+  subset (:func:`bnstats.torch._subset_iteration.late_subset_batches`); with ``--trained``,
+  mobilenet_v2 on its 4,096 samples at the library's settings (a late subset of 8 batches);
 - ``--trained``: torchvision's mobilenet_v2 trained 3 epochs on the digits
   (:func:`benchmarks.eval_zoo.trained_model`), on 128 batches of 32 digits shifted at random
   (4,096 samples), with subsets of 256 samples and a share of 16 (``--subset-samples``,
   ``--share``) so that data this small take the subset path.
 
-Run: ``PYTHONPATH=src:. python -m benchmarks.eval_subset [--trained] [--count N --size K]``
-(about 25 minutes on 2 CPU cores; ``--trained`` needs torchvision, about 15).
+Run: ``PYTHONPATH=src:. python -m benchmarks.eval_subset [--trained] [--late] [--count N
+--size K]`` (about 25 minutes on 2 CPU cores; ``--late`` about 2; ``--trained`` needs
+torchvision, about 15).
 """
 
 from __future__ import annotations
@@ -51,14 +56,7 @@ def compare(name: str, model: nn.Module, data: list[torch.Tensor]) -> str:
         exact, exact_s = timed(
             lambda: bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
         )
-        share = _subset_iteration.SUBSET_SHARE
-        _subset_iteration.SUBSET_SHARE = math.inf
-        try:
-            whole, whole_s = timed(
-                lambda: bt.recalibrate_report(copy.deepcopy(model), data, mode="eval")
-            )
-        finally:
-            _subset_iteration.SUBSET_SHARE = share
+        whole, whole_s = timed(lambda: whole_passes_alone(model, data))
         subset, subset_s = timed(
             lambda: bt.recalibrate_report(copy.deepcopy(model), data, mode="eval")
         )
@@ -69,6 +67,16 @@ def compare(name: str, model: nn.Module, data: list[torch.Tensor]) -> str:
         f"{subset.subset_batches} batches {subset_s:6.1f} s, "
         f"{worst_difference(subset.model, exact.model):.2g} | {whole_s / subset_s:.2f}x faster"
     )
+
+
+def whole_passes_alone(model: nn.Module, data: list[torch.Tensor]) -> bt.Recalibration:
+    """``mode="eval"`` on a copy of ``model`` with no subset, early or late."""
+    shares = _subset_iteration.SUBSET_SHARE, _subset_iteration.LATE_SHARE
+    _subset_iteration.SUBSET_SHARE = _subset_iteration.LATE_SHARE = math.inf
+    try:
+        return bt.recalibrate_report(copy.deepcopy(model), data, mode="eval")
+    finally:
+        _subset_iteration.SUBSET_SHARE, _subset_iteration.LATE_SHARE = shares
 
 
 def shifted_digits(count: int, size: int) -> list[torch.Tensor]:
@@ -93,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=None, help="samples per batch")
     parser.add_argument("--subset-samples", type=int, default=None)
     parser.add_argument("--share", type=int, default=None)
+    parser.add_argument(
+        "--late",
+        action="store_true",
+        help="data under 32 subsets at the library's settings (64 batches of 16; "
+        "--trained: 128 of 32), where a late subset follows the four whole passes",
+    )
     args = parser.parse_args(argv)
     if args.subset_samples is not None:
         _subset_iteration.SUBSET_SAMPLES = args.subset_samples
@@ -101,14 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.trained:
         from benchmarks.eval_zoo import trained_model
 
-        _subset_iteration.SUBSET_SAMPLES = args.subset_samples or 256
-        _subset_iteration.SUBSET_SHARE = args.share or 16
+        if not args.late:
+            _subset_iteration.SUBSET_SAMPLES = args.subset_samples or 256
+            _subset_iteration.SUBSET_SHARE = args.share or 16
         data = shifted_digits(args.count or 128, args.size or 32)
         print(compare("mobilenet_v2", trained_model("mobilenet_v2"), data), flush=True)
         return 0
     for name in ("convchain", "residual", "dense", "chain"):
         model = eval_models.build(name)
-        data = eval_models.batches(name, args.count or 2048, args.size or 16)
+        data = eval_models.batches(name, args.count or (64 if args.late else 2048), args.size or 16)
         print(compare(name, model, data), flush=True)
     return 0
 

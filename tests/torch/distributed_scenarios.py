@@ -23,6 +23,7 @@ from bnstats.torch.distributed import sync_running_stats
 from tests.torch import reference as ref
 from tests.torch import timm_patterns as timm
 from tests.torch import zoo
+from tests.torch.eval_models import Unsized
 from tests.torch.extra_models import AuxiliaryHead
 from tests.torch.models import mlp
 
@@ -103,22 +104,46 @@ def eval_mode_resnet(rank: int) -> dict[str, Any]:
     return {"state": _state(model)}
 
 
-def eval_mode_subset_resnet(rank: int) -> dict[str, Any]:
+def eval_mode_subset_resnet(unsized_rank: int | None) -> Callable[[int], dict[str, Any]]:
     """mode="eval" through the subset iteration: subsets of 1 sample, so that the 45 samples
-    hold more than 32 (each rank's first batch is its part of the subset)."""
-    from bnstats.torch import _subset_iteration
+    hold more than 32 (each rank's first batch is its part of the subset). With
+    ``unsized_rank``, that rank's batches have no length, so no rank can solve the subset
+    before a whole pass. Says which path each rank took."""
 
-    model, samples = zoo.build("resnet"), _subset_iteration.SUBSET_SAMPLES
-    _subset_iteration.SUBSET_SAMPLES = 1
-    try:
-        result = bt.recalibrate_report(model, rank_batches("resnet", rank), mode="eval")
-    finally:  # the worker runs the other scenarios after this one
-        _subset_iteration.SUBSET_SAMPLES = samples
-    return {
-        "state": _state(model),
-        "passes": result.passes,
-        "subset": (result.subset_passes, result.subset_batches),
-    }
+    def scenario(rank: int) -> dict[str, Any]:
+        from bnstats.torch import _measure, _subset_iteration
+
+        model, samples = zoo.build("resnet"), _subset_iteration.SUBSET_SAMPLES
+        batches: Any = rank_batches("resnet", rank)
+        if rank == unsized_rank:
+            batches = Unsized(batches)
+        taken: list[str] = []
+        paths = {p: getattr(_measure, p) for p in ("iterate_from_subset", "iterate_with_subset")}
+        for path, original in paths.items():
+            setattr(_measure, path, _recorded(original, path, taken))
+        _subset_iteration.SUBSET_SAMPLES = 1
+        try:
+            result = bt.recalibrate_report(model, batches, mode="eval")
+        finally:  # the worker runs the other scenarios after this one
+            _subset_iteration.SUBSET_SAMPLES = samples
+            for path, original in paths.items():
+                setattr(_measure, path, original)
+        return {
+            "state": _state(model),
+            "passes": result.passes,
+            "subset": (result.subset_passes, result.subset_batches),
+            "taken": taken,
+        }
+
+    return scenario
+
+
+def _recorded(function: Callable[..., Any], name: str, taken: list[str]) -> Callable[..., Any]:
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        taken.append(name)
+        return function(*args, **kwargs)
+
+    return recorded
 
 
 def empty_rank(empty: int) -> Callable[[int], dict[str, Any]]:
@@ -433,7 +458,8 @@ def mismatched_calls(rank: int) -> dict[str, Any]:
 SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     **{f"uneven_{name}": uneven(name) for name in zoo.NAMES},
     "eval_mode_resnet": eval_mode_resnet,
-    "eval_mode_subset_resnet": eval_mode_subset_resnet,
+    "eval_mode_subset_resnet": eval_mode_subset_resnet(None),
+    "eval_mode_subset_unsized_rank1": eval_mode_subset_resnet(1),
     "empty_rank0": empty_rank(0),
     "empty_rank1": empty_rank(1),
     "all_empty": all_empty,

@@ -82,3 +82,14 @@ def batches(name: str, count: int = 10, size: int = 16) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(3)
     shape = (12,) if name == "chain" else (3, 8, 8)
     return [torch.randn(size, *shape, generator=gen) * 1.5 + 0.4 for _ in range(count)]
+
+
+class Unsized:
+    """Batches that can be gone over again but have no length (the data's size is known only
+    after a pass)."""
+
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)

@@ -146,11 +146,23 @@ def test_eval_mode_in_a_group_equals_one_process_on_the_concatenated_batches(pai
     assert max_relative_difference(results[0]["state"], train, integers=False) > 1e-3
 
 
-def test_eval_mode_through_a_subset_in_a_group_reaches_the_level_by_level_statistics(pair):
+@pytest.mark.parametrize(
+    ("scenario", "path"),
+    [
+        ("eval_mode_subset_resnet", "iterate_from_subset"),
+        ("eval_mode_subset_unsized_rank1", "iterate_with_subset"),
+    ],
+)
+def test_eval_mode_through_a_subset_in_a_group_reaches_the_level_by_level_statistics(
+    pair, scenario, path
+):
     """The subset iteration in a group: each rank's first batch is its part of the subset,
-    every rank makes the same passes and ends bit-identical, within 1e-4 of level by level
-    over the concatenated batches."""
-    first, second = pair.results("eval_mode_subset_resnet")
+    every rank takes the same path (the subset solved first where every rank's batches have
+    a length; the batch-statistics pass first where one rank's have none), makes the same
+    passes and ends bit-identical, within 1e-4 of level by level over the concatenated
+    batches."""
+    first, second = pair.results(scenario)
+    assert first["taken"] == second["taken"] == [path]
     assert first["passes"] == second["passes"] and first["subset"] == second["subset"]
     assert first["subset"][0] > 0 and first["subset"][1] == 2  # one batch on each rank
     assert_bit_identical(first["state"], second["state"])

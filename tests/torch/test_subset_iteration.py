@@ -15,7 +15,7 @@ import torch
 
 import bnstats.torch as bt
 from bnstats.torch import _subset_iteration
-from bnstats.torch._subset_iteration import Correction, subset_batches
+from bnstats.torch._subset_iteration import Correction, late_subset_batches, subset_batches
 from tests.torch import eval_models
 from tests.torch.test_eval_mode_iterated import worst_difference
 
@@ -34,6 +34,28 @@ def test_the_subset_is_the_first_batches_holding_its_samples_over_all_ranks():
     assert subset_batches([100] * 400, ranks=1) == 11  # at least 1,024 samples
     assert subset_batches([None] * 2047, ranks=1) is None  # sizes unknown: 64 batches
     assert subset_batches([None] * 2048, ranks=2) == 32
+
+
+def test_smaller_data_take_a_sixteenth_of_their_batches_as_a_late_subset():
+    assert late_subset_batches([16] * 63, ranks=1) is None  # 1,008 samples: under 16 x 64
+    assert late_subset_batches([16] * 64, ranks=1) == 4
+    assert late_subset_batches([16] * 64, ranks=2) == 2  # 4 batches over both ranks
+    assert late_subset_batches([16] * 70, ranks=1) == 5  # at least a sixteenth
+    assert late_subset_batches([16] * 63 + [None], ranks=1) is None
+
+
+def test_smaller_data_that_four_passes_leave_unconverged_go_on_with_a_late_subset():
+    """1,024 samples, under the 32 subsets of 1,024 samples the subset iteration starts
+    from: four whole passes leave the 30-deep conv chain far from converged (whole passes
+    alone take 28 here), and the rounds go on with its first 4 batches as the subset: a few
+    more whole passes, within 1e-4 of level by level."""
+    model, data = eval_models.build("convchain"), eval_models.batches("convchain", 64, 16)
+    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    result = bt.recalibrate_report(model, data, mode="eval")
+
+    assert result.converged and result.passes <= 8 < exact.passes
+    assert result.subset_batches == 4 and result.subset_passes > 0
+    assert worst_difference(model, exact.model) < 1e-4
 
 
 def test_the_correction_maps_the_subsets_statistics_onto_the_whole_datas():
@@ -164,16 +186,6 @@ def test_a_shuffling_loader_gives_the_subset_the_same_batches_in_every_pass(smal
     assert worst_difference(model, exact.model) < 1e-4
 
 
-class _Unsized:
-    """Batches that can be gone over again but have no length."""
-
-    def __init__(self, batches: list[torch.Tensor]) -> None:
-        self.batches = batches
-
-    def __iter__(self):
-        return iter(self.batches)
-
-
 def test_batches_without_a_length_start_with_a_batch_statistics_pass(small_subset, monkeypatch):
     """Without a length the data's size is known only after a pass: the batch-statistics
     pass comes first (as with a tolerance or across ranks), then the subset iteration; a
@@ -189,7 +201,7 @@ def test_batches_without_a_length_start_with_a_batch_statistics_pass(small_subse
         )
     model, data = eval_models.build("residual"), eval_models.batches("residual", 64, 16)
     exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
-    unsized = bt.recalibrate_report(copy.deepcopy(model), _Unsized(data), mode="eval")
+    unsized = bt.recalibrate_report(copy.deepcopy(model), eval_models.Unsized(data), mode="eval")
     listed = bt.recalibrate_report(model, data, mode="eval")
 
     assert taken == ["iterate_with_subset", "iterate_from_subset"]

@@ -37,12 +37,14 @@ from bnstats.torch._eval_statistics import (
 from bnstats.torch._layer_pass import LayerPass, Measured, raise_if_bad
 from bnstats.torch._layers import display_name, find_batchnorm_layers, unwrap
 from bnstats.torch._level import MISS_PROBABILITY, Level, Statistics
-from bnstats.torch._pass import Call, Check, measure_pass
+from bnstats.torch._pass import Call, Check, call_record, measure_pass
 from bnstats.torch._ranks import rank_count
 from bnstats.torch._subset_iteration import (
     Run,
+    iterate_after_passes,
     iterate_from_subset,
     iterate_with_subset,
+    late_subset_batches,
     subset_batches,
     subset_before_passes,
 )
@@ -104,7 +106,7 @@ def measure_eval_mode(
     passes 2-4 are the subset iteration instead, :mod:`bnstats.torch._subset_iteration`:
     whole fixed passes corrected by passes over the first batches, until one converges or
     stops shrinking the movement; where that can be decided before any pass, batches with
-    a length in one process without ``tolerance``, the subset is solved first and there is
+    a length on every rank and no ``tolerance``, the subset is solved first and there is
     no batch-statistics pass: :func:`~bnstats.torch._subset_iteration.iterate_from_subset`),
     then
 
@@ -145,7 +147,7 @@ def measure_eval_mode(
     def first_run(level: Level, batches: Any) -> Measured:  # under the user's `unreached`
         return run(level, batches, replace(again, unreached=options.unreached))
 
-    drawn = subset_before_passes(batches, options)
+    drawn = subset_before_passes(batches, options, call_record(tool, options))
     if drawn is not None:
         layers = len(find_batchnorm_layers(unwrap(model)))
         final, estimate, start = iterate_from_subset(
@@ -193,16 +195,23 @@ def _batch_statistics_first(
     model: nn.Module, run: Any, again_run: Run, batches: Any, options: PassOptions
 ) -> tuple[Measured, Statistics, Measured, FirstBatches]:
     """Pass 1 with batch statistics over ``batches`` (where a ``tolerance`` stop is judged),
-    then passes 2-4 (:func:`_four_passes`) or, on data of enough subsets, the subset
-    iteration. Returns the last pass, the statistics it normalized with, pass 1, and the
-    batches pass 1 drew."""
+    then passes 2-4 (:func:`_four_passes`; where they did not converge, the subset
+    iteration's rounds with a late subset, :func:`iterate_after_passes`) or, on data of
+    enough subsets, the subset iteration. Returns the last pass, the statistics it
+    normalized with, pass 1, and the batches pass 1 drew."""
     # a tolerance stop waits for every layer under unreached="raise"
     start = run(Level(training=False, rule="batch"), batches, options)
     data = FirstBatches(batches, len(start.batch_sizes))
     start_statistics = statistics_of(start)
-    count = subset_batches(start.batch_sizes, rank_count(options.group))
+    ranks = rank_count(options.group)
+    count = subset_batches(start.batch_sizes, ranks)
     if count is None:
         final, estimate = _four_passes(model, again_run, data, start_statistics)
+        late = late_subset_batches(start.batch_sizes, ranks)
+        if late is not None and not converged(final.moved):
+            final, estimate = iterate_after_passes(
+                again_run, data, late, estimate, final, len(start.layers) + 2
+            )
     else:
         final, estimate = iterate_with_subset(
             again_run, data, count, start_statistics, len(start.layers) + 2

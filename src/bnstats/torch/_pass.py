@@ -211,6 +211,11 @@ Call = str | Mapping[str, Any]
 :class:`PassOptions`), or the whole record (:func:`bnstats.torch._measure.measure`)."""
 
 
+def call_record(tool: Call, options: PassOptions) -> dict[str, Any]:
+    """The record the ranks compare for ``tool`` (:data:`Call`) under ``options``."""
+    return {"tool": tool, **options.call()} if isinstance(tool, str) else dict(tool)
+
+
 def measure_pass(
     model: nn.Module,
     batches: Any,
@@ -261,8 +266,7 @@ def measure_pass(
         }
         return measured, summary
 
-    call = {"tool": tool, **options.call()} if isinstance(tool, str) else dict(tool)
-    measured, summaries = run_and_exchange(chosen, local, call)
+    measured, summaries = run_and_exchange(chosen, local, call_record(tool, options))
     check_same_layers(chosen, [summary["layers"] for summary in summaries])
     for rank, summary in enumerate(summaries):  # the same verdict on every rank
         raise_if_bad(summary["first_bad"], options, where=f" on rank {rank}")

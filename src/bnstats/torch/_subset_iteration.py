@@ -31,7 +31,10 @@ mode does not mind). Where a whole pass moved the statistics by more than half a
 the one before (a chaotic model, where the subset's response is no guide to the whole
 data's; the first round after the subset's own, uncorrected fixed point is not judged), or a
 subset solve does not settle, plain fixed passes over the whole data take over
-(:func:`bnstats.torch._measure.measure_eval_mode`).
+(:func:`bnstats.torch._measure.measure_eval_mode`). Data of fewer than :data:`SUBSET_SHARE`
+subsets run four whole passes first; where those did not converge, the rounds go on from
+the fourth with the first sixteenth of the batches as the subset
+(:func:`iterate_after_passes`, :data:`LATE_SHARE`).
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ from bnstats.torch._eval_statistics import (
 from bnstats.torch._layer_pass import Measured
 from bnstats.torch._layers import iterate_batches
 from bnstats.torch._level import Level, Statistics
-from bnstats.torch._ranks import resolve_group
+from bnstats.torch._pass import Call
+from bnstats.torch._ranks import resolve_group, run_and_exchange
 from bnstats.torch.options import PassOptions
 
 SUBSET_SAMPLES = 1024
@@ -62,6 +66,12 @@ SUBSET_BATCHES = 64
 """Batches (over all ranks) in the subset where the batch sizes are unknown."""
 SUBSET_SHARE = 32
 """The subset iteration runs where the data hold at least this many subsets."""
+LATE_SHARE = 16
+"""Data of fewer than :data:`SUBSET_SHARE` subsets take the four whole passes first; where
+those did not converge, the rounds go on with the first batches holding a ``1 / LATE_SHARE``
+share of the data as the subset (:func:`late_subset_batches`)."""
+LATE_SUBSET_SAMPLES = 64
+"""The fewest samples (over all ranks) of such a late subset."""
 SHRINK = 0.5
 """A round goes on only where its whole pass moved the statistics by less than this share of
 what the round before moved them (else the subset is no guide: plain whole passes take over).
@@ -84,6 +94,17 @@ def subset_batches(sizes: list[int | None], ranks: int) -> int | None:
     if not _holds_enough_subsets(samples):
         return None
     return max(1, math.ceil(SUBSET_SAMPLES / ranks / (samples / len(sizes))))
+
+
+def late_subset_batches(sizes: list[int | None], ranks: int) -> int | None:
+    """Batches per rank in the late subset (:data:`LATE_SHARE`) of data whose batches (over
+    all ``ranks``) had ``sizes``: a ``1 / LATE_SHARE`` share of them, where that holds at
+    least :data:`LATE_SUBSET_SAMPLES` samples; None where it does not or a size is unknown."""
+    if any(size is None for size in sizes):
+        return None
+    if sum(size or 0 for size in sizes) < LATE_SHARE * LATE_SUBSET_SAMPLES:
+        return None
+    return max(1, math.ceil(len(sizes) / LATE_SHARE / ranks))
 
 
 class Correction:
@@ -115,30 +136,54 @@ class Correction:
         return result
 
 
-def subset_before_passes(batches: Any, options: PassOptions) -> list[Any] | None:
-    """The subset, drawn before any whole pass, where that can be decided up front: one
-    process, no ``tolerance``, ``batches`` with a length, and (at the first batches' mean
-    size, within ``max_samples``) at least :data:`SUBSET_SHARE` subsets of data; None
-    otherwise (then the batch-statistics pass comes first, :func:`iterate_with_subset`)."""
-    if options.tolerance is not None or resolve_group(options.group) is not None:
+def subset_before_passes(batches: Any, options: PassOptions, call: Call) -> list[Any] | None:
+    """The subset, drawn before any whole pass, where that can be decided up front: no
+    ``tolerance``, on every rank ``batches`` with a length, and (at the first batches' mean
+    size, within ``max_samples``) at least :data:`SUBSET_SHARE` subsets of data over all
+    ranks; None otherwise (then the batch-statistics pass comes first,
+    :func:`iterate_with_subset`). In a group every rank draws its first batches holding its
+    share of the subset's samples, and one status exchange (``call`` compared; a rank's
+    failure raised on every rank) gives every rank the same decision."""
+    group = resolve_group(options.group)
+    ranks = 1 if group is None else torch.distributed.get_world_size(group)
+
+    def draw() -> tuple[list[Any] | None, float | None]:
+        return _draw_subset(batches, options, SUBSET_SAMPLES / ranks)
+
+    if group is None:
+        subset, total = draw()
+        totals = [total]
+    else:
+        subset, totals = run_and_exchange(group, draw, dict(call))
+    if any(total is None for total in totals):
         return None
+    return subset if _holds_enough_subsets(sum(totals)) else None
+
+
+def _draw_subset(
+    batches: Any, options: PassOptions, samples_wanted: float
+) -> tuple[list[Any] | None, float | None]:
+    """This process's first batches holding ``samples_wanted`` samples, and its data's size
+    in samples estimated from their mean size (within ``max_samples``); ``(None, None)``
+    under a ``tolerance``, without a length, with a batch of unknown size, or no batch."""
+    if options.tolerance is not None:
+        return None, None
     try:
         count = len(batches)
     except TypeError:
-        return None
+        return None, None
     subset: list[Any] = []
     samples = 0
     for batch, size in iterate_batches(batches, options.max_samples):
         if size is None:
-            return None
+            return None, None
         subset.append(batch)
         samples += size
-        if samples >= SUBSET_SAMPLES:
+        if samples >= samples_wanted:
             break
     if not subset:
-        return None
-    total = min(count * samples / len(subset), options.max_samples or math.inf)
-    return subset if _holds_enough_subsets(total) else None
+        return None, None
+    return subset, min(count * samples / len(subset), options.max_samples or math.inf)
 
 
 def _holds_enough_subsets(samples: float) -> bool:
@@ -190,6 +235,17 @@ def iterate_with_subset(
     return _rounds(run, data, subset, estimate, final, limit, moved)
 
 
+def iterate_after_passes(
+    run: Run, data: Any, count: int, estimate: Statistics, last: Measured, limit: int
+) -> tuple[Measured, Statistics]:
+    """The rounds of the subset iteration after whole passes that did not converge: ``last``
+    the last of them (``passes`` and ``moved`` set), which normalized with ``estimate``; the
+    first ``count`` batches of ``data`` as the subset. The first round is not judged (its
+    start had no correction). Returns as :func:`iterate_with_subset`."""
+    subset = list(FirstBatches(data, count))  # the same batches in every subset pass
+    return _rounds(run, data, subset, estimate, last, limit, math.inf)
+
+
 def _rounds(
     run: Run,
     data: Any,
@@ -199,7 +255,7 @@ def _rounds(
     limit: int,
     last_moved: float,
 ) -> tuple[Measured, Statistics]:
-    """Rounds after the whole pass ``last`` (``passes``, ``moved``, subset counts set) at
+    """Rounds after the whole pass ``last`` (``passes``, ``moved``, ``subset_passes`` set) at
     ``estimate``: ``C`` measured at ``estimate``, the subset solve, a whole pass; until one
     converges, moves the statistics by :data:`SHRINK` or more of what the round before moved
     them (the first: ``last_moved``), or a solve does not settle."""
@@ -213,7 +269,7 @@ def _rounds(
         )
         subset_passes = final.subset_passes + 1 + solve_passes
         final = _whole_pass(
-            run, data, estimate, final.passes + 1, subset_passes, last.subset_batches
+            run, data, estimate, final.passes + 1, subset_passes, len(at_estimate.batch_sizes)
         )
         moved = max(final.moved.values(), default=math.inf)
         if not settled or converged(final.moved) or not moved < SHRINK * last_moved:

@@ -1,0 +1,119 @@
+"""``mode="eval"`` on large data across two torch.distributed ranks: the subset solved before
+any whole pass (every rank's batches have a length) against the batch-statistics pass first
+(the same batches without a length).
+
+Two processes (gloo on 127.0.0.1, one torch thread each) hold the two halves of the
+eval-mode test models' data (``tests/torch/eval_models.py``; default 2,048 batches of 16,
+32,768 samples: 1,024 batches on each rank, each rank's first 32 batches its half of the
+1,024-sample subset). Each rank runs ``bt.recalibrate_report(mode="eval")`` on its list of
+batches and on the same batches wrapped without a length; rank 0 prints passes over all the
+data, passes over the subset, CPU seconds (rank 0's own) and how far the two results are
+apart (worst channel of every layer, ``|d var| / var``, ``|d mean| / sqrt(var)``); with
+``--exact``, also each one's distance from ``mode="eval_exact"`` run in one process on the
+concatenated batches (the reference: slow on the conv chain).
+
+Run: ``PYTHONPATH=src:. python -m benchmarks.eval_subset_ranks [--models convchain residual]
+[--count N --size K] [--exact]`` (about 6 minutes on 2 CPU cores without ``--exact``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import socket
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from tests.torch import eval_models
+from tests.torch.test_eval_mode_iterated import worst_difference
+from torch import nn
+
+import bnstats.torch as bt
+from benchmarks.eval_subset import timed
+
+RANKS = 2
+
+
+def halves(name: str, count: int, size: int) -> list[list[torch.Tensor]]:
+    """The model's ``count`` batches cut into one contiguous half per rank."""
+    data = eval_models.batches(name, count, size)
+    half = len(data) // RANKS
+    return [data[rank * half : (rank + 1) * half] for rank in range(RANKS)]
+
+
+def timed_eval(model: nn.Module, batches: object) -> tuple[bt.Recalibration, float]:
+    """``mode="eval"`` on a copy of ``model``, and its CPU seconds."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return timed(lambda: bt.recalibrate_report(copy.deepcopy(model), batches, mode="eval"))
+
+
+def worker(rank: int, port: int, args: argparse.Namespace, results: dict) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=RANKS)
+    try:
+        for name in args.models:
+            model, data = eval_models.build(name), halves(name, args.count, args.size)[rank]
+            first, first_s = timed_eval(model, data)
+            batch, batch_s = timed_eval(model, eval_models.Unsized(data))
+            if rank == 0:
+                results[name] = {
+                    "first": (first.passes, first.subset_passes, first_s),
+                    "batch": (batch.passes, batch.subset_passes, batch_s),
+                    "apart": worst_difference(first.model, batch.model),
+                    "states": (first.model.state_dict(), batch.model.state_dict()),
+                }
+    finally:
+        dist.destroy_process_group()
+
+
+def line(name: str, result: dict, exact: nn.Module | None) -> str:
+    (p1, s1, t1), (p2, s2, t2) = result["first"], result["batch"]
+    text = (
+        f"{name:10s} subset first {p1:2d} + {s1:3d} over the subset {t1:6.1f} s | "
+        f"batch pass first {p2:2d} + {s2:3d} {t2:6.1f} s | {t2 / t1:.2f}x | "
+        f"apart {result['apart']:.2g}"
+    )
+    if exact is not None:
+        far = []
+        for state in result["states"]:
+            model = eval_models.build(name)
+            model.load_state_dict(state)
+            far.append(f"{worst_difference(model, exact):.2g}")
+        text += f" | from eval_exact {far[0]}, {far[1]}"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["convchain", "residual"])
+    parser.add_argument("--count", type=int, default=2048, help="batches over both ranks")
+    parser.add_argument("--size", type=int, default=16, help="samples per batch")
+    parser.add_argument("--exact", action="store_true", help="also run eval_exact (slow)")
+    args = parser.parse_args(argv)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with mp.Manager() as manager:
+        shared = manager.dict()
+        mp.spawn(worker, args=(port, args, shared), nprocs=RANKS, join=True)
+        results = dict(shared)
+    for name in args.models:
+        exact = None
+        if args.exact:
+            exact = eval_models.build(name)
+            data = [batch for half in halves(name, args.count, args.size) for batch in half]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                bt.recalibrate(exact, data, mode="eval_exact")
+        print(line(name, results[name], exact), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    raise SystemExit(main())
