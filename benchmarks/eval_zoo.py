@@ -13,9 +13,11 @@ nothing downloaded), 4 batches of 4x3x64x64 images (inception_v3 96x96):
 - the CPU time of each call.
 
 Architectures without a BN layer, and those that fail to build or run, are listed with the
-reason. ``--trained``: instead, torchvision's resnet18, mobilenet_v2 and densenet121 trained
-for 3 epochs on the digits (upscaled to 3x32x32, batches of 32, Adam 1e-3), then both modes
-on the first 20 training batches of 32, and train mode's distance from eval_exact.
+reason. ``--trained``: instead, torchvision's resnet18, mobilenet_v2 and densenet121 (or the
+torchvision models ``--only`` names) trained for 3 epochs on the digits (upscaled to 3x32x32,
+batches of 32, Adam 1e-3), then both modes on the first 20 training batches of 32
+(``mode="eval"`` also with whole passes alone, where it would otherwise go on with a late
+subset of 2 batches), and train mode's distance from eval_exact.
 Run (needs timm and torchvision; about 10 minutes on 2 CPU cores, ``--trained`` about 6)::
 
     PYTHONPATH=src:. python -m benchmarks.eval_zoo [--only a,b] [--json PATH] [--trained]
@@ -134,21 +136,28 @@ def trained_model(name: str, epochs: int = 3) -> nn.Module:
 
 
 def trained(name: str, epochs: int = 3) -> str:
-    """One line: ``name`` trained on the digits, then its passes in both modes."""
+    """One line: ``name`` trained on the digits, then its passes (and CPU seconds) in both
+    modes and in ``mode="eval"`` with whole passes alone (no late subset)."""
     import bnstats.torch as bt
+    from benchmarks.eval_subset import timed, whole_passes_alone
 
     model, images = trained_model(name, epochs), digit_images()
     batches = list(images[:640].split(32))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        iterated = bt.recalibrate_report(copy.deepcopy(model), batches, mode="eval")
+        iterated, iterated_s = timed(
+            lambda: bt.recalibrate_report(copy.deepcopy(model), batches, mode="eval")
+        )
+        whole, whole_s = timed(lambda: whole_passes_alone(model, batches))
         exact = bt.recalibrate_report(copy.deepcopy(model), batches, mode="eval_exact")
     train_mode = bt.recalibrate(copy.deepcopy(model), batches)
     return (
-        f"{name:14s} eval passes {iterated.passes:3d} (last moved "
-        f"{max(iterated.moved.values()):.2g}), eval_exact passes {exact.passes:3d}, eval vs "
-        f"eval_exact {worst_difference(iterated.model, exact.model):.2g}, train mode vs "
-        f"eval_exact {worst_difference(train_mode, exact.model):.2g}"
+        f"{name:14s} eval passes {iterated.passes:3d} + {iterated.subset_passes:3d} over "
+        f"{iterated.subset_batches} batches {iterated_s:5.1f} s (last moved "
+        f"{max(iterated.moved.values()):.2g}), whole passes alone {whole.passes:3d} "
+        f"{whole_s:5.1f} s, eval_exact passes {exact.passes:3d}, eval vs eval_exact "
+        f"{worst_difference(iterated.model, exact.model):.2g}, train mode vs eval_exact "
+        f"{worst_difference(train_mode, exact.model):.2g}"
     )
 
 
@@ -158,12 +167,16 @@ def _median(values: list[int]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=None, help="comma-separated model specs")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated model specs (torchvision names with --trained)",
+    )
     parser.add_argument("--json", default=None, help="write the results as JSON to PATH")
     parser.add_argument("--trained", action="store_true", help="trained models instead")
     args = parser.parse_args(argv)
     if args.trained:
-        for name in TRAINED:
+        for name in args.only.split(",") if args.only else TRAINED:
             print(trained(name), flush=True)
         return 0
     specs = args.only.split(",") if args.only else list(MODELS)

@@ -36,25 +36,45 @@ def test_the_subset_is_the_first_batches_holding_its_samples_over_all_ranks():
     assert subset_batches([None] * 2048, ranks=2) == 32
 
 
-def test_smaller_data_take_a_sixteenth_of_their_batches_as_a_late_subset():
-    assert late_subset_batches([16] * 63, ranks=1) is None  # 1,008 samples: under 16 x 64
-    assert late_subset_batches([16] * 64, ranks=1) == 4
+def test_smaller_data_take_a_sixteenth_of_their_batches_or_64_samples_as_a_late_subset():
+    assert late_subset_batches([16] * 64, ranks=1) == 4  # 1,024 samples: a sixteenth
     assert late_subset_batches([16] * 64, ranks=2) == 2  # 4 batches over both ranks
     assert late_subset_batches([16] * 70, ranks=1) == 5  # at least a sixteenth
+    assert late_subset_batches([32] * 20, ranks=1) == 2  # 640 samples: 64 of them
+    assert late_subset_batches([4] * 64, ranks=1) == 16  # 64 samples, a quarter of the data
+    assert late_subset_batches([4] * 63, ranks=1) is None  # more than a quarter
     assert late_subset_batches([16] * 63 + [None], ranks=1) is None
+    assert late_subset_batches([], ranks=1) is None
 
 
-def test_smaller_data_that_four_passes_leave_unconverged_go_on_with_a_late_subset():
-    """1,024 samples, under the 32 subsets of 1,024 samples the subset iteration starts
-    from: four whole passes leave the 30-deep conv chain far from converged (whole passes
-    alone take 28 here), and the rounds go on with its first 4 batches as the subset: a few
-    more whole passes, within 1e-4 of level by level."""
-    model, data = eval_models.build("convchain"), eval_models.batches("convchain", 64, 16)
+@pytest.mark.parametrize("count", [64, 16])
+def test_smaller_data_that_four_passes_leave_unconverged_go_on_with_a_late_subset(count):
+    """1,024 or 256 samples, under the 32 subsets of 1,024 samples the subset iteration
+    starts from: four whole passes leave the 30-deep conv chain far from converged (whole
+    passes alone take 28 and 27 here), and the rounds go on with its first 4 batches as the
+    subset (a sixteenth of 1,024 samples; 64 samples of 256): a few more whole passes,
+    within 1e-4 of level by level."""
+    model, data = eval_models.build("convchain"), eval_models.batches("convchain", count, 16)
     exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
     result = bt.recalibrate_report(model, data, mode="eval")
 
     assert result.converged and result.passes <= 8 < exact.passes
     assert result.subset_batches == 4 and result.subset_passes > 0
+    assert worst_difference(model, exact.model) < 1e-4
+
+
+def test_a_late_subset_that_is_no_guide_is_left_after_one_round():
+    """The chaotic MLP chain on 1,024 samples in batches of 64: its late subset (the first
+    batch) is no guide, and the first round is judged against how far pass 4 moved the
+    statistics (unlike the round after a subset's own fixed point, which had no correction):
+    one round's subset passes (one measuring the correction, at most 32 solving), then whole
+    passes take over, within 1e-4 of level by level."""
+    model, data = eval_models.build("chain"), eval_models.batches("chain", count=16, size=64)
+    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    result = bt.recalibrate_report(model, data, mode="eval")
+
+    assert result.converged and result.subset_batches == 1
+    assert 0 < result.subset_passes <= 1 + len(exact.relative_errors) + 2
     assert worst_difference(model, exact.model) < 1e-4
 
 

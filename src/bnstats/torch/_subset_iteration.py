@@ -69,9 +69,13 @@ SUBSET_SHARE = 32
 LATE_SHARE = 16
 """Data of fewer than :data:`SUBSET_SHARE` subsets take the four whole passes first; where
 those did not converge, the rounds go on with the first batches holding a ``1 / LATE_SHARE``
-share of the data as the subset (:func:`late_subset_batches`)."""
+share of the data, or :data:`LATE_SUBSET_SAMPLES` where that is more, as the subset
+(:func:`late_subset_batches`)."""
 LATE_SUBSET_SAMPLES = 64
 """The fewest samples (over all ranks) of such a late subset."""
+LATE_MOST = 4
+"""A late subset is at most ``1 / LATE_MOST`` of the batches: on data too small for that the
+whole passes go on alone."""
 SHRINK = 0.5
 """A round goes on only where its whole pass moved the statistics by less than this share of
 what the round before moved them (else the subset is no guide: plain whole passes take over).
@@ -97,14 +101,16 @@ def subset_batches(sizes: list[int | None], ranks: int) -> int | None:
 
 
 def late_subset_batches(sizes: list[int | None], ranks: int) -> int | None:
-    """Batches per rank in the late subset (:data:`LATE_SHARE`) of data whose batches (over
-    all ``ranks``) had ``sizes``: a ``1 / LATE_SHARE`` share of them, where that holds at
-    least :data:`LATE_SUBSET_SAMPLES` samples; None where it does not or a size is unknown."""
-    if any(size is None for size in sizes):
+    """Batches per rank in the late subset of data whose batches (over all ``ranks``) had
+    ``sizes``: the first batches holding a ``1 / LATE_SHARE`` share of the samples or
+    :data:`LATE_SUBSET_SAMPLES`, whichever is more (:data:`LATE_SHARE`); None where that is
+    more than ``1 / LATE_MOST`` of the batches or a size is unknown."""
+    if not sizes or any(size is None for size in sizes):
         return None
-    if sum(size or 0 for size in sizes) < LATE_SHARE * LATE_SUBSET_SAMPLES:
-        return None
-    return max(1, math.ceil(len(sizes) / LATE_SHARE / ranks))
+    samples = sum(size or 0 for size in sizes)
+    wanted = max(samples / LATE_SHARE, LATE_SUBSET_SAMPLES)
+    count = max(1, math.ceil(wanted / ranks / (samples / len(sizes))))
+    return count if count * ranks * LATE_MOST <= len(sizes) else None
 
 
 class Correction:
@@ -240,10 +246,11 @@ def iterate_after_passes(
 ) -> tuple[Measured, Statistics]:
     """The rounds of the subset iteration after whole passes that did not converge: ``last``
     the last of them (``passes`` and ``moved`` set), which normalized with ``estimate``; the
-    first ``count`` batches of ``data`` as the subset. The first round is not judged (its
-    start had no correction). Returns as :func:`iterate_with_subset`."""
+    first ``count`` batches of ``data`` as the subset. The first round is judged against how
+    far ``last`` moved the statistics (its correction is measured at ``estimate``, unlike a
+    subset's own fixed point's). Returns as :func:`iterate_with_subset`."""
     subset = list(FirstBatches(data, count))  # the same batches in every subset pass
-    return _rounds(run, data, subset, estimate, last, limit, math.inf)
+    return _rounds(run, data, subset, estimate, last, limit, max(last.moved.values()))
 
 
 def _rounds(
