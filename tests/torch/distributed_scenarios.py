@@ -20,9 +20,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import bnstats.torch as bt
 from bnstats.torch.distributed import sync_running_stats
+from tests.torch import eval_models, zoo
 from tests.torch import reference as ref
 from tests.torch import timm_patterns as timm
-from tests.torch import zoo
 from tests.torch.eval_models import Unsized
 from tests.torch.extra_models import AuxiliaryHead
 from tests.torch.models import mlp
@@ -136,6 +136,20 @@ def eval_mode_subset_resnet(unsized_rank: int | None) -> Callable[[int], dict[st
         }
 
     return scenario
+
+
+def eval_mode_late_subset(rank: int) -> dict[str, Any]:
+    """mode="eval" on the 30-deep conv chain, 64 batches of 16 split in halves (rank 0 the
+    first): four whole passes do not converge, and the rounds go on with a late subset of
+    64 samples, each rank's first 2 batches."""
+    model = eval_models.build("convchain")
+    batches = eval_models.batches("convchain", 64, 16)[32 * rank : 32 * (rank + 1)]
+    result = bt.recalibrate_report(model, batches, mode="eval")
+    return {
+        "state": _state(model),
+        "passes": result.passes,
+        "subset": (result.subset_passes, result.subset_batches),
+    }
 
 
 def _recorded(function: Callable[..., Any], name: str, taken: list[str]) -> Callable[..., Any]:
@@ -460,6 +474,7 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "eval_mode_resnet": eval_mode_resnet,
     "eval_mode_subset_resnet": eval_mode_subset_resnet(None),
     "eval_mode_subset_unsized_rank1": eval_mode_subset_resnet(1),
+    "eval_mode_late_subset": eval_mode_late_subset,
     "empty_rank0": empty_rank(0),
     "empty_rank1": empty_rank(1),
     "all_empty": all_empty,
