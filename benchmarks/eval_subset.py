@@ -17,6 +17,9 @@ seconds, and the worst difference from ``eval_exact`` over every channel of ever
   mobilenet_v2 on its 4,096 samples at the library's settings (a late subset of 8 batches;
   ``--trained --late --count 1024 --no-whole``: 32,768 samples, the library's 1,024-sample
   subset solved first);
+- ``--zoo SPEC,...``: timm or torchvision models (``benchmarks.onnx_zoo.build`` specs such as
+  ``torchvision:resnet18``) at random weights on 128 batches of 4 images 3x64x64 (512
+  samples: a late subset of 16 batches);
 - ``--trained``: torchvision's mobilenet_v2 trained 3 epochs on the digits
   (:func:`benchmarks.eval_zoo.trained_model`), on 128 batches of 32 digits shifted at random
   (4,096 samples), with subsets of 256 samples and a share of 16 (``--subset-samples``,
@@ -118,11 +121,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-whole", action="store_true", help="skip whole passes alone (slow on large data)"
     )
+    parser.add_argument(
+        "--zoo",
+        default=None,
+        help="comma-separated timm/torchvision specs at random weights instead (--count "
+        "batches of --size 3x64x64 images; default 128 of 4)",
+    )
     args = parser.parse_args(argv)
     if args.subset_samples is not None:
         _subset_iteration.SUBSET_SAMPLES = args.subset_samples
     if args.share is not None:
         _subset_iteration.SUBSET_SHARE = args.share
+    if args.zoo:
+        from benchmarks.models import image_batches
+        from benchmarks.onnx_zoo import build
+
+        data = image_batches(args.count or 128, args.size or 4, 64)
+        for spec in args.zoo.split(","):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = build(spec)
+            print(compare(spec, model, data, not args.no_whole), flush=True)
+        return 0
     if args.trained:
         from benchmarks.eval_zoo import trained_model
 

@@ -41,19 +41,19 @@ def test_smaller_data_take_a_sixteenth_of_their_batches_or_64_samples_as_a_late_
     assert late_subset_batches([16] * 64, ranks=2) == 2  # 4 batches over both ranks
     assert late_subset_batches([16] * 70, ranks=1) == 5  # at least a sixteenth
     assert late_subset_batches([32] * 20, ranks=1) == 2  # 640 samples: 64 of them
-    assert late_subset_batches([4] * 64, ranks=1) == 16  # 64 samples, a quarter of the data
-    assert late_subset_batches([4] * 63, ranks=1) is None  # more than a quarter
+    assert late_subset_batches([4] * 128, ranks=1) == 16  # 64 samples, an eighth of the data
+    assert late_subset_batches([4] * 127, ranks=1) is None  # more than an eighth
     assert late_subset_batches([16] * 63 + [None], ranks=1) is None
     assert late_subset_batches([], ranks=1) is None
 
 
-@pytest.mark.parametrize("count", [64, 16])
+@pytest.mark.parametrize("count", [64, 32])
 def test_smaller_data_that_four_passes_leave_unconverged_go_on_with_a_late_subset(count):
-    """1,024 or 256 samples, under the 32 subsets of 1,024 samples the subset iteration
+    """1,024 or 512 samples, under the 32 subsets of 1,024 samples the subset iteration
     starts from: four whole passes leave the 30-deep conv chain far from converged (whole
-    passes alone take 28 and 27 here), and the rounds go on with its first 4 batches as the
-    subset (a sixteenth of 1,024 samples; 64 samples of 256): a few more whole passes,
-    within 1e-4 of level by level."""
+    passes alone take 28 and 25 here), and the rounds go on with its first 4 batches as the subset
+    (a sixteenth of 1,024 samples; 64 samples of 512): a few more whole passes, within 1e-4
+    of level by level."""
     model, data = eval_models.build("convchain"), eval_models.batches("convchain", count, 16)
     exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
     result = bt.recalibrate_report(model, data, mode="eval")
