@@ -26,8 +26,9 @@ seconds, and the worst difference from ``eval_exact`` over every channel of ever
   ``--share``) so that data this small take the subset path.
 
 Run: ``PYTHONPATH=src:. python -m benchmarks.eval_subset [--trained] [--late] [--no-whole]
-[--count N --size K]`` (about 25 minutes on 2 CPU cores; ``--late`` about 2; ``--trained`` needs
-torchvision, about 15).
+[--count N --size K | --zoo SPEC,...]`` (about 25 minutes on 2 CPU cores; ``--late`` about 2;
+``--trained`` needs torchvision, about 15; ``--zoo`` timm or torchvision, about 6 minutes a
+model at 512 images).
 """
 
 from __future__ import annotations
