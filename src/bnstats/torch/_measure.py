@@ -207,8 +207,8 @@ def _batch_statistics_first(
     count = subset_batches(start.batch_sizes, ranks)
     if count is None:
         final, estimate = _four_passes(model, again_run, data, start_statistics)
-        late = late_subset_batches(start.batch_sizes, ranks)
-        if late is not None and not converged(final.moved):
+        late = None if converged(final.moved) else late_subset_batches(start.batch_sizes, ranks)
+        if late is not None:
             final, estimate = iterate_after_passes(
                 again_run, data, late, estimate, final, len(start.layers) + 2
             )

@@ -33,8 +33,8 @@ data's; the first round after the subset's own, uncorrected fixed point is not j
 subset solve does not settle, plain fixed passes over the whole data take over
 (:func:`bnstats.torch._measure.measure_eval_mode`). Data of fewer than :data:`SUBSET_SHARE`
 subsets run four whole passes first; where those did not converge, the rounds go on from
-the fourth with the first sixteenth of the batches as the subset
-(:func:`iterate_after_passes`, :data:`LATE_SHARE`).
+the fourth with the first batches holding a sixteenth of the samples, or 64 samples, as the
+subset (:func:`iterate_after_passes`, :func:`late_subset_batches`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from bnstats.torch._layer_pass import Measured
 from bnstats.torch._layers import iterate_batches
 from bnstats.torch._level import Level, Statistics
 from bnstats.torch._pass import Call
-from bnstats.torch._ranks import resolve_group, run_and_exchange
+from bnstats.torch._ranks import rank_count, resolve_group, run_and_exchange
 from bnstats.torch.options import PassOptions
 
 SUBSET_SAMPLES = 1024
@@ -98,7 +98,7 @@ def subset_batches(sizes: list[int | None], ranks: int) -> int | None:
     samples = sum(size or 0 for size in sizes)
     if not _holds_enough_subsets(samples):
         return None
-    return max(1, math.ceil(SUBSET_SAMPLES / ranks / (samples / len(sizes))))
+    return _batches_per_rank(SUBSET_SAMPLES, samples, len(sizes), ranks)
 
 
 def late_subset_batches(sizes: list[int | None], ranks: int) -> int | None:
@@ -110,8 +110,14 @@ def late_subset_batches(sizes: list[int | None], ranks: int) -> int | None:
         return None
     samples = sum(size or 0 for size in sizes)
     wanted = max(samples / LATE_SHARE, LATE_SUBSET_SAMPLES)
-    count = max(1, math.ceil(wanted / ranks / (samples / len(sizes))))
+    count = _batches_per_rank(wanted, samples, len(sizes), ranks)
     return count if count * ranks * LATE_MOST <= len(sizes) else None
+
+
+def _batches_per_rank(wanted: float, samples: int, batches: int, ranks: int) -> int:
+    """The first batches on each of ``ranks`` that together hold ``wanted`` samples, at the
+    mean size of ``batches`` batches holding ``samples``: at least one."""
+    return max(1, math.ceil(wanted / ranks / (samples / batches)))
 
 
 class Correction:
@@ -152,7 +158,7 @@ def subset_before_passes(batches: Any, options: PassOptions, call: Call) -> list
     share of the subset's samples, and one status exchange (``call`` compared; a rank's
     failure raised on every rank) gives every rank the same decision."""
     group = resolve_group(options.group)
-    ranks = 1 if group is None else torch.distributed.get_world_size(group)
+    ranks = rank_count(options.group)
 
     def draw() -> tuple[list[Any] | None, float | None]:
         return _draw_subset(batches, options, SUBSET_SAMPLES / ranks)
