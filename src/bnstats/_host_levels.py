@@ -1,5 +1,5 @@
 """The eval-mode passes of the Keras and Flax tools, level by level (:func:`measure_levels`),
-as :func:`bnstats.torch._measure.measure_eval_exact` does for torch: each pass, the layers
+as :func:`bnstats.torch._eval_exact.measure_eval_exact` does for torch: each pass, the layers
 already settled normalize with their final statistics and every other BN layer is measured
 and outputs NaN; a layer whose input was finite in every batch depends on settled layers
 only and settles. A last pass checks the result. Each pass is :mod:`bnstats._host_pass`'s.

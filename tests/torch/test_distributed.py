@@ -138,7 +138,11 @@ def test_uneven_ranks_equal_one_process_on_the_concatenated_batches(pair, name):
     assert max_relative_difference(results[0]["state"], alone, integers=False) > 1e-3
 
 
-def test_eval_mode_in_a_group_equals_one_process_on_the_concatenated_batches(pair):
+def test_eval_mode_in_a_group_equals_one_process_on_the_concatenated_batches(
+    pair, without_one_batch
+):
+    """Ranks do not run their data as one batch (a layer's population is over all ranks):
+    the same passes as one process on data too large for one batch."""
     results = pair.results("eval_mode_resnet")
     expected = single_process(zoo.build("resnet"), concatenated("resnet"), mode="eval")
     assert_both_equal_reference(results, expected)
@@ -351,7 +355,7 @@ def test_audit_in_a_group_measures_all_ranks_data(pair):
         assert layer["kl"]["mean"] == pytest.approx(truth["kl"]["mean"], rel=1e-9)
 
 
-def test_diagnose_in_a_group_is_one_report_over_all_ranks_data(pair):
+def test_diagnose_in_a_group_is_one_report_over_all_ranks_data(pair, without_one_batch):
     first, second = pair.results("diagnose_in_group")
     assert first["unchanged"] and second["unchanged"]
     assert first["report"] == second["report"]
@@ -366,7 +370,9 @@ def test_diagnose_in_a_group_is_one_report_over_all_ranks_data(pair):
     assert [f["kind"] for f in got["findings"]] == [f["kind"] for f in expected["findings"]]
 
 
-def test_diagnose_with_uneven_test_batches_is_the_report_over_all_ranks_data(pair):
+def test_diagnose_with_uneven_test_batches_is_the_report_over_all_ranks_data(
+    pair, without_one_batch
+):
     first, second = pair.results("diagnose_with_uneven_test_batches")
     assert first["report"] == second["report"]
     expected = bt.diagnose(

@@ -30,7 +30,7 @@ def worst_difference(model: nn.Module, exact: nn.Module) -> float:
 
 
 @pytest.mark.parametrize("name", ["residual", "dense"])
-def test_four_passes_reach_the_exact_statistics(name):
+def test_four_passes_reach_the_exact_statistics(name, without_one_batch):
     model, data = eval_models.build(name), eval_models.batches(name)
     exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
     train = bt.recalibrate(copy.deepcopy(model), data)
@@ -46,7 +46,7 @@ def test_four_passes_reach_the_exact_statistics(name):
 
 
 @pytest.mark.parametrize("name", ["chain", "convchain"])
-def test_a_deep_chain_iterates_until_the_passes_stop_moving(name, monkeypatch):
+def test_a_deep_chain_iterates_until_the_passes_stop_moving(name, monkeypatch, without_one_batch):
     """30-deep chains at random weights: the eval-mode statistics are chaotic functions of
     the earlier layers' (the MLP chain's train mode is 0.75 away); four passes do not
     converge (benchmarks/eval_iterations.py: nor do the other iterations tried), so, with
@@ -224,7 +224,7 @@ def test_a_layer_made_by_the_first_forward_is_refused_level_by_level():
     assert torch.isfinite(model.late.running_mean).all() and not model.late.running_mean.any()
 
 
-def test_tolerance_stops_the_first_pass_and_the_others_use_the_same_batches():
+def test_tolerance_stops_the_first_pass_and_the_others_use_the_same_batches(without_one_batch):
     model, data = eval_models.build("dense"), eval_models.batches("dense", count=64, size=8)
     seen: list[int] = []
 

@@ -3,7 +3,9 @@ whole passes (bnstats.torch._subset_iteration), against level by level (mode="ev
 
 The subset is 1,024 samples and runs on data of 32 subsets or more; the tests shrink the
 subset to 64 samples and the share to 16 (``small_subset``), so that data of 1,024 samples
-take that path (a subset that small converges more slowly than 1,024 samples do)."""
+take that path (a subset that small converges more slowly than 1,024 samples do), and
+switch off running the data as one batch (``without_one_batch``), which the test models'
+small data would take instead."""
 
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ from tests.torch.test_eval_mode_iterated import worst_difference
 
 
 @pytest.fixture
-def small_subset(monkeypatch):
-    """Subsets of 64 samples: data of 1,024 samples or more take the subset path."""
+def small_subset(monkeypatch, without_one_batch):
+    """Subsets of 64 samples: data of 1,024 samples or more take the subset path (the test
+    models' data would otherwise run as one batch)."""
     monkeypatch.setattr(_subset_iteration, "SUBSET_SAMPLES", 64)
     monkeypatch.setattr(_subset_iteration, "SUBSET_SHARE", 16)
 
@@ -48,7 +51,9 @@ def test_smaller_data_take_a_sixteenth_of_their_batches_or_64_samples_as_a_late_
 
 
 @pytest.mark.parametrize("count", [64, 32])
-def test_smaller_data_that_four_passes_leave_unconverged_go_on_with_a_late_subset(count):
+def test_smaller_data_that_four_passes_leave_unconverged_go_on_with_a_late_subset(
+    count, without_one_batch
+):
     """1,024 or 512 samples, under the 32 subsets of 1,024 samples the subset iteration
     starts from: four whole passes leave the 30-deep conv chain far from converged (whole
     passes alone take 28 and 25 here), and the rounds go on with its first 4 batches as the subset
@@ -63,7 +68,7 @@ def test_smaller_data_that_four_passes_leave_unconverged_go_on_with_a_late_subse
     assert worst_difference(model, exact.model) < 1e-4
 
 
-def test_a_late_subset_that_is_no_guide_is_left_after_one_round():
+def test_a_late_subset_that_is_no_guide_is_left_after_one_round(without_one_batch):
     """The chaotic MLP chain on 1,024 samples in batches of 64: its late subset (the first
     batch) is no guide, and the first round is judged against how far pass 4 moved the
     statistics (unlike the round after a subset's own fixed point, which had no correction):

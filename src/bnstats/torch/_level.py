@@ -39,11 +39,15 @@ class Level:
     which normalizes, by ``rule``:
 
     - ``"exact"`` (a level of ``mode="eval_exact"``, see
-      :func:`bnstats.torch._measure.measure_eval_exact`): the ``settled`` layers with their
+      :func:`bnstats.torch._eval_exact.measure_eval_exact`): the ``settled`` layers with their
       final populations' ``mean`` and unbiased ``var``; every other BN layer is measured and
       outputs NaN, so that each layer computed from it sees NaN and waits for a later level.
     - ``"batch"``: each call with its input's own ``mean`` and biased ``var``, as in training
       (with its buffers where the input has fewer than 2 values per channel);
+    - ``"own"``: each call with its input's own population, ``mean`` and unbiased ``var``
+      (with its buffers where the input has fewer than 2 values per channel): run over all
+      the data as one batch, the fixed point of eval-mode inference in one forward
+      (:mod:`bnstats.torch._one_batch`);
     - ``"fixed"``: with ``statistics`` (a layer without an entry with its buffers);
     - ``"tracked"``: each batch runs twice. First with ``statistics`` (the reference; each
       call's input moments ``m_r, v_r`` are kept), then each call with ``base`` (the

@@ -175,13 +175,16 @@ class Recorder:
     ) -> None:
         """The statistics this call normalizes with, by the level's rule (:class:`Level`)."""
         rule = self.level.rule
-        if rule == "batch":
+        if rule in ("batch", "own"):
             if moments.name not in self.original:  # for inputs of one value per channel
                 self.original[moments.name] = (
                     module.running_mean.detach().clone(),
                     module.running_var.detach().clone(),
                 )
-            statistics = (mean, var) if count >= 2 else self.original[moments.name]
+            if count < 2:
+                statistics = self.original[moments.name]
+            else:  # "own": the population's unbiased var = var * count / (count - 1)
+                statistics = (mean, var if rule == "batch" else var * (count / (count - 1)))
         elif rule == "tracked":
             call, base = moments.calls_this_forward, self.level.base.get(moments.name)
             if base is None or call >= len(moments._reference):

@@ -149,8 +149,11 @@ class Correction:
         return result
 
 
-def subset_before_passes(batches: Any, options: PassOptions, call: Call) -> list[Any] | None:
-    """The subset, drawn before any whole pass, where that can be decided up front: no
+def subset_before_passes(
+    batches: Any, options: PassOptions, call: Call
+) -> tuple[list[Any], float] | None:
+    """The subset, drawn before any whole pass, and the data's samples over all ranks
+    (estimated from the first batches' mean size), where that can be decided up front: no
     ``tolerance``, on every rank ``batches`` with a length, and (at the first batches' mean
     size, within ``max_samples``) at least :data:`SUBSET_SHARE` subsets of data over all
     ranks; None otherwise (then the batch-statistics pass comes first,
@@ -170,7 +173,8 @@ def subset_before_passes(batches: Any, options: PassOptions, call: Call) -> list
         subset, totals = run_and_exchange(group, draw, dict(call))
     if any(total is None for total in totals):
         return None
-    return subset if _holds_enough_subsets(sum(totals)) else None
+    samples = sum(totals)
+    return (subset, samples) if _holds_enough_subsets(samples) else None
 
 
 def _draw_subset(
@@ -206,20 +210,18 @@ def _holds_enough_subsets(samples: float) -> bool:
 
 
 def iterate_from_subset(
-    run: Run, first: Run, batches: Any, subset: list[Any], limit: int
+    run: Run, first: Run, batches: Any, subset: list[Any], subset_start: Measured, limit: int
 ) -> tuple[Measured, Statistics, Measured]:
     """The subset iteration with the subset solved first (no batch-statistics pass over the
     whole data): the subset's batch statistics, the subset solve from them (no correction
     yet), then whole pass 1 at its solution (``first``: the pass whose options hold the
-    user's ``unreached``), then rounds as in :func:`iterate_with_subset`. Returns the last
-    whole pass, the statistics it normalized with, and whole pass 1."""
-    subset_start = run(Level(training=False, rule="batch"), subset)
+    user's ``unreached``), then rounds as in :func:`iterate_with_subset`; ``subset_start``
+    is the subset's batch-statistics pass. Returns the last whole pass, the statistics it
+    normalized with, and whole pass 1."""
     estimate, solve_passes, settled = _solve_on_subset(
         run, subset, iterate_statistics(subset_start, {}), Correction({}, {}), {}, limit
     )
-    start = _whole_pass(
-        first, batches, estimate, 1, 1 + solve_passes, len(subset_start.batch_sizes)
-    )
+    start = whole_pass(first, batches, estimate, 1, 1 + solve_passes, len(subset_start.batch_sizes))
     data = FirstBatches(batches, len(start.batch_sizes))
     if not settled or converged(start.moved):
         return start, estimate, start
@@ -241,7 +243,7 @@ def iterate_with_subset(
     subset_start = run(Level(training=False, rule="batch"), subset)
     correct = Correction(iterate_statistics(subset_start, {}), start)
     estimate, solve_passes, settled = _solve_on_subset(run, subset, start, correct, start, limit)
-    final = _whole_pass(run, data, estimate, 2, 1 + solve_passes, len(subset_start.batch_sizes))
+    final = whole_pass(run, data, estimate, 2, 1 + solve_passes, len(subset_start.batch_sizes))
     if not settled or converged(final.moved):
         return final, estimate
     moved = max(final.moved.values(), default=math.inf)
@@ -282,7 +284,7 @@ def _rounds(
             run, subset, estimate, correct, whole, limit
         )
         subset_passes = final.subset_passes + 1 + solve_passes
-        final = _whole_pass(
+        final = whole_pass(
             run, data, estimate, final.passes + 1, subset_passes, len(at_estimate.batch_sizes)
         )
         moved = max(final.moved.values(), default=math.inf)
@@ -291,7 +293,7 @@ def _rounds(
         last_moved = moved
 
 
-def _whole_pass(
+def whole_pass(
     run: Run,
     data: Any,
     estimate: Statistics,

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from bnstats.torch._eval_exact import require_reusable_batches
 from bnstats.torch._layers import (
     Forward,
     PreservedState,
@@ -20,7 +21,6 @@ from bnstats.torch._layers import (
     iterate_batches,
     unwrap,
 )
-from bnstats.torch._measure import require_reusable_batches
 from bnstats.torch._ranks import resolve_group
 from bnstats.torch.adapt import adapt
 from bnstats.torch.diagnose._evaluate import Buffers, Evaluator, Setting, load_buffers, read_buffers

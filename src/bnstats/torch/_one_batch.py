@@ -1,0 +1,142 @@
+"""``mode="eval"`` on data small enough to run as one batch: the fixed point of eval-mode
+inference in one forward, then one pass over the batches as given to check it.
+
+``F(s)`` is every BN layer's input population (mean, unbiased var) over all the data when
+every BN layer normalizes with ``s``; eval mode looks for ``s* = F(s*)``. Run all the data as
+one batch with every BN layer normalizing each call with its own input's population
+(``Level(rule="own")``): a layer's input depends only on the layers before it, and each of
+those normalized with its own population over all the data, so each layer's statistics are
+already ``s*`` when the forward reaches it. That is the level-by-level algorithm
+(``mode="eval_exact"``) in one forward, whatever the depth. Then one fixed pass over the
+batches as the user gave them at that ``s``, judged as every eval-mode result is
+(:func:`bnstats.torch._eval_statistics.movement`, at most
+:data:`bnstats.torch._eval_statistics.EVAL_TARGET`): where the joined batch was not the same
+data (a batch whose first dimension is not its samples, a model that mixes its samples,
+inputs that change from pass to pass), that pass moves the statistics and the plain whole
+passes go on from it (:func:`bnstats.torch._measure.measure_eval_mode`).
+
+Used where it is safe to hold the data as one batch (:func:`fits_one_batch`,
+:func:`join_batches`): one process (across ranks a layer's population is over all ranks'
+data), every BN layer called at most once per forward (a layer called twice normalizes its
+first call before seeing its second), the largest BN input of the joined batch at most
+:data:`ONE_BATCH_BYTES` (per layer: values per channel over the data, times channels, times
+the element size of its buffers, from a pass over the same data), and batches that join:
+tensors of the same trailing shape, dtype and device, joined along the first dimension,
+inside the same tuples, lists and dicts; any other part equal in every batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from bnstats.torch._eval_statistics import iterate_statistics
+from bnstats.torch._layer_pass import Measured
+from bnstats.torch._layers import iterate_batches
+from bnstats.torch._level import Level, Statistics
+from bnstats.torch._ranks import rank_count
+from bnstats.torch._subset_iteration import Run
+from bnstats.torch.options import PassOptions
+
+ONE_BATCH_BYTES = 256 * 2**20
+"""The largest BN input (and the joined inputs) that eval mode runs as one batch: 256 MiB
+(the forward of such a batch holds a few times that)."""
+
+_EQUAL_LEAVES = (int, float, str, bool, type(None))
+"""Parts of a batch other than tensors that may be joined: kept where equal in every batch."""
+
+
+class _CannotJoin(Exception):
+    """The batches do not join into one (:func:`join_batches`)."""
+
+
+def fits_one_batch(measured: Measured, scale: float = 1.0) -> bool:
+    """True where data of ``scale`` times the samples of the pass ``measured`` can run as one
+    batch: no BN layer called more than once in a forward, and the largest BN input over
+    the data at most :data:`ONE_BATCH_BYTES`."""
+    largest = 0.0
+    for moments in measured.reached():
+        if moments.max_calls_per_forward > 1:
+            return False
+        channels = moments.population.mean.numel()
+        size = moments.layer.running_var.element_size()
+        largest = max(largest, float(moments.population.count) * channels * size * scale)
+    return largest <= ONE_BATCH_BYTES
+
+
+def join_batches(batches: Iterable[Any], max_samples: int | None) -> Any | None:
+    """All of ``batches`` (within ``max_samples``) as one batch of the same structure; None
+    where they do not join (module docstring) or hold more than :data:`ONE_BATCH_BYTES`."""
+    parts = [batch for batch, _ in iterate_batches(batches, max_samples)]
+    if not parts or _tensor_bytes(parts) > ONE_BATCH_BYTES:
+        return None
+    try:
+        return _join(parts)
+    except _CannotJoin:
+        return None
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of all the tensors in ``value`` (nested tuples, lists, dicts)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, Mapping):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def _join(parts: list[Any]) -> Any:
+    """``parts`` (one per batch, alike) joined along the first dimension of their tensors."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        if not all(_joins_with(first, part) for part in parts):
+            raise _CannotJoin
+        return torch.cat(parts)
+    if isinstance(first, Mapping):
+        if not all(isinstance(p, Mapping) and p.keys() == first.keys() for p in parts):
+            raise _CannotJoin
+        return {key: _join([part[key] for part in parts]) for key in first}
+    if isinstance(first, (tuple, list)):
+        if not all(type(p) is type(first) and len(p) == len(first) for p in parts):
+            raise _CannotJoin
+        joined = [_join([part[i] for part in parts]) for i in range(len(first))]
+        if isinstance(first, tuple) and hasattr(first, "_fields"):  # a namedtuple
+            return type(first)(*joined)
+        return type(first)(joined)
+    if isinstance(first, _EQUAL_LEAVES) and all(
+        type(p) is type(first) and p == first for p in parts
+    ):
+        return first
+    raise _CannotJoin
+
+
+def _joins_with(first: torch.Tensor, part: Any) -> bool:
+    """True where ``part`` is a tensor that joins ``first`` along the first dimension."""
+    return (
+        isinstance(part, torch.Tensor)
+        and part.dim() >= 1
+        and part.shape[1:] == first.shape[1:]
+        and part.dtype == first.dtype
+        and part.device == first.device
+    )
+
+
+def joined_if_fits(batches: Any, measured: Measured, scale: float, options: PassOptions) -> Any:
+    """All of ``batches`` (within ``options.max_samples``) joined into one batch where one
+    process runs them and data of ``scale`` times the samples of the pass ``measured`` fit
+    (:func:`fits_one_batch`, :func:`join_batches`); else None."""
+    if rank_count(options.group) > 1 or not fits_one_batch(measured, scale):
+        return None
+    return join_batches(batches, options.max_samples)
+
+
+def one_batch_statistics(run: Run, joined: Any, start: Statistics) -> Statistics:
+    """Every layer's statistics from the one-batch forward over ``joined`` (each layer
+    normalizing each call with its own input's population); a layer it did not reach, or
+    whose statistics are not finite, keeps ``start``'s."""
+    one = run(Level(training=False, rule="own"), [joined])
+    return {**start, **iterate_statistics(one, start)}

@@ -1,0 +1,158 @@
+"""mode="eval" on data small enough to run as one batch (bnstats.torch._one_batch): the
+level-by-level statistics (mode="eval_exact") in one forward, checked by one whole pass."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import bnstats.torch as bt
+from bnstats.torch import _one_batch, _subset_iteration
+from bnstats.torch._one_batch import join_batches
+from tests.torch import eval_models
+from tests.torch.test_eval_mode_iterated import worst_difference
+
+
+@pytest.mark.parametrize(
+    ("name", "count", "size"),
+    [("chain", 16, 64), ("convchain", 16, 16), ("residual", 8, 16), ("dense", 8, 16)],
+)
+def test_small_data_reach_the_level_by_level_statistics_in_three_passes(name, count, size):
+    """The batch-statistics pass, the one-batch forward, one fixed pass that moves no layer
+    by more than 1e-4: three passes whatever the depth (30 levels for the chains, whose
+    whole passes alone take 25-31), within 1e-4 of level by level."""
+    model, data = eval_models.build(name), eval_models.batches(name, count, size)
+    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = bt.recalibrate_report(model, data, mode="eval")
+
+    assert result.converged and result.passes == 3 < exact.passes
+    assert result.subset_passes == 0 and max(result.moved.values()) <= 1e-4
+    assert worst_difference(model, exact.model) < 1e-4
+
+
+def test_the_one_batch_normalizes_with_the_unbiased_variance():
+    """Each call normalizes with its input's population: its unbiased variance, as eval mode
+    does. With the biased one (training's rule) the 30-deep chain on 256 samples lands
+    about 1 / 512 off, and the check pass would not converge."""
+    model, data = eval_models.build("chain"), eval_models.batches("chain", 4, 64)
+    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    result = bt.recalibrate_report(model, data, mode="eval")
+    assert result.passes == 3 and worst_difference(model, exact.model) < 1e-4
+
+
+def test_large_data_whose_size_is_known_run_as_one_batch_after_the_subsets_pass(monkeypatch):
+    """Data of enough subsets with a length: the subset's batch-statistics pass (64 samples
+    here) estimates the largest BN input over all the data, which fits; the one-batch
+    forward and one whole pass follow: two whole passes and one subset pass."""
+    monkeypatch.setattr(_subset_iteration, "SUBSET_SAMPLES", 64)
+    monkeypatch.setattr(_subset_iteration, "SUBSET_SHARE", 16)
+    model, data = eval_models.build("chain"), eval_models.batches("chain", 64, 16)
+    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    result = bt.recalibrate_report(model, data, mode="eval")
+
+    assert result.converged and result.passes == 2
+    assert result.subset_passes == 1 and result.subset_batches == 4
+    assert worst_difference(model, exact.model) < 1e-4
+
+
+def largest_input_bytes(model: nn.Module, data: list[torch.Tensor]) -> int:
+    """The largest BN input of ``model`` over all of ``data`` in bytes (float32)."""
+    largest = 0
+    for layer in model.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            seen: list[int] = []
+            hook = layer.register_forward_pre_hook(lambda m, a, s=seen: s.append(a[0].numel()))
+            with torch.no_grad():
+                model.eval()(torch.cat(data))
+            hook.remove()
+            largest = max(largest, seen[0] * 4)
+    return largest
+
+
+@pytest.mark.parametrize("spare", [0, -1])
+def test_data_whose_largest_bn_input_is_over_the_budget_take_the_whole_passes(monkeypatch, spare):
+    """The budget bounds the largest BN input over the data (values per channel times
+    channels times 4 bytes): at the budget the data run as one batch, a byte over they do
+    not (whole passes, with the late subset, as before)."""
+    model, data = eval_models.build("convchain"), eval_models.batches("convchain", 16, 16)
+    monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", largest_input_bytes(model, data) + spare)
+    result = bt.recalibrate_report(model, data, mode="eval")
+    assert result.converged
+    assert (result.passes == 3) == (spare == 0)
+
+
+class _TimeFirst(nn.Module):
+    """Batches (time, samples, features): the samples are along the second dimension, so
+    joining along the first makes longer sequences, not more samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn1, self.linear, self.bn2 = nn.BatchNorm1d(6), nn.Linear(6, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        summary = x.cumsum(0)[-1]  # each sample's sum over its sequence
+        return self.bn2(self.linear(torch.relu(self.bn1(summary))))
+
+
+def test_a_joined_batch_that_is_not_the_same_data_is_caught_by_the_check_pass():
+    """Joining along the first dimension is wrong for this model; the one-batch forward's
+    statistics are then not the fixed point, the check pass moves them, and whole passes go
+    on to level by level's statistics."""
+    torch.manual_seed(0)
+    model = _TimeFirst()
+    data = [torch.randn(5, 16, 6) + i for i in range(4)]
+    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    result = bt.recalibrate_report(model, data, mode="eval")
+    assert result.converged and result.passes > 3
+    assert worst_difference(model, exact.model) < 1e-4
+
+
+def test_max_samples_cuts_the_joined_batch_as_the_passes_cut_the_data():
+    model, data = eval_models.build("residual"), eval_models.batches("residual", 8, 16)
+    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact", max_samples=70)
+    result = bt.recalibrate_report(model, data, mode="eval", max_samples=70)
+    assert result.passes == 3 and result.samples == 70
+    assert worst_difference(model, exact.model) < 1e-4
+
+
+Pair = collections.namedtuple("Pair", "image label")
+
+
+def test_batches_join_inside_tuples_lists_dicts_and_namedtuples():
+    a, b = torch.arange(6.0).reshape(2, 3), torch.arange(6.0, 9.0).reshape(1, 3)
+    assert torch.equal(join_batches([a, b], None), torch.cat([a, b]))
+    joined = join_batches([(a, [a], {"x": a, "k": 3}), (b, [b], {"x": b, "k": 3})], None)
+    assert torch.equal(joined[0], torch.cat([a, b])) and torch.equal(joined[1][0], joined[0])
+    assert torch.equal(joined[2]["x"], joined[0]) and joined[2]["k"] == 3
+    named = join_batches([Pair(a, a[:, 0]), Pair(b, b[:, 0])], None)
+    assert isinstance(named, Pair) and named.label.tolist() == [0.0, 3.0, 6.0]
+    assert join_batches([a, b, a], 4).shape == (4, 3)  # the third batch cut to one row
+
+
+@pytest.mark.parametrize(
+    "batches",
+    [
+        [torch.zeros(2, 3), torch.zeros(2, 4)],  # other trailing shapes (padded per batch)
+        [torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float64)],
+        [(torch.zeros(2, 3), 1), (torch.zeros(2, 3), 2)],  # a part that differs
+        [(torch.zeros(2, 3), ["a", "b"]), (torch.zeros(2, 3), ["c", "d"])],
+        [{"x": torch.zeros(2, 3)}, {"y": torch.zeros(2, 3)}],
+        [(torch.zeros(2, 3), object()), (torch.zeros(2, 3), object())],
+        [],
+    ],
+)
+def test_batches_that_do_not_join_are_left_to_the_whole_passes(batches):
+    assert join_batches(batches, None) is None
+
+
+def test_joined_inputs_over_the_budget_are_not_joined(monkeypatch):
+    monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 4 * 12 * 4)  # 4 rows of 12 float32
+    assert join_batches([torch.zeros(2, 12)] * 2, None) is not None
+    assert join_batches([torch.zeros(2, 12)] * 3, None) is None
