@@ -26,8 +26,14 @@ held before the call (Linux's ``VmHWM``, reset first).
 - ``zoo``: resnet18, mobilenet_v2 and regnet_y_400mf (torchvision) at random weights, 128
   batches of 4 images 3x64x64 (512 samples), as ``benchmarks.eval_subset --zoo``.
 
-Run: ``PYTHONPATH=src:. python -m benchmarks.eval_one_batch [--cases small,large,trained,zoo]``
-(one torch thread; small about 1 minute, large about 10, trained about 8, zoo about 20).
+``--budget MIB`` sets the budget of the run as it runs: under the data's largest BN input
+the data take the whole passes and the subset iteration, with each subset solve one forward
+over the joined subset where that fits (``--cases small --budget 1``: the conv chain's
+late subset; ``--cases large --budget 4``: its 1,024-sample subset).
+
+Run: ``PYTHONPATH=src:. python -m benchmarks.eval_one_batch [--cases small,large,trained,zoo]
+[--budget MIB]`` (one torch thread; small about 1 minute, large about 10, trained about 8,
+zoo about 20).
 """
 
 from __future__ import annotations
@@ -152,7 +158,16 @@ def cases(names: list[str]) -> Iterator[tuple[str, nn.Module, list[torch.Tensor]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="small,large", help="small, large, trained, zoo")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="the one-batch budget in MiB for the run as it runs (default 256): under the "
+        "data's largest BN input, only the subset is joined",
+    )
     args = parser.parse_args(argv)
+    if args.budget is not None:
+        _one_batch.ONE_BATCH_BYTES = int(args.budget * 2**20)
     for label, model, data in cases(args.cases.split(",")):
         print(compare(label, model, data), flush=True)
     return 0

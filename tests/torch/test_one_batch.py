@@ -156,3 +156,40 @@ def test_joined_inputs_over_the_budget_are_not_joined(monkeypatch):
     monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 4 * 12 * 4)  # 4 rows of 12 float32
     assert join_batches([torch.zeros(2, 12)] * 2, None) is not None
     assert join_batches([torch.zeros(2, 12)] * 3, None) is None
+
+
+def test_a_subset_that_fits_is_solved_in_one_forward_a_round(monkeypatch):
+    """Data over the budget whose late subset fits (the conv chain's 1,024 samples hold a
+    2 MiB largest BN input; its 4-batch subset an eighth of an MiB): each round's solve is
+    one forward over the joined subset with the correction applied call by call, so a
+    round costs two subset passes (the correction's and the solve's), not one per depth
+    level; the same whole passes as solving by passes, within 1e-4 of level by level."""
+    model, data = eval_models.build("convchain"), eval_models.batches("convchain", 64, 16)
+    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 0)
+    by_passes = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval")
+    monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 2**20)
+    result = bt.recalibrate_report(model, data, mode="eval")
+
+    assert result.converged and result.subset_batches == 4
+    rounds = result.passes - 4
+    assert rounds >= 1 and result.subset_passes == 2 * rounds < by_passes.subset_passes
+    assert result.passes <= by_passes.passes
+    assert worst_difference(model, exact.model) < 1e-4
+
+
+def test_a_subset_drawn_first_that_fits_is_solved_in_one_forward(monkeypatch):
+    """Large data with a length, too large for one batch (budget 1 MiB against the conv
+    chain's 2 MiB over 1,024 samples) and a subset of 64 samples that fits: the subset's
+    batch-statistics pass, its own fixed point in one forward, then rounds of two subset
+    passes each; within 1e-4 of level by level."""
+    monkeypatch.setattr(_subset_iteration, "SUBSET_SAMPLES", 64)
+    monkeypatch.setattr(_subset_iteration, "SUBSET_SHARE", 16)
+    monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 2**20)
+    model, data = eval_models.build("convchain"), eval_models.batches("convchain", 64, 16)
+    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    result = bt.recalibrate_report(model, data, mode="eval")
+
+    assert result.converged and result.subset_batches == 4
+    assert result.subset_passes == 2 + 2 * (result.passes - 1)
+    assert worst_difference(model, exact.model) < 1e-4

@@ -3,7 +3,7 @@ undone on exit (:func:`pass_mode`)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -45,9 +45,10 @@ class Level:
     - ``"batch"``: each call with its input's own ``mean`` and biased ``var``, as in training
       (with its buffers where the input has fewer than 2 values per channel);
     - ``"own"``: each call with its input's own population, ``mean`` and unbiased ``var``
-      (with its buffers where the input has fewer than 2 values per channel): run over all
-      the data as one batch, the fixed point of eval-mode inference in one forward
-      (:mod:`bnstats.torch._one_batch`);
+      (with its buffers where the input has fewer than 2 values per channel), mapped by
+      ``correction`` where one is given: run over all the data as one batch, the fixed point
+      of eval-mode inference in one forward (:mod:`bnstats.torch._one_batch`; over a subset
+      with its correction, the subset iteration's solve, :mod:`bnstats.torch._subset_iteration`);
     - ``"fixed"``: with ``statistics`` (a layer without an entry with its buffers);
     - ``"tracked"``: each batch runs twice. First with ``statistics`` (the reference; each
       call's input moments ``m_r, v_r`` are kept), then each call with ``base`` (the
@@ -72,6 +73,9 @@ class Level:
     """The probability that some channel measured in this pass lies outside the
     ``tolerance`` that its stop allows: :data:`MISS_PROBABILITY`, or a share of it where
     several passes each stop on their own layers (``mode="eval_exact"``)."""
+    correction: Callable[[Statistics], Statistics] | None = None
+    """The ``"own"`` rule: the map from a call's population to the statistics it normalizes
+    with (per layer by name; a layer the map leaves out as it is)."""
 
     @classmethod
     def fixed(cls, statistics: Statistics) -> Level:

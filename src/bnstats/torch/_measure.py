@@ -14,6 +14,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import Any
 
 from torch import nn
@@ -210,7 +211,8 @@ def _subset_first(
         start = whole_pass(first, batches, estimate, 2, 1, len(subset))
         return start, estimate, start
     layers = len(find_batchnorm_layers(unwrap(model)))
-    return iterate_from_subset(run, first, batches, subset, subset_start, layers + 2)
+    join = partial(joined_if_fits, options=options)
+    return iterate_from_subset(run, first, batches, subset, subset_start, layers + 2, join)
 
 
 def _batch_statistics_first(
@@ -233,16 +235,17 @@ def _batch_statistics_first(
         return whole_pass(again_run, data, estimate, 3, 0, 0), estimate, start, data
     ranks = rank_count(options.group)
     count = subset_batches(start.batch_sizes, ranks)
+    join = partial(joined_if_fits, options=options)
     if count is None:
         final, estimate = _four_passes(model, again_run, data, start_statistics)
         late = None if converged(final.moved) else late_subset_batches(start.batch_sizes, ranks)
         if late is not None:
             final, estimate = iterate_after_passes(
-                again_run, data, late, estimate, final, len(start.layers) + 2
+                again_run, data, late, estimate, final, len(start.layers) + 2, join
             )
     else:
         final, estimate = iterate_with_subset(
-            again_run, data, count, start_statistics, len(start.layers) + 2
+            again_run, data, count, start_statistics, len(start.layers) + 2, join
         )
     return final, estimate, start, data
 

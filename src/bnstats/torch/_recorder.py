@@ -183,8 +183,12 @@ class Recorder:
                 )
             if count < 2:
                 statistics = self.original[moments.name]
-            else:  # "own": the population's unbiased var = var * count / (count - 1)
-                statistics = (mean, var if rule == "batch" else var * (count / (count - 1)))
+            elif rule == "batch":
+                statistics = (mean, var)
+            else:  # the population's unbiased var = var * count / (count - 1)
+                statistics = (mean, var * (count / (count - 1)))
+                if self.level.correction is not None:
+                    statistics = self.level.correction({moments.name: statistics})[moments.name]
         elif rule == "tracked":
             call, base = moments.calls_this_forward, self.level.base.get(moments.name)
             if base is None or call >= len(moments._reference):

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -85,6 +86,19 @@ correction, and how far its whole pass moved says nothing of how well the subset
 
 Run = Callable[[Level, Any], Measured]
 """``run(level, batches)``: one pass of the model at ``level`` over ``batches``."""
+Join = Callable[[list[Any], Measured, float], Any]
+"""``join(subset, measured, scale)``: the subset's batches as one batch where data of
+``scale`` times the samples of the pass ``measured`` fit in one
+(:func:`bnstats.torch._one_batch.joined_if_fits`), else None."""
+
+
+@dataclass
+class Subset:
+    """The subset's ``batches``, drawn once, and where they fit in one batch, ``joined``:
+    then each solve is one forward (:func:`_solve_on_subset`)."""
+
+    batches: list[Any]
+    joined: Any = None
 
 
 def subset_batches(sizes: list[int | None], ranks: int) -> int | None:
@@ -210,14 +224,21 @@ def _holds_enough_subsets(samples: float) -> bool:
 
 
 def iterate_from_subset(
-    run: Run, first: Run, batches: Any, subset: list[Any], subset_start: Measured, limit: int
+    run: Run,
+    first: Run,
+    batches: Any,
+    drawn: list[Any],
+    subset_start: Measured,
+    limit: int,
+    join: Join,
 ) -> tuple[Measured, Statistics, Measured]:
     """The subset iteration with the subset solved first (no batch-statistics pass over the
     whole data): the subset's batch statistics, the subset solve from them (no correction
     yet), then whole pass 1 at its solution (``first``: the pass whose options hold the
     user's ``unreached``), then rounds as in :func:`iterate_with_subset`; ``subset_start``
-    is the subset's batch-statistics pass. Returns the last whole pass, the statistics it
-    normalized with, and whole pass 1."""
+    is the subset's batch-statistics pass over the ``drawn`` batches. Returns the last whole
+    pass, the statistics it normalized with, and whole pass 1."""
+    subset = Subset(drawn, join(drawn, subset_start, 1.0))
     estimate, solve_passes, settled = _solve_on_subset(
         run, subset, iterate_statistics(subset_start, {}), Correction({}, {}), {}, limit
     )
@@ -232,15 +253,16 @@ def iterate_from_subset(
 
 
 def iterate_with_subset(
-    run: Run, data: Any, count: int, start: Statistics, limit: int
+    run: Run, data: Any, count: int, start: Statistics, limit: int, join: Join
 ) -> tuple[Measured, Statistics]:
     """The subset iteration (module docstring) from ``start``, the populations of the
     batch-statistics pass over ``data`` (counted as its first pass), with the first ``count``
     batches of ``data`` as the subset; subset solves of at most ``limit`` passes. Returns
     the last whole pass (``passes`` counting ``start``, ``moved``, ``subset_passes``,
     ``subset_batches`` set) and the statistics it normalized with."""
-    subset = list(FirstBatches(data, count))  # the same batches in every subset pass
-    subset_start = run(Level(training=False, rule="batch"), subset)
+    drawn = list(FirstBatches(data, count))  # the same batches in every subset pass
+    subset_start = run(Level(training=False, rule="batch"), drawn)
+    subset = Subset(drawn, join(drawn, subset_start, 1.0))
     correct = Correction(iterate_statistics(subset_start, {}), start)
     estimate, solve_passes, settled = _solve_on_subset(run, subset, start, correct, start, limit)
     final = whole_pass(run, data, estimate, 2, 1 + solve_passes, len(subset_start.batch_sizes))
@@ -251,21 +273,23 @@ def iterate_with_subset(
 
 
 def iterate_after_passes(
-    run: Run, data: Any, count: int, estimate: Statistics, last: Measured, limit: int
+    run: Run, data: Any, count: int, estimate: Statistics, last: Measured, limit: int, join: Join
 ) -> tuple[Measured, Statistics]:
     """The rounds of the subset iteration after whole passes that did not converge: ``last``
     the last of them (``passes`` and ``moved`` set), which normalized with ``estimate``; the
     first ``count`` batches of ``data`` as the subset. The first round is judged against how
     far ``last`` moved the statistics (its correction is measured at ``estimate``, unlike a
     subset's own fixed point's). Returns as :func:`iterate_with_subset`."""
-    subset = list(FirstBatches(data, count))  # the same batches in every subset pass
+    drawn = list(FirstBatches(data, count))  # the same batches in every subset pass
+    sizes = last.batch_sizes
+    subset = Subset(drawn, join(drawn, last, sum(sizes[:count]) / sum(sizes)))
     return _rounds(run, data, subset, estimate, last, limit, max(last.moved.values()))
 
 
 def _rounds(
     run: Run,
     data: Any,
-    subset: list[Any],
+    subset: Subset,
     estimate: Statistics,
     last: Measured,
     limit: int,
@@ -278,7 +302,7 @@ def _rounds(
     final = last
     while True:
         whole = iterate_statistics(final, estimate)
-        at_estimate = run(Level.fixed(estimate), subset)
+        at_estimate = run(Level.fixed(estimate), subset.batches)
         correct = Correction(iterate_statistics(at_estimate, estimate), whole)
         estimate, solve_passes, settled = _solve_on_subset(
             run, subset, estimate, correct, whole, limit
@@ -312,18 +336,26 @@ def whole_pass(
 
 def _solve_on_subset(
     run: Run,
-    subset: list[Any],
+    subset: Subset,
     estimate: Statistics,
     correct: Correction,
     whole: Statistics,
     limit: int,
 ) -> tuple[Statistics, int, bool]:
-    """``s = C(F_sub(s))`` by fixed passes over ``subset`` from ``estimate`` (layers the
-    subset does not reach: ``whole``'s statistics): the solution, the passes it took, and
-    whether it settled within ``limit`` passes."""
+    """``s = C(F_sub(s))`` from ``estimate`` (layers the subset does not reach: ``whole``'s
+    statistics): the solution, the passes it took, and whether it settled. Where the subset
+    is ``joined``, one forward over it with each BN layer normalizing each call with ``C``
+    of its own input's population (``Level(rule="own")``: every layer is solved when the
+    forward reaches it, as in :mod:`bnstats.torch._one_batch`); else fixed passes over its
+    batches until one moves no layer by more than a tenth of the eval-mode target, at most
+    ``limit`` passes."""
+    if subset.joined is not None:
+        level = Level(training=False, rule="own", correction=correct)
+        measured = run(level, [subset.joined])
+        return {**estimate, **whole, **correct(iterate_statistics(measured, estimate))}, 1, True
     target = _eval_statistics.EVAL_TARGET / 10
     for passes in range(1, limit + 1):
-        measured = run(Level.fixed(estimate), subset)
+        measured = run(Level.fixed(estimate), subset.batches)
         moved_to = {**whole, **correct(iterate_statistics(measured, estimate))}
         eps = {name: float(m.layer.eps) for name, m in measured.layers.items()}
         moved = statistics_movement(estimate, _common(moved_to, estimate), eps)
