@@ -193,3 +193,46 @@ def test_a_subset_drawn_first_that_fits_is_solved_in_one_forward(monkeypatch):
     assert result.converged and result.subset_batches == 4
     assert result.subset_passes == 2 + 2 * (result.passes - 1)
     assert worst_difference(model, exact.model) < 1e-4
+
+
+class _FixedBatch(nn.Module):
+    """A model written for batches of 16 rows: ``view(16, ...)`` fails on any other size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chain = eval_models.mlp_chain(depth=6, width=8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.chain(x.view(16, 12))
+
+
+def test_a_one_batch_forward_that_fails_leaves_the_model_to_the_passes():
+    """The joined batch of 64 rows fails in the model's own forward: the model is left as
+    it was and the passes of data over the budget run (the error is not the user's: their
+    batches run), within 1e-4 of level by level."""
+    torch.manual_seed(0)
+    model, data = _FixedBatch(), eval_models.batches("chain", 4, 16)
+    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = bt.recalibrate_report(model, data, mode="eval")
+    assert result.converged and result.passes >= 4
+    assert worst_difference(model, exact.model) < 1e-4
+
+
+class _Counted:
+    """Batches that count how many were drawn."""
+
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self.batches, self.drawn = batches, 0
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.drawn += 1
+            yield batch
+
+
+def test_joining_stops_drawing_once_the_inputs_are_over_the_budget(monkeypatch):
+    monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 4 * 12 * 4)  # 4 rows of 12 float32
+    counted = _Counted([torch.zeros(2, 12)] * 10)
+    assert join_batches(counted, None) is None and counted.drawn == 3

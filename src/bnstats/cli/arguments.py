@@ -57,7 +57,8 @@ def add_pass_mode(parser: argparse.ArgumentParser) -> None:
         default="train",
         help="train: each BN layer's input with every BN normalizing by its batch (one pass); "
         "eval: as inference sees it, every BN using its new statistics (whole-model passes "
-        "until they stop moving, 4 or more); eval_exact: the same, level by level",
+        "until they stop moving: 3 where the data fit in one batch, else 4 or more); "
+        "eval_exact: the same, level by level",
     )
     parser.add_argument(
         "--tolerance",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -15,7 +15,10 @@ from torch import nn
 
 from bnstats.torch._layer_pass import Measured
 from bnstats.torch._layers import display_name, find_batchnorm_layers, unwrap
-from bnstats.torch._level import Statistics
+from bnstats.torch._level import Level, Statistics
+
+Run = Callable[[Level, Any], Measured]
+"""``run(level, batches)``: one pass of the model at ``level`` over ``batches``."""
 
 EVAL_TARGET = 1e-4
 """``mode="eval"`` has converged when its last pass moved no layer's statistics by more

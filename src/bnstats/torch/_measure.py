@@ -205,9 +205,9 @@ def _subset_first(
     subset, samples = drawn
     subset_start = run(Level(training=False, rule="batch"), subset)
     scale = samples / max(sum(size or 0 for size in subset_start.batch_sizes), 1)
-    joined = joined_if_fits(batches, subset_start, scale, options)
-    if joined is not None:
-        estimate = one_batch_statistics(run, joined, iterate_statistics(subset_start, {}))
+    own = iterate_statistics(subset_start, {})
+    estimate = one_batch_statistics(run, batches, subset_start, scale, options, own)
+    if estimate is not None:
         start = whole_pass(first, batches, estimate, 2, 1, len(subset))
         return start, estimate, start
     layers = len(find_batchnorm_layers(unwrap(model)))
@@ -229,9 +229,8 @@ def _batch_statistics_first(
     start = run(Level(training=False, rule="batch"), batches, options)
     data = FirstBatches(batches, len(start.batch_sizes))
     start_statistics = statistics_of(start)
-    joined = joined_if_fits(data, start, 1.0, options)
-    if joined is not None:
-        estimate = one_batch_statistics(again_run, joined, start_statistics)
+    estimate = one_batch_statistics(again_run, data, start, 1.0, options, start_statistics)
+    if estimate is not None:
         return whole_pass(again_run, data, estimate, 3, 0, 0), estimate, start, data
     ranks = rank_count(options.group)
     count = subset_batches(start.batch_sizes, ranks)

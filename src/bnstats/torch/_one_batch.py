@@ -32,12 +32,11 @@ from typing import Any
 
 import torch
 
-from bnstats.torch._eval_statistics import iterate_statistics
+from bnstats.torch._eval_statistics import Run, iterate_statistics
 from bnstats.torch._layer_pass import Measured
 from bnstats.torch._layers import iterate_batches
 from bnstats.torch._level import Level, Statistics
 from bnstats.torch._ranks import rank_count
-from bnstats.torch._subset_iteration import Run
 from bnstats.torch.options import PassOptions
 
 ONE_BATCH_BYTES = 256 * 2**20
@@ -69,8 +68,13 @@ def fits_one_batch(measured: Measured, scale: float = 1.0) -> bool:
 def join_batches(batches: Iterable[Any], max_samples: int | None) -> Any | None:
     """All of ``batches`` (within ``max_samples``) as one batch of the same structure; None
     where they do not join (module docstring) or hold more than :data:`ONE_BATCH_BYTES`."""
-    parts = [batch for batch, _ in iterate_batches(batches, max_samples)]
-    if not parts or _tensor_bytes(parts) > ONE_BATCH_BYTES:
+    parts, held = [], 0
+    for batch, _ in iterate_batches(batches, max_samples):
+        held += _tensor_bytes(batch)
+        if held > ONE_BATCH_BYTES:
+            return None  # no further batch drawn
+        parts.append(batch)
+    if not parts:
         return None
     try:
         return _join(parts)
@@ -134,9 +138,32 @@ def joined_if_fits(batches: Any, measured: Measured, scale: float, options: Pass
     return join_batches(batches, options.max_samples)
 
 
-def one_batch_statistics(run: Run, joined: Any, start: Statistics) -> Statistics:
-    """Every layer's statistics from the one-batch forward over ``joined`` (each layer
-    normalizing each call with its own input's population); a layer it did not reach, or
-    whose statistics are not finite, keeps ``start``'s."""
-    one = run(Level(training=False, rule="own"), [joined])
-    return {**start, **iterate_statistics(one, start)}
+def one_batch_statistics(
+    run: Run,
+    batches: Any,
+    measured: Measured,
+    scale: float,
+    options: PassOptions,
+    start: Statistics,
+) -> Statistics | None:
+    """Every layer's statistics from the one-batch forward over all of ``batches`` (each
+    layer normalizing each call with its own input's population), where they run as one
+    batch (:func:`joined_if_fits`: data of ``scale`` times the samples of the pass
+    ``measured``); a layer it did not reach, or whose statistics are not finite, keeps
+    ``start``'s. None where the data do not fit or the forward failed
+    (:func:`run_one_batch`)."""
+    joined = joined_if_fits(batches, measured, scale, options)
+    if joined is None:
+        return None
+    one = run_one_batch(run, Level(training=False, rule="own"), joined)
+    return None if one is None else {**start, **iterate_statistics(one, start)}
+
+
+def run_one_batch(run: Run, level: Level, joined: Any) -> Measured | None:
+    """The pass at ``level`` over the one batch ``joined``; None where it failed (a model
+    that fixes its batch size, memory short): the model is as it was, and the passes of
+    data over the budget run instead, which meet the same error if it is the model's."""
+    try:
+        return run(level, [joined])
+    except Exception:  # noqa: BLE001 (the one batch is a shortcut; the passes still run)
+        return None

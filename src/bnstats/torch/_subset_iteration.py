@@ -34,7 +34,9 @@ subset solve does not settle, plain fixed passes over the whole data take over
 (:func:`bnstats.torch._measure.measure_eval_mode`). Data of fewer than :data:`SUBSET_SHARE`
 subsets run four whole passes first; where those did not converge, the rounds go on from
 the fourth with the first batches holding a sixteenth of the samples, or 64 samples, as the
-subset (:func:`iterate_after_passes`, :func:`late_subset_batches`).
+subset (:func:`iterate_after_passes`, :func:`late_subset_batches`). Data that fit in one
+batch take none of this (:mod:`bnstats.torch._one_batch`); where only the subset fits, each
+solve of step 2 is one forward over the joined subset (:func:`_solve_on_subset`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import torch
 from bnstats.torch import _eval_statistics
 from bnstats.torch._eval_statistics import (
     FirstBatches,
+    Run,
     converged,
     iterate_statistics,
     movement,
@@ -57,6 +60,7 @@ from bnstats.torch._eval_statistics import (
 from bnstats.torch._layer_pass import Measured
 from bnstats.torch._layers import iterate_batches
 from bnstats.torch._level import Level, Statistics
+from bnstats.torch._one_batch import run_one_batch
 from bnstats.torch._pass import Call
 from bnstats.torch._ranks import rank_count, resolve_group, run_and_exchange
 from bnstats.torch.options import PassOptions
@@ -84,8 +88,6 @@ what the round before moved them (else the subset is no guide: plain whole passe
 The first round after the subset's own fixed point is not judged: that point had no
 correction, and how far its whole pass moved says nothing of how well the subset guides."""
 
-Run = Callable[[Level, Any], Measured]
-"""``run(level, batches)``: one pass of the model at ``level`` over ``batches``."""
 Join = Callable[[list[Any], Measured, float], Any]
 """``join(subset, measured, scale)``: the subset's batches as one batch where data of
 ``scale`` times the samples of the pass ``measured`` fit in one
@@ -351,8 +353,11 @@ def _solve_on_subset(
     ``limit`` passes."""
     if subset.joined is not None:
         level = Level(training=False, rule="own", correction=correct)
-        measured = run(level, [subset.joined])
-        return {**estimate, **whole, **correct(iterate_statistics(measured, estimate))}, 1, True
+        measured = run_one_batch(run, level, subset.joined)
+        if measured is not None:
+            solution = {**whole, **correct(iterate_statistics(measured, estimate))}
+            return {**estimate, **solution}, 1, True
+        subset.joined = None  # the forward failed: passes over the subset from now on
     target = _eval_statistics.EVAL_TARGET / 10
     for passes in range(1, limit + 1):
         measured = run(Level.fixed(estimate), subset.batches)
