@@ -3,9 +3,9 @@
 For each architecture of :mod:`benchmarks.zoo_pass_cost` (timm and torchvision, random weights,
 nothing downloaded), 4 batches of 4x3x64x64 images (inception_v3 96x96):
 
-- ``recalibrate_report(mode="eval")``: its passes, whether the four whole-model passes
-  converged (the last one moved no layer by more than 1e-4 of its output scale; if not it
-  falls back to level by level) and how far that last pass moved the worst layer;
+- ``recalibrate_report(mode="eval")``: its passes (data this small run as one batch, then
+  one check pass), whether they converged (the last one moved no layer by more than 1e-4
+  of its output scale) and how far that last pass moved the worst layer;
 - ``recalibrate_report(mode="eval_exact")``: the passes level by level takes (one per depth
   level of the BN layers);
 - ``worst``: the largest difference between the two results over all channels of all
