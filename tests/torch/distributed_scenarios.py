@@ -8,6 +8,7 @@ Expected errors are caught here, with a check that the model's state did not cha
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -123,7 +124,8 @@ def eval_mode_subset_resnet(unsized_rank: int | None) -> Callable[[int], dict[st
             setattr(_measure, path, _recorded(original, path, taken))
         _subset_iteration.SUBSET_SAMPLES = 1
         try:
-            result = bt.recalibrate_report(model, batches, mode="eval")
+            with _without_one_batch():
+                result = bt.recalibrate_report(model, batches, mode="eval")
         finally:  # the worker runs the other scenarios after this one
             _subset_iteration.SUBSET_SAMPLES = samples
             for path, original in paths.items():
@@ -140,16 +142,51 @@ def eval_mode_subset_resnet(unsized_rank: int | None) -> Callable[[int], dict[st
 
 def eval_mode_late_subset(rank: int) -> dict[str, Any]:
     """mode="eval" on the 30-deep conv chain, 64 batches of 16 split in halves (rank 0 the
-    first): four whole passes do not converge, and the rounds go on with a late subset of
-    64 samples, each rank's first 2 batches."""
+    first), as on data too large for one batch: four whole passes do not converge, and the
+    rounds go on with a late subset of 64 samples, each rank's first 2 batches."""
     model = eval_models.build("convchain")
     batches = eval_models.batches("convchain", 64, 16)[32 * rank : 32 * (rank + 1)]
-    result = bt.recalibrate_report(model, batches, mode="eval")
+    with _without_one_batch():
+        result = bt.recalibrate_report(model, batches, mode="eval")
+    return _eval_result(model, result)
+
+
+def eval_mode_one_batch(unjoinable_rank: int | None) -> Callable[[int], dict[str, Any]]:
+    """mode="eval" on the 30-deep conv chain, 64 batches of 16 split in halves: all ranks'
+    data gathered and run as one batch on every rank. With ``unjoinable_rank``, that rank's
+    second batch is 7x7 images where the others are 8x8: its batches do not join, and every
+    rank takes the passes of data over the budget instead."""
+
+    def scenario(rank: int) -> dict[str, Any]:
+        model = eval_models.build("convchain")
+        batches = eval_models.batches("convchain", 64, 16)[32 * rank : 32 * (rank + 1)]
+        if rank == unjoinable_rank:
+            batches[1] = batches[1][:, :, :7, :7]
+        result = bt.recalibrate_report(model, batches, mode="eval")
+        return _eval_result(model, result)
+
+    return scenario
+
+
+def _eval_result(model: nn.Module, result: bt.Recalibration) -> dict[str, Any]:
     return {
         "state": _state(model),
         "passes": result.passes,
         "subset": (result.subset_passes, result.subset_batches),
     }
+
+
+@contextlib.contextmanager
+def _without_one_batch() -> Iterator[None]:
+    """mode="eval" as on data too large to run as one batch (the worker runs other
+    scenarios after this one: the budget is put back)."""
+    from bnstats.torch import _one_batch
+
+    budget, _one_batch.ONE_BATCH_BYTES = _one_batch.ONE_BATCH_BYTES, 0
+    try:
+        yield
+    finally:
+        _one_batch.ONE_BATCH_BYTES = budget
 
 
 def _recorded(function: Callable[..., Any], name: str, taken: list[str]) -> Callable[..., Any]:
@@ -475,6 +512,8 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "eval_mode_subset_resnet": eval_mode_subset_resnet(None),
     "eval_mode_subset_unsized_rank1": eval_mode_subset_resnet(1),
     "eval_mode_late_subset": eval_mode_late_subset,
+    "eval_mode_one_batch": eval_mode_one_batch(None),
+    "eval_mode_one_batch_unjoinable_rank1": eval_mode_one_batch(1),
     "empty_rank0": empty_rank(0),
     "empty_rank1": empty_rank(1),
     "all_empty": all_empty,

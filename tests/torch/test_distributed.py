@@ -138,11 +138,7 @@ def test_uneven_ranks_equal_one_process_on_the_concatenated_batches(pair, name):
     assert max_relative_difference(results[0]["state"], alone, integers=False) > 1e-3
 
 
-def test_eval_mode_in_a_group_equals_one_process_on_the_concatenated_batches(
-    pair, without_one_batch
-):
-    """Ranks do not run their data as one batch (a layer's population is over all ranks):
-    the same passes as one process on data too large for one batch."""
+def test_eval_mode_in_a_group_equals_one_process_on_the_concatenated_batches(pair):
     results = pair.results("eval_mode_resnet")
     expected = single_process(zoo.build("resnet"), concatenated("resnet"), mode="eval")
     assert_both_equal_reference(results, expected)
@@ -185,6 +181,34 @@ def test_eval_mode_goes_on_with_a_late_subset_in_a_group(pair):
     assert_bit_identical(first["state"], second["state"])
     model, batches = eval_models.build("convchain"), eval_models.batches("convchain", 64, 16)
     exact = single_process(model, batches, mode="eval_exact")
+    assert max_relative_difference(first["state"], exact, integers=False) < 1e-4
+
+
+def test_eval_mode_runs_all_ranks_data_as_one_batch_on_every_rank(pair):
+    """The conv chain's 1,024 samples, half on each rank: every rank gathers both halves and
+    runs them as one batch, then one check pass over each rank's batches (three passes,
+    against 6 with the late subset): bit-identical on both ranks, one process's result on
+    the same batches, within 1e-4 of level by level."""
+    first, second = pair.results("eval_mode_one_batch")
+    assert first["passes"] == second["passes"] == 3 and first["subset"] == (0, 0)
+    assert_bit_identical(first["state"], second["state"])
+    batches = eval_models.batches("convchain", 64, 16)
+    one = single_process(eval_models.build("convchain"), batches, mode="eval")
+    assert max_relative_difference(first["state"], one) <= RTOL
+    exact = single_process(eval_models.build("convchain"), batches, mode="eval_exact")
+    assert max_relative_difference(first["state"], exact, integers=False) < 1e-4
+
+
+def test_batches_that_do_not_join_on_one_rank_send_every_rank_to_the_passes(pair):
+    """Rank 1's batches hold images of two sizes: they do not join, the first exchange says
+    so, and both ranks take the four passes and the late subset, the same passes, within
+    1e-4 of level by level on the same batches."""
+    first, second = pair.results("eval_mode_one_batch_unjoinable_rank1")
+    assert first["passes"] == second["passes"] > 3 and first["subset"] == second["subset"]
+    assert_bit_identical(first["state"], second["state"])
+    batches = eval_models.batches("convchain", 64, 16)
+    batches[33] = batches[33][:, :, :7, :7]  # rank 1's second batch
+    exact = single_process(eval_models.build("convchain"), batches, mode="eval_exact")
     assert max_relative_difference(first["state"], exact, integers=False) < 1e-4
 
 
@@ -355,7 +379,7 @@ def test_audit_in_a_group_measures_all_ranks_data(pair):
         assert layer["kl"]["mean"] == pytest.approx(truth["kl"]["mean"], rel=1e-9)
 
 
-def test_diagnose_in_a_group_is_one_report_over_all_ranks_data(pair, without_one_batch):
+def test_diagnose_in_a_group_is_one_report_over_all_ranks_data(pair):
     first, second = pair.results("diagnose_in_group")
     assert first["unchanged"] and second["unchanged"]
     assert first["report"] == second["report"]
@@ -370,9 +394,7 @@ def test_diagnose_in_a_group_is_one_report_over_all_ranks_data(pair, without_one
     assert [f["kind"] for f in got["findings"]] == [f["kind"] for f in expected["findings"]]
 
 
-def test_diagnose_with_uneven_test_batches_is_the_report_over_all_ranks_data(
-    pair, without_one_batch
-):
+def test_diagnose_with_uneven_test_batches_is_the_report_over_all_ranks_data(pair):
     first, second = pair.results("diagnose_with_uneven_test_batches")
     assert first["report"] == second["report"]
     expected = bt.diagnose(

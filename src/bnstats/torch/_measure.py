@@ -99,7 +99,7 @@ def measure_eval_mode(
        BN makes it): the estimate ``t``;
     4. ``"fixed"`` at ``t``: the populations ``F(t)``;
 
-    (where one process runs data whose largest BN input fits
+    (where the data's largest BN input, over all ranks, fits
     :data:`~bnstats.torch._one_batch.ONE_BATCH_BYTES`, passes 2-4 are one forward of all the
     data joined into one batch, each layer normalizing with its own input's population,
     then one fixed pass at its statistics, :mod:`bnstats.torch._one_batch`; else,
@@ -148,14 +148,17 @@ def measure_eval_mode(
     def first_run(level: Level, batches: Any) -> Measured:  # under the user's `unreached`
         return run(level, batches, replace(again, unreached=options.unreached))
 
-    drawn = subset_before_passes(batches, options, call_record(tool, options))
+    def alone_run(level: Level, batches: Any) -> Measured:  # this process's data alone
+        return run(level, batches, replace(again, group=False))
+
+    call = call_record(tool, options)
+    runs = _Runs(run, again_run, first_run, alone_run)
+    drawn = subset_before_passes(batches, options, call)
     if drawn is not None:
-        final, estimate, start = _subset_first(model, again_run, first_run, batches, drawn, options)
+        final, estimate, start = _subset_first(model, runs, batches, drawn, options, call)
         data = FirstBatches(batches, len(start.batch_sizes))
     else:
-        final, estimate, start, data = _batch_statistics_first(
-            model, run, again_run, batches, options
-        )
+        final, estimate, start, data = _batch_statistics_first(model, runs, batches, options, call)
     limit = final.passes + len(start.layers) + 1
     counts = final.subset_passes, final.subset_batches
     while not converged(final.moved) and final.passes < limit:
@@ -189,13 +192,26 @@ def measure_eval_mode(
     return exact
 
 
+@dataclass(frozen=True)
+class _Runs:
+    """The passes of :func:`measure_eval_mode`: ``user(level, batches, options)`` with the
+    options given; ``again`` (no tolerance, NaN skipped, unreached layers kept), ``first``
+    (the same under the user's ``unreached``), ``alone`` (``again`` on this process's data
+    alone, the one batch across ranks)."""
+
+    user: Any
+    again: Run
+    first: Run
+    alone: Run
+
+
 def _subset_first(
     model: nn.Module,
-    run: Run,
-    first: Run,
+    runs: _Runs,
     batches: Any,
     drawn: tuple[list[Any], float],
     options: PassOptions,
+    call: Call,
 ) -> tuple[Measured, Statistics, Measured]:
     """Data of enough subsets whose size is known up front: the subset's batch-statistics
     pass, then all the data as one batch where they fit (:mod:`bnstats.torch._one_batch`),
@@ -203,20 +219,22 @@ def _subset_first(
     the statistics it normalized with, and whole pass 1 (``first``: the user's
     ``unreached``)."""
     subset, samples = drawn
-    subset_start = run(Level(training=False, rule="batch"), subset)
+    subset_start = runs.again(Level(training=False, rule="batch"), subset)
     scale = samples / max(sum(size or 0 for size in subset_start.batch_sizes), 1)
     own = iterate_statistics(subset_start, {})
-    estimate = one_batch_statistics(run, batches, subset_start, scale, options, own)
+    estimate = one_batch_statistics(runs.alone, batches, subset_start, scale, options, own, call)
     if estimate is not None:
-        start = whole_pass(first, batches, estimate, 2, 1, len(subset))
+        start = whole_pass(runs.first, batches, estimate, 2, 1, len(subset))
         return start, estimate, start
     layers = len(find_batchnorm_layers(unwrap(model)))
     join = partial(joined_if_fits, options=options)
-    return iterate_from_subset(run, first, batches, subset, subset_start, layers + 2, join)
+    return iterate_from_subset(
+        runs.again, runs.first, batches, subset, subset_start, layers + 2, join
+    )
 
 
 def _batch_statistics_first(
-    model: nn.Module, run: Any, again_run: Run, batches: Any, options: PassOptions
+    model: nn.Module, runs: _Runs, batches: Any, options: PassOptions, call: Call
 ) -> tuple[Measured, Statistics, Measured, FirstBatches]:
     """Pass 1 with batch statistics over ``batches`` (where a ``tolerance`` stop is judged),
     then the one batch and its check pass where the data fit
@@ -226,10 +244,11 @@ def _batch_statistics_first(
     Returns the last pass, the statistics it normalized with, pass 1, and the batches pass 1
     drew."""
     # a tolerance stop waits for every layer under unreached="raise"
-    start = run(Level(training=False, rule="batch"), batches, options)
+    start = runs.user(Level(training=False, rule="batch"), batches, options)
     data = FirstBatches(batches, len(start.batch_sizes))
     start_statistics = statistics_of(start)
-    estimate = one_batch_statistics(again_run, data, start, 1.0, options, start_statistics)
+    estimate = one_batch_statistics(runs.alone, data, start, 1.0, options, start_statistics, call)
+    again_run = runs.again
     if estimate is not None:
         return whole_pass(again_run, data, estimate, 3, 0, 0), estimate, start, data
     ranks = rank_count(options.group)

@@ -16,8 +16,9 @@ inputs that change from pass to pass), that pass moves the statistics and the pl
 passes go on from it (:func:`bnstats.torch._measure.measure_eval_mode`).
 
 Used where it is safe to hold the data as one batch (:func:`fits_one_batch`,
-:func:`join_batches`): one process (across ranks a layer's population is over all ranks'
-data), every BN layer called at most once per forward (a layer called twice normalizes its
+:func:`join_batches`; across torch.distributed ranks, every rank runs the one batch of all
+ranks' data, gathered, :func:`one_batch_statistics`): every BN layer called at most once
+per forward (a layer called twice normalizes its
 first call before seeing its second), the largest BN input of the joined batch at most
 :data:`ONE_BATCH_BYTES` (per layer: values per channel over the data, times channels, times
 the element size of its buffers, from a pass over the same data), and batches that join:
@@ -34,14 +35,15 @@ import torch
 
 from bnstats.torch._eval_statistics import Run, iterate_statistics
 from bnstats.torch._layer_pass import Measured
-from bnstats.torch._layers import iterate_batches
+from bnstats.torch._layers import iterate_batches, move_to_device
 from bnstats.torch._level import Level, Statistics
-from bnstats.torch._ranks import rank_count
+from bnstats.torch._pass import Call
+from bnstats.torch._ranks import rank_count, resolve_group, run_and_exchange
 from bnstats.torch.options import PassOptions
 
 ONE_BATCH_BYTES = 256 * 2**20
 """The largest BN input (and the joined inputs) that eval mode runs as one batch: 256 MiB
-(the forward of such a batch holds a few times that)."""
+(the forward of such a batch holds a few times that). Over all ranks' data together."""
 
 _EQUAL_LEAVES = (int, float, str, bool, type(None))
 """Parts of a batch other than tensors that may be joined: kept where equal in every batch."""
@@ -139,24 +141,87 @@ def joined_if_fits(batches: Any, measured: Measured, scale: float, options: Pass
 
 
 def one_batch_statistics(
-    run: Run,
+    run_alone: Run,
     batches: Any,
     measured: Measured,
     scale: float,
     options: PassOptions,
     start: Statistics,
+    call: Call,
 ) -> Statistics | None:
     """Every layer's statistics from the one-batch forward over all of ``batches`` (each
-    layer normalizing each call with its own input's population), where they run as one
-    batch (:func:`joined_if_fits`: data of ``scale`` times the samples of the pass
-    ``measured``); a layer it did not reach, or whose statistics are not finite, keeps
-    ``start``'s. None where the data do not fit or the forward failed
-    (:func:`run_one_batch`)."""
-    joined = joined_if_fits(batches, measured, scale, options)
-    if joined is None:
+    layer normalizing each call with its own input's population), where data of ``scale``
+    times the samples of the pass ``measured`` fit (:func:`fits_one_batch`) and the batches
+    join (:func:`join_batches`); a layer it did not reach, or whose statistics are not
+    finite, keeps ``start``'s. None where the data do not fit or the forward failed
+    (:func:`run_one_batch`). ``run_alone`` runs a pass on this process's data alone.
+
+    Across ranks (``measured`` merged over them, so every rank judges the same fit) every
+    rank joins its batches, one status exchange (``call`` compared) gives their sizes, every
+    rank gathers all ranks' joined batches in rank order and runs the one batch of all the
+    data itself, and a second exchange hands every rank rank 0's statistics, so that the
+    ranks go on from the same ones (None on every rank where any rank's batches did not
+    join or its forward failed)."""
+    group = resolve_group(options.group)
+    if group is not None:
+        return _one_batch_in_group(group, run_alone, batches, measured, scale, start, options, call)
+    if not fits_one_batch(measured, scale):
         return None
-    one = run_one_batch(run, Level(training=False, rule="own"), joined)
+    joined = join_batches(batches, options.max_samples)
+    return None if joined is None else _solved(run_alone, joined, start)
+
+
+def _solved(run_alone: Run, joined: Any, start: Statistics) -> Statistics | None:
+    """The statistics of the one-batch forward over ``joined``, over ``start``'s; None where
+    the forward failed."""
+    one = run_one_batch(run_alone, Level(training=False, rule="own"), joined)
     return None if one is None else {**start, **iterate_statistics(one, start)}
+
+
+def _one_batch_in_group(
+    group: Any,
+    run_alone: Run,
+    batches: Any,
+    measured: Measured,
+    scale: float,
+    start: Statistics,
+    options: PassOptions,
+    call: Call,
+) -> Statistics | None:
+    """:func:`one_batch_statistics` across the ranks of ``group``: every rank says whether
+    its data fit and join (the first exchange, also where they do not), so that all take the
+    same way."""
+
+    def join_here() -> tuple[Any, int | None]:
+        fits = fits_one_batch(measured, scale)
+        joined = join_batches(batches, options.max_samples) if fits else None
+        return joined, None if joined is None else _tensor_bytes(joined)
+
+    joined, sizes = run_and_exchange(group, join_here, {**call, "step": "one batch: join"})
+    if any(size is None for size in sizes) or sum(sizes) > ONE_BATCH_BYTES:
+        return None
+    parts: list[Any] = [None] * len(sizes)
+    torch.distributed.all_gather_object(parts, move_to_device(joined, torch.device("cpu")), group)
+    try:
+        every = _join(parts)  # the same parts on every rank: the same outcome
+    except _CannotJoin:
+        return None
+
+    def solve_here() -> tuple[Statistics | None, Any]:
+        solved = _solved(run_alone, every, start)
+        return solved, None if solved is None else _on_cpu(solved)
+
+    solved, shared = run_and_exchange(group, solve_here, {**call, "step": "one batch: solve"})
+    if solved is None or any(statistics is None for statistics in shared):
+        return None
+    return {
+        name: (mean.to(solved[name][0]), var.to(solved[name][1]))
+        for name, (mean, var) in shared[0].items()
+    }
+
+
+def _on_cpu(statistics: Statistics) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {name: (mean.cpu(), var.cpu()) for name, (mean, var) in statistics.items()}
 
 
 def run_one_batch(run: Run, level: Level, joined: Any) -> Measured | None:

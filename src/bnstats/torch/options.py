@@ -52,7 +52,7 @@ class PassOptions:
       batch's statistics, one pass), ``"eval"`` (each BN layer's input with every BN layer
       normalizing with its own final statistics, as at inference: whole-model passes until
       one moves no layer by more than 1e-4; three where the data run as one batch, largest
-      BN input at most 256 MiB in one process; else four where they converge fast, at most
+      BN input at most 256 MiB; else four where they converge fast, at most
       one per depth level of the BN layers and one more) or ``"eval_exact"`` (the same statistics
       exactly, one pass per depth level of the BN layers).
     - ``tolerance``: stop drawing batches once every channel's mean and variance, over all
