@@ -144,8 +144,11 @@ def recalibrate(
     point of eval-mode inference; Wu & Johnson 2021 on the train-test inconsistency of the
     single pass). It takes whole-model eval-mode passes over ``batches`` (so they must be
     iterable again) until the last one moves no layer's statistics by more than 1e-4 of the
-    layer's output scale: four where they converge fast, at most one per depth level of the
-    BN layers and one more (each pass makes one more level exact; ``mode="eval_exact"``
+    layer's output scale: three where the data's largest BN input is at most 256 MiB (all
+    the data run once as one batch, each BN layer normalizing with its own input's
+    population, then one pass checks it), else four where they converge fast, at most one
+    per depth level of the BN layers and one more (each pass makes one more level exact;
+    ``mode="eval_exact"``
     measures the same statistics level by level, one pass per depth level, then a pass
     that checks them; layers side by side share a level). Any batch size works, one included,
     and images of varying size. Layers with fixed statistics
