@@ -236,3 +236,27 @@ def test_joining_stops_drawing_once_the_inputs_are_over_the_budget(monkeypatch):
     monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 4 * 12 * 4)  # 4 rows of 12 float32
     counted = _Counted([torch.zeros(2, 12)] * 10)
     assert join_batches(counted, None) is None and counted.drawn == 3
+
+
+class _Iterations:
+    """Batches that count how often they are gone over."""
+
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self.batches, self.iterations = batches, 0
+
+    def __iter__(self):
+        self.iterations += 1
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def test_the_first_pass_keeps_the_batches_the_one_batch_joins():
+    """The data are gone over three times: the first batches drawn to size the data (all of
+    these 128 samples, under the subset's 1,024), the first pass, which keeps what it draws,
+    and the check pass; the one batch draws nothing more from the loader (4 before)."""
+    model = eval_models.build("residual")
+    data = _Iterations(eval_models.batches("residual", 8, 16))
+    result = bt.recalibrate_report(model, data, mode="eval")
+    assert result.passes == 3 and data.iterations == 3

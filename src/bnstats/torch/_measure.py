@@ -32,7 +32,7 @@ from bnstats.torch._eval_statistics import (
 from bnstats.torch._layer_pass import Measured, raise_if_bad
 from bnstats.torch._layers import display_name, find_batchnorm_layers, unwrap
 from bnstats.torch._level import Level, Statistics
-from bnstats.torch._one_batch import joined_if_fits, one_batch_statistics
+from bnstats.torch._one_batch import KeptBatches, joined_if_fits, one_batch_statistics
 from bnstats.torch._pass import Call, Check, call_record, measure_pass
 from bnstats.torch._ranks import rank_count
 from bnstats.torch._subset_iteration import (
@@ -244,10 +244,14 @@ def _batch_statistics_first(
     Returns the last pass, the statistics it normalized with, pass 1, and the batches pass 1
     drew."""
     # a tolerance stop waits for every layer under unreached="raise"
-    start = runs.user(Level(training=False, rule="batch"), batches, options)
+    kept = KeptBatches(batches)  # what pass 1 draws, for the one batch
+    start = runs.user(Level(training=False, rule="batch"), kept, options)
     data = FirstBatches(batches, len(start.batch_sizes))
     start_statistics = statistics_of(start)
-    estimate = one_batch_statistics(runs.alone, data, start, 1.0, options, start_statistics, call)
+    estimate = one_batch_statistics(
+        runs.alone, kept.kept, start, 1.0, options, start_statistics, call
+    )
+    kept.kept = None  # the inputs it held are not needed any more
     again_run = runs.again
     if estimate is not None:
         return whole_pass(again_run, data, estimate, 3, 0, 0), estimate, start, data

@@ -28,7 +28,7 @@ inside the same tuples, lists and dicts; any other part equal in every batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -51,6 +51,27 @@ _EQUAL_LEAVES = (int, float, str, bool, type(None))
 
 class _CannotJoin(Exception):
     """The batches do not join into one (:func:`join_batches`)."""
+
+
+class KeptBatches:
+    """``batches`` as given, keeping each batch an iteration draws while their tensors hold at
+    most :data:`ONE_BATCH_BYTES` (``kept``; None once they hold more): the first pass keeps
+    what the one batch joins, so that the data are not drawn once more for it."""
+
+    def __init__(self, batches: Any) -> None:
+        self.batches = batches
+        self.kept: list[Any] | None = []
+
+    def __iter__(self) -> Iterator[Any]:
+        self.kept, held = [], 0
+        for batch in self.batches:
+            if self.kept is not None:
+                held += _tensor_bytes(batch)
+                if held <= ONE_BATCH_BYTES:
+                    self.kept.append(batch)
+                else:
+                    self.kept = None
+            yield batch
 
 
 def fits_one_batch(measured: Measured, scale: float = 1.0) -> bool:
@@ -153,7 +174,8 @@ def one_batch_statistics(
     layer normalizing each call with its own input's population), where data of ``scale``
     times the samples of the pass ``measured`` fit (:func:`fits_one_batch`) and the batches
     join (:func:`join_batches`); a layer it did not reach, or whose statistics are not
-    finite, keeps ``start``'s. None where the data do not fit or the forward failed
+    finite, keeps ``start``'s. None where the data do not fit (``batches`` None: their
+    inputs alone are over the budget, :class:`KeptBatches`) or the forward failed
     (:func:`run_one_batch`). ``run_alone`` runs a pass on this process's data alone.
 
     Across ranks (``measured`` merged over them, so every rank judges the same fit) every
@@ -165,7 +187,7 @@ def one_batch_statistics(
     group = resolve_group(options.group)
     if group is not None:
         return _one_batch_in_group(group, run_alone, batches, measured, scale, start, options, call)
-    if not fits_one_batch(measured, scale):
+    if batches is None or not fits_one_batch(measured, scale):
         return None
     joined = join_batches(batches, options.max_samples)
     return None if joined is None else _solved(run_alone, joined, start)
@@ -193,7 +215,7 @@ def _one_batch_in_group(
     same way."""
 
     def join_here() -> tuple[Any, int | None]:
-        fits = fits_one_batch(measured, scale)
+        fits = batches is not None and fits_one_batch(measured, scale)
         joined = join_batches(batches, options.max_samples) if fits else None
         return joined, None if joined is None else _tensor_bytes(joined)
 
