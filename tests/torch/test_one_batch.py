@@ -260,3 +260,11 @@ def test_the_first_pass_keeps_the_batches_the_one_batch_joins():
     data = _Iterations(eval_models.batches("residual", 8, 16))
     result = bt.recalibrate_report(model, data, mode="eval")
     assert result.passes == 3 and data.iterations == 3
+
+
+def test_a_single_tensor_as_batches_is_refused_with_a_tolerance_too():
+    """With ``tolerance`` nothing is drawn before pass 1, which keeps what it draws: a tensor
+    passed as the batches is still refused by name, not iterated row by row."""
+    model = eval_models.build("chain")
+    with pytest.raises(TypeError, match="batches is a single tensor"):
+        bt.recalibrate(model, torch.randn(64, 12), mode="eval", tolerance=0.5)

@@ -64,7 +64,7 @@ class KeptBatches:
 
     def __iter__(self) -> Iterator[Any]:
         self.kept, held = [], 0
-        for batch in self.batches:
+        for batch, _ in iterate_batches(self.batches):  # its refusals: a tensor, not iterable
             if self.kept is not None:
                 held += _tensor_bytes(batch)
                 if held <= ONE_BATCH_BYTES:
