@@ -26,7 +26,9 @@ MISS_PROBABILITY = 0.05
 """A ``tolerance`` is met when the probability that some channel lies outside it is at most
 this (95 % confidence for all channels together)."""
 
-Statistics = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+MeanVar = tuple[torch.Tensor, torch.Tensor]
+"""One layer's per-channel ``(mean, var)``."""
+Statistics = Mapping[str, MeanVar]
 """Per BN layer (qualified name) a per-channel ``(mean, var)`` to normalize with in eval mode."""
 
 
@@ -73,9 +75,9 @@ class Level:
     """The probability that some channel measured in this pass lies outside the
     ``tolerance`` that its stop allows: :data:`MISS_PROBABILITY`, or a share of it where
     several passes each stop on their own layers (``mode="eval_exact"``)."""
-    correction: Callable[[Statistics], Statistics] | None = None
-    """The ``"own"`` rule: the map from a call's population to the statistics it normalizes
-    with (per layer by name; a layer the map leaves out as it is)."""
+    correction: Callable[[str, MeanVar], MeanVar] | None = None
+    """The ``"own"`` rule: ``correction(name, (mean, var))``, the map from a call's population
+    to the statistics layer ``name`` normalizes with."""
 
     @classmethod
     def fixed(cls, statistics: Statistics) -> Level:

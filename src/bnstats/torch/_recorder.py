@@ -188,7 +188,7 @@ class Recorder:
             else:  # the population's unbiased var = var * count / (count - 1)
                 statistics = (mean, var * (count / (count - 1)))
                 if self.level.correction is not None:
-                    statistics = self.level.correction({moments.name: statistics})[moments.name]
+                    statistics = self.level.correction(moments.name, statistics)
         elif rule == "tracked":
             call, base = moments.calls_this_forward, self.level.base.get(moments.name)
             if base is None or call >= len(moments._reference):

@@ -59,7 +59,7 @@ from bnstats.torch._eval_statistics import (
 )
 from bnstats.torch._layer_pass import Measured
 from bnstats.torch._layers import iterate_batches
-from bnstats.torch._level import Level, Statistics
+from bnstats.torch._level import Level, MeanVar, Statistics
 from bnstats.torch._one_batch import run_one_batch
 from bnstats.torch._pass import Call
 from bnstats.torch._ranks import rank_count, resolve_group, run_and_exchange
@@ -151,18 +151,20 @@ class Correction:
             self.maps[name] = (mean_s, mean_w, var_w, squared, spread)
 
     def __call__(self, statistics: Statistics) -> Statistics:
-        """``statistics`` mapped; a layer without a map as it is. A channel constant over
-        the subset (``var_s = 0``) is shifted: ``var -> var + var_w``."""
-        result = dict(statistics)
-        for name, (mean_s, mean_w, var_w, squared, spread) in self.maps.items():
-            if name not in statistics:
-                continue
-            mean, var = (v.to(mean_w) for v in statistics[name])
-            result[name] = (
-                mean_w + squared.sqrt() * (mean - mean_s),
-                torch.where(spread, var * squared, var + var_w),
-            )
-        return result
+        """``statistics`` mapped, layer by layer (:meth:`layer`)."""
+        return {name: self.layer(name, value) for name, value in statistics.items()}
+
+    def layer(self, name: str, statistics: MeanVar) -> MeanVar:
+        """Layer ``name``'s ``(mean, var)`` mapped; as it is without a map. A channel
+        constant over the subset (``var_s = 0``) is shifted: ``var -> var + var_w``."""
+        if name not in self.maps:
+            return statistics
+        mean_s, mean_w, var_w, squared, spread = self.maps[name]
+        mean, var = (v.to(mean_w) for v in statistics)
+        return (
+            mean_w + squared.sqrt() * (mean - mean_s),
+            torch.where(spread, var * squared, var + var_w),
+        )
 
 
 def subset_before_passes(
@@ -352,7 +354,7 @@ def _solve_on_subset(
     batches until one moves no layer by more than a tenth of the eval-mode target, at most
     ``limit`` passes."""
     if subset.joined is not None:
-        level = Level(training=False, rule="own", correction=correct)
+        level = Level(training=False, rule="own", correction=correct.layer)
         measured = run_one_batch(run, level, subset.joined)
         if measured is not None:
             solution = {**whole, **correct(iterate_statistics(measured, estimate))}
