@@ -252,22 +252,21 @@ def _batch_statistics_first(
         runs.alone, kept.kept, start, 1.0, options, start_statistics, call
     )
     kept.kept = None  # the inputs it held are not needed any more
-    again_run = runs.again
     if estimate is not None:
-        return whole_pass(again_run, data, estimate, 3, 0, 0), estimate, start, data
+        return whole_pass(runs.again, data, estimate, 3, 0, 0), estimate, start, data
     ranks = rank_count(options.group)
     count = subset_batches(start.batch_sizes, ranks)
     join = partial(joined_if_fits, options=options)
     if count is None:
-        final, estimate = _four_passes(model, again_run, data, start_statistics)
+        final, estimate = _four_passes(model, runs.again, data, start_statistics)
         late = None if converged(final.moved) else late_subset_batches(start.batch_sizes, ranks)
         if late is not None:
             final, estimate = iterate_after_passes(
-                again_run, data, late, estimate, final, len(start.layers) + 2, join
+                runs.again, data, late, estimate, final, len(start.layers) + 2, join
             )
     else:
         final, estimate = iterate_with_subset(
-            again_run, data, count, start_statistics, len(start.layers) + 2, join
+            runs.again, data, count, start_statistics, len(start.layers) + 2, join
         )
     return final, estimate, start, data
 

@@ -38,7 +38,7 @@ from bnstats.torch._layer_pass import Measured
 from bnstats.torch._layers import iterate_batches, move_to_device
 from bnstats.torch._level import Level, Statistics
 from bnstats.torch._pass import Call
-from bnstats.torch._ranks import rank_count, resolve_group, run_and_exchange
+from bnstats.torch._ranks import resolve_group, run_and_exchange
 from bnstats.torch.options import PassOptions
 
 ONE_BATCH_BYTES = 256 * 2**20
@@ -156,9 +156,20 @@ def joined_if_fits(batches: Any, measured: Measured, scale: float, options: Pass
     """All of ``batches`` (within ``options.max_samples``) joined into one batch where one
     process runs them and data of ``scale`` times the samples of the pass ``measured`` fit
     (:func:`fits_one_batch`, :func:`join_batches`); else None."""
-    if rank_count(options.group) > 1 or not fits_one_batch(measured, scale):
+    if resolve_group(options.group) is not None:
         return None
-    return join_batches(batches, options.max_samples)
+    return _fitting_joined(batches, measured, scale, options.max_samples)
+
+
+def _fitting_joined(
+    batches: Any, measured: Measured, scale: float, max_samples: int | None
+) -> Any | None:
+    """``batches`` joined where data of ``scale`` times the samples of ``measured`` fit; None
+    where ``batches`` is None (inputs over the budget, :class:`KeptBatches`), they do not fit
+    or do not join."""
+    if batches is None or not fits_one_batch(measured, scale):
+        return None
+    return join_batches(batches, max_samples)
 
 
 def one_batch_statistics(
@@ -187,9 +198,7 @@ def one_batch_statistics(
     group = resolve_group(options.group)
     if group is not None:
         return _one_batch_in_group(group, run_alone, batches, measured, scale, start, options, call)
-    if batches is None or not fits_one_batch(measured, scale):
-        return None
-    joined = join_batches(batches, options.max_samples)
+    joined = _fitting_joined(batches, measured, scale, options.max_samples)
     return None if joined is None else _solved(run_alone, joined, start)
 
 
@@ -215,8 +224,7 @@ def _one_batch_in_group(
     same way."""
 
     def join_here() -> tuple[Any, int | None]:
-        fits = batches is not None and fits_one_batch(measured, scale)
-        joined = join_batches(batches, options.max_samples) if fits else None
+        joined = _fitting_joined(batches, measured, scale, options.max_samples)
         return joined, None if joined is None else _tensor_bytes(joined)
 
     joined, sizes = run_and_exchange(group, join_here, {**call, "step": "one batch: join"})
@@ -231,7 +239,7 @@ def _one_batch_in_group(
 
     def solve_here() -> tuple[Statistics | None, Any]:
         solved = _solved(run_alone, every, start)
-        return solved, None if solved is None else _on_cpu(solved)
+        return solved, move_to_device(solved, torch.device("cpu"))
 
     solved, shared = run_and_exchange(group, solve_here, {**call, "step": "one batch: solve"})
     if solved is None or any(statistics is None for statistics in shared):
@@ -240,10 +248,6 @@ def _one_batch_in_group(
         name: (mean.to(solved[name][0]), var.to(solved[name][1]))
         for name, (mean, var) in shared[0].items()
     }
-
-
-def _on_cpu(statistics: Statistics) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {name: (mean.cpu(), var.cpu()) for name, (mean, var) in statistics.items()}
 
 
 def run_one_batch(run: Run, level: Level, joined: Any) -> Measured | None:
