@@ -63,17 +63,19 @@ def test_large_data_whose_size_is_known_run_as_one_batch_after_the_subsets_pass(
 
 
 def largest_input_bytes(model: nn.Module, data: list[torch.Tensor]) -> int:
-    """The largest BN input of ``model`` over all of ``data`` in bytes (float32)."""
-    largest = 0
-    for layer in model.modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            seen: list[int] = []
-            hook = layer.register_forward_pre_hook(lambda m, a, s=seen: s.append(a[0].numel()))
-            with torch.no_grad():
-                model.eval()(torch.cat(data))
-            hook.remove()
-            largest = max(largest, seen[0] * 4)
-    return largest
+    """The largest BN input of ``model`` over all of ``data`` in bytes (float32), from one
+    eval forward of all of it."""
+    seen: list[int] = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].numel()))
+        for layer in model.modules()
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm)
+    ]
+    with torch.no_grad():
+        model.eval()(torch.cat(data))
+    for hook in hooks:
+        hook.remove()
+    return max(seen) * 4
 
 
 @pytest.mark.parametrize("spare", [0, -1])
