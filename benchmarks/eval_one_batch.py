@@ -51,7 +51,7 @@ from torch import nn
 
 import bnstats.torch as bt
 from benchmarks.eval_subset import timed
-from bnstats.torch import _one_batch
+from bnstats import _one_batch
 
 
 def timed_peak(call: Callable[[], bt.Recalibration]) -> tuple[bt.Recalibration, float, float]:

@@ -2,9 +2,10 @@
 
 ``python tests/run_torch_free.py`` (``.ci/run`` does): one pytest process per Keras backend
 (JAX and NumPy; TensorFlow too where it is installed) over ``tests/keras``, and one over
-``tests/flax``. Their conftest fails a test that imports torch and skips every test in a
-process where torch is already imported (the main test run), so these processes are where
-they run. Extra arguments go to pytest. Exits with the first failing status.
+``tests/flax`` and the test of ``benchmarks/eval_host_one_batch.py`` (Keras on JAX, Flax).
+Their conftest fails a test that imports torch and skips every test in a process where
+torch is already imported (the main test run), so these processes are where they run.
+Extra arguments go to pytest. Exits with the first failing status.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def runs() -> list[tuple[dict[str, str], list[str]]]:
     if importlib.util.find_spec("tensorflow") is not None:
         backends.append("tensorflow")
     keras = [({"KERAS_BACKEND": backend}, ["tests/keras"]) for backend in backends]
-    return [*keras, ({"KERAS_BACKEND": "jax"}, ["tests/flax"])]
+    flax = ["tests/flax", "tests/benchmarks/test_eval_host_one_batch.py"]
+    return [*keras, ({"KERAS_BACKEND": "jax"}, flax)]
 
 
 def main(extra: list[str]) -> int:

@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 
 from bnstats._host_levels import measure_levels
+from bnstats._host_one_batch import OneBatch, host_arrays
 from bnstats._host_pass import (
     Final,
     HostLayer,
@@ -160,18 +161,28 @@ def recalibrate(
     unreached: str = "raise",
     **options: Any,
 ) -> HostMeasured:
-    """The fake framework's pass, as bnstats.keras' ``measure``."""
+    """The fake framework's pass, as bnstats.keras' ``measure`` (eval mode's one batch where
+    ``one_batch=True``, level by level alone otherwise)."""
     check_pass_options(mode, nonfinite, unreached, options.get("max_samples"))
     if mode == "train":
         measured = one_pass(net, batches, None, options)
         return finish_pass(measured, to_numpy, nonfinite, unreached, "batches")
     require_reusable(batches)
+    one_batch = None
+    if options.get("one_batch"):  # as bnstats.keras always does
+
+        def run_joined(joined: np.ndarray) -> HostMeasured:
+            return finish_pass(one_pass(net, [joined], None, options), to_numpy, "skip", "keep", "")
+
+        one_batch = OneBatch(batches, host_arrays(np.concatenate), run_joined)
 
     def run_level(final: Final, measure_settled: bool) -> HostMeasured:
-        measured = one_pass(net, batches, final, options, measure_settled)
+        given = batches if one_batch is None else one_batch.batches()
+        measured = one_pass(net, given, final, options, measure_settled)
         return finish_pass(measured, to_numpy, "skip", "keep", "batches")
 
-    return measure_levels(run_level, nonfinite, unreached, dict.fromkeys(net.widths, EPS))
+    epsilons = dict.fromkeys(net.widths, EPS)
+    return measure_levels(run_level, nonfinite, unreached, epsilons, one_batch)
 
 
 def as_compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -233,7 +244,8 @@ def data(rng: np.random.Generator, sizes: list[int]) -> list[np.ndarray]:
 
 def test_the_module_imports_no_framework():
     code = (
-        "import sys, bnstats._host_pass, bnstats._levels; "
+        "import sys, bnstats._host_pass, bnstats._levels, bnstats._host_levels, "
+        "bnstats._host_one_batch, bnstats._one_batch; "
         "print([m for m in ('torch', 'keras', 'jax', 'flax') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -8,6 +8,7 @@ only and settles. A last pass checks the result. Each pass is :mod:`bnstats._hos
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import numpy as np
 
@@ -20,6 +21,19 @@ LevelRun = Callable[[Final, bool], HostMeasured]
 are measured too where ``measure_settled``) and every other BN layer is measured and
 outputs NaN."""
 
+
+class OneBatch(Protocol):
+    """What :func:`measure_levels` asks of eval mode's one batch
+    (:class:`bnstats._host_one_batch.OneBatch`): ``solve`` after the first pass (the result,
+    or None where the levels go on) and the passes it ``spent``."""
+
+    spent: int
+
+    def solve(
+        self, first: HostMeasured, run_level: LevelRun, epsilons: Mapping[str, float]
+    ) -> HostMeasured | None: ...
+
+
 CHECK_TARGET = 1e-4
 """How far the check pass of :func:`measure_levels` may move a layer's statistics (in units
 of its output: ``|d mean| / sqrt(var + eps)``, ``|d var| / (var + eps)``)."""
@@ -30,6 +44,7 @@ def measure_levels(
     nonfinite: str,
     unreached: str,
     epsilons: Mapping[str, float],
+    one_batch: OneBatch | None = None,
 ) -> HostMeasured:
     """Every BN layer's population moments with every BN layer before it normalizing with its
     own final statistics: the fixed point of inference, one pass per depth level.
@@ -42,6 +57,12 @@ def measure_levels(
     and ``argmax`` stop it), so one more pass, every layer normalizing with its statistics
     and measured, checks them: a layer moving by more than :data:`CHECK_TARGET` (with its
     ``epsilons[name]``) fails the call, naming it.
+
+    With ``one_batch`` (:class:`bnstats._host_one_batch.OneBatch`, whose ``batches()`` the
+    passes of ``run_level`` go over) the data that fit run as one batch after a first pass
+    that did not settle every layer, and one check pass ends the call (3 passes); where they
+    do not fit or the check pass moved the statistics, the levels go on from the first pass
+    (the passes the one batch ran are counted in the result's).
     """
     settled: dict[str, HostLayer] = {}
     first: HostMeasured | None = None
@@ -61,17 +82,25 @@ def measure_levels(
             lambda pending: _settle_level(pending, nonfinite),
         ):
             break
+        if passes == 1 and one_batch is not None:
+            solved = one_batch.solve(first, run_level, epsilons)
+            if solved is not None:
+                return solved
     layers = {name: settled.get(name, layer) for name, layer in first.layers.items()}
-    result = HostMeasured(layers, first.batch_sizes, unreached=first.unreached, passes=passes + 1)
+    passes += 1 + (0 if one_batch is None else one_batch.spent)  # the check, the one batch's
+    result = HostMeasured(layers, first.batch_sizes, unreached=first.unreached, passes=passes)
     final = {layer.name: layer.statistics() for layer in result.reached()}
     checked = run_level(final, True)
     _require_standstill(final, checked, epsilons)
     return result
 
 
-def _require_standstill(final: Final, checked: HostMeasured, epsilons: Mapping[str, float]) -> None:
-    """``ValueError`` naming the layer the check pass moved most, if by more than
-    :data:`CHECK_TARGET`."""
+def movements(
+    final: Final, checked: HostMeasured, epsilons: Mapping[str, float]
+) -> dict[str, float]:
+    """How far the pass ``checked`` moved each layer of ``final`` from the statistics it
+    normalized with: ``max(|d mean| / sqrt(var + eps), |d var| / (var + eps))`` over its
+    channels, ``var`` the new one and ``eps`` its ``epsilons[name]``."""
     moved = {}
     for name, (mean, var) in final.items():
         new_mean, new_var = checked.layers[name].statistics()
@@ -82,8 +111,14 @@ def _require_standstill(final: Final, checked: HostMeasured, epsilons: Mapping[s
                 np.max(np.abs(new_var - var) / scale),
             )
         )
+    return moved
+
+
+def _require_standstill(final: Final, checked: HostMeasured, epsilons: Mapping[str, float]) -> None:
+    """``ValueError`` naming the layer the check pass moved most, if by more than
+    :data:`CHECK_TARGET`."""
     require_standstill(
-        moved,
+        movements(final, checked, epsilons),
         CHECK_TARGET,
         "mode='eval'",
         repr,

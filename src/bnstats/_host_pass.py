@@ -67,8 +67,9 @@ class HostLayer:
     the ``spread`` of its batch statistics (for the standard errors), how many batch
     statistics were merged (``batches``: one per call), those left out for NaN or Inf
     (``skipped``, the first one's index in ``first_bad``), the most calls one forward made
-    and when the first forward reached it. ``center`` is the layer's stored mean when the
-    pass began."""
+    and when the first forward reached it, and ``values``: values per channel times channels
+    over every call, finite or not (the size of all its input). ``center`` is the layer's
+    stored mean when the pass began."""
 
     name: str
     num_features: int
@@ -81,6 +82,7 @@ class HostLayer:
     max_calls_per_forward: int = 0
     calls_this_forward: int = 0
     first_reached: int | None = None
+    values: float = 0.0
     _pending: list[tuple[int, Any, Any]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -110,6 +112,7 @@ class HostLayer:
         pending, self._pending = self._pending, []
         stacked = to_numpy([part for _, _, part in pending])  # (batches, 2, C)
         counts = np.array([float(np.asarray(count)) for _, count, _ in pending])
+        self.values += float(counts.sum()) * self.num_features
         finite = np.isfinite(stacked).reshape(len(pending), -1).all(axis=1) & (counts > 0)
         if not finite.all():
             bad = [index for (index, _, _), ok in zip(pending, finite, strict=True) if not ok]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import eval_one_batch
-from bnstats.torch import _one_batch
+from bnstats import _one_batch
 from tests.torch import eval_models
 
 

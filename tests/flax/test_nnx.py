@@ -52,6 +52,35 @@ def test_eval_mode_with_batches_of_one(rng):
         assert_close(bn.mean[...], bn.var[...], stats[i])
 
 
+class Counted(list):
+    """Batches that count how often they are gone over."""
+
+    drawn = 0
+
+    def __iter__(self):
+        self.drawn += 1
+        return super().__iter__()
+
+
+@pytest.mark.parametrize("budget", [None, 0], ids=["one_batch", "levels"])
+def test_eval_mode_runs_data_that_fit_as_one_batch(rng, monkeypatch, budget):
+    """The first pass, the one batch, the check: the data gone over twice (level by level,
+    with a budget of 0: four times), to the same numbers."""
+    from bnstats import _one_batch
+
+    if budget is not None:
+        monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", budget)
+    model = net(rng)
+    data = Counted(batches(rng, [2, 5, 1, 4], (6,)))
+    recalibrate_nnx(model, data, mode="eval")
+    assert data.drawn == (2 if budget is None else 4)
+    x = np.concatenate(data).astype(np.float64)
+    stats: list = [None, None, None]
+    for i, bn in enumerate(model.batchnorms()):
+        stats[i] = population([model.inputs(x, [s or (np.nan, np.nan) for s in stats])[i]])
+        assert_close(bn.mean[...], bn.var[...], stats[i])
+
+
 def test_eval_mode_refuses_a_one_shot_iterator_before_any_pass(rng):
     model = net(rng)
     before = _leaves(model)

@@ -51,6 +51,34 @@ def test_eval_mode_gives_the_statistics_inference_sees_with_batches_of_one(name,
         assert_statistics(bn, expected)
 
 
+class Counted(list):
+    """Batches that count how often they are gone over."""
+
+    drawn = 0
+
+    def __iter__(self):
+        self.drawn += 1
+        return super().__iter__()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_eval_mode_runs_data_that_fit_as_one_batch(name, rng, monkeypatch):
+    """Three passes (the first, the one batch, the check), the data gone over twice, the
+    level-by-level numbers; with the one batch off (a budget of 0) the levels take more."""
+    from bnstats import _one_batch
+    from bnstats.keras._pass import KerasPassOptions, measure
+
+    case = CASES[name](rng)
+    batches = Counted(data_for(case, rng, [1, 4, 1, 4, 1]))
+    options = KerasPassOptions(mode="eval", progress=False)
+    assert measure(case.model, batches, options).measured.passes == 3 and batches.drawn == 2
+    recalibrate(case.model, batches, mode="eval", progress=False)
+    for bn, expected in zip(case.bns, eval_reference(case, batches), strict=True):
+        assert_statistics(bn, expected)
+    monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 0)
+    assert measure(case.model, batches, options).measured.passes == len(case.bns) + 1
+
+
 def test_an_array_with_batch_size_and_tuples_with_targets_give_the_same_numbers(rng):
     case = CASES["mlp"](rng)
     x = data_for(case, rng, [50])[0]

@@ -180,7 +180,7 @@ def _eval_result(model: nn.Module, result: bt.Recalibration) -> dict[str, Any]:
 def _without_one_batch() -> Iterator[None]:
     """mode="eval" as on data too large to run as one batch (the worker runs other
     scenarios after this one: the budget is put back)."""
-    from bnstats.torch import _one_batch
+    from bnstats import _one_batch
 
     budget, _one_batch.ONE_BATCH_BYTES = _one_batch.ONE_BATCH_BYTES, 0
     try:

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import bnstats.torch as bt
-from bnstats.torch import _one_batch, _subset_iteration
+from bnstats import _one_batch
+from bnstats.torch import _subset_iteration
 from bnstats.torch._one_batch import join_batches
 from tests.torch import eval_models
 from tests.torch.test_eval_mode_iterated import worst_difference

@@ -10,7 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnstats._host_one_batch import host_arrays
 from bnstats._host_pass import HostLayer, Recorder, batch_moments
+
+JAX_ARRAYS = host_arrays(lambda parts: jnp.concatenate(parts, axis=0))
+"""JAX and NumPy arrays, joined for eval mode's one batch."""
 
 Forward = Callable[[Any, Any], Any]
 """``forward(model, batch)``: how to call the model on one batch (its output is ignored)."""

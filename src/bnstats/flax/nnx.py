@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from bnstats._host_levels import measure_levels
+from bnstats._host_one_batch import OneBatch
 from bnstats._host_pass import (
     Entry,
     Final,
@@ -28,6 +29,7 @@ from bnstats._host_pass import (
 )
 from bnstats._levels import require_reusable
 from bnstats.flax._common import (
+    JAX_ARRAYS,
     Forward,
     batch_signature,
     batch_size_of,
@@ -85,8 +87,9 @@ def recalibrate_nnx(
     - ``mode="train"``: each layer's input with every BN layer normalizing with its batch's
       statistics (Flax's own training computation) and every other module in eval mode
       (``deterministic=True``: dropout off). ``mode="eval"``: as inference sees it, every
-      BN layer before it using its final statistics (one pass per depth level; ``batches``
-      re-iterable; batches of one sample are fine).
+      BN layer before it using its final statistics (``batches`` re-iterable; batches of
+      one sample are fine): where the data fit, all of them as one batch and one pass to
+      check (3 passes, :mod:`bnstats._host_one_batch`), else one pass per depth level.
     - ``max_samples``, ``nonfinite``, ``unreached``, ``progress``: as in
       :func:`bnstats.keras.recalibrate`.
     - ``jit``: compile the forward with ``jax.jit`` (once per batch shape) on a copy of the
@@ -106,13 +109,25 @@ def recalibrate_nnx(
             measured = finish_pass(run.level(None), to_numpy, nonfinite, unreached, "batches")
         else:
             require_reusable(batches)
+            one_batch = OneBatch(
+                batches,
+                JAX_ARRAYS,
+                lambda joined: finish_pass(
+                    run.level(None, over=[joined]), to_numpy, "skip", "keep", "batches"
+                ),
+            )
             measured = measure_levels(
                 lambda final, measure_settled: finish_pass(
-                    run.level(final, measure_settled), to_numpy, "skip", "keep", "batches"
+                    run.level(final, measure_settled, one_batch.batches()),
+                    to_numpy,
+                    "skip",
+                    "keep",
+                    "batches",
                 ),
                 nonfinite,
                 unreached,
                 {name: float(layer.epsilon) for name, layer in layers.items()},
+                one_batch,
             )
         values = {m.name: m.statistics() for m in measured.reached()}
     for name, (mean, var) in values.items():
@@ -130,9 +145,12 @@ class _Runner:
     batches: Iterable[Any]
     jit: bool
 
-    def level(self, final: Final | None, measure_settled: bool = False) -> HostMeasured:
-        """One pass; ``final``: an eval-mode level (see :func:`bnstats._host_pass`), its
-        settled layers measured too where ``measure_settled``."""
+    def level(
+        self, final: Final | None, measure_settled: bool = False, over: Iterable[Any] | None = None
+    ) -> HostMeasured:
+        """One pass over ``over`` (``batches`` where None); ``final``: an eval-mode level
+        (see :func:`bnstats._host_levels`), its settled layers measured too where
+        ``measure_settled``."""
         hosts = {
             name: HostLayer(name, 0, np.asarray(layer.mean[...], np.float64).reshape(-1))
             for name, layer in self.layers.items()
@@ -151,7 +169,8 @@ class _Runner:
             else:
                 by_path[name] = _measuring(hosts[name], final is not None, recorder)
         handlers = _handlers_of(self.layers, by_path)
-        limited = iterate_limited(self.batches, self.max_samples, batch_size_of, first_samples)
+        given = self.batches if over is None else over
+        limited = iterate_limited(given, self.max_samples, batch_size_of, first_samples)
         with _intercepted(handlers):
             forward = self._forward(recorder, by_path, handlers)
             return measure_batches(

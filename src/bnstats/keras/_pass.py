@@ -8,9 +8,11 @@ float32 or wider) and normalizes with them, as in training::
 
     z_tilde = gamma * (z - mean) / sqrt(m2 / count + epsilon) + beta
 
-``mode="eval"``: one pass per depth level (:func:`bnstats._host_pass.measure_levels`); the
-settled layers normalize with their final statistics, the others are measured and output
-NaN. Nothing is assigned during a pass: no variable changes until the statistics are written.
+``mode="eval"``: where the data fit, all of them as one batch through the pass of
+``mode="train"`` and one pass to check (:mod:`bnstats._host_one_batch`); else one pass per
+depth level (:func:`bnstats._host_levels.measure_levels`): the settled layers normalize
+with their final statistics, the others are measured and output NaN. Nothing is assigned
+during a pass: no variable changes until the statistics are written.
 
 On the JAX backend each forward is compiled with ``jax.jit`` through ``model.stateless_call``
 (once per batch shape; the handlers record while it is traced and the compiled function
@@ -29,6 +31,7 @@ import keras
 import numpy as np
 
 from bnstats._host_levels import measure_levels
+from bnstats._host_one_batch import OneBatch, host_arrays
 from bnstats._host_pass import (
     Entry,
     Final,
@@ -51,6 +54,9 @@ from bnstats.keras._layers import (
     recalibrated_layers,
     stored_statistics,
 )
+
+KERAS_ARRAYS = host_arrays(lambda parts: keras.ops.concatenate(parts, axis=0))
+"""Keras' arrays (NumPy or the backend's), joined for eval mode's one batch."""
 
 
 @dataclass(frozen=True)
@@ -98,12 +104,18 @@ def measure(model: Any, data: Any, options: KerasPassOptions) -> KerasMeasured:
         examples="a list, a PyDataset, an array with batch_size=",
     )
 
+    def run_joined(joined: Any) -> HostMeasured:
+        one = _one_pass(model, [joined], layers, options, final=None)
+        return finish_pass(one, to_numpy, "skip", "keep", "data")
+
+    one_batch = OneBatch(batches, KERAS_ARRAYS, run_joined)
+
     def run_level(final: Final, measure_settled: bool) -> HostMeasured:
-        level = _one_pass(model, batches, layers, options, final, measure_settled)
+        level = _one_pass(model, one_batch.batches(), layers, options, final, measure_settled)
         return finish_pass(level, to_numpy, "skip", "keep", "data")
 
     epsilons = {path: float(layer.epsilon) for path, layer in layers.items()}
-    measured = measure_levels(run_level, options.nonfinite, options.unreached, epsilons)
+    measured = measure_levels(run_level, options.nonfinite, options.unreached, epsilons, one_batch)
     return KerasMeasured(measured, layers, fixed)
 
 

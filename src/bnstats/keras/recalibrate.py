@@ -43,8 +43,10 @@ def recalibrate(
     - ``mode="train"`` (one pass): each layer's input in a forward where every BN layer
       normalizes with its batch's statistics and every other layer is in inference
       behaviour (dropout off). ``mode="eval"``: each layer's input as inference sees it,
-      every BN layer before it normalizing with its own final statistics (one pass per depth
-      level; ``data`` must be re-iterable; batches of one sample are fine).
+      every BN layer before it normalizing with its own final statistics (``data`` must be
+      re-iterable; batches of one sample are fine): where the data fit, all of them as one
+      batch and one pass to check (3 passes, :mod:`bnstats._host_one_batch`), else one pass
+      per depth level.
     - ``max_samples``: stop after this many samples (the batch crossing it is cut).
     - ``nonfinite``: ``"raise"`` (a batch bringing NaN or Inf fails, naming it) or ``"skip"``.
     - ``unreached``: ``"raise"`` (a BN layer no forward reached fails) or ``"keep"``.

@@ -32,7 +32,7 @@ from bnstats.torch._eval_statistics import (
 from bnstats.torch._layer_pass import Measured, raise_if_bad
 from bnstats.torch._layers import display_name, find_batchnorm_layers, unwrap
 from bnstats.torch._level import Level, Statistics
-from bnstats.torch._one_batch import KeptBatches, joined_if_fits, one_batch_statistics
+from bnstats.torch._one_batch import joined_if_fits, kept_batches, one_batch_statistics
 from bnstats.torch._pass import Call, Check, call_record, measure_pass
 from bnstats.torch._ranks import rank_count
 from bnstats.torch._subset_iteration import (
@@ -100,7 +100,7 @@ def measure_eval_mode(
     4. ``"fixed"`` at ``t``: the populations ``F(t)``;
 
     (where the data's largest BN input, over all ranks, fits
-    :data:`~bnstats.torch._one_batch.ONE_BATCH_BYTES`, passes 2-4 are one forward of all the
+    :data:`~bnstats._one_batch.ONE_BATCH_BYTES`, passes 2-4 are one forward of all the
     data joined into one batch, each layer normalizing with its own input's population,
     then one fixed pass at its statistics, :mod:`bnstats.torch._one_batch`; else,
     on data of :data:`~bnstats.torch._subset_iteration.SUBSET_SHARE` subsets or more,
@@ -244,7 +244,7 @@ def _batch_statistics_first(
     Returns the last pass, the statistics it normalized with, pass 1, and the batches pass 1
     drew."""
     # a tolerance stop waits for every layer under unreached="raise"
-    kept = KeptBatches(batches)  # what pass 1 draws, for the one batch
+    kept = kept_batches(batches)  # what pass 1 draws, for the one batch
     start = runs.user(Level(training=False, rule="batch"), kept, options)
     data = FirstBatches(batches, len(start.batch_sizes))
     start_statistics = statistics_of(start)

@@ -18,21 +18,22 @@ passes go on from it (:func:`bnstats.torch._measure.measure_eval_mode`).
 Used where it is safe to hold the data as one batch (:func:`fits_one_batch`,
 :func:`join_batches`; across torch.distributed ranks, every rank runs the one batch of all
 ranks' data, gathered, :func:`one_batch_statistics`): every BN layer called at most once
-per forward (a layer called twice normalizes its
-first call before seeing its second), the largest BN input of the joined batch at most
-:data:`ONE_BATCH_BYTES` (per layer: values per channel over the data, times channels, times
-the element size of its buffers, from a pass over the same data), and batches that join:
-tensors of the same trailing shape, dtype and device, joined along the first dimension,
-inside the same tuples, lists and dicts; any other part equal in every batch.
+per forward (a layer called twice normalizes its first call before seeing its second), the
+largest BN input of the joined batch at most :data:`bnstats._one_batch.ONE_BATCH_BYTES` (per
+layer: values per channel over the data, times channels, times the element size of its
+buffers, from a pass over the same data), and batches that join
+(:func:`bnstats._one_batch.join`; tensors also on the same device).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from bnstats import _one_batch
+from bnstats._one_batch import ArrayKind, array_bytes, join_or_none
 from bnstats.torch._eval_statistics import Run, iterate_statistics
 from bnstats.torch._layer_pass import Measured
 from bnstats.torch._layers import iterate_batches, move_to_device
@@ -41,43 +42,32 @@ from bnstats.torch._pass import Call
 from bnstats.torch._ranks import resolve_group, run_and_exchange
 from bnstats.torch.options import PassOptions
 
-ONE_BATCH_BYTES = 256 * 2**20
-"""The largest BN input (and the joined inputs) that eval mode runs as one batch: 256 MiB
-(the forward of such a batch holds a few times that). Over all ranks' data together."""
+TENSORS = ArrayKind(
+    is_array=lambda value: isinstance(value, torch.Tensor),
+    joins_with=lambda first, part: (
+        part.dim() >= 1
+        and part.shape[1:] == first.shape[1:]
+        and part.dtype == first.dtype
+        and part.device == first.device
+    ),
+    concatenate=torch.cat,
+    nbytes=lambda tensor: tensor.numel() * tensor.element_size(),
+)
+"""Tensors join where they have the same trailing shape, dtype and device."""
 
-_EQUAL_LEAVES = (int, float, str, bool, type(None))
-"""Parts of a batch other than tensors that may be joined: kept where equal in every batch."""
 
-
-class _CannotJoin(Exception):
-    """The batches do not join into one (:func:`join_batches`)."""
-
-
-class KeptBatches:
-    """``batches`` as given, keeping each batch an iteration draws while their tensors hold at
-    most :data:`ONE_BATCH_BYTES` (``kept``; None once they hold more): the first pass keeps
-    what the one batch joins, so that the data are not drawn once more for it."""
-
-    def __init__(self, batches: Any) -> None:
-        self.batches = batches
-        self.kept: list[Any] | None = []
-
-    def __iter__(self) -> Iterator[Any]:
-        self.kept, held = [], 0
-        for batch, _ in iterate_batches(self.batches):  # its refusals: a tensor, not iterable
-            if self.kept is not None:
-                held += _tensor_bytes(batch)
-                if held <= ONE_BATCH_BYTES:
-                    self.kept.append(batch)
-                else:
-                    self.kept = None
-            yield batch
+def kept_batches(batches: Any) -> _one_batch.KeptBatches:
+    """``batches`` as given (its refusals: a tensor, not iterable), keeping what pass 1 draws
+    for the one batch (:class:`bnstats._one_batch.KeptBatches`)."""
+    return _one_batch.KeptBatches(
+        batches, TENSORS, lambda given: (batch for batch, _ in iterate_batches(given))
+    )
 
 
 def fits_one_batch(measured: Measured, scale: float = 1.0) -> bool:
     """True where data of ``scale`` times the samples of the pass ``measured`` can run as one
     batch: no BN layer called more than once in a forward, and the largest BN input over
-    the data at most :data:`ONE_BATCH_BYTES`."""
+    the data at most :data:`bnstats._one_batch.ONE_BATCH_BYTES`."""
     largest = 0.0
     for moments in measured.reached():
         if moments.max_calls_per_forward > 1:
@@ -85,71 +75,20 @@ def fits_one_batch(measured: Measured, scale: float = 1.0) -> bool:
         channels = moments.population.mean.numel()
         size = moments.layer.running_var.element_size()
         largest = max(largest, float(moments.population.count) * channels * size * scale)
-    return largest <= ONE_BATCH_BYTES
+    return largest <= _one_batch.ONE_BATCH_BYTES
 
 
 def join_batches(batches: Iterable[Any], max_samples: int | None) -> Any | None:
     """All of ``batches`` (within ``max_samples``) as one batch of the same structure; None
-    where they do not join (module docstring) or hold more than :data:`ONE_BATCH_BYTES`."""
+    where they do not join (module docstring) or hold more than
+    :data:`bnstats._one_batch.ONE_BATCH_BYTES`."""
     parts, held = [], 0
     for batch, _ in iterate_batches(batches, max_samples):
-        held += _tensor_bytes(batch)
-        if held > ONE_BATCH_BYTES:
+        held += array_bytes(batch, TENSORS)
+        if held > _one_batch.ONE_BATCH_BYTES:
             return None  # no further batch drawn
         parts.append(batch)
-    if not parts:
-        return None
-    try:
-        return _join(parts)
-    except _CannotJoin:
-        return None
-
-
-def _tensor_bytes(value: Any) -> int:
-    """Bytes of all the tensors in ``value`` (nested tuples, lists, dicts)."""
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, Mapping):
-        return sum(_tensor_bytes(v) for v in value.values())
-    if isinstance(value, (tuple, list)):
-        return sum(_tensor_bytes(v) for v in value)
-    return 0
-
-
-def _join(parts: list[Any]) -> Any:
-    """``parts`` (one per batch, alike) joined along the first dimension of their tensors."""
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        if not all(_joins_with(first, part) for part in parts):
-            raise _CannotJoin
-        return torch.cat(parts)
-    if isinstance(first, Mapping):
-        if not all(isinstance(p, Mapping) and p.keys() == first.keys() for p in parts):
-            raise _CannotJoin
-        return {key: _join([part[key] for part in parts]) for key in first}
-    if isinstance(first, (tuple, list)):
-        if not all(type(p) is type(first) and len(p) == len(first) for p in parts):
-            raise _CannotJoin
-        joined = [_join([part[i] for part in parts]) for i in range(len(first))]
-        if isinstance(first, tuple) and hasattr(first, "_fields"):  # a namedtuple
-            return type(first)(*joined)
-        return type(first)(joined)
-    if isinstance(first, _EQUAL_LEAVES) and all(
-        type(p) is type(first) and p == first for p in parts
-    ):
-        return first
-    raise _CannotJoin
-
-
-def _joins_with(first: torch.Tensor, part: Any) -> bool:
-    """True where ``part`` is a tensor that joins ``first`` along the first dimension."""
-    return (
-        isinstance(part, torch.Tensor)
-        and part.dim() >= 1
-        and part.shape[1:] == first.shape[1:]
-        and part.dtype == first.dtype
-        and part.device == first.device
-    )
+    return join_or_none(parts, TENSORS)
 
 
 def joined_if_fits(batches: Any, measured: Measured, scale: float, options: PassOptions) -> Any:
@@ -165,8 +104,8 @@ def _fitting_joined(
     batches: Any, measured: Measured, scale: float, max_samples: int | None
 ) -> Any | None:
     """``batches`` joined where data of ``scale`` times the samples of ``measured`` fit; None
-    where ``batches`` is None (inputs over the budget, :class:`KeptBatches`), they do not fit
-    or do not join."""
+    where ``batches`` is None (inputs over the budget,
+    :class:`bnstats._one_batch.KeptBatches`), they do not fit or do not join."""
     if batches is None or not fits_one_batch(measured, scale):
         return None
     return join_batches(batches, max_samples)
@@ -186,7 +125,7 @@ def one_batch_statistics(
     times the samples of the pass ``measured`` fit (:func:`fits_one_batch`) and the batches
     join (:func:`join_batches`); a layer it did not reach, or whose statistics are not
     finite, keeps ``start``'s. None where the data do not fit (``batches`` None: their
-    inputs alone are over the budget, :class:`KeptBatches`) or the forward failed
+    inputs alone are over the budget, :class:`bnstats._one_batch.KeptBatches`) or the forward failed
     (:func:`run_one_batch`). ``run_alone`` runs a pass on this process's data alone.
 
     Across ranks (``measured`` merged over them, so every rank judges the same fit) every
@@ -225,16 +164,15 @@ def _one_batch_in_group(
 
     def join_here() -> tuple[Any, int | None]:
         joined = _fitting_joined(batches, measured, scale, options.max_samples)
-        return joined, None if joined is None else _tensor_bytes(joined)
+        return joined, None if joined is None else array_bytes(joined, TENSORS)
 
     joined, sizes = run_and_exchange(group, join_here, {**call, "step": "one batch: join"})
-    if any(size is None for size in sizes) or sum(sizes) > ONE_BATCH_BYTES:
+    if any(size is None for size in sizes) or sum(sizes) > _one_batch.ONE_BATCH_BYTES:
         return None
     parts: list[Any] = [None] * len(sizes)
     torch.distributed.all_gather_object(parts, move_to_device(joined, torch.device("cpu")), group)
-    try:
-        every = _join(parts)  # the same parts on every rank: the same outcome
-    except _CannotJoin:
+    every = join_or_none(parts, TENSORS)  # the same parts on every rank: the same outcome
+    if every is None:
         return None
 
     def solve_here() -> tuple[Statistics | None, Any]:

@@ -1,0 +1,125 @@
+"""Eval mode's one batch for the Keras and Flax tools: the fixed point of inference in one
+forward where the data fit, then one pass over the batches as given to check it.
+
+``F(s)`` is every BN layer's input population (``mean``, variance over all N values: what
+Keras and Flax store) over all the data when every BN layer normalizes with ``s``; eval mode
+looks for ``s* = F(s*)``. All the data run as one batch through the framework's own
+batch-statistics pass (every BN layer normalizing with its input's ``mean`` and ``m2 / N``,
+everything else in inference behaviour), so each layer normalizes with its population over
+all the data, and every layer's statistics are ``s*`` when the forward reaches it
+(:mod:`bnstats._one_batch`): the level-by-level result in one forward, whatever the depth.
+Then one pass over the batches as given, every layer normalizing with those statistics and
+measured, is what is written, where it moved no layer by more than
+:data:`bnstats._host_levels.CHECK_TARGET`.
+
+Used where it is safe (:meth:`OneBatch.solve`): every BN layer called at most once per
+forward, the largest BN input of the first pass at most
+:data:`bnstats._one_batch.ONE_BATCH_BYTES` (its values times 4 bytes), the batches of the
+first pass kept within that budget and joined (:func:`bnstats._one_batch.join`), a one-batch
+forward that runs and reaches every layer the first pass reached with finite statistics.
+Anywhere else, and where the check pass moved a layer (a batch whose first dimension is not
+its samples, a model that mixes its samples), the levels go on from the first pass
+(:func:`bnstats._host_levels.measure_levels`): a wrong join costs passes, never a wrong
+number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from bnstats import _one_batch
+from bnstats._host_levels import CHECK_TARGET, LevelRun, movements
+from bnstats._host_pass import Final, HostMeasured
+from bnstats._one_batch import ArrayKind, KeptBatches, join_or_none
+
+VALUE_BYTES = 4
+"""Bytes per value of a BN input, for the budget (float32)."""
+
+JoinedRun = Callable[[Any], HostMeasured]
+"""``run_joined(joined)``: the batch-statistics pass over the one batch ``joined`` (each BN
+layer normalizing with its input's own statistics), flushed, under ``nonfinite="skip"`` and
+``unreached="keep"``."""
+
+
+def host_arrays(concatenate: Callable[[list[Any]], Any]) -> ArrayKind:
+    """NumPy, JAX and Keras arrays as joining sees them: anything with a ``shape``, a
+    ``dtype`` and ``nbytes``; they join with the same trailing shape and dtype, by the
+    framework's ``concatenate(parts)``."""
+    return ArrayKind(
+        is_array=lambda value: all(hasattr(value, key) for key in ("shape", "dtype", "nbytes")),
+        joins_with=lambda first, part: (
+            len(part.shape) >= 1
+            and tuple(part.shape[1:]) == tuple(first.shape[1:])
+            and str(part.dtype) == str(first.dtype)
+        ),
+        concatenate=concatenate,
+        nbytes=lambda array: int(array.nbytes),
+    )
+
+
+class OneBatch:
+    """The one batch of an eval-mode call over ``batches``: the passes go over
+    :meth:`batches` (the first one keeps what it draws), and :meth:`solve` runs the one batch
+    after the first pass; ``spent``: the passes it ran (the one-batch forward counts as
+    one)."""
+
+    def __init__(self, batches: Iterable[Any], kind: ArrayKind, run_joined: JoinedRun) -> None:
+        self.spent = 0
+        self._given = batches
+        self._kept = KeptBatches(batches, kind)
+        self._first_drawn = False
+        self._kind = kind
+        self._run_joined = run_joined
+
+    def batches(self) -> Iterable[Any]:
+        """What a pass goes over: the batches as given, kept by the first pass."""
+        if self._first_drawn:
+            return self._given
+        self._first_drawn = True
+        return self._kept
+
+    def solve(
+        self, first: HostMeasured, run_level: LevelRun, epsilons: Mapping[str, float]
+    ) -> HostMeasured | None:
+        """After the first pass ``first``: the one-batch forward, then the check pass
+        (``run_level(final, True)``), whose measurements are the result (3 passes); None
+        where the data do not fit or join, the forward failed or the check pass moved a
+        layer by more than :data:`CHECK_TARGET`."""
+        kept, self._kept.kept = self._kept.kept, None  # the inputs are not needed after this
+        if kept is None or not fits_one_batch(first):
+            return None
+        joined = join_or_none(kept, self._kind)
+        if joined is None:
+            return None
+        self.spent += 1
+        final = self._statistics(joined, first)
+        if final is None:
+            return None
+        checked = run_level(final, True)
+        self.spent += 1
+        if max(movements(final, checked, epsilons).values()) > CHECK_TARGET:
+            return None
+        layers = {name: checked.layers[name] for name in first.layers}
+        return HostMeasured(layers, checked.batch_sizes, unreached=first.unreached, passes=3)
+
+    def _statistics(self, joined: Any, first: HostMeasured) -> Final | None:
+        """Every reached layer's statistics from the one-batch forward over ``joined``; None
+        where the forward failed (a model written for one batch size, memory short: the pass
+        changes nothing), or it left a layer unreached or not finite."""
+        try:
+            measured = self._run_joined(joined)
+            return {host.name: measured.layers[host.name].statistics() for host in first.reached()}
+        except Exception:  # noqa: BLE001 (the one batch is a shortcut; the levels still run)
+            return None  # NonFiniteStatisticsError too: unreached or not finite
+
+
+def fits_one_batch(first: HostMeasured) -> bool:
+    """True where no BN layer was called more than once in a forward of the pass ``first``
+    and its largest BN input (values over the pass times :data:`VALUE_BYTES`) is at most
+    :data:`bnstats._one_batch.ONE_BATCH_BYTES`."""
+    reached = first.reached()
+    if any(host.max_calls_per_forward > 1 for host in reached):
+        return False
+    largest = max((host.values for host in reached), default=0.0)
+    return largest * VALUE_BYTES <= _one_batch.ONE_BATCH_BYTES

@@ -1,0 +1,116 @@
+"""What eval mode's one batch is in every framework: the budget, the batches a pass keeps for
+it, and how batches join into one.
+
+Eval mode's fixed point ``s* = F(s*)`` (every BN layer's input population when every BN layer
+normalizes with ``s*``) is one forward away where all the data run as one batch and every BN
+layer normalizes each call with its own input's population: each layer's input depends only
+on the layers before it, and those already normalized with their populations over all the
+data. The torch tools (:mod:`bnstats.torch._one_batch`) and the Keras and Flax tools
+(:mod:`bnstats._host_one_batch`) run it where the data fit :data:`ONE_BATCH_BYTES` and the
+batches join (:func:`join`): arrays of the same trailing shape and dtype (a framework may ask
+more, the same device, say), joined along the first dimension, inside the same tuples,
+lists, dicts and namedtuples; any other part equal in every batch. NumPy-free: each
+framework says what its arrays are (:class:`ArrayKind`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+ONE_BATCH_BYTES = 256 * 2**20
+"""The largest BN input (and the joined inputs) that eval mode runs as one batch: 256 MiB
+(the forward of such a batch holds a few times that). Over all ranks' data together."""
+
+EQUAL_LEAVES = (int, float, str, bool, type(None))
+"""Parts of a batch other than arrays that may be joined: kept where equal in every batch."""
+
+
+class CannotJoin(Exception):
+    """The batches do not join into one (:func:`join`)."""
+
+
+@dataclass(frozen=True)
+class ArrayKind:
+    """A framework's arrays, as joining sees them: ``is_array(value)``, ``joins_with(first,
+    part)`` (``part`` joins ``first`` along the first dimension), ``concatenate(parts)`` and
+    ``nbytes(array)``."""
+
+    is_array: Callable[[Any], bool]
+    joins_with: Callable[[Any, Any], bool]
+    concatenate: Callable[[list[Any]], Any]
+    nbytes: Callable[[Any], int]
+
+
+def array_bytes(value: Any, kind: ArrayKind) -> int:
+    """Bytes of all the arrays in ``value`` (nested tuples, lists, dicts)."""
+    if kind.is_array(value):
+        return kind.nbytes(value)
+    if isinstance(value, Mapping):
+        return sum(array_bytes(v, kind) for v in value.values())
+    if isinstance(value, tuple | list):
+        return sum(array_bytes(v, kind) for v in value)
+    return 0
+
+
+def join(parts: list[Any], kind: ArrayKind) -> Any:
+    """``parts`` (one per batch, alike) joined along the first dimension of their arrays;
+    :class:`CannotJoin` where they are not alike."""
+    first = parts[0]
+    if kind.is_array(first):
+        if not all(kind.is_array(part) and kind.joins_with(first, part) for part in parts):
+            raise CannotJoin
+        return kind.concatenate(parts)
+    if isinstance(first, Mapping):
+        if not all(isinstance(p, Mapping) and p.keys() == first.keys() for p in parts):
+            raise CannotJoin
+        return {key: join([part[key] for part in parts], kind) for key in first}
+    if isinstance(first, tuple | list):
+        if not all(type(p) is type(first) and len(p) == len(first) for p in parts):
+            raise CannotJoin
+        joined = [join([part[i] for part in parts], kind) for i in range(len(first))]
+        if isinstance(first, tuple) and hasattr(first, "_fields"):  # a namedtuple
+            return type(first)(*joined)
+        return type(first)(joined)
+    if isinstance(first, EQUAL_LEAVES) and all(
+        type(p) is type(first) and p == first for p in parts
+    ):
+        return first
+    raise CannotJoin
+
+
+def join_or_none(parts: list[Any], kind: ArrayKind) -> Any | None:
+    """:func:`join`, None where the parts do not join (or there are none)."""
+    if not parts:
+        return None
+    try:
+        return join(parts, kind)
+    except CannotJoin:
+        return None
+
+
+class KeptBatches:
+    """``batches`` as ``draw(batches)`` yields them, keeping each batch an iteration draws
+    while their arrays hold at most :data:`ONE_BATCH_BYTES` (``kept``; None once they hold
+    more): the first pass keeps what the one batch joins, so that the data are not drawn once
+    more for it."""
+
+    def __init__(
+        self, batches: Any, kind: ArrayKind, draw: Callable[[Any], Iterable[Any]] = iter
+    ) -> None:
+        self.batches = batches
+        self.kind = kind
+        self.draw = draw
+        self.kept: list[Any] | None = []
+
+    def __iter__(self) -> Iterator[Any]:
+        self.kept, held = [], 0
+        for batch in self.draw(self.batches):
+            if self.kept is not None:
+                held += array_bytes(batch, self.kind)
+                if held <= ONE_BATCH_BYTES:
+                    self.kept.append(batch)
+                else:
+                    self.kept = None
+            yield batch
