@@ -53,14 +53,15 @@ def test_the_budget_is_the_largest_bn_input(rng, monkeypatch):
         assert_population(measured.layers[name], values)
 
 
-def test_inputs_over_the_budget_are_not_kept(rng, monkeypatch):
+def test_inputs_over_the_budget_are_not_kept(rng):
     """11 samples: BN inputs of 176 bytes (4 channels of 4 bytes), float64 inputs of 264
     (3 values of 8 bytes): at 200 bytes the BN inputs fit but the inputs are not kept."""
     batches = data(rng, [5, 6])
-    monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 200)
-    assert recalibrate(deep(rng), batches, mode="eval", one_batch=True).passes == 5
-    monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 264)
-    assert recalibrate(deep(rng), batches, mode="eval", one_batch=True).passes == 3
+    for limit, passes in ((200, 5), (264, 3)):
+        measured = recalibrate(
+            deep(rng), batches, mode="eval", one_batch=True, one_batch_bytes=limit
+        )
+        assert measured.passes == passes
 
 
 def test_batches_that_do_not_join_take_the_levels(rng):

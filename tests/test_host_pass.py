@@ -47,6 +47,7 @@ from bnstats._host_pass import (
     pass_label,
 )
 from bnstats._levels import require_reusable
+from bnstats._one_batch import budget
 from bnstats.stats import NonFiniteStatisticsError
 
 EPS = 1e-3
@@ -174,7 +175,8 @@ def recalibrate(
         def run_joined(joined: np.ndarray) -> HostMeasured:
             return finish_pass(one_pass(net, [joined], None, options), to_numpy, "skip", "keep", "")
 
-        one_batch = OneBatch(batches, host_arrays(np.concatenate), run_joined)
+        limit = budget(options.get("one_batch_bytes"))
+        one_batch = OneBatch(batches, host_arrays(np.concatenate), limit, run_joined)
 
     def run_level(final: Final, measure_settled: bool) -> HostMeasured:
         given = batches if one_batch is None else one_batch.batches()

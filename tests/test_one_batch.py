@@ -50,11 +50,20 @@ def test_other_parts_join_only_where_equal():
     assert join_or_none([], ARRAYS) is None
 
 
-def test_the_first_pass_keeps_its_batches_within_the_budget(monkeypatch):
+def test_the_first_pass_keeps_its_batches_within_the_budget():
     batches = [(np.zeros((2, 3)), {"y": np.zeros(2)})] * 3  # 64 bytes each
     assert array_bytes(batches[0], ARRAYS) == 64
-    monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 192)
-    kept = KeptBatches(batches, ARRAYS)
+    kept = KeptBatches(batches, ARRAYS, 192)
     assert list(kept) == batches and kept.kept == batches
-    monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 191)
+    kept = KeptBatches(batches, ARRAYS, 191)
     assert list(kept) == batches and kept.kept is None  # every batch still given
+
+
+def test_the_budget_is_the_given_one_or_the_default(monkeypatch):
+    assert _one_batch.budget(None) == 256 * 2**20 and _one_batch.budget(0) == 0
+    monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 5)  # read at each call
+    assert _one_batch.budget(None) == 5 and _one_batch.budget(2**40) == 2**40
+    for bad in (-1, 1.5, "1", True):
+        with pytest.raises(ValueError, match="one_batch_bytes must be a number of bytes"):
+            _one_batch.check_budget(bad)
+    _one_batch.check_budget(np.int64(7))

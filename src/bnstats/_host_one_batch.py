@@ -13,9 +13,9 @@ measured, is what is written, where it moved no layer by more than
 :data:`bnstats._host_levels.CHECK_TARGET`.
 
 Used where it is safe (:meth:`OneBatch.solve`): every BN layer called at most once per
-forward, the largest BN input of the first pass at most
-:data:`bnstats._one_batch.ONE_BATCH_BYTES` (its values times 4 bytes), the batches of the
-first pass kept within that budget and joined (:func:`bnstats._one_batch.join`), a one-batch
+forward, the largest BN input of the first pass within the budget (its values times 4 bytes;
+``one_batch_bytes``, by default :data:`bnstats._one_batch.ONE_BATCH_BYTES`), the batches of
+the first pass kept within that budget and joined (:func:`bnstats._one_batch.join`), a one-batch
 forward that runs and reaches every layer the first pass reached with finite statistics.
 Anywhere else, and where the check pass moved a layer (a batch whose first dimension is not
 its samples, a model that mixes its samples), the levels go on from the first pass
@@ -28,7 +28,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from bnstats import _one_batch
 from bnstats._host_levels import CHECK_TARGET, LevelRun, movements
 from bnstats._host_pass import Final, HostMeasured
 from bnstats._one_batch import ArrayKind, KeptBatches, join_or_none
@@ -59,15 +58,18 @@ def host_arrays(concatenate: Callable[[list[Any]], Any]) -> ArrayKind:
 
 
 class OneBatch:
-    """The one batch of an eval-mode call over ``batches``: the passes go over
-    :meth:`batches` (the first one keeps what it draws), and :meth:`solve` runs the one batch
-    after the first pass; ``spent``: the passes it ran (the one-batch forward counts as
-    one)."""
+    """The one batch of an eval-mode call over ``batches`` within ``limit`` bytes (the
+    call's budget, :func:`bnstats._one_batch.budget`): the passes go over :meth:`batches`
+    (the first one keeps what it draws), and :meth:`solve` runs the one batch after the
+    first pass; ``spent``: the passes it ran (the one-batch forward counts as one)."""
 
-    def __init__(self, batches: Iterable[Any], kind: ArrayKind, run_joined: JoinedRun) -> None:
+    def __init__(
+        self, batches: Iterable[Any], kind: ArrayKind, limit: int, run_joined: JoinedRun
+    ) -> None:
         self.spent = 0
+        self.limit = limit
         self._given = batches
-        self._kept = KeptBatches(batches, kind)
+        self._kept = KeptBatches(batches, kind, limit)
         self._first_drawn = False
         self._kind = kind
         self._run_joined = run_joined
@@ -87,7 +89,7 @@ class OneBatch:
         where the data do not fit or join, the forward failed or the check pass moved a
         layer by more than :data:`CHECK_TARGET`."""
         kept, self._kept.kept = self._kept.kept, None  # the inputs are not needed after this
-        if kept is None or not fits_one_batch(first):
+        if kept is None or not fits_one_batch(first, self.limit):
             return None
         joined = join_or_none(kept, self._kind)
         if joined is None:
@@ -114,12 +116,12 @@ class OneBatch:
             return None  # NonFiniteStatisticsError too: unreached or not finite
 
 
-def fits_one_batch(first: HostMeasured) -> bool:
+def fits_one_batch(first: HostMeasured, limit: int) -> bool:
     """True where no BN layer was called more than once in a forward of the pass ``first``
     and its largest BN input (values over the pass times :data:`VALUE_BYTES`) is at most
-    :data:`bnstats._one_batch.ONE_BATCH_BYTES`."""
+    ``limit`` bytes."""
     reached = first.reached()
     if any(host.max_calls_per_forward > 1 for host in reached):
         return False
     largest = max((host.values for host in reached), default=0.0)
-    return largest * VALUE_BYTES <= _one_batch.ONE_BATCH_BYTES
+    return largest * VALUE_BYTES <= limit

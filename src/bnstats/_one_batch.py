@@ -6,7 +6,7 @@ normalizes with ``s*``) is one forward away where all the data run as one batch 
 layer normalizes each call with its own input's population: each layer's input depends only
 on the layers before it, and those already normalized with their populations over all the
 data. The torch tools (:mod:`bnstats.torch._one_batch`) and the Keras and Flax tools
-(:mod:`bnstats._host_one_batch`) run it where the data fit :data:`ONE_BATCH_BYTES` and the
+(:mod:`bnstats._host_one_batch`) run it where the data fit the budget (:func:`budget`) and the
 batches join (:func:`join`): arrays of the same trailing shape and dtype (a framework may ask
 more, the same device, say), joined along the first dimension, inside the same tuples,
 lists, dicts and namedtuples; any other part equal in every batch. NumPy-free: each
@@ -15,13 +15,15 @@ framework says what its arrays are (:class:`ArrayKind`).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 ONE_BATCH_BYTES = 256 * 2**20
-"""The largest BN input (and the joined inputs) that eval mode runs as one batch: 256 MiB
-(the forward of such a batch holds a few times that). Over all ranks' data together."""
+"""The default budget: the largest BN input (and the joined inputs) that eval mode runs as
+one batch, 256 MiB (the forward of such a batch holds a few times that). Over all ranks'
+data together. The tools' ``one_batch_bytes=`` sets another (:func:`budget`)."""
 
 EQUAL_LEAVES = (int, float, str, bool, type(None))
 """Parts of a batch other than arrays that may be joined: kept where equal in every batch."""
@@ -41,6 +43,25 @@ class ArrayKind:
     joins_with: Callable[[Any, Any], bool]
     concatenate: Callable[[list[Any]], Any]
     nbytes: Callable[[Any], int]
+
+
+def budget(one_batch_bytes: int | None) -> int:
+    """The budget a call runs under: ``one_batch_bytes`` as the user gave it (0: never one
+    batch), or :data:`ONE_BATCH_BYTES` where None."""
+    return ONE_BATCH_BYTES if one_batch_bytes is None else one_batch_bytes
+
+
+def check_budget(one_batch_bytes: Any) -> None:
+    """``ValueError`` unless ``one_batch_bytes`` is None or an integer of at least 0."""
+    if one_batch_bytes is not None and (
+        isinstance(one_batch_bytes, bool)
+        or not isinstance(one_batch_bytes, numbers.Integral)
+        or one_batch_bytes < 0
+    ):
+        raise ValueError(
+            f"one_batch_bytes must be a number of bytes (0 or more) or None, got "
+            f"{one_batch_bytes!r}"
+        )
 
 
 def array_bytes(value: Any, kind: ArrayKind) -> int:
@@ -92,15 +113,20 @@ def join_or_none(parts: list[Any], kind: ArrayKind) -> Any | None:
 
 class KeptBatches:
     """``batches`` as ``draw(batches)`` yields them, keeping each batch an iteration draws
-    while their arrays hold at most :data:`ONE_BATCH_BYTES` (``kept``; None once they hold
-    more): the first pass keeps what the one batch joins, so that the data are not drawn once
-    more for it."""
+    while their arrays hold at most ``limit`` bytes (``kept``; None once they hold more): the
+    first pass keeps what the one batch joins, so that the data are not drawn once more for
+    it."""
 
     def __init__(
-        self, batches: Any, kind: ArrayKind, draw: Callable[[Any], Iterable[Any]] = iter
+        self,
+        batches: Any,
+        kind: ArrayKind,
+        limit: int,
+        draw: Callable[[Any], Iterable[Any]] = iter,
     ) -> None:
         self.batches = batches
         self.kind = kind
+        self.limit = limit
         self.draw = draw
         self.kept: list[Any] | None = []
 
@@ -109,7 +135,7 @@ class KeptBatches:
         for batch in self.draw(self.batches):
             if self.kept is not None:
                 held += array_bytes(batch, self.kind)
-                if held <= ONE_BATCH_BYTES:
+                if held <= self.limit:
                     self.kept.append(batch)
                 else:
                     self.kept = None

@@ -102,3 +102,25 @@ def test_a_name_without_room_for_its_staging_name_is_refused_before_any_work(
     err = capsys.readouterr().err
     assert err.startswith(f"bnstats: error: {option} bbbb") and "the name is 253 bytes" in err
     assert "x.pt" not in [p.name for p in project_here.iterdir()]
+
+
+def test_one_batch_mib_sets_the_budget_of_the_one_batch(project_here, capsys):
+    summary = _recalibrate(project_here, capsys, "--mode", "eval", "--one-batch-mib", "0")
+    assert summary["pass"]["passes"] > 3  # no one batch: the whole passes
+    expected = bt.recalibrate(
+        user_module(project_here).make(),
+        _npz_batches(project_here, "data.npz", 8),
+        mode="eval",
+        one_batch_bytes=0,
+    )
+    written = torch.load(project_here / "new.pt", weights_only=True)
+    for key, value in expected.state_dict().items():
+        assert torch.equal(written[key], value), key
+
+
+def test_a_negative_one_batch_mib_is_refused_in_one_line(project_here, capsys):
+    args = ["recalibrate", *MODEL, "--data", "data.npz", "--out", "new.pt"]
+    assert main([*args, "--mode", "eval", "--one-batch-mib", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--one-batch-mib: expected a finite number >= 0, got '-1'" in err
+    assert len(err.strip().splitlines()) == 1

@@ -63,16 +63,12 @@ class Counted(list):
 
 
 @pytest.mark.parametrize("budget", [None, 0], ids=["one_batch", "levels"])
-def test_eval_mode_runs_data_that_fit_as_one_batch(rng, monkeypatch, budget):
+def test_eval_mode_runs_data_that_fit_as_one_batch(rng, budget):
     """The first pass, the one batch, the check: the data gone over twice (level by level,
     with a budget of 0: four times), to the same numbers."""
-    from bnstats import _one_batch
-
-    if budget is not None:
-        monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", budget)
     model = net(rng)
     data = Counted(batches(rng, [2, 5, 1, 4], (6,)))
-    recalibrate_nnx(model, data, mode="eval")
+    recalibrate_nnx(model, data, mode="eval", one_batch_bytes=budget)
     assert data.drawn == (2 if budget is None else 4)
     x = np.concatenate(data).astype(np.float64)
     stats: list = [None, None, None]

@@ -75,8 +75,12 @@ def test_eval_mode_runs_data_that_fit_as_one_batch(name, rng, monkeypatch):
     recalibrate(case.model, batches, mode="eval", progress=False)
     for bn, expected in zip(case.bns, eval_reference(case, batches), strict=True):
         assert_statistics(bn, expected)
-    monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 0)
+    levels = KerasPassOptions(mode="eval", progress=False, one_batch_bytes=0)
+    assert measure(case.model, batches, levels).measured.passes == len(case.bns) + 1
+    monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 0)  # the default budget
     assert measure(case.model, batches, options).measured.passes == len(case.bns) + 1
+    with pytest.raises(ValueError, match="one_batch_bytes must be a number of bytes"):
+        recalibrate(case.model, batches, mode="eval", one_batch_bytes=-1)
 
 
 def test_an_array_with_batch_size_and_tuples_with_targets_give_the_same_numbers(rng):

@@ -80,15 +80,36 @@ def largest_input_bytes(model: nn.Module, data: list[torch.Tensor]) -> int:
 
 
 @pytest.mark.parametrize("spare", [0, -1])
-def test_data_whose_largest_bn_input_is_over_the_budget_take_the_whole_passes(monkeypatch, spare):
+@pytest.mark.parametrize("given", [True, False], ids=["one_batch_bytes", "default"])
+def test_data_whose_largest_bn_input_is_over_the_budget_take_the_whole_passes(
+    monkeypatch, spare, given
+):
     """The budget bounds the largest BN input over the data (values per channel times
     channels times 4 bytes): at the budget the data run as one batch, a byte over they do
-    not (whole passes, with the late subset, as before)."""
+    not (whole passes, with the late subset, as before); ``one_batch_bytes=`` sets it, else
+    the default."""
     model, data = eval_models.build("convchain"), eval_models.batches("convchain", 16, 16)
-    monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", largest_input_bytes(model, data) + spare)
-    result = bt.recalibrate_report(model, data, mode="eval")
+    limit = largest_input_bytes(model, data) + spare
+    if given:
+        result = bt.recalibrate_report(model, data, mode="eval", one_batch_bytes=limit)
+    else:
+        monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", limit)
+        result = bt.recalibrate_report(model, data, mode="eval")
     assert result.converged
     assert (result.passes == 3) == (spare == 0)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "256MiB", True])
+def test_one_batch_bytes_is_a_number_of_bytes(bad):
+    model, data = eval_models.build("chain"), eval_models.batches("chain", 2, 4)
+    with pytest.raises(ValueError, match="one_batch_bytes must be a number of bytes"):
+        bt.recalibrate(model, data, mode="eval", one_batch_bytes=bad)
+
+
+def test_a_budget_of_zero_never_runs_one_batch():
+    model, data = eval_models.build("chain"), eval_models.batches("chain", 4, 16)
+    assert bt.recalibrate_report(model, data, mode="eval").passes == 3
+    assert bt.recalibrate_report(model, data, mode="eval", one_batch_bytes=0).passes > 3
 
 
 class _TimeFirst(nn.Module):
@@ -128,15 +149,18 @@ def test_max_samples_cuts_the_joined_batch_as_the_passes_cut_the_data():
 Pair = collections.namedtuple("Pair", "image label")
 
 
+BUDGET = 256 * 2**20
+
+
 def test_batches_join_inside_tuples_lists_dicts_and_namedtuples():
     a, b = torch.arange(6.0).reshape(2, 3), torch.arange(6.0, 9.0).reshape(1, 3)
-    assert torch.equal(join_batches([a, b], None), torch.cat([a, b]))
-    joined = join_batches([(a, [a], {"x": a, "k": 3}), (b, [b], {"x": b, "k": 3})], None)
+    assert torch.equal(join_batches([a, b], None, BUDGET), torch.cat([a, b]))
+    joined = join_batches([(a, [a], {"x": a, "k": 3}), (b, [b], {"x": b, "k": 3})], None, BUDGET)
     assert torch.equal(joined[0], torch.cat([a, b])) and torch.equal(joined[1][0], joined[0])
     assert torch.equal(joined[2]["x"], joined[0]) and joined[2]["k"] == 3
-    named = join_batches([Pair(a, a[:, 0]), Pair(b, b[:, 0])], None)
+    named = join_batches([Pair(a, a[:, 0]), Pair(b, b[:, 0])], None, BUDGET)
     assert isinstance(named, Pair) and named.label.tolist() == [0.0, 3.0, 6.0]
-    assert join_batches([a, b, a], 4).shape == (4, 3)  # the third batch cut to one row
+    assert join_batches([a, b, a], 4, BUDGET).shape == (4, 3)  # the third batch cut to one row
 
 
 @pytest.mark.parametrize(
@@ -152,13 +176,13 @@ def test_batches_join_inside_tuples_lists_dicts_and_namedtuples():
     ],
 )
 def test_batches_that_do_not_join_are_left_to_the_whole_passes(batches):
-    assert join_batches(batches, None) is None
+    assert join_batches(batches, None, BUDGET) is None
 
 
-def test_joined_inputs_over_the_budget_are_not_joined(monkeypatch):
-    monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 4 * 12 * 4)  # 4 rows of 12 float32
-    assert join_batches([torch.zeros(2, 12)] * 2, None) is not None
-    assert join_batches([torch.zeros(2, 12)] * 3, None) is None
+def test_joined_inputs_over_the_budget_are_not_joined():
+    limit = 4 * 12 * 4  # 4 rows of 12 float32
+    assert join_batches([torch.zeros(2, 12)] * 2, None, limit) is not None
+    assert join_batches([torch.zeros(2, 12)] * 3, None, limit) is None
 
 
 def test_a_subset_that_fits_is_solved_in_one_forward_a_round(monkeypatch):
@@ -235,10 +259,9 @@ class _Counted:
             yield batch
 
 
-def test_joining_stops_drawing_once_the_inputs_are_over_the_budget(monkeypatch):
-    monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 4 * 12 * 4)  # 4 rows of 12 float32
+def test_joining_stops_drawing_once_the_inputs_are_over_the_budget():
     counted = _Counted([torch.zeros(2, 12)] * 10)
-    assert join_batches(counted, None) is None and counted.drawn == 3
+    assert join_batches(counted, None, 4 * 12 * 4) is None and counted.drawn == 3
 
 
 class _Iterations:

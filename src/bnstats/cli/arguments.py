@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bnstats.cli.loading import NPZ_BATCH_SIZE, load_batches, load_model, require_torch
-from bnstats.cli.values import positive_float, positive_int
+from bnstats.cli.values import non_negative_float, positive_float, positive_int
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -50,7 +50,8 @@ def add_max_samples(parser: argparse.ArgumentParser) -> None:
 
 
 def add_pass_mode(parser: argparse.ArgumentParser) -> None:
-    """``--mode`` and ``--tolerance``, the pass options of ``bnstats.torch.recalibrate``."""
+    """``--mode``, ``--tolerance`` and ``--one-batch-mib``, the pass options of
+    ``bnstats.torch.recalibrate``."""
     parser.add_argument(
         "--mode",
         choices=("train", "eval", "eval_exact"),
@@ -65,6 +66,18 @@ def add_pass_mode(parser: argparse.ArgumentParser) -> None:
         type=positive_float,
         help="stop drawing batches once every layer's relative standard error is below this",
     )
+    parser.add_argument(
+        "--one-batch-mib",
+        type=non_negative_float,
+        help="with --mode eval: the memory in MiB the data may take to run as one batch, three "
+        "passes (their largest BN input and their inputs; default: 256; 0: never)",
+    )
+
+
+def one_batch_bytes(args: argparse.Namespace) -> int | None:
+    """``--one-batch-mib`` in bytes, None where not given."""
+    mib = args.one_batch_mib
+    return None if mib is None else int(mib * 2**20)
 
 
 def add_out_file(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +143,7 @@ __all__ = [
     "add_model_arguments",
     "add_out_file",
     "add_pass_mode",
+    "one_batch_bytes",
     "first_input",
     "input_files",
     "load_inputs",

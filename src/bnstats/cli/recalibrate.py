@@ -3,6 +3,7 @@ statistics over data, and write its state dict.
 
     bnstats recalibrate --model pkg.module:factory [--weights ckpt.pt] --data pkg.module:batches
                         --out recalibrated.pt [--mode eval] [--tolerance 1e-2]
+                        [--one-batch-mib 256]
 
 Prints, per layer, how far the old statistics were from the new ones (the audit's mean shift
 and variance ratio on the same samples) and what the pass took (samples, passes, precision).
@@ -24,6 +25,7 @@ from bnstats.cli.arguments import (
     add_pass_mode,
     input_files,
     load_inputs,
+    one_batch_bytes,
     torch_tools,
 )
 from bnstats.cli.loading import require_torch, user_code_errors
@@ -49,7 +51,12 @@ def run(args: argparse.Namespace) -> int:
     model, batches = load_inputs(args)
     check_outputs(outputs, input_files(args))  # the modules --model and --data imported
     out = Path(args.out)
-    options = {"max_samples": args.max_samples, "mode": args.mode, "tolerance": args.tolerance}
+    options = {
+        "max_samples": args.max_samples,
+        "mode": args.mode,
+        "tolerance": args.tolerance,
+        "one_batch_bytes": one_batch_bytes(args),
+    }
     lazy = [name for name, module in model.named_modules() if _uninitialized(torch, module)]
     changes = [] if lazy else _changes(bt, model, batches, options)
     result = bt.recalibrate_report(model, batches, **options, progress=False if args.json else None)

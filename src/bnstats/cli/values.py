@@ -30,6 +30,17 @@ def _int_at_least(text: str, least: int) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """A finite number of 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """A finite number above 0 (``inf`` and ``nan`` are refused)."""
     try:

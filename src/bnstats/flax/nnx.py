@@ -28,6 +28,7 @@ from bnstats._host_pass import (
     pass_label,
 )
 from bnstats._levels import require_reusable
+from bnstats._one_batch import budget, check_budget
 from bnstats.flax._common import (
     JAX_ARRAYS,
     Forward,
@@ -69,6 +70,7 @@ def recalibrate_nnx(
     nonfinite: Literal["raise", "skip"] = "raise",
     unreached: Literal["raise", "keep"] = "raise",
     jit: bool = True,
+    one_batch_bytes: int | None = None,
 ) -> Any:
     """Write every ``nnx.BatchNorm``'s ``mean`` and ``var`` in place as the exact population
     statistics of its input over ``batches``; returns ``model``.
@@ -94,12 +96,15 @@ def recalibrate_nnx(
       :func:`bnstats.keras.recalibrate`.
     - ``jit``: compile the forward with ``jax.jit`` (once per batch shape) on a copy of the
       model's state; ``False`` runs it eagerly (a ``forward`` that cannot be traced).
+    - ``one_batch_bytes``: in ``mode="eval"``, the memory the data may take to run as one
+      batch, as in :func:`bnstats.keras.recalibrate` (``None``: 256 MiB; 0: never).
 
     The model is left in the mode it found (every ``use_running_average`` and
     ``deterministic`` flag, ``momentum``, ``scale``, ``bias``, every other variable);
     nothing is written unless the whole pass succeeds.
     """
     check_pass_options(mode, nonfinite, unreached, max_samples)
+    check_budget(one_batch_bytes)
     layers = find_batchnorm_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} holds no nnx.BatchNorm layer")
@@ -112,6 +117,7 @@ def recalibrate_nnx(
             one_batch = OneBatch(
                 batches,
                 JAX_ARRAYS,
+                budget(one_batch_bytes),
                 lambda joined: finish_pass(
                     run.level(None, over=[joined]), to_numpy, "skip", "keep", "batches"
                 ),

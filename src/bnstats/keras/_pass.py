@@ -47,6 +47,7 @@ from bnstats._host_pass import (
     pass_label,
 )
 from bnstats._levels import require_reusable
+from bnstats._one_batch import budget, check_budget
 from bnstats.keras._data import batch_size_of, first_samples, input_batches, source_of
 from bnstats.keras._layers import (
     channel_axis,
@@ -70,9 +71,11 @@ class KerasPassOptions:
     nonfinite: Literal["raise", "skip"] = "raise"
     unreached: Literal["raise", "keep"] = "raise"
     progress: bool | None = None
+    one_batch_bytes: int | None = None
 
     def __post_init__(self) -> None:
         check_pass_options(self.mode, self.nonfinite, self.unreached, self.max_samples)
+        check_budget(self.one_batch_bytes)
 
 
 @dataclass
@@ -108,7 +111,7 @@ def measure(model: Any, data: Any, options: KerasPassOptions) -> KerasMeasured:
         one = _one_pass(model, [joined], layers, options, final=None)
         return finish_pass(one, to_numpy, "skip", "keep", "data")
 
-    one_batch = OneBatch(batches, KERAS_ARRAYS, run_joined)
+    one_batch = OneBatch(batches, KERAS_ARRAYS, budget(options.one_batch_bytes), run_joined)
 
     def run_level(final: Final, measure_settled: bool) -> HostMeasured:
         level = _one_pass(model, one_batch.batches(), layers, options, final, measure_settled)

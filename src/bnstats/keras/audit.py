@@ -19,6 +19,7 @@ def audit(
     batch_size: int | None = None,
     nonfinite: Literal["raise", "skip"] = "skip",
     unreached: Literal["raise", "keep"] = "raise",
+    one_batch_bytes: int | None = None,
 ) -> AuditReport:
     """Compare every BN layer's ``moving_mean``/``moving_variance`` with the population
     statistics of its input over ``data``, measured exactly as
@@ -38,6 +39,7 @@ def audit(
         nonfinite=nonfinite,
         unreached=unreached,
         progress=progress,
+        one_batch_bytes=one_batch_bytes,
     )
     result = measure(model, data, options)
     layers = []

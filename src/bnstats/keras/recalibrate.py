@@ -19,6 +19,7 @@ def recalibrate(
     batch_size: int | None = None,
     nonfinite: Literal["raise", "skip"] = "raise",
     unreached: Literal["raise", "keep"] = "raise",
+    one_batch_bytes: int | None = None,
 ) -> Any:
     """Write every ``keras.layers.BatchNormalization``'s ``moving_mean`` and
     ``moving_variance`` as the exact population statistics of its input over ``data``;
@@ -51,6 +52,9 @@ def recalibrate(
     - ``nonfinite``: ``"raise"`` (a batch bringing NaN or Inf fails, naming it) or ``"skip"``.
     - ``unreached``: ``"raise"`` (a BN layer no forward reached fails) or ``"keep"``.
     - ``progress``: a rich progress bar on stderr (``None``: when stderr is a terminal).
+    - ``one_batch_bytes``: in ``mode="eval"``, the memory the data may take to run as one
+      batch: their largest BN input (at 4 bytes a value) and their inputs each at most this
+      many bytes (``None``: 256 MiB; 0: never; :class:`bnstats.torch.PassOptions`).
 
     Nothing else changes: ``momentum``, ``gamma``, ``beta``, every other weight and
     ``trainable``. Nothing is written unless the whole pass succeeds (the data source or the
@@ -67,6 +71,7 @@ def recalibrate(
         nonfinite=nonfinite,
         unreached=unreached,
         progress=progress,
+        one_batch_bytes=one_batch_bytes,
     )
     result = measure(model, data, options)
     values = {}

@@ -23,15 +23,48 @@ def batch_moments(x: torch.Tensor, float64: bool = False) -> tuple[torch.Tensor,
     ``float64=True``: ``torch.var_mean`` of ``x`` in float64.
     """
     if float64:
-        axes = (0, *range(2, x.dim()))
-        var, mean = torch.var_mean(widen(x), dim=axes, correction=0)
-        return mean, var
+        return _float64_moments(x)
     if x.dtype in NARROW_DTYPES and x.device.type != "cuda":
         x = x.float()
     if channels_last_on_cpu(x):
         return _channels_last_moments(x)
     mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
     return widen(mean), widen(var)
+
+
+_FLOAT64_VALUES = 2**16
+"""Values per channel widened to float64 at once by :func:`batch_moments` (``float64=True``):
+a larger input is widened piece by piece along its first dimension, so that its float64
+copy never holds more than this (eval mode's one batch holds all the data)."""
+
+
+def _float64_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.var_mean`` in float64 of pieces of ``x`` along its first dimension, each
+    holding at most :data:`_FLOAT64_VALUES` values per channel, merged::
+
+        mean = sum_g n_g m_g / N,   var = sum_g n_g (v_g + (m_g - mean)**2) / N
+    """
+    axes = (0, *range(2, x.dim()))
+    per_sample = max(1, x[0].numel() // x.shape[1]) if len(x) else 1
+    pieces = x.split(max(1, _FLOAT64_VALUES // per_sample)) if len(x) else (x,)
+    if len(pieces) == 1:
+        var, mean = torch.var_mean(widen(x), dim=axes, correction=0)
+        return mean, var
+    moments = [torch.var_mean(widen(piece), dim=axes, correction=0) for piece in pieces]
+    variances = torch.stack([var for var, _ in moments])
+    means = torch.stack([mean for _, mean in moments])
+    counts = torch.tensor([[float(len(piece))] for piece in pieces], dtype=means.dtype)
+    return _merged(means, variances, counts.to(means.device))
+
+
+def _merged(
+    means: torch.Tensor, variances: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, the mean and biased variance of groups with these (G, C) ``means`` and
+    biased ``variances``, group ``g`` of ``counts[g]`` values (a (G, 1) column)."""
+    total = counts.sum(dim=0)
+    mean = (counts * means).sum(dim=0) / total
+    return mean, (counts * (variances + (means - mean) ** 2)).sum(dim=0) / total
 
 
 def channels_last_on_cpu(x: torch.Tensor) -> bool:
@@ -67,8 +100,7 @@ def _channels_last_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     columns = x.movedim(1, -1).reshape(rows // groups, groups * channels)
     means, variances = torch.batch_norm_update_stats(columns, None, None, 0.0)
     means, variances = widen(means).view(groups, channels), widen(variances).view(groups, channels)
-    mean = means.mean(dim=0)
-    return mean, (variances + (means - mean) ** 2).mean(dim=0)
+    return _merged(means, variances, torch.ones_like(means[:, :1]))
 
 
 def _groups(rows: int) -> int:

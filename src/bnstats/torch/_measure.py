@@ -99,8 +99,8 @@ def measure_eval_mode(
        BN makes it): the estimate ``t``;
     4. ``"fixed"`` at ``t``: the populations ``F(t)``;
 
-    (where the data's largest BN input, over all ranks, fits
-    :data:`~bnstats._one_batch.ONE_BATCH_BYTES`, passes 2-4 are one forward of all the
+    (where the data's largest BN input, over all ranks, fits ``one_batch_bytes`` (by default
+    :data:`~bnstats._one_batch.ONE_BATCH_BYTES`), passes 2-4 are one forward of all the
     data joined into one batch, each layer normalizing with its own input's population,
     then one fixed pass at its statistics, :mod:`bnstats.torch._one_batch`; else,
     on data of :data:`~bnstats.torch._subset_iteration.SUBSET_SHARE` subsets or more,
@@ -244,7 +244,7 @@ def _batch_statistics_first(
     Returns the last pass, the statistics it normalized with, pass 1, and the batches pass 1
     drew."""
     # a tolerance stop waits for every layer under unreached="raise"
-    kept = kept_batches(batches)  # what pass 1 draws, for the one batch
+    kept = kept_batches(batches, options)  # what pass 1 draws, for the one batch
     start = runs.user(Level(training=False, rule="batch"), kept, options)
     data = FirstBatches(batches, len(start.batch_sizes))
     start_statistics = statistics_of(start)

@@ -19,7 +19,8 @@ Used where it is safe to hold the data as one batch (:func:`fits_one_batch`,
 :func:`join_batches`; across torch.distributed ranks, every rank runs the one batch of all
 ranks' data, gathered, :func:`one_batch_statistics`): every BN layer called at most once
 per forward (a layer called twice normalizes its first call before seeing its second), the
-largest BN input of the joined batch at most :data:`bnstats._one_batch.ONE_BATCH_BYTES` (per
+largest BN input of the joined batch within the budget (``one_batch_bytes``, by default
+:data:`bnstats._one_batch.ONE_BATCH_BYTES`; per
 layer: values per channel over the data, times channels, times the element size of its
 buffers, from a pass over the same data), and batches that join
 (:func:`bnstats._one_batch.join`; tensors also on the same device).
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 
 from bnstats import _one_batch
-from bnstats._one_batch import ArrayKind, array_bytes, join_or_none
+from bnstats._one_batch import ArrayKind, array_bytes, budget, join_or_none
 from bnstats.torch._eval_statistics import Run, iterate_statistics
 from bnstats.torch._layer_pass import Measured
 from bnstats.torch._layers import iterate_batches, move_to_device
@@ -56,18 +57,21 @@ TENSORS = ArrayKind(
 """Tensors join where they have the same trailing shape, dtype and device."""
 
 
-def kept_batches(batches: Any) -> _one_batch.KeptBatches:
+def kept_batches(batches: Any, options: PassOptions) -> _one_batch.KeptBatches:
     """``batches`` as given (its refusals: a tensor, not iterable), keeping what pass 1 draws
-    for the one batch (:class:`bnstats._one_batch.KeptBatches`)."""
+    for the one batch within the budget (:class:`bnstats._one_batch.KeptBatches`)."""
     return _one_batch.KeptBatches(
-        batches, TENSORS, lambda given: (batch for batch, _ in iterate_batches(given))
+        batches,
+        TENSORS,
+        budget(options.one_batch_bytes),
+        lambda given: (batch for batch, _ in iterate_batches(given)),
     )
 
 
-def fits_one_batch(measured: Measured, scale: float = 1.0) -> bool:
+def fits_one_batch(measured: Measured, scale: float, limit: int) -> bool:
     """True where data of ``scale`` times the samples of the pass ``measured`` can run as one
     batch: no BN layer called more than once in a forward, and the largest BN input over
-    the data at most :data:`bnstats._one_batch.ONE_BATCH_BYTES`."""
+    the data at most ``limit`` bytes."""
     largest = 0.0
     for moments in measured.reached():
         if moments.max_calls_per_forward > 1:
@@ -75,17 +79,16 @@ def fits_one_batch(measured: Measured, scale: float = 1.0) -> bool:
         channels = moments.population.mean.numel()
         size = moments.layer.running_var.element_size()
         largest = max(largest, float(moments.population.count) * channels * size * scale)
-    return largest <= _one_batch.ONE_BATCH_BYTES
+    return largest <= limit
 
 
-def join_batches(batches: Iterable[Any], max_samples: int | None) -> Any | None:
+def join_batches(batches: Iterable[Any], max_samples: int | None, limit: int) -> Any | None:
     """All of ``batches`` (within ``max_samples``) as one batch of the same structure; None
-    where they do not join (module docstring) or hold more than
-    :data:`bnstats._one_batch.ONE_BATCH_BYTES`."""
+    where they do not join (module docstring) or hold more than ``limit`` bytes."""
     parts, held = [], 0
     for batch, _ in iterate_batches(batches, max_samples):
         held += array_bytes(batch, TENSORS)
-        if held > _one_batch.ONE_BATCH_BYTES:
+        if held > limit:
             return None  # no further batch drawn
         parts.append(batch)
     return join_or_none(parts, TENSORS)
@@ -97,18 +100,19 @@ def joined_if_fits(batches: Any, measured: Measured, scale: float, options: Pass
     (:func:`fits_one_batch`, :func:`join_batches`); else None."""
     if resolve_group(options.group) is not None:
         return None
-    return _fitting_joined(batches, measured, scale, options.max_samples)
+    return _fitting_joined(batches, measured, scale, options)
 
 
 def _fitting_joined(
-    batches: Any, measured: Measured, scale: float, max_samples: int | None
+    batches: Any, measured: Measured, scale: float, options: PassOptions
 ) -> Any | None:
     """``batches`` joined where data of ``scale`` times the samples of ``measured`` fit; None
     where ``batches`` is None (inputs over the budget,
     :class:`bnstats._one_batch.KeptBatches`), they do not fit or do not join."""
-    if batches is None or not fits_one_batch(measured, scale):
+    limit = budget(options.one_batch_bytes)
+    if batches is None or not fits_one_batch(measured, scale, limit):
         return None
-    return join_batches(batches, max_samples)
+    return join_batches(batches, options.max_samples, limit)
 
 
 def one_batch_statistics(
@@ -137,7 +141,7 @@ def one_batch_statistics(
     group = resolve_group(options.group)
     if group is not None:
         return _one_batch_in_group(group, run_alone, batches, measured, scale, start, options, call)
-    joined = _fitting_joined(batches, measured, scale, options.max_samples)
+    joined = _fitting_joined(batches, measured, scale, options)
     return None if joined is None else _solved(run_alone, joined, start)
 
 
@@ -163,11 +167,11 @@ def _one_batch_in_group(
     same way."""
 
     def join_here() -> tuple[Any, int | None]:
-        joined = _fitting_joined(batches, measured, scale, options.max_samples)
+        joined = _fitting_joined(batches, measured, scale, options)
         return joined, None if joined is None else array_bytes(joined, TENSORS)
 
     joined, sizes = run_and_exchange(group, join_here, {**call, "step": "one batch: join"})
-    if any(size is None for size in sizes) or sum(sizes) > _one_batch.ONE_BATCH_BYTES:
+    if any(size is None for size in sizes) or sum(sizes) > budget(options.one_batch_bytes):
         return None
     parts: list[Any] = [None] * len(sizes)
     torch.distributed.all_gather_object(parts, move_to_device(joined, torch.device("cpu")), group)

@@ -45,6 +45,7 @@ def adapt(
     mode: Literal["train", "eval", "eval_exact"] = "train",
     tolerance: float | None = None,
     progress: bool | None = None,
+    one_batch_bytes: int | None = None,
 ) -> nn.Module:
     """Mix every BN layer's running statistics toward the statistics of ``batches``.
 

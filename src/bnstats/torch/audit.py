@@ -75,6 +75,7 @@ def audit(
     mode: Literal["train", "eval", "eval_exact"] = "train",
     tolerance: float | None = None,
     progress: bool | None = None,
+    one_batch_bytes: int | None = None,
 ) -> AuditReport:
     """Compare every BN layer's running statistics with the population statistics on ``batches``.
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from bnstats._one_batch import check_budget
 from bnstats.torch._layers import Forward
 from bnstats.torch._ranks import Group
 
@@ -70,6 +71,13 @@ class PassOptions:
     - ``progress``: a rich progress bar on stderr with the samples seen (and the worst
       relative standard error with ``tolerance``): ``None`` when stderr is a terminal,
       ``True`` always, ``False`` never.
+    - ``one_batch_bytes``: in ``mode="eval"``, the memory the data may take to run as one
+      batch (three passes): their largest BN input (values per channel over the data times
+      channels times the element size; over all ranks) and their inputs each at most this
+      many bytes. ``None``: 256 MiB; the forward of such a batch holds a few times it, so
+      raise it only where that memory is free (on a GPU, a forward that runs out of memory
+      falls back to the passes; on the CPU the system may stop the process instead). 0:
+      never one batch.
     """
 
     forward: Forward | None = None
@@ -81,6 +89,7 @@ class PassOptions:
     mode: Literal["train", "eval", "eval_exact"] = "train"
     tolerance: float | None = None
     progress: bool | None = None
+    one_batch_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.forward is not None and not callable(self.forward):
@@ -104,6 +113,7 @@ class PassOptions:
             raise ValueError(f"tolerance must be a positive number or None, got {tolerance!r}")
         if self.progress is not None and not isinstance(self.progress, bool):
             raise TypeError(f"progress must be True, False or None, got {self.progress!r}")
+        check_budget(self.one_batch_bytes)
 
     @classmethod
     def pick(cls, arguments: Mapping[str, Any]) -> PassOptions:
@@ -121,6 +131,7 @@ class PassOptions:
             "unreached": self.unreached,
             "mode": self.mode,
             "tolerance": self.tolerance,
+            "one_batch_bytes": self.one_batch_bytes,
         }
 
 

@@ -121,6 +121,7 @@ def recalibrate(
     mode: Literal["train", "eval", "eval_exact"] = "train",
     tolerance: float | None = None,
     progress: bool | None = None,
+    one_batch_bytes: int | None = None,
 ) -> nn.Module:
     """Set every BN layer's running statistics to the exact population values on ``batches``.
 
@@ -193,6 +194,7 @@ def recalibrate_report(
     mode: Literal["train", "eval", "eval_exact"] = "train",
     tolerance: float | None = None,
     progress: bool | None = None,
+    one_batch_bytes: int | None = None,
 ) -> Recalibration:
     """:func:`recalibrate`, returning a :class:`Recalibration` (the model is its ``model``):
     how many samples and passes it took and how precise each layer's new statistics are.
