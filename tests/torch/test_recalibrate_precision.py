@@ -272,6 +272,25 @@ def test_channels_last_moments_of_any_shape(shape):
     np.testing.assert_allclose(var, want_var, rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "shape", [(300001, 3), (1000, 7, 9, 9), (3, 5, 300, 300), (1, 2, 600, 600), (2, 4)]
+)
+def test_float64_moments_in_pieces_equal_one_float64_sum(shape):
+    """``float64=True`` widens at most 2**18 values at a time (the one batch holds all the
+    data): pieces along the first dimension, uneven last piece included, merge to what one
+    float64 ``var_mean`` over the whole input gives."""
+    from bnstats.torch._batch_moments import batch_moments
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=gen) * 3 + 500
+    mean, var = batch_moments(x, float64=True)
+    axes = (0, *range(2, x.dim()))
+    want_var, want_mean = torch.var_mean(x.double(), dim=axes, correction=0)
+    assert mean.dtype == var.dtype == torch.float64
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-13)
+    np.testing.assert_allclose(var, want_var, rtol=1e-11)
+
+
 class RareBranch(nn.Module):
     """A BN layer ``rare`` that only batches flagged ``use_rare`` reach."""
 

@@ -32,21 +32,19 @@ def batch_moments(x: torch.Tensor, float64: bool = False) -> tuple[torch.Tensor,
     return widen(mean), widen(var)
 
 
-_FLOAT64_VALUES = 2**16
-"""Values per channel widened to float64 at once by :func:`batch_moments` (``float64=True``):
-a larger input is widened piece by piece along its first dimension, so that its float64
-copy never holds more than this (eval mode's one batch holds all the data)."""
+_FLOAT64_VALUES = 2**18
+"""Values widened to float64 at once by :func:`batch_moments` (``float64=True``): a larger
+input is widened piece by piece along its first dimension, so that its float64 copy holds
+2 MiB or one sample (eval mode's one batch holds all the data)."""
 
 
 def _float64_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.var_mean`` in float64 of pieces of ``x`` along its first dimension, each
-    holding at most :data:`_FLOAT64_VALUES` values per channel, merged::
-
-        mean = sum_g n_g m_g / N,   var = sum_g n_g (v_g + (m_g - mean)**2) / N
-    """
+    holding at most :data:`_FLOAT64_VALUES` values (one sample at least), merged
+    (:func:`_merged`)."""
     axes = (0, *range(2, x.dim()))
-    per_sample = max(1, x[0].numel() // x.shape[1]) if len(x) else 1
-    pieces = x.split(max(1, _FLOAT64_VALUES // per_sample)) if len(x) else (x,)
+    per_sample = x[0].numel() if len(x) else 1
+    pieces = x.split(max(1, _FLOAT64_VALUES // max(1, per_sample))) if len(x) else (x,)
     if len(pieces) == 1:
         var, mean = torch.var_mean(widen(x), dim=axes, correction=0)
         return mean, var
@@ -61,7 +59,10 @@ def _merged(
     means: torch.Tensor, variances: torch.Tensor, counts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per channel, the mean and biased variance of groups with these (G, C) ``means`` and
-    biased ``variances``, group ``g`` of ``counts[g]`` values (a (G, 1) column)."""
+    biased ``variances``, group ``g`` of ``counts[g]`` values (a (G, 1) column)::
+
+        mean = sum_g n_g m_g / N,   var = sum_g n_g (v_g + (m_g - mean)**2) / N
+    """
     total = counts.sum(dim=0)
     mean = (counts * means).sum(dim=0) / total
     return mean, (counts * (variances + (means - mean) ** 2)).sum(dim=0) / total
