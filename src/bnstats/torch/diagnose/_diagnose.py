@@ -88,8 +88,9 @@ def diagnose(
     ``batch_dependence``, ``frozen_statistics``; thresholds in
     :mod:`bnstats.torch.diagnose._findings`.
 
-    Cost: 1 + 4 recalibration passes over ``batches`` (train mode, eval mode; more, up to
-    one per depth level of the BN layers and one, where eval mode's four do not converge),
+    Cost: 1 + 3 recalibration passes over ``batches`` where they fit in one batch (train
+    mode, eval mode; else 1 + 4, more, up to one per depth level of the BN layers and one,
+    where eval mode's four do not converge),
     one pass over them with frozen layers (when there are any), 1 + 2 passes over
     ``test_batches`` when given (their statistics, two adapt priors), and one evaluation over
     ``test_batches`` per setting and per attributed layer (``report.passes`` counts them all).
