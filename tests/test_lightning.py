@@ -190,17 +190,19 @@ def test_every_n_epochs_and_the_logged_numbers(tmp_path):
     assert "bn_recalibration/worst_var_ratio" in logged
 
 
-def test_eval_mode_gives_the_buffers_of_bt_recalibrate_in_eval_mode():
+@pytest.mark.parametrize("one_batch_bytes", [None, 0])
+def test_eval_mode_gives_the_buffers_of_bt_recalibrate_in_eval_mode(one_batch_bytes):
     torch.manual_seed(0)
     train, val = _loaders(shuffle=False)
     model = Classifier()
     before = AccuracyBefore(val)
-    callback = BatchNormRecalibration(max_samples=200, mode="eval", at_fit_end=False)
+    options = {"max_samples": 200, "mode": "eval", "one_batch_bytes": one_batch_bytes}
+    callback = BatchNormRecalibration(**options, at_fit_end=False)
     _fit(model, [before, callback], train, val)
     for state, used in zip(before.states, model.validated_with, strict=True):
         reference = Classifier()
         reference.load_state_dict(state)
-        bt.recalibrate(reference, train, max_samples=200, mode="eval")
+        bt.recalibrate(reference, train, **options)
         _assert_same_buffers(used, reference)
 
 
@@ -352,6 +354,7 @@ def test_unreached_keep_passes_through_for_a_training_only_head():
         ({"unreached": "ignore"}, ValueError, "unreached must be one of"),
         ({"nonfinite": "drop"}, ValueError, "nonfinite must be one of"),
         ({"tolerance": 0}, ValueError, "tolerance must be a positive number"),
+        ({"one_batch_bytes": -1}, ValueError, "one_batch_bytes must be a number of bytes"),
         ({"forward": "model(x)"}, TypeError, "forward must be callable"),
     ],
 )

@@ -85,6 +85,8 @@ class BatchNormRecalibration(pl.Callback):
         unreached: passed on to :func:`bnstats.torch.recalibrate` (``"keep"`` for a BN
             layer only training uses, an auxiliary head).
         tolerance: passed on to :func:`bnstats.torch.recalibrate`.
+        one_batch_bytes: passed on to :func:`bnstats.torch.recalibrate` (``mode="eval"``: the
+            memory the data may take to run as one batch; ``None``: 256 MiB).
 
     A model without any BN layer with running statistics is refused when ``fit`` starts
     (``setup``), with a ``ValueError``: there would be nothing to recalibrate.
@@ -104,6 +106,7 @@ class BatchNormRecalibration(pl.Callback):
         nonfinite: str = "raise",
         unreached: str = "raise",
         tolerance: float | None = None,
+        one_batch_bytes: int | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not supported; choose one of {MODES}")
@@ -118,6 +121,7 @@ class BatchNormRecalibration(pl.Callback):
             unreached=unreached,
             mode=mode,
             tolerance=tolerance,
+            one_batch_bytes=one_batch_bytes,
             progress=False,  # the bar is Lightning's (see recalibrate), not bnstats' own
         )
         self.max_samples = max_samples
