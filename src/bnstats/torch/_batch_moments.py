@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from bnstats._array import widen
+from bnstats.stats import pooled_batches
 from bnstats.torch._layer_pass import LayerPass
 from bnstats.torch._layers import (
     fewer_than_two_values,
@@ -40,8 +41,8 @@ input is widened piece by piece along its first dimension, so that its float64 c
 
 def _float64_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.var_mean`` in float64 of pieces of ``x`` along its first dimension, each
-    holding at most :data:`_FLOAT64_VALUES` values (one sample at least), merged
-    (:func:`_merged`)."""
+    holding at most :data:`_FLOAT64_VALUES` values (one sample at least), pooled
+    (:func:`_pooled`)."""
     axes = (0, *range(2, x.dim()))
     per_sample = x[0].numel() if len(x) else 1
     pieces = x.split(max(1, _FLOAT64_VALUES // max(1, per_sample))) if len(x) else (x,)
@@ -52,20 +53,18 @@ def _float64_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     variances = torch.stack([var for var, _ in moments])
     means = torch.stack([mean for _, mean in moments])
     counts = torch.tensor([[float(len(piece))] for piece in pieces], dtype=means.dtype)
-    return _merged(means, variances, counts.to(means.device))
+    return _pooled(means, variances, counts.to(means.device))
 
 
-def _merged(
+def _pooled(
     means: torch.Tensor, variances: torch.Tensor, counts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per channel, the mean and biased variance of groups with these (G, C) ``means`` and
-    biased ``variances``, group ``g`` of ``counts[g]`` values (a (G, 1) column)::
-
-        mean = sum_g n_g m_g / N,   var = sum_g n_g (v_g + (m_g - mean)**2) / N
-    """
+    biased ``variances``, group ``g`` of ``counts[g]`` values (a (G, 1) column), pooled as
+    :class:`bnstats.Population` pools batches (:func:`bnstats.stats.pooled_batches`)."""
     total = counts.sum(dim=0)
-    mean = (counts * means).sum(dim=0) / total
-    return mean, (counts * (variances + (means - mean) ** 2)).sum(dim=0) / total
+    mean, m2 = pooled_batches(counts, total, means, counts * variances, finite=True)
+    return mean, m2 / total
 
 
 def channels_last_on_cpu(x: torch.Tensor) -> bool:
@@ -101,7 +100,7 @@ def _channels_last_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     columns = x.movedim(1, -1).reshape(rows // groups, groups * channels)
     means, variances = torch.batch_norm_update_stats(columns, None, None, 0.0)
     means, variances = widen(means).view(groups, channels), widen(variances).view(groups, channels)
-    return _merged(means, variances, torch.ones_like(means[:, :1]))
+    return _pooled(means, variances, torch.ones_like(means[:, :1]))
 
 
 def _groups(rows: int) -> int:
