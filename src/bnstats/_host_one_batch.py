@@ -30,7 +30,7 @@ from typing import Any
 
 from bnstats._host_levels import CHECK_TARGET, LevelRun, movements
 from bnstats._host_pass import Final, HostMeasured
-from bnstats._one_batch import ArrayKind, KeptBatches, join_or_none
+from bnstats._one_batch import ArrayKind, KeptBatches, fits_budget, join_or_none
 
 VALUE_BYTES = 4
 """Bytes per value of a BN input, for the budget (float32)."""
@@ -67,11 +67,9 @@ class OneBatch:
         self, batches: Iterable[Any], kind: ArrayKind, limit: int, run_joined: JoinedRun
     ) -> None:
         self.spent = 0
-        self.limit = limit
         self._given = batches
         self._kept = KeptBatches(batches, kind, limit)
         self._first_drawn = False
-        self._kind = kind
         self._run_joined = run_joined
 
     def batches(self) -> Iterable[Any]:
@@ -89,9 +87,9 @@ class OneBatch:
         where the data do not fit or join, the forward failed or the check pass moved a
         layer by more than :data:`CHECK_TARGET`."""
         kept, self._kept.kept = self._kept.kept, None  # the inputs are not needed after this
-        if kept is None or not fits_one_batch(first, self.limit):
+        if kept is None or not fits_one_batch(first, self._kept.limit):
             return None
-        joined = join_or_none(kept, self._kind)
+        joined = join_or_none(kept, self._kept.kind)
         if joined is None:
             return None
         self.spent += 1
@@ -119,9 +117,6 @@ class OneBatch:
 def fits_one_batch(first: HostMeasured, limit: int) -> bool:
     """True where no BN layer was called more than once in a forward of the pass ``first``
     and its largest BN input (values over the pass times :data:`VALUE_BYTES`) is at most
-    ``limit`` bytes."""
-    reached = first.reached()
-    if any(host.max_calls_per_forward > 1 for host in reached):
-        return False
-    largest = max((host.values for host in reached), default=0.0)
-    return largest * VALUE_BYTES <= limit
+    ``limit`` bytes (:func:`bnstats._one_batch.fits_budget`)."""
+    layers = ((host.max_calls_per_forward, host.values * VALUE_BYTES) for host in first.reached())
+    return fits_budget(layers, limit)

@@ -51,6 +51,19 @@ def budget(one_batch_bytes: int | None) -> int:
     return ONE_BATCH_BYTES if one_batch_bytes is None else one_batch_bytes
 
 
+def fits_budget(layers: Iterable[tuple[int, float]], limit: int) -> bool:
+    """True where the data can run as one batch: ``layers`` gives, per BN layer, the most
+    calls one forward made and the bytes of its input over all the data. No layer may be
+    called more than once in a forward (the one batch would normalize its first call
+    before seeing its second), and the largest input must be at most ``limit`` bytes."""
+    largest = 0.0
+    for calls, size in layers:
+        if calls > 1:
+            return False
+        largest = max(largest, size)
+    return largest <= limit
+
+
 def check_budget(one_batch_bytes: Any) -> None:
     """``ValueError`` unless ``one_batch_bytes`` is None or an integer of at least 0."""
     if one_batch_bytes is not None and (
