@@ -23,10 +23,11 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from tests.counted import Counted
 
 from bnstats import _one_batch
 
@@ -35,16 +36,6 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 CASES = ("keras_mlp", "keras_conv", "nnx_mlp")
 
 Statistics = list[tuple[np.ndarray, np.ndarray]]
-
-
-class Counted(list):
-    """Batches that count how often a pass goes over them."""
-
-    drawn = 0
-
-    def __iter__(self) -> Iterator[Any]:
-        self.drawn += 1
-        return super().__iter__()
 
 
 def worst_difference(a: Statistics, b: Statistics) -> float:

@@ -10,6 +10,7 @@ from tests.optional import optional_import
 optional_import("flax")  # skipped without it (fails under BNSTATS_REQUIRE_EXTRAS=1)
 
 from bnstats.flax import recalibrate_nnx  # noqa: E402
+from tests.counted import Counted  # noqa: E402
 from tests.flax.models import assert_close, batches, f64, net, nnx, population  # noqa: E402
 
 UNEVEN = [5, 12, 5, 3, 12]  # uneven, with few distinct shapes (one compilation each on JAX)
@@ -50,16 +51,6 @@ def test_eval_mode_with_batches_of_one(rng):
     for i, bn in enumerate(model.batchnorms()):
         stats[i] = population([model.inputs(x, [s or (np.nan, np.nan) for s in stats])[i]])
         assert_close(bn.mean[...], bn.var[...], stats[i])
-
-
-class Counted(list):
-    """Batches that count how often they are gone over."""
-
-    drawn = 0
-
-    def __iter__(self):
-        self.drawn += 1
-        return super().__iter__()
 
 
 @pytest.mark.parametrize("budget", [None, 0], ids=["one_batch", "levels"])

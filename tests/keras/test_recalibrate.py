@@ -12,6 +12,7 @@ optional_import("keras")  # skipped without it (fails under BNSTATS_REQUIRE_EXTR
 
 from bnstats.keras import recalibrate  # noqa: E402
 from bnstats.keras._layers import find_batchnorm_layers  # noqa: E402
+from tests.counted import Counted  # noqa: E402
 from tests.keras.models import (  # noqa: E402
     CASES,
     assert_statistics,
@@ -49,16 +50,6 @@ def test_eval_mode_gives_the_statistics_inference_sees_with_batches_of_one(name,
     recalibrate(case.model, batches, mode="eval", progress=False)
     for bn, expected in zip(case.bns, eval_reference(case, batches), strict=True):
         assert_statistics(bn, expected)
-
-
-class Counted(list):
-    """Batches that count how often they are gone over."""
-
-    drawn = 0
-
-    def __iter__(self):
-        self.drawn += 1
-        return super().__iter__()
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
