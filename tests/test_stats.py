@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -667,6 +669,20 @@ def test_miss_probability_of_equal_errors_is_the_bonferroni_quantile():
     assert one == pytest.approx(0.3173105, abs=1e-7)  # P(|Z| > 1)
 
 
+def test_miss_probability_of_a_share_of_the_data_shrinks_each_error_by_the_correction():
+    """Judged against the whole data set after drawing the share ``d`` of its batches: each
+    relative error times ``sqrt(1 - d)``; all of them drawn: exact (0), infinite errors too."""
+    from bnstats.stats import miss_probability
+
+    errors = np.array([1e-2, 2e-2, 5e-3])
+    halved = float(miss_probability(errors, 1e-2, drawn=np.array([0.75, 0.75, 0.0])))
+    by_hand = float(miss_probability(errors * np.array([0.5, 0.5, 1.0]), 1e-2))
+    assert halved == pytest.approx(by_hand, rel=1e-12)
+    assert float(miss_probability(errors, 1e-2, drawn=0.0)) == float(miss_probability(errors, 1e-2))
+    assert float(miss_probability(np.array([np.inf, 1.0]), 1e-2, drawn=1.0)) == 0.0
+    assert float(miss_probability(np.array([np.inf]), 1e-2, drawn=0.5)) == 1.0
+
+
 def test_miss_probability_of_tensors_stays_a_tensor():
     torch = pytest.importorskip("torch")
     from bnstats.stats import miss_probability
@@ -674,3 +690,7 @@ def test_miss_probability_of_tensors_stays_a_tensor():
     errors = torch.tensor([[1e-2, float("nan")], [float("inf"), 0.0]], dtype=torch.float64)
     miss = miss_probability(errors, 1e-2)
     assert isinstance(miss, torch.Tensor) and miss.item() == pytest.approx(2.3173105)
+    drawn = torch.tensor([[0.75, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    shrunk = miss_probability(errors, 1e-2, drawn)
+    assert isinstance(shrunk, torch.Tensor)
+    assert shrunk.item() == pytest.approx(math.erfc(2 / math.sqrt(2)))  # P(|Z| > 2)

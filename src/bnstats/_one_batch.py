@@ -143,6 +143,10 @@ class KeptBatches:
         self.draw = draw
         self.kept: list[Any] | None = []
 
+    def __len__(self) -> int:
+        """The length of ``batches`` (``TypeError`` where they have none, as ``len`` gives)."""
+        return len(self.batches)
+
     def __iter__(self) -> Iterator[Any]:
         self.kept, held = [], 0
         for batch in self.draw(self.batches):

@@ -850,7 +850,7 @@ def pooled_batches(
     return mean, m2 + (m2s if weighed is None else where(weighed, m2s, 0.0)).sum(axis=0)
 
 
-def miss_probability(relative_errors: Array, tolerance: float) -> Array:
+def miss_probability(relative_errors: Array, tolerance: float, drawn: Any = None) -> Array:
     """At most the probability that some estimate lies farther than ``tolerance`` from its
     truth, each estimate normal around it with the standard error ``r`` in
     ``relative_errors`` (any shape; relative, as ``tolerance``). The union bound over the
@@ -861,8 +861,21 @@ def miss_probability(relative_errors: Array, tolerance: float) -> Array:
     An estimate with an infinite or NaN ``r`` counts 1; 0-d, on the device for tensors. With
     ``K`` estimates of one standard error ``r`` it is at most 0.05 exactly when
     ``r * Phi^-1(1 - 0.05 / (2 K))`` is at most ``tolerance``: 3.89 standard errors for 500
-    estimates; estimates with smaller errors count less."""
-    with np.errstate(divide="ignore", invalid="ignore"):  # r = 0 or inf: NumPy's 1/0
+    estimates; estimates with smaller errors count less.
+
+    The truth is the population the batches are drawn from; with ``drawn`` (the share of a
+    data set's batches drawn, without replacement, per estimate or one for all; broadcast
+    against ``relative_errors``) it is the whole data set's statistics instead, and each
+    ``r`` shrinks by the finite population correction::
+
+        r_data = r * sqrt(1 - drawn)          (0 once every batch is drawn: exact)
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):  # r = 0 or inf: NumPy's 1/0, inf*0
+        if drawn is not None:
+            remaining = clamp_min(1 - drawn, 0.0)
+            relative_errors = where(
+                remaining > 0, relative_errors * remaining**0.5, zeros_like(relative_errors)
+            )
         misses = normal_tail(tolerance / relative_errors)
     misses = where(misses == misses, misses, 1.0)  # NaN: unknown, counted as a miss
     return misses.sum()

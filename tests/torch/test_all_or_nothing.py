@@ -236,7 +236,7 @@ WARNED: dict[str, tuple[Callable[[], nn.Module], Tool, str]] = {
     ),
     "tolerance_not_met": (
         lambda: zoo.build("mlp"),
-        lambda m: bt.recalibrate_report(m, _data(), tolerance=1e-9),
+        lambda m: bt.recalibrate_report(m, iter(_data()), tolerance=1e-9),
         "tolerance 1e-09 not met",
     ),
     "adapt_never_updated": (

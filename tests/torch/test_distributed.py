@@ -10,6 +10,7 @@ is killed if it overruns; collectives have timeouts too. The example runs under 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -498,4 +499,13 @@ def test_the_example_runs_under_torchrun_and_the_ranks_agree(tmp_path):
         shown = shown_output("distributed.md", "examples/distributed_recalibrate.py")
         lines = log.read_text().splitlines()
         printed = [line for line in lines if line.startswith(("rank", "all"))]
-        assert printed == [line for line in shown if not line.startswith("$ ")]
+        assert _without_hash(printed) == _without_hash(
+            [line for line in shown if not line.startswith("$ ")]
+        )
+
+
+def _without_hash(lines: list[str]) -> list[str]:
+    """The lines with the buffers' sha256 masked: the bytes of float buffers depend on the
+    CPU's rounding (its vector instructions), so the value differs between machines; that
+    the ranks agree is checked on the run's own lines."""
+    return [re.sub(r"sha256 [0-9a-f]{16}", "sha256 <hash>", line) for line in lines]

@@ -64,7 +64,8 @@ def add_pass_mode(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tolerance",
         type=positive_float,
-        help="stop drawing batches once every layer's relative standard error is below this",
+        help="stop drawing batches once every channel's mean and variance are within this "
+        "(relative) of the whole data's statistics with 95%% confidence",
     )
     parser.add_argument(
         "--one-batch-mib",

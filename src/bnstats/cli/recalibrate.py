@@ -88,15 +88,17 @@ def _uninitialized(torch: Any, module: Any) -> bool:
 
 
 def _pass_summary(result: Any) -> dict[str, Any]:
-    """What the pass took: mode, samples, batches, passes (and eval mode's passes over a subset
-    of the first batches, 0 where none), tolerance, whether it was met and the probability,
-    at most, that some channel lies outside it (capped at 1), the worst layer's relative
-    standard error (None when not finite)."""
+    """What the pass took: mode, samples, batches (and the data's length, None without one),
+    passes (and eval mode's passes over a subset of the first batches, 0 where none),
+    tolerance, whether it was met and the probability, at most, that some channel lies
+    outside it (capped at 1), the worst layer's relative standard error (None when not
+    finite)."""
     name, worst = result.worst
     return {
         "mode": result.mode,
         "samples": result.samples,
         "batches": result.batches,
+        "data_batches": result.data_batches,
         "passes": result.passes,
         "subset_passes": result.subset_passes,
         "subset_batches": result.subset_batches,

@@ -109,6 +109,7 @@ def measure_eval_exact(
         fixed=first.fixed,
         skipped=skipped,
         passes=passes + 1,
+        data_batches=first.data_batches,
     )
     measured_statistics = statistics_of(result)
     check_pass = measure_pass(

@@ -239,8 +239,11 @@ def _parts_in_cache(group: list[LayerPass]) -> Iterator[list[LayerPass]]:
 class Measured:
     """What a pass measured: every BN layer's :class:`LayerPass` by qualified name, the sizes
     of the batches used, the layers no forward reached (kept as they were under
-    ``unreached="keep"``), the layers with fixed statistics (found and left alone), and the
-    batches skipped for NaN or Inf per layer (``nonfinite="skip"``)."""
+    ``unreached="keep"``), the layers with fixed statistics (found and left alone), the
+    batches skipped for NaN or Inf per layer (``nonfinite="skip"``), and ``data_batches``,
+    the length of the data the pass drew from (None for data without one: a ``tolerance``
+    is then judged against the population they are drawn from, not the whole data's
+    statistics)."""
 
     layers: dict[str, LayerPass]
     batch_sizes: list[int | None]
@@ -253,6 +256,7 @@ class Measured:
     converged: bool | None = None
     subset_passes: int = 0
     subset_batches: int = 0
+    data_batches: int | None = None
 
     def finite_batches(self, moments: LayerPass) -> int:
         """Batches of ``moments`` that entered its population (none with NaN or Inf)."""

@@ -515,6 +515,17 @@ def trim_batch(batch: Any, keep: int, size: int) -> Any:
     return _map_tensors(batch, lambda value: trim_batch(value, keep, size))
 
 
+def data_length(batches: Any, drawn: int = 0) -> int | None:
+    """How many batches ``batches`` holds (``len``), or None for data without a length (a
+    generator, an iterator, a DataLoader over an iterable dataset) and for a length below
+    the ``drawn`` batches already drawn from them (one that iteration does not keep)."""
+    try:
+        length = len(batches)
+    except TypeError:
+        return None
+    return length if length >= drawn else None
+
+
 def iterate_batches(
     batches: Iterable[Any], max_samples: int | None = None
 ) -> Iterator[tuple[Any, int | None]]:

@@ -212,15 +212,26 @@ def relative_errors(layers: Sequence[GatheredLayer], finite_batches: Sequence[in
 
 
 def layer_precision(
-    layers: Sequence[GatheredLayer], finite_batches: Sequence[int], tolerance: float | None = None
+    layers: Sequence[GatheredLayer],
+    finite_batches: Sequence[int],
+    tolerance: float | None = None,
+    data_batches: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each layer's worst channel's relative standard error, ``(L,)``, and with a
     ``tolerance`` the probability, at most, that some channel's mean or variance of any of
     them lies outside it (:func:`bnstats.stats.miss_probability`, 0-d): both from one
-    :func:`channel_relative_errors`, on the first layer's device, no host read."""
+    :func:`channel_relative_errors`, on the first layer's device, no host read. Outside it
+    of the population the batches are drawn from, or with ``data_batches`` (the data's
+    length) of the whole data's statistics: layer ``l`` drew ``finite_batches[l]`` of them."""
     per_channel, channels = channel_relative_errors(layers, finite_batches)
     worst = channels.per_layer_max(largest(per_channel, axis=0))
-    return worst, None if tolerance is None else miss_probability(per_channel, tolerance)
+    if tolerance is None:
+        return worst, None
+    drawn = None
+    if data_batches is not None:
+        shares = [batches / data_batches for batches in finite_batches]
+        drawn = channels.per_channel(on_device(shares, per_channel.dtype, per_channel.device))
+    return worst, miss_probability(per_channel, tolerance, drawn)
 
 
 def channel_relative_errors(

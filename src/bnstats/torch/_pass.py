@@ -65,6 +65,7 @@ from bnstats.torch._layer_pass import (
     raise_if_bad,
 )
 from bnstats.torch._layers import (
+    data_length,
     default_forward,
     find_batchnorm_layers,
     fixed_statistics_layers,
@@ -127,7 +128,12 @@ def collect_moments(
             recorder.finish()
         finally:
             recorder.return_buffers()
-    measured = Measured(moments, sizes, fixed=list(fixed_statistics_layers(model)))
+    measured = Measured(
+        moments,
+        sizes,
+        fixed=list(fixed_statistics_layers(model)),
+        data_batches=data_length(batches, len(sizes)),
+    )
     measured.read_verdicts()
     if check_coverage:
         raise_if_bad(measured.first_bad, options)
@@ -148,7 +154,8 @@ def _run_batches(
 ) -> None:
     """The loop of a pass: each batch through the model, its size into ``sizes``, and with
     ``tolerance`` the stop once every channel is within it with 95 % confidence
-    (:func:`judge_tolerance`) and every layer the stop waits for was reached
+    (:func:`judge_tolerance`; of the whole data where they have a length that holds,
+    :func:`data_length`) and every layer the stop waits for was reached
     (:meth:`Level.all_awaited_reached`). A layer still unreached when as many batches again
     have gone by as the tolerance took is given up on (so an endless loader ends): the pass
     stops, and the coverage check names it."""
@@ -162,7 +169,8 @@ def _run_batches(
         if options.tolerance is not None and _time_to_check(len(sizes)):
             for layer_pass in moments.values():  # the batch just run counts too
                 layer_pass.take_kernel_moments(options.nonfinite)
-            worst, miss = judge_tolerance(moments.values(), options.tolerance)
+            length = data_length(batches, len(sizes) + 1)  # at their end, the data end it
+            worst, miss = judge_tolerance(moments.values(), options.tolerance, length)
             met = miss <= level.miss_budget
         advance(samples, worst)
         if met and level.all_awaited_reached(recorder.watched, options):
@@ -179,12 +187,15 @@ def _time_to_check(batches: int) -> bool:
     return batches >= MIN_BATCHES and not batches % CHECK_EVERY
 
 
-def judge_tolerance(layers: Iterable[LayerPass], tolerance: float) -> tuple[float, float]:
+def judge_tolerance(
+    layers: Iterable[LayerPass], tolerance: float, data_batches: int | None = None
+) -> tuple[float, float]:
     """Over the layers that received a finite batch: the worst channel's relative standard
     error, and at most the probability that some channel's mean or variance lies farther
     than ``tolerance`` from the truth (:func:`bnstats.stats.miss_probability` over every
-    channel's two :meth:`~bnstats.stats.BatchSpread.relative_standard_errors`). ``(inf, inf)``
-    while no layer has a finite batch."""
+    channel's two :meth:`~bnstats.stats.BatchSpread.relative_standard_errors`): the whole
+    data's statistics where the data hold ``data_batches``, else the population they are
+    drawn from. ``(inf, inf)`` while no layer has a finite batch."""
     layers = list(layers)
     flush_together(layers)
     live = [moments for moments in layers if moments._verdict is not None]
@@ -196,7 +207,7 @@ def judge_tolerance(layers: Iterable[LayerPass], tolerance: float) -> tuple[floa
     if not judged:
         return math.inf, math.inf
     worst, miss = layer_precision(
-        [m for m, _ in judged], [finite for _, finite in judged], tolerance
+        [m for m, _ in judged], [finite for _, finite in judged], tolerance, data_batches
     )
     return tuple(torch.stack((worst.max(), miss)).tolist())
 

@@ -58,7 +58,7 @@ from bnstats.torch._eval_statistics import (
     statistics_movement,
 )
 from bnstats.torch._layer_pass import Measured
-from bnstats.torch._layers import iterate_batches
+from bnstats.torch._layers import data_length, iterate_batches
 from bnstats.torch._level import Level, MeanVar, Statistics
 from bnstats.torch._one_batch import run_one_batch
 from bnstats.torch._pass import Call
@@ -201,11 +201,8 @@ def _draw_subset(
     """This process's first batches holding ``samples_wanted`` samples, and its data's size
     in samples estimated from their mean size (within ``max_samples``); ``(None, None)``
     under a ``tolerance``, without a length, with a batch of unknown size, or no batch."""
-    if options.tolerance is not None:
-        return None, None
-    try:
-        count = len(batches)
-    except TypeError:
+    count = data_length(batches)
+    if options.tolerance is not None or count is None:
         return None, None
     subset: list[Any] = []
     samples = 0

@@ -58,13 +58,14 @@ class PassOptions:
       exactly, one pass per depth level of the BN layers).
     - ``tolerance``: stop drawing batches once every channel's mean and variance, over all
       measured layers, is within ``tolerance`` (relative; the mean relative to the channel's
-      standard deviation) of the population the batches are drawn from with 95 %
-      confidence: the sum over all those estimates of ``P(|Z| > tolerance / r)``, ``r``
-      each one's relative standard error
-      (:meth:`bnstats.stats.BatchSpread.relative_standard_errors`), at most 0.05 (the union
-      bound, :func:`bnstats.stats.miss_probability`), judged every ``CHECK_EVERY`` batches
-      from ``MIN_BATCHES`` batches on (in ``mode="eval"`` on its first pass, whose batches
-      the other passes reuse). Not in a group.
+      standard deviation) of the whole data's statistics (for data without a length, of the
+      population the batches are drawn from) with 95 % confidence: the sum over all those
+      estimates of ``P(|Z| > tolerance / r)``, ``r`` each one's relative standard error
+      (:meth:`bnstats.stats.BatchSpread.relative_standard_errors`; times
+      ``sqrt(1 - b / len(batches))`` after ``b`` batches of data with a length), at most
+      0.05 (the union bound, :func:`bnstats.stats.miss_probability`), judged every
+      ``CHECK_EVERY`` batches from ``MIN_BATCHES`` batches on (in ``mode="eval"`` on its
+      first pass, whose batches the other passes reuse). Not in a group.
       Under ``unreached="raise"`` a layer no forward has reached yet holds the stop back (a
       layer used in few batches is drawn until it is measured too); under ``"keep"`` it is
       kept as it was and listed, as at the end of the data.

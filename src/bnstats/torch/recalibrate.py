@@ -41,7 +41,10 @@ class Recalibration:
     with a ``tolerance``, ``miss_probability``: at most the probability that some channel's
     mean or variance lies farther than ``tolerance`` from the truth
     (:func:`bnstats.stats.miss_probability` over all channels, each with its own standard
-    errors); ``met`` when it is at most 0.05.
+    errors); ``met`` when it is at most 0.05. The truth is the whole data's statistics where
+    the data have a length (``data_batches``: the errors shrink by ``sqrt(1 - drawn share)``,
+    and data used to their end are exact), else the population they are drawn from; the
+    ``relative_errors`` are always those of estimates of that population.
 
     In ``mode="eval"``: ``moved``, per layer how far the last pass moved its statistics
     (worst channel, ``|d mean| / sqrt(var + eps)`` or ``|d var| / (var + eps)``), and
@@ -69,6 +72,7 @@ class Recalibration:
     miss_probability: float | None = None
     subset_passes: int = 0
     subset_batches: int = 0
+    data_batches: int | None = None
 
     @property
     def worst(self) -> tuple[str | None, float]:
@@ -86,6 +90,17 @@ class Recalibration:
         return self.tolerance is not None and miss is not None and miss <= MISS_PROBABILITY
 
     @property
+    def _tolerance_text(self) -> str:
+        if self.met and self.data_batches is not None and self.batches >= self.data_batches:
+            return f"every batch used: the data's own statistics (tolerance {self.tolerance:g})"
+        chance = min(self.miss_probability or 0.0, 1.0)
+        truth = "the population" if self.data_batches is None else "the whole data"
+        return (
+            f"some channel outside {self.tolerance:g} of {truth}'s statistics with "
+            f"probability <= {chance:.2g}"
+        )
+
+    @property
     def _subset_text(self) -> str:
         if not self.subset_passes:
             return ""
@@ -100,8 +115,7 @@ class Recalibration:
             f"error {worst:.3g}{where}"
         )
         if self.miss_probability is not None:
-            chance = min(self.miss_probability, 1.0)
-            text += f"; some channel outside {self.tolerance:g} with probability <= {chance:.2g}"
+            text += f"; {self._tolerance_text}"
         if self.moved:
             state = "converged" if self.converged else "not converged, measured level by level"
             text += f"; last pass moved the statistics by {max(self.moved.values()):.3g} ({state})"
@@ -200,12 +214,13 @@ def recalibrate_report(
     how many samples and passes it took and how precise each layer's new statistics are.
 
     With ``tolerance=1e-2`` the pass stops drawing batches once every channel's mean and
-    variance is within 1e-2 of the population the batches are drawn from (so also of the
-    full-data values) with 95 % confidence: ``miss_probability`` at most 0.05 (checked every
-    ``CHECK_EVERY`` batches from ``MIN_BATCHES`` on, see :class:`bnstats.torch.PassOptions`);
-    if the data runs out
-    first, a warning says so. In ``mode="eval"`` the stop is judged on the first pass and the
-    report gives that pass's errors (see :class:`Recalibration`).
+    variance is within 1e-2 of the statistics of the whole data (of the population they are
+    drawn from, for data without a length) with 95 % confidence: ``miss_probability`` at
+    most 0.05 (checked every ``CHECK_EVERY`` batches from ``MIN_BATCHES`` on, see
+    :class:`bnstats.torch.PassOptions`); data with a length used to their end are exact;
+    data without one that run out first, or cut by ``max_samples``, get a warning. In
+    ``mode="eval"`` the stop is judged on the first pass and the report gives that pass's
+    errors (see :class:`Recalibration`).
     """
     return _recalibrate(model, batches, PassOptions.pick(locals()))
 
@@ -240,7 +255,8 @@ def _summary(model: nn.Module, measured: Measured, options: PassOptions) -> Reca
     error of the pass a ``tolerance`` stop judged (:func:`_judged`; a layer that pass did not
     reach, the written pass's), and with a ``tolerance`` the stop's ``miss_probability`` over
     those layers' channels."""
-    errors, miss = _precision(measured, _judged(measured), options.tolerance)
+    judged = _judged(measured)
+    errors, miss = _precision(measured, judged, options.tolerance)
     sizes = measured.batch_sizes
     return Recalibration(
         model=model,
@@ -255,6 +271,7 @@ def _summary(model: nn.Module, measured: Measured, options: PassOptions) -> Reca
         miss_probability=miss,
         subset_passes=measured.subset_passes,
         subset_batches=measured.subset_batches,
+        data_batches=judged.data_batches,
     )
 
 
@@ -282,7 +299,7 @@ def _precision(
     if not written:
         return {}, None if tolerance is None else math.inf
     layers, finite = (list(column) for column in zip(*written, strict=True))
-    worst, miss = layer_precision(layers, finite, tolerance)
+    worst, miss = layer_precision(layers, finite, tolerance, judged.data_batches)
     numbers = (worst if miss is None else torch.cat((worst, miss[None]))).tolist()
     errors = {m.name: float(e) for m, e in zip(layers, numbers[: len(layers)], strict=True)}
     return errors, None if miss is None else numbers[-1]
