@@ -3,9 +3,13 @@ densenet-like CNN."""
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
 from torch import nn
 
+import bnstats.torch as bt
 from tests.torch.models import scramble_batchnorm
 
 
@@ -82,6 +86,19 @@ def batches(name: str, count: int = 10, size: int = 16) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(3)
     shape = (12,) if name == "chain" else (3, 8, 8)
     return [torch.randn(size, *shape, generator=gen) * 1.5 + 0.4 for _ in range(count)]
+
+
+def level_by_level(name: str, count: int = 10, size: int = 16) -> bt.Recalibration:
+    """``bt.recalibrate_report(build(name), batches(name, count, size), mode="eval_exact")``,
+    the level-by-level reference many tests compare with: computed once per test run (one
+    pass per depth level: 31 on the conv chain) and handed out as a copy each test may
+    change."""
+    return copy.deepcopy(_level_by_level(name, count, size))
+
+
+@functools.cache
+def _level_by_level(name: str, count: int, size: int) -> bt.Recalibration:
+    return bt.recalibrate_report(build(name), batches(name, count, size), mode="eval_exact")
 
 
 class Unsized:

@@ -192,7 +192,7 @@ def test_a_subset_that_fits_is_solved_in_one_forward_a_round(monkeypatch):
     round costs two subset passes (the correction's and the solve's), not one per depth
     level; the same whole passes as solving by passes, within 1e-4 of level by level."""
     model, data = eval_models.build("convchain"), eval_models.batches("convchain", 64, 16)
-    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    exact = eval_models.level_by_level("convchain", 64, 16)
     monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 0)
     by_passes = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval")
     monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 2**20)
@@ -214,7 +214,7 @@ def test_a_subset_drawn_first_that_fits_is_solved_in_one_forward(monkeypatch):
     monkeypatch.setattr(_subset_iteration, "SUBSET_SHARE", 16)
     monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 2**20)
     model, data = eval_models.build("convchain"), eval_models.batches("convchain", 64, 16)
-    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    exact = eval_models.level_by_level("convchain", 64, 16)
     result = bt.recalibrate_report(model, data, mode="eval")
 
     assert result.converged and result.subset_batches == 4

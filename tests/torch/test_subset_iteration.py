@@ -60,7 +60,7 @@ def test_smaller_data_that_four_passes_leave_unconverged_go_on_with_a_late_subse
     (a sixteenth of 1,024 samples; 64 samples of 512): a few more whole passes, within 1e-4
     of level by level."""
     model, data = eval_models.build("convchain"), eval_models.batches("convchain", count, 16)
-    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    exact = eval_models.level_by_level("convchain", count, 16)
     result = bt.recalibrate_report(model, data, mode="eval")
 
     assert result.converged and result.passes <= 8 < exact.passes
@@ -114,7 +114,7 @@ def test_large_data_reach_the_level_by_level_statistics_in_few_whole_passes(
     samples, ``test_eval_mode_iterated.py``); the subset iteration takes a few whole passes,
     and its result is within 1e-4 of level by level."""
     model, data = eval_models.build(name), eval_models.batches(name, count=64, size=16)
-    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    exact = eval_models.level_by_level(name, 64, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         result = bt.recalibrate_report(model, data, mode="eval")
@@ -147,7 +147,7 @@ def test_the_round_after_the_subsets_own_fixed_point_is_not_judged(monkeypatch):
     monkeypatch.setattr(_subset_iteration, "SUBSET_SAMPLES", 16)
     monkeypatch.setattr(_subset_iteration, "SUBSET_SHARE", 16)
     model, data = eval_models.build("convchain"), eval_models.batches("convchain", 64, 16)
-    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    exact = eval_models.level_by_level("convchain", 64, 16)
     result = bt.recalibrate_report(model, data, mode="eval")
 
     assert result.converged and result.subset_batches == 1
@@ -225,7 +225,7 @@ def test_batches_without_a_length_start_with_a_batch_statistics_pass(small_subse
             _measure, path, lambda *a, _f=original, _p=path, **k: taken.append(_p) or _f(*a, **k)
         )
     model, data = eval_models.build("residual"), eval_models.batches("residual", 64, 16)
-    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    exact = eval_models.level_by_level("residual", 64, 16)
     unsized = bt.recalibrate_report(copy.deepcopy(model), eval_models.Unsized(data), mode="eval")
     listed = bt.recalibrate_report(model, data, mode="eval")
 
