@@ -28,7 +28,7 @@ def test_small_data_reach_the_level_by_level_statistics_in_three_passes(name, co
     by more than 1e-4: three passes whatever the depth (30 levels for the chains, whose
     whole passes alone take 25-31), within 1e-4 of level by level."""
     model, data = eval_models.build(name), eval_models.batches(name, count, size)
-    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    exact = eval_models.level_by_level(name, count, size)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         result = bt.recalibrate_report(model, data, mode="eval")
@@ -43,7 +43,7 @@ def test_the_one_batch_normalizes_with_the_unbiased_variance():
     does. With the biased one (training's rule) the 30-deep chain on 256 samples lands
     about 1 / 512 off, and the check pass would not converge."""
     model, data = eval_models.build("chain"), eval_models.batches("chain", 4, 64)
-    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    exact = eval_models.level_by_level("chain", 4, 64)
     result = bt.recalibrate_report(model, data, mode="eval")
     assert result.passes == 3 and worst_difference(model, exact.model) < 1e-4
 
@@ -55,7 +55,7 @@ def test_large_data_whose_size_is_known_run_as_one_batch_after_the_subsets_pass(
     monkeypatch.setattr(_subset_iteration, "SUBSET_SAMPLES", 64)
     monkeypatch.setattr(_subset_iteration, "SUBSET_SHARE", 16)
     model, data = eval_models.build("chain"), eval_models.batches("chain", 64, 16)
-    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    exact = eval_models.level_by_level("chain", 64, 16)
     result = bt.recalibrate_report(model, data, mode="eval")
 
     assert result.converged and result.passes == 2

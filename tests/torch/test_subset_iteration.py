@@ -75,7 +75,7 @@ def test_a_late_subset_that_is_no_guide_is_left_after_one_round(without_one_batc
     one round's subset passes (one measuring the correction, at most 32 solving), then whole
     passes take over, within 1e-4 of level by level."""
     model, data = eval_models.build("chain"), eval_models.batches("chain", count=16, size=64)
-    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    exact = eval_models.level_by_level("chain", 16, 64)
     result = bt.recalibrate_report(model, data, mode="eval")
 
     assert result.converged and result.subset_batches == 1
@@ -132,7 +132,7 @@ def test_a_chaotic_chain_leaves_the_subset_for_whole_passes(small_subset):
     pass moves them more than half as much as the round before: whole passes take over, and
     end within 1e-4 of level by level."""
     model, data = eval_models.build("chain"), eval_models.batches("chain", count=16, size=64)
-    exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")
+    exact = eval_models.level_by_level("chain", 16, 64)
     result = bt.recalibrate_report(model, data, mode="eval")
     assert result.converged and result.subset_passes > 0 and result.passes > 4
     assert worst_difference(model, exact.model) < 1e-4
