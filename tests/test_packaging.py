@@ -11,6 +11,7 @@ from tests.doc_examples import DOCS, ROOT
 PUBLIC_MODULES = (
     "bnstats",
     "bnstats.stats",
+    "bnstats.precision",
     "bnstats.functional",
     "bnstats.engine",
     "bnstats.conventions",

@@ -7,7 +7,7 @@ values, never ``E[z**2] - E[z]**2``) and hands them to the layer's :class:`HostL
 batches gather there as device arrays and reach the host 64 at a time, one transfer per
 layer, where they merge into a :class:`bnstats.Population` (Chan et al. 1979, float64): a
 batch with NaN or Inf weighs nothing and is remembered. Beside it a
-:class:`bnstats.stats.BatchSpread` gives the estimate's standard errors.
+:class:`bnstats.precision.BatchSpread` gives the estimate's standard errors.
 
 The eval-mode passes, level by level, are in :mod:`bnstats._host_levels`.
 
@@ -25,7 +25,8 @@ import numpy as np
 
 from bnstats._audit import LayerMeasurement
 from bnstats._progress import pass_progress
-from bnstats.stats import BatchSpread, NonFiniteStatisticsError, Population
+from bnstats.precision import BatchSpread
+from bnstats.stats import NonFiniteStatisticsError, Population
 
 _GROUP = 64
 """Batches gathered per layer before they reach the host and merge into its Population."""

@@ -1,6 +1,6 @@
 """One BN layer's part of a pass (:class:`LayerPass`): its batches' moments gathered on the
 device and merged, 64 at a time, into a :class:`bnstats.Population` (Chan et al. 1979, in
-float64) and a :class:`bnstats.stats.BatchSpread` (the precision), with no host read; layers
+float64) and a :class:`bnstats.precision.BatchSpread` (the precision), with no host read; layers
 whose gathered batches are kernel rows of the same batches merge side by side
 (:func:`flush_together`, :mod:`bnstats.torch._many_layers`). :class:`Measured`: what a whole
 pass measured.
@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from bnstats._array import widen
-from bnstats.stats import BatchSpread, NonFiniteStatisticsError, Population
+from bnstats.precision import BatchSpread
+from bnstats.stats import NonFiniteStatisticsError, Population
 from bnstats.torch._layers import (
     display_name,
     is_lazy_uninitialized,
@@ -163,7 +164,7 @@ class LayerPass:
 
     def standard_errors(self, finite_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per channel, the standard errors of the population ``mean`` and unbiased ``var``
-        over ``finite_batches`` batches (:meth:`bnstats.stats.BatchSpread.standard_errors`)."""
+        over ``finite_batches`` batches (:meth:`bnstats.precision.BatchSpread.standard_errors`)."""
         if self.population.mean is None:
             infinite = torch.full((int(self.layer.num_features),), math.inf, dtype=torch.float64)
             return infinite, infinite
@@ -171,7 +172,7 @@ class LayerPass:
 
     def relative_error(self, finite_batches: int) -> torch.Tensor:
         """The worst channel's relative standard error, on the device
-        (:meth:`bnstats.stats.BatchSpread.relative_error`)."""
+        (:meth:`bnstats.precision.BatchSpread.relative_error`)."""
         return self.spread.relative_error(self.population, finite_batches)
 
     def take_kernel_moments(self, nonfinite: str) -> None:

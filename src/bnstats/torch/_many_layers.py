@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from bnstats._array import largest, widen
-from bnstats.stats import BatchSpread, Population, miss_probability, pooled_batches
+from bnstats.precision import BatchSpread, miss_probability
+from bnstats.stats import Population, pooled_batches
 from bnstats.torch._layers import on_device
 
 
@@ -219,7 +220,7 @@ def layer_precision(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each layer's worst channel's relative standard error, ``(L,)``, and with a
     ``tolerance`` the probability, at most, that some channel's mean or variance of any of
-    them lies outside it (:func:`bnstats.stats.miss_probability`, 0-d): both from one
+    them lies outside it (:func:`bnstats.precision.miss_probability`, 0-d): both from one
     :func:`channel_relative_errors`, on the first layer's device, no host read. Outside it
     of the population the batches are drawn from, or with ``data_batches`` (the data's
     length) of the whole data's statistics: layer ``l`` drew ``finite_batches[l]`` of them."""
@@ -239,7 +240,7 @@ def channel_relative_errors(
 ) -> tuple[torch.Tensor, Channels]:
     """Every channel's relative standard errors of its mean and variance, all layers side
     by side: ``(2, K)`` on the first layer's device, and the layout of the channels. One
-    computation over all channels (:meth:`bnstats.stats.BatchSpread.relative_standard_errors`
+    computation over all channels (:meth:`bnstats.precision.BatchSpread.relative_standard_errors`
     with per-channel counts and batches)."""
     populations = [m.population for m in layers]
     device = populations[0].mean.device

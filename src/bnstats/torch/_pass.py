@@ -29,7 +29,7 @@ batch's per-channel ``mean`` and ``m2 = var * count`` come from torch's own kern
 
 Per layer the batches gather on the device and are merged, 64 at a time, into a
 :class:`bnstats.Population` (Chan et al. 1979, in float64) and a
-:class:`bnstats.stats.BatchSpread` (the precision), with no host read: a batch with NaN or
+:class:`bnstats.precision.BatchSpread` (the precision), with no host read: a batch with NaN or
 Inf weighs nothing and is remembered by index; the pass reads the verdict once, at the end.
 Layers whose gathered batches are kernel rows of the same batches merge side by side in one
 set of operations (:func:`bnstats.torch._layer_pass.flush_together`,
@@ -57,7 +57,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnstats.stats import BatchSpread, Population
+from bnstats.precision import BatchSpread
+from bnstats.stats import Population
 from bnstats.torch._layer_pass import (
     LayerPass,
     Measured,
@@ -192,8 +193,8 @@ def judge_tolerance(
 ) -> tuple[float, float]:
     """Over the layers that received a finite batch: the worst channel's relative standard
     error, and at most the probability that some channel's mean or variance lies farther
-    than ``tolerance`` from the truth (:func:`bnstats.stats.miss_probability` over every
-    channel's two :meth:`~bnstats.stats.BatchSpread.relative_standard_errors`): the whole
+    than ``tolerance`` from the truth (:func:`bnstats.precision.miss_probability` over every
+    channel's two :meth:`~bnstats.precision.BatchSpread.relative_standard_errors`): the whole
     data's statistics where the data hold ``data_batches``, else the population they are
     drawn from. ``(inf, inf)`` while no layer has a finite batch."""
     layers = list(layers)

@@ -12,7 +12,7 @@ nothing) and compares them, channel by channel, with the stored ``running_mean``
 
 Each layer also carries the precision of the population estimate: per channel the standard
 errors of ``mu`` and ``var`` from the spread between batches
-(:meth:`bnstats.stats.BatchSpread.standard_errors`) and the worst channel's relative
+(:meth:`bnstats.precision.BatchSpread.standard_errors`) and the worst channel's relative
 standard error (``relative_error``: the larger of ``se_mean / sqrt(var)`` and
 ``se_var / var``). A shift or ratio smaller than a few standard errors is noise of the audit
 data, not staleness of the running statistics.

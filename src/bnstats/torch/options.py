@@ -61,9 +61,9 @@ class PassOptions:
       standard deviation) of the whole data's statistics (for data without a length, of the
       population the batches are drawn from) with 95 % confidence: the sum over all those
       estimates of ``P(|Z| > tolerance / r)``, ``r`` each one's relative standard error
-      (:meth:`bnstats.stats.BatchSpread.relative_standard_errors`; times
+      (:meth:`bnstats.precision.BatchSpread.relative_standard_errors`; times
       ``sqrt(1 - b / len(batches))`` after ``b`` batches of data with a length), at most
-      0.05 (the union bound, :func:`bnstats.stats.miss_probability`), judged every
+      0.05 (the union bound, :func:`bnstats.precision.miss_probability`), judged every
       ``CHECK_EVERY`` batches from ``MIN_BATCHES`` batches on (in ``mode="eval"`` on its
       first pass, whose batches the other passes reuse). Not in a group.
       Under ``unreached="raise"`` a layer no forward has reached yet holds the stop back (a

@@ -36,11 +36,11 @@ class Recalibration:
     tensor), the ``passes`` over the data (1 in train mode, 4 or more in eval mode, one per
     depth level and one more in ``"eval_exact"``), the ``tolerance`` asked for, and per
     layer the worst channel's relative standard error of the new statistics
-    (``relative_errors``, see :meth:`bnstats.stats.BatchSpread.relative_error`; inf with
+    (``relative_errors``, see :meth:`bnstats.precision.BatchSpread.relative_error`; inf with
     fewer than 2 batches), and
     with a ``tolerance``, ``miss_probability``: at most the probability that some channel's
     mean or variance lies farther than ``tolerance`` from the truth
-    (:func:`bnstats.stats.miss_probability` over all channels, each with its own standard
+    (:func:`bnstats.precision.miss_probability` over all channels, each with its own standard
     errors); ``met`` when it is at most 0.05. The truth is the whole data's statistics where
     the data have a length (``data_batches``: the errors shrink by ``sqrt(1 - drawn share)``,
     and data used to their end are exact), else the population they are drawn from; the
