@@ -56,12 +56,20 @@ def fits_budget(layers: Iterable[tuple[int, float]], limit: int) -> bool:
     calls one forward made and the bytes of its input over all the data. No layer may be
     called more than once in a forward (the one batch would normalize its first call
     before seeing its second), and the largest input must be at most ``limit`` bytes."""
+    largest = largest_input(layers)
+    return largest is not None and largest <= limit
+
+
+def largest_input(layers: Iterable[tuple[int, float]]) -> float | None:
+    """The largest of ``layers``' input bytes (as :func:`fits_budget` takes them; 0 for no
+    layer); None where a layer was called more than once in a forward (such data never run
+    as one batch)."""
     largest = 0.0
     for calls, size in layers:
         if calls > 1:
-            return False
+            return None
         largest = max(largest, size)
-    return largest <= limit
+    return largest
 
 
 def check_budget(one_batch_bytes: Any) -> None:

@@ -126,6 +126,58 @@ def test_large_data_reach_the_level_by_level_statistics_in_few_whole_passes(
     assert "and " + str(result.subset_passes) + " over the first 4 batches" in str(result)
 
 
+@pytest.mark.parametrize(
+    ("budget", "batches"),
+    [
+        (2**20, 8),  # the budget takes 512 samples: an eighth of the data, 128
+        (2**18, 7),  # 128 samples less one batch: 112
+        (5 * 2**15, 4),  # 80 samples less one batch, under 1.5 times the 64: not grown
+        (2**16, 4),  # the subset does not join: as it was
+    ],
+)
+def test_a_subset_that_joins_grows_to_what_the_budget_takes(monkeypatch, budget, batches):
+    """The conv chain's inputs take 2 KiB per sample: the 64-sample subset's 128 KiB
+    grows to the first batches that fill the budget less one batch (drawing stops within a
+    batch past the samples wanted), at most an eighth of the data's 1,024 samples, where
+    that is at least 1.5 times the subset; the grown subset's batch-statistics pass is one
+    more subset pass."""
+    monkeypatch.setattr(_subset_iteration, "SUBSET_SAMPLES", 64)
+    monkeypatch.setattr(_subset_iteration, "SUBSET_SHARE", 16)
+    model, data = eval_models.build("convchain"), eval_models.batches("convchain", 64, 16)
+    result = bt.recalibrate_report(model, data, mode="eval", one_batch_bytes=budget)
+
+    assert result.converged and result.subset_batches == batches
+
+
+class _FailsOver(torch.nn.Module):
+    """A model whose forward fails on more than ``rows`` samples (written for small
+    batches)."""
+
+    def __init__(self, model: torch.nn.Module, rows: int) -> None:
+        super().__init__()
+        self.model, self.rows = model, rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.rows:
+            raise RuntimeError(f"written for at most {self.rows} rows")
+        return self.model(x)
+
+
+def test_a_grown_subset_whose_forward_fails_goes_back_to_the_first_batches(monkeypatch):
+    """The grown subset (8 batches) joins but the model fails on its 128 rows: the solves go
+    over the 4 batches it grew from by passes, and eval mode reaches level by level's
+    statistics; the model is left whole."""
+    monkeypatch.setattr(_subset_iteration, "SUBSET_SAMPLES", 64)
+    monkeypatch.setattr(_subset_iteration, "SUBSET_SHARE", 16)
+    chain, data = eval_models.build("convchain"), eval_models.batches("convchain", 64, 16)
+    exact = eval_models.level_by_level("convchain", 64, 16)
+    model = _FailsOver(chain, rows=64)
+    result = bt.recalibrate_report(model, data, mode="eval", one_batch_bytes=2**20)
+
+    assert result.converged and result.subset_batches == 4
+    assert worst_difference(chain, exact.model) < 1e-4
+
+
 def test_a_chaotic_chain_leaves_the_subset_for_whole_passes(small_subset):
     """The 30-deep MLP chain with scrambled BN: its statistics are chaotic functions of the
     earlier layers', a subset's response is no guide to the whole data's, and a round's whole

@@ -37,6 +37,7 @@ from bnstats.torch._pass import Call, Check, call_record, measure_pass
 from bnstats.torch._ranks import rank_count
 from bnstats.torch._subset_iteration import (
     Run,
+    grown_subset,
     iterate_after_passes,
     iterate_from_subset,
     iterate_with_subset,
@@ -228,8 +229,11 @@ def _subset_first(
         return start, estimate, start
     layers = len(find_batchnorm_layers(unwrap(model)))
     join = partial(joined_if_fits, options=options)
+    subset, subset_start, fallback = grown_subset(
+        runs.again, batches, subset, subset_start, samples, options
+    )
     return iterate_from_subset(
-        runs.again, runs.first, batches, subset, subset_start, layers + 2, join
+        runs.again, runs.first, batches, subset, subset_start, layers + 2, join, fallback
     )
 
 

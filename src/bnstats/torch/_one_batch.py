@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from bnstats import _one_batch
-from bnstats._one_batch import ArrayKind, array_bytes, budget, fits_budget, join_or_none
+from bnstats._one_batch import ArrayKind, array_bytes, budget, join_or_none, largest_input
 from bnstats.torch._eval_statistics import Run, iterate_statistics
 from bnstats.torch._layer_pass import Measured
 from bnstats.torch._layers import iterate_batches, move_to_device
@@ -71,19 +71,25 @@ def kept_batches(batches: Any, options: PassOptions) -> _one_batch.KeptBatches:
 def fits_one_batch(measured: Measured, scale: float, limit: int) -> bool:
     """True where data of ``scale`` times the samples of the pass ``measured`` can run as one
     batch: no BN layer called more than once in a forward, and the largest BN input over
-    the data at most ``limit`` bytes (:func:`bnstats._one_batch.fits_budget`; values per
-    channel times channels times the buffers' element size)."""
-    layers = (
+    the data at most ``limit`` bytes (:func:`joined_bytes`)."""
+    largest = joined_bytes(measured)
+    return largest is not None and largest * scale <= limit
+
+
+def joined_bytes(measured: Measured) -> float | None:
+    """The largest BN input of the data of the pass ``measured`` joined into one batch, in
+    bytes: per layer, values per channel over the data times channels times the element
+    size of its buffers (:func:`bnstats._one_batch.largest_input`); None where a BN layer
+    was called more than once in a forward."""
+    return largest_input(
         (
             moments.max_calls_per_forward,
             float(moments.population.count)
             * moments.population.mean.numel()
-            * moments.layer.running_var.element_size()
-            * scale,
+            * moments.layer.running_var.element_size(),
         )
         for moments in measured.reached()
     )
-    return fits_budget(layers, limit)
 
 
 def join_batches(batches: Iterable[Any], max_samples: int | None, limit: int) -> Any | None:

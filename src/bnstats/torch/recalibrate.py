@@ -57,7 +57,8 @@ class Recalibration:
     decided (a layer the first pass did not reach: the last pass's error). After the level
     by level fallback, each layer's error is that of the level it settled in. On data of
     at least 32 times 1,024 samples eval mode solves on a subset, the first batches holding
-    1,024 samples (:mod:`bnstats.torch._subset_iteration`): ``subset_passes`` over those
+    1,024 samples, or more where the budget takes them joined
+    (:mod:`bnstats.torch._subset_iteration`): ``subset_passes`` over those
     ``subset_batches`` batches beside the ``passes`` over all (both 0 elsewhere)."""
 
     model: nn.Module

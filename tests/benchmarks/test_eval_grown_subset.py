@@ -1,0 +1,24 @@
+"""benchmarks/eval_grown_subset.py on a small case: its line says what each run measured, and
+switching the growth off for the comparison leaves the library's setting as it was."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")
+
+from benchmarks import eval_grown_subset  # noqa: E402
+from bnstats.torch import _subset_iteration  # noqa: E402
+from tests.torch import eval_models  # noqa: E402
+
+
+def test_the_line_compares_the_subset_grown_and_not(monkeypatch):
+    monkeypatch.setattr(_subset_iteration, "SUBSET_SAMPLES", 64)
+    monkeypatch.setattr(_subset_iteration, "SUBSET_SHARE", 16)
+    model, data = eval_models.build("residual"), eval_models.batches("residual", 64, 16)
+    line = eval_grown_subset.compare("residual", model, data, 2**20, exact=True)
+
+    before, grown = line.split(" | ")[:2]
+    assert "over   4 batches" in before and "over   8 batches" in grown
+    assert "faster" in line and "from exact" in line and "(one batch: 2 + 1)" in line
+    assert _subset_iteration.GROWN_LEAST == 1.5
