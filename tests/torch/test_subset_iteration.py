@@ -149,6 +149,25 @@ def test_a_subset_that_joins_grows_to_what_the_budget_takes(monkeypatch, budget,
     assert result.converged and result.subset_batches == batches
 
 
+def test_a_shuffling_loader_gives_the_grown_subset_the_same_batches_in_every_pass(
+    monkeypatch,
+):
+    """The grown subset is drawn anew from the loader (other samples than the first 64 under
+    shuffle=True) and then kept: the subset solves are one forward each, and the result is
+    level by level's over the same samples."""
+    monkeypatch.setattr(_subset_iteration, "SUBSET_SAMPLES", 64)
+    monkeypatch.setattr(_subset_iteration, "SUBSET_SHARE", 16)
+    model = eval_models.build("residual")
+    samples = torch.cat(eval_models.batches("residual", count=64, size=16))
+    loader = torch.utils.data.DataLoader(samples, batch_size=16, shuffle=True)
+    exact = bt.recalibrate_report(copy.deepcopy(model), loader, mode="eval_exact")
+    result = bt.recalibrate_report(model, loader, mode="eval", one_batch_bytes=2**20)
+
+    assert result.converged and result.subset_batches == 8
+    assert result.subset_passes == 3 + 2 * (result.passes - 1)
+    assert worst_difference(model, exact.model) < 1e-4
+
+
 class _FailsOver(torch.nn.Module):
     """A model whose forward fails on more than ``rows`` samples (written for small
     batches)."""
