@@ -151,6 +151,24 @@ def eval_mode_late_subset(rank: int) -> dict[str, Any]:
     return _eval_result(model, result)
 
 
+def eval_mode_subset_joined(rank: int) -> dict[str, Any]:
+    """mode="eval" on the 30-deep conv chain, 64 batches of 16 split in halves, with a
+    budget of 1 MiB (the data's 2 MiB are over it) and subsets of 64 samples (each rank's
+    first 2 batches, 128 KiB, within it): every rank gathers both ranks' subsets and solves
+    them in one forward each round."""
+    from bnstats.torch import _subset_iteration
+
+    model = eval_models.build("convchain")
+    batches = eval_models.batches("convchain", 64, 16)[32 * rank : 32 * (rank + 1)]
+    settings = _subset_iteration.SUBSET_SAMPLES, _subset_iteration.SUBSET_SHARE
+    _subset_iteration.SUBSET_SAMPLES, _subset_iteration.SUBSET_SHARE = 64, 16
+    try:
+        result = bt.recalibrate_report(model, batches, mode="eval", one_batch_bytes=2**20)
+    finally:  # the worker runs the other scenarios after this one
+        _subset_iteration.SUBSET_SAMPLES, _subset_iteration.SUBSET_SHARE = settings
+    return _eval_result(model, result)
+
+
 def eval_mode_one_batch(unjoinable_rank: int | None) -> Callable[[int], dict[str, Any]]:
     """mode="eval" on the 30-deep conv chain, 64 batches of 16 split in halves: all ranks'
     data gathered and run as one batch on every rank. With ``unjoinable_rank``, that rank's
@@ -512,6 +530,7 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "eval_mode_subset_resnet": eval_mode_subset_resnet(None),
     "eval_mode_subset_unsized_rank1": eval_mode_subset_resnet(1),
     "eval_mode_late_subset": eval_mode_late_subset,
+    "eval_mode_subset_joined": eval_mode_subset_joined,
     "eval_mode_one_batch": eval_mode_one_batch(None),
     "eval_mode_one_batch_unjoinable_rank1": eval_mode_one_batch(1),
     "empty_rank0": empty_rank(0),

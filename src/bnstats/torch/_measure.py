@@ -228,7 +228,7 @@ def _subset_first(
         start = whole_pass(runs.first, batches, estimate, 2, 1, len(subset))
         return start, estimate, start
     layers = len(find_batchnorm_layers(unwrap(model)))
-    join = partial(joined_if_fits, options=options)
+    join = partial(joined_if_fits, run_alone=runs.alone, options=options, call=call)
     subset, subset_start, fallback = grown_subset(
         runs.again, batches, subset, subset_start, samples, options
     )
@@ -260,19 +260,31 @@ def _batch_statistics_first(
         return whole_pass(runs.again, data, estimate, 3, 0, 0), estimate, start, data
     ranks = rank_count(options.group)
     count = subset_batches(start.batch_sizes, ranks)
-    join = partial(joined_if_fits, options=options)
+    join = partial(joined_if_fits, run_alone=runs.alone, options=options, call=call)
     if count is None:
         final, estimate = _four_passes(model, runs.again, data, start_statistics)
         late = None if converged(final.moved) else late_subset_batches(start.batch_sizes, ranks)
         if late is not None:
             final, estimate = iterate_after_passes(
-                runs.again, data, late, estimate, final, len(start.layers) + 2, join
+                runs.again,
+                data,
+                late,
+                estimate,
+                final,
+                len(start.layers) + 2,
+                join if ranks == 1 else _not_joined,
             )
     else:
         final, estimate = iterate_with_subset(
             runs.again, data, count, start_statistics, len(start.layers) + 2, join
         )
     return final, estimate, start, data
+
+
+def _not_joined(*_: Any) -> None:
+    """The late subset's join across ranks: none (its share of the data, which the budget is
+    judged by, is known per rank only in one process), so its solves go by passes."""
+    return None
 
 
 def _four_passes(

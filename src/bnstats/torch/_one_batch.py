@@ -28,7 +28,7 @@ buffers, from a pass over the same data), and batches that join
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -104,13 +104,47 @@ def join_batches(batches: Iterable[Any], max_samples: int | None, limit: int) ->
     return join_or_none(parts, TENSORS)
 
 
-def joined_if_fits(batches: Any, measured: Measured, scale: float, options: PassOptions) -> Any:
-    """All of ``batches`` (within ``options.max_samples``) joined into one batch where one
-    process runs them and data of ``scale`` times the samples of the pass ``measured`` fit
-    (:func:`fits_one_batch`, :func:`join_batches`); else None."""
-    if resolve_group(options.group) is not None:
-        return None
-    return _fitting_joined(batches, measured, scale, options)
+class JoinedForward:
+    """A subset's batches ``joined`` into one batch, and the forward over it that solves the
+    subset (:func:`bnstats.torch._subset_iteration._solve_on_subset`): in one process a pass
+    of ``run_alone`` over it; across the ranks of ``group`` every rank holds all ranks'
+    subsets joined (:func:`_gathered`), runs the same forward, and takes rank 0's statistics
+    (:func:`_solved_on_every_rank`), so that the ranks go on from the same ones."""
+
+    def __init__(self, joined: Any, run_alone: Run, group: Any = None, call: Call | None = None):
+        self.joined, self.run_alone, self.group, self.call = joined, run_alone, group, call
+
+    def solve(self, level: Level, finish: Callable[[Measured], Statistics]) -> Statistics | None:
+        """``finish`` of the pass at ``level`` over the joined batch; None where the forward
+        failed (on any rank; :func:`run_one_batch`)."""
+
+        def here() -> Statistics | None:
+            measured = run_one_batch(self.run_alone, level, self.joined)
+            return None if measured is None else finish(measured)
+
+        if self.group is None:
+            return here()
+        return _solved_on_every_rank(self.group, here, self.call or {})
+
+
+def joined_if_fits(
+    batches: Any,
+    measured: Measured,
+    scale: float,
+    *,
+    run_alone: Run,
+    options: PassOptions,
+    call: Call,
+) -> JoinedForward | None:
+    """All of ``batches`` (within ``options.max_samples``) joined into one batch, where data
+    of ``scale`` times the samples of the pass ``measured`` fit; across ranks all ranks'
+    batches, gathered on every rank (:func:`_gathered`); else None."""
+    group = resolve_group(options.group)
+    if group is not None:
+        every = _gathered(group, batches, measured, scale, options, call)
+        return None if every is None else JoinedForward(every, run_alone, group, call)
+    joined = _fitting_joined(batches, measured, scale, options)
+    return None if joined is None else JoinedForward(joined, run_alone)
 
 
 def _fitting_joined(
@@ -172,9 +206,23 @@ def _one_batch_in_group(
     options: PassOptions,
     call: Call,
 ) -> Statistics | None:
-    """:func:`one_batch_statistics` across the ranks of ``group``: every rank says whether
-    its data fit and join (the first exchange, also where they do not), so that all take the
-    same way."""
+    """:func:`one_batch_statistics` across the ranks of ``group``: all ranks' data gathered
+    on every rank (:func:`_gathered`), the one batch solved on every rank and rank 0's
+    statistics taken (:func:`_solved_on_every_rank`)."""
+    every = _gathered(group, batches, measured, scale, options, call)
+    if every is None:
+        return None
+    return _solved_on_every_rank(group, lambda: _solved(run_alone, every, start), call)
+
+
+def _gathered(
+    group: Any, batches: Any, measured: Measured, scale: float, options: PassOptions, call: Call
+) -> Any | None:
+    """Every rank's ``batches`` joined, then all ranks' joined batches gathered in rank order
+    (through the CPU) and joined again, the same on every rank; None on every rank where
+    any rank's do not fit or join (:func:`_fitting_joined`) or all of them together are over
+    the budget. Every rank says whether its data fit and join (a status exchange, ``call``
+    compared, also where they do not), so that all take the same way."""
 
     def join_here() -> tuple[Any, int | None]:
         joined = _fitting_joined(batches, measured, scale, options)
@@ -185,12 +233,18 @@ def _one_batch_in_group(
         return None
     parts: list[Any] = [None] * len(sizes)
     torch.distributed.all_gather_object(parts, move_to_device(joined, torch.device("cpu")), group)
-    every = join_or_none(parts, TENSORS)  # the same parts on every rank: the same outcome
-    if every is None:
-        return None
+    return join_or_none(parts, TENSORS)  # the same parts on every rank: the same outcome
+
+
+def _solved_on_every_rank(
+    group: Any, solve: Callable[[], Statistics | None], call: Call
+) -> Statistics | None:
+    """``solve()`` on every rank of ``group`` and rank 0's result on all (one exchange,
+    ``call`` compared), on each rank's devices; None on every rank where it was None on
+    any."""
 
     def solve_here() -> tuple[Statistics | None, Any]:
-        solved = _solved(run_alone, every, start)
+        solved = solve()
         return solved, move_to_device(solved, torch.device("cpu"))
 
     solved, shared = run_and_exchange(group, solve_here, {**call, "step": "one batch: solve"})

@@ -36,9 +36,11 @@ subsets run four whole passes first; where those did not converge, the rounds go
 the fourth with the first batches holding a sixteenth of the samples, or 64 samples, as the
 subset (:func:`iterate_after_passes`, :func:`late_subset_batches`). Data that fit in one
 batch take none of this (:mod:`bnstats.torch._one_batch`); where only the subset fits, each
-solve of step 2 is one forward over the joined subset (:func:`_solve_on_subset`), and a
-subset drawn before any whole pass grows first to what the budget takes joined, at most a
-``1 / LATE_MOST`` share of the data (:func:`grown_subset`).
+solve of step 2 is one forward over the joined subset (:func:`_solve_on_subset`; across
+ranks, every rank runs all ranks' subsets gathered and all take rank 0's statistics; a late
+subset's solves go by passes there), and in one process a subset drawn before any whole
+pass grows first to what the budget takes joined, at most a ``1 / LATE_MOST`` share of the
+data (:func:`grown_subset`).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ from bnstats.torch._eval_statistics import (
 from bnstats.torch._layer_pass import Measured
 from bnstats.torch._layers import data_length, iterate_batches
 from bnstats.torch._level import Level, MeanVar, Statistics
-from bnstats.torch._one_batch import joined_bytes, run_one_batch
+from bnstats.torch._one_batch import JoinedForward, joined_bytes
 from bnstats.torch._pass import Call
 from bnstats.torch._ranks import rank_count, resolve_group, run_and_exchange
 from bnstats.torch.options import PassOptions
@@ -94,10 +96,11 @@ what the round before moved them (else the subset is no guide: plain whole passe
 The first round after the subset's own fixed point is not judged: that point had no
 correction, and how far its whole pass moved says nothing of how well the subset guides."""
 
-Join = Callable[[list[Any], Measured, float], Any]
-"""``join(subset, measured, scale)``: the subset's batches as one batch where data of
-``scale`` times the samples of the pass ``measured`` fit in one
-(:func:`bnstats.torch._one_batch.joined_if_fits`), else None."""
+Join = Callable[[list[Any], Measured, float], JoinedForward | None]
+"""``join(subset, measured, scale)``: the subset's batches as one batch, with the forward
+that solves it, where data of ``scale`` times the samples of the pass ``measured`` fit in
+one (:func:`bnstats.torch._one_batch.joined_if_fits`; across ranks all ranks' subsets on
+every rank), else None."""
 
 
 @dataclass
@@ -108,7 +111,7 @@ class Subset:
     its joined forward fails, the solves go over those by passes."""
 
     batches: list[Any]
-    joined: Any = None
+    joined: JoinedForward | None = None
     fallback: list[Any] | None = None
 
 
@@ -396,9 +399,10 @@ def _solve_on_subset(
     ``limit`` passes."""
     if subset.joined is not None:
         level = Level(training=False, rule="own", correction=correct.layer)
-        measured = run_one_batch(run, level, subset.joined)
-        if measured is not None:
-            solution = {**whole, **correct(iterate_statistics(measured, estimate))}
+        solution = subset.joined.solve(
+            level, lambda measured: {**whole, **correct(iterate_statistics(measured, estimate))}
+        )
+        if solution is not None:
             return {**estimate, **solution}, 1, True
         subset.joined = None  # the forward failed: passes over the subset from now on
         subset.batches = subset.fallback or subset.batches
