@@ -154,8 +154,8 @@ def eval_mode_late_subset(rank: int) -> dict[str, Any]:
 def eval_mode_subset_joined(rank: int) -> dict[str, Any]:
     """mode="eval" on the 30-deep conv chain, 64 batches of 16 split in halves, with a
     budget of 1 MiB (the data's 2 MiB are over it) and subsets of 64 samples (each rank's
-    first 2 batches, 128 KiB, within it): every rank gathers both ranks' subsets and solves
-    them in one forward each round."""
+    first 2 batches, 128 KiB, within it): the subset grows to an eighth of the data, and
+    every rank gathers both ranks' subsets and solves them in one forward each round."""
     from bnstats.torch import _subset_iteration
 
     model = eval_models.build("convchain")

@@ -186,14 +186,15 @@ def test_eval_mode_goes_on_with_a_late_subset_in_a_group(pair):
 
 def test_a_subset_that_joins_is_solved_in_one_forward_on_every_rank(pair):
     """Data over the budget whose subset (each rank's first 2 batches) joins within it:
-    every rank gathers both ranks' subsets and solves them in one forward a round (the
-    subset's batch-statistics pass, then two subset passes a round: without the joined
-    forward each solve takes a pass per depth level that the subset moves), and takes
-    rank 0's statistics: bit-identical on both ranks, within 1e-4 of level by level in one
-    process over the concatenated batches."""
+    the subset grows to an eighth of the data (each rank's first 4 batches), every rank
+    gathers both ranks' subsets and solves them in one forward a round (the two subsets'
+    batch-statistics passes, then two subset passes a round: without the joined forward
+    each solve takes a pass per depth level that the subset moves), and takes rank 0's
+    statistics: bit-identical on both ranks, within 1e-4 of level by level in one process
+    over the concatenated batches."""
     first, second = pair.results("eval_mode_subset_joined")
     assert first["passes"] == second["passes"] and first["subset"] == second["subset"]
-    assert first["subset"] == (2 + 2 * (first["passes"] - 1), 4)
+    assert first["subset"] == (3 + 2 * (first["passes"] - 1), 8)
     assert_bit_identical(first["state"], second["state"])
     exact = ref.snapshot(eval_models.level_by_level("convchain", 64, 16).model)
     assert max_relative_difference(first["state"], exact, integers=False) < 1e-4

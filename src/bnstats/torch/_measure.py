@@ -230,7 +230,7 @@ def _subset_first(
     layers = len(find_batchnorm_layers(unwrap(model)))
     join = partial(joined_if_fits, run_alone=runs.alone, options=options, call=call)
     subset, subset_start, fallback = grown_subset(
-        runs.again, batches, subset, subset_start, samples, options
+        runs.again, batches, subset, subset_start, samples, options, call
     )
     return iterate_from_subset(
         runs.again, runs.first, batches, subset, subset_start, layers + 2, join, fallback

@@ -38,9 +38,9 @@ subset (:func:`iterate_after_passes`, :func:`late_subset_batches`). Data that fi
 batch take none of this (:mod:`bnstats.torch._one_batch`); where only the subset fits, each
 solve of step 2 is one forward over the joined subset (:func:`_solve_on_subset`; across
 ranks, every rank runs all ranks' subsets gathered and all take rank 0's statistics; a late
-subset's solves go by passes there), and in one process a subset drawn before any whole
-pass grows first to what the budget takes joined, at most a ``1 / LATE_MOST`` share of the
-data (:func:`grown_subset`).
+subset's solves go by passes there), and a subset drawn before any whole pass grows first
+to what the budget takes joined, at most a ``1 / LATE_MOST`` share of the data
+(:func:`grown_subset`).
 """
 
 from __future__ import annotations
@@ -243,27 +243,41 @@ def grown_subset(
     subset_start: Measured,
     samples: float,
     options: PassOptions,
+    call: Call,
 ) -> tuple[list[Any], Measured, list[Any] | None]:
-    """The subset for :func:`iterate_from_subset`: where one process runs the data and the
-    ``drawn`` batches (their batch-statistics pass ``subset_start``) join within the one-batch
-    budget, the first batches holding as many samples as the budget takes joined, at most a
+    """The subset for :func:`iterate_from_subset`: where the ``drawn`` batches (their
+    batch-statistics pass ``subset_start``, over all ranks) join within the one-batch budget,
+    the first batches holding as many samples as the budget takes joined, at most a
     ``1 / LATE_MOST`` share of the data's ``samples``, with their own batch-statistics pass
     (one more subset pass) and ``drawn`` as the fallback; else ``drawn`` as it is (fallback
     None). Each round's solve is then one forward over more samples: the subset's sampling
     error, which sets how much a round shrinks the distance, is smaller (trained mobilenet_v2
-    on 32,768 digits: 6 whole passes at 1,024 samples, 4 at 2,560)."""
+    on 32,768 digits: 6 whole passes at 1,024 samples, 4 at 2,560). Across ranks each rank
+    draws its share, and one status exchange (``call`` compared) grows the subset only where
+    every rank's grew."""
     unchanged = drawn, subset_start, None
     held = sum(size or 0 for size in subset_start.batch_sizes)
     largest = joined_bytes(subset_start)
-    if resolve_group(options.group) is not None or not largest or not held:
+    if not largest or not held:
         return unchanged
-    batch = held / len(drawn)  # drawing stops within a batch past the samples wanted
+    batch = held / len(subset_start.batch_sizes)  # drawing stops within a batch past it
     fitting = held * budget(options.one_batch_bytes) / largest - batch
     wanted = min(fitting, samples / LATE_MOST)
     if wanted < GROWN_LEAST * held:
         return unchanged
-    grown, _ = _draw_subset(batches, options, wanted)
-    if grown is None or len(grown) <= len(drawn):
+
+    def draw() -> tuple[list[Any] | None, bool]:
+        grown, _ = _draw_subset(batches, options, wanted / rank_count(options.group))
+        more = grown is not None and len(grown) > len(drawn)
+        return (grown if more else None), more
+
+    group = resolve_group(options.group)
+    if group is None:
+        grown, more = draw()
+        every = [more]
+    else:
+        grown, every = run_and_exchange(group, draw, {**call, "step": "subset: grow"})
+    if grown is None or not all(every):
         return unchanged
     return grown, run(Level(training=False, rule="batch"), grown), drawn
 
