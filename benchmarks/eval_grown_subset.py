@@ -1,21 +1,24 @@
-"""``mode="eval"`` on data over the one-batch budget: the subset grown to what the budget
+"""``mode="eval"`` on data over the one-batch budget: the subset sized to what the budget
 takes against the 1,024-sample subset.
 
 Where the data are too large to run as one batch but the subset of 1,024 samples joins
 within the budget, ``mode="eval"`` grows the subset to the first batches that fill the
-budget, at most an eighth of the data (:func:`bnstats.torch._subset_iteration.grown_subset`):
-each round's solve is one forward over more samples, and the rounds shrink the distance to
-the fixed point faster. For each case, in the same process: ``mode="eval"`` with the growth
-switched off (the 1,024-sample subset) and as it runs; whole passes + passes over the
-subset, the subset's batches, CPU seconds, how far the last whole pass moved the statistics,
-and the worst difference between the two results over every channel (``|d var| / var``,
-``|d mean| / sqrt(var)``); for the test models also each one's worst difference from the
-exact statistics (the data run as one batch, with a budget of 1 GiB).
+budget, at most an eighth of the data: each round's solve is one forward over more samples,
+and the rounds shrink the distance to the fixed point faster. Where the 1,024 samples do not
+join, it shrinks the subset to its first batches that do, down to 256 samples: each solve is
+one forward instead of passes (:func:`bnstats.torch._subset_iteration.sized_subset`). For
+each case, in the same process: ``mode="eval"`` with the sizing switched off (the
+1,024-sample subset) and as it runs; whole passes + passes over the subset, the subset's
+batches, CPU seconds, how far the last whole pass moved the statistics, and the worst
+difference between the two results over every channel (``|d var| / var``, ``|d mean| /
+sqrt(var)``); for the test models also each one's worst difference from the exact statistics
+(the data run as one batch, with a budget of 1 GiB).
 
 - default: the conv chain, the residual CNN and the densenet-like CNN
   (``tests/torch/eval_models.py``) on 2,048 batches of 16 (32,768 samples; 64 to 320 MiB of
   largest BN input) with a budget of ``--budget`` MiB (default 16: the 1,024-sample subset,
-  2 to 10 MiB, joins; the data do not);
+  2 to 10 MiB, joins; the data do not; ``--budget 1``: it does not, and the conv chain's and
+  the residual CNN's shrink to 448 samples);
 - ``--trained``: torchvision's mobilenet_v2 trained 3 epochs on the digits
   (:func:`benchmarks.eval_zoo.trained_model`) on 1,024 batches of 32 digits shifted at random
   (:func:`benchmarks.eval_subset.shifted_digits`; 32,768 samples, 3 GiB of largest BN
@@ -43,15 +46,17 @@ from benchmarks.eval_subset import shifted_digits, timed
 from bnstats.torch import _subset_iteration
 
 
-def not_grown(model: nn.Module, data: list[torch.Tensor], budget: int | None) -> bt.Recalibration:
-    """``mode="eval"`` on a copy of ``model`` with the subset left at 1,024 samples."""
-    least, _subset_iteration.GROWN_LEAST = _subset_iteration.GROWN_LEAST, math.inf
+def not_sized(model: nn.Module, data: list[torch.Tensor], budget: int | None) -> bt.Recalibration:
+    """``mode="eval"`` on a copy of ``model`` with the subset left at 1,024 samples (neither
+    grown nor shrunk)."""
+    settings = _subset_iteration.GROWN_LEAST, _subset_iteration.SHRUNK_LEAST
+    _subset_iteration.GROWN_LEAST = _subset_iteration.SHRUNK_LEAST = math.inf
     try:
         return bt.recalibrate_report(
             copy.deepcopy(model), data, mode="eval", one_batch_bytes=budget
         )
     finally:
-        _subset_iteration.GROWN_LEAST = least
+        _subset_iteration.GROWN_LEAST, _subset_iteration.SHRUNK_LEAST = settings
 
 
 def _run(result: bt.Recalibration, seconds: float) -> str:
@@ -68,7 +73,7 @@ def compare(
     """One line: the subset not grown, then grown, the speed-up and the difference."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        before, before_s = timed(lambda: not_grown(model, data, budget))
+        before, before_s = timed(lambda: not_sized(model, data, budget))
         now, now_s = timed(
             lambda: bt.recalibrate_report(
                 copy.deepcopy(model), data, mode="eval", one_batch_bytes=budget
@@ -76,7 +81,7 @@ def compare(
         )
         apart = worst_difference(now.model, before.model)
         line = (
-            f"{name:13s} 1,024 samples: {_run(before, before_s)} | grown: {_run(now, now_s)} "
+            f"{name:13s} 1,024 samples: {_run(before, before_s)} | sized: {_run(now, now_s)} "
             f"| {before_s / now_s:.2f}x faster | apart {apart:.2g}"
         )
         if exact:

@@ -132,7 +132,7 @@ def test_large_data_reach_the_level_by_level_statistics_in_few_whole_passes(
         (2**20, 8),  # the budget takes 512 samples: an eighth of the data, 128
         (2**18, 7),  # 128 samples less one batch: 112
         (5 * 2**15, 4),  # 80 samples less one batch, under 1.5 times the 64: not grown
-        (2**16, 4),  # the subset does not join: as it was
+        (2**16, 4),  # the subset does not join, 16 samples do: under the floor, as it was
     ],
 )
 def test_a_subset_that_joins_grows_to_what_the_budget_takes(monkeypatch, budget, batches):
@@ -164,6 +164,23 @@ def test_a_shuffling_loader_gives_the_grown_subset_the_same_batches_in_every_pas
     result = bt.recalibrate_report(model, loader, mode="eval", one_batch_bytes=2**20)
 
     assert result.converged and result.subset_batches == 8
+    assert result.subset_passes == 3 + 2 * (result.passes - 1)
+    assert worst_difference(model, exact.model) < 1e-4
+
+
+def test_a_subset_that_does_not_join_shrinks_to_its_first_batches_that_do(monkeypatch):
+    """The 64-sample subset's 128 KiB are over a 64 KiB budget: its first batch (16
+    samples, 32 KiB) joins, so the solves are one forward over it (its own batch-statistics
+    pass one more subset pass), where the floor allows that many samples; within 1e-4 of
+    level by level."""
+    monkeypatch.setattr(_subset_iteration, "SUBSET_SAMPLES", 64)
+    monkeypatch.setattr(_subset_iteration, "SUBSET_SHARE", 16)
+    monkeypatch.setattr(_subset_iteration, "SHRUNK_LEAST", 16)
+    model, data = eval_models.build("residual"), eval_models.batches("residual", 64, 16)
+    exact = eval_models.level_by_level("residual", 64, 16)
+    result = bt.recalibrate_report(model, data, mode="eval", one_batch_bytes=2**16)
+
+    assert result.converged and result.subset_batches == 1
     assert result.subset_passes == 3 + 2 * (result.passes - 1)
     assert worst_difference(model, exact.model) < 1e-4
 

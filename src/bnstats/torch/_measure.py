@@ -37,11 +37,11 @@ from bnstats.torch._pass import Call, Check, call_record, measure_pass
 from bnstats.torch._ranks import rank_count
 from bnstats.torch._subset_iteration import (
     Run,
-    grown_subset,
     iterate_after_passes,
     iterate_from_subset,
     iterate_with_subset,
     late_subset_batches,
+    sized_subset,
     subset_batches,
     subset_before_passes,
     whole_pass,
@@ -229,7 +229,7 @@ def _subset_first(
         return start, estimate, start
     layers = len(find_batchnorm_layers(unwrap(model)))
     join = partial(joined_if_fits, run_alone=runs.alone, options=options, call=call)
-    subset, subset_start, fallback = grown_subset(
+    subset, subset_start, fallback = sized_subset(
         runs.again, batches, subset, subset_start, samples, options, call
     )
     return iterate_from_subset(

@@ -38,9 +38,9 @@ subset (:func:`iterate_after_passes`, :func:`late_subset_batches`). Data that fi
 batch take none of this (:mod:`bnstats.torch._one_batch`); where only the subset fits, each
 solve of step 2 is one forward over the joined subset (:func:`_solve_on_subset`; across
 ranks, every rank runs all ranks' subsets gathered and all take rank 0's statistics; a late
-subset's solves go by passes there), and a subset drawn before any whole pass grows first
-to what the budget takes joined, at most a ``1 / LATE_MOST`` share of the data
-(:func:`grown_subset`).
+subset's solves go by passes there), and a subset drawn before any whole pass is sized first
+to what the budget takes joined: grown, at most a ``1 / LATE_MOST`` share of the data, or
+in one process shrunk, down to :data:`SHRUNK_LEAST` samples (:func:`sized_subset`).
 """
 
 from __future__ import annotations
@@ -88,8 +88,12 @@ LATE_MOST = 8
 whole passes go on alone (a subset of a quarter of the data cost more than it saved on
 random-weight resnet18 and about as much on mobilenet_v2)."""
 GROWN_LEAST = 1.5
-"""A subset grows (:func:`grown_subset`) only where the budget takes at least this many
+"""A subset grows (:func:`sized_subset`) only where the budget takes at least this many
 times its samples."""
+SHRUNK_LEAST = 256
+"""A subset that does not join within the budget shrinks to its first batches that do
+(:func:`sized_subset`) only where those hold at least this many samples (a subset this
+small converges more slowly)."""
 SHRINK = 0.5
 """A round goes on only where its whole pass moved the statistics by less than this share of
 what the round before moved them (else the subset is no guide: plain whole passes take over).
@@ -106,9 +110,9 @@ every rank), else None."""
 @dataclass
 class Subset:
     """The subset's ``batches``, drawn once, and where they fit in one batch, ``joined``:
-    then each solve is one forward (:func:`_solve_on_subset`). A subset grown to what the
-    budget takes (:func:`grown_subset`) keeps the batches it grew from as ``fallback``: where
-    its joined forward fails, the solves go over those by passes."""
+    then each solve is one forward (:func:`_solve_on_subset`). A subset sized to the budget
+    (:func:`sized_subset`) keeps the batches it was sized from as ``fallback``: where its
+    joined forward fails, the solves go over those by passes."""
 
     batches: list[Any]
     joined: JoinedForward | None = None
@@ -236,7 +240,7 @@ def _holds_enough_subsets(samples: float) -> bool:
     return samples >= SUBSET_SHARE * SUBSET_SAMPLES
 
 
-def grown_subset(
+def sized_subset(
     run: Run,
     batches: Any,
     drawn: list[Any],
@@ -245,16 +249,19 @@ def grown_subset(
     options: PassOptions,
     call: Call,
 ) -> tuple[list[Any], Measured, list[Any] | None]:
-    """The subset for :func:`iterate_from_subset`: where the ``drawn`` batches (their
-    batch-statistics pass ``subset_start``, over all ranks) join within the one-batch budget,
-    the first batches holding as many samples as the budget takes joined, at most a
-    ``1 / LATE_MOST`` share of the data's ``samples``, with their own batch-statistics pass
-    (one more subset pass) and ``drawn`` as the fallback; else ``drawn`` as it is (fallback
-    None). Each round's solve is then one forward over more samples: the subset's sampling
-    error, which sets how much a round shrinks the distance, is smaller (trained mobilenet_v2
-    on 32,768 digits: 6 whole passes at 1,024 samples, 4 at 2,560). Across ranks each rank
-    draws its share, and one status exchange (``call`` compared) grows the subset only where
-    every rank's grew."""
+    """The subset for :func:`iterate_from_subset`, sized to the one-batch budget, so that each
+    round's solve is one forward: where the ``drawn`` batches (their batch-statistics pass
+    ``subset_start``, over all ranks) join within the budget, the first batches holding as
+    many samples as the budget takes joined, at most a ``1 / LATE_MOST`` share of the data's
+    ``samples`` (where that is :data:`GROWN_LEAST` times the subset or more: the subset's
+    sampling error, which sets how much a round shrinks the distance, is smaller; trained
+    mobilenet_v2 on 32,768 digits: 6 whole passes at 1,024 samples, 4 at 2,720); where they
+    do not join, in one process, their first batches that do, where those hold at least
+    :data:`SHRUNK_LEAST` samples (the subset passes of a solve become one forward: conv
+    chain 4 + 122 passes at 1,024 samples, 4 + 8 at 448). Each with its own batch-statistics
+    pass (one more subset pass) and ``drawn`` as the fallback; else ``drawn`` as it is
+    (fallback None). Across ranks each rank draws its share of a grown subset, and one
+    status exchange (``call`` compared) grows it only where every rank's grew."""
     unchanged = drawn, subset_start, None
     held = sum(size or 0 for size in subset_start.batch_sizes)
     largest = joined_bytes(subset_start)
@@ -262,6 +269,8 @@ def grown_subset(
         return unchanged
     batch = held / len(subset_start.batch_sizes)  # drawing stops within a batch past it
     fitting = held * budget(options.one_batch_bytes) / largest - batch
+    if fitting < held:
+        return _shrunk(run, drawn, fitting, options) or unchanged
     wanted = min(fitting, samples / LATE_MOST)
     if wanted < GROWN_LEAST * held:
         return unchanged
@@ -282,6 +291,27 @@ def grown_subset(
     return grown, run(Level(training=False, rule="batch"), grown), drawn
 
 
+def _shrunk(
+    run: Run, drawn: list[Any], fitting: float, options: PassOptions
+) -> tuple[list[Any], Measured, list[Any]] | None:
+    """The first of the ``drawn`` batches holding ``fitting`` samples (drawing stops within a
+    batch past them), with their batch-statistics pass and ``drawn`` as the fallback, in
+    one process where they hold at least :data:`SHRUNK_LEAST` samples and are fewer batches
+    than ``drawn``; else None."""
+    if resolve_group(options.group) is not None or fitting < SHRUNK_LEAST:
+        return None
+    first: list[Any] = []
+    held = 0
+    for batch, size in iterate_batches(drawn):
+        first.append(batch)
+        held += size or 0
+        if held >= fitting:
+            break
+    if len(first) >= len(drawn):
+        return None
+    return first, run(Level(training=False, rule="batch"), first), drawn
+
+
 def iterate_from_subset(
     run: Run,
     first: Run,
@@ -297,8 +327,9 @@ def iterate_from_subset(
     yet), then whole pass 1 at its solution (``first``: the pass whose options hold the
     user's ``unreached``), then rounds as in :func:`iterate_with_subset`; ``subset_start``
     is the subset's batch-statistics pass over the ``drawn`` batches; ``fallback``, the
-    batches a grown subset grew from (:func:`grown_subset`; their pass counted too). Returns
-    the last whole pass, the statistics it normalized with, and whole pass 1."""
+    batches a subset sized to the budget came from (:func:`sized_subset`; their pass
+    counted too). Returns the last whole pass, the statistics it normalized with, and whole
+    pass 1."""
     subset = Subset(drawn, join(drawn, subset_start, 1.0), fallback)
     estimate, solve_passes, settled = _solve_on_subset(
         run, subset, iterate_statistics(subset_start, {}), Correction({}, {}), {}, limit
