@@ -32,21 +32,21 @@ def _int_at_least(text: str, least: int) -> int:
 
 def non_negative_float(text: str) -> float:
     """A finite number of 0 or more."""
-    return _finite_float(text, 0.0, strictly=False)
+    return _finite_float(text, strictly=False)
 
 
 def positive_float(text: str) -> float:
     """A finite number above 0 (``inf`` and ``nan`` are refused)."""
-    return _finite_float(text, 0.0, strictly=True)
+    return _finite_float(text, strictly=True)
 
 
-def _finite_float(text: str, least: float, strictly: bool) -> float:
-    """A finite number above ``least`` (``strictly``) or at least it."""
+def _finite_float(text: str, strictly: bool) -> float:
+    """A finite number above 0 (``strictly``) or at least 0."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and (value > least if strictly else value >= least)):
+    if not (math.isfinite(value) and (value > 0 if strictly else value >= 0)):
         sign = ">" if strictly else ">="
-        raise argparse.ArgumentTypeError(f"expected a finite number {sign} {least:g}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite number {sign} 0, got {text!r}")
     return value

@@ -300,14 +300,8 @@ def _shrunk(
     than ``drawn``; else None."""
     if resolve_group(options.group) is not None or fitting < SHRUNK_LEAST:
         return None
-    first: list[Any] = []
-    held = 0
-    for batch, size in iterate_batches(drawn):
-        first.append(batch)
-        held += size or 0
-        if held >= fitting:
-            break
-    if len(first) >= len(drawn):
+    first, _ = _draw_subset(drawn, options, fitting)
+    if first is None or len(first) >= len(drawn):
         return None
     return first, run(Level(training=False, rule="batch"), first), drawn
 
