@@ -19,10 +19,12 @@ Run: ``PYTHONPATH=src:. python -m benchmarks.eval_subset_ranks [--models convcha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import socket
 import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -51,11 +53,33 @@ def timed_eval(model: nn.Module, batches: object) -> tuple[bt.Recalibration, flo
         return timed(lambda: bt.recalibrate_report(copy.deepcopy(model), batches, mode="eval"))
 
 
-def worker(rank: int, port: int, args: argparse.Namespace, results: dict) -> None:
+@contextlib.contextmanager
+def joined_group(rank: int, port: int) -> Iterator[None]:
+    """This process as ``rank`` of the :data:`RANKS` ranks' gloo group on 127.0.0.1:``port``,
+    one torch thread; the group destroyed after."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=RANKS)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(worker: Callable[..., None], args: argparse.Namespace) -> dict:
+    """``worker(rank, port, args, results)`` in :data:`RANKS` spawned processes on a free
+    port of 127.0.0.1; what they put in ``results``, a shared dict."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with mp.Manager() as manager:
+        shared = manager.dict()
+        mp.spawn(worker, args=(port, args, shared), nprocs=RANKS, join=True)
+        return dict(shared)
+
+
+def worker(rank: int, port: int, args: argparse.Namespace, results: dict) -> None:
+    with joined_group(rank, port):
         for name in args.models:
             model, data = eval_models.build(name), halves(name, args.count, args.size)[rank]
             first, first_s = timed_eval(model, data)
@@ -67,8 +91,6 @@ def worker(rank: int, port: int, args: argparse.Namespace, results: dict) -> Non
                     "apart": worst_difference(first.model, batch.model),
                     "states": (first.model.state_dict(), batch.model.state_dict()),
                 }
-    finally:
-        dist.destroy_process_group()
 
 
 def line(name: str, result: dict, exact: nn.Module | None) -> str:
@@ -95,13 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=16, help="samples per batch")
     parser.add_argument("--exact", action="store_true", help="also run eval_exact (slow)")
     args = parser.parse_args(argv)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with mp.Manager() as manager:
-        shared = manager.dict()
-        mp.spawn(worker, args=(port, args, shared), nprocs=RANKS, join=True)
-        results = dict(shared)
+    results = run_on_ranks(worker, args)
     for name in args.models:
         exact = None
         if args.exact:

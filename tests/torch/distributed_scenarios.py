@@ -151,6 +151,17 @@ def eval_mode_late_subset(rank: int) -> dict[str, Any]:
     return _eval_result(model, result)
 
 
+def eval_mode_late_subset_joined(rank: int) -> dict[str, Any]:
+    """mode="eval" on the 30-deep conv chain, 64 batches of 16 split in halves, with a
+    budget of 1 MiB (the data's 2 MiB are over it): four whole passes, then the late subset
+    (each rank's first 2 batches, 128 KiB over both) joins and every rank solves both
+    ranks' subsets in one forward each round."""
+    model = eval_models.build("convchain")
+    batches = eval_models.batches("convchain", 64, 16)[32 * rank : 32 * (rank + 1)]
+    result = bt.recalibrate_report(model, batches, mode="eval", one_batch_bytes=2**20)
+    return _eval_result(model, result)
+
+
 def eval_mode_subset_joined(rank: int) -> dict[str, Any]:
     """mode="eval" on the 30-deep conv chain, 64 batches of 16 split in halves, with a
     budget of 1 MiB (the data's 2 MiB are over it) and subsets of 64 samples (each rank's
@@ -530,6 +541,7 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "eval_mode_subset_resnet": eval_mode_subset_resnet(None),
     "eval_mode_subset_unsized_rank1": eval_mode_subset_resnet(1),
     "eval_mode_late_subset": eval_mode_late_subset,
+    "eval_mode_late_subset_joined": eval_mode_late_subset_joined,
     "eval_mode_subset_joined": eval_mode_subset_joined,
     "eval_mode_one_batch": eval_mode_one_batch(None),
     "eval_mode_one_batch_unjoinable_rank1": eval_mode_one_batch(1),

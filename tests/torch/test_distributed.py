@@ -184,6 +184,21 @@ def test_eval_mode_goes_on_with_a_late_subset_in_a_group(pair):
     assert max_relative_difference(first["state"], exact, integers=False) < 1e-4
 
 
+def test_a_late_subset_that_joins_is_solved_in_one_forward_on_every_rank(pair):
+    """Smaller data over the budget whose late subset (each rank's first 2 batches, judged
+    by the subset's own pass over both ranks) joins within it: every rank gathers both
+    ranks' late subsets and solves them in one forward a round (two subset passes a round,
+    the correction's and the solve's, where by passes the conv chain's late subset took 50
+    over 4 whole passes' rounds in one process); bit-identical on both ranks, within 1e-4
+    of level by level over the concatenated batches."""
+    first, second = pair.results("eval_mode_late_subset_joined")
+    assert first["passes"] == second["passes"] > 4 and first["subset"] == second["subset"]
+    assert first["subset"] == (2 * (first["passes"] - 4), 4)
+    assert_bit_identical(first["state"], second["state"])
+    exact = ref.snapshot(eval_models.level_by_level("convchain", 64, 16).model)
+    assert max_relative_difference(first["state"], exact, integers=False) < 1e-4
+
+
 def test_a_subset_that_joins_is_solved_in_one_forward_on_every_rank(pair):
     """Data over the budget whose subset (each rank's first 2 batches) joins within it:
     the subset grows to an eighth of the data (each rank's first 4 batches), every rank

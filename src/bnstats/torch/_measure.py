@@ -272,19 +272,13 @@ def _batch_statistics_first(
                 estimate,
                 final,
                 len(start.layers) + 2,
-                join if ranks == 1 else _not_joined,
+                join,
             )
     else:
         final, estimate = iterate_with_subset(
             runs.again, data, count, start_statistics, len(start.layers) + 2, join
         )
     return final, estimate, start, data
-
-
-def _not_joined(*_: Any) -> None:
-    """The late subset's join across ranks: none (its share of the data, which the budget is
-    judged by, is known per rank only in one process), so its solves go by passes."""
-    return None
 
 
 def _four_passes(

@@ -38,7 +38,8 @@ subset (:func:`iterate_after_passes`, :func:`late_subset_batches`). Data that fi
 batch take none of this (:mod:`bnstats.torch._one_batch`); where only the subset fits, each
 solve of step 2 is one forward over the joined subset (:func:`_solve_on_subset`; across
 ranks, every rank runs all ranks' subsets gathered and all take rank 0's statistics; a late
-subset's solves go by passes there), and a subset drawn before any whole pass is sized first
+subset is judged by its first pass, :meth:`Subset.join_after`), and a subset drawn before
+any whole pass is sized first
 to what the budget takes joined: grown, at most a ``1 / LATE_MOST`` share of the data, or
 in one process shrunk, down to :data:`SHRUNK_LEAST` samples (:func:`sized_subset`).
 """
@@ -112,11 +113,20 @@ class Subset:
     """The subset's ``batches``, drawn once, and where they fit in one batch, ``joined``:
     then each solve is one forward (:func:`_solve_on_subset`). A subset sized to the budget
     (:func:`sized_subset`) keeps the batches it was sized from as ``fallback``: where its
-    joined forward fails, the solves go over those by passes."""
+    joined forward fails, the solves go over those by passes. A late subset is joined at
+    its first pass (``join``, :meth:`join_after`)."""
 
     batches: list[Any]
     joined: JoinedForward | None = None
     fallback: list[Any] | None = None
+    join: Join | None = None
+
+    def join_after(self, measured: Measured) -> None:
+        """Where the subset is still to be joined (``join`` set: a late subset, whose own
+        size, over all ranks, is known from a pass over it only), ``joined`` judged by
+        ``measured``, that pass."""
+        if self.join is not None:
+            self.joined, self.join = self.join(self.batches, measured, 1.0), None
 
 
 def subset_batches(sizes: list[int | None], ranks: int) -> int | None:
@@ -368,8 +378,7 @@ def iterate_after_passes(
     far ``last`` moved the statistics (its correction is measured at ``estimate``, unlike a
     subset's own fixed point's). Returns as :func:`iterate_with_subset`."""
     drawn = list(FirstBatches(data, count))  # the same batches in every subset pass
-    sizes = last.batch_sizes
-    subset = Subset(drawn, join(drawn, last, sum(sizes[:count]) / sum(sizes)))
+    subset = Subset(drawn, join=join)  # joined once the first round's pass over it measured it
     return _rounds(run, data, subset, estimate, last, limit, max(last.moved.values()))
 
 
@@ -390,6 +399,7 @@ def _rounds(
     while True:
         whole = iterate_statistics(final, estimate)
         at_estimate = run(Level.fixed(estimate), subset.batches)
+        subset.join_after(at_estimate)
         correct = Correction(iterate_statistics(at_estimate, estimate), whole)
         estimate, solve_passes, settled = _solve_on_subset(
             run, subset, estimate, correct, whole, limit
