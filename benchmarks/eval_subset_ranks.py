@@ -13,7 +13,8 @@ apart (worst channel of every layer, ``|d var| / var``, ``|d mean| / sqrt(var)``
 concatenated batches (the reference: slow on the conv chain).
 
 Run: ``PYTHONPATH=src:. python -m benchmarks.eval_subset_ranks [--models convchain residual]
-[--count N --size K] [--exact]`` (about 6 minutes on 2 CPU cores without ``--exact``).
+[--count N --size K] [--exact] [--budget MIB]`` (about 6 minutes on 2 CPU cores without
+``--exact``; ``--budget``: ``one_batch_bytes`` in MiB, the library's default without).
 """
 
 from __future__ import annotations
@@ -46,11 +47,18 @@ def halves(name: str, count: int, size: int) -> list[list[torch.Tensor]]:
     return [data[rank * half : (rank + 1) * half] for rank in range(RANKS)]
 
 
-def timed_eval(model: nn.Module, batches: object) -> tuple[bt.Recalibration, float]:
-    """``mode="eval"`` on a copy of ``model``, and its CPU seconds."""
+def timed_eval(
+    model: nn.Module, batches: object, budget: int | None
+) -> tuple[bt.Recalibration, float]:
+    """``mode="eval"`` on a copy of ``model`` (``one_batch_bytes=budget``), and its CPU
+    seconds."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return timed(lambda: bt.recalibrate_report(copy.deepcopy(model), batches, mode="eval"))
+        return timed(
+            lambda: bt.recalibrate_report(
+                copy.deepcopy(model), batches, mode="eval", one_batch_bytes=budget
+            )
+        )
 
 
 @contextlib.contextmanager
@@ -82,8 +90,9 @@ def worker(rank: int, port: int, args: argparse.Namespace, results: dict) -> Non
     with joined_group(rank, port):
         for name in args.models:
             model, data = eval_models.build(name), halves(name, args.count, args.size)[rank]
-            first, first_s = timed_eval(model, data)
-            batch, batch_s = timed_eval(model, eval_models.Unsized(data))
+            budget = None if args.budget is None else int(args.budget * 2**20)
+            first, first_s = timed_eval(model, data, budget)
+            batch, batch_s = timed_eval(model, eval_models.Unsized(data), budget)
             if rank == 0:
                 results[name] = {
                     "first": (first.passes, first.subset_passes, first_s),
@@ -116,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=2048, help="batches over both ranks")
     parser.add_argument("--size", type=int, default=16, help="samples per batch")
     parser.add_argument("--exact", action="store_true", help="also run eval_exact (slow)")
+    parser.add_argument("--budget", type=float, default=None, help="one_batch_bytes in MiB")
     args = parser.parse_args(argv)
     results = run_on_ranks(worker, args)
     for name in args.models:

@@ -162,22 +162,28 @@ def eval_mode_late_subset_joined(rank: int) -> dict[str, Any]:
     return _eval_result(model, result)
 
 
-def eval_mode_subset_joined(rank: int) -> dict[str, Any]:
-    """mode="eval" on the 30-deep conv chain, 64 batches of 16 split in halves, with a
-    budget of 1 MiB (the data's 2 MiB are over it) and subsets of 64 samples (each rank's
-    first 2 batches, 128 KiB, within it): the subset grows to an eighth of the data, and
-    every rank gathers both ranks' subsets and solves them in one forward each round."""
-    from bnstats.torch import _subset_iteration
+def eval_mode_subset_sized(budget: int) -> Callable[[int], dict[str, Any]]:
+    """mode="eval" on the 30-deep conv chain, 64 batches of 16 split in halves, over a
+    ``budget`` under the data's 2 MiB, with subsets of 64 samples (each rank's first 2
+    batches, 128 KiB) and a floor of 16 samples for a shrunk subset: at 1 MiB the subset
+    grows to an eighth of the data; at 64 KiB it does not join and shrinks to each rank's
+    first batch. Every rank gathers both ranks' subsets and solves them in one forward each
+    round."""
 
-    model = eval_models.build("convchain")
-    batches = eval_models.batches("convchain", 64, 16)[32 * rank : 32 * (rank + 1)]
-    settings = _subset_iteration.SUBSET_SAMPLES, _subset_iteration.SUBSET_SHARE
-    _subset_iteration.SUBSET_SAMPLES, _subset_iteration.SUBSET_SHARE = 64, 16
-    try:
-        result = bt.recalibrate_report(model, batches, mode="eval", one_batch_bytes=2**20)
-    finally:  # the worker runs the other scenarios after this one
-        _subset_iteration.SUBSET_SAMPLES, _subset_iteration.SUBSET_SHARE = settings
-    return _eval_result(model, result)
+    def scenario(rank: int) -> dict[str, Any]:
+        from bnstats.torch import _subset_iteration as subset
+
+        model = eval_models.build("convchain")
+        batches = eval_models.batches("convchain", 64, 16)[32 * rank : 32 * (rank + 1)]
+        settings = subset.SUBSET_SAMPLES, subset.SUBSET_SHARE, subset.SHRUNK_LEAST
+        subset.SUBSET_SAMPLES, subset.SUBSET_SHARE, subset.SHRUNK_LEAST = 64, 16, 16
+        try:
+            result = bt.recalibrate_report(model, batches, mode="eval", one_batch_bytes=budget)
+        finally:  # the worker runs the other scenarios after this one
+            subset.SUBSET_SAMPLES, subset.SUBSET_SHARE, subset.SHRUNK_LEAST = settings
+        return _eval_result(model, result)
+
+    return scenario
 
 
 def eval_mode_one_batch(unjoinable_rank: int | None) -> Callable[[int], dict[str, Any]]:
@@ -542,7 +548,8 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "eval_mode_subset_unsized_rank1": eval_mode_subset_resnet(1),
     "eval_mode_late_subset": eval_mode_late_subset,
     "eval_mode_late_subset_joined": eval_mode_late_subset_joined,
-    "eval_mode_subset_joined": eval_mode_subset_joined,
+    "eval_mode_subset_grown": eval_mode_subset_sized(2**20),
+    "eval_mode_subset_shrunk": eval_mode_subset_sized(2**16),
     "eval_mode_one_batch": eval_mode_one_batch(None),
     "eval_mode_one_batch_unjoinable_rank1": eval_mode_one_batch(1),
     "empty_rank0": empty_rank(0),

@@ -199,17 +199,21 @@ def test_a_late_subset_that_joins_is_solved_in_one_forward_on_every_rank(pair):
     assert max_relative_difference(first["state"], exact, integers=False) < 1e-4
 
 
-def test_a_subset_that_joins_is_solved_in_one_forward_on_every_rank(pair):
-    """Data over the budget whose subset (each rank's first 2 batches) joins within it:
-    the subset grows to an eighth of the data (each rank's first 4 batches), every rank
-    gathers both ranks' subsets and solves them in one forward a round (the two subsets'
-    batch-statistics passes, then two subset passes a round: without the joined forward
-    each solve takes a pass per depth level that the subset moves), and takes rank 0's
-    statistics: bit-identical on both ranks, within 1e-4 of level by level in one process
-    over the concatenated batches."""
-    first, second = pair.results("eval_mode_subset_joined")
+@pytest.mark.parametrize(("scenario", "batches"), [("grown", 8), ("shrunk", 2)])
+def test_a_subset_sized_to_the_budget_is_solved_in_one_forward_on_every_rank(
+    pair, scenario, batches
+):
+    """Data over the budget with subsets of each rank's first 2 batches: where those join
+    within it, the subset grows to an eighth of the data (each rank's first 4 batches);
+    where they do not, it shrinks to each rank's first batch. Every rank gathers both ranks'
+    subsets and solves them in one forward a round (the two subsets' batch-statistics
+    passes, then two subset passes a round: without the joined forward each solve takes a
+    pass per depth level that the subset moves), and takes rank 0's statistics:
+    bit-identical on both ranks, within 1e-4 of level by level in one process over the
+    concatenated batches."""
+    first, second = pair.results(f"eval_mode_subset_{scenario}")
     assert first["passes"] == second["passes"] and first["subset"] == second["subset"]
-    assert first["subset"] == (3 + 2 * (first["passes"] - 1), 8)
+    assert first["subset"] == (3 + 2 * (first["passes"] - 1), batches)
     assert_bit_identical(first["state"], second["state"])
     exact = ref.snapshot(eval_models.level_by_level("convchain", 64, 16).model)
     assert max_relative_difference(first["state"], exact, integers=False) < 1e-4

@@ -41,7 +41,7 @@ ranks, every rank runs all ranks' subsets gathered and all take rank 0's statist
 subset is judged by its first pass, :meth:`Subset.join_after`), and a subset drawn before
 any whole pass is sized first
 to what the budget takes joined: grown, at most a ``1 / LATE_MOST`` share of the data, or
-in one process shrunk, down to :data:`SHRUNK_LEAST` samples (:func:`sized_subset`).
+shrunk, down to :data:`SHRUNK_LEAST` samples (:func:`sized_subset`).
 """
 
 from __future__ import annotations
@@ -266,12 +266,12 @@ def sized_subset(
     ``samples`` (where that is :data:`GROWN_LEAST` times the subset or more: the subset's
     sampling error, which sets how much a round shrinks the distance, is smaller; trained
     mobilenet_v2 on 32,768 digits: 6 whole passes at 1,024 samples, 4 at 2,720); where they
-    do not join, in one process, their first batches that do, where those hold at least
+    do not join, their first batches that do, where those hold at least
     :data:`SHRUNK_LEAST` samples (the subset passes of a solve become one forward: conv
-    chain 4 + 122 passes at 1,024 samples, 4 + 8 at 448). Each with its own batch-statistics
+    chain 4 + 122 passes at 1,024 samples, 4 + 9 at 496). Each with its own batch-statistics
     pass (one more subset pass) and ``drawn`` as the fallback; else ``drawn`` as it is
-    (fallback None). Across ranks each rank draws its share of a grown subset, and one
-    status exchange (``call`` compared) grows it only where every rank's grew."""
+    (fallback None). Across ranks each rank draws its share, and one status exchange
+    (``call`` compared) sizes the subset only where every rank's changed."""
     unchanged = drawn, subset_start, None
     held = sum(size or 0 for size in subset_start.batch_sizes)
     largest = joined_bytes(subset_start)
@@ -279,41 +279,29 @@ def sized_subset(
         return unchanged
     batch = held / len(subset_start.batch_sizes)  # drawing stops within a batch past it
     fitting = held * budget(options.one_batch_bytes) / largest - batch
-    if fitting < held:
-        return _shrunk(run, drawn, fitting, options) or unchanged
-    wanted = min(fitting, samples / LATE_MOST)
-    if wanted < GROWN_LEAST * held:
-        return unchanged
+    if fitting < held:  # shrunk: the first of the drawn batches
+        source, wanted, step = drawn, fitting, "subset: shrink"
+        if wanted < SHRUNK_LEAST:
+            return unchanged
+    else:  # grown: the first batches of the data
+        source, wanted, step = batches, min(fitting, samples / LATE_MOST), "subset: grow"
+        if wanted < GROWN_LEAST * held:
+            return unchanged
 
     def draw() -> tuple[list[Any] | None, bool]:
-        grown, _ = _draw_subset(batches, options, wanted / rank_count(options.group))
-        more = grown is not None and len(grown) > len(drawn)
-        return (grown if more else None), more
+        sized, _ = _draw_subset(source, options, wanted / rank_count(options.group))
+        changed = sized is not None and len(sized) != len(drawn)
+        return (sized if changed else None), changed
 
     group = resolve_group(options.group)
     if group is None:
-        grown, more = draw()
-        every = [more]
+        sized, changed = draw()
+        every = [changed]
     else:
-        grown, every = run_and_exchange(group, draw, {**call, "step": "subset: grow"})
-    if grown is None or not all(every):
+        sized, every = run_and_exchange(group, draw, {**call, "step": step})
+    if sized is None or not all(every):
         return unchanged
-    return grown, run(Level(training=False, rule="batch"), grown), drawn
-
-
-def _shrunk(
-    run: Run, drawn: list[Any], fitting: float, options: PassOptions
-) -> tuple[list[Any], Measured, list[Any]] | None:
-    """The first of the ``drawn`` batches holding ``fitting`` samples (drawing stops within a
-    batch past them), with their batch-statistics pass and ``drawn`` as the fallback, in
-    one process where they hold at least :data:`SHRUNK_LEAST` samples and are fewer batches
-    than ``drawn``; else None."""
-    if resolve_group(options.group) is not None or fitting < SHRUNK_LEAST:
-        return None
-    first, _ = _draw_subset(drawn, options, fitting)
-    if first is None or len(first) >= len(drawn):
-        return None
-    return first, run(Level(training=False, rule="batch"), first), drawn
+    return sized, run(Level(training=False, rule="batch"), sized), drawn
 
 
 def iterate_from_subset(
