@@ -30,6 +30,15 @@ def small_subset(monkeypatch, without_one_batch):
     monkeypatch.setattr(_subset_iteration, "SUBSET_SHARE", 16)
 
 
+@pytest.fixture
+def sizable_subset(monkeypatch):
+    """Subsets of 64 samples on data of 1,024 or more, shrunk down to 16 samples (the budget
+    is left to each test)."""
+    monkeypatch.setattr(_subset_iteration, "SUBSET_SAMPLES", 64)
+    monkeypatch.setattr(_subset_iteration, "SUBSET_SHARE", 16)
+    monkeypatch.setattr(_subset_iteration, "SHRUNK_LEAST", 16)
+
+
 def test_the_subset_is_the_first_batches_holding_its_samples_over_all_ranks():
     assert subset_batches([32] * 31, ranks=1) is None  # 992 samples: fewer than 32 subsets
     assert subset_batches([32] * 1024, ranks=1) == 32  # 1,024 samples in 32 batches
@@ -168,20 +177,35 @@ def test_a_shuffling_loader_gives_the_grown_subset_the_same_batches_in_every_pas
     assert worst_difference(model, exact.model) < 1e-4
 
 
-def test_a_subset_that_does_not_join_shrinks_to_its_first_batches_that_do(monkeypatch):
+def test_a_subset_that_does_not_join_shrinks_to_its_first_batches_that_do(sizable_subset):
     """The 64-sample subset's 128 KiB are over a 64 KiB budget: its first batch (16
     samples, 32 KiB) joins, so the solves are one forward over it (its own batch-statistics
     pass one more subset pass), where the floor allows that many samples; within 1e-4 of
     level by level."""
-    monkeypatch.setattr(_subset_iteration, "SUBSET_SAMPLES", 64)
-    monkeypatch.setattr(_subset_iteration, "SUBSET_SHARE", 16)
-    monkeypatch.setattr(_subset_iteration, "SHRUNK_LEAST", 16)
     model, data = eval_models.build("residual"), eval_models.batches("residual", 64, 16)
     exact = eval_models.level_by_level("residual", 64, 16)
     result = bt.recalibrate_report(model, data, mode="eval", one_batch_bytes=2**16)
 
     assert result.converged and result.subset_batches == 1
     assert result.subset_passes == 3 + 2 * (result.passes - 1)
+    assert worst_difference(model, exact.model) < 1e-4
+
+
+@pytest.mark.parametrize(("budget", "batches"), [(2**20, 8), (2**16, 1)])
+def test_batches_without_a_length_have_their_subset_sized_too(sizable_subset, budget, batches):
+    """The batch-statistics pass first (batches without a length): the 64-sample subset
+    grows to an eighth of the data where the budget takes it (1 MiB), or shrinks to its
+    first batch where it does not join (64 KiB, a floor of 16 samples); the sized subset's
+    batch-statistics pass is one more subset pass, each solve one forward; within 1e-4 of
+    level by level."""
+    model, data = eval_models.build("convchain"), eval_models.batches("convchain", 64, 16)
+    exact = eval_models.level_by_level("convchain", 64, 16)
+    result = bt.recalibrate_report(
+        model, eval_models.Unsized(data), mode="eval", one_batch_bytes=budget
+    )
+
+    assert result.converged and result.subset_batches == batches
+    assert result.subset_passes == 3 + 2 * (result.passes - 2)
     assert worst_difference(model, exact.model) < 1e-4
 
 

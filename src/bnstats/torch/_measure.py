@@ -229,11 +229,9 @@ def _subset_first(
         return start, estimate, start
     layers = len(find_batchnorm_layers(unwrap(model)))
     join = partial(joined_if_fits, run_alone=runs.alone, options=options, call=call)
-    subset, subset_start, fallback = sized_subset(
-        runs.again, batches, subset, subset_start, samples, options, call
-    )
+    size = partial(sized_subset, runs.again, batches, samples=samples, options=options, call=call)
     return iterate_from_subset(
-        runs.again, runs.first, batches, subset, subset_start, layers + 2, join, fallback
+        runs.again, runs.first, batches, subset, subset_start, layers + 2, join, size
     )
 
 
@@ -275,8 +273,10 @@ def _batch_statistics_first(
                 join,
             )
     else:
+        samples = sum(rows or 0 for rows in start.batch_sizes)
+        size = partial(sized_subset, runs.again, data, samples=samples, options=options, call=call)
         final, estimate = iterate_with_subset(
-            runs.again, data, count, start_statistics, len(start.layers) + 2, join
+            runs.again, data, count, start_statistics, len(start.layers) + 2, join, size
         )
     return final, estimate, start, data
 

@@ -107,6 +107,12 @@ that solves it, where data of ``scale`` times the samples of the pass ``measured
 one (:func:`bnstats.torch._one_batch.joined_if_fits`; across ranks all ranks' subsets on
 every rank), else None."""
 
+Size = Callable[[list[Any], Measured], tuple[list[Any], Measured, list[Any] | None]]
+"""``size(drawn, subset_start)``: the subset sized to the budget from the ``drawn`` batches
+and their batch-statistics pass (:func:`sized_subset` with the data, their samples, the
+options and the call bound): its batches, their batch-statistics pass, and ``drawn`` as the
+fallback where sized (else None)."""
+
 
 @dataclass
 class Subset:
@@ -230,18 +236,29 @@ def _draw_subset(
     count = data_length(batches)
     if options.tolerance is not None or count is None:
         return None, None
+    first = _first_batches(batches, options.max_samples, samples_wanted)
+    if first is None:
+        return None, None
+    subset, samples = first
+    return subset, min(count * samples / len(subset), options.max_samples or math.inf)
+
+
+def _first_batches(
+    batches: Any, max_samples: int | None, samples_wanted: float
+) -> tuple[list[Any], int] | None:
+    """The first of ``batches`` (within ``max_samples``) holding ``samples_wanted`` samples
+    (drawing stops within a batch past them), and the samples they hold; None with a batch
+    of unknown size, or no batch."""
     subset: list[Any] = []
     samples = 0
-    for batch, size in iterate_batches(batches, options.max_samples):
+    for batch, size in iterate_batches(batches, max_samples):
         if size is None:
-            return None, None
+            return None
         subset.append(batch)
         samples += size
         if samples >= samples_wanted:
             break
-    if not subset:
-        return None, None
-    return subset, min(count * samples / len(subset), options.max_samples or math.inf)
+    return (subset, samples) if subset else None
 
 
 def _holds_enough_subsets(samples: float) -> bool:
@@ -289,9 +306,9 @@ def sized_subset(
             return unchanged
 
     def draw() -> tuple[list[Any] | None, bool]:
-        sized, _ = _draw_subset(source, options, wanted / rank_count(options.group))
-        changed = sized is not None and len(sized) != len(drawn)
-        return (sized if changed else None), changed
+        first = _first_batches(source, options.max_samples, wanted / rank_count(options.group))
+        changed = first is not None and len(first[0]) != len(drawn)
+        return (first[0] if first is not None and changed else None), changed
 
     group = resolve_group(options.group)
     if group is None:
@@ -312,22 +329,22 @@ def iterate_from_subset(
     subset_start: Measured,
     limit: int,
     join: Join,
-    fallback: list[Any] | None = None,
+    size: Size,
 ) -> tuple[Measured, Statistics, Measured]:
     """The subset iteration with the subset solved first (no batch-statistics pass over the
     whole data): the subset's batch statistics, the subset solve from them (no correction
     yet), then whole pass 1 at its solution (``first``: the pass whose options hold the
     user's ``unreached``), then rounds as in :func:`iterate_with_subset`; ``subset_start``
-    is the subset's batch-statistics pass over the ``drawn`` batches; ``fallback``, the
-    batches a subset sized to the budget came from (:func:`sized_subset`; their pass
-    counted too). Returns the last whole pass, the statistics it normalized with, and whole
-    pass 1."""
-    subset = Subset(drawn, join(drawn, subset_start, 1.0), fallback)
+    is the subset's batch-statistics pass over the ``drawn`` batches, which ``size`` sizes
+    to the budget (:func:`sized_subset`; the sized subset's pass counted too). Returns the
+    last whole pass, the statistics it normalized with, and whole pass 1."""
+    subset, subset_start = _sized(drawn, subset_start, join, size)
     estimate, solve_passes, settled = _solve_on_subset(
         run, subset, iterate_statistics(subset_start, {}), Correction({}, {}), {}, limit
     )
-    before = 1 if fallback is None else 2
-    start = whole_pass(first, batches, estimate, 1, before + solve_passes, len(subset.batches))
+    before = _subset_passes_before(subset)
+    count = len(subset_start.batch_sizes)
+    start = whole_pass(first, batches, estimate, 1, before + solve_passes, count)
     data = FirstBatches(batches, len(start.batch_sizes))
     if not settled or converged(start.moved):
         return start, estimate, start
@@ -338,23 +355,42 @@ def iterate_from_subset(
 
 
 def iterate_with_subset(
-    run: Run, data: Any, count: int, start: Statistics, limit: int, join: Join
+    run: Run, data: Any, count: int, start: Statistics, limit: int, join: Join, size: Size
 ) -> tuple[Measured, Statistics]:
     """The subset iteration (module docstring) from ``start``, the populations of the
     batch-statistics pass over ``data`` (counted as its first pass), with the first ``count``
-    batches of ``data`` as the subset; subset solves of at most ``limit`` passes. Returns
-    the last whole pass (``passes`` counting ``start``, ``moved``, ``subset_passes``,
-    ``subset_batches`` set) and the statistics it normalized with."""
+    batches of ``data`` as the subset, sized by ``size`` (:func:`sized_subset`); subset
+    solves of at most ``limit`` passes. Returns the last whole pass (``passes`` counting
+    ``start``, ``moved``, ``subset_passes``, ``subset_batches`` set) and the statistics it
+    normalized with."""
     drawn = list(FirstBatches(data, count))  # the same batches in every subset pass
-    subset_start = run(Level(training=False, rule="batch"), drawn)
-    subset = Subset(drawn, join(drawn, subset_start, 1.0))
+    subset, subset_start = _sized(
+        drawn, run(Level(training=False, rule="batch"), drawn), join, size
+    )
     correct = Correction(iterate_statistics(subset_start, {}), start)
     estimate, solve_passes, settled = _solve_on_subset(run, subset, start, correct, start, limit)
-    final = whole_pass(run, data, estimate, 2, 1 + solve_passes, len(subset_start.batch_sizes))
+    before, count = _subset_passes_before(subset), len(subset_start.batch_sizes)
+    final = whole_pass(run, data, estimate, 2, before + solve_passes, count)
     if not settled or converged(final.moved):
         return final, estimate
     moved = max(final.moved.values(), default=math.inf)
     return _rounds(run, data, subset, estimate, final, limit, moved)
+
+
+def _sized(
+    drawn: list[Any], subset_start: Measured, join: Join, size: Size
+) -> tuple[Subset, Measured]:
+    """The subset of the ``drawn`` batches (their batch-statistics pass ``subset_start``)
+    sized to the budget by ``size``, joined where it fits (``join``), and its own
+    batch-statistics pass."""
+    batches, subset_start, fallback = size(drawn, subset_start)
+    return Subset(batches, join(batches, subset_start, 1.0), fallback), subset_start
+
+
+def _subset_passes_before(subset: Subset) -> int:
+    """The subset passes before its first solve: its batch-statistics pass, and that of the
+    batches it was sized from (``fallback``) where sized."""
+    return 1 if subset.fallback is None else 2
 
 
 def iterate_after_passes(
