@@ -6,7 +6,7 @@ within the budget, ``mode="eval"`` grows the subset to the first batches that fi
 budget, at most an eighth of the data: each round's solve is one forward over more samples,
 and the rounds shrink the distance to the fixed point faster. Where the 1,024 samples do not
 join, it shrinks the subset to its first batches that do, down to 256 samples: each solve is
-one forward instead of passes (:func:`bnstats.torch._subset_iteration.sized_subset`). For
+one forward instead of passes (:func:`bnstats.torch._subset_choice.sized_subset`). For
 each case, in the same process: ``mode="eval"`` with the sizing switched off (the
 1,024-sample subset) and as it runs; whole passes + passes over the subset, the subset's
 batches, CPU seconds, how far the last whole pass moved the statistics, and the worst
@@ -43,20 +43,20 @@ from torch import nn
 
 import bnstats.torch as bt
 from benchmarks.eval_subset import shifted_digits, timed
-from bnstats.torch import _subset_iteration
+from bnstats.torch import _subset_choice
 
 
 def not_sized(model: nn.Module, data: list[torch.Tensor], budget: int | None) -> bt.Recalibration:
     """``mode="eval"`` on a copy of ``model`` with the subset left at 1,024 samples (neither
     grown nor shrunk)."""
-    settings = _subset_iteration.GROWN_LEAST, _subset_iteration.SHRUNK_LEAST
-    _subset_iteration.GROWN_LEAST = _subset_iteration.SHRUNK_LEAST = math.inf
+    settings = _subset_choice.GROWN_LEAST, _subset_choice.SHRUNK_LEAST
+    _subset_choice.GROWN_LEAST = _subset_choice.SHRUNK_LEAST = math.inf
     try:
         return bt.recalibrate_report(
             copy.deepcopy(model), data, mode="eval", one_batch_bytes=budget
         )
     finally:
-        _subset_iteration.GROWN_LEAST, _subset_iteration.SHRUNK_LEAST = settings
+        _subset_choice.GROWN_LEAST, _subset_choice.SHRUNK_LEAST = settings
 
 
 def _run(result: bt.Recalibration, seconds: float) -> str:

@@ -13,7 +13,7 @@ seconds, and the worst difference from ``eval_exact`` over every channel of ever
   2,048 batches of 16 (32,768 samples: the subset is the first 64 batches);
 - ``--late``: the same models on 64 batches of 16 (1,024 samples, under 32 subsets): four
   whole passes, then, where they did not converge, rounds with the first 4 batches as a late
-  subset (:func:`bnstats.torch._subset_iteration.late_subset_batches`); with ``--trained``,
+  subset (:func:`bnstats.torch._subset_choice.late_subset_batches`); with ``--trained``,
   mobilenet_v2 on its 4,096 samples at the library's settings (a late subset of 8 batches;
   ``--trained --late --count 1024 --no-whole``: 32,768 samples, the library's 1,024-sample
   subset solved first);
@@ -46,7 +46,7 @@ from tests.torch.test_eval_mode_iterated import worst_difference
 from torch import nn
 
 import bnstats.torch as bt
-from bnstats.torch import _subset_iteration
+from bnstats.torch import _subset_choice
 
 
 def timed(call: Callable[[], bt.Recalibration]) -> tuple[bt.Recalibration, float]:
@@ -83,12 +83,12 @@ def compare(name: str, model: nn.Module, data: list[torch.Tensor], alone: bool =
 
 def whole_passes_alone(model: nn.Module, data: list[torch.Tensor]) -> bt.Recalibration:
     """``mode="eval"`` on a copy of ``model`` with no subset, early or late."""
-    shares = _subset_iteration.SUBSET_SHARE, _subset_iteration.LATE_MOST
-    _subset_iteration.SUBSET_SHARE = _subset_iteration.LATE_MOST = math.inf
+    shares = _subset_choice.SUBSET_SHARE, _subset_choice.LATE_MOST
+    _subset_choice.SUBSET_SHARE = _subset_choice.LATE_MOST = math.inf
     try:
         return bt.recalibrate_report(copy.deepcopy(model), data, mode="eval")
     finally:
-        _subset_iteration.SUBSET_SHARE, _subset_iteration.LATE_MOST = shares
+        _subset_choice.SUBSET_SHARE, _subset_choice.LATE_MOST = shares
 
 
 def shifted_digits(count: int, size: int) -> list[torch.Tensor]:
@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.subset_samples is not None:
-        _subset_iteration.SUBSET_SAMPLES = args.subset_samples
+        _subset_choice.SUBSET_SAMPLES = args.subset_samples
     if args.share is not None:
-        _subset_iteration.SUBSET_SHARE = args.share
+        _subset_choice.SUBSET_SHARE = args.share
     if args.zoo:
         from benchmarks.models import image_batches
         from benchmarks.onnx_zoo import build
@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.eval_zoo import trained_model
 
         if not args.late:
-            _subset_iteration.SUBSET_SAMPLES = args.subset_samples or 256
-            _subset_iteration.SUBSET_SHARE = args.share or 16
+            _subset_choice.SUBSET_SAMPLES = args.subset_samples or 256
+            _subset_choice.SUBSET_SHARE = args.share or 16
         data = shifted_digits(args.count or 128, args.size or 32)
         model = trained_model("mobilenet_v2")
         print(compare("mobilenet_v2", model, data, not args.no_whole), flush=True)

@@ -8,17 +8,17 @@ import pytest
 pytest.importorskip("torch")
 
 from benchmarks import eval_grown_subset  # noqa: E402
-from bnstats.torch import _subset_iteration  # noqa: E402
+from bnstats.torch import _subset_choice  # noqa: E402
 from tests.torch import eval_models  # noqa: E402
 
 
 def test_the_line_compares_the_subset_sized_and_not(monkeypatch):
-    monkeypatch.setattr(_subset_iteration, "SUBSET_SAMPLES", 64)
-    monkeypatch.setattr(_subset_iteration, "SUBSET_SHARE", 16)
+    monkeypatch.setattr(_subset_choice, "SUBSET_SAMPLES", 64)
+    monkeypatch.setattr(_subset_choice, "SUBSET_SHARE", 16)
     model, data = eval_models.build("residual"), eval_models.batches("residual", 64, 16)
     line = eval_grown_subset.compare("residual", model, data, 2**20, exact=True)
 
     before, sized = line.split(" | ")[:2]
     assert "over   4 batches" in before and "over   8 batches" in sized
     assert "faster" in line and "from exact" in line and "(one batch: 2 + 1)" in line
-    assert (_subset_iteration.GROWN_LEAST, _subset_iteration.SHRUNK_LEAST) == (1.5, 256)
+    assert (_subset_choice.GROWN_LEAST, _subset_choice.SHRUNK_LEAST) == (1.5, 256)

@@ -112,9 +112,9 @@ def eval_mode_subset_resnet(unsized_rank: int | None) -> Callable[[int], dict[st
     before a whole pass. Says which path each rank took."""
 
     def scenario(rank: int) -> dict[str, Any]:
-        from bnstats.torch import _measure, _subset_iteration
+        from bnstats.torch import _measure, _subset_choice
 
-        model, samples = zoo.build("resnet"), _subset_iteration.SUBSET_SAMPLES
+        model, samples = zoo.build("resnet"), _subset_choice.SUBSET_SAMPLES
         batches: Any = rank_batches("resnet", rank)
         if rank == unsized_rank:
             batches = Unsized(batches)
@@ -122,12 +122,12 @@ def eval_mode_subset_resnet(unsized_rank: int | None) -> Callable[[int], dict[st
         paths = {p: getattr(_measure, p) for p in ("iterate_from_subset", "iterate_with_subset")}
         for path, original in paths.items():
             setattr(_measure, path, _recorded(original, path, taken))
-        _subset_iteration.SUBSET_SAMPLES = 1
+        _subset_choice.SUBSET_SAMPLES = 1
         try:
             with _without_one_batch():
                 result = bt.recalibrate_report(model, batches, mode="eval")
         finally:  # the worker runs the other scenarios after this one
-            _subset_iteration.SUBSET_SAMPLES = samples
+            _subset_choice.SUBSET_SAMPLES = samples
             for path, original in paths.items():
                 setattr(_measure, path, original)
         return {
@@ -171,7 +171,7 @@ def eval_mode_subset_sized(budget: int) -> Callable[[int], dict[str, Any]]:
     round."""
 
     def scenario(rank: int) -> dict[str, Any]:
-        from bnstats.torch import _subset_iteration as subset
+        from bnstats.torch import _subset_choice as subset
 
         model = eval_models.build("convchain")
         batches = eval_models.batches("convchain", 64, 16)[32 * rank : 32 * (rank + 1)]

@@ -53,7 +53,7 @@ def test_a_deep_chain_iterates_until_the_passes_stop_moving(name, monkeypatch, w
     no late subset (test_subset_iteration.py), the fixed passes go on, each making one more
     depth level exact, until the last moves no layer by more than 1e-4: fewer passes than
     level by level, within 1e-4 of its result."""
-    monkeypatch.setattr("bnstats.torch._subset_iteration.LATE_MOST", math.inf)
+    monkeypatch.setattr("bnstats.torch._subset_choice.LATE_MOST", math.inf)
     size = 64 if name == "chain" else 16
     model, data = eval_models.build(name), eval_models.batches(name, count=16, size=size)
     exact = bt.recalibrate_report(copy.deepcopy(model), data, mode="eval_exact")

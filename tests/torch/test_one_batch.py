@@ -13,7 +13,7 @@ from torch import nn
 
 import bnstats.torch as bt
 from bnstats import _one_batch
-from bnstats.torch import _subset_iteration
+from bnstats.torch import _subset_choice
 from bnstats.torch._one_batch import join_batches
 from tests.torch import eval_models
 from tests.torch.test_eval_mode_iterated import worst_difference
@@ -52,8 +52,8 @@ def test_large_data_whose_size_is_known_run_as_one_batch_after_the_subsets_pass(
     """Data of enough subsets with a length: the subset's batch-statistics pass (64 samples
     here) estimates the largest BN input over all the data, which fits; the one-batch
     forward and one whole pass follow: two whole passes and one subset pass."""
-    monkeypatch.setattr(_subset_iteration, "SUBSET_SAMPLES", 64)
-    monkeypatch.setattr(_subset_iteration, "SUBSET_SHARE", 16)
+    monkeypatch.setattr(_subset_choice, "SUBSET_SAMPLES", 64)
+    monkeypatch.setattr(_subset_choice, "SUBSET_SHARE", 16)
     model, data = eval_models.build("chain"), eval_models.batches("chain", 64, 16)
     exact = eval_models.level_by_level("chain", 64, 16)
     result = bt.recalibrate_report(model, data, mode="eval")
@@ -211,8 +211,8 @@ def test_a_subset_drawn_first_that_fits_is_solved_in_one_forward(monkeypatch):
     batch-statistics pass, which finds that the budget takes more, the grown subset's (an
     eighth of the data: 128 samples, 8 batches), its own fixed point in one forward, then
     rounds of two subset passes each; within 1e-4 of level by level."""
-    monkeypatch.setattr(_subset_iteration, "SUBSET_SAMPLES", 64)
-    monkeypatch.setattr(_subset_iteration, "SUBSET_SHARE", 16)
+    monkeypatch.setattr(_subset_choice, "SUBSET_SAMPLES", 64)
+    monkeypatch.setattr(_subset_choice, "SUBSET_SHARE", 16)
     monkeypatch.setattr(_one_batch, "ONE_BATCH_BYTES", 2**20)
     model, data = eval_models.build("convchain"), eval_models.batches("convchain", 64, 16)
     exact = eval_models.level_by_level("convchain", 64, 16)

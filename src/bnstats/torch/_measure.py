@@ -35,15 +35,17 @@ from bnstats.torch._level import Level, Statistics
 from bnstats.torch._one_batch import joined_if_fits, kept_batches, one_batch_statistics
 from bnstats.torch._pass import Call, Check, call_record, measure_pass
 from bnstats.torch._ranks import rank_count
+from bnstats.torch._subset_choice import (
+    late_subset_batches,
+    sized_subset,
+    subset_batches,
+    subset_before_passes,
+)
 from bnstats.torch._subset_iteration import (
     Run,
     iterate_after_passes,
     iterate_from_subset,
     iterate_with_subset,
-    late_subset_batches,
-    sized_subset,
-    subset_batches,
-    subset_before_passes,
     whole_pass,
 )
 from bnstats.torch.options import PassOptions
@@ -104,7 +106,7 @@ def measure_eval_mode(
     :data:`~bnstats._one_batch.ONE_BATCH_BYTES`), passes 2-4 are one forward of all the
     data joined into one batch, each layer normalizing with its own input's population,
     then one fixed pass at its statistics, :mod:`bnstats.torch._one_batch`; else,
-    on data of :data:`~bnstats.torch._subset_iteration.SUBSET_SHARE` subsets or more,
+    on data of :data:`~bnstats.torch._subset_choice.SUBSET_SHARE` subsets or more,
     passes 2-4 are the subset iteration instead, :mod:`bnstats.torch._subset_iteration`:
     whole fixed passes corrected by passes over the first batches, until one converges or
     stops shrinking the movement; where that can be decided before any pass, batches with
