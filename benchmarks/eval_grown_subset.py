@@ -25,8 +25,11 @@ sqrt(var)``); for the test models also each one's worst difference from the exac
   input) at the default budget (256 MiB: the subset grows to about 2,700 samples); needs
   torchvision.
 
-Run: ``PYTHONPATH=src:. python -m benchmarks.eval_grown_subset [--budget MIB] [--trained]``
-(one torch thread; about 3 minutes on 2 CPU cores, ``--trained`` about 7).
+``--unsized``: the batches wrapped without a length, so that the batch-statistics pass comes
+first and the subset is sized after it.
+
+Run: ``PYTHONPATH=src:. python -m benchmarks.eval_grown_subset [--budget MIB] [--trained]
+[--unsized]`` (one torch thread; about 3 minutes on 2 CPU cores, ``--trained`` about 7).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import argparse
 import copy
 import math
 import warnings
+from collections.abc import Iterable
 
 import torch
 from tests.torch import eval_models
@@ -46,7 +50,9 @@ from benchmarks.eval_subset import shifted_digits, timed
 from bnstats.torch import _subset_choice
 
 
-def not_sized(model: nn.Module, data: list[torch.Tensor], budget: int | None) -> bt.Recalibration:
+def not_sized(
+    model: nn.Module, data: Iterable[torch.Tensor], budget: int | None
+) -> bt.Recalibration:
     """``mode="eval"`` on a copy of ``model`` with the subset left at 1,024 samples (neither
     grown nor shrunk)."""
     settings = _subset_choice.GROWN_LEAST, _subset_choice.SHRUNK_LEAST
@@ -68,7 +74,7 @@ def _run(result: bt.Recalibration, seconds: float) -> str:
 
 
 def compare(
-    name: str, model: nn.Module, data: list[torch.Tensor], budget: int | None, exact: bool
+    name: str, model: nn.Module, data: Iterable[torch.Tensor], budget: int | None, exact: bool
 ) -> str:
     """One line: the subset not grown, then grown, the speed-up and the difference."""
     with warnings.catch_warnings():
@@ -100,16 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=16.0, help="MiB, for the test models")
     parser.add_argument("--trained", action="store_true", help="trained mobilenet_v2 instead")
+    parser.add_argument(
+        "--unsized", action="store_true", help="batches without a length: batch pass first"
+    )
     args = parser.parse_args(argv)
+    given = eval_models.Unsized if args.unsized else list
     if args.trained:
         from benchmarks.eval_zoo import trained_model
 
-        model, data = trained_model("mobilenet_v2"), shifted_digits(1024, 32)
+        model, data = trained_model("mobilenet_v2"), given(shifted_digits(1024, 32))
         print(compare("mobilenet_v2", model, data, None, exact=False), flush=True)
         return 0
     budget = int(args.budget * 2**20)
     for name in ("convchain", "residual", "dense"):
-        model, data = eval_models.build(name), eval_models.batches(name, 2048, 16)
+        model, data = eval_models.build(name), given(eval_models.batches(name, 2048, 16))
         print(compare(name, model, data, budget, exact=True), flush=True)
     return 0
 
