@@ -6,11 +6,9 @@
 - :func:`find_batchnorm_layers`: every batch-norm layer that keeps running statistics, by
   qualified name (``"stages.0.0.bn1"``), in the order ``model.named_modules()`` lists them.
 - :func:`layer_label`: how every message names a layer.
-- :func:`iterate_batches`, :func:`default_forward`, :func:`move_to_device`: how a batch
-  reaches the model (tensors, ``(input, target)`` tuples or lists, dicts).
-- :func:`pass_progress`: the progress bar of long passes (``progress=True`` shows a rich
-  bar on stderr with the samples seen and, with ``tolerance=``, the worst relative standard
-  error; ``None``, the default, only when stderr is a terminal; ``False`` never).
+- How a batch reaches the model (tensors, ``(input, target)`` tuples or lists, dicts) is
+  :mod:`bnstats.torch._batches`; the progress bar of long passes,
+  :func:`bnstats._progress.pass_progress`.
 - :class:`PreservedState`: a context manager that puts back, whatever happens, the training
   flag of every module, the ``momentum`` of every BN layer, the BN layers' running buffers
   (``running_mean``, ``running_var``, ``num_batches_tracked``) and removes the hooks it was
@@ -26,7 +24,7 @@ from __future__ import annotations
 import itertools
 import signal
 import threading
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,14 +32,10 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from bnstats._progress import Advance, pass_progress  # noqa: F401  (shared with the passes)
 from bnstats.torch.kinds import has_fixed_statistics as has_fixed_statistics
 from bnstats.torch.kinds import is_batchnorm as is_batchnorm
 from bnstats.torch.kinds import keeps_running_statistics
 from bnstats.torch.kinds import unwrap as unwrap
-
-Forward = Callable[[nn.Module, Any], Any]
-"""``forward(model, batch)``: how to call the model on one batch (its output is ignored)."""
 
 _BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 _LAYER_ATTRIBUTES = ("num_features", "eps", "running_var", "momentum")
@@ -431,133 +425,3 @@ class PreservedState:
         for name, momentum in self._momenta.items():
             if self.layers[name].momentum != momentum:
                 self.layers[name].momentum = momentum
-
-
-# -- how a batch reaches the model ------------------------------------------------------------
-
-
-def move_to_device(batch: Any, device: torch.device | None) -> Any:
-    """``batch`` with every tensor in it (nested tuples, lists, dicts) on ``device``."""
-    if device is None:
-        return batch
-    if isinstance(batch, torch.Tensor):
-        return batch if batch.device == device else batch.to(device, non_blocking=True)
-    return _map_tensors(batch, lambda value: move_to_device(value, device))
-
-
-def _map_tensors(batch: Any, fn: Callable[[Any], Any]) -> Any:
-    if isinstance(batch, Mapping):
-        return {key: fn(value) for key, value in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
-        return type(batch)(*(fn(value) for value in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(fn(value) for value in batch)
-    return batch
-
-
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """Call ``model`` the usual way for this kind of batch: ``model(x)`` for a tensor,
-    ``model(batch[0])`` for a tuple or list (``(input, target)``, as ``update_bn`` does),
-    ``model(**batch)`` for a dict (its keys the model's keyword arguments)."""
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError(
-                "a batch is an empty tuple/list; there is no input to call the model on"
-            )
-        return model(batch[0])
-    if isinstance(batch, Mapping):
-        try:
-            return model(**batch)
-        except TypeError as error:
-            keys = ", ".join(map(repr, batch))
-            raise TypeError(
-                f"calling the model with the batch's keys ({keys}) as keyword arguments failed "
-                f"({error}); pass forward=lambda model, batch: model(...) to say how to call it"
-            ) from error
-    raise TypeError(
-        f"do not know how to call the model on a batch of type {type(batch).__name__}; "
-        "pass forward=lambda model, batch: model(...) to say how"
-    )
-
-
-def first_tensor(batch: Any) -> torch.Tensor | None:
-    """The first tensor in ``batch`` (depth first, dicts in insertion order), or None."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        values: Iterable[Any] = batch.values()
-    elif isinstance(batch, (tuple, list)):
-        values = batch
-    else:
-        return None
-    for value in values:
-        found = first_tensor(value)
-        if found is not None:
-            return found
-    return None
-
-
-def batch_size(batch: Any) -> int | None:
-    """Samples in ``batch``: the first dimension of its first tensor (None without a tensor)."""
-    tensor = first_tensor(batch)
-    if tensor is None or tensor.dim() == 0:
-        return None
-    return int(tensor.shape[0])
-
-
-def trim_batch(batch: Any, keep: int, size: int) -> Any:
-    """The first ``keep`` samples of ``batch``: every tensor whose first dimension is ``size``
-    is cut to ``keep`` rows; the rest passes as is."""
-    if isinstance(batch, torch.Tensor):
-        return batch[:keep] if batch.dim() > 0 and batch.shape[0] == size else batch
-    return _map_tensors(batch, lambda value: trim_batch(value, keep, size))
-
-
-def data_length(batches: Any, drawn: int = 0) -> int | None:
-    """How many batches ``batches`` holds (``len``), or None for data without a length (a
-    generator, an iterator, a DataLoader over an iterable dataset) and for a length below
-    the ``drawn`` batches already drawn from them (one that iteration does not keep)."""
-    try:
-        length = len(batches)
-    except TypeError:
-        return None
-    return length if length >= drawn else None
-
-
-def iterate_batches(
-    batches: Iterable[Any], max_samples: int | None = None
-) -> Iterator[tuple[Any, int | None]]:
-    """Yield ``(batch, samples)`` from ``batches``, stopping once ``max_samples`` are taken.
-
-    The batch that crosses ``max_samples`` is cut (see :func:`trim_batch`) so that exactly
-    ``max_samples`` samples are used, and no further batch is drawn (an endless loader is
-    fine). ``samples`` is :func:`batch_size` of the batch.
-    """
-    if isinstance(batches, torch.Tensor):
-        raise TypeError(
-            "batches is a single tensor; pass an iterable of batches, "
-            "e.g. [x] or x.split(64) (iterating a tensor would yield its rows)"
-        )
-    if not isinstance(batches, Iterable):
-        raise TypeError(
-            "batches must be an iterable of batches (a DataLoader, a list of tensors, ...), "
-            f"got {type(batches).__name__}"
-        )
-    taken = 0
-    for batch in batches:
-        size = batch_size(batch)
-        if max_samples is not None:
-            if size is None:
-                raise TypeError(
-                    "max_samples needs batches holding tensors (samples along the first "
-                    f"dimension); got a {type(batch).__name__} without any"
-                )
-            if taken + size > max_samples:
-                keep = int(max_samples) - taken
-                batch, size = trim_batch(batch, keep, size), keep
-        yield batch, size
-        taken += size or 0
-        if max_samples is not None and taken >= max_samples:
-            return

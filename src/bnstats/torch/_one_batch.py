@@ -35,9 +35,9 @@ import torch
 
 from bnstats import _one_batch
 from bnstats._one_batch import ArrayKind, array_bytes, budget, join_or_none, largest_input
+from bnstats.torch._batches import iterate_batches, move_to_device
 from bnstats.torch._eval_statistics import Run, iterate_statistics
 from bnstats.torch._layer_pass import Measured
-from bnstats.torch._layers import iterate_batches, move_to_device
 from bnstats.torch._level import Level, Statistics
 from bnstats.torch._pass import Call
 from bnstats.torch._ranks import resolve_group, run_and_exchange

@@ -57,8 +57,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from bnstats._progress import pass_progress
 from bnstats.precision import BatchSpread
 from bnstats.stats import Population
+from bnstats.torch._batches import data_length, default_forward, iterate_batches, move_to_device
 from bnstats.torch._layer_pass import (
     LayerPass,
     Measured,
@@ -66,15 +68,10 @@ from bnstats.torch._layer_pass import (
     raise_if_bad,
 )
 from bnstats.torch._layers import (
-    data_length,
-    default_forward,
     find_batchnorm_layers,
     fixed_statistics_layers,
     is_lazy_uninitialized,
-    iterate_batches,
     model_device,
-    move_to_device,
-    pass_progress,
     uninitialized_lazy_error,
     unwrap,
 )

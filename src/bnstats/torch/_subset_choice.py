@@ -26,9 +26,9 @@ from collections.abc import Callable
 from typing import Any
 
 from bnstats._one_batch import budget
+from bnstats.torch._batches import data_length, iterate_batches
 from bnstats.torch._eval_statistics import Run
 from bnstats.torch._layer_pass import Measured
-from bnstats.torch._layers import data_length, iterate_batches
 from bnstats.torch._level import Level
 from bnstats.torch._one_batch import joined_bytes
 from bnstats.torch._pass import Call

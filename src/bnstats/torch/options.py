@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from bnstats._one_batch import check_budget
-from bnstats.torch._layers import Forward
+from bnstats.torch._batches import Forward
 from bnstats.torch._ranks import Group
 
 CHECK_EVERY = 8

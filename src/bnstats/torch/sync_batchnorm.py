@@ -16,14 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from bnstats.torch._batches import Forward, default_forward, move_to_device
 from bnstats.torch._layers import (
-    Forward,
     PreservedState,
-    default_forward,
     display_name,
     interrupts_deferred,
     model_device,
-    move_to_device,
     registered_children,
     unwrap,
 )

@@ -12,13 +12,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from bnstats.torch._batches import Forward, iterate_batches
 from bnstats.torch._eval_exact import require_reusable_batches
 from bnstats.torch._layers import (
-    Forward,
     PreservedState,
     find_batchnorm_layers,
     fixed_statistics_layers,
-    iterate_batches,
     unwrap,
 )
 from bnstats.torch._ranks import resolve_group

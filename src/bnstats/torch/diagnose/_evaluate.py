@@ -25,17 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnstats.torch._layers import (
+from bnstats._progress import pass_progress
+from bnstats.torch._batches import (
     Forward,
-    batchnorm_train_mode,
     default_forward,
     first_tensor,
     iterate_batches,
-    model_device,
     move_to_device,
-    pass_progress,
-    write_buffers,
 )
+from bnstats.torch._layers import batchnorm_train_mode, model_device, write_buffers
 from bnstats.torch._ranks import run_and_exchange
 
 Buffers = dict[str, dict[str, torch.Tensor]]

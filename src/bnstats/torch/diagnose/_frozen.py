@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from bnstats.stats import Population
-from bnstats.torch._layers import cast_buffer, iterate_batches, model_device, move_to_device
+from bnstats.torch._batches import iterate_batches, move_to_device
+from bnstats.torch._layers import cast_buffer, model_device
 from bnstats.torch._ranks import run_and_exchange
 from bnstats.torch.diagnose._evaluate import Evaluator, Setting
 
