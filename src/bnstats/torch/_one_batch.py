@@ -128,22 +128,16 @@ class JoinedForward:
 
 
 def joined_if_fits(
-    batches: Any,
-    measured: Measured,
-    scale: float,
-    *,
-    run_alone: Run,
-    options: PassOptions,
-    call: Call,
+    batches: Any, measured: Measured, *, run_alone: Run, options: PassOptions, call: Call
 ) -> JoinedForward | None:
-    """All of ``batches`` (within ``options.max_samples``) joined into one batch, where data
-    of ``scale`` times the samples of the pass ``measured`` fit; across ranks all ranks'
-    batches, gathered on every rank (:func:`_gathered`); else None."""
+    """All of ``batches`` (within ``options.max_samples``) joined into one batch, where they
+    fit by ``measured``, a pass over them (over all ranks); across ranks all ranks' batches,
+    gathered on every rank (:func:`_gathered`); else None."""
     group = resolve_group(options.group)
     if group is not None:
-        every = _gathered(group, batches, measured, scale, options, call)
+        every = _gathered(group, batches, measured, 1.0, options, call)
         return None if every is None else JoinedForward(every, run_alone, group, call)
-    joined = _fitting_joined(batches, measured, scale, options)
+    joined = _fitting_joined(batches, measured, 1.0, options)
     return None if joined is None else JoinedForward(joined, run_alone)
 
 

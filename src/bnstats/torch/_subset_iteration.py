@@ -70,20 +70,20 @@ what the round before moved them (else the subset is no guide: plain whole passe
 The first round after the subset's own fixed point is not judged: that point had no
 correction, and how far its whole pass moved says nothing of how well the subset guides."""
 
-Join = Callable[[list[Any], Measured, float], JoinedForward | None]
-"""``join(subset, measured, scale)``: the subset's batches as one batch, with the forward
-that solves it, where data of ``scale`` times the samples of the pass ``measured`` fit in
-one (:func:`bnstats.torch._one_batch.joined_if_fits`; across ranks all ranks' subsets on
-every rank), else None."""
+Join = Callable[[list[Any], Measured], JoinedForward | None]
+"""``join(subset, measured)``: the subset's batches as one batch, with the forward that
+solves it, where they fit in one by ``measured``, a pass over them
+(:func:`bnstats.torch._one_batch.joined_if_fits`; across ranks all ranks' subsets on every
+rank), else None."""
 
 
 @dataclass
 class Subset:
     """The subset's ``batches``, drawn once, and where they fit in one batch, ``joined``:
     then each solve is one forward (:func:`_solve_on_subset`). A subset sized to the budget
-    (``_subset_choice.sized_subset``) keeps the batches it was sized from as ``fallback``: where its
-    joined forward fails, the solves go over those by passes. A late subset is joined at
-    its first pass (``join``, :meth:`join_after`)."""
+    (``_subset_choice.sized_subset``) keeps the batches it was sized from as ``fallback``:
+    where its joined forward fails, the solves go over those by passes. A late subset is
+    joined at its first pass (``join``, :meth:`join_after`)."""
 
     batches: list[Any]
     joined: JoinedForward | None = None
@@ -95,7 +95,7 @@ class Subset:
         size, over all ranks, is known from a pass over it only), ``joined`` judged by
         ``measured``, that pass."""
         if self.join is not None:
-            self.joined, self.join = self.join(self.batches, measured, 1.0), None
+            self.joined, self.join = self.join(self.batches, measured), None
 
 
 class Correction:
@@ -192,7 +192,7 @@ def _sized(
     sized to the budget by ``size``, joined where it fits (``join``), and its own
     batch-statistics pass."""
     batches, subset_start, fallback = size(drawn, subset_start)
-    return Subset(batches, join(batches, subset_start, 1.0), fallback), subset_start
+    return Subset(batches, join(batches, subset_start), fallback), subset_start
 
 
 def _subset_passes_before(subset: Subset) -> int:
