@@ -150,3 +150,21 @@ def test_a_grown_subset_whose_forward_fails_goes_back_to_the_first_batches(monke
 
     assert result.converged and result.subset_batches == 4
     assert worst_difference(chain, exact.model) < 1e-4
+
+
+def test_a_tolerance_stop_sizes_the_subset_from_the_batches_it_drew(monkeypatch):
+    """The first pass stops at the tolerance; the 64-sample subset grows within the
+    batches it drew (an eighth of them, where the 1 MiB budget takes more), and the result
+    is level by level's over those batches."""
+    monkeypatch.setattr(_subset_choice, "SUBSET_SAMPLES", 64)
+    monkeypatch.setattr(_subset_choice, "SUBSET_SHARE", 16)
+    model, data = eval_models.build("residual"), eval_models.batches("residual", 256, 16)
+    result = bt.recalibrate_report(model, data, mode="eval", tolerance=0.02, one_batch_bytes=2**20)
+
+    assert result.met and result.converged and 64 <= result.batches < 256
+    assert 4 < result.subset_batches <= -(-result.batches // 8)  # grown, at most an eighth
+    drawn = data[: result.batches]
+    exact = bt.recalibrate_report(
+        copy.deepcopy(eval_models.build("residual")), drawn, mode="eval_exact"
+    )
+    assert worst_difference(model, exact.model) < 1e-4
