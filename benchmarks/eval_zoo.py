@@ -39,7 +39,7 @@ from torch import nn
 from benchmarks.eval_iterations import buffers, worst
 from benchmarks.models import image_batches
 from benchmarks.onnx_zoo import build
-from benchmarks.zoo_pass_cost import LARGER_INPUT, MODELS, SIZE, _reason
+from benchmarks.zoo_pass_cost import MODELS, _reason, input_size
 
 BATCHES, BATCH_SIZE = 4, 4
 
@@ -82,7 +82,7 @@ def measure(spec: str) -> Result:
     except Exception as error:  # noqa: BLE001 - reported, not raised
         result.skipped = f"does not build: {_reason(error)}"
         return result
-    batches = image_batches(BATCHES, BATCH_SIZE, LARGER_INPUT.get(spec, SIZE))
+    batches = image_batches(BATCHES, BATCH_SIZE, input_size(spec))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the fallback's warning: read from the report

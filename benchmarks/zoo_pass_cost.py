@@ -47,7 +47,14 @@ from benchmarks.timing import Contender, alternate
 
 OURS, REFERENCE = "bt.recalibrate", "update_bn"
 BATCHES, BATCH_SIZE, SIZE = 8, 4, 64
-LARGER_INPUT = {"timm:inception_v3": 96}  # its stem needs at least 75x75
+LARGER_INPUT = {"inception_v3": 96}  # its stem needs at least 75x75 (timm's and torchvision's)
+
+
+def input_size(spec: str) -> int:
+    """The image size architecture ``spec`` (``"source:name"``) runs on: :data:`SIZE`, or
+    more where its stem needs it (:data:`LARGER_INPUT`, by name, whichever source)."""
+    return LARGER_INPUT.get(spec.split(":")[-1], SIZE)
+
 
 # torchvision's and timm's common BN architectures, test_zoo.py's and onnx_zoo.py's included.
 MODELS = (
@@ -127,7 +134,7 @@ def measure(spec: str, repeats: int) -> Result:
 
     import bnstats.torch as bt
 
-    size = LARGER_INPUT.get(spec, SIZE)
+    size = input_size(spec)
     result = Result(spec, size)
     try:
         with warnings.catch_warnings():
