@@ -105,10 +105,11 @@ def join_batches(batches: Iterable[Any], max_samples: int | None, limit: int) ->
 
 
 class JoinedForward:
-    """A subset's batches ``joined`` into one batch, and the forward over it that solves the
-    subset (:func:`bnstats.torch._subset_iteration._solve_on_subset`): in one process a pass
-    of ``run_alone`` over it; across the ranks of ``group`` every rank holds all ranks'
-    subsets joined (:func:`_gathered`), runs the same forward, and takes rank 0's statistics
+    """Batches ``joined`` into one batch, and the forward over it that solves them (all the
+    data: :func:`one_batch_statistics`; a subset:
+    :func:`bnstats.torch._subset_iteration._solve_on_subset`): in one process a pass of
+    ``run_alone`` over it; across the ranks of ``group`` every rank holds all ranks' batches
+    joined (:func:`_gathered`), runs the same forward, and takes rank 0's statistics
     (:func:`_solved_on_every_rank`), so that the ranks go on from the same ones."""
 
     def __init__(self, joined: Any, run_alone: Run, group: Any = None, call: Call | None = None):
@@ -128,16 +129,22 @@ class JoinedForward:
 
 
 def joined_if_fits(
-    batches: Any, measured: Measured, *, run_alone: Run, options: PassOptions, call: Call
+    batches: Any,
+    measured: Measured,
+    *,
+    run_alone: Run,
+    options: PassOptions,
+    call: Call,
+    scale: float = 1.0,
 ) -> JoinedForward | None:
-    """All of ``batches`` (within ``options.max_samples``) joined into one batch, where they
-    fit by ``measured``, a pass over them (over all ranks); across ranks all ranks' batches,
-    gathered on every rank (:func:`_gathered`); else None."""
+    """All of ``batches`` (within ``options.max_samples``) joined into one batch, where data
+    of ``scale`` times the samples of the pass ``measured`` (over all ranks) fit; across
+    ranks all ranks' batches, gathered on every rank (:func:`_gathered`); else None."""
     group = resolve_group(options.group)
     if group is not None:
-        every = _gathered(group, batches, measured, 1.0, options, call)
+        every = _gathered(group, batches, measured, scale, options, call)
         return None if every is None else JoinedForward(every, run_alone, group, call)
-    joined = _fitting_joined(batches, measured, 1.0, options)
+    joined = _fitting_joined(batches, measured, scale, options)
     return None if joined is None else JoinedForward(joined, run_alone)
 
 
@@ -176,37 +183,15 @@ def one_batch_statistics(
     data itself, and a second exchange hands every rank rank 0's statistics, so that the
     ranks go on from the same ones (None on every rank where any rank's batches did not
     join or its forward failed)."""
-    group = resolve_group(options.group)
-    if group is not None:
-        return _one_batch_in_group(group, run_alone, batches, measured, scale, start, options, call)
-    joined = _fitting_joined(batches, measured, scale, options)
-    return None if joined is None else _solved(run_alone, joined, start)
-
-
-def _solved(run_alone: Run, joined: Any, start: Statistics) -> Statistics | None:
-    """The statistics of the one-batch forward over ``joined``, over ``start``'s; None where
-    the forward failed."""
-    one = run_one_batch(run_alone, Level(training=False, rule="own"), joined)
-    return None if one is None else {**start, **iterate_statistics(one, start)}
-
-
-def _one_batch_in_group(
-    group: Any,
-    run_alone: Run,
-    batches: Any,
-    measured: Measured,
-    scale: float,
-    start: Statistics,
-    options: PassOptions,
-    call: Call,
-) -> Statistics | None:
-    """:func:`one_batch_statistics` across the ranks of ``group``: all ranks' data gathered
-    on every rank (:func:`_gathered`), the one batch solved on every rank and rank 0's
-    statistics taken (:func:`_solved_on_every_rank`)."""
-    every = _gathered(group, batches, measured, scale, options, call)
-    if every is None:
+    forward = joined_if_fits(
+        batches, measured, run_alone=run_alone, options=options, call=call, scale=scale
+    )
+    if forward is None:
         return None
-    return _solved_on_every_rank(group, lambda: _solved(run_alone, every, start), call)
+    return forward.solve(
+        Level(training=False, rule="own"),
+        lambda one: {**start, **iterate_statistics(one, start)},
+    )
 
 
 def _gathered(
