@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import warnings
 from collections.abc import Iterator
 
 import torch
@@ -30,7 +28,7 @@ from tests.torch.test_eval_mode_iterated import worst_difference
 from torch import nn
 
 import bnstats.torch as bt
-from benchmarks.eval_subset import timed
+from benchmarks import eval_subset_ranks
 from benchmarks.eval_subset_ranks import halves, joined_group, run_on_ranks
 from bnstats.torch import _subset_iteration
 
@@ -51,13 +49,8 @@ def solved_by_passes() -> Iterator[None]:
 def timed_eval(model: nn.Module, batches: object, budget: int, way: str) -> tuple[nn.Module, str]:
     """``mode="eval"`` on a copy of ``model`` the ``way`` given: the copy and its line."""
     ways = {"by passes": solved_by_passes, "joined": contextlib.nullcontext}
-    with ways[way](), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result, seconds = timed(
-            lambda: bt.recalibrate_report(
-                copy.deepcopy(model), batches, mode="eval", one_batch_bytes=budget
-            )
-        )
+    with ways[way]():
+        result, seconds = eval_subset_ranks.timed_eval(model, batches, budget)
     text = f"{result.passes} + {result.subset_passes} over {result.subset_batches} batches"
     return result.model, f"{way}: {text}, {seconds:.1f} s"
 
