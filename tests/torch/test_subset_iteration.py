@@ -17,7 +17,6 @@ import torch
 
 import bnstats.torch as bt
 from bnstats.torch import _subset_choice
-from bnstats.torch._subset_iteration import Correction
 from tests.torch import eval_models
 from tests.torch.test_eval_mode_iterated import worst_difference
 
@@ -61,28 +60,6 @@ def test_a_late_subset_that_is_no_guide_is_left_after_one_round(without_one_batc
     assert result.converged and result.subset_batches == 1
     assert 0 < result.subset_passes <= 1 + len(exact.relative_errors) + 2
     assert worst_difference(model, exact.model) < 1e-4
-
-
-def test_the_correction_maps_the_subsets_statistics_onto_the_whole_datas():
-    gen = torch.Generator().manual_seed(0)
-    mean_s, var_s = torch.randn(5, generator=gen), torch.rand(5, generator=gen) + 0.5
-    mean_w, var_w = torch.randn(5, generator=gen), torch.rand(5, generator=gen) + 0.5
-    var_s[2] = 0.0  # a channel constant over the subset: shifted
-    correct = Correction({"bn": (mean_s, var_s)}, {"bn": (mean_w, var_w), "other": (mean_w, var_w)})
-
-    mean, var = correct({"bn": (mean_s, var_s)})["bn"]
-    torch.testing.assert_close(mean, mean_w)
-    torch.testing.assert_close(var, var_w)
-    # an affine change of the subset's input (scale 3, shift 1) moves the whole data's alike
-    scale = torch.tensor(3.0)
-    mean, var = correct({"bn": (3 * mean_s + 1, 9 * var_s)})["bn"]
-    keep = torch.arange(5) != 2
-    a = (var_w / var_s).sqrt()
-    torch.testing.assert_close(mean[keep], (mean_w + a * (2 * mean_s + 1))[keep])
-    torch.testing.assert_close(var[keep], (scale**2 * var_w)[keep])
-    assert var[2] == var_w[2]
-    untouched = (torch.zeros(5), torch.ones(5))
-    assert correct({"unseen": untouched})["unseen"] is untouched
 
 
 @pytest.mark.parametrize(("name", "most"), [("convchain", 6), ("residual", 5), ("dense", 5)])

@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from bnstats._correction import SHRINK, ArrayMath, Correction
 from bnstats.torch import _eval_statistics
 from bnstats.torch._eval_statistics import (
     FirstBatches,
@@ -60,15 +61,12 @@ from bnstats.torch._eval_statistics import (
     statistics_movement,
 )
 from bnstats.torch._layer_pass import Measured
-from bnstats.torch._level import Level, MeanVar, Statistics
+from bnstats.torch._level import Level, Statistics
 from bnstats.torch._one_batch import JoinedForward
 from bnstats.torch._subset_choice import Size
 
-SHRINK = 0.5
-"""A round goes on only where its whole pass moved the statistics by less than this share of
-what the round before moved them (else the subset is no guide: plain whole passes take over).
-The first round after the subset's own fixed point is not judged: that point had no
-correction, and how far its whole pass moved says nothing of how well the subset guides."""
+TORCH_MATH = ArrayMath(torch.where, lambda value, like: value.to(like))
+"""Torch tensors as :class:`bnstats._correction.Correction` takes them."""
 
 Join = Callable[[list[Any], Measured], JoinedForward | None]
 """``join(subset, measured)``: the subset's batches as one batch, with the forward that
@@ -98,37 +96,6 @@ class Subset:
             self.joined, self.join = self.join(self.batches, measured), None
 
 
-class Correction:
-    """Per layer, the affine map per channel from the subset's populations to the whole
-    data's, both measured normalizing with the same statistics (see the module)."""
-
-    def __init__(self, subset: Statistics, whole: Statistics) -> None:
-        self.maps: dict[str, tuple[torch.Tensor, ...]] = {}
-        for name, (mean_w, var_w) in whole.items():
-            if name not in subset:
-                continue
-            mean_s, var_s = (v.to(mean_w) for v in subset[name])
-            spread = var_s > 0
-            squared = torch.where(spread, var_w / torch.where(spread, var_s, 1.0), 1.0)
-            self.maps[name] = (mean_s, mean_w, var_w, squared, spread)
-
-    def __call__(self, statistics: Statistics) -> Statistics:
-        """``statistics`` mapped, layer by layer (:meth:`layer`)."""
-        return {name: self.layer(name, value) for name, value in statistics.items()}
-
-    def layer(self, name: str, statistics: MeanVar) -> MeanVar:
-        """Layer ``name``'s ``(mean, var)`` mapped; as it is without a map. A channel
-        constant over the subset (``var_s = 0``) is shifted: ``var -> var + var_w``."""
-        if name not in self.maps:
-            return statistics
-        mean_s, mean_w, var_w, squared, spread = self.maps[name]
-        mean, var = (v.to(mean_w) for v in statistics)
-        return (
-            mean_w + squared.sqrt() * (mean - mean_s),
-            torch.where(spread, var * squared, var + var_w),
-        )
-
-
 def iterate_from_subset(
     run: Run,
     first: Run,
@@ -148,7 +115,7 @@ def iterate_from_subset(
     last whole pass, the statistics it normalized with, and whole pass 1."""
     subset, subset_start = _sized(drawn, subset_start, join, size)
     estimate, solve_passes, settled = _solve_on_subset(
-        run, subset, iterate_statistics(subset_start, {}), Correction({}, {}), {}, limit
+        run, subset, iterate_statistics(subset_start, {}), Correction({}, {}, TORCH_MATH), {}, limit
     )
     before = _subset_passes_before(subset)
     count = len(subset_start.batch_sizes)
@@ -175,7 +142,7 @@ def iterate_with_subset(
     subset, subset_start = _sized(
         drawn, run(Level(training=False, rule="batch"), drawn), join, size
     )
-    correct = Correction(iterate_statistics(subset_start, {}), start)
+    correct = Correction(iterate_statistics(subset_start, {}), start, TORCH_MATH)
     estimate, solve_passes, settled = _solve_on_subset(run, subset, start, correct, start, limit)
     before, count = _subset_passes_before(subset), len(subset_start.batch_sizes)
     final = whole_pass(run, data, estimate, 2, before + solve_passes, count)
@@ -232,7 +199,7 @@ def _rounds(
         whole = iterate_statistics(final, estimate)
         at_estimate = run(Level.fixed(estimate), subset.batches)
         subset.join_after(at_estimate)
-        correct = Correction(iterate_statistics(at_estimate, estimate), whole)
+        correct = Correction(iterate_statistics(at_estimate, estimate), whole, TORCH_MATH)
         estimate, solve_passes, settled = _solve_on_subset(
             run, subset, estimate, correct, whole, limit
         )
