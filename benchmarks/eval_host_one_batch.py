@@ -11,11 +11,12 @@ over every channel (``|d var| / var``, ``|d mean| / sqrt(var)``).
 
 Cases: Keras (JAX backend) 30 Dense(64) + BN + ReLU blocks on 64 batches of 32 samples; Keras
 10 Conv2D(16, 3x3) + BN + ReLU blocks on 32 batches of 16 images 16x16x3; Flax NNX 30
-Linear(64) + BatchNorm + relu blocks on 64 batches of 32. Random weights, BN's ``gamma`` and
+Linear(64) + BatchNorm + relu blocks on 64 batches of 32; Flax NNX 10 Conv(16, 3x3) +
+BatchNorm + relu blocks on 32 batches of 16 images 16x16x3. Random weights, BN's ``gamma`` and
 ``beta`` drawn so that every layer's eval-mode input differs from its training one.
 
 Run: ``KERAS_BACKEND=jax PYTHONPATH=src:. python -m benchmarks.eval_host_one_batch`` (about a
-minute); ``--cases keras_mlp,keras_conv,nnx_mlp`` picks some.
+minute); ``--cases keras_mlp,keras_conv,nnx_mlp,nnx_conv`` picks some.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from bnstats import _one_batch
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-CASES = ("keras_mlp", "keras_conv", "nnx_mlp")
+CASES = ("keras_mlp", "keras_conv", "nnx_mlp", "nnx_conv")
 
 Statistics = list[tuple[np.ndarray, np.ndarray]]
 
@@ -90,13 +91,29 @@ def keras_statistics(model: Any) -> Statistics:
     ]
 
 
-def nnx_model(rng: np.random.Generator, count: int | None) -> tuple[Any, list[np.ndarray]]:
+def nnx_model(
+    case: str, rng: np.random.Generator, count: int | None
+) -> tuple[Any, list[np.ndarray]]:
+    """The NNX model of ``case`` and its batches (``count`` of them, or the case's own)."""
     from flax import nnx
+
+    if case == "nnx_mlp":
+        blocks, width, shape, batches = 30, 64, (64,), (64, 32)
+    else:
+        blocks, width, shape, batches = 10, 16, (16, 16, 3), (32, 16)
 
     class Chain(nnx.Module):
         def __init__(self, rngs: Any) -> None:
-            self.linears = nnx.List([nnx.Linear(64, 64, rngs=rngs) for _ in range(30)])
-            self.norms = nnx.List([nnx.BatchNorm(64, rngs=rngs) for _ in range(30)])
+            widths = [shape[-1]] + [width] * blocks
+            self.linears = nnx.List(
+                [
+                    nnx.Linear(widths[i], width, rngs=rngs)
+                    if case == "nnx_mlp"
+                    else nnx.Conv(widths[i], width, (3, 3), rngs=rngs)
+                    for i in range(blocks)
+                ]
+            )
+            self.norms = nnx.List([nnx.BatchNorm(width, rngs=rngs) for _ in range(blocks)])
 
         def __call__(self, x: Any) -> Any:
             for linear, norm in zip(self.linears, self.norms, strict=True):
@@ -105,9 +122,10 @@ def nnx_model(rng: np.random.Generator, count: int | None) -> tuple[Any, list[np
 
     model = Chain(nnx.Rngs(0))
     for norm in model.norms:
-        norm.scale[...] = rng.uniform(0.5, 2.0, 64).astype("float32")
-        norm.bias[...] = rng.normal(size=64).astype("float32")
-    data = [rng.normal(1.0, 2.0, (32, 64)).astype("float32") for _ in range(count or 64)]
+        norm.scale[...] = rng.uniform(0.5, 2.0, width).astype("float32")
+        norm.bias[...] = rng.normal(size=width).astype("float32")
+    count, size = (count or batches[0]), batches[1]
+    data = [rng.normal(1.0, 2.0, (size, *shape)).astype("float32") for _ in range(count)]
     return model, data
 
 
@@ -136,7 +154,7 @@ def runner(case: str, count: int | None = None) -> Runner:
         )
     import bnstats.flax
 
-    model, data = nnx_model(rng, count)
+    model, data = nnx_model(case, rng, count)
     return (
         lambda batches: bnstats.flax.recalibrate_nnx(model, batches, mode="eval", progress=False),
         lambda: nnx_statistics(model),

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bnstats._correction import Correction, LayerMap
 from bnstats._host_levels import measure_levels
 from bnstats._host_one_batch import OneBatch, host_arrays
 from bnstats._host_pass import (
@@ -107,16 +108,23 @@ def normalize(net: Net, name: str, z: np.ndarray, mean: Any, var: Any) -> np.nda
     return net.gamma[name] * (z - mean) / np.sqrt(var + EPS) + net.beta[name]
 
 
-def measuring(net: Net, host: HostLayer, eval_level: bool, recorder: Recorder) -> Handler:
-    """A measured BN call: its moments recorded; the batch's own statistics (train) or NaN (an
-    eval-mode level) out."""
+def measuring(
+    net: Net,
+    host: HostLayer,
+    eval_level: bool,
+    recorder: Recorder,
+    layer_map: LayerMap | None = None,
+) -> Handler:
+    """A measured BN call: its moments recorded; the batch's own statistics (train; mapped by
+    ``layer_map`` where given, the subset's solve) or NaN (an eval-mode level) out."""
 
     def call(name: str, z: np.ndarray) -> np.ndarray:
         mean, m2 = batch_moments(np, z, (0,))
         recorder.record(host, z.shape[0], np.stack([mean, m2]))
         if eval_level:
             return np.full_like(z, math.nan)
-        return normalize(net, name, z, mean, m2 / z.shape[0])
+        statistics = (mean, m2 / z.shape[0])
+        return normalize(net, name, z, *(layer_map or (lambda *pair: pair))(*statistics))
 
     return call
 
@@ -127,6 +135,7 @@ def one_pass(
     final: Final | None,
     options: dict[str, Any],
     measure_settled: bool = False,
+    correction: Correction | None = None,
 ) -> HostMeasured:
     """One pass over ``batches``, as bnstats.keras' ``_one_pass``."""
     hosts = {name: HostLayer(name, width, np.zeros(width)) for name, width in net.widths.items()}
@@ -141,7 +150,8 @@ def one_pass(
                 normalize(net, n, z, m, v),
             )[1]
         else:
-            handlers[name] = measuring(net, host, final is not None, recorder)
+            layer_map = None if correction is None else correction.maps.get(name)
+            handlers[name] = measuring(net, host, final is not None, recorder, layer_map)
     forward = forward_function(
         recorder,
         lambda x: net.run(x, lambda name, z: handlers[name](name, z)),
@@ -172,8 +182,11 @@ def recalibrate(
     one_batch = None
     if options.get("one_batch"):  # as bnstats.keras always does
 
-        def run_joined(joined: np.ndarray) -> HostMeasured:
-            return finish_pass(one_pass(net, [joined], None, options), to_numpy, "skip", "keep", "")
+        def run_joined(
+            joined: np.ndarray, final: Final | None, correction: Correction | None
+        ) -> HostMeasured:
+            one = one_pass(net, [joined], final, options, final is not None, correction)
+            return finish_pass(one, to_numpy, "skip", "keep", "")
 
         limit = budget(options.get("one_batch_bytes"))
         one_batch = OneBatch(batches, host_arrays(np.concatenate), limit, run_joined)
@@ -247,7 +260,7 @@ def data(rng: np.random.Generator, sizes: list[int]) -> list[np.ndarray]:
 def test_the_module_imports_no_framework():
     code = (
         "import sys, bnstats._host_pass, bnstats._levels, bnstats._host_levels, "
-        "bnstats._host_one_batch, bnstats._one_batch; "
+        "bnstats._host_one_batch, bnstats._one_batch, bnstats._host_subset, bnstats._correction; "
         "print([m for m in ('torch', 'keras', 'jax', 'flax') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -57,6 +57,20 @@ def test_the_first_pass_keeps_its_batches_within_the_budget():
     assert list(kept) == batches and kept.kept == batches
     kept = KeptBatches(batches, ARRAYS, 191)
     assert list(kept) == batches and kept.kept is None  # every batch still given
+    assert kept.first == []  # nothing held past the budget
+
+
+def test_the_first_batches_within_the_budget_stay_kept_where_asked():
+    """Eval mode's subset (bnstats._host_subset): the first batches within the budget, also
+    where the rest are over it, and also where the pass stops early."""
+    batches = [np.zeros((2, 4))] * 5  # 64 bytes each
+    kept = KeptBatches(batches, ARRAYS, 191, keep_first=True)
+    assert list(kept) == batches and kept.kept is None and kept.first == batches[:2]
+    kept = KeptBatches(batches, ARRAYS, 320, keep_first=True)
+    assert list(kept) == batches and kept.kept == kept.first == batches
+    drawn = iter(kept)
+    next(drawn)
+    assert kept.first == batches[:1] == kept.kept  # a pass cut short (max_samples)
 
 
 def test_the_budget_is_the_given_one_or_the_default(monkeypatch):

@@ -17,28 +17,28 @@ forward, the largest BN input of the first pass within the budget (its values ti
 ``one_batch_bytes``, by default :data:`bnstats._one_batch.ONE_BATCH_BYTES`), the batches of
 the first pass kept within that budget and joined (:func:`bnstats._one_batch.join`), a one-batch
 forward that runs and reaches every layer the first pass reached with finite statistics.
+Where the data are larger than the budget, the first batches that join within it (at least
+:data:`bnstats._correction.SHRUNK_LEAST` samples, :func:`subset_within`) are the subset of
+:mod:`bnstats._host_subset`, whose rounds of one whole pass each solve the same fixed point.
 Anywhere else, and where the check pass moved a layer (a batch whose first dimension is not
-its samples, a model that mixes its samples), the levels go on from the first pass
-(:func:`bnstats._host_levels.measure_levels`): a wrong join costs passes, never a wrong
-number.
+its samples, a model that mixes its samples) or the subset's rounds stop shrinking, the
+levels go on from the first pass (:func:`bnstats._host_levels.measure_levels`): a wrong join
+costs passes, never a wrong number.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from bnstats._correction import SHRUNK_LEAST
 from bnstats._host_levels import CHECK_TARGET, LevelRun, movements
 from bnstats._host_pass import Final, HostMeasured
-from bnstats._one_batch import ArrayKind, KeptBatches, fits_budget, join_or_none
+from bnstats._host_subset import JoinedRun, Spent, iterate_on_subset
+from bnstats._one_batch import ArrayKind, KeptBatches, fits_budget, join_or_none, largest_input
 
 VALUE_BYTES = 4
 """Bytes per value of a BN input, for the budget (float32)."""
-
-JoinedRun = Callable[[Any], HostMeasured]
-"""``run_joined(joined)``: the batch-statistics pass over the one batch ``joined`` (each BN
-layer normalizing with its input's own statistics), flushed, under ``nonfinite="skip"`` and
-``unreached="keep"``."""
 
 
 def host_arrays(concatenate: Callable[[list[Any]], Any]) -> ArrayKind:
@@ -61,14 +61,15 @@ class OneBatch:
     """The one batch of an eval-mode call over ``batches`` within ``limit`` bytes (the
     call's budget, :func:`bnstats._one_batch.budget`): the passes go over :meth:`batches`
     (the first one keeps what it draws), and :meth:`solve` runs the one batch after the
-    first pass; ``spent``: the passes it ran (the one-batch forward counts as one)."""
+    first pass, or the subset iteration where the data do not fit; ``spent``: the passes it
+    ran (a forward over the one batch or the subset counts as one)."""
 
     def __init__(
         self, batches: Iterable[Any], kind: ArrayKind, limit: int, run_joined: JoinedRun
     ) -> None:
         self.spent = 0
         self._given = batches
-        self._kept = KeptBatches(batches, kind, limit)
+        self._kept = KeptBatches(batches, kind, limit, keep_first=True)
         self._first_drawn = False
         self._run_joined = run_joined
 
@@ -82,13 +83,16 @@ class OneBatch:
     def solve(
         self, first: HostMeasured, run_level: LevelRun, epsilons: Mapping[str, float]
     ) -> HostMeasured | None:
-        """After the first pass ``first``: the one-batch forward, then the check pass
-        (``run_level(final, True)``), whose measurements are the result (3 passes); None
-        where the data do not fit or join, the forward failed or the check pass moved a
-        layer by more than :data:`CHECK_TARGET`."""
-        kept, self._kept.kept = self._kept.kept, None  # the inputs are not needed after this
+        """After the first pass ``first``: where the data fit, the one-batch forward, then
+        the check pass (``run_level(final, True)``), whose measurements are the result (3
+        passes); where they do not, the subset iteration over the first batches that fit
+        (:func:`subset_within`, :mod:`bnstats._host_subset`). None where the data (or the
+        subset) do not join, a forward failed, the check pass moved a layer by more than
+        :data:`CHECK_TARGET` or the subset's rounds stopped shrinking."""
+        kept, first_batches = self._kept.kept, self._kept.first
+        self._kept.kept, self._kept.first = None, []  # the inputs are not needed after this
         if kept is None or not fits_one_batch(first, self._kept.limit):
-            return None
+            return self._on_subset(first, first_batches, run_level, epsilons)
         joined = join_or_none(kept, self._kept.kind)
         if joined is None:
             return None
@@ -103,12 +107,32 @@ class OneBatch:
         layers = {name: checked.layers[name] for name in first.layers}
         return HostMeasured(layers, checked.batch_sizes, unreached=first.unreached, passes=3)
 
+    def _on_subset(
+        self,
+        first: HostMeasured,
+        first_batches: list[Any],
+        run_level: LevelRun,
+        epsilons: Mapping[str, float],
+    ) -> HostMeasured | None:
+        """The subset iteration (:func:`bnstats._host_subset.iterate_on_subset`) over the
+        first batches that join within the budget; None where there are none such."""
+        subset = subset_within(first, first_batches, self._kept.limit)
+        joined = None if subset is None else join_or_none(subset, self._kept.kind)
+        if joined is None:
+            return None
+        spent = Spent()
+        result = iterate_on_subset(
+            first, joined, lambda final: run_level(final, True), self._run_joined, epsilons, spent
+        )
+        self.spent += spent.whole + spent.subset
+        return result
+
     def _statistics(self, joined: Any, first: HostMeasured) -> Final | None:
         """Every reached layer's statistics from the one-batch forward over ``joined``; None
         where the forward failed (a model written for one batch size, memory short: the pass
         changes nothing), or it left a layer unreached or not finite."""
         try:
-            measured = self._run_joined(joined)
+            measured = self._run_joined(joined, None, None)
             return {host.name: measured.layers[host.name].statistics() for host in first.reached()}
         except Exception:  # noqa: BLE001 (the one batch is a shortcut; the levels still run)
             return None  # NonFiniteStatisticsError too: unreached or not finite
@@ -120,3 +144,22 @@ def fits_one_batch(first: HostMeasured, limit: int) -> bool:
     ``limit`` bytes (:func:`bnstats._one_batch.fits_budget`)."""
     layers = ((host.max_calls_per_forward, host.values * VALUE_BYTES) for host in first.reached())
     return fits_budget(layers, limit)
+
+
+def subset_within(first: HostMeasured, batches: Sequence[Any], limit: int) -> list[Any] | None:
+    """The first of ``batches`` (those the pass ``first`` drew first, in order) whose largest
+    BN input fits ``limit`` bytes, at the size per sample the pass measured (its largest BN
+    input over its samples): eval mode's subset (:mod:`bnstats._host_subset`); None where
+    those hold fewer than :data:`bnstats._correction.SHRUNK_LEAST` samples, or a BN layer was
+    called more than once in a forward."""
+    layers = ((host.max_calls_per_forward, host.values * VALUE_BYTES) for host in first.reached())
+    largest, samples = largest_input(layers), sum(first.batch_sizes)
+    if not largest or not samples:
+        return None
+    per_sample = largest / samples
+    taken = held = 0
+    for size in first.batch_sizes[: len(batches)]:
+        if (held + size) * per_sample > limit:
+            break
+        taken, held = taken + 1, held + size
+    return list(batches[:taken]) if held >= SHRUNK_LEAST else None

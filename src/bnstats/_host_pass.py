@@ -180,12 +180,14 @@ class HostLayer:
 @dataclass
 class HostMeasured:
     """What a pass measured: every BN layer's :class:`HostLayer` by name, the sizes of the
-    batches used, the layers no forward reached and the number of passes made."""
+    batches used, the layers no forward reached, the number of passes made over all the
+    data and of forwards over eval mode's subset (:mod:`bnstats._host_subset`)."""
 
     layers: dict[str, HostLayer]
     batch_sizes: list[int]
     unreached: list[str] = field(default_factory=list)
     passes: int = 1
+    subset_passes: int = 0
 
     def reached(self) -> list[HostLayer]:
         return [m for name, m in self.layers.items() if name not in self.unreached]

@@ -136,7 +136,8 @@ class KeptBatches:
     """``batches`` as ``draw(batches)`` yields them, keeping each batch an iteration draws
     while their arrays hold at most ``limit`` bytes (``kept``; None once they hold more): the
     first pass keeps what the one batch joins, so that the data are not drawn once more for
-    it."""
+    it. With ``keep_first``, the first batches within ``limit`` stay kept (``first``) where
+    the rest are not (eval mode's subset, :mod:`bnstats._host_subset`)."""
 
     def __init__(
         self,
@@ -144,24 +145,29 @@ class KeptBatches:
         kind: ArrayKind,
         limit: int,
         draw: Callable[[Any], Iterable[Any]] = iter,
+        keep_first: bool = False,
     ) -> None:
         self.batches = batches
         self.kind = kind
         self.limit = limit
         self.draw = draw
+        self.keep_first = keep_first
         self.kept: list[Any] | None = []
+        self.first: list[Any] = []
 
     def __len__(self) -> int:
         """The length of ``batches`` (``TypeError`` where they have none, as ``len`` gives)."""
         return len(self.batches)
 
     def __iter__(self) -> Iterator[Any]:
-        self.kept, held = [], 0
+        self.kept = self.first = []
+        held = 0
         for batch in self.draw(self.batches):
-            if self.kept is not None:
+            if held <= self.limit:
                 held += array_bytes(batch, self.kind)
                 if held <= self.limit:
-                    self.kept.append(batch)
+                    self.first.append(batch)
                 else:
                     self.kept = None
+                    self.first = self.first if self.keep_first else []
             yield batch

@@ -68,6 +68,44 @@ def test_eval_mode_runs_data_that_fit_as_one_batch(rng, budget):
         assert_close(bn.mean[...], bn.var[...], stats[i])
 
 
+class _ConvChain(nnx.Module):
+    """Six blocks of Conv(8, 3x3) + BatchNorm + relu on 8x8x3 images (NHWC): one BN layer per
+    depth level, 8 x 8 x 8 values of 4 bytes per image in each."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        rngs = nnx.Rngs(0)
+        self.convs = nnx.List(
+            [nnx.Conv(3 if i == 0 else 8, 8, (3, 3), rngs=rngs) for i in range(6)]
+        )
+        self.norms = nnx.List([nnx.BatchNorm(8, rngs=rngs) for _ in range(6)])
+        for norm in self.norms:
+            norm.scale[...] = rng.uniform(0.5, 2.0, 8).astype("float32")
+            norm.bias[...] = rng.normal(size=8).astype("float32")
+
+    def __call__(self, x):
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            x = nnx.relu(norm(conv(x)))
+        return x
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_eval_mode_over_the_budget_solves_on_the_first_batches(rng, jit):
+    """1,024 images over a budget of 256: the first 16 batches are the subset
+    (bnstats._host_subset). 4 passes over the data and 5 forwards of the subset, where the
+    levels take 7, to their numbers within 1e-4 (float32 rounding apart)."""
+    model = _ConvChain(rng)
+    data = Counted([rng.normal(1.0, 2.0, (16, 8, 8, 3)).astype("float32") for _ in range(64)])
+    recalibrate_nnx(model, data, mode="eval", one_batch_bytes=0, jit=jit)
+    levels = [(f64(norm.mean[...]), f64(norm.var[...])) for norm in model.norms]
+    assert data.drawn == 7
+    data.drawn = 0
+    recalibrate_nnx(model, data, mode="eval", one_batch_bytes=256 * 8 * 8 * 8 * 4, jit=jit)
+    assert data.drawn == 4
+    for norm, (mean, var) in zip(model.norms, levels, strict=True):
+        assert np.max(np.abs(f64(norm.mean[...]) - mean) / np.sqrt(var)) < 1e-4
+        assert np.max(np.abs(f64(norm.var[...]) - var) / var) < 1e-4
+
+
 def test_eval_mode_refuses_a_one_shot_iterator_before_any_pass(rng):
     model = net(rng)
     before = _leaves(model)

@@ -3,6 +3,8 @@ input, on the backend KERAS_BACKEND names (JAX and NumPy in CI)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -19,6 +21,7 @@ from tests.keras.models import (  # noqa: E402
     data_for,
     eval_reference,
     keras,
+    randomize,
     snapshot,
     train_reference,
 )
@@ -72,6 +75,50 @@ def test_eval_mode_runs_data_that_fit_as_one_batch(name, rng, monkeypatch):
     assert measure(case.model, batches, options).measured.passes == len(case.bns) + 1
     with pytest.raises(ValueError, match="one_batch_bytes must be a number of bytes"):
         recalibrate(case.model, batches, mode="eval", one_batch_bytes=-1)
+
+
+def conv_chain(rng: np.random.Generator, blocks: int) -> Any:
+    """``blocks`` of Conv2D(8, 3x3) + BN + ReLU on 8x8x3 images: one BN layer per depth level,
+    8 x 8 x 8 values of 4 bytes per image in each."""
+    layers: list[Any] = [keras.Input((8, 8, 3))]
+    for _ in range(blocks):
+        layers += [
+            keras.layers.Conv2D(8, 3, padding="same"),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+        ]
+    model = keras.Sequential(layers)
+    randomize(model, rng)
+    return model
+
+
+def test_eval_mode_over_the_budget_solves_on_the_first_batches(rng):
+    """1,024 images over a budget of 256: the first 16 batches are the subset
+    (bnstats._host_subset). 4 passes over the data and 5 forwards of the subset, where the
+    levels take 7, to their numbers within 1e-4 (float32 rounding apart)."""
+    from bnstats.keras._pass import KerasPassOptions, measure
+
+    keras.utils.set_random_seed(0)
+    model = conv_chain(rng, 6)
+    batches = Counted([rng.normal(1.0, 2.0, (16, 8, 8, 3)).astype("float32") for _ in range(64)])
+    budget = 256 * 8 * 8 * 8 * 4
+    options = KerasPassOptions(mode="eval", progress=False, one_batch_bytes=budget)
+    measured = measure(model, batches, options).measured
+    assert (measured.passes, measured.subset_passes, batches.drawn) == (4, 5, 4)
+    levels = measure(model, batches, KerasPassOptions(mode="eval", one_batch_bytes=0)).measured
+    assert levels.passes == 7
+    for name, host in levels.layers.items():
+        mean, var = host.statistics()
+        got_mean, got_var = measured.layers[name].statistics()
+        assert np.max(np.abs(got_mean - mean) / np.sqrt(var)) < 1e-4
+        assert np.max(np.abs(got_var - var) / var) < 1e-4
+    recalibrate(model, batches, mode="eval", one_batch_bytes=budget, progress=False)
+    for bn, name in zip(find_batchnorm_layers(model).values(), measured.layers, strict=True):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(bn.moving_variance),
+            measured.layers[name].statistics()[1],
+            rtol=1e-6,
+        )
 
 
 def test_an_array_with_batch_size_and_tuples_with_targets_give_the_same_numbers(rng):

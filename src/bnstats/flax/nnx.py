@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bnstats._correction import Correction, LayerMap
 from bnstats._host_levels import measure_levels
 from bnstats._host_one_batch import OneBatch
 from bnstats._host_pass import (
@@ -118,8 +119,12 @@ def recalibrate_nnx(
                 batches,
                 JAX_ARRAYS,
                 budget(one_batch_bytes),
-                lambda joined: finish_pass(
-                    run.level(None, over=[joined]), to_numpy, "skip", "keep", "batches"
+                lambda joined, final, correction: finish_pass(
+                    run.level(final, final is not None, [joined], correction),
+                    to_numpy,
+                    "skip",
+                    "keep",
+                    "batches",
                 ),
             )
             measured = measure_levels(
@@ -152,11 +157,16 @@ class _Runner:
     jit: bool
 
     def level(
-        self, final: Final | None, measure_settled: bool = False, over: Iterable[Any] | None = None
+        self,
+        final: Final | None,
+        measure_settled: bool = False,
+        over: Iterable[Any] | None = None,
+        correction: Correction | None = None,
     ) -> HostMeasured:
         """One pass over ``over`` (``batches`` where None); ``final``: an eval-mode level
         (see :func:`bnstats._host_levels`), its settled layers measured too where
-        ``measure_settled``."""
+        ``measure_settled``; without it every layer normalizes with its batch's statistics,
+        mapped by ``correction`` where given (the subset's solve, :mod:`bnstats._host_subset`)."""
         hosts = {
             name: HostLayer(name, 0, np.asarray(layer.mean[...], np.float64).reshape(-1))
             for name, layer in self.layers.items()
@@ -173,7 +183,8 @@ class _Runner:
                     else _settled
                 )
             else:
-                by_path[name] = _measuring(hosts[name], final is not None, recorder)
+                layer_map = None if correction is None else correction.maps.get(name)
+                by_path[name] = _measuring(hosts[name], final is not None, recorder, layer_map)
         handlers = _handlers_of(self.layers, by_path)
         given = self.batches if over is None else over
         limited = iterate_limited(given, self.max_samples, batch_size_of, first_samples)
@@ -212,12 +223,23 @@ def _default_forward(model: Any, batch: Any) -> Any:
     return model(*args, **kwargs)
 
 
-def _measuring(host: HostLayer, eval_level: bool, recorder: Recorder) -> Handler:
+def _measuring(
+    host: HostLayer, eval_level: bool, recorder: Recorder, layer_map: LayerMap | None = None
+) -> Handler:
+    """A measured BN call: NaN out at an eval-mode level, else Flax's own training
+    computation, or with ``layer_map`` the batch's ``mean`` and variance mapped by it."""
+
     def call(original: Handler, layer: Any, x: Any, mask: Any) -> Any:
-        record_moments(recorder, host, x, layer.axis, mask, 1 if eval_level else 2)
+        mean, var = record_moments(recorder, host, x, layer.axis, mask, 1 if eval_level else 2)
         if eval_level:
             return nan_like(x)
-        return original(layer, x, use_running_average=False, mask=mask)
+        if layer_map is None:
+            return original(layer, x, use_running_average=False, mask=mask)
+        mapped = layer_map.converted(lambda value: jnp.asarray(value, mean.dtype))(mean, var)
+        for variable, value in zip((layer.mean, layer.var), mapped, strict=True):
+            current = variable[...]  # the copy's in the compiled forward
+            variable[...] = jnp.reshape(value, current.shape).astype(current.dtype)
+        return _settled(original, layer, x, mask)
 
     return call
 

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
+from bnstats._correction import Correction, LayerMap
 from bnstats._host_levels import measure_levels
 from bnstats._host_one_batch import OneBatch, host_arrays
 from bnstats._host_pass import (
@@ -107,8 +108,8 @@ def measure(model: Any, data: Any, options: KerasPassOptions) -> KerasMeasured:
         examples="a list, a PyDataset, an array with batch_size=",
     )
 
-    def run_joined(joined: Any) -> HostMeasured:
-        one = _one_pass(model, [joined], layers, options, final=None)
+    def run_joined(joined: Any, final: Final | None, correction: Correction | None) -> HostMeasured:
+        one = _one_pass(model, [joined], layers, options, final, final is not None, correction)
         return finish_pass(one, to_numpy, "skip", "keep", "data")
 
     one_batch = OneBatch(batches, KERAS_ARRAYS, budget(options.one_batch_bytes), run_joined)
@@ -129,7 +130,12 @@ def _one_pass(
     options: KerasPassOptions,
     final: Final | None,
     measure_settled: bool = False,
+    correction: Correction | None = None,
 ) -> HostMeasured:
+    """One pass over ``batches``: with ``final`` an eval-mode level (its settled layers
+    measured too where ``measure_settled``), else every BN layer normalizing with its batch's
+    statistics (mapped by ``correction`` where given: the subset's solve,
+    :mod:`bnstats._host_subset`)."""
     hosts = {path: _host_layer(path, layer) for path, layer in layers.items()}
     recorder = Recorder()
     handlers = {}
@@ -140,7 +146,10 @@ def _one_pass(
                 settled = _measured_too(_measuring_call(hosts[path], True, recorder), settled)
             handlers[id(layer)] = settled
         else:
-            handlers[id(layer)] = _measuring_call(hosts[path], final is not None, recorder)
+            layer_map = None if correction is None else correction.maps.get(path)
+            handlers[id(layer)] = _measuring_call(
+                hosts[path], final is not None, recorder, layer_map
+            )
     limited = iterate_limited(batches, options.max_samples, batch_size_of, first_samples)
     with intercepted_calls(handlers):
         forward = _forward(model, recorder, compiled=all(layer.built for layer in layers.values()))
@@ -184,7 +193,11 @@ def _compute(layer: Any, inputs: Any) -> Any:
     return keras.ops.cast(inputs, dtype)
 
 
-def _measuring_call(host: HostLayer, eval_level: bool, recorder: Recorder) -> Any:
+def _measuring_call(
+    host: HostLayer, eval_level: bool, recorder: Recorder, layer_map: LayerMap | None = None
+) -> Any:
+    """A measured BN call: NaN out at an eval-mode level, else the input normalized with its
+    batch's ``mean`` and ``m2 / count``, mapped by ``layer_map`` where given."""
     least = 1 if eval_level else 2
 
     def call(layer: Any, inputs: Any, mask: Any) -> Any:
@@ -209,7 +222,11 @@ def _measuring_call(host: HostLayer, eval_level: bool, recorder: Recorder) -> An
         recorder.record(host, count, keras.ops.stack([mean, m2]))
         if eval_level:
             return keras.ops.cast(keras.ops.full_like(x, math.nan), layer.compute_dtype)
-        return _normalize(layer, x, mean, m2 / count)
+        if layer_map is None:
+            return _normalize(layer, x, mean, m2 / count)
+        as_tensor = keras.ops.convert_to_tensor
+        mapped = layer_map.converted(lambda value: as_tensor(value, x.dtype))
+        return _normalize(layer, x, *mapped(mean, m2 / count))
 
     return call
 
