@@ -30,8 +30,6 @@ import argparse
 import os
 from typing import Any
 
-import numpy as np
-
 from benchmarks.eval_host_one_batch import runner, timed, worst_difference
 from bnstats import _host_one_batch, _one_batch
 

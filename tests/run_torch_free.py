@@ -2,7 +2,8 @@
 
 ``python tests/run_torch_free.py`` (``.ci/run`` does): one pytest process per Keras backend
 (JAX and NumPy; TensorFlow too where it is installed) over ``tests/keras``, and one over
-``tests/flax`` and the test of ``benchmarks/eval_host_one_batch.py`` (Keras on JAX, Flax).
+``tests/flax`` and the tests of ``benchmarks/eval_host_one_batch.py`` and
+``benchmarks/eval_host_subset.py`` (Keras on JAX, Flax).
 Their conftest fails a test that imports torch and skips every test in a process where
 torch is already imported (the main test run), so these processes are where they run.
 Extra arguments go to pytest. Exits with the first failing status.
@@ -25,7 +26,11 @@ def runs() -> list[tuple[dict[str, str], list[str]]]:
     if importlib.util.find_spec("tensorflow") is not None:
         backends.append("tensorflow")
     keras = [({"KERAS_BACKEND": backend}, ["tests/keras"]) for backend in backends]
-    flax = ["tests/flax", "tests/benchmarks/test_eval_host_one_batch.py"]
+    flax = [
+        "tests/flax",
+        "tests/benchmarks/test_eval_host_one_batch.py",
+        "tests/benchmarks/test_eval_host_subset.py",
+    ]
     return [*keras, ({"KERAS_BACKEND": "jax"}, flax)]
 
 

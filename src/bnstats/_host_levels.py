@@ -60,9 +60,10 @@ def measure_levels(
 
     With ``one_batch`` (:class:`bnstats._host_one_batch.OneBatch`, whose ``batches()`` the
     passes of ``run_level`` go over) the data that fit run as one batch after a first pass
-    that did not settle every layer, and one check pass ends the call (3 passes); where they
-    do not fit or the check pass moved the statistics, the levels go on from the first pass
-    (the passes the one batch ran are counted in the result's).
+    that did not settle every layer, and one check pass ends the call (3 passes); data over
+    the budget take the subset iteration (:mod:`bnstats._host_subset`) instead; where
+    neither can be used or the check pass moved the statistics, the levels go on from the
+    first pass (the passes the one batch or the subset ran are counted in the result's).
     """
     settled: dict[str, HostLayer] = {}
     first: HostMeasured | None = None

@@ -92,13 +92,16 @@ def recalibrate_nnx(
       (``deterministic=True``: dropout off). ``mode="eval"``: as inference sees it, every
       BN layer before it using its final statistics (``batches`` re-iterable; batches of
       one sample are fine): where the data fit, all of them as one batch and one pass to
-      check (3 passes, :mod:`bnstats._host_one_batch`), else one pass per depth level.
+      check (3 passes, :mod:`bnstats._host_one_batch`); over the budget, the first batches
+      that fit solved as one batch and corrected by whole passes
+      (:mod:`bnstats._host_subset`); else one pass per depth level.
     - ``max_samples``, ``nonfinite``, ``unreached``, ``progress``: as in
       :func:`bnstats.keras.recalibrate`.
     - ``jit``: compile the forward with ``jax.jit`` (once per batch shape) on a copy of the
       model's state; ``False`` runs it eagerly (a ``forward`` that cannot be traced).
     - ``one_batch_bytes``: in ``mode="eval"``, the memory the data may take to run as one
-      batch, as in :func:`bnstats.keras.recalibrate` (``None``: 256 MiB; 0: never).
+      batch, as in :func:`bnstats.keras.recalibrate` (``None``: 256 MiB; 0: never, level by
+      level).
 
     The model is left in the mode it found (every ``use_running_average`` and
     ``deterministic`` flag, ``momentum``, ``scale``, ``bias``, every other variable);

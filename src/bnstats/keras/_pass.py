@@ -9,9 +9,11 @@ float32 or wider) and normalizes with them, as in training::
     z_tilde = gamma * (z - mean) / sqrt(m2 / count + epsilon) + beta
 
 ``mode="eval"``: where the data fit, all of them as one batch through the pass of
-``mode="train"`` and one pass to check (:mod:`bnstats._host_one_batch`); else one pass per
-depth level (:func:`bnstats._host_levels.measure_levels`): the settled layers normalize
-with their final statistics, the others are measured and output NaN. Nothing is assigned
+``mode="train"`` and one pass to check (:mod:`bnstats._host_one_batch`); over the budget,
+the first batches that fit as one batch, corrected by whole passes
+(:mod:`bnstats._host_subset`); else one pass per depth level
+(:func:`bnstats._host_levels.measure_levels`): the settled layers normalize with their final
+statistics, the others are measured and output NaN. Nothing is assigned
 during a pass: no variable changes until the statistics are written.
 
 On the JAX backend each forward is compiled with ``jax.jit`` through ``model.stateless_call``

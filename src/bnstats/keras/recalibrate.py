@@ -46,15 +46,17 @@ def recalibrate(
       behaviour (dropout off). ``mode="eval"``: each layer's input as inference sees it,
       every BN layer before it normalizing with its own final statistics (``data`` must be
       re-iterable; batches of one sample are fine): where the data fit, all of them as one
-      batch and one pass to check (3 passes, :mod:`bnstats._host_one_batch`), else one pass
-      per depth level.
+      batch and one pass to check (3 passes, :mod:`bnstats._host_one_batch`); over the
+      budget, the first batches that fit solved as one batch and corrected by whole passes
+      (:mod:`bnstats._host_subset`); else one pass per depth level.
     - ``max_samples``: stop after this many samples (the batch crossing it is cut).
     - ``nonfinite``: ``"raise"`` (a batch bringing NaN or Inf fails, naming it) or ``"skip"``.
     - ``unreached``: ``"raise"`` (a BN layer no forward reached fails) or ``"keep"``.
     - ``progress``: a rich progress bar on stderr (``None``: when stderr is a terminal).
     - ``one_batch_bytes``: in ``mode="eval"``, the memory the data may take to run as one
       batch: their largest BN input (at 4 bytes a value) and their inputs each at most this
-      many bytes (``None``: 256 MiB; 0: never; :class:`bnstats.torch.PassOptions`).
+      many bytes (``None``: 256 MiB; 0: never, level by level;
+      :class:`bnstats.torch.PassOptions`); over it, the subset is the first batches within it.
 
     Nothing else changes: ``momentum``, ``gamma``, ``beta``, every other weight and
     ``trainable``. Nothing is written unless the whole pass succeeds (the data source or the

@@ -1,0 +1,40 @@
+"""benchmarks/eval_host_subset.py on 512 images, half of them fitting the budget: its line says
+what it measured, the subset's passes against the levels' on the same model and data.
+Torch-free (Keras and Flax): ``python tests/run_torch_free.py`` runs it."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.optional import optional_import
+from tests.torch_free import torch_free
+
+optional_import("keras")
+optional_import("flax")
+
+from benchmarks import eval_host_subset  # noqa: E402
+from bnstats import _host_one_batch, _one_batch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _torch_free():
+    yield from torch_free()
+
+
+@pytest.mark.parametrize("case", ["keras_conv", "nnx_conv"])
+def test_the_line_compares_the_subset_with_the_levels(case):
+    line = eval_host_subset.compare(case, count=32, share=2)
+    assert "10 BN layers, 512 samples, 256 fit  levels 11 passes" in line
+    passes, forwards = map(int, re.search(r"subset +(\d+) \+ +(\d+) subset", line).groups())
+    assert 2 <= passes < 11 and forwards >= 1
+    worst = float(re.search(r"worst difference (\S+)", line).group(1))
+    assert 0 <= worst < 1e-4
+    assert _one_batch.ONE_BATCH_BYTES == 256 * 2**20  # put back after both runs
+    assert _host_one_batch.iterate_on_subset is eval_host_subset.SubsetForwards()._iterate
+
+
+def test_an_unknown_case_is_refused():
+    with pytest.raises(SystemExit, match="unknown case"):
+        eval_host_subset.main(["--cases", "tiny"])
