@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bnstats import _correction, _host_subset
+from bnstats import _host_one_batch, _host_subset
 from bnstats._host_one_batch import subset_within
 from bnstats._host_pass import HostLayer, HostMeasured
 from tests.counted import Counted
@@ -69,14 +69,15 @@ def test_data_over_the_budget_reach_the_levels_numbers_in_a_few_whole_passes(rng
 
 
 def test_rounds_that_stop_shrinking_hand_over_to_the_levels(rng, monkeypatch):
-    """With no round allowed to shrink too little (SHRINK = 0) the second whole pass ends
-    the subset: the levels go on from the first pass, to their exact numbers, counting the
-    passes spent (2 whole, 3 subset forwards)."""
-    monkeypatch.setattr(_host_subset, "SHRINK", 0.0)
+    """With every round asked to shrink the movement a billionfold (SHRINK = 1e-9), the
+    first corrected round goes on (it is not judged) and the second ends the subset: the
+    levels go on from the first pass, to their exact numbers, counting the passes spent (3
+    whole, 5 subset forwards)."""
+    monkeypatch.setattr(_host_subset, "SHRINK", 1e-9)
     net, batches = deep(rng), data(rng, [32] * 64)
     budget = 512 * BYTES_PER_SAMPLE
     measured = recalibrate(net, batches, mode="eval", one_batch=True, one_batch_bytes=budget)
-    assert measured.passes == DEPTH + 1 + 2 + 3 and measured.subset_passes == 0
+    assert measured.passes == DEPTH + 1 + 3 + 5 and measured.subset_passes == 0
     for name, values in eval_reference(net, batches).items():
         assert_population(measured.layers[name], values)
 
@@ -128,8 +129,8 @@ def test_nan_outside_the_subset_takes_the_levels_and_their_errors(rng):
 
 def test_the_subset_is_the_first_batches_that_fit_the_budget():
     """The largest BN input per sample (over the first pass's samples) sets how many of the
-    first batches fit; fewer than SHRUNK_LEAST samples, a layer called twice in a forward,
-    or no input measured: no subset."""
+    first batches fit; fewer than SUBSET_LEAST (64) samples, a layer called twice in a
+    forward, or no input measured: no subset."""
 
     def first(values: dict[str, float], calls: int = 1) -> HostMeasured:
         layers = {}
@@ -137,15 +138,15 @@ def test_the_subset_is_the_first_batches_that_fit_the_budget():
             host = HostLayer(name, 4, np.zeros(4), max_calls_per_forward=calls)
             host.values = size
             layers[name] = host
-        return HostMeasured(layers, [100] * 10)
+        return HostMeasured(layers, [20] * 50)
 
-    batches = [f"batch {index}" for index in range(10)]
+    batches = [f"batch {index}" for index in range(50)]
     # 1,000 samples; the largest layer 8,000 values: 32 bytes per sample
     measured = first({"a": 4_000.0, "b": 8_000.0})
-    assert subset_within(measured, batches, 32 * 300) == batches[:3]
-    assert subset_within(measured, batches, 32 * 299) is None  # 200 < 256 samples
-    assert subset_within(measured, batches[:2], 32 * 1_000) is None  # only 2 kept
+    assert subset_within(measured, batches, 32 * 99) == batches[:4]
+    assert subset_within(measured, batches, 32 * 79) is None  # 60 < 64 samples
+    assert subset_within(measured, batches[:3], 32 * 1_000) is None  # only 3 kept
     assert subset_within(measured, batches, 32 * 10_000) == batches
-    assert subset_within(first({"a": 8_000.0}, calls=2), batches, 32 * 300) is None
-    assert subset_within(first({"a": 0.0}), batches, 32 * 300) is None
-    assert _correction.SHRUNK_LEAST == 256
+    assert subset_within(first({"a": 8_000.0}, calls=2), batches, 32 * 99) is None
+    assert subset_within(first({"a": 0.0}), batches, 32 * 99) is None
+    assert _host_one_batch.SUBSET_LEAST == 64

@@ -29,10 +29,6 @@ what the round before moved them (else the subset is no guide: the exact passes 
 The first round after the subset's own fixed point is not judged: that point had no
 correction, and how far its whole pass moved says nothing of how well the subset guides."""
 
-SHRUNK_LEAST = 256
-"""The fewest samples a subset joined within the one-batch budget holds for the rounds to
-solve on it in one forward (a subset this small converges more slowly)."""
-
 MeanVar = tuple[Any, Any]
 """A layer's ``(mean, var)`` per channel, in a framework's arrays."""
 

@@ -18,7 +18,7 @@ forward, the largest BN input of the first pass within the budget (its values ti
 the first pass kept within that budget and joined (:func:`bnstats._one_batch.join`), a one-batch
 forward that runs and reaches every layer the first pass reached with finite statistics.
 Where the data are larger than the budget, the first batches that join within it (at least
-:data:`bnstats._correction.SHRUNK_LEAST` samples, :func:`subset_within`) are the subset of
+:data:`SUBSET_LEAST` samples, :func:`subset_within`) are the subset of
 :mod:`bnstats._host_subset`, whose rounds of one whole pass each solve the same fixed point.
 Anywhere else, and where the check pass moved a layer (a batch whose first dimension is not
 its samples, a model that mixes its samples) or the subset's rounds stop shrinking, the
@@ -31,7 +31,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from bnstats._correction import SHRUNK_LEAST
 from bnstats._host_levels import CHECK_TARGET, LevelRun, movements
 from bnstats._host_pass import Final, HostMeasured
 from bnstats._host_subset import JoinedRun, Spent, iterate_on_subset
@@ -39,6 +38,14 @@ from bnstats._one_batch import ArrayKind, KeptBatches, fits_budget, join_or_none
 
 VALUE_BYTES = 4
 """Bytes per value of a BN input, for the budget (float32)."""
+
+SUBSET_LEAST = 64
+"""The fewest samples of eval mode's subset over the budget (:func:`subset_within`). Fewer
+than the torch tools' 256 (``bnstats.torch._subset_choice.SHRUNK_LEAST``), which solve a
+subset that does not join by passes over it instead; here the alternative is one pass per
+depth level: 64 images, a 16th of the data, took the same 4 passes as 512 on the 10-block
+conv chain of ``benchmarks/eval_host_subset.py``, and 9 (+ 15 subset forwards) where the
+levels took 53 on keras.applications' MobileNetV2 (random weights, 256 images 32x32)."""
 
 
 def host_arrays(concatenate: Callable[[list[Any]], Any]) -> ArrayKind:
@@ -150,8 +157,8 @@ def subset_within(first: HostMeasured, batches: Sequence[Any], limit: int) -> li
     """The first of ``batches`` (those the pass ``first`` drew first, in order) whose largest
     BN input fits ``limit`` bytes, at the size per sample the pass measured (its largest BN
     input over its samples): eval mode's subset (:mod:`bnstats._host_subset`); None where
-    those hold fewer than :data:`bnstats._correction.SHRUNK_LEAST` samples, or a BN layer was
-    called more than once in a forward."""
+    those hold fewer than :data:`SUBSET_LEAST` samples, or a BN layer was called more than
+    once in a forward."""
     layers = ((host.max_calls_per_forward, host.values * VALUE_BYTES) for host in first.reached())
     largest, samples = largest_input(layers), sum(first.batch_sizes)
     if not largest or not samples:
@@ -162,4 +169,4 @@ def subset_within(first: HostMeasured, batches: Sequence[Any], limit: int) -> li
         if (held + size) * per_sample > limit:
             break
         taken, held = taken + 1, held + size
-    return list(batches[:taken]) if held >= SHRUNK_LEAST else None
+    return list(batches[:taken]) if held >= SUBSET_LEAST else None

@@ -79,27 +79,27 @@ def iterate_on_subset(
     estimate = _joined(run_joined, joined, None, None, reached, spent)
     if estimate is None:
         return None
-    whole, moved = _whole(run_whole, estimate, reached, epsilons, spent)
+    whole = _whole(run_whole, estimate, reached, epsilons, spent)
     last = math.inf  # the first corrected round is not judged
-    while moved is not None and moved > CHECK_TARGET:
+    while whole is not None and whole.moved > CHECK_TARGET:
         at_estimate = _joined(run_joined, joined, estimate, None, reached, spent)
         if at_estimate is None:
             return None
-        correct = Correction(at_estimate, _statistics(whole, reached), NUMPY_MATH)
+        correct = Correction(at_estimate, whole.statistics, NUMPY_MATH)
         solved = _joined(run_joined, joined, None, correct, reached, spent)
         if solved is None:
             return None
         estimate = correct(solved)  # what each layer normalized with in that forward
-        whole, moved = _whole(run_whole, estimate, reached, epsilons, spent)
-        if moved is not None and moved > CHECK_TARGET and not moved < SHRINK * last:
+        whole = _whole(run_whole, estimate, reached, epsilons, spent)
+        if whole is None or (whole.moved > CHECK_TARGET and not whole.moved < SHRINK * last):
             return None
-        last = moved
-    if moved is None:
+        last = whole.moved
+    if whole is None:
         return None
-    layers = {name: whole.layers[name] for name in first.layers}
+    layers = {name: whole.measured.layers[name] for name in first.layers}
     return HostMeasured(
         layers,
-        whole.batch_sizes,
+        whole.measured.batch_sizes,
         unreached=first.unreached,
         passes=1 + spent.whole,
         subset_passes=spent.subset,
@@ -125,21 +125,33 @@ def _joined(
     return _statistics(measured, reached)
 
 
+@dataclass
+class _Whole:
+    """A fixed pass over all the data: what it ``measured``, every reached layer's
+    ``statistics`` and how far it ``moved`` them (the worst layer)."""
+
+    measured: HostMeasured
+    statistics: Final
+    moved: float
+
+
 def _whole(
     run_whole: WholeRun,
     estimate: Final,
     reached: list[str],
     epsilons: Mapping[str, float],
     spent: Spent,
-) -> tuple[HostMeasured, float | None]:
+) -> _Whole | None:
     """One fixed pass over all the data at ``estimate`` and how far it moved the statistics
-    (:func:`bnstats._host_levels.movements`, the worst layer); None where it left a layer
-    unreached or a batch out."""
+    (:func:`bnstats._host_levels.movements`); None where it left a layer unreached or a
+    batch out, or the movement is not finite."""
     spent.whole += 1
-    whole = run_whole(estimate)
-    if _statistics(whole, reached) is None:
-        return whole, None
-    return whole, max(movements(estimate, whole, epsilons).values(), default=0.0)
+    measured = run_whole(estimate)
+    statistics = _statistics(measured, reached)
+    if statistics is None:
+        return None
+    moved = max(movements(estimate, measured, epsilons).values(), default=0.0)
+    return _Whole(measured, statistics, moved) if math.isfinite(moved) else None
 
 
 def _statistics(measured: HostMeasured, reached: list[str]) -> Final | None:

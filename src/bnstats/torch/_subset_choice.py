@@ -25,7 +25,6 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from bnstats._correction import SHRUNK_LEAST
 from bnstats._one_batch import budget
 from bnstats.torch._batches import data_length, iterate_batches
 from bnstats.torch._eval_statistics import Run
@@ -56,6 +55,11 @@ random-weight resnet18 and about as much on mobilenet_v2)."""
 GROWN_LEAST = 1.5
 """A subset grows (:func:`sized_subset`) only where the budget takes at least this many
 times its samples."""
+SHRUNK_LEAST = 256
+"""A subset that does not join within the budget shrinks to its first batches that do
+(:func:`sized_subset`) only where those hold at least this many samples (a subset this
+small converges more slowly)."""
+
 Size = Callable[[list[Any], Measured], tuple[list[Any], Measured, list[Any] | None]]
 """``size(drawn, subset_start)``: the subset sized to the budget from the ``drawn`` batches
 and their batch-statistics pass (:func:`sized_subset` with the data, their samples, the
