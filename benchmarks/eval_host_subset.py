@@ -19,6 +19,10 @@ relu blocks on 256 batches of 16 images 16x16x3; Keras 30 Dense(64) + BN + ReLU 
 batches of 32, a chain whose statistics amplify what the subset cannot see (the rounds stop
 shrinking and the levels take over: what that costs).
 
+Models of ``keras.applications`` too (random weights, 32x32 images; :data:`APPLICATIONS`),
+where asked: ``--cases keras_mobilenet_v2,keras_resnet50,keras_efficientnet_b0 --count 32
+--share 4`` (256 images, the first 64 the subset; about 15 minutes, most of it the levels).
+
 Run: ``KERAS_BACKEND=jax PYTHONPATH=src:. python -m benchmarks.eval_host_subset`` (about two
 minutes); ``--cases keras_conv,nnx_conv,keras_mlp`` picks some, ``--count`` sets the batches,
 ``--share`` the data's size over the budget.
@@ -27,10 +31,19 @@ minutes); ``--cases keras_conv,nnx_conv,keras_mlp`` picks some, ``--count`` sets
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Any
 
-from benchmarks.eval_host_one_batch import runner, timed, worst_difference
+import numpy as np
+
+from benchmarks.eval_host_one_batch import (
+    Runner,
+    keras_statistics,
+    runner,
+    timed,
+    worst_difference,
+)
 from bnstats import _host_one_batch, _one_batch
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -39,6 +52,15 @@ CASES = ("keras_conv", "nnx_conv", "keras_mlp")
 
 BN_BYTES_PER_SAMPLE = {"keras_conv": 16 * 16 * 16 * 4, "nnx_conv": 16 * 16 * 16 * 4}
 """Each case's largest BN input per sample (values of 4 bytes); the MLPs': 64 values."""
+
+APPLICATIONS = {
+    "keras_mobilenet_v2": "MobileNetV2",
+    "keras_resnet50": "ResNet50",
+    "keras_efficientnet_b0": "EfficientNetB0",
+}
+"""Models of ``keras.applications`` (random weights, BN ``gamma`` and ``beta`` drawn, 10
+classes) on batches of 8 images 32x32x3, picked by ``--cases``: level by level each takes
+minutes."""
 
 
 class SubsetForwards:
@@ -61,12 +83,41 @@ class SubsetForwards:
         _host_one_batch.iterate_on_subset = self._iterate
 
 
+def application(case: str, count: int) -> tuple[Runner, int]:
+    """The runner of a ``keras.applications`` case (:data:`APPLICATIONS`, ``count`` batches)
+    and its largest BN input per sample, in bytes (from the layers' output shapes)."""
+    import keras
+
+    import bnstats.keras
+
+    keras.utils.set_random_seed(0)
+    build = getattr(keras.applications, APPLICATIONS[case])
+    model = build(weights=None, input_shape=(32, 32, 3), classes=10)
+    rng = np.random.default_rng(0)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for norm in norms:
+        width = norm.gamma.shape[0]
+        norm.gamma.assign(rng.uniform(0.5, 1.5, width).astype("float32"))
+        norm.beta.assign(rng.normal(0.0, 0.3, width).astype("float32"))
+    data = [rng.normal(0.0, 1.0, (8, 32, 32, 3)).astype("float32") for _ in range(count)]
+    per_sample = max(math.prod(norm.output.shape[1:]) for norm in norms) * 4
+    return (
+        lambda batches: bnstats.keras.recalibrate(model, batches, mode="eval", progress=False),
+        lambda: keras_statistics(model),
+        data,
+    ), per_sample
+
+
 def compare(case: str, count: int = 256, share: int = 8) -> str:
     """One line: the levels against the subset on ``case`` (``count`` batches), the budget a
     ``1 / share`` of the data's largest BN input."""
-    run, statistics, data = runner(case, count)
+    if case in APPLICATIONS:
+        (run, statistics, data), per_sample = application(case, count)
+    else:
+        (run, statistics, data), per_sample = runner(case, count), 0
     samples = sum(len(batch) for batch in data)
-    budget = samples * BN_BYTES_PER_SAMPLE.get(case, 64 * 4) // share
+    per_sample = per_sample or BN_BYTES_PER_SAMPLE.get(case, 64 * 4)
+    budget = samples * per_sample // share
     saved = _one_batch.ONE_BATCH_BYTES
     try:
         _one_batch.ONE_BATCH_BYTES = 0
@@ -94,8 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--share", type=int, default=8, help="data over the budget")
     args = parser.parse_args(argv)
     for case in args.cases.split(","):
-        if case not in CASES:
-            raise SystemExit(f"unknown case {case!r}; choose from {', '.join(CASES)}")
+        if case not in CASES and case not in APPLICATIONS:
+            known = ", ".join([*CASES, *APPLICATIONS])
+            raise SystemExit(f"unknown case {case!r}; choose from {known}")
         print(compare(case, args.count, args.share), flush=True)
 
 

@@ -38,3 +38,13 @@ def test_the_line_compares_the_subset_with_the_levels(case):
 def test_an_unknown_case_is_refused():
     with pytest.raises(SystemExit, match="unknown case"):
         eval_host_subset.main(["--cases", "tiny"])
+
+
+def test_an_application_sizes_its_budget_by_its_largest_bn_input():
+    """keras.applications' MobileNetV2 on 32x32 images: its largest BN input is the first
+    expansion's, 16 x 16 x 96 values of 4 bytes per image (the first pass measured 24 MiB
+    over 256 images)."""
+    (run, statistics, data), per_sample = eval_host_subset.application("keras_mobilenet_v2", 2)
+    assert per_sample == 16 * 16 * 96 * 4
+    assert [batch.shape for batch in data] == [(8, 32, 32, 3)] * 2
+    assert len(statistics()) == 52  # every BN layer of the model
