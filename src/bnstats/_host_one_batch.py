@@ -28,7 +28,7 @@ costs passes, never a wrong number.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from bnstats._host_levels import CHECK_TARGET, LevelRun, movements
@@ -149,8 +149,7 @@ def fits_one_batch(first: HostMeasured, limit: int) -> bool:
     """True where no BN layer was called more than once in a forward of the pass ``first``
     and its largest BN input (values over the pass times :data:`VALUE_BYTES`) is at most
     ``limit`` bytes (:func:`bnstats._one_batch.fits_budget`)."""
-    layers = ((host.max_calls_per_forward, host.values * VALUE_BYTES) for host in first.reached())
-    return fits_budget(layers, limit)
+    return fits_budget(_bn_inputs(first), limit)
 
 
 def subset_within(first: HostMeasured, batches: Sequence[Any], limit: int) -> list[Any] | None:
@@ -159,8 +158,7 @@ def subset_within(first: HostMeasured, batches: Sequence[Any], limit: int) -> li
     input over its samples): eval mode's subset (:mod:`bnstats._host_subset`); None where
     those hold fewer than :data:`SUBSET_LEAST` samples, or a BN layer was called more than
     once in a forward."""
-    layers = ((host.max_calls_per_forward, host.values * VALUE_BYTES) for host in first.reached())
-    largest, samples = largest_input(layers), sum(first.batch_sizes)
+    largest, samples = largest_input(_bn_inputs(first)), sum(first.batch_sizes)
     if not largest or not samples:
         return None
     per_sample = largest / samples
@@ -170,3 +168,9 @@ def subset_within(first: HostMeasured, batches: Sequence[Any], limit: int) -> li
             break
         taken, held = taken + 1, held + size
     return list(batches[:taken]) if held >= SUBSET_LEAST else None
+
+
+def _bn_inputs(first: HostMeasured) -> Iterator[tuple[int, float]]:
+    """Per BN layer the pass ``first`` reached: the most calls one forward made and the bytes
+    of its input over the pass (values times :data:`VALUE_BYTES`)."""
+    return ((host.max_calls_per_forward, host.values * VALUE_BYTES) for host in first.reached())
