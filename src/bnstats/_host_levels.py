@@ -25,9 +25,11 @@ outputs NaN."""
 class OneBatch(Protocol):
     """What :func:`measure_levels` asks of eval mode's one batch
     (:class:`bnstats._host_one_batch.OneBatch`): ``solve`` after the first pass (the result,
-    or None where the levels go on) and the passes it ``spent``."""
+    or None where the levels go on), the passes it ``spent`` and its forwards over eval
+    mode's subset (``subset_spent``)."""
 
     spent: int
+    subset_spent: int
 
     def solve(
         self, first: HostMeasured, run_level: LevelRun, epsilons: Mapping[str, float]
@@ -63,7 +65,8 @@ def measure_levels(
     that did not settle every layer, and one check pass ends the call (3 passes); data over
     the budget take the subset iteration (:mod:`bnstats._host_subset`) instead; where
     neither can be used or the check pass moved the statistics, the levels go on from the
-    first pass (the passes the one batch or the subset ran are counted in the result's).
+    first pass (the passes the one batch or the subset ran are counted in the result's, the
+    forwards over the subset as ``subset_passes``).
     """
     settled: dict[str, HostLayer] = {}
     first: HostMeasured | None = None
@@ -89,7 +92,13 @@ def measure_levels(
                 return solved
     layers = {name: settled.get(name, layer) for name, layer in first.layers.items()}
     passes += 1 + (0 if one_batch is None else one_batch.spent)  # the check, the one batch's
-    result = HostMeasured(layers, first.batch_sizes, unreached=first.unreached, passes=passes)
+    result = HostMeasured(
+        layers,
+        first.batch_sizes,
+        unreached=first.unreached,
+        passes=passes,
+        subset_passes=0 if one_batch is None else one_batch.subset_spent,
+    )
     final = {layer.name: layer.statistics() for layer in result.reached()}
     checked = run_level(final, True)
     _require_standstill(final, checked, epsilons)

@@ -69,12 +69,13 @@ class OneBatch:
     call's budget, :func:`bnstats._one_batch.budget`): the passes go over :meth:`batches`
     (the first one keeps what it draws), and :meth:`solve` runs the one batch after the
     first pass, or the subset iteration where the data do not fit; ``spent``: the passes it
-    ran (a forward over the one batch or the subset counts as one)."""
+    ran (the forward over the one batch counts as one), ``subset_spent``: its forwards over
+    the subset."""
 
     def __init__(
         self, batches: Iterable[Any], kind: ArrayKind, limit: int, run_joined: JoinedRun
     ) -> None:
-        self.spent = 0
+        self.spent = self.subset_spent = 0
         self._given = batches
         self._kept = KeptBatches(batches, kind, limit, keep_first=True)
         self._first_drawn = False
@@ -131,7 +132,7 @@ class OneBatch:
         result = iterate_on_subset(
             first, joined, lambda final: run_level(final, True), self._run_joined, epsilons, spent
         )
-        self.spent += spent.whole + spent.subset
+        self.spent, self.subset_spent = self.spent + spent.whole, spent.subset
         return result
 
     def _statistics(self, joined: Any, first: HostMeasured) -> Final | None:
