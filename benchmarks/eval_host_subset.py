@@ -22,6 +22,9 @@ shrinking and the levels take over: what that costs).
 Models of ``keras.applications`` too (random weights, 32x32 images; :data:`APPLICATIONS`),
 where asked: ``--cases keras_mobilenet_v2,keras_resnet50,keras_efficientnet_b0 --count 32
 --share 4`` (256 images, the first 64 the subset; about 15 minutes, most of it the levels).
+``--against one_batch`` compares with the data run as one batch instead of level by level
+(within float32 rounding of it, in 3 passes): ``--cases keras_densenet121 --count 32
+--share 4 --against one_batch``.
 
 Run: ``KERAS_BACKEND=jax PYTHONPATH=src:. python -m benchmarks.eval_host_subset`` (about two
 minutes); ``--cases keras_conv,nnx_conv,keras_mlp`` picks some, ``--count`` sets the batches,
@@ -57,6 +60,7 @@ APPLICATIONS = {
     "keras_mobilenet_v2": "MobileNetV2",
     "keras_resnet50": "ResNet50",
     "keras_efficientnet_b0": "EfficientNetB0",
+    "keras_densenet121": "DenseNet121",
 }
 """Models of ``keras.applications`` (random weights, BN ``gamma`` and ``beta`` drawn, 10
 classes) on batches of 8 images 32x32x3, picked by ``--cases``: level by level each takes
@@ -108,9 +112,16 @@ def application(case: str, count: int) -> tuple[Runner, int]:
     ), per_sample
 
 
-def compare(case: str, count: int = 256, share: int = 8) -> str:
-    """One line: the levels against the subset on ``case`` (``count`` batches), the budget a
-    ``1 / share`` of the data's largest BN input."""
+REFERENCES = {"levels": 0, "one_batch": 2**40}
+"""The budget of the run the subset is compared with: 0, level by level; or one large enough
+that the data run as one batch (3 passes, within float32 rounding of the levels: a cheaper
+reference for deep models)."""
+
+
+def compare(case: str, count: int = 256, share: int = 8, against: str = "levels") -> str:
+    """One line: the levels (or, ``against="one_batch"``, the one batch) against the subset on
+    ``case`` (``count`` batches), the budget a ``1 / share`` of the data's largest BN
+    input."""
     if case in APPLICATIONS:
         (run, statistics, data), per_sample = application(case, count)
     else:
@@ -120,7 +131,7 @@ def compare(case: str, count: int = 256, share: int = 8) -> str:
     budget = samples * per_sample // share
     saved = _one_batch.ONE_BATCH_BYTES
     try:
-        _one_batch.ONE_BATCH_BYTES = 0
+        _one_batch.ONE_BATCH_BYTES = REFERENCES[against]
         levels = timed(run, data)
         by_levels = statistics()
         _one_batch.ONE_BATCH_BYTES = budget
@@ -131,7 +142,8 @@ def compare(case: str, count: int = 256, share: int = 8) -> str:
     worst = worst_difference(statistics(), by_levels)
     return (
         f"{case:10s} {len(by_levels):2d} BN layers, {samples} samples, {samples // share} fit  "
-        f"levels {levels[0]:2d} passes {levels[1]:6.1f} s CPU {levels[2]:5.1f} s wall  "
+        f"{against.replace('_', ' ')} {levels[0]:2d} passes {levels[1]:6.1f} s CPU "
+        f"{levels[2]:5.1f} s wall  "
         f"subset {subset[0]:2d} + {forwards.count:2d} subset {subset[1]:6.1f} s CPU "
         f"{subset[2]:5.1f} s wall  {levels[1] / subset[1]:4.1f}x CPU  "
         f"worst difference {worst:.1e}"
@@ -143,12 +155,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--count", type=int, default=256, help="batches")
     parser.add_argument("--share", type=int, default=8, help="data over the budget")
+    parser.add_argument("--against", choices=sorted(REFERENCES), default="levels")
     args = parser.parse_args(argv)
     for case in args.cases.split(","):
         if case not in CASES and case not in APPLICATIONS:
             known = ", ".join([*CASES, *APPLICATIONS])
             raise SystemExit(f"unknown case {case!r}; choose from {known}")
-        print(compare(case, args.count, args.share), flush=True)
+        print(compare(case, args.count, args.share, args.against), flush=True)
 
 
 if __name__ == "__main__":

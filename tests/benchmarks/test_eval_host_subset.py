@@ -35,6 +35,15 @@ def test_the_line_compares_the_subset_with_the_levels(case):
     assert _host_one_batch.iterate_on_subset is eval_host_subset.SubsetForwards()._iterate
 
 
+def test_the_subset_can_be_compared_with_the_one_batch():
+    """The cheaper reference for deep models: all the data as one batch (the first pass, the
+    check pass), within float32 rounding of the levels."""
+    line = eval_host_subset.compare("keras_conv", count=32, share=2, against="one_batch")
+    assert "512 samples, 256 fit  one batch  2 passes" in line
+    assert float(re.search(r"worst difference (\S+)", line).group(1)) < 1e-4
+    assert _one_batch.ONE_BATCH_BYTES == 256 * 2**20
+
+
 def test_an_unknown_case_is_refused():
     with pytest.raises(SystemExit, match="unknown case"):
         eval_host_subset.main(["--cases", "tiny"])
