@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -190,13 +190,21 @@ def compare(case: str, count: int | None = None) -> str:
     )
 
 
+def cases_from(text: str, known: Iterable[str]) -> list[str]:
+    """The comma-separated cases of ``--cases``; ``SystemExit`` naming one not ``known``."""
+    known = list(known)
+    cases = text.split(",")
+    for case in cases:
+        if case not in known:
+            raise SystemExit(f"unknown case {case!r}; choose from {', '.join(known)}")
+    return cases
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES))
     args = parser.parse_args(argv)
-    for case in args.cases.split(","):
-        if case not in CASES:
-            raise SystemExit(f"unknown case {case!r}; choose from {', '.join(CASES)}")
+    for case in cases_from(args.cases, CASES):
         print(compare(case), flush=True)
 
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from benchmarks.eval_host_one_batch import (
     Runner,
+    cases_from,
     keras_statistics,
     runner,
     timed,
@@ -125,9 +126,9 @@ def compare(case: str, count: int = 256, share: int = 8, against: str = "levels"
     if case in APPLICATIONS:
         (run, statistics, data), per_sample = application(case, count)
     else:
-        (run, statistics, data), per_sample = runner(case, count), 0
+        run, statistics, data = runner(case, count)
+        per_sample = BN_BYTES_PER_SAMPLE.get(case, 64 * 4)
     samples = sum(len(batch) for batch in data)
-    per_sample = per_sample or BN_BYTES_PER_SAMPLE.get(case, 64 * 4)
     budget = samples * per_sample // share
     saved = _one_batch.ONE_BATCH_BYTES
     try:
@@ -157,10 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--share", type=int, default=8, help="data over the budget")
     parser.add_argument("--against", choices=sorted(REFERENCES), default="levels")
     args = parser.parse_args(argv)
-    for case in args.cases.split(","):
-        if case not in CASES and case not in APPLICATIONS:
-            known = ", ".join([*CASES, *APPLICATIONS])
-            raise SystemExit(f"unknown case {case!r}; choose from {known}")
+    for case in cases_from(args.cases, [*CASES, *APPLICATIONS]):
         print(compare(case, args.count, args.share, args.against), flush=True)
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnstats._correction import ArrayMath, Correction, LayerMap
+from bnstats._correction import Correction, LayerMap
+from bnstats._host_subset import NUMPY_MATH
 from tests.optional import optional_import
-
-NUMPY_MATH = ArrayMath(np.where, lambda value, like: np.asarray(value, like.dtype))
 
 
 def statistics(rng: np.random.Generator) -> tuple[np.ndarray, ...]:

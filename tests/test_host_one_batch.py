@@ -5,6 +5,8 @@ wherever the one batch cannot stand in for them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -80,17 +82,23 @@ def test_a_model_that_mixes_its_samples_is_caught_by_the_check_pass(rng):
     assert_exact(net, batches, 5 + 2)
 
 
+def at_most(samples: int) -> Callable[[np.ndarray], np.ndarray]:
+    """A step of a model written for batches of at most ``samples`` samples: larger raise."""
+
+    def step(x: np.ndarray) -> np.ndarray:
+        if len(x) > samples:
+            raise RuntimeError(f"a batch of more than {samples}")
+        return x
+
+    return step
+
+
 def test_a_failing_one_batch_forward_takes_the_levels(rng):
     """A model written for batches of at most 6 samples: its one-batch forward raises, the
     levels run, the model's error is never shown."""
 
-    def at_most_six(x: np.ndarray) -> np.ndarray:
-        if len(x) > 6:
-            raise RuntimeError("a batch of more than 6")
-        return x
-
     net = deep(rng)
-    net.steps.insert(0, at_most_six)
+    net.steps.insert(0, at_most(6))
     batches = data(rng, [4, 6, 2])
     assert_exact(net, batches, 5 + 1)
 

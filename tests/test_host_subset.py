@@ -12,6 +12,7 @@ from bnstats import _host_one_batch, _host_subset
 from bnstats._host_one_batch import subset_within
 from bnstats._host_pass import HostLayer, HostMeasured
 from tests.counted import Counted
+from tests.test_host_one_batch import at_most
 from tests.test_host_pass import (
     EPS,
     assert_population,
@@ -25,6 +26,8 @@ DEPTH = 12
 """BN layers of the test chain, one per depth level: 13 passes level by level."""
 BYTES_PER_SAMPLE = 16
 """4 channels of 4 bytes: the chain's largest BN input per sample, for the budget."""
+SUBSET_SAMPLES = 512
+"""The samples the budget of :func:`over_the_budget` takes: 16 batches of 32."""
 
 
 def deep(rng: np.random.Generator):
@@ -32,6 +35,12 @@ def deep(rng: np.random.Generator):
     for index in range(1, DEPTH):
         steps += ["relu", "W2", f"l{index}"]
     return chain(rng, steps)
+
+
+def over_the_budget(net, batches: list[np.ndarray], **options) -> HostMeasured:
+    """``mode="eval"`` with the one batch on and a budget of :data:`SUBSET_SAMPLES` samples."""
+    budget = SUBSET_SAMPLES * BYTES_PER_SAMPLE
+    return recalibrate(net, batches, mode="eval", one_batch=True, one_batch_bytes=budget, **options)
 
 
 def worst_from(measured: HostMeasured, reference: dict[str, np.ndarray]) -> float:
@@ -54,8 +63,7 @@ def test_data_over_the_budget_reach_the_levels_numbers_in_a_few_whole_passes(rng
     subset. 7 passes over the data (13 level by level) and 11 forwards of the subset, within
     1e-4 of the exact numbers; the subset drawn once, by the first pass."""
     net, batches = deep(rng), Counted(data(rng, [32] * 64))
-    budget = 512 * BYTES_PER_SAMPLE
-    measured = recalibrate(net, batches, mode="eval", one_batch=True, one_batch_bytes=budget)
+    measured = over_the_budget(net, batches)
     assert measured.passes == 7 and measured.subset_passes == 11
     assert batches.drawn == measured.passes
     assert net.forwards == measured.passes * 64 + measured.subset_passes
@@ -75,8 +83,7 @@ def test_rounds_that_stop_shrinking_hand_over_to_the_levels(rng, monkeypatch):
     whole; the 5 subset forwards apart)."""
     monkeypatch.setattr(_host_subset, "SHRINK", 1e-9)
     net, batches = deep(rng), data(rng, [32] * 64)
-    budget = 512 * BYTES_PER_SAMPLE
-    measured = recalibrate(net, batches, mode="eval", one_batch=True, one_batch_bytes=budget)
+    measured = over_the_budget(net, batches)
     assert measured.passes == DEPTH + 1 + 3 and measured.subset_passes == 5
     for name, values in eval_reference(net, batches).items():
         assert_population(measured.layers[name], values)
@@ -86,16 +93,10 @@ def test_a_failing_subset_forward_takes_the_levels(rng):
     """A model written for batches of at most 32 samples: the subset's joined forward raises,
     the levels run (that forward counted), the model's error is never shown."""
 
-    def at_most_32(x: np.ndarray) -> np.ndarray:
-        if len(x) > 32:
-            raise RuntimeError("a batch of more than 32")
-        return x
-
     net = deep(rng)
-    net.steps.insert(0, at_most_32)
+    net.steps.insert(0, at_most(32))
     batches = data(rng, [32] * 64)
-    budget = 512 * BYTES_PER_SAMPLE
-    measured = recalibrate(net, batches, mode="eval", one_batch=True, one_batch_bytes=budget)
+    measured = over_the_budget(net, batches)
     assert measured.passes == DEPTH + 1 and measured.subset_passes == 1
     for name, values in eval_reference(net, batches).items():
         assert_population(measured.layers[name], values)
@@ -115,12 +116,9 @@ def test_nan_outside_the_subset_takes_the_levels_and_their_errors(rng):
     net.steps.insert(3, lambda x: np.where(marked["rows"], np.nan, x))  # after l0
     batches = data(rng, [32] * 64)
     batches[40][0, 0] = 77.0  # finite input: l0 takes it, l1 sees NaN
-    budget = 512 * BYTES_PER_SAMPLE
     with pytest.raises(ValueError, match="BN layer 'l1': 1 of 64 batches"):
-        recalibrate(net, batches, mode="eval", one_batch=True, one_batch_bytes=budget)
-    measured = recalibrate(
-        net, batches, mode="eval", one_batch=True, one_batch_bytes=budget, nonfinite="skip"
-    )
+        over_the_budget(net, batches)
+    measured = over_the_budget(net, batches, nonfinite="skip")
     levels = recalibrate(net, batches, mode="eval", nonfinite="skip")
     assert measured.passes == levels.passes + 1  # one whole pass spent
     assert measured.subset_passes == 1

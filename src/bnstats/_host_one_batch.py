@@ -32,8 +32,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from bnstats._host_levels import CHECK_TARGET, LevelRun, movements
-from bnstats._host_pass import Final, HostMeasured
-from bnstats._host_subset import JoinedRun, Spent, iterate_on_subset
+from bnstats._host_pass import HostMeasured
+from bnstats._host_subset import JoinedRun, Spent, iterate_on_subset, joined_statistics
 from bnstats._one_batch import ArrayKind, KeptBatches, fits_budget, join_or_none, largest_input
 
 VALUE_BYTES = 4
@@ -105,7 +105,8 @@ class OneBatch:
         if joined is None:
             return None
         self.spent += 1
-        final = self._statistics(joined, first)
+        reached = [host.name for host in first.reached()]
+        final = joined_statistics(self._run_joined, joined, None, None, reached)
         if final is None:
             return None
         checked = run_level(final, True)
@@ -134,16 +135,6 @@ class OneBatch:
         )
         self.spent, self.subset_spent = self.spent + spent.whole, spent.subset
         return result
-
-    def _statistics(self, joined: Any, first: HostMeasured) -> Final | None:
-        """Every reached layer's statistics from the one-batch forward over ``joined``; None
-        where the forward failed (a model written for one batch size, memory short: the pass
-        changes nothing), or it left a layer unreached or not finite."""
-        try:
-            measured = self._run_joined(joined, None, None)
-            return {host.name: measured.layers[host.name].statistics() for host in first.reached()}
-        except Exception:  # noqa: BLE001 (the one batch is a shortcut; the levels still run)
-            return None  # NonFiniteStatisticsError too: unreached or not finite
 
 
 def fits_one_batch(first: HostMeasured, limit: int) -> bool:

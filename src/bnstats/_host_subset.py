@@ -114,13 +114,25 @@ def _joined(
     reached: list[str],
     spent: Spent,
 ) -> Final | None:
-    """The statistics of one forward over the subset (:data:`JoinedRun`); None where it
-    failed (a model written for one batch size, memory short), or left a layer unreached or
-    not finite."""
+    """One forward over the subset, counted in ``spent`` (:func:`joined_statistics`)."""
     spent.subset += 1
+    return joined_statistics(run_joined, joined, final, correction, reached)
+
+
+def joined_statistics(
+    run_joined: JoinedRun,
+    joined: Any,
+    final: Final | None,
+    correction: Correction | None,
+    reached: list[str],
+) -> Final | None:
+    """The ``reached`` layers' statistics from one forward over a joined batch (eval mode's
+    one batch or subset, :data:`JoinedRun`); None where it failed (a model written for one
+    batch size, memory short: the forward changes nothing), or left a layer unreached or not
+    finite."""
     try:
         measured = run_joined(joined, final, correction)
-    except Exception:  # noqa: BLE001 (the subset is a shortcut; the levels still run)
+    except Exception:  # noqa: BLE001 (a shortcut; the levels still run)
         return None
     return _statistics(measured, reached)
 

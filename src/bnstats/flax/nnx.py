@@ -239,9 +239,7 @@ def _measuring(
         if layer_map is None:
             return original(layer, x, use_running_average=False, mask=mask)
         mapped = layer_map.converted(lambda value: jnp.asarray(value, mean.dtype))(mean, var)
-        for variable, value in zip((layer.mean, layer.var), mapped, strict=True):
-            current = variable[...]  # the copy's in the compiled forward
-            variable[...] = jnp.reshape(value, current.shape).astype(current.dtype)
+        _assign(layer, *mapped)  # the copy's variables in the compiled forward
         return _settled(original, layer, x, mask)
 
     return call
